@@ -1,0 +1,246 @@
+//! Differentiable communication: an explicit tape (DESIGN.md §3.2, design A).
+//!
+//! tch has no custom autograd functions, so a collective cannot sit inside libtorch's graph.
+//! Instead each rank keeps a [`Tape`] for one training step:
+//!
+//! - A taped op runs its forward outside autograd and returns fresh leaf tensors that require
+//!   grad; the tape records (inputs, outputs, adjoint).
+//! - [`Tape::backward`] runs autograd from the loss, then walks the records in reverse. For each
+//!   it takes the gradients accumulated on the outputs, applies the adjoint (the all-to-all with
+//!   dims swapped, all-gather for reduce-scatter, ...), and continues autograd from the inputs with
+//!   those gradients (by back-propagating `dot(input, grad)`, whose gradient is exactly `grad`).
+//!
+//! Why it is correct: record i's outputs are consumed only by the loss or by later records, and
+//! those were all back-propagated before record i is reached, so its output gradients are
+//! complete when read. Every rank records the same ops in the same order (SPMD code), so the
+//! adjoint collectives match across ranks; a taped op is therefore recorded whether or not its
+//! inputs require grad.
+//!
+//! Why it stays cheap (the quadratic trap): each autograd pass runs from one record's inputs down
+//! to the leaves it reaches. A non-leaf tensor that feeds two records (or a record and the loss)
+//! would be traversed by both passes; along a residual stream that is every earlier layer,
+//! again and again. [`Tape::cut`] puts a leaf on the stream (an identity op, no copy) at each
+//! block boundary, so every piece of the graph lies between two records and is traversed once,
+//! and libtorch frees each piece after its pass. Without the cuts the second pass fails with
+//! "backward through the graph a second time", reported as [`Error::Tape`] with this advice.
+
+mod collectives;
+
+use std::cell::{Cell, RefCell};
+
+use tch::Tensor;
+
+use crate::error::TorchResultExt;
+use crate::{Error, Result};
+
+/// Maps the gradients of a record's outputs to the gradients of its inputs, communicating as
+/// needed. Runs on the rank's own thread during [`Tape::backward`].
+pub type Adjoint = Box<dyn FnOnce(&[Tensor]) -> Result<Vec<Tensor>>>;
+
+struct Record {
+    op: &'static str,
+    inputs: Vec<Tensor>,
+    outputs: Vec<Tensor>,
+    adjoint: Adjoint,
+}
+
+/// One rank's record of the differentiable communication of one step.
+pub struct Tape {
+    records: RefCell<Vec<Record>>,
+    recording: Cell<bool>,
+}
+
+impl Default for Tape {
+    fn default() -> Self {
+        Tape::new()
+    }
+}
+
+impl Tape {
+    /// A tape that records (for training steps).
+    pub fn new() -> Tape {
+        Tape {
+            records: RefCell::new(Vec::new()),
+            recording: Cell::new(true),
+        }
+    }
+
+    /// A tape that only runs forwards (evaluation): nothing is kept, no gradient flows through
+    /// its ops, and [`backward`](Tape::backward) is an error.
+    pub fn inference() -> Tape {
+        Tape {
+            records: RefCell::new(Vec::new()),
+            recording: Cell::new(false),
+        }
+    }
+
+    /// Whether ops are recorded.
+    pub fn is_recording(&self) -> bool {
+        self.recording.get()
+    }
+
+    /// Number of records so far.
+    pub fn len(&self) -> usize {
+        self.records.borrow().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Names of the recorded ops, in order.
+    pub fn ops(&self) -> Vec<&'static str> {
+        self.records.borrow().iter().map(|r| r.op).collect()
+    }
+
+    /// Drops every record (and the activations they keep alive) without a backward.
+    pub fn clear(&self) {
+        self.records.borrow_mut().clear();
+    }
+
+    /// Runs `forward` on detached copies of `inputs` (outside autograd) and records its outputs
+    /// as leaves that require grad, with `adjoint` as their backward. The general form of every
+    /// taped op; composite ops with a hand-written backward (ring attention) use it directly.
+    pub fn record(
+        &self,
+        op: &'static str,
+        inputs: &[&Tensor],
+        forward: impl FnOnce(&[Tensor]) -> Result<Vec<Tensor>>,
+        adjoint: impl FnOnce(&[Tensor]) -> Result<Vec<Tensor>> + 'static,
+    ) -> Result<Vec<Tensor>> {
+        let detached: Vec<Tensor> = inputs.iter().map(|x| x.detach()).collect();
+        let outputs = tch::no_grad(|| forward(&detached))?;
+        if !self.recording.get() {
+            return Ok(outputs);
+        }
+        let leaves: Vec<Tensor> = outputs
+            .iter()
+            .map(|y| y.detach().set_requires_grad(true))
+            .collect();
+        self.records.borrow_mut().push(Record {
+            op,
+            inputs: inputs.iter().map(|x| x.shallow_clone()).collect(),
+            outputs: leaves.iter().map(Tensor::shallow_clone).collect(),
+            adjoint: Box::new(adjoint),
+        });
+        Ok(leaves)
+    }
+
+    /// A cut on the residual stream: identity forward (no copy) and identity backward. Put one at
+    /// every block boundary so that the backward traverses each block once.
+    pub fn cut(&self, x: &Tensor) -> Result<Tensor> {
+        let out = self.record(
+            "cut",
+            &[x],
+            |xs| Ok(vec![xs[0].shallow_clone()]),
+            |gs| Ok(gs.iter().map(Tensor::shallow_clone).collect()),
+        )?;
+        single("cut", out)
+    }
+
+    /// Back-propagates `loss` through the graph and every record, in reverse order, then empties
+    /// the tape. Parameter gradients accumulate in their `.grad()` as with `loss.backward()`.
+    /// Every rank of every group used must call it (the adjoints communicate).
+    pub fn backward(&self, loss: &Tensor) -> Result<()> {
+        if !self.recording.get() {
+            return Err(Error::Tape {
+                op: "backward",
+                msg: "this tape was made with Tape::inference() and recorded nothing".into(),
+            });
+        }
+        let records = self.records.take();
+        if loss.requires_grad() {
+            loss.f_backward().map_err(|e| traversal_error("loss", e))?;
+        }
+        for rec in records.into_iter().rev() {
+            let grads: Vec<Tensor> = rec
+                .outputs
+                .iter()
+                .map(|y| {
+                    let g = y.grad();
+                    if g.defined() {
+                        Ok(g)
+                    } else {
+                        y.f_zeros_like() // unused on this rank: the adjoint must still run
+                    }
+                })
+                .collect::<Result<_, _>>()
+                .op(rec.op)?;
+            let input_grads = (rec.adjoint)(&grads)?;
+            continue_from(rec.op, &rec.inputs, &input_grads)?;
+        }
+        Ok(())
+    }
+}
+
+/// Continues autograd from `inputs` with the gradients `grads`: one backward pass from
+/// `sum_i dot(inputs[i], grads[i])`, whose gradient with respect to `inputs[i]` is exactly
+/// `grads[i]` (dot's backward multiplies by 1).
+fn continue_from(op: &'static str, inputs: &[Tensor], grads: &[Tensor]) -> Result<()> {
+    if inputs.len() != grads.len() {
+        return Err(Error::Tape {
+            op,
+            msg: format!(
+                "the adjoint returned {} gradients for {} inputs",
+                grads.len(),
+                inputs.len()
+            ),
+        });
+    }
+    let mut root: Option<Tensor> = None;
+    for (x, g) in inputs.iter().zip(grads) {
+        if !x.requires_grad() {
+            continue;
+        }
+        if g.size() != x.size() {
+            return Err(Error::Tape {
+                op,
+                msg: format!(
+                    "adjoint gradient of shape {:?} for an input of shape {:?}",
+                    g.size(),
+                    x.size()
+                ),
+            });
+        }
+        // [..] -> [numel]: dot takes vectors.
+        let term = x
+            .f_reshape([-1])
+            .and_then(|x| x.f_dot(&g.f_reshape([-1])?))
+            .op(op)?;
+        root = Some(match root {
+            None => term,
+            Some(r) => r.f_add(&term).op(op)?,
+        });
+    }
+    match root {
+        Some(r) => r.f_backward().map_err(|e| traversal_error(op, e)),
+        None => Ok(()),
+    }
+}
+
+fn traversal_error(op: &'static str, e: tch::TchError) -> Error {
+    let text = e.to_string();
+    if text.contains("second time") {
+        Error::Tape {
+            op,
+            msg: format!(
+                "a part of the graph feeds more than one taped op (or the loss and a taped op), so \
+                 backward reached it twice; put `tape.cut(x)` on the tensor that feeds several \
+                 (the residual stream at each block boundary). libtorch: {text}"
+            ),
+        }
+    } else {
+        Error::Torch { op, source: e }
+    }
+}
+
+/// The one output of a single-output record.
+pub(crate) fn single(op: &'static str, mut outputs: Vec<Tensor>) -> Result<Tensor> {
+    match (outputs.pop(), outputs.is_empty()) {
+        (Some(y), true) => Ok(y),
+        _ => Err(Error::Tape {
+            op,
+            msg: "expected exactly one output".into(),
+        }),
+    }
+}

@@ -1,0 +1,219 @@
+//! A process group: one rank's handle on a set of ranks that communicate together.
+
+use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use tch::{Device, Kind, Tensor};
+
+use super::backend::Backend;
+use super::stats::CommStats;
+use super::OpKind;
+use crate::error::TorchResultExt;
+use crate::{Error, Result};
+
+/// Who is in a group: its world-unique id, a name for messages, and its members' global ranks in
+/// group order (group rank i is global rank `ranks[i]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupInfo {
+    pub id: String,
+    pub name: String,
+    pub ranks: Vec<usize>,
+}
+
+impl fmt::Display for GroupInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}{:?}", self.name, self.ranks)
+    }
+}
+
+/// One rank's handle on a process group. Cheap to clone; clones share the byte counters.
+///
+/// Groups are values: strategies and models take the groups they communicate over as
+/// constructor arguments, never from a global.
+#[derive(Clone)]
+pub struct Group {
+    info: Arc<GroupInfo>,
+    rank: usize,
+    backend: Arc<dyn Backend>,
+    stats: Arc<Mutex<CommStats>>,
+    /// How many splits this rank made of this group; all ranks split in the same order, so it
+    /// numbers subgroups identically everywhere.
+    splits: Arc<AtomicUsize>,
+}
+
+impl fmt::Debug for Group {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "Group({}, rank {}, {})",
+            self.info,
+            self.rank,
+            self.backend.name()
+        )
+    }
+}
+
+impl Group {
+    /// A group over `info.ranks` in which this process is group rank `rank`.
+    pub fn new(info: GroupInfo, rank: usize, backend: Arc<dyn Backend>) -> Result<Group> {
+        if rank >= info.ranks.len() {
+            return Err(Error::InvalidArgument {
+                op: "new_group",
+                group: info.to_string(),
+                msg: format!(
+                    "rank {rank} is not below the group size {}",
+                    info.ranks.len()
+                ),
+            });
+        }
+        Ok(Group {
+            info: Arc::new(info),
+            rank,
+            backend,
+            stats: Arc::default(),
+            splits: Arc::default(),
+        })
+    }
+
+    /// This rank's index in the group.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// Number of ranks in the group.
+    pub fn size(&self) -> usize {
+        self.info.ranks.len()
+    }
+
+    /// This rank's global rank (its rank in the world group).
+    pub fn global_rank(&self) -> usize {
+        self.info.ranks[self.rank]
+    }
+
+    pub fn info(&self) -> &GroupInfo {
+        &self.info
+    }
+
+    /// The backend's name: "local", "mpi", "nccl".
+    pub fn backend_name(&self) -> &'static str {
+        self.backend.name()
+    }
+
+    /// A snapshot of this rank's byte counters for this group.
+    pub fn stats(&self) -> CommStats {
+        self.stats
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Sets this rank's counters for this group back to zero.
+    pub fn reset_stats(&self) {
+        *self.stats.lock().unwrap_or_else(PoisonError::into_inner) = CommStats::default();
+    }
+
+    /// Splits the group as `MPI_Comm_split` does: ranks that pass the same `color` form a
+    /// subgroup, ordered by `key` (then by rank); `None` takes no part. Every rank of this group
+    /// must call it, in the same order as its other splits.
+    pub fn split(&self, name: &str, color: Option<usize>, key: usize) -> Result<Option<Group>> {
+        const OP: &str = "split";
+        let p = self.size();
+        let seq = self.splits.fetch_add(1, Ordering::SeqCst);
+        // Everyone learns everyone's (color, key): color -1 stands for "no part".
+        let mine = Tensor::from_slice(&[color.map_or(-1, |c| c as i64), key as i64]);
+        let all = Tensor::zeros([p as i64, 2], (Kind::Int64, Device::Cpu));
+        let sends = (0..p)
+            .map(|j| (j != self.rank).then(|| mine.shallow_clone()))
+            .collect();
+        let recvs = (0..p)
+            .map(|j| (j != self.rank).then(|| all.select(0, j as i64)))
+            .collect();
+        self.backend
+            .exchange(&self.info, OpKind::Split, sends, recvs)?;
+        all.select(0, self.rank as i64).f_copy_(&mine).op(OP)?;
+        let table = Vec::<i64>::try_from(all.view([-1])).op(OP)?;
+
+        let Some(color) = color else { return Ok(None) };
+        let mut members: Vec<(i64, usize)> = (0..p)
+            .filter(|&j| table[2 * j] == color as i64)
+            .map(|j| (table[2 * j + 1], j))
+            .collect();
+        members.sort_unstable();
+        let me = members
+            .iter()
+            .position(|&(_, j)| j == self.rank)
+            .ok_or_else(|| Error::InvalidArgument {
+                op: OP,
+                group: self.info.to_string(),
+                msg: format!("rank {} is missing from its own colour {color}", self.rank),
+            })?;
+        let info = GroupInfo {
+            id: format!("{}/{seq}.{color}", self.info.id),
+            name: name.to_string(),
+            ranks: members.iter().map(|&(_, j)| self.info.ranks[j]).collect(),
+        };
+        let backend = self.backend.subgroup(&self.info, &info)?;
+        Group::new(info, me, backend).map(Some)
+    }
+
+    /// Runs one batch of transfers and counts its bytes under `op`. The entries for this rank
+    /// itself are copied here, uncounted (DESIGN.md §2.2: data that stays on a rank is not sent).
+    pub(crate) fn transfer(
+        &self,
+        op: OpKind,
+        mut sends: Vec<Option<Tensor>>,
+        mut recvs: Vec<Option<Tensor>>,
+    ) -> Result<()> {
+        let me = self.rank;
+        match (sends[me].take(), recvs[me].take()) {
+            (Some(src), Some(mut dst)) => {
+                if src.size() != dst.size() || src.kind() != dst.kind() {
+                    return Err(self.invalid(
+                        op,
+                        format!(
+                            "the part rank {me} keeps is {:?}{:?} but its slot is {:?}{:?}",
+                            src.kind(),
+                            src.size(),
+                            dst.kind(),
+                            dst.size()
+                        ),
+                    ));
+                }
+                dst.f_copy_(&src).op(op.name())?;
+            }
+            (None, None) => {}
+            _ => return Err(self.invalid(op, "a send to self needs a matching receive".into())),
+        }
+        let bytes = |ts: &[Option<Tensor>]| -> u64 {
+            ts.iter()
+                .flatten()
+                .map(|t| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
+                .sum()
+        };
+        let (sent, received) = (bytes(&sends), bytes(&recvs));
+        self.backend.exchange(&self.info, op, sends, recvs)?;
+        if op != OpKind::Split {
+            let mut stats = self.stats.lock().unwrap_or_else(PoisonError::into_inner);
+            stats.add_bytes(op, sent, received);
+        }
+        Ok(())
+    }
+
+    /// Counts one call of a collective (a collective may run several transfers).
+    pub(crate) fn count_call(&self, op: OpKind) {
+        self.stats
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .add_call(op);
+    }
+
+    /// An `InvalidArgument` error for `op` on this group.
+    pub(crate) fn invalid(&self, op: OpKind, msg: String) -> Error {
+        Error::InvalidArgument {
+            op: op.name(),
+            group: self.info.to_string(),
+            msg,
+        }
+    }
+}

@@ -1,0 +1,15 @@
+//! # ulysses
+//!
+//! A research toolkit for sequence-parallel transformer training, centred on DeepSpeed-Ulysses
+//! (Jacobs et al., 2023, arXiv 2309.14509): attention heads and the sequence are re-sharded with
+//! all-to-all so that each rank attends over the whole sequence for a slice of the heads.
+//!
+//! Layers, top to bottom (each uses only those above it):
+//! - [`comm`]: process groups, the mesh, collectives with byte accounting, backends;
+//! - [`autograd`]: differentiable collectives on an explicit per-step tape.
+
+pub mod autograd;
+pub mod comm;
+mod error;
+
+pub use error::{Error, Result, TorchResultExt};

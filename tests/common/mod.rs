@@ -1,0 +1,69 @@
+//! Helpers shared by the integration tests: rank-dependent data and labelled comparisons.
+#![allow(dead_code)]
+
+use tch::{Device, Kind, Tensor};
+
+/// The world sizes every multi-rank test runs at.
+pub const WORLD_SIZES: [usize; 5] = [1, 2, 3, 4, 8];
+
+/// The dtypes every collective is checked with.
+pub const KINDS: [Kind; 5] = [
+    Kind::Float,
+    Kind::Double,
+    Kind::BFloat16,
+    Kind::Half,
+    Kind::Int64,
+];
+
+/// Rank `rank`'s data of `shape`: small integers in [-48, 48] that depend on the rank and the
+/// position, exact in every dtype (so sums over 8 ranks stay exact in f32 accumulation).
+/// With `contiguous = false` the result is a permuted (non-contiguous) view of the same values.
+pub fn data(rank: usize, shape: &[i64], kind: Kind, contiguous: bool) -> Tensor {
+    let n: i64 = shape.iter().product();
+    let flat = (Tensor::arange(n, (Kind::Int64, Device::Cpu)) * 11 + rank as i64 * 37 + 5)
+        .remainder(97)
+        - 48;
+    let t = flat.reshape(shape).to_kind(kind);
+    // Tensors with fewer than two dims of extent > 1 are contiguous in any layout.
+    if contiguous || shape.iter().filter(|&&s| s > 1).count() < 2 {
+        return t;
+    }
+    // Same values, stored transposed: reverse the dims, make that contiguous, reverse back.
+    let rev: Vec<i64> = (0..shape.len() as i64).rev().collect();
+    let stored = t.permute(&rev).contiguous();
+    let view = stored.permute(&rev);
+    assert!(
+        !view.is_contiguous(),
+        "wanted a non-contiguous view of {shape:?}"
+    );
+    view
+}
+
+/// Largest absolute elementwise difference, in f64.
+pub fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    if a.numel() == 0 {
+        return 0.0;
+    }
+    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double))
+        .abs()
+        .max()
+        .double_value(&[])
+}
+
+/// Asserts equal shape, dtype and values, bit for bit.
+pub fn assert_exact(label: &str, got: &Tensor, want: &Tensor) {
+    assert_eq!(got.size(), want.size(), "{label}: shape");
+    assert_eq!(got.kind(), want.kind(), "{label}: dtype");
+    assert!(
+        got.equal(want),
+        "{label}: values differ, max diff {:.3e}",
+        max_diff(got, want)
+    );
+}
+
+/// Asserts equal shapes and values within `tol` (absolute).
+pub fn assert_close(label: &str, got: &Tensor, want: &Tensor, tol: f64) {
+    assert_eq!(got.size(), want.size(), "{label}: shape");
+    let d = max_diff(got, want);
+    assert!(d <= tol, "{label}: max diff {d:.3e} > {tol:.3e}");
+}
