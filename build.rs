@@ -1,11 +1,34 @@
-//! Writes libtorch's library folder into the rpath of every binary, test and bench of this
-//! package, so they run without LD_LIBRARY_PATH (tch's own build gives them none).
+//! 1. Writes libtorch's library folder into the rpath of every binary, test and bench of this
+//!    package, so they run without LD_LIBRARY_PATH (tch's own build gives them none).
+//! 2. Compiles csrc/backward.cpp, the one C++ function the tape needs (autograd with given
+//!    gradients), against the same libtorch headers and ABI as torch-sys.
+
+use std::path::PathBuf;
 
 fn main() {
-    // torch-sys declares `links = "tch"` and prints `cargo:libtorch_lib=...`, which cargo hands to
-    // direct dependents as DEP_TCH_LIBTORCH_LIB.
-    if let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") {
-        println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
-    }
+    println!("cargo:rerun-if-changed=csrc/backward.cpp");
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
+    println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
+    // torch-sys declares `links = "tch"` and prints `cargo:libtorch_lib=...`, which cargo hands
+    // to direct dependents as DEP_TCH_LIBTORCH_LIB.
+    let lib = PathBuf::from(
+        std::env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys did not report libtorch's lib dir"),
+    );
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
+
+    let include = lib
+        .parent()
+        .expect("libtorch's lib dir has a parent")
+        .join("include");
+    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
+    cc::Build::new()
+        .cpp(true)
+        .pic(true)
+        .warnings(false)
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
+        .file("csrc/backward.cpp")
+        .compile("ulysses_backward");
 }

@@ -8,7 +8,8 @@
 //! - [`Tape::backward`] runs autograd from the loss, then walks the records in reverse. For each
 //!   it takes the gradients accumulated on the outputs, applies the adjoint (the all-to-all with
 //!   dims swapped, all-gather for reduce-scatter, ...), and continues autograd from the inputs with
-//!   those gradients (by back-propagating `dot(input, grad)`, whose gradient is exactly `grad`).
+//!   those gradients (`torch::autograd::backward(inputs, grads)`, through a 20-line C++ shim,
+//!   csrc/backward.cpp, since tch only starts autograd from a scalar).
 //!
 //! Why it is correct: record i's outputs are consumed only by the loss or by later records, and
 //! those were all back-propagated before record i is reached, so its output gradients are
@@ -25,6 +26,7 @@
 //! "backward through the graph a second time", reported as [`Error::Tape`] with this advice.
 
 mod collectives;
+mod ffi;
 
 use std::cell::{Cell, RefCell};
 
@@ -150,7 +152,8 @@ impl Tape {
         }
         let records = self.records.take();
         if loss.requires_grad() {
-            loss.f_backward().map_err(|e| traversal_error("loss", e))?;
+            loss.f_backward()
+                .map_err(|e| traversal_error("loss", e.to_string()))?;
         }
         for rec in records.into_iter().rev() {
             let grads: Vec<Tensor> = rec
@@ -173,9 +176,8 @@ impl Tape {
     }
 }
 
-/// Continues autograd from `inputs` with the gradients `grads`: one backward pass from
-/// `sum_i dot(inputs[i], grads[i])`, whose gradient with respect to `inputs[i]` is exactly
-/// `grads[i]` (dot's backward multiplies by 1).
+/// Continues autograd from `inputs` with the gradients `grads`, in one pass
+/// (`torch::autograd::backward(inputs, grads)`); inputs that do not require grad are skipped.
 fn continue_from(op: &'static str, inputs: &[Tensor], grads: &[Tensor]) -> Result<()> {
     if inputs.len() != grads.len() {
         return Err(Error::Tape {
@@ -187,51 +189,43 @@ fn continue_from(op: &'static str, inputs: &[Tensor], grads: &[Tensor]) -> Resul
             ),
         });
     }
-    let mut root: Option<Tensor> = None;
+    let (mut roots, mut root_grads) = (Vec::new(), Vec::new());
     for (x, g) in inputs.iter().zip(grads) {
         if !x.requires_grad() {
             continue;
         }
-        if g.size() != x.size() {
+        if g.size() != x.size() || g.kind() != x.kind() {
             return Err(Error::Tape {
                 op,
                 msg: format!(
-                    "adjoint gradient of shape {:?} for an input of shape {:?}",
+                    "adjoint gradient {:?}{:?} for an input {:?}{:?}",
+                    g.kind(),
                     g.size(),
+                    x.kind(),
                     x.size()
                 ),
             });
         }
-        // [..] -> [numel]: dot takes vectors.
-        let term = x
-            .f_reshape([-1])
-            .and_then(|x| x.f_dot(&g.f_reshape([-1])?))
-            .op(op)?;
-        root = Some(match root {
-            None => term,
-            Some(r) => r.f_add(&term).op(op)?,
-        });
+        roots.push(x);
+        root_grads.push(g);
     }
-    match root {
-        Some(r) => r.f_backward().map_err(|e| traversal_error(op, e)),
-        None => Ok(()),
+    if roots.is_empty() {
+        return Ok(());
     }
+    ffi::backward_with_grads(&roots, &root_grads).map_err(|msg| traversal_error(op, msg))
 }
 
-fn traversal_error(op: &'static str, e: tch::TchError) -> Error {
-    let text = e.to_string();
-    if text.contains("second time") {
-        Error::Tape {
-            op,
-            msg: format!(
-                "a part of the graph feeds more than one taped op (or the loss and a taped op), so \
-                 backward reached it twice; put `tape.cut(x)` on the tensor that feeds several \
-                 (the residual stream at each block boundary). libtorch: {text}"
-            ),
-        }
+fn traversal_error(op: &'static str, text: String) -> Error {
+    let msg = if text.contains("second time") {
+        format!(
+            "a part of the graph feeds more than one taped op (or the loss and a taped op), so \
+             backward reached it twice; put `tape.cut(x)` on the tensor that feeds several \
+             (the residual stream at each block boundary). libtorch: {text}"
+        )
     } else {
-        Error::Torch { op, source: e }
-    }
+        format!("backward failed: {text}")
+    };
+    Error::Tape { op, msg }
 }
 
 /// The one output of a single-output record.

@@ -67,3 +67,27 @@ pub fn assert_close(label: &str, got: &Tensor, want: &Tensor, tol: f64) {
     let d = max_diff(got, want);
     assert!(d <= tol, "{label}: max diff {d:.3e} > {tol:.3e}");
 }
+
+/// Deterministic pseudo-random values in [-0.5, 0.5) of `shape`, the same on every thread and
+/// every run (a hash of the position and `seed`), in `kind`.
+pub fn det(shape: &[i64], seed: u64, kind: Kind) -> Tensor {
+    let n: i64 = shape.iter().product();
+    let i = Tensor::arange(n, (Kind::Double, Device::Cpu));
+    let h = ((i * 12.9898 + seed as f64 * 78.233).sin() * 43758.5453).frac();
+    // frac of a negative number is negative: fold into [0, 1), then centre.
+    let u = (h + 1.0).frac() - 0.5;
+    u.reshape(shape).to_kind(kind)
+}
+
+/// Sum of elementwise products, in f64.
+pub fn dot(a: &Tensor, b: &Tensor) -> f64 {
+    (a.to_kind(Kind::Double) * b.to_kind(Kind::Double))
+        .sum(Kind::Double)
+        .double_value(&[])
+}
+
+/// H heads over P ranks, ranks below H % P getting one more (the library's uneven rule).
+pub fn head_split(h: i64, p: usize) -> Vec<i64> {
+    let p = p as i64;
+    (0..p).map(|r| h / p + i64::from(r < h % p)).collect()
+}
