@@ -187,27 +187,35 @@ fn the_graph_is_freed_after_backward() -> Result<()> {
 }
 
 #[test]
-fn an_inference_tape_records_nothing() -> Result<()> {
+fn a_disabled_tape_records_nothing_and_keeps_plain_autograd() -> Result<()> {
     launch(2, |ctx| -> Result<()> {
         let stack = Blocks::new(2, 4, 2, Kind::Double, 1);
         let x = det(&[6, 8], 1, Kind::Double);
         let training = Tape::new();
         let a = stack.forward_sp(&training, ctx.world(), &x, &[2, 2], &[6, 6], true)?;
-        let inference = Tape::inference();
-        let b =
-            tch::no_grad(|| stack.forward_sp(&inference, ctx.world(), &x, &[2, 2], &[6, 6], true))?;
+        let off = Tape::disabled();
+        let b = stack.forward_sp(&off, ctx.world(), &x, &[2, 2], &[6, 6], true)?;
         ensure!(
-            inference.is_empty() && training.len() == 6,
+            off.is_empty() && training.len() == 6,
             "records: {}",
             training.len()
         );
+        ensure!(a.equal(&b), "the disabled tape's forward differs");
         ensure!(
-            a.equal(&b) && !b.requires_grad(),
-            "inference forward differs"
+            off.backward(&b.sum(Kind::Double)).is_err(),
+            "backward on a disabled tape"
+        );
+        // Collectives carry no gradient, but the cuts keep the graph: plain autograd from the
+        // output reaches every W2 (through the residual stream and the cuts) and no W1 (only
+        // reachable through an all-to-all).
+        b.sum(Kind::Double).backward();
+        ensure!(
+            stack.w2.iter().all(|w| w.grad().defined()),
+            "a disabled cut dropped the graph"
         );
         ensure!(
-            inference.backward(&b.sum(Kind::Double)).is_err(),
-            "backward on an inference tape"
+            stack.w1.iter().all(|w| !w.grad().defined()),
+            "a gradient crossed a collective"
         );
         training.clear();
         Ok(())

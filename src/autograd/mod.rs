@@ -67,9 +67,10 @@ impl Tape {
         }
     }
 
-    /// A tape that only runs forwards (evaluation): nothing is kept, no gradient flows through
-    /// its ops, and [`backward`](Tape::backward) is an error.
-    pub fn inference() -> Tape {
+    /// A tape that records nothing: taped collectives run without gradient, cuts are plain
+    /// identities that keep the graph, and [`backward`](Tape::backward) is an error. For
+    /// evaluation, and for single-device code trained with an ordinary `loss.backward()`.
+    pub fn disabled() -> Tape {
         Tape {
             records: RefCell::new(Vec::new()),
             recording: Cell::new(false),
@@ -110,11 +111,12 @@ impl Tape {
         forward: impl FnOnce(&[Tensor]) -> Result<Vec<Tensor>>,
         adjoint: impl FnOnce(&[Tensor]) -> Result<Vec<Tensor>> + 'static,
     ) -> Result<Vec<Tensor>> {
+        if !self.recording.get() {
+            let inputs: Vec<Tensor> = inputs.iter().map(|x| x.shallow_clone()).collect();
+            return forward(&inputs);
+        }
         let detached: Vec<Tensor> = inputs.iter().map(|x| x.detach()).collect();
         let outputs = tch::no_grad(|| forward(&detached))?;
-        if !self.recording.get() {
-            return Ok(outputs);
-        }
         let leaves: Vec<Tensor> = outputs
             .iter()
             .map(|y| y.detach().set_requires_grad(true))
@@ -147,7 +149,7 @@ impl Tape {
         if !self.recording.get() {
             return Err(Error::Tape {
                 op: "backward",
-                msg: "this tape was made with Tape::inference() and recorded nothing".into(),
+                msg: "this tape was made with Tape::disabled() and recorded nothing".into(),
             });
         }
         let records = self.records.take();

@@ -120,6 +120,7 @@ impl Group {
         const OP: &str = "split";
         let p = self.size();
         let seq = self.splits.fetch_add(1, Ordering::SeqCst);
+        let _no_grad = tch::no_grad_guard();
         // Everyone learns everyone's (color, key): color -1 stands for "no part".
         let mine = Tensor::from_slice(&[color.map_or(-1, |c| c as i64), key as i64]);
         let all = Tensor::zeros([p as i64, 2], (Kind::Int64, Device::Cpu));
@@ -165,6 +166,9 @@ impl Group {
         mut sends: Vec<Option<Tensor>>,
         mut recvs: Vec<Option<Tensor>>,
     ) -> Result<()> {
+        // Communication is not differentiable (the tape handles gradients): keep every copy out
+        // of autograd, or a received tensor would carry a graph from another rank's thread.
+        let _no_grad = tch::no_grad_guard();
         let me = self.rank;
         match (sends[me].take(), recvs[me].take()) {
             (Some(src), Some(mut dst)) => {
