@@ -22,6 +22,28 @@ fn rows(t: &Tensor, split: &[i64], r: usize) -> Tensor {
     t.narrow(0, start, split[r])
 }
 
+/// The ranks' losses sum to the single-device loss, and their input gradients, concatenated
+/// along the sequence, equal the single-device input gradient.
+fn check_loss_and_input_grad(
+    label: &str,
+    loss: &Tensor,
+    x: &Tensor,
+    per_rank: &[(f64, &Tensor)],
+) -> Result<()> {
+    let want = loss.double_value(&[]);
+    let got: f64 = per_rank.iter().map(|(l, _)| l).sum();
+    ensure!((got - want).abs() < TOL, "{label}: loss {got} vs {want}");
+    let dx = Tensor::cat(
+        &per_rank
+            .iter()
+            .map(|(_, g)| g.shallow_clone())
+            .collect::<Vec<_>>(),
+        0,
+    );
+    assert_close(&format!("{label} dX"), &dx, &x.grad(), TOL);
+    Ok(())
+}
+
 #[test]
 fn composite_function_gradients_match_one_device() -> Result<()> {
     // local matmul, a2a (heads <- sequence), local mixing, all-gather of heads, rank-weighted loss
@@ -65,20 +87,15 @@ fn composite_function_gradients_match_one_device() -> Result<()> {
         })?;
 
         let label = format!("composite P={p}");
-        let loss_sp: f64 = per_rank.iter().map(|(l, _, _)| l).sum();
-        ensure!(
-            (loss_sp - loss.double_value(&[])).abs() < TOL,
-            "{label}: loss {loss_sp} vs {}",
-            loss.double_value(&[])
-        );
-        let dx = Tensor::cat(
+        check_loss_and_input_grad(
+            &label,
+            &loss,
+            &x,
             &per_rank
                 .iter()
-                .map(|(_, gx, _)| gx.shallow_clone())
+                .map(|(l, gx, _)| (*l, gx))
                 .collect::<Vec<_>>(),
-            0,
-        );
-        assert_close(&format!("{label} dX"), &dx, &x.grad(), TOL);
+        )?;
         // A replicated parameter's gradient is the sum of the ranks' parts.
         let dw = per_rank
             .iter()
@@ -118,20 +135,15 @@ fn residual_stacks_match_one_device() -> Result<()> {
             })?;
 
             let label = format!("L={layers} P={p}");
-            let loss_sp: f64 = per_rank.iter().map(|(l, _, _)| l).sum();
-            ensure!(
-                (loss_sp - loss.double_value(&[])).abs() < TOL,
-                "{label}: loss {loss_sp} vs {}",
-                loss.double_value(&[])
-            );
-            let dx = Tensor::cat(
+            check_loss_and_input_grad(
+                &label,
+                &loss,
+                &x,
                 &per_rank
                     .iter()
-                    .map(|(_, gx, _)| gx.shallow_clone())
+                    .map(|(l, gx, _)| (*l, gx))
                     .collect::<Vec<_>>(),
-                0,
-            );
-            assert_close(&format!("{label} dX"), &dx, &x.grad(), TOL);
+            )?;
             for (i, w) in reference.params().iter().enumerate() {
                 let summed = per_rank
                     .iter()

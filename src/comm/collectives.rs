@@ -119,19 +119,7 @@ impl Group {
         }
         let mut shape = x.size();
         self.check_split(op, "scatter_split", scatter_split, shape[sd], sd)?;
-        self.check_split(op, "gather_split", gather_split, -1, gd)?;
-        if gather_split[self.rank()] != shape[gd] {
-            return Err(self.invalid(
-                op,
-                format!(
-                    "gather_split[{}] = {} but this rank's input has {} along dim {gd} (shape {:?})",
-                    self.rank(),
-                    gather_split[self.rank()],
-                    shape[gd],
-                    shape
-                ),
-            ));
-        }
+        self.check_own_part(op, "gather_split", gather_split, &shape, gd)?;
         shape[sd] = scatter_split[self.rank()];
         shape[gd] = gather_split.iter().sum();
         Ok(shape)
@@ -314,20 +302,8 @@ impl Group {
     /// Sends `x` to every rank and places rank j's part at its offset along `dim`.
     fn gather_parts(&self, op: OpKind, x: &Tensor, dim: i64, sizes: &[i64]) -> Result<Tensor> {
         let d = self.dim(op, x, dim)?;
-        self.check_split(op, "sizes", sizes, -1, d)?;
         let mut shape = x.size();
-        if sizes[self.rank()] != shape[d] {
-            return Err(self.invalid(
-                op,
-                format!(
-                    "sizes[{}] = {} but this rank's input has {} along dim {d} (shape {:?})",
-                    self.rank(),
-                    sizes[self.rank()],
-                    shape[d],
-                    shape
-                ),
-            ));
-        }
+        self.check_own_part(op, "sizes", sizes, &shape, d)?;
         shape[d] = sizes.iter().sum();
         let out = Tensor::f_empty(&shape, (x.kind(), x.device())).op(op.name())?;
         let sends = (0..self.size()).map(|_| Some(x.shallow_clone())).collect();
@@ -431,6 +407,29 @@ impl Group {
             return Err(self.invalid(
                 op,
                 format!("{what} {split:?} sums to {sum} but dim {dim} has {total} elements"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A split of a gathered dim: one entry per rank, this rank's entry its own extent.
+    fn check_own_part(
+        &self,
+        op: OpKind,
+        what: &str,
+        split: &[i64],
+        shape: &[i64],
+        d: usize,
+    ) -> Result<()> {
+        self.check_split(op, what, split, -1, d)?;
+        let r = self.rank();
+        if split[r] != shape[d] {
+            return Err(self.invalid(
+                op,
+                format!(
+                    "{what}[{r}] = {} but this rank's input has {} along dim {d} (shape {shape:?})",
+                    split[r], shape[d]
+                ),
             ));
         }
         Ok(())
