@@ -78,12 +78,20 @@ pub enum Error {
     Backend { backend: &'static str, msg: String },
 
     /// libtorch reported an error inside an operation.
-    #[error("{op}: libtorch: {source}")]
+    #[error("{op}: libtorch: {}", libtorch_message(&source.to_string()))]
     Torch {
         op: &'static str,
         #[source]
         source: tch::TchError,
     },
+}
+
+/// libtorch's message without the C++ stack trace that follows it.
+pub(crate) fn libtorch_message(text: &str) -> &str {
+    text.split("\nException raised from")
+        .next()
+        .unwrap_or(text)
+        .trim_end()
 }
 
 fn others_note(others: &[usize]) -> String {

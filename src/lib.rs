@@ -6,10 +6,14 @@
 //!
 //! Layers, top to bottom (each uses only those above it):
 //! - [`comm`]: process groups, the mesh, collectives with byte accounting, backends;
-//! - [`autograd`]: differentiable collectives on an explicit per-step tape.
+//! - [`autograd`]: differentiable collectives on an explicit per-step tape;
+//! - [`attention`]: kernels on whole sequences and the sequence-parallel strategies (Ulysses);
+//! - [`model`]: the GPT, generic over the strategy.
 
+pub mod attention;
 pub mod autograd;
 pub mod comm;
 mod error;
+pub mod model;
 
 pub use error::{Error, Result, TorchResultExt};

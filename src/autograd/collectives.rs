@@ -19,7 +19,7 @@
 use tch::Tensor;
 
 use super::{single, Tape};
-use crate::comm::{Group, OpKind, ReduceOp};
+use crate::comm::{AllToAll, Group, OpKind, ReduceOp};
 use crate::error::TorchResultExt;
 use crate::Result;
 
@@ -55,30 +55,42 @@ impl Tape {
         scatter_split: &[i64],
         gather_split: &[i64],
     ) -> Result<Tensor> {
-        let (g, ss, gs_) = (group.clone(), scatter_split.to_vec(), gather_split.to_vec());
-        let out = self.record(
-            "all_to_all_v",
-            &[x],
+        let spec = AllToAll::new(
+            scatter_dim,
+            gather_dim,
+            scatter_split.to_vec(),
+            gather_split.to_vec(),
+        );
+        single("all_to_all", self.all_to_all_many(group, &[(x, &spec)])?)
+    }
+
+    /// Several all-to-alls as one record (Ulysses' q, k and v): one backward pass then serves
+    /// all of them, which matters when they come from one graph (a fused qkv projection), since
+    /// a piece of graph must not feed two records (see [`Tape::cut`]).
+    pub fn all_to_all_many(
+        &self,
+        group: &Group,
+        inputs: &[(&Tensor, &AllToAll)],
+    ) -> Result<Vec<Tensor>> {
+        let xs: Vec<&Tensor> = inputs.iter().map(|(x, _)| *x).collect();
+        let specs: Vec<AllToAll> = inputs.iter().map(|(_, s)| (*s).clone()).collect();
+        let g = group.clone();
+        self.record(
+            "all_to_all",
+            &xs,
             |xs| {
-                Ok(vec![group.all_to_all_v(
-                    &xs[0],
-                    scatter_dim,
-                    gather_dim,
-                    scatter_split,
-                    gather_split,
-                )?])
+                xs.iter()
+                    .zip(inputs)
+                    .map(|(x, (_, s))| group.all_to_all_spec(x, s))
+                    .collect()
             },
             move |gs| {
-                Ok(vec![g.all_to_all_v(
-                    &gs[0],
-                    gather_dim,
-                    scatter_dim,
-                    &gs_,
-                    &ss,
-                )?])
+                gs.iter()
+                    .zip(&specs)
+                    .map(|(gy, s)| g.all_to_all_spec(gy, &s.inverse()))
+                    .collect()
             },
-        )?;
-        single("all_to_all_v", out)
+        )
     }
 
     /// Differentiable [`Group::all_gather_v`] (pass equal sizes for the even case); backward is

@@ -218,6 +218,7 @@ fn continue_from(op: &'static str, inputs: &[Tensor], grads: &[Tensor]) -> Resul
 }
 
 fn traversal_error(op: &'static str, text: String) -> Error {
+    let text = crate::error::libtorch_message(&text);
     let msg = if text.contains("second time") {
         format!(
             "a part of the graph feeds more than one taped op (or the loss and a taped op), so \

@@ -16,7 +16,54 @@ use super::{OpKind, ReduceOp};
 use crate::error::TorchResultExt;
 use crate::Result;
 
+/// One all-to-all, described once: the dim scattered, the dim gathered, and the partition of
+/// each over the ranks (identical on every rank; see [`Group::all_to_all_v`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllToAll {
+    pub scatter_dim: i64,
+    pub gather_dim: i64,
+    pub scatter_split: Vec<i64>,
+    pub gather_split: Vec<i64>,
+}
+
+impl AllToAll {
+    pub fn new(
+        scatter_dim: i64,
+        gather_dim: i64,
+        scatter_split: Vec<i64>,
+        gather_split: Vec<i64>,
+    ) -> AllToAll {
+        AllToAll {
+            scatter_dim,
+            gather_dim,
+            scatter_split,
+            gather_split,
+        }
+    }
+
+    /// The inverse, which is also the adjoint: dims and splits swapped.
+    pub fn inverse(&self) -> AllToAll {
+        AllToAll {
+            scatter_dim: self.gather_dim,
+            gather_dim: self.scatter_dim,
+            scatter_split: self.gather_split.clone(),
+            gather_split: self.scatter_split.clone(),
+        }
+    }
+}
+
 impl Group {
+    /// [`all_to_all_v`](Group::all_to_all_v) as described by `spec`.
+    pub fn all_to_all_spec(&self, x: &Tensor, spec: &AllToAll) -> Result<Tensor> {
+        self.all_to_all_v(
+            x,
+            spec.scatter_dim,
+            spec.gather_dim,
+            &spec.scatter_split,
+            &spec.gather_split,
+        )
+    }
+
     /// All-to-all: splits `x` into P equal chunks along `scatter_dim`, sends chunk j to rank j,
     /// and concatenates the chunks received along `gather_dim`, in rank order
     /// (DeepSpeed-Ulysses' re-sharding, paper §3.1). Its inverse and adjoint is the all-to-all

@@ -25,6 +25,7 @@ mod mesh;
 mod stats;
 
 pub use backend::{Backend, Envelope};
+pub use collectives::AllToAll;
 pub use group::{Group, GroupInfo};
 pub use launch::{launch, LocalLaunch, RankCtx};
 pub use mesh::{Mesh, MeshShape};

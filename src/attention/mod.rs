@@ -1,0 +1,140 @@
+//! Attention: kernels that attend over whole sequences for some heads ([`LocalAttention`]), and
+//! the sequence-parallel strategies that feed them ([`SequenceParallel`]).
+//!
+//! A strategy receives each rank's slice of the sequence, moves data so that some kernel can see
+//! whole sequences, and returns the rank's slice of the output. Ulysses
+//! ([`UlyssesAttention`]) re-shards heads and sequence with all-to-alls around any kernel; the
+//! single-device strategy ([`SingleDevice`]) is the reference it is checked against.
+
+mod blocked;
+mod heads;
+mod layout;
+mod mask;
+mod math;
+mod sdpa;
+mod single;
+mod ulysses;
+
+pub use blocked::BlockedAttention;
+pub use heads::HeadPlan;
+pub use layout::SeqLayout;
+pub use mask::{BlockSparse, Mask};
+pub use math::MathAttention;
+pub use sdpa::SdpaAttention;
+pub use single::SingleDevice;
+pub use ulysses::UlyssesAttention;
+
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+use crate::autograd::Tape;
+use crate::comm::Group;
+use crate::{Error, Result};
+
+/// Attention over whole sequences, one key/value head per query head.
+pub trait LocalAttention: Send + Sync {
+    /// A short name for tables and messages ("math", "sdpa", "blocked").
+    fn name(&self) -> &'static str;
+
+    /// The rule this kernel applies, on global positions `0..N`.
+    fn mask(&self) -> Mask;
+
+    /// # Shapes
+    /// `q`, `k`, `v`: `[b, N, h, d]` -> `[b, N, h, d]`.
+    fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor>;
+}
+
+/// Which kernel computes the local attention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Kernel {
+    /// [`MathAttention`]: dense, explicit mask; the reference.
+    Math,
+    /// [`SdpaAttention`]: libtorch's fused kernels.
+    #[default]
+    Sdpa,
+    /// [`BlockedAttention`]: only the visible key blocks (sliding window, block-sparse).
+    Blocked,
+}
+
+/// A kernel and its rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct AttentionConfig {
+    pub kernel: Kernel,
+    pub mask: Mask,
+}
+
+impl AttentionConfig {
+    pub fn new(kernel: Kernel, mask: Mask) -> AttentionConfig {
+        AttentionConfig { kernel, mask }
+    }
+
+    /// The kernel, ready to run.
+    pub fn build(&self) -> Result<Box<dyn LocalAttention>> {
+        self.mask.validate().map_err(|msg| Error::InvalidArgument {
+            op: "attention",
+            group: "-".into(),
+            msg,
+        })?;
+        Ok(match self.kernel {
+            Kernel::Math => Box::new(MathAttention::new(self.mask)),
+            Kernel::Sdpa => Box::new(SdpaAttention::new(self.mask)),
+            Kernel::Blocked => Box::new(BlockedAttention::new(self.mask)?),
+        })
+    }
+}
+
+/// A way to run attention when each rank holds a slice of the sequence.
+///
+/// Every rank of the strategy's group calls [`forward`](SequenceParallel::forward) with its own
+/// tokens, in the layout given by [`layout`](SequenceParallel::layout); positional encodings
+/// are applied by the caller with the global positions of those tokens.
+pub trait SequenceParallel {
+    /// "single", "ulysses", ...
+    fn name(&self) -> &'static str;
+
+    /// How the global sequence is spread over the ranks.
+    fn layout(&self) -> &SeqLayout;
+
+    /// This rank's index in the sequence-parallel group.
+    fn rank(&self) -> usize;
+
+    /// The sequence-parallel group (`None` on a single device). The loss and the gradients of
+    /// replicated parameters are reduced over it.
+    fn group(&self) -> Option<&Group>;
+
+    /// # Shapes
+    /// `q`: `[b, s_r, H, d]`, `k`, `v`: `[b, s_r, H_kv, d]` -> `[b, s_r, H, d]`, where `s_r` is
+    /// this rank's share of the sequence.
+    fn forward(&self, tape: &Tape, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor>;
+}
+
+/// The dtype attention accumulates in: f32 for half types, the input's own otherwise.
+pub(crate) fn compute_kind(kind: Kind) -> Kind {
+    match kind {
+        Kind::Half | Kind::BFloat16 => Kind::Float,
+        k => k,
+    }
+}
+
+/// q, k, v must be `[b, N, h, d]` of one shape and dtype.
+pub(crate) fn check_qkv(op: &'static str, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<()> {
+    let shapes = vec![q.size(), k.size(), v.size()];
+    if q.dim() != 4 || shapes.iter().any(|s| *s != shapes[0]) {
+        return Err(Error::Shape {
+            op,
+            shapes,
+            msg: "q, k and v must all be [b, N, h, d]".into(),
+        });
+    }
+    if q.kind() != k.kind() || q.kind() != v.kind() {
+        let msg = format!(
+            "dtypes differ: q {:?}, k {:?}, v {:?}",
+            q.kind(),
+            k.kind(),
+            v.kind()
+        );
+        return Err(Error::Shape { op, shapes, msg });
+    }
+    Ok(())
+}

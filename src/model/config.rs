@@ -1,0 +1,179 @@
+//! The GPT configuration: every field documented, with presets from the paper's experiments.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// A decoder-only transformer: pre-norm blocks (LayerNorm, attention with RoPE, LayerNorm, GELU
+/// MLP), a final LayerNorm, and an output projection optionally tied to the token embedding.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GptConfig {
+    /// Vocabulary size V: token ids are `0..V`. Default 256 (bytes).
+    pub vocab_size: i64,
+    /// Transformer blocks L. Default 2.
+    pub n_layer: i64,
+    /// Attention (query) heads H. Default 4.
+    pub n_head: i64,
+    /// Key/value heads H_kv: H for multi-head attention, fewer for GQA, 1 for MQA. Default 4.
+    pub n_kv_head: i64,
+    /// Hidden size h = H * d. Default 64.
+    pub n_embd: i64,
+    /// MLP hidden size as a multiple of h. Default 4.
+    pub mlp_ratio: i64,
+    /// RoPE base frequency. Default 10000.
+    pub rope_theta: f64,
+    /// LayerNorm epsilon. Default 1e-5.
+    pub norm_eps: f64,
+    /// Use the token embedding as the output projection (GPT-2). Default true.
+    pub tie_embeddings: bool,
+    /// Biases in the linear layers (GPT-2 style). Default true.
+    pub bias: bool,
+    /// Seed of the deterministic initialisation (the same parameters on every rank, every
+    /// backend and every P). Default 1234.
+    pub seed: u64,
+}
+
+impl Default for GptConfig {
+    fn default() -> Self {
+        GptConfig::tiny()
+    }
+}
+
+impl GptConfig {
+    /// For tests and quick runs: 2 layers, h = 64, 4 heads, byte vocabulary (about 0.13M
+    /// parameters).
+    pub fn tiny() -> GptConfig {
+        GptConfig {
+            vocab_size: 256,
+            n_layer: 2,
+            n_head: 4,
+            n_kv_head: 4,
+            n_embd: 64,
+            mlp_ratio: 4,
+            rope_theta: 10_000.0,
+            norm_eps: 1e-5,
+            tie_embeddings: true,
+            bias: true,
+            seed: 1234,
+        }
+    }
+
+    /// A GPT of `n_layer` x `n_embd` with `n_head` heads and the GPT-2 vocabulary padded to a
+    /// multiple of 64 (50304).
+    fn gpt(n_layer: i64, n_embd: i64, n_head: i64) -> GptConfig {
+        GptConfig {
+            vocab_size: 50304,
+            n_layer,
+            n_head,
+            n_kv_head: n_head,
+            n_embd,
+            ..GptConfig::tiny()
+        }
+    }
+
+    /// GPT-3 Small: 12 layers, h = 768, 12 heads.
+    pub fn gpt_125m() -> GptConfig {
+        GptConfig::gpt(12, 768, 12)
+    }
+
+    /// GPT-3 Medium: 24 layers, h = 1024, 16 heads.
+    pub fn gpt_350m() -> GptConfig {
+        GptConfig::gpt(24, 1024, 16)
+    }
+
+    /// The paper's 1.2B/1.3B model (GPT-3 XL): 24 layers, h = 2048, 16 heads.
+    pub fn gpt_1_3b() -> GptConfig {
+        GptConfig::gpt(24, 2048, 16)
+    }
+
+    /// The paper's 7B model (GPT-3 6.7B): 32 layers, h = 4096, 32 heads.
+    pub fn gpt_6_7b() -> GptConfig {
+        GptConfig::gpt(32, 4096, 32)
+    }
+
+    /// The paper's 30B model: 64 layers, h = 6144, 64 heads.
+    pub fn gpt_30b() -> GptConfig {
+        GptConfig::gpt(64, 6144, 64)
+    }
+
+    /// A preset by name: "tiny", "125m", "350m", "1.3b", "6.7b", "30b".
+    pub fn preset(name: &str) -> Result<GptConfig> {
+        Ok(match name {
+            "tiny" => GptConfig::tiny(),
+            "125m" => GptConfig::gpt_125m(),
+            "350m" => GptConfig::gpt_350m(),
+            "1.3b" => GptConfig::gpt_1_3b(),
+            "6.7b" => GptConfig::gpt_6_7b(),
+            "30b" => GptConfig::gpt_30b(),
+            other => {
+                return Err(Error::InvalidArgument {
+                    op: "gpt_config",
+                    group: "-".into(),
+                    msg: format!("no preset {other:?}; presets: tiny, 125m, 350m, 1.3b, 6.7b, 30b"),
+                })
+            }
+        })
+    }
+
+    /// Head size d = h / H.
+    pub fn head_dim(&self) -> i64 {
+        self.n_embd / self.n_head
+    }
+
+    /// Checks that the numbers fit together.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |msg: String| {
+            Err(Error::InvalidArgument {
+                op: "gpt_config",
+                group: "-".into(),
+                msg,
+            })
+        };
+        let positive = [
+            ("vocab_size", self.vocab_size),
+            ("n_layer", self.n_layer),
+            ("n_head", self.n_head),
+            ("n_kv_head", self.n_kv_head),
+            ("n_embd", self.n_embd),
+            ("mlp_ratio", self.mlp_ratio),
+        ];
+        if let Some((name, v)) = positive.iter().find(|(_, v)| *v < 1) {
+            return bad(format!("{name} = {v} must be at least 1"));
+        }
+        if self.n_embd % self.n_head != 0 {
+            return bad(format!(
+                "n_embd {} is not a multiple of n_head {}",
+                self.n_embd, self.n_head
+            ));
+        }
+        if self.head_dim() % 2 != 0 {
+            return bad(format!(
+                "head size {} must be even for RoPE",
+                self.head_dim()
+            ));
+        }
+        if self.n_head % self.n_kv_head != 0 {
+            return bad(format!(
+                "n_head {} is not a multiple of n_kv_head {}",
+                self.n_head, self.n_kv_head
+            ));
+        }
+        Ok(())
+    }
+
+    /// Parameters of the model, exactly as [`Gpt`](super::Gpt) allocates them.
+    pub fn num_params(&self) -> i64 {
+        let (h, d, v, l) = (self.n_embd, self.head_dim(), self.vocab_size, self.n_layer);
+        let bias = i64::from(self.bias);
+        let qkv_out = (self.n_head + 2 * self.n_kv_head) * d;
+        let mlp = self.mlp_ratio * h;
+        let block = 2 * 2 * h // two LayerNorms
+            + h * qkv_out + bias * qkv_out // fused q, k, v projection
+            + h * h + bias * h // attention output projection
+            + h * mlp + bias * mlp // MLP in
+            + mlp * h + bias * h; // MLP out
+        let head = if self.tie_embeddings { 0 } else { v * h };
+        v * h + l * block + 2 * h + head
+    }
+}

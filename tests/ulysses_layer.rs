@@ -1,0 +1,252 @@
+//! Ulysses attention against single-device attention: output and dq, dk, dv, for
+//! P in {1, 2, 3, 4, 8}, causal and not, MHA / GQA / MQA, uneven heads, N not divisible by P,
+//! b in {1, 2}, every kernel and mask, f64 / f32 / bf16.
+
+mod common;
+
+use anyhow::{ensure, Result};
+use common::{det, max_diff};
+use tch::{Kind, Tensor};
+use ulysses::attention::{
+    AttentionConfig, BlockSparse, Kernel, Mask, SequenceParallel, UlyssesAttention,
+};
+use ulysses::autograd::Tape;
+use ulysses::comm::launch;
+
+#[derive(Debug, Clone, Copy)]
+struct Case {
+    p: usize,
+    b: i64,
+    n: i64,
+    heads: i64,
+    kv_heads: i64,
+    d: i64,
+    kind: Kind,
+    attention: AttentionConfig,
+}
+
+/// The single-device result: math attention in f64 on the (rounded) inputs, kv heads expanded
+/// as h / G. Returns (out, dq, dk, dv) for the loss sum(out * w).
+fn reference(
+    c: &Case,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    w: &Tensor,
+) -> (Tensor, Tensor, Tensor, Tensor) {
+    let [q, k, v] = [q, k, v].map(|t| t.to_kind(Kind::Double).set_requires_grad(true));
+    let map = Tensor::arange(c.heads, (Kind::Int64, tch::Device::Cpu))
+        .floor_divide_scalar(c.heads / c.kv_heads);
+    let (ke, ve) = (k.index_select(2, &map), v.index_select(2, &map));
+    let scores = q
+        .transpose(1, 2)
+        .matmul(&ke.transpose(1, 2).transpose(-2, -1))
+        / (c.d as f64).sqrt();
+    let pos = Tensor::arange(c.n, (Kind::Int64, tch::Device::Cpu));
+    let allowed = c.attention.mask.dense(&pos, &pos).unwrap();
+    let probs = scores
+        .masked_fill(&allowed.logical_not(), f64::NEG_INFINITY)
+        .softmax(-1, Kind::Double);
+    let out = probs.matmul(&ve.transpose(1, 2)).transpose(1, 2);
+    (&out * w.to_kind(Kind::Double))
+        .sum(Kind::Double)
+        .backward();
+    (out.detach(), q.grad(), k.grad(), v.grad())
+}
+
+/// Token counts per rank: the first N % P ranks one more.
+fn lens(n: i64, p: usize) -> Vec<i64> {
+    (0..p as i64)
+        .map(|r| n / p as i64 + i64::from(r < n % p as i64))
+        .collect()
+}
+
+fn run(c: Case) -> Result<()> {
+    let shape_q = [c.b, c.n, c.heads, c.d];
+    let shape_kv = [c.b, c.n, c.kv_heads, c.d];
+    let global = |seed| {
+        let q = det(&shape_q, seed, c.kind);
+        let k = det(&shape_kv, seed + 1, c.kind);
+        let v = det(&shape_kv, seed + 2, c.kind);
+        let w = det(&shape_q, seed + 3, c.kind);
+        (q, k, v, w)
+    };
+    let (q, k, v, w) = global(11);
+    let (out, dq, dk, dv) = reference(&c, &q, &k, &v, &w);
+
+    let parts = lens(c.n, c.p);
+    let per_rank = launch(c.p, |ctx| -> Result<[Tensor; 4]> {
+        let r = ctx.rank();
+        let (q, k, v, w) = global(11);
+        let start: i64 = parts[..r].iter().sum();
+        let mine = |t: &Tensor| t.narrow(1, start, parts[r]).copy().set_requires_grad(true);
+        let (q, k, v) = (mine(&q), mine(&k), mine(&v));
+        let attn = UlyssesAttention::new(
+            ctx.world().clone(),
+            c.attention.build()?,
+            c.n,
+            c.heads,
+            c.kv_heads,
+        )?;
+        ensure!(
+            attn.layout().lens() == parts.as_slice(),
+            "layout {:?}",
+            attn.layout().lens()
+        );
+        let tape = Tape::new();
+        let o = attn.forward(&tape, &q, &k, &v)?;
+        tape.backward(&(&o * w.narrow(1, start, parts[r])).sum(Kind::Double))?;
+        Ok([o.detach(), q.grad(), k.grad(), v.grad()])
+    })?;
+
+    let tol = match c.kind {
+        Kind::Double => 1e-10,
+        Kind::Float => 1e-5,
+        _ => 2e-2,
+    };
+    let names = ["out", "dq", "dk", "dv"];
+    for (i, want) in [out, dq, dk, dv].iter().enumerate() {
+        let got = Tensor::cat(
+            &per_rank
+                .iter()
+                .map(|t| t[i].shallow_clone())
+                .collect::<Vec<_>>(),
+            1,
+        );
+        ensure!(
+            got.size() == want.size(),
+            "ulysses {c:?} {}: shape {:?} vs {:?}",
+            names[i],
+            got.size(),
+            want.size()
+        );
+        // Relative to the largest value, so that one tolerance fits every shape.
+        let scale = want.abs().max().double_value(&[]).max(1e-3);
+        let diff = max_diff(&got, want) / scale;
+        ensure!(
+            diff <= tol,
+            "ulysses P={} {c:?} {}: max relative diff {diff:.3e} > {tol:.1e}",
+            c.p,
+            names[i]
+        );
+    }
+    Ok(())
+}
+
+fn case(
+    p: usize,
+    b: i64,
+    n: i64,
+    (heads, kv_heads): (i64, i64),
+    kind: Kind,
+    kernel: Kernel,
+    mask: Mask,
+) -> Case {
+    Case {
+        p,
+        b,
+        n,
+        heads,
+        kv_heads,
+        d: 4,
+        kind,
+        attention: AttentionConfig::new(kernel, mask),
+    }
+}
+
+#[test]
+fn mha_gqa_mqa_causal_and_not_at_every_world_size() -> Result<()> {
+    for p in [1usize, 2, 3, 4, 8] {
+        for (heads, kv_heads) in [(8, 8), (8, 2), (8, 1), (16, 4)] {
+            for mask in [Mask::Causal, Mask::None] {
+                for b in [1, 2] {
+                    // N = 24 divides every P; N = 19 divides none but 1.
+                    for n in [24, 19] {
+                        run(case(
+                            p,
+                            b,
+                            n,
+                            (heads, kv_heads),
+                            Kind::Double,
+                            Kernel::Math,
+                            mask,
+                        ))?;
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn uneven_heads_and_uneven_gqa_groups() -> Result<()> {
+    // H % P != 0: 6 heads on 4 ranks, 12 heads (4 kv) on 8 ranks, 5 heads on 3 ranks.
+    for (p, heads, kv_heads) in [
+        (4usize, 6, 6),
+        (4, 6, 3),
+        (8, 12, 4),
+        (8, 12, 1),
+        (3, 5, 5),
+        (3, 8, 2),
+    ] {
+        for n in [16, 13] {
+            run(case(
+                p,
+                2,
+                n,
+                (heads, kv_heads),
+                Kind::Double,
+                Kernel::Math,
+                Mask::Causal,
+            ))?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn every_kernel_and_mask() -> Result<()> {
+    let sparse = Mask::BlockSparse(BlockSparse {
+        block: 4,
+        local_blocks: 2,
+        global_blocks: 1,
+        causal: true,
+    });
+    let sparse_bi = Mask::BlockSparse(BlockSparse {
+        block: 3,
+        local_blocks: 3,
+        global_blocks: 1,
+        causal: false,
+    });
+    let window = Mask::SlidingWindow { window: 5 };
+    for p in [1usize, 2, 4] {
+        for (kernel, mask) in [
+            (Kernel::Sdpa, Mask::Causal),
+            (Kernel::Sdpa, Mask::None),
+            (Kernel::Sdpa, window),
+            (Kernel::Math, window),
+            (Kernel::Math, sparse),
+            (Kernel::Blocked, window),
+            (Kernel::Blocked, sparse),
+            (Kernel::Blocked, sparse_bi),
+        ] {
+            for n in [32, 30] {
+                run(case(p, 2, n, (8, 4), Kind::Double, kernel, mask))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn f32_and_bf16() -> Result<()> {
+    for p in [1usize, 2, 4, 8] {
+        for kind in [Kind::Float, Kind::BFloat16] {
+            for kernel in [Kernel::Sdpa, Kernel::Math] {
+                run(case(p, 2, 40, (8, 2), kind, kernel, Mask::Causal))?;
+            }
+        }
+    }
+    Ok(())
+}
