@@ -16,10 +16,7 @@ fn main() {
     );
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
 
-    let include = lib
-        .parent()
-        .expect("libtorch's lib dir has a parent")
-        .join("include");
+    let include = lib.parent().expect("libtorch's lib dir has a parent").join("include");
     let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
     cc::Build::new()
         .cpp(true)

@@ -45,15 +45,7 @@ fn all_to_all_vs_memcpy(quick: bool) -> Result<()> {
     println!("\n== local all-to-all vs memcpy: P={p} ranks as threads, f32, [1, N/P, {heads}, {d}] -> [1, N, {}, {d}] ==", heads / p as i64);
     println!(
         "{:>10} {:>6} {:>12} {:>12} {:>10} {:>12} {:>12} {:>12} {:>12}",
-        "MiB/rank",
-        "runs",
-        "into: copy",
-        "a2a ms",
-        "a2a GB/s",
-        "ratio",
-        "alloc: copy",
-        "a2a ms",
-        "ratio"
+        "MiB/rank", "runs", "into: copy", "a2a ms", "a2a GB/s", "ratio", "alloc: copy", "a2a ms", "ratio"
     );
     for mib in [1i64, 16, 128] {
         let runs = match (quick, mib) {
@@ -67,10 +59,7 @@ fn all_to_all_vs_memcpy(quick: bool) -> Result<()> {
             let g = ctx.world();
             let x = Tensor::randn([1, rows, heads, d], (Kind::Float, Device::Cpu));
             let mut y = x.empty_like();
-            let out = Tensor::empty(
-                [1, rows * p as i64, heads / p as i64, d],
-                (Kind::Float, Device::Cpu),
-            );
+            let out = Tensor::empty([1, rows * p as i64, heads / p as i64, d], (Kind::Float, Device::Cpu));
             let split = vec![heads / p as i64; p];
             let gather = vec![rows; p];
             let mut t: [Vec<Duration>; 4] = Default::default();
@@ -110,10 +99,10 @@ fn all_to_all_vs_memcpy(quick: bool) -> Result<()> {
             ratio(copy_alloc, a2a_alloc),
         );
     }
+    println!("(ratio = memcpy time / all-to-all time for the same bytes per rank, medians; 'into': both");
     println!(
-        "(ratio = memcpy time / all-to-all time for the same bytes per rank, medians; 'into': both"
+        " write a preallocated buffer; 'alloc': both allocate their output, as x.copy() and all_to_all do)"
     );
-    println!(" write a preallocated buffer; 'alloc': both allocate their output, as x.copy() and all_to_all do)");
     Ok(())
 }
 
@@ -121,13 +110,8 @@ fn tape_backward_vs_plain(quick: bool) -> Result<()> {
     let (n, heads, d) = (1024i64, 8i64, 32i64);
     let h = heads * d;
     let runs = if quick { 3 } else { 15 };
-    println!(
-        "\n== backward through the tape vs plain autograd: P=1, f32, N={n}, h={h}, one thread =="
-    );
-    println!(
-        "{:>4} {:>6} {:>12} {:>12} {:>12}",
-        "L", "runs", "plain ms", "tape ms", "tape/plain"
-    );
+    println!("\n== backward through the tape vs plain autograd: P=1, f32, N={n}, h={h}, one thread ==");
+    println!("{:>4} {:>6} {:>12} {:>12} {:>12}", "L", "runs", "plain ms", "tape ms", "tape/plain");
     for layers in [2usize, 8] {
         let out = launch(1, |ctx| -> Result<(Duration, Duration)> {
             let g = ctx.world();
@@ -165,9 +149,7 @@ fn tape_backward_vs_plain(quick: bool) -> Result<()> {
             taped.as_secs_f64() / plain.as_secs_f64()
         );
     }
-    println!(
-        "(P=1: the tape's all-to-alls are local copies; the ratio is the tape's overhead; medians)"
-    );
+    println!("(P=1: the tape's all-to-alls are local copies; the ratio is the tape's overhead; medians)");
     Ok(())
 }
 

@@ -14,19 +14,11 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub enum Error {
     /// Arguments that cannot work, caught before anything is communicated.
     #[error("{op} on group {group}: {msg}")]
-    InvalidArgument {
-        op: &'static str,
-        group: String,
-        msg: String,
-    },
+    InvalidArgument { op: &'static str, group: String, msg: String },
 
     /// Ranks called collectives that do not match (different op, dtype or shape).
     #[error("{op} on group {group}: ranks disagree: {detail}")]
-    Mismatch {
-        op: &'static str,
-        group: String,
-        detail: String,
-    },
+    Mismatch { op: &'static str, group: String, detail: String },
 
     /// A rank waited for a peer longer than the group's timeout.
     #[error(
@@ -45,12 +37,7 @@ pub enum Error {
 
     /// A rank stopped waiting because another rank failed or exited first.
     #[error("{op} on group {group}: rank {rank} gave up: {cause}")]
-    Aborted {
-        op: &'static str,
-        group: String,
-        rank: usize,
-        cause: String,
-    },
+    Aborted { op: &'static str, group: String, rank: usize, cause: String },
 
     /// A rank of a launch returned an error or panicked; the other ranks were released.
     #[error("rank {rank} failed: {message}{}", others_note(.others))]
@@ -63,11 +50,7 @@ pub enum Error {
 
     /// Tensor shapes that an operation cannot take.
     #[error("{op}: shapes {shapes:?}: {msg}")]
-    Shape {
-        op: &'static str,
-        shapes: Vec<Vec<i64>>,
-        msg: String,
-    },
+    Shape { op: &'static str, shapes: Vec<Vec<i64>>, msg: String },
 
     /// The differentiable-communication tape was used in a way it cannot serve.
     #[error("tape {op}: {msg}")]
@@ -88,10 +71,7 @@ pub enum Error {
 
 /// libtorch's message without the C++ stack trace that follows it.
 pub(crate) fn libtorch_message(text: &str) -> &str {
-    text.split("\nException raised from")
-        .next()
-        .unwrap_or(text)
-        .trim_end()
+    text.split("\nException raised from").next().unwrap_or(text).trim_end()
 }
 
 fn others_note(others: &[usize]) -> String {

@@ -74,27 +74,14 @@ fn collective_bytes_follow_the_formulas() -> Result<()> {
                 let _ = g.shift(&data(r, &[4], kind, true), 1)?;
                 let c = count(&g.stats(), OpKind::Shift);
                 let m = if p == 1 { 0 } else { 4 };
-                ensure!(
-                    c.bytes_sent == m * es && c.bytes_received == m * es,
-                    "shift P={p}: {c:?}"
-                );
+                ensure!(c.bytes_sent == m * es && c.bytes_received == m * es, "shift P={p}: {c:?}");
 
                 g.barrier()?;
-                ensure!(
-                    count(&g.stats(), OpKind::Barrier).bytes_sent == 0,
-                    "barrier moved bytes"
-                );
-                ensure!(
-                    count(&g.stats(), OpKind::Barrier).calls == 1,
-                    "barrier calls"
-                );
+                ensure!(count(&g.stats(), OpKind::Barrier).bytes_sent == 0, "barrier moved bytes");
+                ensure!(count(&g.stats(), OpKind::Barrier).calls == 1, "barrier calls");
 
                 g.reset_stats();
-                ensure!(
-                    g.stats() == CommStats::default(),
-                    "reset left {:?}",
-                    g.stats()
-                );
+                ensure!(g.stats() == CommStats::default(), "reset left {:?}", g.stats());
                 Ok(())
             })?;
         }
@@ -109,29 +96,17 @@ fn uneven_all_to_all_counts_what_leaves_the_rank() -> Result<()> {
             let (g, r) = (ctx.world(), ctx.rank());
             let scatter: Vec<i64> = (0..p as i64).map(|j| j + 1).collect();
             let rows: i64 = scatter.iter().sum();
-            let _ = g.all_to_all_v(
-                &data(r, &[rows, 2], Kind::Float, true),
-                0,
-                1,
-                &scatter,
-                &vec![2; p],
-            )?;
+            let _ = g.all_to_all_v(&data(r, &[rows, 2], Kind::Float, true), 0, 1, &scatter, &vec![2; p])?;
             let c = g.stats().op(OpKind::AllToAll);
             // Sent: every row not addressed to this rank, 2 floats each.
             let want_sent = ((rows - scatter[r]) * 2 * 4) as u64;
             // Received: scatter[r] rows of 2 floats from each other rank.
             let want_recv = (scatter[r] * 2 * 4) as u64 * (p as u64 - 1);
-            ensure!(
-                c.bytes_sent == want_sent && c.bytes_received == want_recv,
-                "P={p} rank {r}: {c:?}"
-            );
+            ensure!(c.bytes_sent == want_sent && c.bytes_received == want_recv, "P={p} rank {r}: {c:?}");
             Ok((c.bytes_sent, c.bytes_received))
         })?;
         let (sent, recv) = results.iter().fold((0, 0), |(a, b), (s, r)| (a + s, b + r));
-        ensure!(
-            sent == recv,
-            "P={p}: the group sent {sent} but received {recv}"
-        );
+        ensure!(sent == recv, "P={p}: the group sent {sent} but received {recv}");
     }
     Ok(())
 }
@@ -147,33 +122,15 @@ fn taped_forward_and_backward_are_counted_per_group() -> Result<()> {
         let x = Tensor::ones([2, 8, 4, 3], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
         let y = tape.all_to_all(sp, &x, 2, 1)?;
         let z = tape.all_reduce(dp, &y)?;
-        let forward = (
-            sp.stats().op(OpKind::AllToAll),
-            dp.stats().op(OpKind::AllReduce),
-        );
-        ensure!(
-            ctx.world().stats().bytes_sent() == 0,
-            "world counted the subgroups' bytes"
-        );
+        let forward = (sp.stats().op(OpKind::AllToAll), dp.stats().op(OpKind::AllReduce));
+        ensure!(ctx.world().stats().bytes_sent() == 0, "world counted the subgroups' bytes");
         tape.backward(&z.sum(Kind::Float))?;
-        let both = (
-            sp.stats().op(OpKind::AllToAll),
-            dp.stats().op(OpKind::AllReduce),
-        );
+        let both = (sp.stats().op(OpKind::AllToAll), dp.stats().op(OpKind::AllReduce));
         // a2a: global M = 2 ranks x 192 floats, M(P-1)/P^2 = 96 floats sent. all-reduce of
         // M = 192 floats: 2M(P-1)/P = 192 floats sent.
-        ensure!(
-            forward.0.bytes_sent == 96 * 4 && forward.1.bytes_sent == 192 * 4,
-            "forward {forward:?}"
-        );
-        ensure!(
-            both.0.bytes_sent == 2 * forward.0.bytes_sent && both.0.calls == 2,
-            "sp {both:?}"
-        );
-        ensure!(
-            both.1.bytes_sent == 2 * forward.1.bytes_sent && both.1.calls == 2,
-            "dp {both:?}"
-        );
+        ensure!(forward.0.bytes_sent == 96 * 4 && forward.1.bytes_sent == 192 * 4, "forward {forward:?}");
+        ensure!(both.0.bytes_sent == 2 * forward.0.bytes_sent && both.0.calls == 2, "sp {both:?}");
+        ensure!(both.1.bytes_sent == 2 * forward.1.bytes_sent && both.1.calls == 2, "dp {both:?}");
         Ok(())
     })?;
     Ok(())

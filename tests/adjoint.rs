@@ -27,17 +27,12 @@ fn sums(p: usize, x_shape: &[i64], op: Op) -> Result<(f64, f64)> {
         let at_y = if grad.defined() { dot(&x, &grad) } else { 0.0 };
         Ok((loss.double_value(&[]), at_y))
     })?;
-    Ok(per_rank
-        .iter()
-        .fold((0.0, 0.0), |(a, b), (l, g)| (a + l, b + g)))
+    Ok(per_rank.iter().fold((0.0, 0.0), |(a, b), (l, g)| (a + l, b + g)))
 }
 
 fn check(name: &str, p: usize, (lhs, rhs): (f64, f64)) -> Result<()> {
     let scale = lhs.abs().max(rhs.abs()).max(1.0);
-    ensure!(
-        (lhs - rhs).abs() <= 1e-12 * scale,
-        "{name} P={p}: <Ax,y> = {lhs}, <x,A^T y> = {rhs}"
-    );
+    ensure!((lhs - rhs).abs() <= 1e-12 * scale, "{name} P={p}: <Ax,y> = {lhs}, <x,A^T y> = {rhs}");
     ensure!(lhs != 0.0, "{name} P={p}: degenerate test, <Ax,y> = 0");
     Ok(())
 }
@@ -46,47 +41,15 @@ fn check(name: &str, p: usize, (lhs, rhs): (f64, f64)) -> Result<()> {
 fn every_collective_satisfies_the_adjoint_identity() -> Result<()> {
     for p in WORLD_SIZES {
         let pi = p as i64;
-        check(
-            "all_to_all",
-            p,
-            sums(p, &[2, 3, 2 * pi, 4], |t, g, x| t.all_to_all(g, x, 2, 1))?,
-        )?;
-        check(
-            "all_to_all reverse",
-            p,
-            sums(p, &[2, 3 * pi, 2, 4], |t, g, x| t.all_to_all(g, x, 1, 2))?,
-        )?;
-        check(
-            "all_gather",
-            p,
-            sums(p, &[3, 5], |t, g, x| t.all_gather(g, x, 1))?,
-        )?;
-        check(
-            "reduce_scatter",
-            p,
-            sums(p, &[3 * pi, 5], |t, g, x| t.reduce_scatter(g, x, 0))?,
-        )?;
-        check(
-            "all_reduce",
-            p,
-            sums(p, &[7, 3], |t, g, x| t.all_reduce(g, x))?,
-        )?;
+        check("all_to_all", p, sums(p, &[2, 3, 2 * pi, 4], |t, g, x| t.all_to_all(g, x, 2, 1))?)?;
+        check("all_to_all reverse", p, sums(p, &[2, 3 * pi, 2, 4], |t, g, x| t.all_to_all(g, x, 1, 2))?)?;
+        check("all_gather", p, sums(p, &[3, 5], |t, g, x| t.all_gather(g, x, 1))?)?;
+        check("reduce_scatter", p, sums(p, &[3 * pi, 5], |t, g, x| t.reduce_scatter(g, x, 0))?)?;
+        check("all_reduce", p, sums(p, &[7, 3], |t, g, x| t.all_reduce(g, x))?)?;
         check("shift +1", p, sums(p, &[4, 2], |t, g, x| t.shift(g, x, 1))?)?;
-        check(
-            "shift -2",
-            p,
-            sums(p, &[4, 2], |t, g, x| t.shift(g, x, -2))?,
-        )?;
-        check(
-            "broadcast from 0",
-            p,
-            sums(p, &[5], |t, g, x| t.broadcast(g, x, 0))?,
-        )?;
-        check(
-            "broadcast from last",
-            p,
-            sums(p, &[5], |t, g, x| t.broadcast(g, x, g.size() - 1))?,
-        )?;
+        check("shift -2", p, sums(p, &[4, 2], |t, g, x| t.shift(g, x, -2))?)?;
+        check("broadcast from 0", p, sums(p, &[5], |t, g, x| t.broadcast(g, x, 0))?)?;
+        check("broadcast from last", p, sums(p, &[5], |t, g, x| t.broadcast(g, x, g.size() - 1))?)?;
     }
     Ok(())
 }

@@ -11,10 +11,7 @@ use ulysses::comm::{launch, ReduceOp};
 
 /// Offsets of the parts of a split.
 fn offsets(split: &[i64]) -> Vec<i64> {
-    split
-        .iter()
-        .scan(0, |acc, &s| Some(std::mem::replace(acc, *acc + s)))
-        .collect()
+    split.iter().scan(0, |acc, &s| Some(std::mem::replace(acc, *acc + s))).collect()
 }
 
 /// What a reduction of every rank's tensor gives: accumulated in f32 for f32 and half types,
@@ -55,7 +52,9 @@ fn all_to_all_even_matches_closed_form() -> Result<()> {
                             .map(|j| data(j, &shape, kind, true).narrow(sdu, r * chunk, chunk))
                             .collect();
                         let want = Tensor::cat(&parts, gdu);
-                        let label = format!("all_to_all P={p} {kind:?} contiguous={contiguous} scatter {sd} gather {gd}");
+                        let label = format!(
+                            "all_to_all P={p} {kind:?} contiguous={contiguous} scatter {sd} gather {gd}"
+                        );
                         assert_exact(&label, &y, &want);
                     }
                 }
@@ -130,9 +129,7 @@ fn all_gather_even_and_uneven() -> Result<()> {
                     assert_exact(&label, &g.all_gather(&x, -2)?, &Tensor::cat(&parts, 0));
 
                     let x = data(r, &[sizes[r], 3], kind, contiguous);
-                    let parts: Vec<Tensor> = (0..p)
-                        .map(|j| data(j, &[sizes[j], 3], kind, true))
-                        .collect();
+                    let parts: Vec<Tensor> = (0..p).map(|j| data(j, &[sizes[j], 3], kind, true)).collect();
                     assert_exact(
                         &format!("{label} uneven"),
                         &g.all_gather_v(&x, 0, &sizes)?,
@@ -160,19 +157,16 @@ fn reduce_scatter_sum_avg_max_even_and_uneven() -> Result<()> {
                         continue; // an error, checked in tests/errors.rs
                     }
                     for contiguous in [true, false] {
-                        let label =
-                            format!("reduce_scatter P={p} {kind:?} {op:?} contiguous={contiguous}");
+                        let label = format!("reduce_scatter P={p} {kind:?} {op:?} contiguous={contiguous}");
                         let shape = [3, 2 * pi, 2];
                         let x = data(r, &shape, kind, contiguous);
-                        let all: Vec<Tensor> =
-                            (0..p).map(|j| data(j, &shape, kind, true)).collect();
+                        let all: Vec<Tensor> = (0..p).map(|j| data(j, &shape, kind, true)).collect();
                         let want = reduced(&all, op).narrow(1, 2 * r as i64, 2);
                         assert_exact(&label, &g.reduce_scatter(&x, 1, op)?, &want);
 
                         let shape = [split.iter().sum(), 3];
                         let x = data(r, &shape, kind, contiguous);
-                        let all: Vec<Tensor> =
-                            (0..p).map(|j| data(j, &shape, kind, true)).collect();
+                        let all: Vec<Tensor> = (0..p).map(|j| data(j, &shape, kind, true)).collect();
                         let want = reduced(&all, op).narrow(0, so[r], split[r]);
                         assert_exact(
                             &format!("{label} uneven"),
@@ -201,10 +195,8 @@ fn all_reduce_matches_and_is_bit_identical_across_ranks() -> Result<()> {
                     for contiguous in [true, false] {
                         // 7 x 5 = 35 elements: not divisible by 2, 3, 4 or 8.
                         let x = data(r, &[7, 5], kind, contiguous);
-                        let all: Vec<Tensor> =
-                            (0..p).map(|j| data(j, &[7, 5], kind, true)).collect();
-                        let label =
-                            format!("all_reduce P={p} {kind:?} {op:?} contiguous={contiguous}");
+                        let all: Vec<Tensor> = (0..p).map(|j| data(j, &[7, 5], kind, true)).collect();
+                        let label = format!("all_reduce P={p} {kind:?} {op:?} contiguous={contiguous}");
                         assert_exact(&label, &g.all_reduce(&x, op)?, &reduced(&all, op));
                     }
                 }
@@ -213,16 +205,11 @@ fn all_reduce_matches_and_is_bit_identical_across_ranks() -> Result<()> {
         })?;
         // Random data, where summation order matters: every rank must get the same bits.
         let results = launch(p, |ctx| {
-            let x =
-                Tensor::randn([1000], (Kind::Float, tch::Device::Cpu)) * (ctx.rank() as f64 + 0.5);
+            let x = Tensor::randn([1000], (Kind::Float, tch::Device::Cpu)) * (ctx.rank() as f64 + 0.5);
             ctx.world().all_reduce(&x, ReduceOp::Sum)
         })?;
         for (r, t) in results.iter().enumerate() {
-            assert_exact(
-                &format!("all_reduce P={p}: rank {r} against rank 0"),
-                t,
-                &results[0],
-            );
+            assert_exact(&format!("all_reduce P={p}: rank {r} against rank 0"), t, &results[0]);
         }
     }
     Ok(())
@@ -239,22 +226,13 @@ fn broadcast_and_reduce_from_every_root() -> Result<()> {
                         let label = format!("P={p} {kind:?} root {root} contiguous={contiguous}");
                         let x = data(r, &[4, 3], kind, contiguous);
                         let got = g.broadcast(&x, root)?;
-                        assert_exact(
-                            &format!("broadcast {label}"),
-                            &got,
-                            &data(root, &[4, 3], kind, true),
-                        );
+                        assert_exact(&format!("broadcast {label}"), &got, &data(root, &[4, 3], kind, true));
 
-                        let all: Vec<Tensor> =
-                            (0..p).map(|j| data(j, &[4, 3], kind, true)).collect();
+                        let all: Vec<Tensor> = (0..p).map(|j| data(j, &[4, 3], kind, true)).collect();
                         match g.reduce(&x, root, ReduceOp::Sum)? {
                             Some(sum) => {
                                 ensure!(r == root, "reduce {label}: rank {r} got a result");
-                                assert_exact(
-                                    &format!("reduce {label}"),
-                                    &sum,
-                                    &reduced(&all, ReduceOp::Sum),
-                                );
+                                assert_exact(&format!("reduce {label}"), &sum, &reduced(&all, ReduceOp::Sum));
                             }
                             None => ensure!(r != root, "reduce {label}: the root got nothing"),
                         }
@@ -292,19 +270,11 @@ fn send_recv_and_shift() -> Result<()> {
                         if r % 2 == 0 {
                             g.send(&x, peer)?;
                             let got = g.recv(&x, peer)?;
-                            assert_exact(
-                                &format!("recv {label}"),
-                                &got,
-                                &data(peer, &[3, 2], kind, true),
-                            );
+                            assert_exact(&format!("recv {label}"), &got, &data(peer, &[3, 2], kind, true));
                         } else {
                             let got = g.recv(&x, peer)?;
                             g.send(&x, peer)?;
-                            assert_exact(
-                                &format!("recv {label}"),
-                                &got,
-                                &data(peer, &[3, 2], kind, true),
-                            );
+                            assert_exact(&format!("recv {label}"), &got, &data(peer, &[3, 2], kind, true));
                         }
                     }
                 }
@@ -321,20 +291,11 @@ fn subgroups_communicate_independently() -> Result<()> {
     // Two halves of the world all-gather at the same time without mixing their data.
     launch(4, |ctx| -> Result<()> {
         let (world, r) = (ctx.world(), ctx.rank());
-        let half = world
-            .split("half", Some(r / 2), r)?
-            .expect("every rank has a colour");
-        ensure!(
-            half.size() == 2 && half.rank() == r % 2,
-            "rank {r}: {half:?}"
-        );
+        let half = world.split("half", Some(r / 2), r)?.expect("every rank has a colour");
+        ensure!(half.size() == 2 && half.rank() == r % 2, "rank {r}: {half:?}");
         let got = half.all_gather(&Tensor::from_slice(&[r as i64]), 0)?;
         let base = (r / 2 * 2) as i64;
-        assert_exact(
-            &format!("half all_gather rank {r}"),
-            &got,
-            &Tensor::from_slice(&[base, base + 1]),
-        );
+        assert_exact(&format!("half all_gather rank {r}"), &got, &Tensor::from_slice(&[base, base + 1]));
         // A rank without a colour gets no group; the others still form theirs.
         let odd = world.split("odd", (r % 2 == 1).then_some(0), r)?;
         ensure!(odd.is_some() == (r % 2 == 1), "rank {r}: odd split");

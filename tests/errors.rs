@@ -38,16 +38,7 @@ fn mismatched_shapes_across_ranks() -> Result<()> {
         let _ = ctx.world().all_to_all(&x, 2, 1)?;
         Ok(())
     })?;
-    assert_mentions(
-        &text,
-        &[
-            "all_to_all",
-            "world[0, 1]",
-            "ranks disagree",
-            "[2, 2, 1, 4]",
-            "[2, 3, 1, 4]",
-        ],
-    );
+    assert_mentions(&text, &["all_to_all", "world[0, 1]", "ranks disagree", "[2, 2, 1, 4]", "[2, 3, 1, 4]"]);
     assert!(took < Duration::from_secs(5), "took {took:?}");
     Ok(())
 }
@@ -63,25 +54,11 @@ fn mismatched_ops_and_dtypes_across_ranks() -> Result<()> {
         }
         Ok(())
     })?;
-    assert_mentions(
-        &text,
-        &[
-            "ranks disagree",
-            "all_gather",
-            "reduce_scatter",
-            "world[0, 1, 2]",
-        ],
-    );
+    assert_mentions(&text, &["ranks disagree", "all_gather", "reduce_scatter", "world[0, 1, 2]"]);
 
     let (text, _) = launch_error(2, Duration::from_secs(30), |ctx| {
-        let kind = if ctx.rank() == 0 {
-            Kind::Float
-        } else {
-            Kind::Double
-        };
-        let _ = ctx
-            .world()
-            .all_reduce(&Tensor::ones([4], (kind, Device::Cpu)), ReduceOp::Sum)?;
+        let kind = if ctx.rank() == 0 { Kind::Float } else { Kind::Double };
+        let _ = ctx.world().all_reduce(&Tensor::ones([4], (kind, Device::Cpu)), ReduceOp::Sum)?;
         Ok(())
     })?;
     assert_mentions(&text, &["all_reduce", "ranks disagree", "Float", "Double"]);
@@ -129,25 +106,13 @@ fn a_rank_that_never_arrives_times_out() -> Result<()> {
             return Ok(());
         }
         let start = Instant::now();
-        let err = ctx
-            .world()
-            .all_reduce(&ones(&[8]), ReduceOp::Sum)
-            .expect_err("must time out");
+        let err = ctx.world().all_reduce(&ones(&[8]), ReduceOp::Sum).expect_err("must time out");
         let waited = start.elapsed();
-        ensure!(
-            matches!(err, Error::Timeout { .. }),
-            "wanted a timeout, got {err}"
-        );
-        ensure!(
-            waited >= timeout && waited < timeout * 3,
-            "the collective returned after {waited:?}"
-        );
+        ensure!(matches!(err, Error::Timeout { .. }), "wanted a timeout, got {err}");
+        ensure!(waited >= timeout && waited < timeout * 3, "the collective returned after {waited:?}");
         Err(err.into())
     })?;
-    assert_mentions(
-        &text,
-        &["rank 0 failed", "all_reduce", "timed out", "ranks [1]"],
-    );
+    assert_mentions(&text, &["rank 0 failed", "all_reduce", "timed out", "ranks [1]"]);
     Ok(())
 }
 
@@ -180,11 +145,7 @@ fn invalid_dims_and_splits_are_refused_before_communicating() -> Result<()> {
             g.all_to_all_v(&x, 2, 1, &[2, 1], &[5, 5]).map(|_| ()),
             g.all_gather_v(&x, 1, &[6]).map(|_| ()),
             g.reduce_scatter(&x, 2, ReduceOp::Sum).map(|_| ()),
-            g.all_reduce(
-                &Tensor::ones([3], (Kind::Int64, Device::Cpu)),
-                ReduceOp::Avg,
-            )
-            .map(|_| ()),
+            g.all_reduce(&Tensor::ones([3], (Kind::Int64, Device::Cpu)), ReduceOp::Avg).map(|_| ()),
             g.broadcast(&x, 2).map(|_| ()),
             g.send(&x, ctx.rank()),
             g.recv(&x, 5).map(|_| ()),
@@ -193,41 +154,19 @@ fn invalid_dims_and_splits_are_refused_before_communicating() -> Result<()> {
         g.barrier()?;
         errors
             .into_iter()
-            .map(|e| {
-                e.err()
-                    .map(|e| e.to_string())
-                    .ok_or_else(|| anyhow!("a bad call succeeded"))
-            })
+            .map(|e| e.err().map(|e| e.to_string()).ok_or_else(|| anyhow!("a bad call succeeded")))
             .collect()
     })?;
     let expected: [&[&str]; 13] = [
-        &[
-            "all_to_all",
-            "world[0, 1]",
-            "dim 4 is out of range",
-            "[2, 6, 3, 4]",
-        ],
+        &["all_to_all", "world[0, 1]", "dim 4 is out of range", "[2, 6, 3, 4]"],
         &["all_to_all", "scatter_dim and gather_dim are both 1"],
-        &[
-            "all_to_all",
-            "dim 2 has 3 elements, not divisible by the group size 2",
-            "_v",
-        ],
-        &[
-            "all_to_all",
-            "scatter_split has 3 entries [1, 1, 1] for 2 ranks",
-        ],
-        &[
-            "all_to_all",
-            "scatter_split [1, 1] sums to 2 but dim 2 has 3 elements",
-        ],
+        &["all_to_all", "dim 2 has 3 elements, not divisible by the group size 2", "_v"],
+        &["all_to_all", "scatter_split has 3 entries [1, 1, 1] for 2 ranks"],
+        &["all_to_all", "scatter_split [1, 1] sums to 2 but dim 2 has 3 elements"],
         &["all_to_all", "negative entry"],
         &["all_to_all", "= 5 but this rank's input has 6 along dim 1"],
         &["all_gather", "sizes has 1 entries [6] for 2 ranks"],
-        &[
-            "reduce_scatter",
-            "dim 2 has 3 elements, not divisible by the group size 2",
-        ],
+        &["reduce_scatter", "dim 2 has 3 elements, not divisible by the group size 2"],
         &["all_reduce", "Avg needs a floating-point dtype, got Int64"],
         &["broadcast", "root 2 is not a rank of a group of 2"],
         &["send", "is this rank itself"],
@@ -244,9 +183,7 @@ fn invalid_dims_and_splits_are_refused_before_communicating() -> Result<()> {
 #[test]
 fn a_mesh_that_does_not_fit_the_world_is_refused() -> Result<()> {
     let texts = launch(4, |ctx| -> Result<String> {
-        let err = ctx
-            .mesh(MeshShape::dp_sp(3, 2)?)
-            .expect_err("a 6-rank mesh on 4 ranks");
+        let err = ctx.mesh(MeshShape::dp_sp(3, 2)?).expect_err("a 6-rank mesh on 4 ranks");
         Ok(err.to_string())
     })?;
     assert_mentions(&texts[0], &["mesh", "spans 6 ranks but the world has 4"]);

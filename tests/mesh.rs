@@ -12,20 +12,11 @@ fn dp_sp_groups_are_contiguous_sp_blocks() -> Result<()> {
         for r in 0..dp * sp {
             let sp_group: Vec<usize> = (r / sp * sp..r / sp * sp + sp).collect();
             let dp_group: Vec<usize> = (0..dp).map(|k| r % sp + k * sp).collect();
-            ensure!(
-                shape.group_ranks(&["sp"], r)? == sp_group,
-                "dp={dp} sp={sp} rank {r}: sp group"
-            );
-            ensure!(
-                shape.group_ranks(&["dp"], r)? == dp_group,
-                "dp={dp} sp={sp} rank {r}: dp group"
-            );
+            ensure!(shape.group_ranks(&["sp"], r)? == sp_group, "dp={dp} sp={sp} rank {r}: sp group");
+            ensure!(shape.group_ranks(&["dp"], r)? == dp_group, "dp={dp} sp={sp} rank {r}: dp group");
             ensure!(shape.coords(r) == vec![r / sp, r % sp], "rank {r}: coords");
             let all: Vec<usize> = (0..dp * sp).collect();
-            ensure!(
-                shape.group_ranks(&["dp", "sp"], r)? == all,
-                "rank {r}: dp+sp"
-            );
+            ensure!(shape.group_ranks(&["dp", "sp"], r)? == all, "rank {r}: dp+sp");
         }
     }
     Ok(())
@@ -66,10 +57,7 @@ fn mesh_groups_match_the_grid_on_every_rank_and_axis() -> Result<()> {
             // A group over two axes (the last two: SP in a USP layout, or sp+tp).
             let two: Vec<&str> = axes[1..].iter().map(String::as_str).collect();
             let g = mesh.subgroup(&two)?;
-            ensure!(
-                g.info().ranks == shape.group_ranks(&two, r)?,
-                "rank {r}: {two:?}"
-            );
+            ensure!(g.info().ranks == shape.group_ranks(&two, r)?, "rank {r}: {two:?}");
             ensure!(g.info().name == two.join("+"), "name {}", g.info().name);
             Ok(())
         })?;
@@ -80,17 +68,8 @@ fn mesh_groups_match_the_grid_on_every_rank_and_axis() -> Result<()> {
 #[test]
 fn ulysses_groups_are_contiguous_inside_rings() -> Result<()> {
     let shape = MeshShape::new(&[("ring", 2), ("ulysses", 4)])?;
-    ensure!(
-        shape.group_ranks(&["ulysses"], 5)? == vec![4, 5, 6, 7],
-        "ulysses group of 5"
-    );
-    ensure!(
-        shape.group_ranks(&["ring"], 5)? == vec![1, 5],
-        "ring group of 5"
-    );
-    ensure!(
-        shape.size("ulysses")? == 4 && shape.size("nope").is_err(),
-        "sizes"
-    );
+    ensure!(shape.group_ranks(&["ulysses"], 5)? == vec![4, 5, 6, 7], "ulysses group of 5");
+    ensure!(shape.group_ranks(&["ring"], 5)? == vec![1, 5], "ring group of 5");
+    ensure!(shape.size("ulysses")? == 4 && shape.size("nope").is_err(), "sizes");
     Ok(())
 }

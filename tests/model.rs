@@ -6,9 +6,7 @@ mod common;
 use anyhow::{ensure, Result};
 use common::max_diff;
 use tch::{Device, Kind, Tensor};
-use ulysses::attention::{
-    AttentionConfig, Kernel, Mask, SequenceParallel, SingleDevice, UlyssesAttention,
-};
+use ulysses::attention::{AttentionConfig, Kernel, Mask, SequenceParallel, SingleDevice, UlyssesAttention};
 use ulysses::autograd::Tape;
 use ulysses::comm::launch;
 use ulysses::model::{shift_labels, Gpt, GptConfig};
@@ -30,40 +28,25 @@ fn single_device(cfg: &GptConfig, b: i64, n: i64) -> Result<(f64, Vec<(String, T
     let toks = tokens(b, n, cfg.vocab_size);
     let loss = model.loss(&Tape::disabled(), &toks, &shift_labels(&toks)?)?;
     loss.local.backward();
-    let grads = model
-        .params()
-        .iter()
-        .map(|(name, p)| (name.to_string(), p.grad()))
-        .collect();
+    let grads = model.params().iter().map(|(name, p)| (name.to_string(), p.grad())).collect();
     Ok((loss.value, grads))
 }
 
 fn check_parity(cfg: &GptConfig, p: usize, b: i64, n: i64) -> Result<()> {
     let (want_loss, want) = single_device(cfg, b, n)?;
     let per_rank = launch(p, |ctx| -> Result<(f64, Vec<Tensor>)> {
-        let strategy = UlyssesAttention::new(
-            ctx.world().clone(),
-            attention().build()?,
-            n,
-            cfg.n_head,
-            cfg.n_kv_head,
-        )?;
+        let strategy =
+            UlyssesAttention::new(ctx.world().clone(), attention().build()?, n, cfg.n_head, cfg.n_kv_head)?;
         let layout = strategy.layout().clone();
         let model = Gpt::new(cfg, Box::new(strategy), Kind::Float, Device::Cpu)?;
         let toks = tokens(b, n, cfg.vocab_size);
         let labels = shift_labels(&toks)?;
-        let (toks, labels) = (
-            layout.shard(&toks, 1, ctx.rank())?,
-            layout.shard(&labels, 1, ctx.rank())?,
-        );
+        let (toks, labels) = (layout.shard(&toks, 1, ctx.rank())?, layout.shard(&labels, 1, ctx.rank())?);
         let tape = Tape::new();
         let loss = model.loss(&tape, &toks, &labels)?;
         tape.backward(&loss.local)?;
         model.sync_gradients()?;
-        Ok((
-            loss.value,
-            model.params().iter().map(|(_, p)| p.grad()).collect(),
-        ))
+        Ok((loss.value, model.params().iter().map(|(_, p)| p.grad()).collect()))
     })?;
     let label = format!(
         "gpt {}x{} H={} H_kv={} P={p} b={b} N={n}",
@@ -78,10 +61,7 @@ fn check_parity(cfg: &GptConfig, p: usize, b: i64, n: i64) -> Result<()> {
             let scale = w.abs().max().double_value(&[]).max(1e-6);
             let d = max_diff(g, w) / scale;
             // f32; the differences seen are about 3e-7 (summation order).
-            ensure!(
-                d <= 1e-5,
-                "{label} rank {r}: d{name} max relative diff {d:.2e} > 1e-5"
-            );
+            ensure!(d <= 1e-5, "{label} rank {r}: d{name} max relative diff {d:.2e} > 1e-5");
         }
     }
     Ok(())
@@ -112,12 +92,7 @@ fn gqa_untied_gpt_at_eight_ranks() -> Result<()> {
         check_parity(&cfg, p, 1, 32)?;
     }
     // MQA with uneven heads: 6 heads, 1 kv head, on 4 ranks.
-    let cfg = GptConfig {
-        n_head: 6,
-        n_kv_head: 1,
-        n_embd: 48,
-        ..GptConfig::tiny()
-    };
+    let cfg = GptConfig { n_head: 6, n_kv_head: 1, n_embd: 48, ..GptConfig::tiny() };
     check_parity(&cfg, 4, 2, 21)
 }
 
@@ -138,87 +113,40 @@ fn presets_have_the_published_sizes() -> Result<()> {
         ensure!(n >= low && n <= high, "{name}: {n:.3e} parameters");
     }
     // The count is the one the model allocates.
-    let cfg = GptConfig {
-        tie_embeddings: false,
-        n_kv_head: 2,
-        ..GptConfig::tiny()
-    };
+    let cfg = GptConfig { tie_embeddings: false, n_kv_head: 2, ..GptConfig::tiny() };
     let model = Gpt::new(
         &cfg,
         Box::new(SingleDevice::new(attention().build()?, 8, 4, 2)?),
         Kind::Float,
         Device::Cpu,
     )?;
-    ensure!(
-        model.params().numel() == cfg.num_params(),
-        "{} vs {}",
-        model.params().numel(),
-        cfg.num_params()
-    );
+    ensure!(model.params().numel() == cfg.num_params(), "{} vs {}", model.params().numel(), cfg.num_params());
     Ok(())
 }
 
 #[test]
 fn bad_configs_and_inputs_are_refused() -> Result<()> {
     let texts: Vec<String> = [
-        GptConfig {
-            n_embd: 66,
-            ..GptConfig::tiny()
-        },
-        GptConfig {
-            n_head: 4,
-            n_kv_head: 3,
-            ..GptConfig::tiny()
-        },
-        GptConfig {
-            n_embd: 12,
-            n_head: 4,
-            ..GptConfig::tiny()
-        },
-        GptConfig {
-            n_layer: 0,
-            ..GptConfig::tiny()
-        },
+        GptConfig { n_embd: 66, ..GptConfig::tiny() },
+        GptConfig { n_head: 4, n_kv_head: 3, ..GptConfig::tiny() },
+        GptConfig { n_embd: 12, n_head: 4, ..GptConfig::tiny() },
+        GptConfig { n_layer: 0, ..GptConfig::tiny() },
     ]
     .iter()
     .map(|c| c.validate().expect_err("a bad config").to_string())
     .collect();
-    ensure!(
-        texts[0].contains("n_embd 66 is not a multiple of n_head 4"),
-        "{}",
-        texts[0]
-    );
-    ensure!(
-        texts[1].contains("n_head 4 is not a multiple of n_kv_head 3"),
-        "{}",
-        texts[1]
-    );
-    ensure!(
-        texts[2].contains("head size 3 must be even for RoPE"),
-        "{}",
-        texts[2]
-    );
-    ensure!(
-        texts[3].contains("n_layer = 0 must be at least 1"),
-        "{}",
-        texts[3]
-    );
-    ensure!(
-        GptConfig::preset("7b")
-            .unwrap_err()
-            .to_string()
-            .contains("presets: tiny"),
-        "preset"
-    );
+    ensure!(texts[0].contains("n_embd 66 is not a multiple of n_head 4"), "{}", texts[0]);
+    ensure!(texts[1].contains("n_head 4 is not a multiple of n_kv_head 3"), "{}", texts[1]);
+    ensure!(texts[2].contains("head size 3 must be even for RoPE"), "{}", texts[2]);
+    ensure!(texts[3].contains("n_layer = 0 must be at least 1"), "{}", texts[3]);
+    ensure!(GptConfig::preset("7b").unwrap_err().to_string().contains("presets: tiny"), "preset");
 
     // Tokens that do not match the rank's share of the sequence.
     let errs = launch(2, |ctx| -> Result<String> {
         let cfg = GptConfig::tiny();
         let strategy = UlyssesAttention::new(ctx.world().clone(), attention().build()?, 10, 4, 4)?;
         let model = Gpt::new(&cfg, Box::new(strategy), Kind::Float, Device::Cpu)?;
-        let err = model
-            .forward(&Tape::new(), &tokens(1, 4, 256))
-            .expect_err("4 tokens for a share of 5");
+        let err = model.forward(&Tape::new(), &tokens(1, 4, 256)).expect_err("4 tokens for a share of 5");
         Ok(err.to_string())
     })?;
     ensure!(errs[0].contains("tokens must be i64 [b, 5]"), "{}", errs[0]);

@@ -33,13 +33,7 @@ fn check_loss_and_input_grad(
     let want = loss.double_value(&[]);
     let got: f64 = per_rank.iter().map(|(l, _)| l).sum();
     ensure!((got - want).abs() < TOL, "{label}: loss {got} vs {want}");
-    let dx = Tensor::cat(
-        &per_rank
-            .iter()
-            .map(|(_, g)| g.shallow_clone())
-            .collect::<Vec<_>>(),
-        0,
-    );
+    let dx = Tensor::cat(&per_rank.iter().map(|(_, g)| g.shallow_clone()).collect::<Vec<_>>(), 0);
     assert_close(&format!("{label} dX"), &dx, &x.grad(), TOL);
     Ok(())
 }
@@ -52,19 +46,15 @@ fn composite_function_gradients_match_one_device() -> Result<()> {
     let x_all = det(&[n, h], 1, Kind::Double);
     let w_all = det(&[h, h], 2, Kind::Double) * 0.3;
     for p in [1usize, 2, 3, 4, 8] {
-        let weights: Vec<Tensor> = (0..p)
-            .map(|r| det(&[n, heads, d], 10 + r as u64, Kind::Double))
-            .collect();
+        let weights: Vec<Tensor> = (0..p).map(|r| det(&[n, heads, d], 10 + r as u64, Kind::Double)).collect();
 
         // One device: the loss summed over the ranks' weightings.
         let x = x_all.copy().set_requires_grad(true);
         let w = w_all.copy().set_requires_grad(true);
         let u = x.matmul(&w).view([n, heads, d]);
         let full = (u.cumsum(0, Kind::Double) * 0.2).sin();
-        let loss = weights
-            .iter()
-            .map(|m| (&full * m).sum(Kind::Double))
-            .fold(Tensor::from(0.0f64), |a, b| a + b);
+        let loss =
+            weights.iter().map(|m| (&full * m).sum(Kind::Double)).fold(Tensor::from(0.0f64), |a, b| a + b);
         loss.backward();
 
         let seq = vec![n / p as i64; p];
@@ -91,16 +81,11 @@ fn composite_function_gradients_match_one_device() -> Result<()> {
             &label,
             &loss,
             &x,
-            &per_rank
-                .iter()
-                .map(|(l, gx, _)| (*l, gx))
-                .collect::<Vec<_>>(),
+            &per_rank.iter().map(|(l, gx, _)| (*l, gx)).collect::<Vec<_>>(),
         )?;
         // A replicated parameter's gradient is the sum of the ranks' parts.
-        let dw = per_rank
-            .iter()
-            .map(|(_, _, gw)| gw.shallow_clone())
-            .fold(w.grad().zeros_like(), |a, b| a + b);
+        let dw =
+            per_rank.iter().map(|(_, _, gw)| gw.shallow_clone()).fold(w.grad().zeros_like(), |a, b| a + b);
         assert_close(&format!("{label} dW"), &dw, &w.grad(), TOL);
     }
     Ok(())
@@ -139,10 +124,7 @@ fn residual_stacks_match_one_device() -> Result<()> {
                 &label,
                 &loss,
                 &x,
-                &per_rank
-                    .iter()
-                    .map(|(l, gx, _)| (*l, gx))
-                    .collect::<Vec<_>>(),
+                &per_rank.iter().map(|(l, gx, _)| (*l, gx)).collect::<Vec<_>>(),
             )?;
             for (i, w) in reference.params().iter().enumerate() {
                 let summed = per_rank
@@ -163,16 +145,11 @@ fn without_cuts_the_tape_says_where_to_cut() -> Result<()> {
         let tape = Tape::new();
         let x = det(&[6, 8], 1, Kind::Double).set_requires_grad(true);
         let out = stack.forward_sp(&tape, ctx.world(), &x, &[2, 2], &[6, 6], false)?;
-        let err = tape
-            .backward(&out.sum(Kind::Double))
-            .expect_err("no cuts: the graph is reached twice");
+        let err = tape.backward(&out.sum(Kind::Double)).expect_err("no cuts: the graph is reached twice");
         Ok(err.to_string())
     })?;
     for t in texts {
-        ensure!(
-            t.contains("tape.cut"),
-            "the error does not advise a cut: {t}"
-        );
+        ensure!(t.contains("tape.cut"), "the error does not advise a cut: {t}");
     }
     Ok(())
 }
@@ -188,10 +165,7 @@ fn the_graph_is_freed_after_backward() -> Result<()> {
         let loss = (&out * &out).sum(Kind::Double);
         tape.backward(&loss)?;
         // Nothing kept the graph alive: a second pass from the loss has nothing to run through.
-        ensure!(
-            loss.f_backward().is_err(),
-            "the graph survived the step (keep_graph?)"
-        );
+        ensure!(loss.f_backward().is_err(), "the graph survived the step (keep_graph?)");
         ensure!(tape.is_empty(), "records survived the step");
         Ok(())
     })?;
@@ -207,28 +181,15 @@ fn a_disabled_tape_records_nothing_and_keeps_plain_autograd() -> Result<()> {
         let a = stack.forward_sp(&training, ctx.world(), &x, &[2, 2], &[6, 6], true)?;
         let off = Tape::disabled();
         let b = stack.forward_sp(&off, ctx.world(), &x, &[2, 2], &[6, 6], true)?;
-        ensure!(
-            off.is_empty() && training.len() == 6,
-            "records: {}",
-            training.len()
-        );
+        ensure!(off.is_empty() && training.len() == 6, "records: {}", training.len());
         ensure!(a.equal(&b), "the disabled tape's forward differs");
-        ensure!(
-            off.backward(&b.sum(Kind::Double)).is_err(),
-            "backward on a disabled tape"
-        );
+        ensure!(off.backward(&b.sum(Kind::Double)).is_err(), "backward on a disabled tape");
         // Collectives carry no gradient, but the cuts keep the graph: plain autograd from the
         // output reaches every W2 (through the residual stream and the cuts) and no W1 (only
         // reachable through an all-to-all).
         b.sum(Kind::Double).backward();
-        ensure!(
-            stack.w2.iter().all(|w| w.grad().defined()),
-            "a disabled cut dropped the graph"
-        );
-        ensure!(
-            stack.w1.iter().all(|w| !w.grad().defined()),
-            "a gradient crossed a collective"
-        );
+        ensure!(stack.w2.iter().all(|w| w.grad().defined()), "a disabled cut dropped the graph");
+        ensure!(stack.w1.iter().all(|w| !w.grad().defined()), "a gradient crossed a collective");
         training.clear();
         Ok(())
     })?;

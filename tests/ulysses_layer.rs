@@ -7,9 +7,7 @@ mod common;
 use anyhow::{ensure, Result};
 use common::{det, max_diff};
 use tch::{Kind, Tensor};
-use ulysses::attention::{
-    AttentionConfig, BlockSparse, Kernel, Mask, SequenceParallel, UlyssesAttention,
-};
+use ulysses::attention::{AttentionConfig, BlockSparse, Kernel, Mask, SequenceParallel, UlyssesAttention};
 use ulysses::autograd::Tape;
 use ulysses::comm::launch;
 
@@ -27,38 +25,23 @@ struct Case {
 
 /// The single-device result: math attention in f64 on the (rounded) inputs, kv heads expanded
 /// as h / G. Returns (out, dq, dk, dv) for the loss sum(out * w).
-fn reference(
-    c: &Case,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    w: &Tensor,
-) -> (Tensor, Tensor, Tensor, Tensor) {
+fn reference(c: &Case, q: &Tensor, k: &Tensor, v: &Tensor, w: &Tensor) -> (Tensor, Tensor, Tensor, Tensor) {
     let [q, k, v] = [q, k, v].map(|t| t.to_kind(Kind::Double).set_requires_grad(true));
-    let map = Tensor::arange(c.heads, (Kind::Int64, tch::Device::Cpu))
-        .floor_divide_scalar(c.heads / c.kv_heads);
+    let map =
+        Tensor::arange(c.heads, (Kind::Int64, tch::Device::Cpu)).floor_divide_scalar(c.heads / c.kv_heads);
     let (ke, ve) = (k.index_select(2, &map), v.index_select(2, &map));
-    let scores = q
-        .transpose(1, 2)
-        .matmul(&ke.transpose(1, 2).transpose(-2, -1))
-        / (c.d as f64).sqrt();
+    let scores = q.transpose(1, 2).matmul(&ke.transpose(1, 2).transpose(-2, -1)) / (c.d as f64).sqrt();
     let pos = Tensor::arange(c.n, (Kind::Int64, tch::Device::Cpu));
     let allowed = c.attention.mask.dense(&pos, &pos).unwrap();
-    let probs = scores
-        .masked_fill(&allowed.logical_not(), f64::NEG_INFINITY)
-        .softmax(-1, Kind::Double);
+    let probs = scores.masked_fill(&allowed.logical_not(), f64::NEG_INFINITY).softmax(-1, Kind::Double);
     let out = probs.matmul(&ve.transpose(1, 2)).transpose(1, 2);
-    (&out * w.to_kind(Kind::Double))
-        .sum(Kind::Double)
-        .backward();
+    (&out * w.to_kind(Kind::Double)).sum(Kind::Double).backward();
     (out.detach(), q.grad(), k.grad(), v.grad())
 }
 
 /// Token counts per rank: the first N % P ranks one more.
 fn lens(n: i64, p: usize) -> Vec<i64> {
-    (0..p as i64)
-        .map(|r| n / p as i64 + i64::from(r < n % p as i64))
-        .collect()
+    (0..p as i64).map(|r| n / p as i64 + i64::from(r < n % p as i64)).collect()
 }
 
 fn run(c: Case) -> Result<()> {
@@ -81,18 +64,9 @@ fn run(c: Case) -> Result<()> {
         let start: i64 = parts[..r].iter().sum();
         let mine = |t: &Tensor| t.narrow(1, start, parts[r]).copy().set_requires_grad(true);
         let (q, k, v) = (mine(&q), mine(&k), mine(&v));
-        let attn = UlyssesAttention::new(
-            ctx.world().clone(),
-            c.attention.build()?,
-            c.n,
-            c.heads,
-            c.kv_heads,
-        )?;
-        ensure!(
-            attn.layout().lens() == parts.as_slice(),
-            "layout {:?}",
-            attn.layout().lens()
-        );
+        let attn =
+            UlyssesAttention::new(ctx.world().clone(), c.attention.build()?, c.n, c.heads, c.kv_heads)?;
+        ensure!(attn.layout().lens() == parts.as_slice(), "layout {:?}", attn.layout().lens());
         let tape = Tape::new();
         let o = attn.forward(&tape, &q, &k, &v)?;
         tape.backward(&(&o * w.narrow(1, start, parts[r])).sum(Kind::Double))?;
@@ -106,13 +80,7 @@ fn run(c: Case) -> Result<()> {
     };
     let names = ["out", "dq", "dk", "dv"];
     for (i, want) in [out, dq, dk, dv].iter().enumerate() {
-        let got = Tensor::cat(
-            &per_rank
-                .iter()
-                .map(|t| t[i].shallow_clone())
-                .collect::<Vec<_>>(),
-            1,
-        );
+        let got = Tensor::cat(&per_rank.iter().map(|t| t[i].shallow_clone()).collect::<Vec<_>>(), 1);
         ensure!(
             got.size() == want.size(),
             "ulysses {c:?} {}: shape {:?} vs {:?}",
@@ -142,16 +110,7 @@ fn case(
     kernel: Kernel,
     mask: Mask,
 ) -> Case {
-    Case {
-        p,
-        b,
-        n,
-        heads,
-        kv_heads,
-        d: 4,
-        kind,
-        attention: AttentionConfig::new(kernel, mask),
-    }
+    Case { p, b, n, heads, kv_heads, d: 4, kind, attention: AttentionConfig::new(kernel, mask) }
 }
 
 #[test]
@@ -162,15 +121,7 @@ fn mha_gqa_mqa_causal_and_not_at_every_world_size() -> Result<()> {
                 for b in [1, 2] {
                     // N = 24 divides every P; N = 19 divides none but 1.
                     for n in [24, 19] {
-                        run(case(
-                            p,
-                            b,
-                            n,
-                            (heads, kv_heads),
-                            Kind::Double,
-                            Kernel::Math,
-                            mask,
-                        ))?;
+                        run(case(p, b, n, (heads, kv_heads), Kind::Double, Kernel::Math, mask))?;
                     }
                 }
             }
@@ -182,24 +133,9 @@ fn mha_gqa_mqa_causal_and_not_at_every_world_size() -> Result<()> {
 #[test]
 fn uneven_heads_and_uneven_gqa_groups() -> Result<()> {
     // H % P != 0: 6 heads on 4 ranks, 12 heads (4 kv) on 8 ranks, 5 heads on 3 ranks.
-    for (p, heads, kv_heads) in [
-        (4usize, 6, 6),
-        (4, 6, 3),
-        (8, 12, 4),
-        (8, 12, 1),
-        (3, 5, 5),
-        (3, 8, 2),
-    ] {
+    for (p, heads, kv_heads) in [(4usize, 6, 6), (4, 6, 3), (8, 12, 4), (8, 12, 1), (3, 5, 5), (3, 8, 2)] {
         for n in [16, 13] {
-            run(case(
-                p,
-                2,
-                n,
-                (heads, kv_heads),
-                Kind::Double,
-                Kernel::Math,
-                Mask::Causal,
-            ))?;
+            run(case(p, 2, n, (heads, kv_heads), Kind::Double, Kernel::Math, Mask::Causal))?;
         }
     }
     Ok(())
@@ -207,18 +143,9 @@ fn uneven_heads_and_uneven_gqa_groups() -> Result<()> {
 
 #[test]
 fn every_kernel_and_mask() -> Result<()> {
-    let sparse = Mask::BlockSparse(BlockSparse {
-        block: 4,
-        local_blocks: 2,
-        global_blocks: 1,
-        causal: true,
-    });
-    let sparse_bi = Mask::BlockSparse(BlockSparse {
-        block: 3,
-        local_blocks: 3,
-        global_blocks: 1,
-        causal: false,
-    });
+    let sparse = Mask::BlockSparse(BlockSparse { block: 4, local_blocks: 2, global_blocks: 1, causal: true });
+    let sparse_bi =
+        Mask::BlockSparse(BlockSparse { block: 3, local_blocks: 3, global_blocks: 1, causal: false });
     let window = Mask::SlidingWindow { window: 5 };
     for p in [1usize, 2, 4] {
         for (kernel, mask) in [
@@ -245,6 +172,71 @@ fn f32_and_bf16() -> Result<()> {
         for kind in [Kind::Float, Kind::BFloat16] {
             for kernel in [Kernel::Sdpa, Kernel::Math] {
                 run(case(p, 2, 40, (8, 2), kind, kernel, Mask::Causal))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Bytes one rank sends in one Ulysses layer (f32), counted from the chunks: forward, rank r
+/// sends the heads of other ranks from its q and kv slices (kv replicas included) and the
+/// tokens of other ranks from its output heads; backward runs the inverse all-to-alls.
+fn layer_bytes(r: usize, b: i64, d: i64, seq: &[i64], q_heads: &[i64], kv_heads: &[i64]) -> (u64, u64) {
+    let others = |v: &[i64]| v.iter().sum::<i64>() - v[r];
+    let forward =
+        b * d * (seq[r] * others(q_heads) + 2 * seq[r] * others(kv_heads) + q_heads[r] * others(seq));
+    let backward =
+        b * d * (q_heads[r] * others(seq) + 2 * kv_heads[r] * others(seq) + seq[r] * others(q_heads));
+    ((forward * 4) as u64, (backward * 4) as u64)
+}
+
+#[test]
+fn bytes_per_layer_equal_the_formulas() -> Result<()> {
+    use ulysses::comm::OpKind;
+    // (P, H, H_kv, N): even cases follow DESIGN.md §2.2 exactly; the others the general count.
+    for (p, heads, kv_heads, n) in
+        [(2usize, 8, 8, 32), (4, 8, 4, 32), (8, 16, 8, 64), (4, 8, 1, 32), (3, 7, 7, 20), (4, 12, 2, 30)]
+    {
+        let (b, d) = (2i64, 4i64);
+        let h = heads * d;
+        let sent = launch(p, |ctx| -> Result<(u64, u64, (u64, u64))> {
+            let g = ctx.world();
+            let attn =
+                UlyssesAttention::new(g.clone(), AttentionConfig::default().build()?, n, heads, kv_heads)?;
+            let s = attn.layout().len(ctx.rank());
+            let q = det(&[b, s, heads, d], 1, Kind::Float).set_requires_grad(true);
+            let k = det(&[b, s, kv_heads, d], 2, Kind::Float).set_requires_grad(true);
+            let v = det(&[b, s, kv_heads, d], 3, Kind::Float).set_requires_grad(true);
+            let tape = Tape::new();
+            let o = attn.forward(&tape, &q, &k, &v)?;
+            let forward = g.stats().op(OpKind::AllToAll);
+            tape.backward(&o.sum(Kind::Float))?;
+            let both = g.stats().op(OpKind::AllToAll);
+            ensure!(forward.calls == 4 && both.calls == 8, "calls {forward:?} {both:?}");
+            let want = layer_bytes(
+                ctx.rank(),
+                b,
+                d,
+                attn.layout().lens(),
+                attn.heads().q_split(),
+                &attn.heads().kv_split(),
+            );
+            Ok((forward.bytes_sent, both.bytes_sent, want))
+        })?;
+        for (r, (fwd, both, (want_fwd, want_bwd))) in sent.iter().enumerate() {
+            let label = format!("P={p} H={heads} H_kv={kv_heads} N={n} rank {r}");
+            ensure!(fwd == want_fwd, "{label}: forward sent {fwd} B, expected {want_fwd} B");
+            ensure!(
+                *both == fwd + want_bwd,
+                "{label}: forward+backward {both} B, expected {} B",
+                fwd + want_bwd
+            );
+            let (pi, ni) = (p as i64, n);
+            if heads % pi == 0 && kv_heads % pi == 0 && n % pi == 0 {
+                // DESIGN.md §2.2: (2Nh + 2N H_kv d)(P-1)/P^2 elements per sample.
+                let formula = (b * (2 * ni * h + 2 * ni * kv_heads * d) * (pi - 1) / (pi * pi) * 4) as u64;
+                ensure!(*fwd == formula, "{label}: {fwd} B vs the paper's formula {formula} B");
+                ensure!(*both == 2 * formula, "{label}: forward+backward {both} B vs twice the formula");
             }
         }
     }

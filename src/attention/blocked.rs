@@ -73,18 +73,14 @@ impl BlockedAttention {
         let qpos = Tensor::f_arange(nb * b, opts)?.f_view([nb, b, 1])?;
         let offs = Tensor::f_arange(b, opts)?.f_view([1, 1, b])?;
         let kpos = idx.f_unsqueeze(-1)?.f_mul_scalar(b)?.f_add(&offs)?; // [nb, M, B]
-        let real_key = kpos
-            .f_lt(n)?
-            .f_logical_and(&used.f_expand([nb, m, b], false)?)?;
+        let real_key = kpos.f_lt(n)?.f_logical_and(&used.f_expand([nb, m, b], false)?)?;
         let kpos = kpos.f_view([nb, 1, m * b])?;
         let real_key = real_key.f_view([nb, 1, m * b])?;
         let allowed = self.mask.allowed(&qpos, &kpos)?.f_logical_and(&real_key)?;
         // Padding queries (positions >= n) are dropped afterwards; give them their first slot so
         // that no softmax row is empty (an empty row would put NaN into the backward).
         let pad_query = qpos.f_ge(n)?;
-        let first_slot = Tensor::f_arange(m * b, opts)?
-            .f_eq(0)?
-            .f_view([1, 1, m * b])?;
+        let first_slot = Tensor::f_arange(m * b, opts)?.f_eq(0)?.f_view([1, 1, m * b])?;
         let allowed = allowed.f_logical_or(&pad_query.f_logical_and(&first_slot)?)?;
         Ok((idx, allowed))
     }
@@ -105,22 +101,15 @@ impl BlockedAttention {
         let (qb, kb, vb) = (blocks(q)?, blocks(k)?, blocks(v)?);
         // [b, h, nb, B, d] -> [b, h, nb*M, B, d] -> [b, h, nb, M*B, d]: each query block's keys
         let flat = idx.f_reshape([nb * m])?;
-        let kg = kb
-            .f_index_select(2, &flat)?
-            .f_reshape([bsz, h, nb, m * b, d])?;
-        let vg = vb
-            .f_index_select(2, &flat)?
-            .f_reshape([bsz, h, nb, m * b, d])?;
+        let kg = kb.f_index_select(2, &flat)?.f_reshape([bsz, h, nb, m * b, d])?;
+        let vg = vb.f_index_select(2, &flat)?.f_reshape([bsz, h, nb, m * b, d])?;
         let scale = 1.0 / (d as f64).sqrt();
         // [b, h, nb, B, d] x [b, h, nb, d, M*B] -> [b, h, nb, B, M*B]
         let scores = qb.f_matmul(&kg.f_transpose(-2, -1)?)?.f_mul_scalar(scale)?;
         let scores = scores.f_masked_fill(&allowed.f_logical_not()?, f64::NEG_INFINITY)?;
         let probs = scores.f_softmax(-1, acc)?;
         // [b, h, nb, B, M*B] x [b, h, nb, M*B, d] -> [b, h, nb, B, d] -> [b, h, N, d] -> [b, N, h, d]
-        let out = probs
-            .f_matmul(&vg)?
-            .f_reshape([bsz, h, nb * b, d])?
-            .f_narrow(2, 0, n)?;
+        let out = probs.f_matmul(&vg)?.f_reshape([bsz, h, nb * b, d])?.f_narrow(2, 0, n)?;
         out.f_transpose(1, 2)?.f_to_kind(kind)
     }
 }

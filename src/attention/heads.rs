@@ -30,11 +30,7 @@ pub struct HeadPlan {
 
 impl HeadPlan {
     pub fn new(heads: i64, kv_heads: i64, p: usize) -> Result<HeadPlan> {
-        let bad = |msg: String| Error::InvalidArgument {
-            op: "head_plan",
-            group: format!("{p} ranks"),
-            msg,
-        };
+        let bad = |msg: String| Error::InvalidArgument { op: "head_plan", group: format!("{p} ranks"), msg };
         let pi = p as i64;
         if kv_heads < 1 || heads % kv_heads != 0 {
             return Err(bad(format!(
@@ -48,9 +44,7 @@ impl HeadPlan {
             )));
         }
         let group = heads / kv_heads;
-        let q_split: Vec<i64> = (0..pi)
-            .map(|r| heads / pi + i64::from(r < heads % pi))
-            .collect();
+        let q_split: Vec<i64> = (0..pi).map(|r| heads / pi + i64::from(r < heads % pi)).collect();
         let mut start = 0;
         let kv_ranges: Vec<(i64, i64)> = q_split
             .iter()
@@ -61,13 +55,7 @@ impl HeadPlan {
             })
             .collect();
         let partition = kv_ranges.windows(2).all(|w| w[0].0 + w[0].1 == w[1].0);
-        Ok(HeadPlan {
-            heads,
-            kv_heads,
-            q_split,
-            kv_ranges,
-            replicate: !partition,
-        })
+        Ok(HeadPlan { heads, kv_heads, q_split, kv_ranges, replicate: !partition })
     }
 
     /// Query heads H.
@@ -103,14 +91,8 @@ impl HeadPlan {
         if !self.replicate {
             return Ok(kv.shallow_clone());
         }
-        let index: Vec<i64> = self
-            .kv_ranges
-            .iter()
-            .flat_map(|&(first, len)| first..first + len)
-            .collect();
-        let index = Tensor::from_slice(&index)
-            .f_to(kv.device())
-            .op("head_plan")?;
+        let index: Vec<i64> = self.kv_ranges.iter().flat_map(|&(first, len)| first..first + len).collect();
+        let index = Tensor::from_slice(&index).f_to(kv.device()).op("head_plan")?;
         kv.f_index_select(2, &index).op("head_plan")
     }
 
@@ -125,9 +107,7 @@ impl HeadPlan {
         }
         let q_start: i64 = self.q_split[..r].iter().sum();
         let first_kv = self.kv_ranges[r].0;
-        let map: Vec<i64> = (q_start..q_start + self.q_split[r])
-            .map(|h| h / group - first_kv)
-            .collect();
+        let map: Vec<i64> = (q_start..q_start + self.q_split[r]).map(|h| h / group - first_kv).collect();
         let map = Tensor::from_slice(&map).f_to(kv.device()).op("head_plan")?;
         kv.f_index_select(2, &map).op("head_plan")
     }

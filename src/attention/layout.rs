@@ -28,10 +28,7 @@ impl SeqLayout {
                 msg: format!("a sequence of {n} tokens cannot give each of {p} ranks a token"),
             });
         }
-        Ok(SeqLayout {
-            n,
-            lens: (0..pi).map(|r| n / pi + i64::from(r < n % pi)).collect(),
-        })
+        Ok(SeqLayout { n, lens: (0..pi).map(|r| n / pi + i64::from(r < n % pi)).collect() })
     }
 
     /// Global sequence length N.
@@ -67,8 +64,7 @@ impl SeqLayout {
     /// Global positions of rank `r`'s tokens, `[len_r]` i64.
     pub fn positions(&self, r: usize, device: Device) -> Result<Tensor> {
         let start = self.start(r);
-        Tensor::f_arange_start(start, start + self.len(r), (Kind::Int64, device))
-            .op("sequence_layout")
+        Tensor::f_arange_start(start, start + self.len(r), (Kind::Int64, device)).op("sequence_layout")
     }
 
     /// Rank `r`'s share of a global tensor whose dim `dim` is the sequence (a view).
@@ -82,13 +78,9 @@ impl SeqLayout {
             return Err(Error::Shape {
                 op: "sequence_layout",
                 shapes: vec![size],
-                msg: format!(
-                    "dim {dim} should hold the {} tokens of the sequence",
-                    self.n
-                ),
+                msg: format!("dim {dim} should hold the {} tokens of the sequence", self.n),
             });
         }
-        x.f_narrow(d, self.start(r), self.len(r))
-            .op("sequence_layout")
+        x.f_narrow(d, self.start(r), self.len(r)).op("sequence_layout")
     }
 }

@@ -60,12 +60,10 @@ impl Mask {
                 "block-sparse block {} and local_blocks {} must be at least 1",
                 b.block, b.local_blocks
             )),
-            Mask::BlockSparse(b) if b.global_blocks < 0 || b.global_blocks > b.local_blocks => {
-                Err(format!(
-                    "block-sparse global_blocks {} must lie in 0..={}",
-                    b.global_blocks, b.local_blocks
-                ))
-            }
+            Mask::BlockSparse(b) if b.global_blocks < 0 || b.global_blocks > b.local_blocks => Err(format!(
+                "block-sparse global_blocks {} must lie in 0..={}",
+                b.global_blocks, b.local_blocks
+            )),
             _ => Ok(()),
         }
     }
@@ -76,9 +74,7 @@ impl Mask {
             Mask::None => true,
             Mask::Causal => j <= i,
             Mask::SlidingWindow { window } => j <= i && j > i - window,
-            Mask::BlockSparse(b) => {
-                (!b.causal || j <= i) && b.blocks_connected(i / b.block, j / b.block)
-            }
+            Mask::BlockSparse(b) => (!b.causal || j <= i) && b.blocks_connected(i / b.block, j / b.block),
         }
     }
 
@@ -99,16 +95,11 @@ impl Mask {
                 causal()?.f_logical_and(&j.f_gt_tensor(&i.f_sub_scalar(window)?)?)
             }
             Mask::BlockSparse(b) => {
-                let (qb, kb) = (
-                    i.f_floor_divide_scalar(b.block)?,
-                    j.f_floor_divide_scalar(b.block)?,
-                );
+                let (qb, kb) = (i.f_floor_divide_scalar(b.block)?, j.f_floor_divide_scalar(b.block)?);
                 let same_window = qb
                     .f_floor_divide_scalar(b.local_blocks)?
                     .f_eq_tensor(&kb.f_floor_divide_scalar(b.local_blocks)?)?;
-                let global = kb
-                    .f_remainder(b.local_blocks)?
-                    .f_ge(b.local_blocks - b.global_blocks)?;
+                let global = kb.f_remainder(b.local_blocks)?.f_ge(b.local_blocks - b.global_blocks)?;
                 let connected = same_window.f_logical_or(&global)?;
                 if b.causal {
                     connected.f_logical_and(&causal()?)
@@ -138,9 +129,7 @@ impl Mask {
                                 (!b.causal || kb <= qb) && b.blocks_connected(qb, kb)
                             }
                             // Blocks other than the pattern's own: test positions.
-                            Mask::BlockSparse(_) => {
-                                (q0..=q1).any(|i| (k0..=k1).any(|j| self.allows(i, j)))
-                            }
+                            Mask::BlockSparse(_) => (q0..=q1).any(|i| (k0..=k1).any(|j| self.allows(i, j))),
                         }
                     })
                     .collect()
@@ -156,5 +145,61 @@ impl Mask {
     /// Positions `0..n` on `device`.
     pub fn positions(n: i64, device: Device) -> Result<Tensor, tch::TchError> {
         Tensor::f_arange(n, (Kind::Int64, device))
+    }
+}
+
+impl std::str::FromStr for Mask {
+    type Err = String;
+
+    /// `none`, `causal`, `window:W`, `sparse:B,L,G` (bidirectional) or `sparse-causal:B,L,G`
+    /// (block B tokens, L blocks per local window, G global blocks per window).
+    fn from_str(s: &str) -> Result<Mask, String> {
+        let (kind, args) = s.split_once(':').unwrap_or((s, ""));
+        let numbers = |want: usize| -> Result<Vec<i64>, String> {
+            let v: Vec<i64> = args
+                .split(',')
+                .map(|a| a.trim().parse::<i64>().map_err(|e| format!("{s:?}: {a:?} is not an integer ({e})")))
+                .collect::<Result<_, _>>()?;
+            if v.len() != want {
+                return Err(format!("{s:?}: expected {want} numbers after ':', got {}", v.len()));
+            }
+            Ok(v)
+        };
+        let mask = match kind {
+            "none" => Mask::None,
+            "causal" => Mask::Causal,
+            "window" => Mask::SlidingWindow { window: numbers(1)?[0] },
+            "sparse" | "sparse-causal" => {
+                let v = numbers(3)?;
+                let causal = kind == "sparse-causal";
+                Mask::BlockSparse(BlockSparse {
+                    block: v[0],
+                    local_blocks: v[1],
+                    global_blocks: v[2],
+                    causal,
+                })
+            }
+            other => {
+                return Err(format!(
+                    "unknown mask {other:?}: use none, causal, window:W, sparse:B,L,G or sparse-causal:B,L,G"
+                ))
+            }
+        };
+        mask.validate()?;
+        Ok(mask)
+    }
+}
+
+impl std::str::FromStr for super::Kernel {
+    type Err = String;
+
+    /// `math`, `sdpa` or `blocked`.
+    fn from_str(s: &str) -> Result<super::Kernel, String> {
+        match s {
+            "math" => Ok(super::Kernel::Math),
+            "sdpa" => Ok(super::Kernel::Sdpa),
+            "blocked" => Ok(super::Kernel::Blocked),
+            other => Err(format!("unknown kernel {other:?}: use math, sdpa or blocked")),
+        }
     }
 }

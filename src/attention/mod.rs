@@ -121,19 +121,10 @@ pub(crate) fn compute_kind(kind: Kind) -> Kind {
 pub(crate) fn check_qkv(op: &'static str, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<()> {
     let shapes = vec![q.size(), k.size(), v.size()];
     if q.dim() != 4 || shapes.iter().any(|s| *s != shapes[0]) {
-        return Err(Error::Shape {
-            op,
-            shapes,
-            msg: "q, k and v must all be [b, N, h, d]".into(),
-        });
+        return Err(Error::Shape { op, shapes, msg: "q, k and v must all be [b, N, h, d]".into() });
     }
     if q.kind() != k.kind() || q.kind() != v.kind() {
-        let msg = format!(
-            "dtypes differ: q {:?}, k {:?}, v {:?}",
-            q.kind(),
-            k.kind(),
-            v.kind()
-        );
+        let msg = format!("dtypes differ: q {:?}, k {:?}, v {:?}", q.kind(), k.kind(), v.kind());
         return Err(Error::Shape { op, shapes, msg });
     }
     Ok(())

@@ -22,11 +22,7 @@ impl SdpaAttention {
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor, tch::TchError> {
         let n = q.size()[1];
         // [b, N, h, d] -> [b, h, N, d] (views)
-        let (q, k, v) = (
-            q.f_transpose(1, 2)?,
-            k.f_transpose(1, 2)?,
-            v.f_transpose(1, 2)?,
-        );
+        let (q, k, v) = (q.f_transpose(1, 2)?, k.f_transpose(1, 2)?, v.f_transpose(1, 2)?);
         let dense = match self.mask {
             Mask::None | Mask::Causal => None,
             rule => {

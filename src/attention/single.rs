@@ -17,12 +17,7 @@ pub struct SingleDevice {
 
 impl SingleDevice {
     /// For sequences of `n` tokens, `heads` query heads and `kv_heads` key/value heads.
-    pub fn new(
-        local: Box<dyn LocalAttention>,
-        n: i64,
-        heads: i64,
-        kv_heads: i64,
-    ) -> Result<SingleDevice> {
+    pub fn new(local: Box<dyn LocalAttention>, n: i64, heads: i64, kv_heads: i64) -> Result<SingleDevice> {
         Ok(SingleDevice {
             local,
             layout: SeqLayout::contiguous(n, 1)?,
@@ -92,17 +87,8 @@ pub(crate) fn check_shapes(
         });
     }
     if q.kind() != k.kind() || k.kind() != v.kind() {
-        let msg = format!(
-            "dtypes differ: q {:?}, k {:?}, v {:?}",
-            q.kind(),
-            k.kind(),
-            v.kind()
-        );
-        return Err(Error::Shape {
-            op,
-            shapes: vec![qs, ks, vs],
-            msg,
-        });
+        let msg = format!("dtypes differ: q {:?}, k {:?}, v {:?}", q.kind(), k.kind(), v.kind());
+        return Err(Error::Shape { op, shapes: vec![qs, ks, vs], msg });
     }
     Ok(())
 }

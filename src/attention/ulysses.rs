@@ -58,14 +58,7 @@ impl UlyssesAttention {
         let heads = HeadPlan::new(heads, kv_heads, p)?;
         let q_a2a = AllToAll::new(2, 1, heads.q_split().to_vec(), layout.lens().to_vec());
         let kv_a2a = AllToAll::new(2, 1, heads.kv_split(), layout.lens().to_vec());
-        Ok(UlyssesAttention {
-            group,
-            local,
-            layout,
-            heads,
-            q_a2a,
-            kv_a2a,
-        })
+        Ok(UlyssesAttention { group, local, layout, heads, q_a2a, kv_a2a })
     }
 
     /// The head assignment.
@@ -105,22 +98,13 @@ impl SequenceParallel for UlyssesAttention {
         let (k, v) = (self.heads.replicate_kv(k)?, self.heads.replicate_kv(v)?);
         // [b, s_r, H, d] -> [b, N, H_r, d]; [b, s_r, sum(KV_r), d] -> [b, N, KV_r, d]
         // One record for the three: they usually come from one fused projection.
-        let full = tape.all_to_all_many(
-            &self.group,
-            &[(q, &self.q_a2a), (&k, &self.kv_a2a), (&v, &self.kv_a2a)],
-        )?;
+        let full =
+            tape.all_to_all_many(&self.group, &[(q, &self.q_a2a), (&k, &self.kv_a2a), (&v, &self.kv_a2a)])?;
         let [q, k, v] = [&full[0], &full[1], &full[2]];
         // [b, N, KV_r, d] -> [b, N, H_r, d]
         let (k, v) = (self.heads.expand_kv(r, k)?, self.heads.expand_kv(r, v)?);
         let o = self.local.forward(q, &k, &v)?;
         // [b, N, H_r, d] -> [b, s_r, H, d]
-        tape.all_to_all_v(
-            &self.group,
-            &o,
-            1,
-            2,
-            self.layout.lens(),
-            self.heads.q_split(),
-        )
+        tape.all_to_all_v(&self.group, &o, 1, 2, self.layout.lens(), self.heads.q_split())
     }
 }

@@ -28,13 +28,7 @@ impl Tape {
     ///
     /// # Shapes
     /// `[.., S, .., G, ..]` -> `[.., S/P, .., G*P, ..]` (scatter S, gather G).
-    pub fn all_to_all(
-        &self,
-        group: &Group,
-        x: &Tensor,
-        scatter_dim: i64,
-        gather_dim: i64,
-    ) -> Result<Tensor> {
+    pub fn all_to_all(&self, group: &Group, x: &Tensor, scatter_dim: i64, gather_dim: i64) -> Result<Tensor> {
         let g = group.clone();
         let out = self.record(
             "all_to_all",
@@ -55,41 +49,22 @@ impl Tape {
         scatter_split: &[i64],
         gather_split: &[i64],
     ) -> Result<Tensor> {
-        let spec = AllToAll::new(
-            scatter_dim,
-            gather_dim,
-            scatter_split.to_vec(),
-            gather_split.to_vec(),
-        );
+        let spec = AllToAll::new(scatter_dim, gather_dim, scatter_split.to_vec(), gather_split.to_vec());
         single("all_to_all", self.all_to_all_many(group, &[(x, &spec)])?)
     }
 
     /// Several all-to-alls as one record (Ulysses' q, k and v): one backward pass then serves
     /// all of them, which matters when they come from one graph (a fused qkv projection), since
     /// a piece of graph must not feed two records (see [`Tape::cut`]).
-    pub fn all_to_all_many(
-        &self,
-        group: &Group,
-        inputs: &[(&Tensor, &AllToAll)],
-    ) -> Result<Vec<Tensor>> {
+    pub fn all_to_all_many(&self, group: &Group, inputs: &[(&Tensor, &AllToAll)]) -> Result<Vec<Tensor>> {
         let xs: Vec<&Tensor> = inputs.iter().map(|(x, _)| *x).collect();
         let specs: Vec<AllToAll> = inputs.iter().map(|(_, s)| (*s).clone()).collect();
         let g = group.clone();
         self.record(
             "all_to_all",
             &xs,
-            |xs| {
-                xs.iter()
-                    .zip(inputs)
-                    .map(|(x, (_, s))| group.all_to_all_spec(x, s))
-                    .collect()
-            },
-            move |gs| {
-                gs.iter()
-                    .zip(&specs)
-                    .map(|(gy, s)| g.all_to_all_spec(gy, &s.inverse()))
-                    .collect()
-            },
+            |xs| xs.iter().zip(inputs).map(|(x, (_, s))| group.all_to_all_spec(x, s)).collect(),
+            move |gs| gs.iter().zip(&specs).map(|(gy, s)| g.all_to_all_spec(gy, &s.inverse())).collect(),
         )
     }
 
@@ -98,13 +73,7 @@ impl Tape {
     ///
     /// # Shapes
     /// `[.., sizes[r], ..]` -> `[.., sum(sizes), ..]`.
-    pub fn all_gather_v(
-        &self,
-        group: &Group,
-        x: &Tensor,
-        dim: i64,
-        sizes: &[i64],
-    ) -> Result<Tensor> {
+    pub fn all_gather_v(&self, group: &Group, x: &Tensor, dim: i64, sizes: &[i64]) -> Result<Tensor> {
         let (g, s) = (group.clone(), sizes.to_vec());
         let out = self.record(
             "all_gather",
@@ -126,25 +95,12 @@ impl Tape {
     ///
     /// # Shapes
     /// `[.., sum(split), ..]` -> `[.., split[r], ..]`.
-    pub fn reduce_scatter_v(
-        &self,
-        group: &Group,
-        x: &Tensor,
-        dim: i64,
-        split: &[i64],
-    ) -> Result<Tensor> {
+    pub fn reduce_scatter_v(&self, group: &Group, x: &Tensor, dim: i64, split: &[i64]) -> Result<Tensor> {
         let (g, s) = (group.clone(), split.to_vec());
         let out = self.record(
             "reduce_scatter",
             &[x],
-            |xs| {
-                Ok(vec![group.reduce_scatter_v(
-                    &xs[0],
-                    dim,
-                    split,
-                    ReduceOp::Sum,
-                )?])
-            },
+            |xs| Ok(vec![group.reduce_scatter_v(&xs[0], dim, split, ReduceOp::Sum)?]),
             move |gs| Ok(vec![g.all_gather_v(&gs[0], dim, &s)?]),
         )?;
         single("reduce_scatter", out)

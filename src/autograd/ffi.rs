@@ -22,14 +22,9 @@ extern "C" {
 /// (no `retain_graph`). Returns libtorch's message on failure.
 pub(crate) fn backward_with_grads(roots: &[&Tensor], grads: &[&Tensor]) -> Result<(), String> {
     if roots.len() != grads.len() {
-        return Err(format!(
-            "{} roots but {} gradients",
-            roots.len(),
-            grads.len()
-        ));
+        return Err(format!("{} roots but {} gradients", roots.len(), grads.len()));
     }
-    let n =
-        c_int::try_from(roots.len()).map_err(|_| format!("{} roots is too many", roots.len()))?;
+    let n = c_int::try_from(roots.len()).map_err(|_| format!("{} roots is too many", roots.len()))?;
     let r: Vec<*const C_tensor> = roots.iter().map(|t| t.as_ptr()).collect();
     let g: Vec<*const C_tensor> = grads.iter().map(|t| t.as_ptr()).collect();
     // SAFETY: each pointer is tch's handle (a `torch::Tensor*`, torch_api.h) of a Tensor borrowed
@@ -41,9 +36,7 @@ pub(crate) fn backward_with_grads(roots: &[&Tensor], grads: &[&Tensor]) -> Resul
     }
     // SAFETY: a non-null result is a NUL-terminated string from strdup in the shim, read here
     // once and then released exactly once with the shim's matching free.
-    let text = unsafe { CStr::from_ptr(message) }
-        .to_string_lossy()
-        .into_owned();
+    let text = unsafe { CStr::from_ptr(message) }.to_string_lossy().into_owned();
     // SAFETY: see above; `message` is not used after this.
     unsafe { ulysses_free_error(message) };
     Err(text)

@@ -61,20 +61,14 @@ impl Default for Tape {
 impl Tape {
     /// A tape that records (for training steps).
     pub fn new() -> Tape {
-        Tape {
-            records: RefCell::new(Vec::new()),
-            recording: Cell::new(true),
-        }
+        Tape { records: RefCell::new(Vec::new()), recording: Cell::new(true) }
     }
 
     /// A tape that records nothing: taped collectives run without gradient, cuts are plain
     /// identities that keep the graph, and [`backward`](Tape::backward) is an error. For
     /// evaluation, and for single-device code trained with an ordinary `loss.backward()`.
     pub fn disabled() -> Tape {
-        Tape {
-            records: RefCell::new(Vec::new()),
-            recording: Cell::new(false),
-        }
+        Tape { records: RefCell::new(Vec::new()), recording: Cell::new(false) }
     }
 
     /// Whether ops are recorded.
@@ -117,10 +111,7 @@ impl Tape {
         }
         let detached: Vec<Tensor> = inputs.iter().map(|x| x.detach()).collect();
         let outputs = tch::no_grad(|| forward(&detached))?;
-        let leaves: Vec<Tensor> = outputs
-            .iter()
-            .map(|y| y.detach().set_requires_grad(true))
-            .collect();
+        let leaves: Vec<Tensor> = outputs.iter().map(|y| y.detach().set_requires_grad(true)).collect();
         self.records.borrow_mut().push(Record {
             op,
             inputs: inputs.iter().map(|x| x.shallow_clone()).collect(),
@@ -154,8 +145,7 @@ impl Tape {
         }
         let records = self.records.take();
         if loss.requires_grad() {
-            loss.f_backward()
-                .map_err(|e| traversal_error("loss", e.to_string()))?;
+            loss.f_backward().map_err(|e| traversal_error("loss", e.to_string()))?;
         }
         for rec in records.into_iter().rev() {
             let grads: Vec<Tensor> = rec
@@ -184,11 +174,7 @@ fn continue_from(op: &'static str, inputs: &[Tensor], grads: &[Tensor]) -> Resul
     if inputs.len() != grads.len() {
         return Err(Error::Tape {
             op,
-            msg: format!(
-                "the adjoint returned {} gradients for {} inputs",
-                grads.len(),
-                inputs.len()
-            ),
+            msg: format!("the adjoint returned {} gradients for {} inputs", grads.len(), inputs.len()),
         });
     }
     let (mut roots, mut root_grads) = (Vec::new(), Vec::new());
@@ -235,9 +221,6 @@ fn traversal_error(op: &'static str, text: String) -> Error {
 pub(crate) fn single(op: &'static str, mut outputs: Vec<Tensor>) -> Result<Tensor> {
     match (outputs.pop(), outputs.is_empty()) {
         (Some(y), true) => Ok(y),
-        _ => Err(Error::Tape {
-            op,
-            msg: "expected exactly one output".into(),
-        }),
+        _ => Err(Error::Tape { op, msg: "expected exactly one output".into() }),
     }
 }

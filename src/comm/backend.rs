@@ -19,19 +19,12 @@ pub struct Envelope {
 
 impl Envelope {
     pub fn of(op: OpKind, t: &Tensor) -> Envelope {
-        Envelope {
-            op,
-            kind: t.kind(),
-            shape: t.size(),
-        }
+        Envelope { op, kind: t.kind(), shape: t.size() }
     }
 
     /// The envelope the peer of this transfer must use (a `send` pairs with a `recv`).
     pub fn expected_from_peer(&self) -> Envelope {
-        Envelope {
-            op: self.op.peer_kind(),
-            ..self.clone()
-        }
+        Envelope { op: self.op.peer_kind(), ..self.clone() }
     }
 }
 

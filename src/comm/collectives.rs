@@ -33,12 +33,7 @@ impl AllToAll {
         scatter_split: Vec<i64>,
         gather_split: Vec<i64>,
     ) -> AllToAll {
-        AllToAll {
-            scatter_dim,
-            gather_dim,
-            scatter_split,
-            gather_split,
-        }
+        AllToAll { scatter_dim, gather_dim, scatter_split, gather_split }
     }
 
     /// The inverse, which is also the adjoint: dims and splits swapped.
@@ -55,13 +50,7 @@ impl AllToAll {
 impl Group {
     /// [`all_to_all_v`](Group::all_to_all_v) as described by `spec`.
     pub fn all_to_all_spec(&self, x: &Tensor, spec: &AllToAll) -> Result<Tensor> {
-        self.all_to_all_v(
-            x,
-            spec.scatter_dim,
-            spec.gather_dim,
-            &spec.scatter_split,
-            &spec.gather_split,
-        )
+        self.all_to_all_v(x, spec.scatter_dim, spec.gather_dim, &spec.scatter_split, &spec.gather_split)
     }
 
     /// All-to-all: splits `x` into P equal chunks along `scatter_dim`, sends chunk j to rank j,
@@ -97,17 +86,9 @@ impl Group {
         gather_split: &[i64],
     ) -> Result<Tensor> {
         let op = OpKind::AllToAll;
-        let shape =
-            self.all_to_all_shape(x, scatter_dim, gather_dim, scatter_split, gather_split)?;
+        let shape = self.all_to_all_shape(x, scatter_dim, gather_dim, scatter_split, gather_split)?;
         let out = Tensor::f_empty(&shape, (x.kind(), x.device())).op(op.name())?;
-        self.all_to_all_v_into(
-            x,
-            &out,
-            scatter_dim,
-            gather_dim,
-            scatter_split,
-            gather_split,
-        )?;
+        self.all_to_all_v_into(x, &out, scatter_dim, gather_dim, scatter_split, gather_split)?;
         Ok(out)
     }
 
@@ -124,8 +105,7 @@ impl Group {
         gather_split: &[i64],
     ) -> Result<()> {
         let op = OpKind::AllToAll;
-        let shape =
-            self.all_to_all_shape(x, scatter_dim, gather_dim, scatter_split, gather_split)?;
+        let shape = self.all_to_all_shape(x, scatter_dim, gather_dim, scatter_split, gather_split)?;
         if out.size() != shape || out.kind() != x.kind() || out.device() != x.device() {
             return Err(self.invalid(
                 op,
@@ -159,10 +139,9 @@ impl Group {
         let op = OpKind::AllToAll;
         let (sd, gd) = (self.dim(op, x, scatter_dim)?, self.dim(op, x, gather_dim)?);
         if sd == gd {
-            return Err(self.invalid(
-                op,
-                format!("scatter_dim and gather_dim are both {sd}; they must differ"),
-            ));
+            return Err(
+                self.invalid(op, format!("scatter_dim and gather_dim are both {sd}; they must differ"))
+            );
         }
         let mut shape = x.size();
         self.check_split(op, "scatter_split", scatter_split, shape[sd], sd)?;
@@ -207,13 +186,7 @@ impl Group {
     ///
     /// # Shapes
     /// `[.., sum(split), ..]` -> `[.., split[r], ..]`.
-    pub fn reduce_scatter_v(
-        &self,
-        x: &Tensor,
-        dim: i64,
-        split: &[i64],
-        reduce: ReduceOp,
-    ) -> Result<Tensor> {
+    pub fn reduce_scatter_v(&self, x: &Tensor, dim: i64, split: &[i64], reduce: ReduceOp) -> Result<Tensor> {
         let out = self.scatter_reduced(OpKind::ReduceScatter, x, dim, split, reduce)?;
         self.count_call(OpKind::ReduceScatter);
         Ok(out)
@@ -247,15 +220,11 @@ impl Group {
         self.check_rank(op, "root", root)?;
         let p = self.size();
         let (sends, recvs, out) = if self.rank() == root {
-            let sends = (0..p)
-                .map(|j| (j != root).then(|| x.shallow_clone()))
-                .collect();
+            let sends = (0..p).map(|j| (j != root).then(|| x.shallow_clone())).collect();
             (sends, none(p), x.shallow_clone())
         } else {
             let out = x.f_empty_like().op(op.name())?;
-            let recvs = (0..p)
-                .map(|j| (j == root).then(|| out.shallow_clone()))
-                .collect();
+            let recvs = (0..p).map(|j| (j == root).then(|| out.shallow_clone())).collect();
             (none(p), recvs, out)
         };
         self.transfer(op, sends, recvs)?;
@@ -281,9 +250,7 @@ impl Group {
             self.transfer(op, sends, recvs)?;
             Some(reduce_stack(&stack, reduce, p).op(op.name())?)
         } else {
-            let sends = (0..p)
-                .map(|j| (j == root).then(|| x.shallow_clone()))
-                .collect();
+            let sends = (0..p).map(|j| (j == root).then(|| x.shallow_clone())).collect();
             self.transfer(op, sends, none(p))?;
             None
         };
@@ -389,13 +356,9 @@ impl Group {
     fn dim(&self, op: OpKind, x: &Tensor, dim: i64) -> Result<usize> {
         let n = x.dim() as i64;
         if dim < -n || dim >= n {
-            return Err(self.invalid(
-                op,
-                format!(
-                    "dim {dim} is out of range for a tensor of shape {:?}",
-                    x.size()
-                ),
-            ));
+            return Err(
+                self.invalid(op, format!("dim {dim} is out of range for a tensor of shape {:?}", x.size()))
+            );
         }
         Ok(dim.rem_euclid(n.max(1)) as usize)
     }
@@ -428,22 +391,11 @@ impl Group {
     }
 
     /// A split has one non-negative entry per rank and, unless `total` is -1, sums to `total`.
-    fn check_split(
-        &self,
-        op: OpKind,
-        what: &str,
-        split: &[i64],
-        total: i64,
-        dim: usize,
-    ) -> Result<()> {
+    fn check_split(&self, op: OpKind, what: &str, split: &[i64], total: i64, dim: usize) -> Result<()> {
         if split.len() != self.size() {
             return Err(self.invalid(
                 op,
-                format!(
-                    "{what} has {} entries {split:?} for {} ranks",
-                    split.len(),
-                    self.size()
-                ),
+                format!("{what} has {} entries {split:?} for {} ranks", split.len(), self.size()),
             ));
         }
         if split.iter().any(|&s| s < 0) {
@@ -451,23 +403,14 @@ impl Group {
         }
         let sum: i64 = split.iter().sum();
         if total >= 0 && sum != total {
-            return Err(self.invalid(
-                op,
-                format!("{what} {split:?} sums to {sum} but dim {dim} has {total} elements"),
-            ));
+            return Err(self
+                .invalid(op, format!("{what} {split:?} sums to {sum} but dim {dim} has {total} elements")));
         }
         Ok(())
     }
 
     /// A split of a gathered dim: one entry per rank, this rank's entry its own extent.
-    fn check_own_part(
-        &self,
-        op: OpKind,
-        what: &str,
-        split: &[i64],
-        shape: &[i64],
-        d: usize,
-    ) -> Result<()> {
+    fn check_own_part(&self, op: OpKind, what: &str, split: &[i64], shape: &[i64], d: usize) -> Result<()> {
         self.check_split(op, what, split, -1, d)?;
         let r = self.rank();
         if split[r] != shape[d] {
@@ -484,10 +427,7 @@ impl Group {
 
     fn check_rank(&self, op: OpKind, what: &str, r: usize) -> Result<()> {
         if r >= self.size() {
-            return Err(self.invalid(
-                op,
-                format!("{what} {r} is not a rank of a group of {}", self.size()),
-            ));
+            return Err(self.invalid(op, format!("{what} {r} is not a rank of a group of {}", self.size())));
         }
         Ok(())
     }
@@ -502,10 +442,7 @@ impl Group {
 
     fn check_reduce(&self, op: OpKind, kind: Kind, reduce: ReduceOp) -> Result<()> {
         if reduce == ReduceOp::Avg && !is_float(kind) {
-            return Err(self.invalid(
-                op,
-                format!("Avg needs a floating-point dtype, got {kind:?}"),
-            ));
+            return Err(self.invalid(op, format!("Avg needs a floating-point dtype, got {kind:?}")));
         }
         Ok(())
     }
@@ -513,10 +450,7 @@ impl Group {
 
 /// Whether a dtype is a real floating-point type.
 pub(crate) fn is_float(kind: Kind) -> bool {
-    matches!(
-        kind,
-        Kind::Half | Kind::BFloat16 | Kind::Float | Kind::Double
-    )
+    matches!(kind, Kind::Half | Kind::BFloat16 | Kind::Float | Kind::Double)
 }
 
 /// P empty slots: no transfer with any rank.
@@ -547,9 +481,7 @@ fn reduce_stack(stack: &Tensor, reduce: ReduceOp, p: usize) -> Result<Tensor, tc
     let reduced = match reduce {
         ReduceOp::Max => stack.f_amax([0i64].as_slice(), false)?,
         ReduceOp::Sum => stack.f_sum_dim_intlist([0i64].as_slice(), false, acc)?,
-        ReduceOp::Avg => stack
-            .f_sum_dim_intlist([0i64].as_slice(), false, acc)?
-            .f_div_scalar(p as f64)?,
+        ReduceOp::Avg => stack.f_sum_dim_intlist([0i64].as_slice(), false, acc)?.f_div_scalar(p as f64)?,
     };
     reduced.f_to_kind(kind)
 }

@@ -44,13 +44,7 @@ pub struct Group {
 
 impl fmt::Debug for Group {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "Group({}, rank {}, {})",
-            self.info,
-            self.rank,
-            self.backend.name()
-        )
+        write!(f, "Group({}, rank {}, {})", self.info, self.rank, self.backend.name())
     }
 }
 
@@ -61,19 +55,10 @@ impl Group {
             return Err(Error::InvalidArgument {
                 op: "new_group",
                 group: info.to_string(),
-                msg: format!(
-                    "rank {rank} is not below the group size {}",
-                    info.ranks.len()
-                ),
+                msg: format!("rank {rank} is not below the group size {}", info.ranks.len()),
             });
         }
-        Ok(Group {
-            info: Arc::new(info),
-            rank,
-            backend,
-            stats: Arc::default(),
-            splits: Arc::default(),
-        })
+        Ok(Group { info: Arc::new(info), rank, backend, stats: Arc::default(), splits: Arc::default() })
     }
 
     /// This rank's index in the group.
@@ -102,10 +87,7 @@ impl Group {
 
     /// A snapshot of this rank's byte counters for this group.
     pub fn stats(&self) -> CommStats {
-        self.stats
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.stats.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
     /// Sets this rank's counters for this group back to zero.
@@ -124,31 +106,21 @@ impl Group {
         // Everyone learns everyone's (color, key): color -1 stands for "no part".
         let mine = Tensor::from_slice(&[color.map_or(-1, |c| c as i64), key as i64]);
         let all = Tensor::zeros([p as i64, 2], (Kind::Int64, Device::Cpu));
-        let sends = (0..p)
-            .map(|j| (j != self.rank).then(|| mine.shallow_clone()))
-            .collect();
-        let recvs = (0..p)
-            .map(|j| (j != self.rank).then(|| all.select(0, j as i64)))
-            .collect();
-        self.backend
-            .exchange(&self.info, OpKind::Split, sends, recvs)?;
+        let sends = (0..p).map(|j| (j != self.rank).then(|| mine.shallow_clone())).collect();
+        let recvs = (0..p).map(|j| (j != self.rank).then(|| all.select(0, j as i64))).collect();
+        self.backend.exchange(&self.info, OpKind::Split, sends, recvs)?;
         all.select(0, self.rank as i64).f_copy_(&mine).op(OP)?;
         let table = Vec::<i64>::try_from(all.view([-1])).op(OP)?;
 
         let Some(color) = color else { return Ok(None) };
-        let mut members: Vec<(i64, usize)> = (0..p)
-            .filter(|&j| table[2 * j] == color as i64)
-            .map(|j| (table[2 * j + 1], j))
-            .collect();
+        let mut members: Vec<(i64, usize)> =
+            (0..p).filter(|&j| table[2 * j] == color as i64).map(|j| (table[2 * j + 1], j)).collect();
         members.sort_unstable();
-        let me = members
-            .iter()
-            .position(|&(_, j)| j == self.rank)
-            .ok_or_else(|| Error::InvalidArgument {
-                op: OP,
-                group: self.info.to_string(),
-                msg: format!("rank {} is missing from its own colour {color}", self.rank),
-            })?;
+        let me = members.iter().position(|&(_, j)| j == self.rank).ok_or_else(|| Error::InvalidArgument {
+            op: OP,
+            group: self.info.to_string(),
+            msg: format!("rank {} is missing from its own colour {color}", self.rank),
+        })?;
         let info = GroupInfo {
             id: format!("{}/{seq}.{color}", self.info.id),
             name: name.to_string(),
@@ -190,10 +162,7 @@ impl Group {
             _ => return Err(self.invalid(op, "a send to self needs a matching receive".into())),
         }
         let bytes = |ts: &[Option<Tensor>]| -> u64 {
-            ts.iter()
-                .flatten()
-                .map(|t| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
-                .sum()
+            ts.iter().flatten().map(|t| (t.numel() * t.kind().elt_size_in_bytes()) as u64).sum()
         };
         let (sent, received) = (bytes(&sends), bytes(&recvs));
         self.backend.exchange(&self.info, op, sends, recvs)?;
@@ -206,18 +175,11 @@ impl Group {
 
     /// Counts one call of a collective (a collective may run several transfers).
     pub(crate) fn count_call(&self, op: OpKind) {
-        self.stats
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .add_call(op);
+        self.stats.lock().unwrap_or_else(PoisonError::into_inner).add_call(op);
     }
 
     /// An `InvalidArgument` error for `op` on this group.
     pub(crate) fn invalid(&self, op: OpKind, msg: String) -> Error {
-        Error::InvalidArgument {
-            op: op.name(),
-            group: self.info.to_string(),
-            msg,
-        }
+        Error::InvalidArgument { op: op.name(), group: self.info.to_string(), msg }
     }
 }

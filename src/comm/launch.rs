@@ -65,11 +65,7 @@ impl LocalLaunch {
     /// P ranks, a 120 s collective timeout, one intra-op thread per rank (so P ranks do not
     /// oversubscribe the cores).
     pub fn new(world_size: usize) -> LocalLaunch {
-        LocalLaunch {
-            world_size,
-            timeout: DEFAULT_TIMEOUT,
-            threads_per_rank: 1,
-        }
+        LocalLaunch { world_size, timeout: DEFAULT_TIMEOUT, threads_per_rank: 1 }
     }
 
     /// How long a rank waits for a peer inside one collective before it gives up.
@@ -103,33 +99,27 @@ impl LocalLaunch {
             });
         }
         let world = LocalWorld::new(n, self.timeout);
-        let info = GroupInfo {
-            id: "world".into(),
-            name: "world".into(),
-            ranks: (0..n).collect(),
-        };
+        let info = GroupInfo { id: "world".into(), name: "world".into(), ranks: (0..n).collect() };
         let threads = self.threads_per_rank as i32;
         let outcomes: Vec<std::result::Result<T, String>> = thread::scope(|scope| {
             let handles: Vec<_> = (0..n)
                 .map(|rank| {
                     let (world, info, f) = (Arc::clone(&world), info.clone(), &f);
-                    thread::Builder::new()
-                        .name(format!("rank-{rank}"))
-                        .spawn_scoped(scope, move || {
-                            tch::set_num_threads(threads);
-                            let run = || -> std::result::Result<T, String> {
-                                let group = Group::new(info, rank, world.endpoint(rank))
-                                    .map_err(|e| e.to_string())?;
-                                f(RankCtx { world: group }).map_err(|e| error_chain(&*e.into()))
-                            };
-                            let outcome = catch_unwind(AssertUnwindSafe(run))
-                                .unwrap_or_else(|panic| Err(panic_message(panic)));
-                            match &outcome {
-                                Ok(_) => world.exit(rank),
-                                Err(msg) => world.fail(rank, msg.clone()),
-                            }
-                            outcome
-                        })
+                    thread::Builder::new().name(format!("rank-{rank}")).spawn_scoped(scope, move || {
+                        tch::set_num_threads(threads);
+                        let run = || -> std::result::Result<T, String> {
+                            let group =
+                                Group::new(info, rank, world.endpoint(rank)).map_err(|e| e.to_string())?;
+                            f(RankCtx { world: group }).map_err(|e| error_chain(&*e.into()))
+                        };
+                        let outcome = catch_unwind(AssertUnwindSafe(run))
+                            .unwrap_or_else(|panic| Err(panic_message(panic)));
+                        match &outcome {
+                            Ok(_) => world.exit(rank),
+                            Err(msg) => world.fail(rank, msg.clone()),
+                        }
+                        outcome
+                    })
                 })
                 .collect();
             handles
@@ -151,21 +141,10 @@ impl LocalLaunch {
                 Err(own) => (rank, own.clone()),
                 Ok(_) => (rank, recorded),
             },
-            None => (
-                first_failed,
-                outcomes[first_failed]
-                    .as_ref()
-                    .err()
-                    .cloned()
-                    .unwrap_or_default(),
-            ),
+            None => (first_failed, outcomes[first_failed].as_ref().err().cloned().unwrap_or_default()),
         };
         let others = failed.into_iter().filter(|&r| r != rank).collect();
-        Err(Error::RankFailed {
-            rank,
-            message,
-            others,
-        })
+        Err(Error::RankFailed { rank, message, others })
     }
 }
 

@@ -51,16 +51,8 @@ struct Letter {
 impl LocalWorld {
     /// A world of `size` ranks whose waits give up after `timeout`.
     pub fn new(size: usize, timeout: Duration) -> Arc<LocalWorld> {
-        let state = WorldState {
-            exited: vec![false; size],
-            ..Default::default()
-        };
-        Arc::new(LocalWorld {
-            size,
-            timeout,
-            state: Mutex::new(state),
-            changed: Condvar::new(),
-        })
+        let state = WorldState { exited: vec![false; size], ..Default::default() };
+        Arc::new(LocalWorld { size, timeout, state: Mutex::new(state), changed: Condvar::new() })
     }
 
     pub fn size(&self) -> usize {
@@ -73,10 +65,7 @@ impl LocalWorld {
 
     /// Rank `rank`'s connection, for its world group and every subgroup.
     pub fn endpoint(self: &Arc<Self>, rank: usize) -> Arc<dyn Backend> {
-        Arc::new(LocalEndpoint {
-            world: Arc::clone(self),
-            rank,
-        })
+        Arc::new(LocalEndpoint { world: Arc::clone(self), rank })
     }
 
     /// Records that `rank` failed (the first record wins) and wakes every waiting rank.
@@ -121,13 +110,7 @@ impl Backend for LocalEndpoint {
         sends: Vec<Option<Tensor>>,
         recvs: Vec<Option<Tensor>>,
     ) -> Result<()> {
-        let ex = Exchange {
-            world: &self.world,
-            group,
-            op,
-            me: self.rank,
-            start: Instant::now(),
-        };
+        let ex = Exchange { world: &self.world, group, op, me: self.rank, start: Instant::now() };
         let posted = ex.post(sends)?;
         ex.receive(recvs)?;
         ex.await_receipts(posted)
@@ -135,10 +118,7 @@ impl Backend for LocalEndpoint {
 
     fn subgroup(&self, _parent: &GroupInfo, _sub: &GroupInfo) -> Result<Arc<dyn Backend>> {
         // Mailboxes are keyed by group id, so one endpoint serves every group.
-        Ok(Arc::new(LocalEndpoint {
-            world: Arc::clone(&self.world),
-            rank: self.rank,
-        }))
+        Ok(Arc::new(LocalEndpoint { world: Arc::clone(&self.world), rank: self.rank }))
     }
 }
 
@@ -165,10 +145,7 @@ impl Exchange<'_> {
             st.next_id += 1;
             let envelope = Envelope::of(self.op, &data);
             let key = (self.group.id.clone(), self.me, peer);
-            st.mail
-                .entry(key)
-                .or_default()
-                .push_back(Letter { id, envelope, data });
+            st.mail.entry(key).or_default().push_back(Letter { id, envelope, data });
             posted.push((id, peer));
         }
         self.world.changed.notify_all();
@@ -178,18 +155,12 @@ impl Exchange<'_> {
     /// Takes the letter of every peer in `recvs`, in whatever order they arrive, and copies it
     /// into place.
     fn receive(&self, recvs: Vec<Option<Tensor>>) -> Result<()> {
-        let mut pending: Vec<(usize, Tensor)> = recvs
-            .into_iter()
-            .enumerate()
-            .filter_map(|(j, t)| t.map(|t| (self.group.ranks[j], t)))
-            .collect();
+        let mut pending: Vec<(usize, Tensor)> =
+            recvs.into_iter().enumerate().filter_map(|(j, t)| t.map(|t| (self.group.ranks[j], t))).collect();
         let mut st = self.world.lock();
         while !pending.is_empty() {
             let arrived = pending.iter().enumerate().find_map(|(i, (peer, _))| {
-                let letter = st
-                    .mail
-                    .get_mut(&self.key(*peer))
-                    .and_then(VecDeque::pop_front);
+                let letter = st.mail.get_mut(&self.key(*peer)).and_then(VecDeque::pop_front);
                 letter.map(|letter| (i, letter))
             });
             let Some((i, letter)) = arrived else {
@@ -208,13 +179,9 @@ impl Exchange<'_> {
             drop(st);
             let expected = Envelope::of(self.op.peer_kind(), &dst);
             let outcome = if letter.envelope != expected {
-                Err(format!(
-                    "rank {peer} sent {} but rank {} expected {expected}",
-                    letter.envelope, self.me
-                ))
+                Err(format!("rank {peer} sent {} but rank {} expected {expected}", letter.envelope, self.me))
             } else {
-                dst.f_copy_(&letter.data)
-                    .map_err(|e| format!("copy from rank {peer}: {e}"))
+                dst.f_copy_(&letter.data).map_err(|e| format!("copy from rank {peer}: {e}"))
             };
             st = self.world.lock();
             st.receipts.insert(letter.id, outcome.clone());
@@ -279,11 +246,8 @@ impl Exchange<'_> {
             self.fail_world(st, &err);
             return Err(err);
         }
-        let (st, _) = self
-            .world
-            .changed
-            .wait_timeout(st, timeout - waited)
-            .unwrap_or_else(PoisonError::into_inner);
+        let (st, _) =
+            self.world.changed.wait_timeout(st, timeout - waited).unwrap_or_else(PoisonError::into_inner);
         Ok(st)
     }
 
@@ -300,22 +264,13 @@ impl Exchange<'_> {
     }
 
     fn mismatch(&self, st: MutexGuard<'_, WorldState>, detail: String) -> Error {
-        let err = Error::Mismatch {
-            op: self.op.name(),
-            group: self.group.to_string(),
-            detail,
-        };
+        let err = Error::Mismatch { op: self.op.name(), group: self.group.to_string(), detail };
         self.fail_world(st, &err);
         err
     }
 
     fn abort(&self, st: MutexGuard<'_, WorldState>, cause: String) -> Error {
-        let err = Error::Aborted {
-            op: self.op.name(),
-            group: self.group.to_string(),
-            rank: self.me,
-            cause,
-        };
+        let err = Error::Aborted { op: self.op.name(), group: self.group.to_string(), rank: self.me, cause };
         self.fail_world(st, &err);
         err
     }

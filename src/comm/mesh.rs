@@ -21,11 +21,7 @@ pub struct MeshShape {
 impl MeshShape {
     /// A mesh over `axes` (outermost first). Names must be distinct, sizes at least 1.
     pub fn new(axes: &[(&str, usize)]) -> Result<MeshShape> {
-        let bad = |msg: String| Error::InvalidArgument {
-            op: "mesh",
-            group: format!("{axes:?}"),
-            msg,
-        };
+        let bad = |msg: String| Error::InvalidArgument { op: "mesh", group: format!("{axes:?}"), msg };
         for (i, (name, size)) in axes.iter().enumerate() {
             if *size == 0 {
                 return Err(bad(format!("axis {name:?} has size 0")));
@@ -34,9 +30,7 @@ impl MeshShape {
                 return Err(bad(format!("axis {name:?} appears twice")));
             }
         }
-        Ok(MeshShape {
-            axes: axes.iter().map(|(n, s)| (n.to_string(), *s)).collect(),
-        })
+        Ok(MeshShape { axes: axes.iter().map(|(n, s)| (n.to_string(), *s)).collect() })
     }
 
     /// Data parallel x sequence parallel; SP groups are contiguous ranks.
@@ -84,14 +78,11 @@ impl MeshShape {
     }
 
     fn index(&self, axis: &str) -> Result<usize> {
-        self.axes
-            .iter()
-            .position(|(n, _)| n == axis)
-            .ok_or_else(|| Error::InvalidArgument {
-                op: "mesh",
-                group: format!("{:?}", self.axes),
-                msg: format!("no axis named {axis:?}"),
-            })
+        self.axes.iter().position(|(n, _)| n == axis).ok_or_else(|| Error::InvalidArgument {
+            op: "mesh",
+            group: format!("{:?}", self.axes),
+            msg: format!("no axis named {axis:?}"),
+        })
     }
 
     /// For each mesh axis, whether it is one of `axes`.
@@ -142,11 +133,7 @@ impl Mesh {
                 ),
             });
         }
-        let mut mesh = Mesh {
-            shape,
-            world: world.clone(),
-            groups: BTreeMap::new(),
-        };
+        let mut mesh = Mesh { shape, world: world.clone(), groups: BTreeMap::new() };
         let names: Vec<String> = mesh.shape.axes.iter().map(|(n, _)| n.clone()).collect();
         for name in names {
             let group = mesh.subgroup(&[&name])?;

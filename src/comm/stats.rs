@@ -58,20 +58,9 @@ impl CommStats {
 
 impl fmt::Display for CommStats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(
-            f,
-            "{:<16}{:>7}{:>16}{:>16}",
-            "op", "calls", "bytes sent", "bytes received"
-        )?;
+        writeln!(f, "{:<16}{:>7}{:>16}{:>16}", "op", "calls", "bytes sent", "bytes received")?;
         for (op, c) in self.iter() {
-            writeln!(
-                f,
-                "{:<16}{:>7}{:>16}{:>16}",
-                op.name(),
-                c.calls,
-                c.bytes_sent,
-                c.bytes_received
-            )?;
+            writeln!(f, "{:<16}{:>7}{:>16}{:>16}", op.name(), c.calls, c.bytes_sent, c.bytes_received)?;
         }
         Ok(())
     }

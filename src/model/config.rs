@@ -62,14 +62,7 @@ impl GptConfig {
     /// A GPT of `n_layer` x `n_embd` with `n_head` heads and the GPT-2 vocabulary padded to a
     /// multiple of 64 (50304).
     fn gpt(n_layer: i64, n_embd: i64, n_head: i64) -> GptConfig {
-        GptConfig {
-            vocab_size: 50304,
-            n_layer,
-            n_head,
-            n_kv_head: n_head,
-            n_embd,
-            ..GptConfig::tiny()
-        }
+        GptConfig { vocab_size: 50304, n_layer, n_head, n_kv_head: n_head, n_embd, ..GptConfig::tiny() }
     }
 
     /// GPT-3 Small: 12 layers, h = 768, 12 heads.
@@ -123,13 +116,7 @@ impl GptConfig {
 
     /// Checks that the numbers fit together.
     pub fn validate(&self) -> Result<()> {
-        let bad = |msg: String| {
-            Err(Error::InvalidArgument {
-                op: "gpt_config",
-                group: "-".into(),
-                msg,
-            })
-        };
+        let bad = |msg: String| Err(Error::InvalidArgument { op: "gpt_config", group: "-".into(), msg });
         let positive = [
             ("vocab_size", self.vocab_size),
             ("n_layer", self.n_layer),
@@ -142,22 +129,13 @@ impl GptConfig {
             return bad(format!("{name} = {v} must be at least 1"));
         }
         if self.n_embd % self.n_head != 0 {
-            return bad(format!(
-                "n_embd {} is not a multiple of n_head {}",
-                self.n_embd, self.n_head
-            ));
+            return bad(format!("n_embd {} is not a multiple of n_head {}", self.n_embd, self.n_head));
         }
         if self.head_dim() % 2 != 0 {
-            return bad(format!(
-                "head size {} must be even for RoPE",
-                self.head_dim()
-            ));
+            return bad(format!("head size {} must be even for RoPE", self.head_dim()));
         }
         if self.n_head % self.n_kv_head != 0 {
-            return bad(format!(
-                "n_head {} is not a multiple of n_kv_head {}",
-                self.n_head, self.n_kv_head
-            ));
+            return bad(format!("n_head {} is not a multiple of n_kv_head {}", self.n_head, self.n_kv_head));
         }
         Ok(())
     }

@@ -82,27 +82,11 @@ impl Gpt {
         let lm_head = if cfg.tie_embeddings {
             None
         } else {
-            Some(Linear::new(
-                &mut p,
-                "lm_head",
-                h,
-                cfg.vocab_size,
-                false,
-                std,
-            )?)
+            Some(Linear::new(&mut p, "lm_head", h, cfg.vocab_size, false, std)?)
         };
         let positions = strategy.layout().positions(strategy.rank(), device)?;
         let rope = Rope::new(&positions, d, cfg.rope_theta, kind)?;
-        Ok(Gpt {
-            cfg: cfg.clone(),
-            params: p,
-            wte,
-            blocks,
-            ln_f,
-            lm_head,
-            strategy,
-            rope,
-        })
+        Ok(Gpt { cfg: cfg.clone(), params: p, wte, blocks, ln_f, lm_head, strategy, rope })
     }
 
     pub fn config(&self) -> &GptConfig {
@@ -145,25 +129,15 @@ impl Gpt {
             let qkv = block.qkv.forward(&block.ln1.forward(&x)?)?; // [b, s, (H + 2 H_kv) d]
             let part = |start: i64, heads: i64| -> Result<Tensor> {
                 // [b, s, (H + 2 H_kv) d] -> [b, s, heads, d]
-                qkv.f_narrow(2, start * d, heads * d)
-                    .and_then(|t| t.f_reshape([b, s, heads, d]))
-                    .op("gpt")
+                qkv.f_narrow(2, start * d, heads * d).and_then(|t| t.f_reshape([b, s, heads, d])).op("gpt")
             };
             let q = self.rope.forward(&part(0, hq)?)?;
             let k = self.rope.forward(&part(hq, hkv)?)?;
             let v = part(hq + hkv, hkv)?;
             // [b, s, H, d] -> [b, s, h]
-            let o = self
-                .strategy
-                .forward(tape, &q, &k, &v)?
-                .f_reshape([b, s, h])
-                .op("gpt")?;
+            let o = self.strategy.forward(tape, &q, &k, &v)?.f_reshape([b, s, h]).op("gpt")?;
             x = x.f_add(&block.proj.forward(&o)?).op("gpt")?;
-            let m = block
-                .fc
-                .forward(&block.ln2.forward(&x)?)?
-                .f_gelu("tanh")
-                .op("gpt")?;
+            let m = block.fc.forward(&block.ln2.forward(&x)?)?.f_gelu("tanh").op("gpt")?;
             x = x.f_add(&block.fc_out.forward(&m)?).op("gpt")?;
         }
         let x = self.ln_f.forward(&x)?;
@@ -204,14 +178,8 @@ impl Gpt {
         };
         let (sum, counted) = f().op("gpt_loss")?;
         // [tokens, loss sum] of this rank, then of the group.
-        let mine = Tensor::f_stack(
-            &[
-                counted,
-                sum.detach().f_to_kind(Kind::Double).op("gpt_loss")?,
-            ],
-            0,
-        )
-        .op("gpt_loss")?;
+        let mine = Tensor::f_stack(&[counted, sum.detach().f_to_kind(Kind::Double).op("gpt_loss")?], 0)
+            .op("gpt_loss")?;
         let totals = match self.strategy.group() {
             Some(g) => g.all_reduce(&mine, ReduceOp::Sum)?,
             None => mine,
@@ -226,11 +194,23 @@ impl Gpt {
             });
         }
         let local = sum.f_div_scalar(tokens_total).op("gpt_loss")?;
-        Ok(Loss {
-            local,
-            value: sum_total / tokens_total,
-            tokens: tokens_total as i64,
-        })
+        Ok(Loss { local, value: sum_total / tokens_total, tokens: tokens_total as i64 })
+    }
+
+    /// One forward and backward pass of the loss, gradients synced over the group (no
+    /// optimizer update). A strategy that communicates runs through a [`Tape`]; the single
+    /// device runs plain autograd (its tape records nothing).
+    pub fn forward_backward(&self, tokens: &Tensor, labels: &Tensor) -> Result<Loss> {
+        if self.strategy.group().is_none() {
+            let loss = self.loss(&Tape::disabled(), tokens, labels)?;
+            loss.local.f_backward().op("gpt_backward")?;
+            return Ok(loss);
+        }
+        let tape = Tape::new();
+        let loss = self.loss(&tape, tokens, labels)?;
+        tape.backward(&loss.local)?;
+        self.sync_gradients()?;
+        Ok(loss)
     }
 
     /// Sums every parameter's gradient over the sequence-parallel group, in f32, in one
@@ -239,6 +219,9 @@ impl Gpt {
         let Some(group) = self.strategy.group() else {
             return Ok(());
         };
+        if group.size() == 1 {
+            return Ok(());
+        }
         let mut grads = Vec::with_capacity(self.params.len());
         for (name, p) in self.params.iter() {
             let g = p.grad();
@@ -255,18 +238,13 @@ impl Gpt {
             .map(|g| g.f_to_kind(Kind::Float).and_then(|g| g.f_reshape([-1])))
             .collect::<Result<_, _>>()
             .op("sync_gradients")?;
-        let summed = group.all_reduce(
-            &Tensor::f_cat(&flat, 0).op("sync_gradients")?,
-            ReduceOp::Sum,
-        )?;
+        let summed = group.all_reduce(&Tensor::f_cat(&flat, 0).op("sync_gradients")?, ReduceOp::Sum)?;
         let _no_grad = tch::no_grad_guard();
         let mut offset = 0;
         for g in &mut grads {
             let n = g.numel() as i64;
-            let part = summed
-                .f_narrow(0, offset, n)
-                .and_then(|t| t.f_reshape(g.size()))
-                .op("sync_gradients")?;
+            let part =
+                summed.f_narrow(0, offset, n).and_then(|t| t.f_reshape(g.size())).op("sync_gradients")?;
             g.f_copy_(&part).op("sync_gradients")?;
             offset += n;
         }
@@ -294,11 +272,7 @@ pub fn shift_labels(tokens: &Tensor) -> Result<Tensor> {
     let f = || -> Result<Tensor, tch::TchError> {
         let n = tokens.size()[1];
         let next = tokens.f_narrow(1, 1, n - 1)?;
-        let none = Tensor::f_full(
-            [tokens.size()[0], 1],
-            IGNORE,
-            (Kind::Int64, tokens.device()),
-        )?;
+        let none = Tensor::f_full([tokens.size()[0], 1], IGNORE, (Kind::Int64, tokens.device()))?;
         Tensor::f_cat(&[next, none], 1)
     };
     if tokens.dim() != 2 || tokens.size()[1] < 1 {

@@ -18,9 +18,7 @@ fn splitmix64(mut x: u64) -> u64 {
 
 /// FNV-1a of a name, to give every parameter its own stream.
 fn name_key(name: &str) -> u64 {
-    name.bytes().fold(0xCBF2_9CE4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01B3)
-    })
+    name.bytes().fold(0xCBF2_9CE4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01B3))
 }
 
 /// A uniform in (0, 1) from 53 random bits.
@@ -29,23 +27,13 @@ fn unit(bits: u64) -> f64 {
 }
 
 /// Normal(0, std) values of `shape` for parameter `name` (Box-Muller on a counter-based stream).
-pub fn normal(
-    seed: u64,
-    name: &str,
-    shape: &[i64],
-    std: f64,
-    kind: Kind,
-    device: Device,
-) -> Result<Tensor> {
+pub fn normal(seed: u64, name: &str, shape: &[i64], std: f64, kind: Kind, device: Device) -> Result<Tensor> {
     let n: i64 = shape.iter().product();
     let key = splitmix64(seed ^ name_key(name));
     let mut values = Vec::with_capacity(n as usize);
     let mut i = 0u64;
     while (values.len() as i64) < n {
-        let (u1, u2) = (
-            unit(splitmix64(key ^ (2 * i))),
-            unit(splitmix64(key ^ (2 * i + 1))),
-        );
+        let (u1, u2) = (unit(splitmix64(key ^ (2 * i))), unit(splitmix64(key ^ (2 * i + 1))));
         let radius = (-2.0 * u1.ln()).sqrt() * std;
         let angle = std::f64::consts::TAU * u2;
         values.push((radius * angle.cos()) as f32);

@@ -8,29 +8,17 @@ use crate::Result;
 
 /// Named trainable parameters, in creation order (the same order on every rank, which the
 /// coalesced gradient reduction relies on).
-#[derive(Default)]
 pub struct Params {
     entries: Vec<(String, Tensor)>,
     seed: u64,
-    kind: Option<Kind>,
-    device: Option<Device>,
+    kind: Kind,
+    device: Device,
 }
 
 impl Params {
+    /// Parameters initialised from `seed`, in `kind` on `device`.
     pub fn new(seed: u64, kind: Kind, device: Device) -> Params {
-        Params {
-            entries: Vec::new(),
-            seed,
-            kind: Some(kind),
-            device: Some(device),
-        }
-    }
-
-    fn opts(&self) -> (Kind, Device) {
-        (
-            self.kind.unwrap_or(Kind::Float),
-            self.device.unwrap_or(Device::Cpu),
-        )
+        Params { entries: Vec::new(), seed, kind, device }
     }
 
     fn add(&mut self, name: &str, t: Tensor) -> Tensor {
@@ -41,14 +29,14 @@ impl Params {
 
     /// A Normal(0, std) parameter.
     pub fn normal(&mut self, name: &str, shape: &[i64], std: f64) -> Result<Tensor> {
-        let (kind, device) = self.opts();
+        let (kind, device) = (self.kind, self.device);
         let t = init::normal(self.seed, name, shape, std, kind, device)?;
         Ok(self.add(name, t))
     }
 
     /// A constant parameter.
     pub fn constant(&mut self, name: &str, shape: &[i64], value: f64) -> Result<Tensor> {
-        let (kind, device) = self.opts();
+        let (kind, device) = (self.kind, self.device);
         let t = init::constant(value, shape, kind, device)?;
         Ok(self.add(name, t))
     }
@@ -80,20 +68,9 @@ pub struct Linear {
 
 impl Linear {
     /// `weight` Normal(0, std) `[out, in]`; `bias` zeros `[out]` when asked for.
-    pub fn new(
-        p: &mut Params,
-        name: &str,
-        input: i64,
-        output: i64,
-        bias: bool,
-        std: f64,
-    ) -> Result<Linear> {
+    pub fn new(p: &mut Params, name: &str, input: i64, output: i64, bias: bool, std: f64) -> Result<Linear> {
         let weight = p.normal(&format!("{name}.weight"), &[output, input], std)?;
-        let bias = if bias {
-            Some(p.constant(&format!("{name}.bias"), &[output], 0.0)?)
-        } else {
-            None
-        };
+        let bias = if bias { Some(p.constant(&format!("{name}.bias"), &[output], 0.0)?) } else { None };
         Ok(Linear { weight, bias })
     }
 
@@ -124,8 +101,7 @@ impl LayerNorm {
     /// `[.., h]` -> `[.., h]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.weight.size()[0];
-        x.f_layer_norm([h], Some(&self.weight), Some(&self.bias), self.eps, true)
-            .op("layer_norm")
+        x.f_layer_norm([h], Some(&self.weight), Some(&self.bias), self.eps, true).op("layer_norm")
     }
 }
 
@@ -145,14 +121,10 @@ impl Rope {
         let f = || -> Result<(Tensor, Tensor), tch::TchError> {
             // inv_freq[i] = theta^(-2i/d), in f64 so long contexts keep their precision.
             let i = Tensor::f_arange(half, (Kind::Double, device))?;
-            let inv_freq = i
-                .f_mul_scalar(-2.0 * theta.ln() / head_dim as f64)?
-                .f_exp()?;
+            let inv_freq = i.f_mul_scalar(-2.0 * theta.ln() / head_dim as f64)?.f_exp()?;
             // [s, 1] x [1, d/2] -> [s, d/2] -> [1, s, 1, d/2]
-            let angles = positions
-                .f_to_kind(Kind::Double)?
-                .f_unsqueeze(1)?
-                .f_mul(&inv_freq.f_unsqueeze(0)?)?;
+            let angles =
+                positions.f_to_kind(Kind::Double)?.f_unsqueeze(1)?.f_mul(&inv_freq.f_unsqueeze(0)?)?;
             let shape = [1, angles.size()[0], 1, half];
             Ok((
                 angles.f_cos()?.f_reshape(shape)?.f_to_kind(kind)?,

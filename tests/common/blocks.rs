@@ -75,9 +75,7 @@ impl Blocks {
             let u = tape.all_to_all_v(group, &u, 1, 0, head_split, seq_split)?;
             let u = Self::mix(&u);
             // [N, H/P, d] -> [N/P, H, d] -> [N/P, h]
-            let u = tape
-                .all_to_all_v(group, &u, 0, 1, seq_split, head_split)?
-                .view([s, -1]);
+            let u = tape.all_to_all_v(group, &u, 0, 1, seq_split, head_split)?.view([s, -1]);
             // Not `+=`: on tch tensors that is an in-place add, which autograd must not see here.
             h = &h + u.matmul(w2);
             if cuts {

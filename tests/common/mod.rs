@@ -7,22 +7,14 @@ use tch::{Device, Kind, Tensor};
 pub const WORLD_SIZES: [usize; 5] = [1, 2, 3, 4, 8];
 
 /// The dtypes every collective is checked with.
-pub const KINDS: [Kind; 5] = [
-    Kind::Float,
-    Kind::Double,
-    Kind::BFloat16,
-    Kind::Half,
-    Kind::Int64,
-];
+pub const KINDS: [Kind; 5] = [Kind::Float, Kind::Double, Kind::BFloat16, Kind::Half, Kind::Int64];
 
 /// Rank `rank`'s data of `shape`: small integers in [-48, 48] that depend on the rank and the
 /// position, exact in every dtype (so sums over 8 ranks stay exact in f32 accumulation).
 /// With `contiguous = false` the result is a permuted (non-contiguous) view of the same values.
 pub fn data(rank: usize, shape: &[i64], kind: Kind, contiguous: bool) -> Tensor {
     let n: i64 = shape.iter().product();
-    let flat = (Tensor::arange(n, (Kind::Int64, Device::Cpu)) * 11 + rank as i64 * 37 + 5)
-        .remainder(97)
-        - 48;
+    let flat = (Tensor::arange(n, (Kind::Int64, Device::Cpu)) * 11 + rank as i64 * 37 + 5).remainder(97) - 48;
     let t = flat.reshape(shape).to_kind(kind);
     // Tensors with fewer than two dims of extent > 1 are contiguous in any layout.
     if contiguous || shape.iter().filter(|&&s| s > 1).count() < 2 {
@@ -32,10 +24,7 @@ pub fn data(rank: usize, shape: &[i64], kind: Kind, contiguous: bool) -> Tensor 
     let rev: Vec<i64> = (0..shape.len() as i64).rev().collect();
     let stored = t.permute(&rev).contiguous();
     let view = stored.permute(&rev);
-    assert!(
-        !view.is_contiguous(),
-        "wanted a non-contiguous view of {shape:?}"
-    );
+    assert!(!view.is_contiguous(), "wanted a non-contiguous view of {shape:?}");
     view
 }
 
@@ -44,21 +33,14 @@ pub fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
     if a.numel() == 0 {
         return 0.0;
     }
-    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double))
-        .abs()
-        .max()
-        .double_value(&[])
+    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double)).abs().max().double_value(&[])
 }
 
 /// Asserts equal shape, dtype and values, bit for bit.
 pub fn assert_exact(label: &str, got: &Tensor, want: &Tensor) {
     assert_eq!(got.size(), want.size(), "{label}: shape");
     assert_eq!(got.kind(), want.kind(), "{label}: dtype");
-    assert!(
-        got.equal(want),
-        "{label}: values differ, max diff {:.3e}",
-        max_diff(got, want)
-    );
+    assert!(got.equal(want), "{label}: values differ, max diff {:.3e}", max_diff(got, want));
 }
 
 /// Asserts equal shapes and values within `tol` (absolute).
@@ -81,9 +63,7 @@ pub fn det(shape: &[i64], seed: u64, kind: Kind) -> Tensor {
 
 /// Sum of elementwise products, in f64.
 pub fn dot(a: &Tensor, b: &Tensor) -> f64 {
-    (a.to_kind(Kind::Double) * b.to_kind(Kind::Double))
-        .sum(Kind::Double)
-        .double_value(&[])
+    (a.to_kind(Kind::Double) * b.to_kind(Kind::Double)).sum(Kind::Double).double_value(&[])
 }
 
 /// H heads over P ranks, ranks below H % P getting one more (the library's uneven rule).

@@ -1,55 +1,8 @@
-//! The `ulysses` command line.
+//! `ulysses demo`: P ranks as threads, one all-to-all there and back, shapes and bytes per rank.
 
 use anyhow::{ensure, Context, Result};
-use clap::{Parser, Subcommand};
 use tch::{Device, Kind, Tensor};
 use ulysses::comm::{launch, OpKind};
-
-#[derive(Parser)]
-#[command(
-    name = "ulysses",
-    version,
-    about = "Sequence-parallel transformer training toolkit"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Launch P ranks as threads, all-to-all a [b, N/P, H, d] tensor into [b, N, H/P, d] and back,
-    /// and print each rank's shapes and the bytes it moved.
-    Demo {
-        /// Ranks (threads).
-        #[arg(long, default_value_t = 4)]
-        ranks: usize,
-        /// Global sequence length N.
-        #[arg(long, default_value_t = 1024)]
-        seq: i64,
-        /// Attention heads H.
-        #[arg(long, default_value_t = 8)]
-        heads: i64,
-        /// Head size d.
-        #[arg(long, default_value_t = 64)]
-        head_dim: i64,
-        /// Micro-batch b.
-        #[arg(long, default_value_t = 2)]
-        batch: i64,
-    },
-}
-
-fn main() -> Result<()> {
-    match Cli::parse().command {
-        Command::Demo {
-            ranks,
-            seq,
-            heads,
-            head_dim,
-            batch,
-        } => demo(ranks, seq, heads, head_dim, batch),
-    }
-}
 
 struct RankReport {
     input: Vec<i64>,
@@ -59,12 +12,9 @@ struct RankReport {
     round_trip_exact: bool,
 }
 
-fn demo(p: usize, n: i64, h: i64, d: i64, b: i64) -> Result<()> {
+pub fn run(p: usize, n: i64, h: i64, d: i64, b: i64) -> Result<()> {
     ensure!(p >= 1, "--ranks must be at least 1");
-    ensure!(
-        n % p as i64 == 0,
-        "--seq {n} must be divisible by --ranks {p}"
-    );
+    ensure!(n % p as i64 == 0, "--seq {n} must be divisible by --ranks {p}");
     println!("DeepSpeed-Ulysses all-to-all on {p} ranks (threads), f32, b={b} N={n} H={h} d={d}");
     let reports = launch(p, |ctx| -> Result<RankReport> {
         let world = ctx.world();
@@ -97,11 +47,7 @@ fn demo(p: usize, n: i64, h: i64, d: i64, b: i64) -> Result<()> {
             format!("{:?}", rep.gathered),
             rep.sent,
             rep.received,
-            if rep.round_trip_exact {
-                "bit-exact"
-            } else {
-                "DIFFERS"
-            }
+            if rep.round_trip_exact { "bit-exact" } else { "DIFFERS" }
         );
     }
     // DESIGN.md §2.2: one all-to-all of a tensor of M elements sends M(P-1)/P^2 per rank.
@@ -111,10 +57,7 @@ fn demo(p: usize, n: i64, h: i64, d: i64, b: i64) -> Result<()> {
         "formula for even heads: M(P-1)/P^2 x 4 B = {} B per rank (M = b*N*H*d = {m})",
         m * (pp - 1) / (pp * pp) * 4
     );
-    ensure!(
-        reports.iter().all(|r| r.round_trip_exact),
-        "an all-to-all round trip was not exact"
-    );
+    ensure!(reports.iter().all(|r| r.round_trip_exact), "an all-to-all round trip was not exact");
     Ok(())
 }
 

@@ -1,0 +1,77 @@
+//! `ulysses layer`: q, k, v from a safetensors file through Ulysses on P ranks, the output and
+//! the gradients back to a file, checked against a single-device computation.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{ensure, Result};
+use common::{det, max_diff};
+use tch::{Device, Kind, Tensor};
+
+fn temp(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("ulysses-interop-{}-{name}", std::process::id()))
+}
+
+/// Causal attention with kv heads h / G, in f64: (out, dq, dk, dv) for the loss sum(out * go).
+fn reference(q: &Tensor, k: &Tensor, v: &Tensor, go: &Tensor) -> [Tensor; 4] {
+    let [q, k, v] = [q, k, v].map(|t| t.to_kind(Kind::Double).set_requires_grad(true));
+    let (heads, kv_heads, d) = (q.size()[2], k.size()[2], q.size()[3]);
+    let map = Tensor::arange(heads, (Kind::Int64, Device::Cpu)).floor_divide_scalar(heads / kv_heads);
+    let (ke, ve) = (k.index_select(2, &map).transpose(1, 2), v.index_select(2, &map).transpose(1, 2));
+    let n = q.size()[1];
+    let causal = Tensor::ones([n, n], (Kind::Bool, Device::Cpu)).tril(0);
+    let scores = q.transpose(1, 2).matmul(&ke.transpose(-2, -1)) / (d as f64).sqrt();
+    let out = scores
+        .masked_fill(&causal.logical_not(), f64::NEG_INFINITY)
+        .softmax(-1, Kind::Double)
+        .matmul(&ve)
+        .transpose(1, 2);
+    (&out * go.to_kind(Kind::Double)).sum(Kind::Double).backward();
+    [out.detach(), q.grad(), k.grad(), v.grad()]
+}
+
+#[test]
+fn a_layer_runs_from_and_to_safetensors() -> Result<()> {
+    let (b, n, heads, kv_heads, d) = (2, 22, 6, 2, 8);
+    let q = det(&[b, n, heads, d], 1, Kind::Float);
+    let k = det(&[b, n, kv_heads, d], 2, Kind::Float);
+    let v = det(&[b, n, kv_heads, d], 3, Kind::Float);
+    let go = det(&[b, n, heads, d], 4, Kind::Float);
+    let (input, output) = (temp("in.safetensors"), temp("out.safetensors"));
+    Tensor::write_safetensors(&[("q", &q), ("k", &k), ("v", &v), ("grad_out", &go)], &input)?;
+
+    for ranks in ["1", "3", "4"] {
+        let status = Command::new(env!("CARGO_BIN_EXE_ulysses"))
+            .args(["layer", "--ranks", ranks, "--kernel", "sdpa", "--mask", "causal", "--input"])
+            .arg(&input)
+            .arg("--output")
+            .arg(&output)
+            .output()?;
+        ensure!(status.status.success(), "ulysses layer failed: {}", String::from_utf8_lossy(&status.stderr));
+        let got = Tensor::read_safetensors(&output)?;
+        let want = reference(&q, &k, &v, &go);
+        for (name, w) in ["out", "grad_q", "grad_k", "grad_v"].iter().zip(&want) {
+            let t = &got.iter().find(|(n, _)| n == name).expect("every output tensor is written").1;
+            ensure!(t.kind() == Kind::Float && t.size() == w.size(), "{name}: {:?} {:?}", t.kind(), t.size());
+            let diff = max_diff(t, w);
+            ensure!(diff < 1e-5, "P={ranks} {name}: max diff {diff:.3e} against f64 attention");
+        }
+    }
+
+    // A file without k is refused with the names it does hold.
+    Tensor::write_safetensors(&[("q", &q), ("v", &v)], &input)?;
+    let out = Command::new(env!("CARGO_BIN_EXE_ulysses"))
+        .arg("layer")
+        .arg("--input")
+        .arg(&input)
+        .arg("--output")
+        .arg(&output)
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success() && err.contains("must hold tensors q, k and v"), "{err}");
+    let _ = std::fs::remove_file(&input);
+    let _ = std::fs::remove_file(&output);
+    Ok(())
+}
