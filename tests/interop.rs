@@ -35,30 +35,38 @@ fn reference(q: &Tensor, k: &Tensor, v: &Tensor, go: &Tensor) -> [Tensor; 4] {
 #[test]
 fn a_layer_runs_from_and_to_safetensors() -> Result<()> {
     let (b, n, heads, kv_heads, d) = (2, 22, 6, 2, 8);
-    let q = det(&[b, n, heads, d], 1, Kind::Float);
-    let k = det(&[b, n, kv_heads, d], 2, Kind::Float);
-    let v = det(&[b, n, kv_heads, d], 3, Kind::Float);
-    let go = det(&[b, n, heads, d], 4, Kind::Float);
     let (input, output) = (temp("in.safetensors"), temp("out.safetensors"));
-    Tensor::write_safetensors(&[("q", &q), ("k", &k), ("v", &v), ("grad_out", &go)], &input)?;
-
-    for ranks in ["1", "3", "4"] {
-        let status = Command::new(env!("CARGO_BIN_EXE_ulysses"))
-            .args(["layer", "--ranks", ranks, "--kernel", "sdpa", "--mask", "causal", "--input"])
-            .arg(&input)
-            .arg("--output")
-            .arg(&output)
-            .output()?;
-        ensure!(status.status.success(), "ulysses layer failed: {}", String::from_utf8_lossy(&status.stderr));
-        let got = Tensor::read_safetensors(&output)?;
+    // f64 must come back exact to rounding: it catches any f32 step on the way.
+    for (kind, tol) in [(Kind::Float, 1e-5), (Kind::Double, 1e-12)] {
+        let q = det(&[b, n, heads, d], 1, kind);
+        let k = det(&[b, n, kv_heads, d], 2, kind);
+        let v = det(&[b, n, kv_heads, d], 3, kind);
+        let go = det(&[b, n, heads, d], 4, kind);
+        Tensor::write_safetensors(&[("q", &q), ("k", &k), ("v", &v), ("grad_out", &go)], &input)?;
         let want = reference(&q, &k, &v, &go);
-        for (name, w) in ["out", "grad_q", "grad_k", "grad_v"].iter().zip(&want) {
-            let t = &got.iter().find(|(n, _)| n == name).expect("every output tensor is written").1;
-            ensure!(t.kind() == Kind::Float && t.size() == w.size(), "{name}: {:?} {:?}", t.kind(), t.size());
-            let diff = max_diff(t, w);
-            ensure!(diff < 1e-5, "P={ranks} {name}: max diff {diff:.3e} against f64 attention");
+        for ranks in ["1", "3", "4"] {
+            let status = Command::new(env!("CARGO_BIN_EXE_ulysses"))
+                .args(["layer", "--ranks", ranks, "--kernel", "sdpa", "--mask", "causal", "--input"])
+                .arg(&input)
+                .arg("--output")
+                .arg(&output)
+                .output()?;
+            ensure!(
+                status.status.success(),
+                "ulysses layer failed: {}",
+                String::from_utf8_lossy(&status.stderr)
+            );
+            let got = Tensor::read_safetensors(&output)?;
+            for (name, w) in ["out", "grad_q", "grad_k", "grad_v"].iter().zip(&want) {
+                let t = &got.iter().find(|(n, _)| n == name).expect("every output tensor is written").1;
+                ensure!(t.kind() == kind && t.size() == w.size(), "{name}: {:?} {:?}", t.kind(), t.size());
+                let diff = max_diff(t, w);
+                ensure!(diff < tol, "{kind:?} P={ranks} {name}: max diff {diff:.3e} against f64 attention");
+            }
         }
     }
+    let q = det(&[b, n, heads, d], 1, Kind::Float);
+    let v = det(&[b, n, kv_heads, d], 3, Kind::Float);
 
     // A file without k is refused with the names it does hold.
     Tensor::write_safetensors(&[("q", &q), ("v", &v)], &input)?;

@@ -56,12 +56,12 @@ pub fn run(input: &Path, output: &Path, p: usize, kernel: Kernel, mask: Mask) ->
         let (q, k, v) = (mine(&x.q)?, mine(&x.k)?, mine(&x.v)?);
         let tape = Tape::new();
         let out = attn.forward(&tape, &q, &k, &v)?;
-        // The gradient of sum(out * grad_out) with respect to out is grad_out.
+        // The gradient of sum(out * grad_out) with respect to out is grad_out (summed in f32
+        // for half types, which f32 holds exactly, and in f64 for f64).
+        let acc = if out.kind() == Kind::Double { Kind::Double } else { Kind::Float };
         let loss = match &x.grad_out {
-            Some(g) => {
-                (out.to_kind(Kind::Float) * layout.shard(g, 1, r)?.to_kind(Kind::Float)).sum(Kind::Float)
-            }
-            None => out.to_kind(Kind::Float).sum(Kind::Float),
+            Some(g) => (out.to_kind(acc) * layout.shard(g, 1, r)?.to_kind(acc)).sum(acc),
+            None => out.to_kind(acc).sum(acc),
         };
         tape.backward(&loss)?;
         let sent = ctx.world().stats().op(OpKind::AllToAll).bytes_sent;
