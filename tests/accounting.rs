@@ -124,6 +124,8 @@ fn taped_forward_and_backward_are_counted_per_group() -> Result<()> {
         let z = tape.all_reduce(dp, &y)?;
         let forward = (sp.stats().op(OpKind::AllToAll), dp.stats().op(OpKind::AllReduce));
         ensure!(ctx.world().stats().bytes_sent() == 0, "world counted the subgroups' bytes");
+        let total = ctx.world().rank_stats().bytes_sent();
+        ensure!(total == forward.0.bytes_sent + forward.1.bytes_sent, "rank total {total} B");
         tape.backward(&z.sum(Kind::Float))?;
         let both = (sp.stats().op(OpKind::AllToAll), dp.stats().op(OpKind::AllReduce));
         // a2a: global M = 2 ranks x 192 floats, M(P-1)/P^2 = 96 floats sent. all-reduce of

@@ -6,10 +6,10 @@ mod common;
 use anyhow::{ensure, Result};
 use common::max_diff;
 use tch::{Device, Kind, Tensor};
-use ulysses::attention::{AttentionConfig, Kernel, Mask, SequenceParallel, SingleDevice, UlyssesAttention};
+use ulysses::attention::{AttentionConfig, Kernel, Mask, SingleDevice, StrategyConfig, UlyssesAttention};
 use ulysses::autograd::Tape;
-use ulysses::comm::launch;
-use ulysses::model::{shift_labels, Gpt, GptConfig};
+use ulysses::comm::{launch, OpKind};
+use ulysses::model::{shift_labels, Gpt, GptConfig, Placement};
 
 /// Deterministic token ids `[b, n]` below `vocab`.
 fn tokens(b: i64, n: i64, vocab: i64) -> Tensor {
@@ -33,33 +33,45 @@ fn single_device(cfg: &GptConfig, b: i64, n: i64) -> Result<(f64, Vec<(String, T
 }
 
 fn check_parity(cfg: &GptConfig, p: usize, b: i64, n: i64) -> Result<()> {
+    check_strategy(cfg, StrategyConfig::Ulysses, p, b, n)
+}
+
+/// Loss and every parameter gradient of the GPT with `strategy` on `p` ranks against one
+/// device. A sharded parameter's gradient is compared with its slices of the full gradient.
+fn check_strategy(cfg: &GptConfig, strategy: StrategyConfig, p: usize, b: i64, n: i64) -> Result<()> {
     let (want_loss, want) = single_device(cfg, b, n)?;
-    let per_rank = launch(p, |ctx| -> Result<(f64, Vec<Tensor>)> {
-        let strategy =
-            UlyssesAttention::new(ctx.world().clone(), attention().build()?, n, cfg.n_head, cfg.n_kv_head)?;
-        let layout = strategy.layout().clone();
-        let model = Gpt::new(cfg, Box::new(strategy), Kind::Float, Device::Cpu)?;
+    let per_rank = launch(p, |ctx| -> Result<(f64, Vec<(Tensor, Placement)>)> {
+        let s = strategy.build(ctx.world(), attention(), n, cfg.n_head, cfg.n_kv_head)?;
+        let layout = s.layout().clone();
+        let model = Gpt::new(cfg, s, Kind::Float, Device::Cpu)?;
         let toks = tokens(b, n, cfg.vocab_size);
         let labels = shift_labels(&toks)?;
         let (toks, labels) = (layout.shard(&toks, 1, ctx.rank())?, layout.shard(&labels, 1, ctx.rank())?);
-        let tape = Tape::new();
-        let loss = model.loss(&tape, &toks, &labels)?;
-        tape.backward(&loss.local)?;
-        model.sync_gradients()?;
-        Ok((loss.value, model.params().iter().map(|(_, p)| p.grad()).collect()))
+        let loss = model.forward_backward(&toks, &labels)?;
+        let grads = model.params().all().iter().map(|p| (p.tensor.grad(), p.placement.clone())).collect();
+        Ok((loss.value, grads))
     })?;
     let label = format!(
-        "gpt {}x{} H={} H_kv={} P={p} b={b} N={n}",
-        cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head
+        "gpt {}x{} H={} H_kv={} {} P={p} b={b} N={n}",
+        cfg.n_layer,
+        cfg.n_embd,
+        cfg.n_head,
+        cfg.n_kv_head,
+        strategy.label()
     );
     for (r, (loss, grads)) in per_rank.iter().enumerate() {
         ensure!(
             (loss - want_loss).abs() <= 1e-6 * want_loss.abs(),
             "{label} rank {r}: loss {loss} vs {want_loss}"
         );
-        for ((name, w), g) in want.iter().zip(grads) {
+        ensure!(grads.len() == want.len(), "{label}: {} parameters vs {}", grads.len(), want.len());
+        for ((name, w), (g, placement)) in want.iter().zip(grads) {
+            let w = match placement {
+                Placement::Replicated => w.shallow_clone(),
+                Placement::Sharded { dim, index } => w.index_select(*dim, &Tensor::from_slice(index)),
+            };
             let scale = w.abs().max().double_value(&[]).max(1e-6);
-            let d = max_diff(g, w) / scale;
+            let d = max_diff(g, &w) / scale;
             // f32; the differences seen are about 3e-7 (summation order).
             ensure!(d <= 1e-5, "{label} rank {r}: d{name} max relative diff {d:.2e} > 1e-5");
         }
@@ -166,6 +178,82 @@ fn bad_configs_and_inputs_are_refused() -> Result<()> {
         errs[0][1].contains("a sequence of 5 tokens cannot give each of 8 ranks a token"),
         "{}",
         errs[0][1]
+    );
+    Ok(())
+}
+
+#[test]
+fn every_strategy_trains_the_gpt_like_one_device() -> Result<()> {
+    // 8 heads (2 kv heads for the GQA run), N = 32: every strategy at P = 2 and 4, Megatron-SP
+    // where the kv heads divide.
+    let mha = GptConfig { n_head: 8, n_kv_head: 8, n_embd: 64, ..GptConfig::tiny() };
+    let gqa = GptConfig { n_kv_head: 2, tie_embeddings: false, ..mha.clone() };
+    for p in [2usize, 4] {
+        for strategy in [
+            StrategyConfig::MegatronSp,
+            StrategyConfig::Ring { zigzag: false },
+            StrategyConfig::Ring { zigzag: true },
+            StrategyConfig::AllGatherKv { zigzag: true },
+            StrategyConfig::Usp { ulysses: 2, zigzag: true },
+        ] {
+            check_strategy(&mha, strategy, p, 2, 32)?;
+            if strategy != StrategyConfig::MegatronSp || p == 2 {
+                check_strategy(&gqa, strategy, p, 1, 32)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn megatron_sp_keeps_a_pth_of_the_blocks_and_its_volume_does_not_shrink() -> Result<()> {
+    // Per-rank bytes of one layer's forward and backward for a fixed N: Ulysses' fall as P
+    // grows, Megatron-SP's do not (Jacobs et al. 2023, §3.2), counted, not computed.
+    let cfg = GptConfig { n_layer: 1, n_head: 8, n_kv_head: 8, n_embd: 64, ..GptConfig::tiny() };
+    let (b, n) = (1, 64);
+    let (h, es) = (cfg.n_embd as u64, 4u64);
+    let mut volumes = Vec::new();
+    for p in [2usize, 4, 8] {
+        let sent = launch(p, |ctx| -> Result<(u64, u64, i64)> {
+            let mut out = (0, 0, 0);
+            for strategy in [StrategyConfig::Ulysses, StrategyConfig::MegatronSp] {
+                let s = strategy.build(ctx.world(), attention(), n, cfg.n_head, cfg.n_kv_head)?;
+                let layout = s.layout().clone();
+                let model = Gpt::new(&cfg, s, Kind::Float, Device::Cpu)?;
+                let toks = layout.shard(&tokens(b, n, cfg.vocab_size), 1, ctx.rank())?;
+                let labels = layout.shard(&shift_labels(&tokens(b, n, cfg.vocab_size))?, 1, ctx.rank())?;
+                ctx.world().reset_stats();
+                model.forward_backward(&toks, &labels)?;
+                let st = ctx.world().stats();
+                if strategy == StrategyConfig::Ulysses {
+                    out.0 = st.op(OpKind::AllToAll).bytes_sent;
+                } else {
+                    out.1 = st.op(OpKind::AllGather).bytes_sent + st.op(OpKind::ReduceScatter).bytes_sent;
+                    out.2 = model.params().numel();
+                }
+            }
+            Ok(out)
+        })?;
+        let (pu, nu) = (p as u64, n as u64);
+        // Megatron-SP: 2 all-gathers + 2 reduce-scatters of [b, N, h], forward and backward.
+        let megatron = 2 * 4 * b as u64 * nu * h * (pu - 1) / pu * es;
+        // Ulysses: 2 x (2Nh + 2N H_kv d)(P-1)/P^2.
+        let ulysses = 2 * b as u64 * (2 * nu * h + 2 * nu * h) * (pu - 1) / (pu * pu) * es;
+        ensure!(sent.iter().all(|s| s.1 == megatron), "Megatron-SP P={p}: {:?}, expected {megatron}", sent);
+        ensure!(sent.iter().all(|s| s.0 == ulysses), "Ulysses P={p}: {:?}, expected {ulysses}", sent);
+        // The blocks' weights are 1/P per rank (embedding, norms and output biases replicated).
+        let replicated = cfg.vocab_size * h as i64 + 8 * h as i64; // + 3 LayerNorms and 2 output biases
+        let blocks = cfg.num_params() - replicated;
+        ensure!(sent[0].2 == replicated + blocks / p as i64, "Megatron-SP P={p}: {} parameters", sent[0].2);
+        volumes.push((sent[0].0, sent[0].1));
+    }
+    ensure!(
+        volumes.windows(2).all(|w| w[1].0 < w[0].0),
+        "Ulysses per-rank bytes do not fall with P: {volumes:?}"
+    );
+    ensure!(
+        volumes.windows(2).all(|w| w[1].1 >= w[0].1),
+        "Megatron-SP per-rank bytes fall with P: {volumes:?}"
     );
     Ok(())
 }

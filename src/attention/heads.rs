@@ -101,14 +101,20 @@ impl HeadPlan {
     /// # Shapes
     /// `[b, N, kv_split[r], d]` -> `[b, N, q_split[r], d]` (the same tensor for plain MHA).
     pub fn expand_kv(&self, r: usize, kv: &Tensor) -> Result<Tensor> {
+        let Some(map) = self.expand_map(r) else { return Ok(kv.shallow_clone()) };
+        let map = Tensor::from_slice(&map).f_to(kv.device()).op("head_plan")?;
+        kv.f_index_select(2, &map).op("head_plan")
+    }
+
+    /// For each query head rank `r` computes, the index of its kv head among the kv heads the
+    /// rank receives; `None` for plain multi-head attention (one kv head per query head).
+    pub fn expand_map(&self, r: usize) -> Option<Vec<i64>> {
         let group = self.heads / self.kv_heads;
         if group == 1 {
-            return Ok(kv.shallow_clone());
+            return None;
         }
         let q_start: i64 = self.q_split[..r].iter().sum();
         let first_kv = self.kv_ranges[r].0;
-        let map: Vec<i64> = (q_start..q_start + self.q_split[r]).map(|h| h / group - first_kv).collect();
-        let map = Tensor::from_slice(&map).f_to(kv.device()).op("head_plan")?;
-        kv.f_index_select(2, &map).op("head_plan")
+        Some((q_start..q_start + self.q_split[r]).map(|h| h / group - first_kv).collect())
     }
 }

@@ -1,9 +1,17 @@
 //! How a global sequence of N tokens is spread over the P ranks of a sequence-parallel group.
 //!
-//! Contiguous layout (Ulysses, paper §3.1): rank r holds tokens `[start_r, start_r + len_r)`, in
-//! rank order. When P does not divide N the first `N % P` ranks hold one token more; the uneven
-//! all-to-all then gathers exactly N tokens, so nothing is padded and nothing is masked. (The
-//! reference implementation silently corrupts results in this case; we stay exact.)
+//! Each rank holds one or more *segments* (runs of consecutive global positions), in a fixed
+//! order; its tokens are those segments concatenated. Three layouts:
+//!
+//! - **contiguous** (Ulysses, paper §3.1; ring and all-gather KV): rank r holds one run, in rank
+//!   order. When P does not divide N the first `N % P` ranks hold one token more; the uneven
+//!   all-to-all then gathers exactly N tokens, so nothing is padded and nothing is masked. (The
+//!   reference implementation silently corrupts results in this case; we stay exact.)
+//! - **zigzag** (ring attention with a causal mask): the sequence is cut into 2P equal chunks and
+//!   rank r holds chunks r and 2P-1-r, so that every rank has as many visible (query, key) pairs.
+//! - **nested** (Ulysses x ring): the sequence is first laid out over R ring ranks (contiguous or
+//!   zigzag), then each ring chunk is cut contiguously over U Ulysses ranks; rank = ring * U +
+//!   ulysses, so a Ulysses group's all-to-all gathers exactly its ring chunk.
 
 use tch::{Device, Kind, Tensor};
 
@@ -14,21 +22,84 @@ use crate::{Error, Result};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SeqLayout {
     n: i64,
+    /// Per rank, its segments (first position, length), in the order the rank holds them.
+    segments: Vec<Vec<(i64, i64)>>,
     lens: Vec<i64>,
+    name: &'static str,
 }
 
 impl SeqLayout {
+    fn from_segments(n: i64, segments: Vec<Vec<(i64, i64)>>, name: &'static str) -> SeqLayout {
+        let lens = segments.iter().map(|s| s.iter().map(|&(_, len)| len).sum()).collect();
+        SeqLayout { n, segments, lens, name }
+    }
+
+    fn error(p: usize, msg: String) -> Error {
+        Error::InvalidArgument { op: "sequence_layout", group: format!("{p} ranks"), msg }
+    }
+
     /// Contiguous shares of `n` tokens over `p` ranks, the first `n % p` one longer.
     pub fn contiguous(n: i64, p: usize) -> Result<SeqLayout> {
         let pi = p as i64;
         if p == 0 || n < pi {
-            return Err(Error::InvalidArgument {
-                op: "sequence_layout",
-                group: format!("{p} ranks"),
-                msg: format!("a sequence of {n} tokens cannot give each of {p} ranks a token"),
-            });
+            return Err(Self::error(
+                p,
+                format!("a sequence of {n} tokens cannot give each of {p} ranks a token"),
+            ));
         }
-        Ok(SeqLayout { n, lens: (0..pi).map(|r| n / pi + i64::from(r < n % pi)).collect() })
+        let mut start = 0;
+        let segments = (0..pi)
+            .map(|r| {
+                let len = n / pi + i64::from(r < n % pi);
+                start += len;
+                vec![(start - len, len)]
+            })
+            .collect();
+        Ok(SeqLayout::from_segments(n, segments, "contiguous"))
+    }
+
+    /// Rank r holds chunks r and 2P-1-r of 2P equal chunks.
+    pub fn zigzag(n: i64, p: usize) -> Result<SeqLayout> {
+        let pi = p as i64;
+        if p == 0 || n % (2 * pi) != 0 {
+            return Err(Self::error(
+                p,
+                format!(
+                    "zigzag needs N divisible by 2P: N={n}, 2P={}; pad the sequence or use contiguous",
+                    2 * pi
+                ),
+            ));
+        }
+        let c = n / (2 * pi);
+        let segments = (0..pi).map(|r| vec![(r * c, c), ((2 * pi - 1 - r) * c, c)]).collect();
+        Ok(SeqLayout::from_segments(n, segments, "zigzag"))
+    }
+
+    /// Ring chunks over `ring` ranks (zigzag or contiguous), each cut into `ulysses` equal runs;
+    /// rank `i * ulysses + j` holds run j of ring chunk i.
+    pub fn nested(n: i64, ring: usize, ulysses: usize, zigzag: bool) -> Result<SeqLayout> {
+        let outer = if zigzag { SeqLayout::zigzag(n, ring)? } else { SeqLayout::contiguous(n, ring)? };
+        let u = ulysses as i64;
+        let p = ring * ulysses;
+        if ulysses == 0 || outer.lens.iter().any(|len| len % u != 0) {
+            return Err(Self::error(
+                p,
+                format!("the ring chunks {:?} must split evenly over {ulysses} Ulysses ranks", outer.lens),
+            ));
+        }
+        let mut segments = Vec::with_capacity(p);
+        for (chunk, len) in outer.segments.iter().zip(&outer.lens) {
+            let part = len / u;
+            for j in 0..u {
+                segments.push(cut(chunk, j * part, part));
+            }
+        }
+        Ok(SeqLayout::from_segments(n, segments, if zigzag { "nested zigzag" } else { "nested contiguous" }))
+    }
+
+    /// "contiguous", "zigzag", "nested zigzag", ...
+    pub fn name(&self) -> &'static str {
+        self.name
     }
 
     /// Global sequence length N.
@@ -41,37 +112,91 @@ impl SeqLayout {
         self.lens.len()
     }
 
-    /// Every rank's share, in rank order (the split the all-to-alls gather with).
+    /// Every rank's number of tokens, in rank order (the split all-to-alls gather with).
     pub fn lens(&self) -> &[i64] {
         &self.lens
     }
 
-    /// Rank `r`'s share.
+    /// Rank `r`'s number of tokens.
     pub fn len(&self, r: usize) -> i64 {
         self.lens[r]
     }
 
-    /// Whether the sequence is empty (never: a layout has at least one token per rank).
+    /// Whether the sequence is empty (never: a layout gives every rank at least one token).
     pub fn is_empty(&self) -> bool {
         self.n == 0
     }
 
-    /// Global position of rank `r`'s first token.
-    pub fn start(&self, r: usize) -> i64 {
-        self.lens[..r].iter().sum()
+    /// Rank `r`'s segments (first position, length), in the order it holds them.
+    pub fn segments(&self, r: usize) -> &[(i64, i64)] {
+        &self.segments[r]
+    }
+
+    /// Whether every rank holds one run and the runs follow rank order (what an all-to-all over
+    /// the whole group needs to gather the sequence in order).
+    pub fn is_contiguous(&self) -> bool {
+        let mut next = 0;
+        for s in &self.segments {
+            if s.len() != 1 || s[0].0 != next {
+                return false;
+            }
+            next += s[0].1;
+        }
+        true
     }
 
     /// Global positions of rank `r`'s tokens, `[len_r]` i64.
     pub fn positions(&self, r: usize, device: Device) -> Result<Tensor> {
-        let start = self.start(r);
-        Tensor::f_arange_start(start, start + self.len(r), (Kind::Int64, device)).op("sequence_layout")
+        let runs: Vec<Tensor> = self.segments[r]
+            .iter()
+            .map(|&(start, len)| Tensor::f_arange_start(start, start + len, (Kind::Int64, device)))
+            .collect::<Result<_, _>>()
+            .op("sequence_layout")?;
+        Tensor::f_cat(&runs, 0).op("sequence_layout")
     }
 
-    /// Rank `r`'s share of a global tensor whose dim `dim` is the sequence (a view).
+    /// Rank `r`'s share of a global tensor whose dim `dim` is the sequence (a view for one
+    /// segment, a copy for several).
     ///
     /// # Shapes
     /// `[.., N, ..]` -> `[.., len_r, ..]`.
     pub fn shard(&self, x: &Tensor, dim: i64, r: usize) -> Result<Tensor> {
+        let d = self.seq_dim(x, dim)?;
+        let mut runs: Vec<Tensor> = self.segments[r]
+            .iter()
+            .map(|&(start, len)| x.f_narrow(d, start, len))
+            .collect::<Result<_, _>>()
+            .op("sequence_layout")?;
+        if runs.len() == 1 {
+            return Ok(runs.swap_remove(0));
+        }
+        Tensor::f_cat(&runs, d).op("sequence_layout")
+    }
+
+    /// The inverse of [`shard`](SeqLayout::shard): every rank's share put back at its
+    /// positions.
+    ///
+    /// # Shapes
+    /// `parts[r]`: `[.., len_r, ..]` -> `[.., N, ..]`.
+    pub fn unshard(&self, parts: &[Tensor], dim: i64) -> Result<Tensor> {
+        if parts.len() != self.ranks() {
+            return Err(Self::error(self.ranks(), format!("unshard got {} parts", parts.len())));
+        }
+        let d = if dim < 0 { dim + parts[0].dim() as i64 } else { dim };
+        let mut pieces: Vec<(i64, Tensor)> = Vec::new();
+        for (r, part) in parts.iter().enumerate() {
+            let mut offset = 0;
+            for &(start, len) in &self.segments[r] {
+                pieces.push((start, part.f_narrow(d, offset, len).op("sequence_layout")?));
+                offset += len;
+            }
+        }
+        pieces.sort_by_key(|(start, _)| *start);
+        let ordered: Vec<Tensor> = pieces.into_iter().map(|(_, t)| t).collect();
+        Tensor::f_cat(&ordered, d).op("sequence_layout")
+    }
+
+    fn seq_dim(&self, x: &Tensor, dim: i64) -> Result<i64> {
         let d = if dim < 0 { dim + x.dim() as i64 } else { dim };
         let size = x.size();
         if d < 0 || d as usize >= size.len() || size[d as usize] != self.n {
@@ -81,6 +206,25 @@ impl SeqLayout {
                 msg: format!("dim {dim} should hold the {} tokens of the sequence", self.n),
             });
         }
-        x.f_narrow(d, self.start(r), self.len(r)).op("sequence_layout")
+        Ok(d)
     }
+}
+
+/// The part `[offset, offset + len)` of the concatenation of `segments`, as segments.
+fn cut(segments: &[(i64, i64)], offset: i64, len: i64) -> Vec<(i64, i64)> {
+    let (mut out, mut skip, mut want) = (Vec::new(), offset, len);
+    for &(start, n) in segments {
+        if want == 0 {
+            break;
+        }
+        if skip >= n {
+            skip -= n;
+            continue;
+        }
+        let take = (n - skip).min(want);
+        out.push((start + skip, take));
+        want -= take;
+        skip = 0;
+    }
+    out
 }

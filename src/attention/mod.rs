@@ -6,23 +6,35 @@
 //! ([`UlyssesAttention`]) re-shards heads and sequence with all-to-alls around any kernel; the
 //! single-device strategy ([`SingleDevice`]) is the reference it is checked against.
 
+mod allgather_kv;
 mod blocked;
+mod blockwise;
 mod heads;
 mod layout;
 mod mask;
 mod math;
+mod megatron_sp;
+mod ring;
 mod sdpa;
 mod single;
+mod strategy;
 mod ulysses;
+mod usp;
 
+pub use allgather_kv::AllGatherKv;
 pub use blocked::BlockedAttention;
+pub use blockwise::Work;
 pub use heads::HeadPlan;
 pub use layout::SeqLayout;
 pub use mask::{BlockSparse, Mask};
 pub use math::MathAttention;
+pub use megatron_sp::MegatronSp;
+pub use ring::RingAttention;
 pub use sdpa::SdpaAttention;
 pub use single::SingleDevice;
+pub use strategy::StrategyConfig;
 pub use ulysses::UlyssesAttention;
+pub use usp::UspAttention;
 
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
@@ -103,9 +115,23 @@ pub trait SequenceParallel {
     /// replicated parameters are reduced over it.
     fn group(&self) -> Option<&Group>;
 
+    /// The tensor-parallel group for strategies that shard the projections (Megatron-SP): the
+    /// model then all-gathers the sequence before each attention and MLP block and
+    /// reduce-scatters after it, and its q, k, v hold the whole sequence and this rank's heads.
+    /// `None` (the default) for strategies whose parameters are replicated.
+    fn tensor_parallel(&self) -> Option<&Group> {
+        None
+    }
+
+    /// Global positions of the tokens [`forward`](SequenceParallel::forward) receives (for RoPE):
+    /// this rank's share of the layout, or the whole sequence for a tensor-parallel strategy.
+    fn input_positions(&self, device: tch::Device) -> Result<Tensor> {
+        self.layout().positions(self.rank(), device)
+    }
+
     /// # Shapes
     /// `q`: `[b, s_r, H, d]`, `k`, `v`: `[b, s_r, H_kv, d]` -> `[b, s_r, H, d]`, where `s_r` is
-    /// this rank's share of the sequence.
+    /// this rank's share of the sequence (whole sequence and local heads when tensor-parallel).
     fn forward(&self, tape: &Tape, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor>;
 }
 

@@ -37,6 +37,8 @@ pub struct Group {
     rank: usize,
     backend: Arc<dyn Backend>,
     stats: Arc<Mutex<CommStats>>,
+    /// This rank's counters over this group and every group split from the same root.
+    rank_totals: Arc<Mutex<CommStats>>,
     /// How many splits this rank made of this group; all ranks split in the same order, so it
     /// numbers subgroups identically everywhere.
     splits: Arc<AtomicUsize>,
@@ -58,7 +60,14 @@ impl Group {
                 msg: format!("rank {rank} is not below the group size {}", info.ranks.len()),
             });
         }
-        Ok(Group { info: Arc::new(info), rank, backend, stats: Arc::default(), splits: Arc::default() })
+        Ok(Group {
+            info: Arc::new(info),
+            rank,
+            backend,
+            stats: Arc::default(),
+            rank_totals: Arc::default(),
+            splits: Arc::default(),
+        })
     }
 
     /// This rank's index in the group.
@@ -95,6 +104,19 @@ impl Group {
         *self.stats.lock().unwrap_or_else(PoisonError::into_inner) = CommStats::default();
     }
 
+    /// This rank's counters summed over this group's root (the world, for a launch) and every
+    /// group split from it: everything the rank sent and received, whichever subgroup a
+    /// strategy used.
+    pub fn rank_stats(&self) -> CommStats {
+        self.rank_totals.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Sets the counters of [`rank_stats`](Group::rank_stats) back to zero (not those of the
+    /// individual groups).
+    pub fn reset_rank_stats(&self) {
+        *self.rank_totals.lock().unwrap_or_else(PoisonError::into_inner) = CommStats::default();
+    }
+
     /// Splits the group as `MPI_Comm_split` does: ranks that pass the same `color` form a
     /// subgroup, ordered by `key` (then by rank); `None` takes no part. Every rank of this group
     /// must call it, in the same order as its other splits.
@@ -127,7 +149,9 @@ impl Group {
             ranks: members.iter().map(|&(_, j)| self.info.ranks[j]).collect(),
         };
         let backend = self.backend.subgroup(&self.info, &info)?;
-        Group::new(info, me, backend).map(Some)
+        let mut group = Group::new(info, me, backend)?;
+        group.rank_totals = Arc::clone(&self.rank_totals);
+        Ok(Some(group))
     }
 
     /// Runs one batch of transfers and counts its bytes under `op`. The entries for this rank
@@ -167,15 +191,18 @@ impl Group {
         let (sent, received) = (bytes(&sends), bytes(&recvs));
         self.backend.exchange(&self.info, op, sends, recvs)?;
         if op != OpKind::Split {
-            let mut stats = self.stats.lock().unwrap_or_else(PoisonError::into_inner);
-            stats.add_bytes(op, sent, received);
+            for stats in [&self.stats, &self.rank_totals] {
+                stats.lock().unwrap_or_else(PoisonError::into_inner).add_bytes(op, sent, received);
+            }
         }
         Ok(())
     }
 
     /// Counts one call of a collective (a collective may run several transfers).
     pub(crate) fn count_call(&self, op: OpKind) {
-        self.stats.lock().unwrap_or_else(PoisonError::into_inner).add_call(op);
+        for stats in [&self.stats, &self.rank_totals] {
+            stats.lock().unwrap_or_else(PoisonError::into_inner).add_call(op);
+        }
     }
 
     /// An `InvalidArgument` error for `op` on this group.

@@ -3,7 +3,7 @@
 
 use tch::{Device, Kind, Reduction, Tensor};
 
-use super::layers::{LayerNorm, Linear, Params, Rope};
+use super::layers::{LayerNorm, Linear, Params, Placement, Rope, Split};
 use super::GptConfig;
 use crate::attention::SequenceParallel;
 use crate::autograd::Tape;
@@ -45,12 +45,63 @@ pub struct Gpt {
     ln_f: LayerNorm,
     lm_head: Option<Linear>,
     strategy: Box<dyn SequenceParallel>,
-    /// RoPE for this rank's tokens, at their global positions.
+    /// RoPE for the tokens the strategy attends over, at their global positions.
     rope: Rope,
+    /// Query and kv heads this rank projects (all of them unless tensor-parallel).
+    heads: (i64, i64),
+}
+
+/// How each linear layer of a block is split: whole, or Megatron-LM's tensor parallelism
+/// (qkv and MLP-in column-parallel by heads and features, the two output projections
+/// row-parallel).
+struct Splits {
+    qkv: Split,
+    proj: Split,
+    fc: Split,
+    fc_out: Split,
+    heads: (i64, i64),
+}
+
+impl Splits {
+    /// `tp`: (rank, size) of the tensor-parallel group, if any.
+    fn new(cfg: &GptConfig, tp: Option<(i64, i64)>) -> Result<Splits> {
+        let (h, d, hq, hkv) = (cfg.n_embd, cfg.head_dim(), cfg.n_head, cfg.n_kv_head);
+        let mlp = cfg.mlp_ratio * h;
+        let Some((r, p)) = tp else {
+            return Ok(Splits {
+                qkv: Split::None,
+                proj: Split::None,
+                fc: Split::None,
+                fc_out: Split::None,
+                heads: (hq, hkv),
+            });
+        };
+        if hq % p != 0 || hkv % p != 0 || mlp % p != 0 {
+            return Err(Error::InvalidArgument {
+                op: "gpt",
+                group: format!("tensor parallel over {p} ranks"),
+                msg: format!("n_head {hq}, n_kv_head {hkv} and the MLP width {mlp} must be divisible by {p}"),
+            });
+        }
+        let (lq, lkv, lm) = (hq / p, hkv / p, mlp / p);
+        let range = |start: i64, len: i64| (start..start + len).collect::<Vec<i64>>();
+        // qkv rows: this rank's q heads, then its k heads, then its v heads.
+        let mut qkv = range(r * lq * d, lq * d);
+        qkv.extend(range(hq * d + r * lkv * d, lkv * d));
+        qkv.extend(range((hq + hkv) * d + r * lkv * d, lkv * d));
+        Ok(Splits {
+            qkv: Split::Columns(qkv),
+            proj: Split::Rows(range(r * lq * d, lq * d)),
+            fc: Split::Columns(range(r * lm, lm)),
+            fc_out: Split::Rows(range(r * lm, lm)),
+            heads: (lq, lkv),
+        })
+    }
 }
 
 impl Gpt {
-    /// Builds the model with parameters in `kind` on `device`, identical on every rank.
+    /// Builds the model with parameters in `kind` on `device`, the same values on every rank
+    /// (for a tensor-parallel strategy, each rank keeps its slices of the same full model).
     pub fn new(
         cfg: &GptConfig,
         strategy: Box<dyn SequenceParallel>,
@@ -59,34 +110,50 @@ impl Gpt {
     ) -> Result<Gpt> {
         cfg.validate()?;
         let (h, l) = (cfg.n_embd, cfg.n_layer);
-        let d = cfg.head_dim();
         let mut p = Params::new(cfg.seed, kind, device);
+        let splits =
+            Splits::new(cfg, strategy.tensor_parallel().map(|g| (g.rank() as i64, g.size() as i64)))?;
         // GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2L).
         let (std, resid_std) = (0.02, 0.02 / ((2 * l) as f64).sqrt());
-        let wte = p.normal("wte", &[cfg.vocab_size, h], std)?;
+        let wte = p.normal("wte", &[cfg.vocab_size, h], std, Placement::Replicated)?;
         let mut blocks = Vec::new();
         for i in 0..l {
             let n = |part: &str| format!("h.{i}.{part}");
-            let qkv_out = (cfg.n_head + 2 * cfg.n_kv_head) * d;
-            let mlp = cfg.mlp_ratio * h;
+            let (qkv_out, mlp) = ((cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim(), cfg.mlp_ratio * h);
             blocks.push(Block {
                 ln1: LayerNorm::new(&mut p, &n("ln1"), h, cfg.norm_eps)?,
-                qkv: Linear::new(&mut p, &n("attn.qkv"), h, qkv_out, cfg.bias, std)?,
-                proj: Linear::new(&mut p, &n("attn.proj"), h, h, cfg.bias, resid_std)?,
+                qkv: Linear::new(&mut p, &n("attn.qkv"), (h, qkv_out), cfg.bias, std, splits.qkv.clone())?,
+                proj: Linear::new(&mut p, &n("attn.proj"), (h, h), cfg.bias, resid_std, splits.proj.clone())?,
                 ln2: LayerNorm::new(&mut p, &n("ln2"), h, cfg.norm_eps)?,
-                fc: Linear::new(&mut p, &n("mlp.fc"), h, mlp, cfg.bias, std)?,
-                fc_out: Linear::new(&mut p, &n("mlp.proj"), mlp, h, cfg.bias, resid_std)?,
+                fc: Linear::new(&mut p, &n("mlp.fc"), (h, mlp), cfg.bias, std, splits.fc.clone())?,
+                fc_out: Linear::new(
+                    &mut p,
+                    &n("mlp.proj"),
+                    (mlp, h),
+                    cfg.bias,
+                    resid_std,
+                    splits.fc_out.clone(),
+                )?,
             });
         }
         let ln_f = LayerNorm::new(&mut p, "ln_f", h, cfg.norm_eps)?;
         let lm_head = if cfg.tie_embeddings {
             None
         } else {
-            Some(Linear::new(&mut p, "lm_head", h, cfg.vocab_size, false, std)?)
+            Some(Linear::new(&mut p, "lm_head", (h, cfg.vocab_size), false, std, Split::None)?)
         };
-        let positions = strategy.layout().positions(strategy.rank(), device)?;
-        let rope = Rope::new(&positions, d, cfg.rope_theta, kind)?;
-        Ok(Gpt { cfg: cfg.clone(), params: p, wte, blocks, ln_f, lm_head, strategy, rope })
+        let rope = Rope::new(&strategy.input_positions(device)?, cfg.head_dim(), cfg.rope_theta, kind)?;
+        Ok(Gpt {
+            cfg: cfg.clone(),
+            params: p,
+            wte,
+            blocks,
+            ln_f,
+            lm_head,
+            strategy,
+            rope,
+            heads: splits.heads,
+        })
     }
 
     pub fn config(&self) -> &GptConfig {
@@ -104,10 +171,15 @@ impl Gpt {
 
     /// Logits for this rank's tokens.
     ///
+    /// With a tensor-parallel strategy (Megatron-SP) every block is wrapped as in Korthikanti
+    /// et al. 2022, Fig. 5: all-gather the sequence after the LayerNorm, column-parallel then
+    /// row-parallel linears, reduce-scatter the sequence before the residual add.
+    ///
     /// # Shapes
     /// `tokens`: `[b, s_r]` (i64, this rank's share of the sequence) -> `[b, s_r, V]`.
     pub fn forward(&self, tape: &Tape, tokens: &Tensor) -> Result<Tensor> {
-        let s = self.strategy.layout().len(self.strategy.rank());
+        let layout = self.strategy.layout();
+        let s = layout.len(self.strategy.rank());
         let size = tokens.size();
         if size.len() != 2 || size[1] != s || tokens.kind() != Kind::Int64 {
             return Err(Error::Shape {
@@ -119,26 +191,41 @@ impl Gpt {
                 ),
             });
         }
-        let (b, h, d) = (size[0], self.cfg.n_embd, self.cfg.head_dim());
-        let (hq, hkv) = (self.cfg.n_head, self.cfg.n_kv_head);
+        let (b, d) = (size[0], self.cfg.head_dim());
+        let (hq, hkv) = self.heads; // this rank's heads
+        let tp = self.strategy.tensor_parallel();
+        // Megatron-SP's all-gather and reduce-scatter of the sequence; identities otherwise.
+        // [b, s_r, h] -> [b, N, h]
+        let gather = |x: Tensor| match tp {
+            Some(g) => tape.all_gather_v(g, &x, 1, layout.lens()),
+            None => Ok(x),
+        };
+        // [b, N, h] partial sums -> [b, s_r, h] summed
+        let scatter = |y: Tensor| match tp {
+            Some(g) => tape.reduce_scatter_v(g, &y, 1, layout.lens()),
+            None => Ok(y),
+        };
         // [b, s] -> [b, s, h]
         let mut x = Tensor::f_embedding(&self.wte, tokens, -1, false, false).op("gpt")?;
         for block in &self.blocks {
             // A cut on the residual stream: the backward visits each block once.
             x = tape.cut(&x)?;
-            let qkv = block.qkv.forward(&block.ln1.forward(&x)?)?; // [b, s, (H + 2 H_kv) d]
+            let a = gather(block.ln1.forward(&x)?)?; // [b, t, h], t = s_r or N
+            let t = a.size()[1];
+            let qkv = block.qkv.forward(&a)?; // [b, t, (hq + 2 hkv) d]
             let part = |start: i64, heads: i64| -> Result<Tensor> {
-                // [b, s, (H + 2 H_kv) d] -> [b, s, heads, d]
-                qkv.f_narrow(2, start * d, heads * d).and_then(|t| t.f_reshape([b, s, heads, d])).op("gpt")
+                // [b, t, (hq + 2 hkv) d] -> [b, t, heads, d]
+                qkv.f_narrow(2, start * d, heads * d).and_then(|t_| t_.f_reshape([b, t, heads, d])).op("gpt")
             };
             let q = self.rope.forward(&part(0, hq)?)?;
             let k = self.rope.forward(&part(hq, hkv)?)?;
             let v = part(hq + hkv, hkv)?;
-            // [b, s, H, d] -> [b, s, h]
-            let o = self.strategy.forward(tape, &q, &k, &v)?.f_reshape([b, s, h]).op("gpt")?;
-            x = x.f_add(&block.proj.forward(&o)?).op("gpt")?;
-            let m = block.fc.forward(&block.ln2.forward(&x)?)?.f_gelu("tanh").op("gpt")?;
-            x = x.f_add(&block.fc_out.forward(&m)?).op("gpt")?;
+            // [b, t, hq, d] -> [b, t, hq d]
+            let o = self.strategy.forward(tape, &q, &k, &v)?.f_reshape([b, t, hq * d]).op("gpt")?;
+            x = x.f_add(&block.proj.forward_reduced(&o, scatter)?).op("gpt")?;
+            let m = gather(block.ln2.forward(&x)?)?;
+            let m = block.fc.forward(&m)?.f_gelu("tanh").op("gpt")?;
+            x = x.f_add(&block.fc_out.forward_reduced(&m, scatter)?).op("gpt")?;
         }
         let x = self.ln_f.forward(&x)?;
         // [b, s, h] -> [b, s, V]
@@ -223,7 +310,10 @@ impl Gpt {
             return Ok(());
         }
         let mut grads = Vec::with_capacity(self.params.len());
-        for (name, p) in self.params.iter() {
+        // Sharded parameters already hold their whole gradient (computed on the whole
+        // sequence after the all-gather); replicated ones hold their tokens' share.
+        let replicated = self.params.all().iter().filter(|p| p.placement == Placement::Replicated);
+        for (name, p) in replicated.map(|p| (&p.name, &p.tensor)) {
             let g = p.grad();
             if !g.defined() {
                 return Err(Error::Tape {

@@ -6,10 +6,28 @@ use super::init;
 use crate::error::TorchResultExt;
 use crate::Result;
 
+/// Where a parameter's values sit in the full (unsharded) model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placement {
+    /// The whole tensor, the same on every rank. Each rank's gradient covers its own tokens
+    /// only, so gradients are summed over the group.
+    Replicated,
+    /// Slices `index` of dim `dim` of the full tensor (tensor parallelism). Each rank's
+    /// gradient is already complete for its slices.
+    Sharded { dim: i64, index: Vec<i64> },
+}
+
+/// One named parameter.
+pub struct Param {
+    pub name: String,
+    pub tensor: Tensor,
+    pub placement: Placement,
+}
+
 /// Named trainable parameters, in creation order (the same order on every rank, which the
 /// coalesced gradient reduction relies on).
 pub struct Params {
-    entries: Vec<(String, Tensor)>,
+    entries: Vec<Param>,
     seed: u64,
     kind: Kind,
     device: Device,
@@ -21,29 +39,47 @@ impl Params {
         Params { entries: Vec::new(), seed, kind, device }
     }
 
-    fn add(&mut self, name: &str, t: Tensor) -> Tensor {
+    /// Keeps `full` (the whole parameter) or its slices, as a trainable parameter.
+    fn add(&mut self, name: &str, full: Tensor, placement: Placement) -> Result<Tensor> {
+        let t = match &placement {
+            Placement::Replicated => full,
+            Placement::Sharded { dim, index } => {
+                let index = Tensor::from_slice(index).f_to(self.device).op("params")?;
+                full.f_index_select(*dim, &index).op("params")?
+            }
+        };
         let t = t.set_requires_grad(true);
-        self.entries.push((name.to_string(), t.shallow_clone()));
-        t
+        self.entries.push(Param { name: name.to_string(), tensor: t.shallow_clone(), placement });
+        Ok(t)
     }
 
-    /// A Normal(0, std) parameter.
-    pub fn normal(&mut self, name: &str, shape: &[i64], std: f64) -> Result<Tensor> {
-        let (kind, device) = (self.kind, self.device);
-        let t = init::normal(self.seed, name, shape, std, kind, device)?;
-        Ok(self.add(name, t))
+    /// A Normal(0, std) parameter of full shape `shape`, placed as `placement`. The values are
+    /// those of the full model whatever the placement.
+    pub fn normal(&mut self, name: &str, shape: &[i64], std: f64, placement: Placement) -> Result<Tensor> {
+        let full = init::normal(self.seed, name, shape, std, self.kind, self.device)?;
+        self.add(name, full, placement)
     }
 
-    /// A constant parameter.
-    pub fn constant(&mut self, name: &str, shape: &[i64], value: f64) -> Result<Tensor> {
-        let (kind, device) = (self.kind, self.device);
-        let t = init::constant(value, shape, kind, device)?;
-        Ok(self.add(name, t))
+    /// A constant parameter of full shape `shape`, placed as `placement`.
+    pub fn constant(
+        &mut self,
+        name: &str,
+        shape: &[i64],
+        value: f64,
+        placement: Placement,
+    ) -> Result<Tensor> {
+        let full = init::constant(value, shape, self.kind, self.device)?;
+        self.add(name, full, placement)
     }
 
     /// (name, tensor) of every parameter, in creation order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Tensor)> {
-        self.entries.iter().map(|(n, t)| (n.as_str(), t))
+        self.entries.iter().map(|p| (p.name.as_str(), &p.tensor))
+    }
+
+    /// Every parameter with its placement, in creation order.
+    pub fn all(&self) -> &[Param] {
+        &self.entries
     }
 
     pub fn len(&self) -> usize {
@@ -54,30 +90,85 @@ impl Params {
         self.entries.is_empty()
     }
 
-    /// Total number of elements.
+    /// Total number of elements on this rank.
     pub fn numel(&self) -> i64 {
-        self.entries.iter().map(|(_, t)| t.numel() as i64).sum()
+        self.entries.iter().map(|p| p.tensor.numel() as i64).sum()
     }
 }
 
-/// `y = x W^T + b`.
+/// How a linear layer is split over a tensor-parallel group (Megatron-LM, Shoeybi et al. 2019).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Split {
+    /// The whole layer on every rank.
+    None,
+    /// Column-parallel: this rank's output features `index` (weight rows, bias entries).
+    Columns(Vec<i64>),
+    /// Row-parallel: this rank's input features `index` (weight columns); the output is a
+    /// partial sum, and the bias, whole on every rank, is added once after the reduction.
+    Rows(Vec<i64>),
+}
+
+/// `y = x W^T + b`, whole or split over a tensor-parallel group.
 pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
+    row_parallel: bool,
 }
 
 impl Linear {
-    /// `weight` Normal(0, std) `[out, in]`; `bias` zeros `[out]` when asked for.
-    pub fn new(p: &mut Params, name: &str, input: i64, output: i64, bias: bool, std: f64) -> Result<Linear> {
-        let weight = p.normal(&format!("{name}.weight"), &[output, input], std)?;
-        let bias = if bias { Some(p.constant(&format!("{name}.bias"), &[output], 0.0)?) } else { None };
-        Ok(Linear { weight, bias })
+    /// `weight` Normal(0, std) `[out, in]`; `bias` zeros `[out]` when asked for; this rank's part
+    /// given by `split`.
+    pub fn new(
+        p: &mut Params,
+        name: &str,
+        (input, output): (i64, i64),
+        bias: bool,
+        std: f64,
+        split: Split,
+    ) -> Result<Linear> {
+        let (w_place, b_place) = match &split {
+            Split::None => (Placement::Replicated, Placement::Replicated),
+            Split::Columns(index) => {
+                let sharded = Placement::Sharded { dim: 0, index: index.clone() };
+                (sharded.clone(), sharded)
+            }
+            Split::Rows(index) => {
+                (Placement::Sharded { dim: 1, index: index.clone() }, Placement::Replicated)
+            }
+        };
+        let weight = p.normal(&format!("{name}.weight"), &[output, input], std, w_place)?;
+        let bias =
+            if bias { Some(p.constant(&format!("{name}.bias"), &[output], 0.0, b_place)?) } else { None };
+        Ok(Linear { weight, bias, row_parallel: matches!(split, Split::Rows(_)) })
     }
 
+    /// The whole layer (or, column-parallel, this rank's output features).
+    ///
     /// # Shapes
     /// `[.., in]` -> `[.., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         x.f_linear(&self.weight, self.bias.as_ref()).op("linear")
+    }
+
+    /// A row-parallel layer around the reduction of its partial sums: `reduce` sums them over
+    /// the group (and may reshard), then the bias is added once.
+    ///
+    /// # Shapes
+    /// `[.., in/P]` -> `[.., out]` (as `reduce` leaves it).
+    pub fn forward_reduced(
+        &self,
+        x: &Tensor,
+        reduce: impl FnOnce(Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        if !self.row_parallel {
+            return reduce(self.forward(x)?);
+        }
+        let partial = x.f_linear::<Tensor>(&self.weight, None).op("linear")?;
+        let y = reduce(partial)?;
+        match &self.bias {
+            Some(b) => y.f_add(b).op("linear"),
+            None => Ok(y),
+        }
     }
 }
 
@@ -91,8 +182,8 @@ pub struct LayerNorm {
 impl LayerNorm {
     pub fn new(p: &mut Params, name: &str, size: i64, eps: f64) -> Result<LayerNorm> {
         Ok(LayerNorm {
-            weight: p.constant(&format!("{name}.weight"), &[size], 1.0)?,
-            bias: p.constant(&format!("{name}.bias"), &[size], 0.0)?,
+            weight: p.constant(&format!("{name}.weight"), &[size], 1.0, Placement::Replicated)?,
+            bias: p.constant(&format!("{name}.bias"), &[size], 0.0, Placement::Replicated)?,
             eps,
         })
     }

@@ -8,4 +8,4 @@ mod layers;
 
 pub use config::GptConfig;
 pub use gpt::{shift_labels, Gpt, Loss, IGNORE};
-pub use layers::{LayerNorm, Linear, Params, Rope};
+pub use layers::{LayerNorm, Linear, Param, Params, Placement, Rope, Split};

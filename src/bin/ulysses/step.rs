@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Result};
 use tch::{Device, Kind, Tensor};
-use ulysses::attention::{AttentionConfig, Kernel, Mask, SequenceParallel, SingleDevice, UlyssesAttention};
+use ulysses::attention::{AttentionConfig, Kernel, Mask, StrategyConfig};
 use ulysses::comm::LocalLaunch;
 use ulysses::model::{shift_labels, Gpt, GptConfig};
 
@@ -22,9 +22,10 @@ pub struct StepArgs {
     /// Sequence-parallel ranks (threads).
     #[arg(long, default_value_t = 1)]
     ranks: usize,
-    /// `single` (one device, plain autograd, no tape) or `ulysses`.
+    /// single (one device, plain autograd), ulysses, megatron_sp, ring, ring_zigzag,
+    /// allgather_kv, allgather_kv_zigzag, usp:U or usp_zigzag:U (U = Ulysses degree).
     #[arg(long, default_value = "ulysses")]
-    strategy: String,
+    strategy: StrategyConfig,
     /// Attention kernel: math, sdpa or blocked.
     #[arg(long, default_value = "sdpa")]
     kernel: Kernel,
@@ -55,6 +56,10 @@ struct RankResult {
     times: Vec<Duration>,
     loss: f64,
     memory: Option<(f64, f64)>,
+    /// Bytes sent per step (forward, backward, gradient sync), this rank, every group.
+    sent: u64,
+    /// Parameters held by this rank.
+    params: i64,
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -71,12 +76,6 @@ pub fn run(a: &StepArgs) -> Result<()> {
         "f64" => Kind::Double,
         other => bail!("--dtype {other:?}: use f32, bf16 or f64"),
     };
-    let single = match a.strategy.as_str() {
-        "single" => true,
-        "ulysses" => false,
-        other => bail!("--strategy {other:?}: use single or ulysses"),
-    };
-    ensure!(!single || a.ranks == 1, "--strategy single runs on one rank, not {}", a.ranks);
     ensure!(a.steps >= 1, "--steps must be at least 1");
     let attention = AttentionConfig::new(a.kernel, a.mask);
     let (n, b) = (a.seq, a.batch);
@@ -84,7 +83,7 @@ pub fn run(a: &StepArgs) -> Result<()> {
         "{} ({:.1}M parameters), {} on {} rank(s), b={b} N={n}, {:?}, kernel {:?}, mask {:?}",
         a.preset,
         cfg.num_params() as f64 / 1e6,
-        a.strategy,
+        a.strategy.label(),
         a.ranks,
         kind,
         a.kernel,
@@ -94,11 +93,7 @@ pub fn run(a: &StepArgs) -> Result<()> {
     let launch = LocalLaunch::new(a.ranks).threads_per_rank(a.threads);
     let times = launch.run(|ctx| -> Result<RankResult> {
         let world = ctx.world();
-        let strategy: Box<dyn SequenceParallel> = if single {
-            Box::new(SingleDevice::new(attention.build()?, n, cfg.n_head, cfg.n_kv_head)?)
-        } else {
-            Box::new(UlyssesAttention::new(world.clone(), attention.build()?, n, cfg.n_head, cfg.n_kv_head)?)
-        };
+        let strategy = a.strategy.build(world, attention, n, cfg.n_head, cfg.n_kv_head)?;
         let layout = strategy.layout().clone();
         let model = Gpt::new(&cfg, strategy, kind, Device::Cpu)?;
         // Deterministic tokens, labels shifted over the global sequence, then this rank's share.
@@ -116,6 +111,7 @@ pub fn run(a: &StepArgs) -> Result<()> {
         let base = status_mib("VmRSS:");
         world.barrier()?;
         step()?; // warm-up
+        world.reset_rank_stats();
         let mut times = Vec::new();
         let mut loss = 0.0;
         for _ in 0..a.steps {
@@ -124,26 +120,30 @@ pub fn run(a: &StepArgs) -> Result<()> {
             world.barrier()?;
             times.push(t0.elapsed());
         }
+        // Bytes this rank sent per step over every group, before the closing barrier.
+        let sent = world.rank_stats().bytes_sent() / a.steps as u64;
         world.barrier()?;
         let memory = base.zip(status_mib("VmHWM:"));
-        Ok(RankResult { times, loss, memory })
+        Ok(RankResult { times, loss, memory, sent, params: model.params().numel() })
     })?;
 
-    let RankResult { times: steps, loss, memory } = &times[0];
+    let RankResult { times: steps, loss, memory, .. } = &times[0];
+    let max_sent = times.iter().map(|t| t.sent).max().unwrap_or(0);
+    let params = times.iter().map(|t| t.params).max().unwrap_or(0);
     for (i, t) in steps.iter().enumerate() {
         println!("step {i}: {:.1} ms", t.as_secs_f64() * 1e3);
     }
     let med = median(steps.clone());
     let tokens_per_s = (b * n) as f64 / med.as_secs_f64();
-    let param_mib = cfg.num_params() as f64 * kind.elt_size_in_bytes() as f64 / (1 << 20) as f64;
+    let param_mib = params as f64 * kind.elt_size_in_bytes() as f64 / (1 << 20) as f64;
     // Peak RSS of the whole process (every rank) above its RSS after the models were built:
     // activations, gradients and communication buffers of all ranks; divided by P per rank.
     let (base, peak) = memory.unwrap_or((f64::NAN, f64::NAN));
     println!(
         "summary: strategy={} ranks={} seq={n} batch={b} median_step_ms={:.3} tokens_per_s={tokens_per_s:.1} \
          loss={loss:.5} base_rss_mib={base:.1} peak_rss_mib={peak:.1} step_peak_mib_per_rank={:.1} \
-         params_mib_per_rank={param_mib:.1}",
-        a.strategy,
+         params_mib_per_rank={param_mib:.1} bytes_sent_per_rank={max_sent}",
+        a.strategy.label(),
         a.ranks,
         med.as_secs_f64() * 1e3,
         (peak - base) / a.ranks as f64

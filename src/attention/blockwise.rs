@@ -1,0 +1,250 @@
+//! Attention of some queries over some keys at arbitrary global positions, returning the
+//! log-sum-exp of every query's scores, and the rule that merges partial results.
+//!
+//! This is the arithmetic of ring attention (Liu et al. 2023; Li et al. 2021): a query block
+//! meets the key blocks one at a time, and the partial outputs are merged by their log-sum-exps,
+//! in f32 (f64 for f64 inputs) whatever the input dtype, so that the merge does not drift with
+//! the number of blocks. Queries and keys come as segments of the layout (runs of consecutive
+//! positions), and a pair of segments that the mask hides entirely is skipped: with the zigzag
+//! layout this is what balances causal work over the ranks.
+//!
+//! Rows that see no key at all have lse = -inf and output 0, without NaN, so that they merge
+//! correctly with the blocks where they do see keys.
+
+use tch::{Kind, Tensor};
+
+use super::{compute_kind, Mask};
+use crate::error::TorchResultExt;
+use crate::Result;
+
+/// Segments (first position, length) with their offsets in the concatenated vector:
+/// (offset, first position, length).
+pub(crate) fn runs(segments: &[(i64, i64)]) -> Vec<(i64, i64, i64)> {
+    let mut offset = 0;
+    segments
+        .iter()
+        .map(|&(start, len)| {
+            offset += len;
+            (offset - len, start, len)
+        })
+        .collect()
+}
+
+/// Whether any query in `[q0, q0 + nq)` sees any key in `[k0, k0 + nk)`.
+fn any_visible(mask: &Mask, (q0, nq): (i64, i64), (k0, nk): (i64, i64)) -> bool {
+    let (q1, k1) = (q0 + nq - 1, k0 + nk - 1);
+    match *mask {
+        Mask::None => true,
+        Mask::Causal => k0 <= q1,
+        Mask::SlidingWindow { window } => k0 <= q1 && k1 > q0 - window,
+        Mask::BlockSparse(_) => (q0..=q1).any(|i| (k0..=k1).any(|j| mask.allows(i, j))),
+    }
+}
+
+/// Attention work of one rank, per head and sample.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Work {
+    /// (query, key) score elements computed (pairs of runs the mask hides are skipped).
+    pub computed: u64,
+    /// (query, key) pairs the mask allows among them: the work of an exact causal kernel.
+    pub visible: u64,
+}
+
+impl std::ops::AddAssign for Work {
+    fn add_assign(&mut self, other: Work) {
+        self.computed += other.computed;
+        self.visible += other.visible;
+    }
+}
+
+/// One attention over explicit positions.
+pub(crate) struct Blockwise<'a> {
+    pub mask: &'a Mask,
+    /// 1/sqrt(d).
+    pub scale: f64,
+}
+
+impl Blockwise<'_> {
+    /// Attention of `q` over `k`, `v`, all `[b, h, s, d]` in the accumulation dtype, whose rows
+    /// hold the positions of the segments `qseg` and `kseg` (first position, length) in order. Returns (out `[b, h, s_q, d]`, lse
+    /// `[b, h, s_q]`) and the [`Work`] done; fully hidden pairs of runs are skipped.
+    /// Differentiable (all-gather KV back-propagates through it).
+    pub fn forward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        qseg: &[(i64, i64)],
+        kseg: &[(i64, i64)],
+    ) -> Result<(Tensor, Tensor, Work)> {
+        self.try_forward(q, k, v, qseg, kseg).op("blockwise_attention")
+    }
+
+    fn try_forward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        qseg: &[(i64, i64)],
+        kseg: &[(i64, i64)],
+    ) -> Result<(Tensor, Tensor, Work), tch::TchError> {
+        let (qruns, kruns) = (runs(qseg), runs(kseg));
+        let mut outs = Vec::with_capacity(qruns.len());
+        let mut lses = Vec::with_capacity(qruns.len());
+        let mut work = Work::default();
+        for &(qoff, q0, nq) in &qruns {
+            let qs = q.f_narrow(2, qoff, nq)?;
+            let mut acc: Option<(Tensor, Tensor)> = None;
+            for &(koff, k0, nk) in &kruns {
+                if !any_visible(self.mask, (q0, nq), (k0, nk)) {
+                    continue;
+                }
+                work.computed += (nq * nk) as u64;
+                work.visible += visible_pairs(self.mask, (q0, nq), (k0, nk));
+                let part = self.run_pair(
+                    &qs,
+                    &k.f_narrow(2, koff, nk)?,
+                    &v.f_narrow(2, koff, nk)?,
+                    (q0, nq),
+                    (k0, nk),
+                )?;
+                acc = Some(match acc {
+                    None => part,
+                    Some(prev) => merge(&prev, &part)?,
+                });
+            }
+            let (o, lse) = match acc {
+                Some(x) => x,
+                None => empty_rows(&qs)?,
+            };
+            outs.push(o);
+            lses.push(lse);
+        }
+        Ok((Tensor::f_cat(&outs, 2)?, Tensor::f_cat(&lses, 2)?, work))
+    }
+
+    /// One pair of runs: scores, mask, a softmax that tolerates empty rows.
+    fn run_pair(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        (q0, nq): (i64, i64),
+        (k0, nk): (i64, i64),
+    ) -> Result<(Tensor, Tensor), tch::TchError> {
+        // [b, h, nq, d] x [b, h, d, nk] -> [b, h, nq, nk]
+        let mut scores = q.f_matmul(&k.f_transpose(-2, -1)?)?.f_mul_scalar(self.scale)?;
+        if *self.mask != Mask::None {
+            let opts = (Kind::Int64, q.device());
+            let i = Tensor::f_arange_start(q0, q0 + nq, opts)?.f_unsqueeze(1)?;
+            let j = Tensor::f_arange_start(k0, k0 + nk, opts)?.f_unsqueeze(0)?;
+            let hidden = self.mask.allowed(&i, &j)?.f_logical_not()?;
+            scores = scores.f_masked_fill(&hidden, f64::NEG_INFINITY)?;
+        }
+        softmax_with_lse(&scores, v)
+    }
+
+    /// The gradients of one pair of runs, given the output gradient `dout`, the final lse and
+    /// `delta = rowsum(dout * out)` of the queries (the standard attention backward, with the
+    /// probabilities recomputed from the final lse). Returns (dq, dk, dv) for the pair.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_pair(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        dout: &Tensor,
+        lse: &Tensor,
+        delta: &Tensor,
+        (q0, nq): (i64, i64),
+        (k0, nk): (i64, i64),
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let f = || -> Result<(Tensor, Tensor, Tensor), tch::TchError> {
+            let mut scores = q.f_matmul(&k.f_transpose(-2, -1)?)?.f_mul_scalar(self.scale)?;
+            if *self.mask != Mask::None {
+                let opts = (Kind::Int64, q.device());
+                let i = Tensor::f_arange_start(q0, q0 + nq, opts)?.f_unsqueeze(1)?;
+                let j = Tensor::f_arange_start(k0, k0 + nk, opts)?.f_unsqueeze(0)?;
+                let hidden = self.mask.allowed(&i, &j)?.f_logical_not()?;
+                scores = scores.f_masked_fill(&hidden, f64::NEG_INFINITY)?;
+            }
+            // p = exp(scores - lse): the final probabilities (hidden entries give 0)
+            let p = scores.f_sub(&lse.f_unsqueeze(-1)?)?.f_exp()?;
+            let dv = p.f_transpose(-2, -1)?.f_matmul(dout)?; // [b, h, nk, d]
+            let dp = dout.f_matmul(&v.f_transpose(-2, -1)?)?; // [b, h, nq, nk]
+            let ds = p.f_mul(&dp.f_sub(&delta.f_unsqueeze(-1)?)?)?.f_mul_scalar(self.scale)?;
+            let dq = ds.f_matmul(k)?; // [b, h, nq, d]
+            let dk = ds.f_transpose(-2, -1)?.f_matmul(q)?; // [b, h, nk, d]
+            Ok((dq, dk, dv))
+        };
+        f().op("blockwise_attention")
+    }
+}
+
+/// How many (query, key) pairs of two runs the mask allows, in O(queries x blocks).
+fn visible_pairs(mask: &Mask, (q0, nq): (i64, i64), (k0, nk): (i64, i64)) -> u64 {
+    let k1 = k0 + nk - 1;
+    // Keys in [lo, hi] that lie in the run.
+    let span = |lo: i64, hi: i64| (hi.min(k1) - lo.max(k0) + 1).max(0) as u64;
+    (q0..q0 + nq)
+        .map(|i| match *mask {
+            Mask::None => nk as u64,
+            Mask::Causal => span(k0, i),
+            Mask::SlidingWindow { window } => span(i - window + 1, i),
+            Mask::BlockSparse(b) => {
+                let hi = if b.causal { i.min(k1) } else { k1 };
+                (k0 / b.block..=hi.max(k0) / b.block)
+                    .filter(|&kb| b.blocks_connected(i / b.block, kb))
+                    .map(|kb| span(kb * b.block, (kb * b.block + b.block - 1).min(hi)))
+                    .sum()
+            }
+        })
+        .sum()
+}
+
+/// Whether a pair of runs has a visible entry (the backward skips what the forward skipped).
+pub(crate) fn pair_visible(mask: &Mask, q: (i64, i64), k: (i64, i64)) -> bool {
+    any_visible(mask, q, k)
+}
+
+/// softmax(scores) @ v and the row log-sum-exp; rows with every score -inf give 0 and -inf.
+fn softmax_with_lse(scores: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor), tch::TchError> {
+    // The row maximum only stabilises the exponentials; out and lse do not depend on it, so it
+    // is kept out of autograd.
+    let max = scores.f_amax([-1i64].as_slice(), true)?.f_detach()?; // [b, h, nq, 1]
+    let safe_max = max.f_where_scalarother(&max.f_isfinite()?, 0.0)?;
+    let p = scores.f_sub(&safe_max)?.f_exp()?;
+    let sum = p.f_sum_dim_intlist([-1i64].as_slice(), true, p.kind())?;
+    let out = p.f_matmul(v)?.f_div(&sum.f_clamp_min(f64::MIN_POSITIVE)?)?;
+    let lse = safe_max.f_add(&sum.f_log()?)?.f_squeeze_dim(-1)?;
+    Ok((out, lse))
+}
+
+/// The merge of two partial attentions of the same queries over disjoint keys:
+/// `lse = log(e^a + e^b)`, `out = (e^a out_a + e^b out_b) / e^lse`; empty parts weigh nothing.
+pub(crate) fn merge(
+    (oa, la): &(Tensor, Tensor),
+    (ob, lb): &(Tensor, Tensor),
+) -> Result<(Tensor, Tensor), tch::TchError> {
+    let m = la.f_maximum(lb)?;
+    let m = m.f_where_scalarother(&m.f_isfinite()?, 0.0)?;
+    let (wa, wb) = (la.f_sub(&m)?.f_exp()?, lb.f_sub(&m)?.f_exp()?);
+    let s = wa.f_add(&wb)?;
+    let out = oa
+        .f_mul(&wa.f_unsqueeze(-1)?)?
+        .f_add(&ob.f_mul(&wb.f_unsqueeze(-1)?)?)?
+        .f_div(&s.f_clamp_min(f64::MIN_POSITIVE)?.f_unsqueeze(-1)?)?;
+    Ok((out, m.f_add(&s.f_log()?)?))
+}
+
+/// Output 0 and lse -inf for queries that see nothing.
+fn empty_rows(q: &Tensor) -> Result<(Tensor, Tensor), tch::TchError> {
+    let s = q.size();
+    let lse = Tensor::f_full([s[0], s[1], s[2]], f64::NEG_INFINITY, (q.kind(), q.device()))?;
+    Ok((q.f_zeros_like()?, lse))
+}
+
+/// `[b, s, h, d]` -> `[b, h, s, d]` in the accumulation dtype.
+pub(crate) fn heads_first(x: &Tensor) -> Result<Tensor> {
+    x.f_transpose(1, 2).and_then(|t| t.f_to_kind(compute_kind(x.kind()))).op("blockwise_attention")
+}

@@ -1,0 +1,331 @@
+//! Ring attention (Li et al. 2021, ring self-attention; Liu et al. 2023, RingAttention): queries
+//! stay on their rank, key/value blocks travel around the ring in P-1 steps, and the partial
+//! outputs are merged by log-sum-exp in f32.
+//!
+//! ```text
+//! step t on rank r: attend q_r to the K/V block of rank (r - t) mod P, merge; pass K/V to r + 1
+//! ```
+//!
+//! The backward is written by hand (a taped composite op): K/V go around the ring again, each
+//! block's dK/dV accumulator travelling with it (in f32) and arriving home after P shifts, so no
+//! rank ever holds more than one foreign K/V block. dQ accumulates locally.
+//!
+//! Layouts: contiguous (rank r holds tokens [rN/P, (r+1)N/P)) or zigzag (chunks r and 2P-1-r of
+//! 2P), positions travel with the layout into the causal mask, and pairs of runs the mask hides
+//! are skipped, which is what makes zigzag balanced.
+//!
+//! Communication per layer and rank (b samples, H_kv kv heads, es bytes per element, f32 for the
+//! accumulators): forward, K and V shift P-1 times: 2 b N H_kv d (P-1)/P elements; backward, K
+//! and V shift P-1 times again and dK, dV shift P times: 2 b (N/P) H_kv d ((P-1) es + P x 4) bytes.
+
+use std::cell::Cell;
+use std::rc::Rc;
+
+use tch::Tensor;
+
+use super::blockwise::{heads_first, merge, pair_visible, runs, Blockwise, Work};
+use super::{Mask, SeqLayout, SequenceParallel};
+use crate::autograd::Tape;
+use crate::comm::Group;
+use crate::error::TorchResultExt;
+use crate::{Error, Result};
+
+/// The ring part of ring attention, shared with the Ulysses x ring hybrid.
+pub(crate) struct RingCore {
+    group: Group,
+    mask: Mask,
+    /// Segments (first position, length) of the tokens each ring rank holds, in row order.
+    segments: Vec<Vec<(i64, i64)>>,
+    /// For each query head, its kv head among the kv heads that travel; `None` when equal.
+    kv_map: Option<Vec<i64>>,
+    /// Attention work of the last forward on this rank.
+    work: Cell<Work>,
+}
+
+impl RingCore {
+    pub fn new(
+        group: Group,
+        mask: Mask,
+        segments: Vec<Vec<(i64, i64)>>,
+        kv_map: Option<Vec<i64>>,
+    ) -> Result<RingCore> {
+        let lens: Vec<i64> = segments.iter().map(|s| s.iter().map(|&(_, len)| len).sum()).collect();
+        if lens.len() != group.size() || lens.iter().any(|&l| l != lens[0]) {
+            return Err(Error::InvalidArgument {
+                op: "ring_attention",
+                group: group.info().to_string(),
+                msg: format!("every rank of the ring must hold as many tokens; shares {lens:?}"),
+            });
+        }
+        Ok(RingCore { group, mask, segments, kv_map, work: Cell::new(Work::default()) })
+    }
+
+    /// Attention work this rank did in the last forward.
+    pub fn last_forward_work(&self) -> Work {
+        self.work.get()
+    }
+
+    /// # Shapes
+    /// `q`: `[b, s, Hq, d]`, `k`, `v`: `[b, s, Hkv, d]` (this rank's tokens) -> `[b, s, Hq, d]`.
+    pub fn forward(&self, tape: &Tape, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let scale = 1.0 / (q.size()[3] as f64).sqrt();
+        // The forward leaves what the backward needs here.
+        let saved: Rc<Cell<Option<Saved>>> = Rc::default();
+        let saved_for_backward = Rc::clone(&saved);
+        let out = tape.record(
+            "ring_attention",
+            &[q, k, v],
+            |xs| {
+                let (out, lse, work) = self.ring_forward(&xs[0], &xs[1], &xs[2], scale)?;
+                self.work.set(work);
+                let result =
+                    out.f_transpose(1, 2).and_then(|o| o.f_to_kind(xs[0].kind())).op("ring_attention")?;
+                saved.set(Some(Saved {
+                    q: xs[0].shallow_clone(),
+                    k: xs[1].shallow_clone(),
+                    v: xs[2].shallow_clone(),
+                    out,
+                    lse,
+                }));
+                Ok(vec![result])
+            },
+            {
+                let ring = self.detached();
+                move |gs| {
+                    let s = saved_for_backward.take().ok_or_else(|| Error::Tape {
+                        op: "ring_attention",
+                        msg: "the forward saved nothing for the backward".into(),
+                    })?;
+                    ring.ring_backward(&s, &gs[0], scale)
+                }
+            },
+        )?;
+        out.into_iter().next().ok_or_else(|| Error::Tape { op: "ring_attention", msg: "no output".into() })
+    }
+
+    /// A copy without the work counter, for the backward closure.
+    fn detached(&self) -> RingCore {
+        RingCore {
+            group: self.group.clone(),
+            mask: self.mask,
+            segments: self.segments.clone(),
+            kv_map: self.kv_map.clone(),
+            work: Cell::new(Work::default()),
+        }
+    }
+
+    /// K or V `[b, s, Hkv, d]` -> `[b, Hq, s, d]` in the accumulation dtype.
+    fn expand(&self, kv: &Tensor) -> Result<Tensor> {
+        let t = heads_first(kv)?;
+        match &self.kv_map {
+            None => Ok(t),
+            Some(map) => {
+                let index = Tensor::from_slice(map).f_to(t.device()).op("ring_attention")?;
+                t.f_index_select(1, &index).op("ring_attention")
+            }
+        }
+    }
+
+    /// dK or dV `[b, Hq, t, d]` summed back onto the kv heads that travel: `[b, Hkv, t, d]`.
+    fn reduce_heads(&self, g: &Tensor, kv_heads: i64) -> Result<Tensor> {
+        match &self.kv_map {
+            None => Ok(g.shallow_clone()),
+            Some(map) => {
+                let index = Tensor::from_slice(map).f_to(g.device()).op("ring_attention")?;
+                let s = g.size();
+                Tensor::f_zeros([s[0], kv_heads, s[2], s[3]], (g.kind(), g.device()))
+                    .and_then(|z| z.f_index_add(1, &index, g))
+                    .op("ring_attention")
+            }
+        }
+    }
+
+    /// The forward ring: (out `[b, Hq, s, d]`, lse `[b, Hq, s]`) in f32, and the work done.
+    fn ring_forward(&self, q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<(Tensor, Tensor, Work)> {
+        let (p, r) = (self.group.size(), self.group.rank());
+        let attn = Blockwise { mask: &self.mask, scale };
+        let qh = heads_first(q)?;
+        let (mut kb, mut vb) = (k.shallow_clone(), v.shallow_clone());
+        let mut acc: Option<(Tensor, Tensor)> = None;
+        let mut work = Work::default();
+        for step in 0..p {
+            let src = (r + p - step) % p; // whose K/V this rank holds now
+            let (o, lse, w) = attn.forward(
+                &qh,
+                &self.expand(&kb)?,
+                &self.expand(&vb)?,
+                &self.segments[r],
+                &self.segments[src],
+            )?;
+            work += w;
+            acc = Some(match acc {
+                None => (o, lse),
+                Some(prev) => merge(&prev, &(o, lse)).op("ring_attention")?,
+            });
+            if step + 1 < p {
+                kb = self.group.shift(&kb, 1)?;
+                vb = self.group.shift(&vb, 1)?;
+            }
+        }
+        let (out, lse) = acc.ok_or_else(|| Error::Tape { op: "ring_attention", msg: "empty ring".into() })?;
+        Ok((out, lse, work))
+    }
+
+    /// The backward ring: K/V go round again with their dK/dV accumulators.
+    fn ring_backward(&self, s: &Saved, dout: &Tensor, scale: f64) -> Result<Vec<Tensor>> {
+        let _no_grad = tch::no_grad_guard();
+        let (p, r) = (self.group.size(), self.group.rank());
+        let attn = Blockwise { mask: &self.mask, scale };
+        let f = |e: tch::TchError| Error::Torch { op: "ring_attention", source: e };
+        let qh = heads_first(&s.q)?;
+        let doh = heads_first(dout)?;
+        // delta = rowsum(dout * out), [b, Hq, s]
+        let delta = doh
+            .f_mul(&s.out)
+            .and_then(|t| t.f_sum_dim_intlist([-1i64].as_slice(), false, t.kind()))
+            .map_err(f)?;
+        let dq = qh.f_zeros_like().map_err(f)?;
+        let kv_heads = s.k.size()[2];
+        let (mut kb, mut vb) = (s.k.shallow_clone(), s.v.shallow_clone());
+        let zeros = || heads_first(&s.k).and_then(|t| t.f_zeros_like().op("ring_attention"));
+        let (mut dk, mut dv) = (zeros()?, zeros()?); // [b, Hkv, s, d] f32, travelling with K/V
+        let qruns = runs(&self.segments[r]);
+        for step in 0..p {
+            let src = (r + p - step) % p;
+            let (kh, vh) = (self.expand(&kb)?, self.expand(&vb)?);
+            let (dk_full, dv_full) = (kh.f_zeros_like().map_err(f)?, vh.f_zeros_like().map_err(f)?);
+            for &(qo, q0, nq) in &qruns {
+                for &(ko, k0, nk) in &runs(&self.segments[src]) {
+                    if !pair_visible(&self.mask, (q0, nq), (k0, nk)) {
+                        continue;
+                    }
+                    let narrow = |t: &Tensor, o: i64, n: i64| t.f_narrow(2, o, n).map_err(f);
+                    let (dqp, dkp, dvp) = attn.backward_pair(
+                        &narrow(&qh, qo, nq)?,
+                        &narrow(&kh, ko, nk)?,
+                        &narrow(&vh, ko, nk)?,
+                        &narrow(&doh, qo, nq)?,
+                        &s.lse.f_narrow(2, qo, nq).map_err(f)?,
+                        &delta.f_narrow(2, qo, nq).map_err(f)?,
+                        (q0, nq),
+                        (k0, nk),
+                    )?;
+                    let _ = narrow(&dq, qo, nq)?.f_add_(&dqp).map_err(f)?;
+                    let _ = narrow(&dk_full, ko, nk)?.f_add_(&dkp).map_err(f)?;
+                    let _ = narrow(&dv_full, ko, nk)?.f_add_(&dvp).map_err(f)?;
+                }
+            }
+            dk = dk.f_add(&self.reduce_heads(&dk_full, kv_heads)?).map_err(f)?;
+            dv = dv.f_add(&self.reduce_heads(&dv_full, kv_heads)?).map_err(f)?;
+            if step + 1 < p {
+                kb = self.group.shift(&kb, 1)?;
+                vb = self.group.shift(&vb, 1)?;
+            }
+            // The accumulators follow their block; after P shifts they are home.
+            dk = self.group.shift(&dk, 1)?;
+            dv = self.group.shift(&dv, 1)?;
+        }
+        // [b, H, s, d] -> [b, s, H, d], in the inputs' dtypes
+        let back =
+            |t: &Tensor, like: &Tensor| t.f_transpose(1, 2).and_then(|t| t.f_to_kind(like.kind())).map_err(f);
+        Ok(vec![back(&dq, &s.q)?, back(&dk, &s.k)?, back(&dv, &s.v)?])
+    }
+}
+
+/// What the forward keeps for the backward: its inputs (this rank's block only), the output
+/// and the log-sum-exp in f32.
+struct Saved {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+}
+
+/// Ring attention over a sequence-parallel group.
+pub struct RingAttention {
+    core: RingCore,
+    layout: SeqLayout,
+    heads: i64,
+    kv_heads: i64,
+}
+
+impl RingAttention {
+    /// Ring attention over `group` for sequences of `n` tokens, contiguous or zigzag; `n` must
+    /// split evenly (P or 2P chunks), since every block travels to every rank.
+    pub fn new(
+        group: Group,
+        mask: Mask,
+        n: i64,
+        heads: i64,
+        kv_heads: i64,
+        zigzag: bool,
+    ) -> Result<RingAttention> {
+        let p = group.size();
+        if kv_heads < 1 || heads % kv_heads != 0 {
+            return Err(Error::InvalidArgument {
+                op: "ring_attention",
+                group: group.info().to_string(),
+                msg: format!("{heads} query heads cannot be grouped over {kv_heads} key/value heads"),
+            });
+        }
+        if !zigzag && n % p as i64 != 0 {
+            return Err(Error::InvalidArgument {
+                op: "ring_attention",
+                group: group.info().to_string(),
+                msg: format!("ring attention needs N divisible by P (N={n}, P={p}); Ulysses handles any N"),
+            });
+        }
+        let layout = if zigzag { SeqLayout::zigzag(n, p)? } else { SeqLayout::contiguous(n, p)? };
+        let segments = (0..p).map(|r| layout.segments(r).to_vec()).collect();
+        let g = heads / kv_heads;
+        let kv_map = (g > 1).then(|| (0..heads).map(|h| h / g).collect());
+        Ok(RingAttention { core: RingCore::new(group, mask, segments, kv_map)?, layout, heads, kv_heads })
+    }
+
+    /// Attention work this rank did in the last forward (per head and sample).
+    pub fn last_forward_work(&self) -> Work {
+        self.core.last_forward_work()
+    }
+}
+
+impl SequenceParallel for RingAttention {
+    fn name(&self) -> &'static str {
+        "ring"
+    }
+
+    fn layout(&self) -> &SeqLayout {
+        &self.layout
+    }
+
+    fn rank(&self) -> usize {
+        self.core.group.rank()
+    }
+
+    fn group(&self) -> Option<&Group> {
+        Some(&self.core.group)
+    }
+
+    /// # Shapes
+    /// `q`: `[b, s_r, H, d]`, `k`, `v`: `[b, s_r, H_kv, d]` -> `[b, s_r, H, d]`.
+    fn forward(&self, tape: &Tape, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        check_local("ring", &self.layout, self.rank(), self.heads, self.kv_heads, q, k, v)?;
+        self.core.forward(tape, q, k, v)
+    }
+}
+
+/// q `[b, s_r, H, d]` and k, v `[b, s_r, H_kv, d]` for this rank's share.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn check_local(
+    op: &'static str,
+    layout: &SeqLayout,
+    rank: usize,
+    heads: i64,
+    kv_heads: i64,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+) -> Result<()> {
+    let plan = super::HeadPlan::new(heads, kv_heads, 1)?;
+    super::single::check_shapes(op, layout, &plan, rank, q, k, v)
+}

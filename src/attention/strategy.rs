@@ -1,0 +1,114 @@
+//! Choosing a strategy by value: what experiment configs name.
+
+use serde::{Deserialize, Serialize};
+
+use super::{
+    AllGatherKv, AttentionConfig, MegatronSp, RingAttention, SequenceParallel, SingleDevice,
+    UlyssesAttention, UspAttention,
+};
+use crate::comm::Group;
+use crate::{Error, Result};
+
+/// A sequence-parallel strategy and its options.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum StrategyConfig {
+    /// The whole sequence on one rank; the reference.
+    Single,
+    /// DeepSpeed-Ulysses: all-to-all of heads and sequence around the local kernel.
+    Ulysses,
+    /// Megatron-LM tensor parallelism with sequence-parallel LayerNorm regions.
+    MegatronSp,
+    /// Ring attention; `zigzag` balances causal work.
+    Ring { zigzag: bool },
+    /// All-gather of K and V (Llama 3 context parallelism).
+    AllGatherKv { zigzag: bool },
+    /// Ulysses inside groups of `ulysses` ranks, ring across them.
+    Usp { ulysses: usize, zigzag: bool },
+}
+
+impl StrategyConfig {
+    /// A short name for tables and files: "ulysses", "ring_zigzag", "usp_u2", ...
+    pub fn label(&self) -> String {
+        let zz = |z: bool| if z { "_zigzag" } else { "" };
+        match self {
+            StrategyConfig::Single => "single".into(),
+            StrategyConfig::Ulysses => "ulysses".into(),
+            StrategyConfig::MegatronSp => "megatron_sp".into(),
+            StrategyConfig::Ring { zigzag } => format!("ring{}", zz(*zigzag)),
+            StrategyConfig::AllGatherKv { zigzag } => format!("allgather_kv{}", zz(*zigzag)),
+            StrategyConfig::Usp { ulysses, zigzag } => format!("usp_u{ulysses}{}", zz(*zigzag)),
+        }
+    }
+
+    /// The strategy over the sequence-parallel group `sp` for sequences of `n` tokens with
+    /// `heads` query and `kv_heads` key/value heads. Ulysses, Megatron-SP and the single device
+    /// run `attention`'s kernel; ring, all-gather KV and USP compute attention blockwise with
+    /// its mask. Every rank of `sp` must call it.
+    pub fn build(
+        &self,
+        sp: &Group,
+        attention: AttentionConfig,
+        n: i64,
+        heads: i64,
+        kv_heads: i64,
+    ) -> Result<Box<dyn SequenceParallel>> {
+        let mask = attention.mask;
+        Ok(match *self {
+            StrategyConfig::Single => {
+                if sp.size() != 1 {
+                    return Err(Error::InvalidArgument {
+                        op: "strategy",
+                        group: sp.info().to_string(),
+                        msg: format!("the single-device strategy runs on 1 rank, not {}", sp.size()),
+                    });
+                }
+                Box::new(SingleDevice::new(attention.build()?, n, heads, kv_heads)?)
+            }
+            StrategyConfig::Ulysses => {
+                Box::new(UlyssesAttention::new(sp.clone(), attention.build()?, n, heads, kv_heads)?)
+            }
+            StrategyConfig::MegatronSp => {
+                Box::new(MegatronSp::new(sp.clone(), attention.build()?, n, heads, kv_heads)?)
+            }
+            StrategyConfig::Ring { zigzag } => {
+                Box::new(RingAttention::new(sp.clone(), mask, n, heads, kv_heads, zigzag)?)
+            }
+            StrategyConfig::AllGatherKv { zigzag } => {
+                Box::new(AllGatherKv::new(sp.clone(), mask, n, heads, kv_heads, zigzag)?)
+            }
+            StrategyConfig::Usp { ulysses, zigzag } => {
+                Box::new(UspAttention::new(sp, mask, n, heads, kv_heads, ulysses, zigzag)?)
+            }
+        })
+    }
+}
+
+impl std::str::FromStr for StrategyConfig {
+    type Err = String;
+
+    /// `single`, `ulysses`, `megatron_sp`, `ring`, `ring_zigzag`, `allgather_kv`,
+    /// `allgather_kv_zigzag`, `usp:U` or `usp_zigzag:U` (U = Ulysses degree).
+    fn from_str(s: &str) -> Result<StrategyConfig, String> {
+        let (name, arg) = s.split_once(':').unwrap_or((s, ""));
+        let degree =
+            || arg.parse::<usize>().map_err(|_| format!("{s:?}: usp needs a Ulysses degree, as usp:2"));
+        Ok(match name {
+            "single" => StrategyConfig::Single,
+            "ulysses" => StrategyConfig::Ulysses,
+            "megatron_sp" => StrategyConfig::MegatronSp,
+            "ring" => StrategyConfig::Ring { zigzag: false },
+            "ring_zigzag" => StrategyConfig::Ring { zigzag: true },
+            "allgather_kv" => StrategyConfig::AllGatherKv { zigzag: false },
+            "allgather_kv_zigzag" => StrategyConfig::AllGatherKv { zigzag: true },
+            "usp" => StrategyConfig::Usp { ulysses: degree()?, zigzag: false },
+            "usp_zigzag" => StrategyConfig::Usp { ulysses: degree()?, zigzag: true },
+            other => {
+                return Err(format!(
+                    "unknown strategy {other:?}: use single, ulysses, megatron_sp, ring, ring_zigzag, \
+                     allgather_kv, allgather_kv_zigzag, usp:U or usp_zigzag:U"
+                ))
+            }
+        })
+    }
+}
