@@ -15,5 +15,6 @@ pub mod autograd;
 pub mod comm;
 mod error;
 pub mod model;
+pub mod train;
 
 pub use error::{Error, Result, TorchResultExt};

@@ -44,19 +44,24 @@ impl MegatronSp {
         heads: i64,
         kv_heads: i64,
     ) -> Result<MegatronSp> {
-        let p = group.size() as i64;
-        if heads % p != 0 || kv_heads % p != 0 || heads % kv_heads != 0 {
+        let layout = MegatronSp::check(n, group.size(), heads, kv_heads)?;
+        Ok(MegatronSp { group, local, layout, heads, kv_heads })
+    }
+
+    /// Whether Megatron-SP can run on `p` ranks: its layout if so.
+    pub fn check(n: i64, p: usize, heads: i64, kv_heads: i64) -> Result<SeqLayout> {
+        let pi = p as i64;
+        if kv_heads < 1 || heads % pi != 0 || kv_heads % pi != 0 || heads % kv_heads != 0 {
             return Err(Error::InvalidArgument {
                 op: "megatron_sp",
-                group: group.info().to_string(),
+                group: format!("{p} ranks"),
                 msg: format!(
                     "tensor parallelism over P={p} needs H={heads} and H_kv={kv_heads} divisible by P \
                      (and H by H_kv)"
                 ),
             });
         }
-        let layout = SeqLayout::contiguous(n, group.size())?;
-        Ok(MegatronSp { group, local, layout, heads, kv_heads })
+        SeqLayout::contiguous(n, p)
     }
 
     /// Query and kv heads this rank computes.

@@ -262,21 +262,7 @@ impl RingAttention {
         zigzag: bool,
     ) -> Result<RingAttention> {
         let p = group.size();
-        if kv_heads < 1 || heads % kv_heads != 0 {
-            return Err(Error::InvalidArgument {
-                op: "ring_attention",
-                group: group.info().to_string(),
-                msg: format!("{heads} query heads cannot be grouped over {kv_heads} key/value heads"),
-            });
-        }
-        if !zigzag && n % p as i64 != 0 {
-            return Err(Error::InvalidArgument {
-                op: "ring_attention",
-                group: group.info().to_string(),
-                msg: format!("ring attention needs N divisible by P (N={n}, P={p}); Ulysses handles any N"),
-            });
-        }
-        let layout = if zigzag { SeqLayout::zigzag(n, p)? } else { SeqLayout::contiguous(n, p)? };
+        let layout = RingAttention::check(n, p, heads, kv_heads, zigzag)?;
         let segments = (0..p).map(|r| layout.segments(r).to_vec()).collect();
         let g = heads / kv_heads;
         let kv_map = (g > 1).then(|| (0..heads).map(|h| h / g).collect());
@@ -286,6 +272,26 @@ impl RingAttention {
     /// Attention work this rank did in the last forward (per head and sample).
     pub fn last_forward_work(&self) -> Work {
         self.core.last_forward_work()
+    }
+
+    /// Whether ring attention can run on `p` ranks: its layout if so.
+    pub fn check(n: i64, p: usize, heads: i64, kv_heads: i64, zigzag: bool) -> Result<SeqLayout> {
+        let bad =
+            |msg: String| Error::InvalidArgument { op: "ring_attention", group: format!("{p} ranks"), msg };
+        if kv_heads < 1 || heads % kv_heads != 0 {
+            return Err(bad(format!(
+                "{heads} query heads cannot be grouped over {kv_heads} key/value heads"
+            )));
+        }
+        if zigzag {
+            return SeqLayout::zigzag(n, p);
+        }
+        if p == 0 || n % p as i64 != 0 {
+            return Err(bad(format!(
+                "ring attention needs N divisible by P (N={n}, P={p}); Ulysses handles any N"
+            )));
+        }
+        SeqLayout::contiguous(n, p)
     }
 }
 

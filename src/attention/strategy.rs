@@ -3,8 +3,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::{
-    AllGatherKv, AttentionConfig, MegatronSp, RingAttention, SequenceParallel, SingleDevice,
-    UlyssesAttention, UspAttention,
+    AllGatherKv, AttentionConfig, HeadPlan, MegatronSp, RingAttention, SeqLayout, SequenceParallel,
+    SingleDevice, UlyssesAttention, UspAttention,
 };
 use crate::comm::Group;
 use crate::{Error, Result};
@@ -81,6 +81,43 @@ impl StrategyConfig {
                 Box::new(UspAttention::new(sp, mask, n, heads, kv_heads, ulysses, zigzag)?)
             }
         })
+    }
+}
+
+impl StrategyConfig {
+    /// Whether the strategy can run on `p` ranks for sequences of `n` tokens with these heads,
+    /// without building it (for validating experiment configs): the error it would give if not.
+    pub fn check(&self, n: i64, p: usize, heads: i64, kv_heads: i64) -> Result<()> {
+        match *self {
+            StrategyConfig::Single if p != 1 => Err(Error::InvalidArgument {
+                op: "strategy",
+                group: format!("{p} ranks"),
+                msg: format!("the single-device strategy runs on 1 rank, not {p}"),
+            }),
+            StrategyConfig::Single => {
+                HeadPlan::new(heads, kv_heads, 1).and(SeqLayout::contiguous(n, 1)).map(drop)
+            }
+            StrategyConfig::Ulysses => {
+                HeadPlan::new(heads, kv_heads, p).and(SeqLayout::contiguous(n, p)).map(drop)
+            }
+            StrategyConfig::MegatronSp => MegatronSp::check(n, p, heads, kv_heads).map(drop),
+            StrategyConfig::Ring { zigzag } => RingAttention::check(n, p, heads, kv_heads, zigzag).map(drop),
+            StrategyConfig::AllGatherKv { zigzag } => {
+                RingAttention::check(1, 1, heads, kv_heads, false)?;
+                if zigzag { SeqLayout::zigzag(n, p) } else { SeqLayout::contiguous(n, p) }.map(drop)
+            }
+            StrategyConfig::Usp { ulysses, zigzag } => {
+                if ulysses == 0 || !p.is_multiple_of(ulysses) {
+                    return Err(Error::InvalidArgument {
+                        op: "usp",
+                        group: format!("{p} ranks"),
+                        msg: format!("the Ulysses degree {ulysses} must divide P={p}"),
+                    });
+                }
+                HeadPlan::new(heads, kv_heads, ulysses)?;
+                SeqLayout::nested(n, p / ulysses, ulysses, zigzag).map(drop)
+            }
+        }
     }
 }
 

@@ -17,10 +17,10 @@ use tch::Tensor;
 
 use super::ring::RingCore;
 use super::single::check_shapes;
-use super::{HeadPlan, Mask, SeqLayout, SequenceParallel};
+use super::{HeadPlan, Mask, SeqLayout, SequenceParallel, StrategyConfig};
 use crate::autograd::Tape;
 use crate::comm::{AllToAll, Group, Mesh, MeshShape};
-use crate::{Error, Result};
+use crate::Result;
 
 /// Ulysses inside groups of `ulysses` ranks, ring attention across them.
 pub struct UspAttention {
@@ -48,13 +48,7 @@ impl UspAttention {
         zigzag: bool,
     ) -> Result<UspAttention> {
         let p = sp.size();
-        if ulysses == 0 || !p.is_multiple_of(ulysses) {
-            return Err(Error::InvalidArgument {
-                op: "usp",
-                group: sp.info().to_string(),
-                msg: format!("the Ulysses degree {ulysses} must divide P={p}"),
-            });
-        }
+        StrategyConfig::Usp { ulysses, zigzag }.check(n, p, heads, kv_heads)?;
         let ring_degree = p / ulysses;
         let mesh = Mesh::new(sp, MeshShape::new(&[("ring", ring_degree), ("ulysses", ulysses)])?)?;
         let (ring_group, ulysses_group) = (mesh.group("ring")?.clone(), mesh.group("ulysses")?.clone());

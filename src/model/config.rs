@@ -154,4 +154,27 @@ impl GptConfig {
         let head = if self.tie_embeddings { 0 } else { v * h };
         v * h + l * block + 2 * h + head
     }
+
+    /// Parameters that take part in matrix products (the token embedding's lookup is free
+    /// unless it is tied to the output projection).
+    pub fn matmul_params(&self) -> i64 {
+        let lookup = if self.tie_embeddings { 0 } else { self.vocab_size * self.n_embd };
+        self.num_params() - lookup
+    }
+
+    /// Model FLOPs of one training step (forward and backward) over `tokens` tokens in
+    /// sequences of `seq`: the standard count (Kaplan et al. 2020; Chowdhery et al. 2022,
+    /// appendix B)
+    ///
+    /// `6 x matmul parameters x tokens + 12 x L x h x seq x tokens`
+    ///
+    /// where 6 = 2 (forward multiply-add) + 4 (backward: two products per parameter), and the
+    /// attention term counts QK^T and the weighted sum of V (2 x 2 x h x seq per token and layer
+    /// forward, x3 with the backward). Halved attention for a causal mask, whose kernels skip the
+    /// masked half.
+    pub fn train_flops(&self, tokens: i64, seq: i64, causal: bool) -> f64 {
+        let dense = 6.0 * self.matmul_params() as f64 * tokens as f64;
+        let attention = 12.0 * (self.n_layer * self.n_embd) as f64 * seq as f64 * tokens as f64;
+        dense + if causal { attention / 2.0 } else { attention }
+    }
 }

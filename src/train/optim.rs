@@ -1,0 +1,91 @@
+//! AdamW (Loshchilov and Hutter 2019): Adam with decoupled weight decay, the optimizer of GPT
+//! training. States in f32; weight decay on matrices only (not biases, LayerNorms).
+
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+use crate::error::TorchResultExt;
+use crate::model::Params;
+use crate::{Error, Result};
+
+/// AdamW's hyper-parameters (defaults: GPT-3's, Brown et al. 2020).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdamWConfig {
+    /// Learning rate. Default 3e-4.
+    pub lr: f64,
+    /// First-moment decay. Default 0.9.
+    pub beta1: f64,
+    /// Second-moment decay. Default 0.95.
+    pub beta2: f64,
+    /// Added to the square root of the second moment. Default 1e-8.
+    pub eps: f64,
+    /// Decoupled weight decay on matrices. Default 0.1.
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        AdamWConfig { lr: 3e-4, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 }
+    }
+}
+
+/// AdamW over a model's parameters (each rank updates the parameters it holds).
+pub struct AdamW {
+    cfg: AdamWConfig,
+    step: i32,
+    /// (first moment, second moment) per parameter, f32.
+    moments: Vec<(Tensor, Tensor)>,
+}
+
+impl AdamW {
+    pub fn new(params: &Params, cfg: AdamWConfig) -> Result<AdamW> {
+        if !(cfg.lr > 0.0
+            && (0.0..1.0).contains(&cfg.beta1)
+            && (0.0..1.0).contains(&cfg.beta2)
+            && cfg.eps > 0.0)
+        {
+            return Err(Error::InvalidArgument {
+                op: "adamw",
+                group: "-".into(),
+                msg: format!(
+                    "lr {} and eps {} must be positive and the betas in [0, 1): {cfg:?}",
+                    cfg.lr, cfg.eps
+                ),
+            });
+        }
+        let zeros = |t: &Tensor| t.f_zeros_like().and_then(|z| z.f_to_kind(Kind::Float)).op("adamw");
+        let moments = params.iter().map(|(_, p)| Ok((zeros(p)?, zeros(p)?))).collect::<Result<_>>()?;
+        Ok(AdamW { cfg, step: 0, moments })
+    }
+
+    /// One update from the parameters' current gradients.
+    pub fn step(&mut self, params: &Params) -> Result<()> {
+        let _no_grad = tch::no_grad_guard();
+        self.step += 1;
+        let c = self.cfg;
+        let (bias1, bias2) = (1.0 - c.beta1.powi(self.step), 1.0 - c.beta2.powi(self.step));
+        for ((name, p), (m, v)) in params.iter().zip(&mut self.moments) {
+            let g = p.grad();
+            if !g.defined() {
+                return Err(Error::Tape { op: "adamw", msg: format!("parameter {name} has no gradient") });
+            }
+            let mut update = || -> Result<(), tch::TchError> {
+                let g = g.f_to_kind(Kind::Float)?;
+                // m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2
+                let _ = m.f_mul_scalar_(c.beta1)?.f_add_(&g.f_mul_scalar(1.0 - c.beta1)?)?;
+                let _ = v.f_mul_scalar_(c.beta2)?.f_add_(&g.f_square()?.f_mul_scalar(1.0 - c.beta2)?)?;
+                let denom = v.f_div_scalar(bias2)?.f_sqrt()?.f_add_scalar(c.eps)?;
+                let mut step = m.f_div_scalar(bias1)?.f_div(&denom)?;
+                let mut w = p.f_to_kind(Kind::Float)?;
+                if p.dim() >= 2 && c.weight_decay > 0.0 {
+                    step = step.f_add(&w.f_mul_scalar(c.weight_decay)?)?;
+                }
+                w = w.f_sub(&step.f_mul_scalar(c.lr)?)?;
+                p.shallow_clone().f_copy_(&w)
+            };
+            update().op("adamw")?;
+        }
+        Ok(())
+    }
+}
