@@ -3,7 +3,7 @@
 #
 # Installs what a fresh machine lacks:
 #   - Debian packages: a C++ compiler, OpenMPI (the mpi backend), libclang (rsmpi's bindgen),
-#     python3-venv;
+#     python3-venv, DejaVu fonts (the text of PNG plots);
 #   - libtorch 2.11.0 (what tch 0.24 links against), the CPU-usable minimum of PyPI's torch wheel,
 #     in a venv under $ULYSSES_CACHE (default ~/.cache/ulysses), linked into the repo as .libtorch;
 #   - a Rust toolchain through rustup, only if cargo is missing.
@@ -21,7 +21,7 @@ say() { echo "[setup] $*"; }
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 # 1. Debian packages, only those missing.
-packages=(g++ make pkg-config libopenmpi-dev openmpi-bin libclang-dev python3-venv)
+packages=(g++ make pkg-config libopenmpi-dev openmpi-bin libclang-dev python3-venv fonts-dejavu-core)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -7,13 +7,19 @@
 //! Layers, top to bottom (each uses only those above it):
 //! - [`comm`]: process groups, the mesh, collectives with byte accounting, backends;
 //! - [`autograd`]: differentiable collectives on an explicit per-step tape;
-//! - [`attention`]: kernels on whole sequences and the sequence-parallel strategies (Ulysses);
-//! - [`model`]: the GPT, generic over the strategy.
+//! - [`attention`]: kernels on whole sequences and the sequence-parallel strategies (Ulysses and
+//!   the baselines);
+//! - [`model`]: the GPT, generic over the strategy;
+//! - [`data`]: synthetic and file datasets, global label shift and sharding;
+//! - [`train`]: the optimizer;
+//! - [`experiment`]: configs, the runner, results as DataFrames, reports and plots.
 
 pub mod attention;
 pub mod autograd;
 pub mod comm;
+pub mod data;
 mod error;
+pub mod experiment;
 pub mod model;
 pub mod train;
 

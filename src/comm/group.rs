@@ -1,5 +1,6 @@
 //! A process group: one rank's handle on a set of ranks that communicate together.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -37,8 +38,8 @@ pub struct Group {
     rank: usize,
     backend: Arc<dyn Backend>,
     stats: Arc<Mutex<CommStats>>,
-    /// This rank's counters over this group and every group split from the same root.
-    rank_totals: Arc<Mutex<CommStats>>,
+    /// This rank's counters, by group name, over this group's root and every group split from it.
+    rank_totals: Arc<Mutex<BTreeMap<String, CommStats>>>,
     /// How many splits this rank made of this group; all ranks split in the same order, so it
     /// numbers subgroups identically everywhere.
     splits: Arc<AtomicUsize>,
@@ -108,13 +109,24 @@ impl Group {
     /// group split from it: everything the rank sent and received, whichever subgroup a
     /// strategy used.
     pub fn rank_stats(&self) -> CommStats {
-        self.rank_totals.lock().unwrap_or_else(PoisonError::into_inner).clone()
+        let totals = self.rank_totals.lock().unwrap_or_else(PoisonError::into_inner);
+        totals.values().fold(CommStats::default(), |mut sum, s| {
+            sum.merge(s);
+            sum
+        })
+    }
+
+    /// The same counters by group name ("world", "sp", "ring", ...); groups of one name on this
+    /// rank (the rank is in one group per mesh axis) add up.
+    pub fn rank_stats_by_group(&self) -> Vec<(String, CommStats)> {
+        let totals = self.rank_totals.lock().unwrap_or_else(PoisonError::into_inner);
+        totals.iter().map(|(name, s)| (name.clone(), s.clone())).collect()
     }
 
     /// Sets the counters of [`rank_stats`](Group::rank_stats) back to zero (not those of the
     /// individual groups).
     pub fn reset_rank_stats(&self) {
-        *self.rank_totals.lock().unwrap_or_else(PoisonError::into_inner) = CommStats::default();
+        self.rank_totals.lock().unwrap_or_else(PoisonError::into_inner).clear();
     }
 
     /// Splits the group as `MPI_Comm_split` does: ranks that pass the same `color` form a
@@ -191,18 +203,18 @@ impl Group {
         let (sent, received) = (bytes(&sends), bytes(&recvs));
         self.backend.exchange(&self.info, op, sends, recvs)?;
         if op != OpKind::Split {
-            for stats in [&self.stats, &self.rank_totals] {
-                stats.lock().unwrap_or_else(PoisonError::into_inner).add_bytes(op, sent, received);
-            }
+            self.stats.lock().unwrap_or_else(PoisonError::into_inner).add_bytes(op, sent, received);
+            let mut totals = self.rank_totals.lock().unwrap_or_else(PoisonError::into_inner);
+            totals.entry(self.info.name.clone()).or_default().add_bytes(op, sent, received);
         }
         Ok(())
     }
 
     /// Counts one call of a collective (a collective may run several transfers).
     pub(crate) fn count_call(&self, op: OpKind) {
-        for stats in [&self.stats, &self.rank_totals] {
-            stats.lock().unwrap_or_else(PoisonError::into_inner).add_call(op);
-        }
+        self.stats.lock().unwrap_or_else(PoisonError::into_inner).add_call(op);
+        let mut totals = self.rank_totals.lock().unwrap_or_else(PoisonError::into_inner);
+        totals.entry(self.info.name.clone()).or_default().add_call(op);
     }
 
     /// An `InvalidArgument` error for `op` on this group.

@@ -35,6 +35,16 @@ impl CommStats {
         self.by_op.entry(op).or_default().calls += 1;
     }
 
+    /// Adds another rank's or group's counters to these.
+    pub fn merge(&mut self, other: &CommStats) {
+        for (op, c) in other.iter() {
+            let mine = self.by_op.entry(op).or_default();
+            mine.calls += c.calls;
+            mine.bytes_sent += c.bytes_sent;
+            mine.bytes_received += c.bytes_received;
+        }
+    }
+
     /// The counters of one op kind (zero if it never ran).
     pub fn op(&self, op: OpKind) -> OpCount {
         self.by_op.get(&op).copied().unwrap_or_default()

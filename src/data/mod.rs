@@ -68,7 +68,9 @@ impl DatasetConfig {
     pub fn open(&self, base: &std::path::Path) -> Result<Box<dyn Dataset>> {
         Ok(match self {
             DatasetConfig::Synthetic { task } => Box::new(Synthetic::new(*task)),
-            DatasetConfig::Text { path, tokenizer } => Box::new(TextDataset::open(&base.join(path), *tokenizer)?),
+            DatasetConfig::Text { path, tokenizer } => {
+                Box::new(TextDataset::open(&base.join(path), *tokenizer)?)
+            }
             DatasetConfig::Tokens { path, dtype, vocab_size } => {
                 Box::new(TokenFile::open(&base.join(path), *dtype, *vocab_size)?)
             }

@@ -54,7 +54,8 @@ impl Dataset for Synthetic {
     }
 
     fn batch(&self, seed: u64, step: u64, replica: u64, b: i64, n: i64) -> Result<Tensor> {
-        let rows = (0..b).map(|i| self.row(&mut Rng::new(seed, step, replica, i as u64), n as usize)).collect();
+        let rows =
+            (0..b).map(|i| self.row(&mut Rng::new(seed, step, replica, i as u64), n as usize)).collect();
         to_tensor(rows, n)
     }
 }
@@ -88,7 +89,8 @@ fn passkey(rng: &mut Rng, n: usize) -> Vec<u8> {
     let key: String = (0..5).map(|_| char::from(b'0' + rng.below(10) as u8)).collect();
     let needle = format!("The pass key is {key}. Remember it. ");
     let question = format!("What is the pass key? The pass key is {key}.");
-    let filler = b"The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ";
+    let filler =
+        b"The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ";
     let room = n.saturating_sub(needle.len() + question.len());
     let depth = rng.below(room as u64 + 1) as usize;
     let mut out: Vec<u8> = filler.iter().cycle().take(depth).copied().collect();

@@ -63,7 +63,9 @@ impl TextDataset {
         let bytes = read(path)?;
         let what = format!("{} ({tokenizer:?} tokens)", path.display());
         let stream = match tokenizer {
-            Tokenizer::Byte => Stream { tokens: bytes.into_iter().map(i64::from).collect(), vocab: 256, what },
+            Tokenizer::Byte => {
+                Stream { tokens: bytes.into_iter().map(i64::from).collect(), vocab: 256, what }
+            }
             Tokenizer::Char => {
                 let text = String::from_utf8_lossy(&bytes);
                 let mut chars: Vec<char> = text.chars().collect();
@@ -104,7 +106,11 @@ impl TokenFile {
         };
         let bad = |msg: String| Error::InvalidArgument { op: "dataset", group: "-".into(), msg };
         if bytes.len() % width != 0 {
-            return Err(bad(format!("{} has {} bytes, not a whole number of {dtype:?} ids", path.display(), bytes.len())));
+            return Err(bad(format!(
+                "{} has {} bytes, not a whole number of {dtype:?} ids",
+                path.display(),
+                bytes.len()
+            )));
         }
         let tokens: Vec<i64> = bytes
             .chunks_exact(width)
@@ -114,7 +120,10 @@ impl TokenFile {
             })
             .collect();
         if let Some(max) = tokens.iter().copied().max().filter(|&m| m >= vocab) {
-            return Err(bad(format!("{} holds token id {max}, not below vocab_size {vocab}", path.display())));
+            return Err(bad(format!(
+                "{} holds token id {max}, not below vocab_size {vocab}",
+                path.display()
+            )));
         }
         Ok(TokenFile(Stream { tokens, vocab, what: format!("{} ({dtype:?} ids)", path.display()) }))
     }

@@ -3,11 +3,11 @@
 
 use tch::{Device, Kind, Reduction, Tensor};
 
-use super::layers::{LayerNorm, Linear, Params, Placement, Rope, Split};
+use super::layers::{LayerNorm, Linear, Param, Params, Placement, Rope, Split};
 use super::GptConfig;
 use crate::attention::SequenceParallel;
 use crate::autograd::Tape;
-use crate::comm::ReduceOp;
+use crate::comm::{Group, ReduceOp};
 use crate::error::TorchResultExt;
 use crate::{Error, Result};
 
@@ -302,23 +302,35 @@ impl Gpt {
 
     /// Sums every parameter's gradient over the sequence-parallel group, in f32, in one
     /// all-reduce (each rank's gradient of a replicated parameter is only its tokens' share).
+    /// Sharded parameters already hold their whole gradient (computed on the whole sequence
+    /// after the all-gather) and are left alone.
     pub fn sync_gradients(&self) -> Result<()> {
-        let Some(group) = self.strategy.group() else {
-            return Ok(());
-        };
-        if group.size() == 1 {
+        match self.strategy.group() {
+            Some(group) if group.size() > 1 => {
+                self.reduce_gradients(group, ReduceOp::Sum, |p| p.placement == Placement::Replicated)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Averages every gradient over a data-parallel group (replicas that saw different data),
+    /// in f32, in one all-reduce.
+    pub fn average_gradients(&self, dp: &Group) -> Result<()> {
+        if dp.size() == 1 {
             return Ok(());
         }
+        self.reduce_gradients(dp, ReduceOp::Avg, |_| true)
+    }
+
+    /// All-reduces the gradients of the parameters `which` selects as one flat f32 buffer.
+    fn reduce_gradients(&self, group: &Group, op: ReduceOp, which: impl Fn(&Param) -> bool) -> Result<()> {
         let mut grads = Vec::with_capacity(self.params.len());
-        // Sharded parameters already hold their whole gradient (computed on the whole
-        // sequence after the all-gather); replicated ones hold their tokens' share.
-        let replicated = self.params.all().iter().filter(|p| p.placement == Placement::Replicated);
-        for (name, p) in replicated.map(|p| (&p.name, &p.tensor)) {
-            let g = p.grad();
+        for p in self.params.all().iter().filter(|p| which(p)) {
+            let g = p.tensor.grad();
             if !g.defined() {
                 return Err(Error::Tape {
                     op: "sync_gradients",
-                    msg: format!("parameter {name} has no gradient"),
+                    msg: format!("parameter {} has no gradient", p.name),
                 });
             }
             grads.push(g);
@@ -328,13 +340,13 @@ impl Gpt {
             .map(|g| g.f_to_kind(Kind::Float).and_then(|g| g.f_reshape([-1])))
             .collect::<Result<_, _>>()
             .op("sync_gradients")?;
-        let summed = group.all_reduce(&Tensor::f_cat(&flat, 0).op("sync_gradients")?, ReduceOp::Sum)?;
+        let reduced = group.all_reduce(&Tensor::f_cat(&flat, 0).op("sync_gradients")?, op)?;
         let _no_grad = tch::no_grad_guard();
         let mut offset = 0;
         for g in &mut grads {
             let n = g.numel() as i64;
             let part =
-                summed.f_narrow(0, offset, n).and_then(|t| t.f_reshape(g.size())).op("sync_gradients")?;
+                reduced.f_narrow(0, offset, n).and_then(|t| t.f_reshape(g.size())).op("sync_gradients")?;
             g.f_copy_(&part).op("sync_gradients")?;
             offset += n;
         }

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use ulysses::attention::{Kernel, Mask};
+use ulysses::experiment::{run, ExperimentConfig, RunOptions};
 
 #[derive(Parser)]
 #[command(
@@ -70,6 +71,44 @@ enum Command {
     /// Time forward + backward (+ gradient sync) steps of the GPT on P ranks (threads), and
     /// report the step time, tokens/s and the process's memory.
     Step(step::StepArgs),
+    /// Run an experiment config (experiments/*.toml): every sweep point, results written as
+    /// they come (CSV and Parquet) into its output folder, then its summary table.
+    Run {
+        /// The experiment's TOML file.
+        config: PathBuf,
+        /// Continue the run already in the output folder; its finished points are kept.
+        #[arg(long)]
+        resume: bool,
+        /// Also write the report (tables and plots) at the end.
+        #[arg(long)]
+        report: bool,
+    },
+    /// Summarise a run's output folder: a table per point, summary.csv and plots (SVG, PNG).
+    Report {
+        /// The output folder of a run.
+        dir: PathBuf,
+    },
+}
+
+fn experiment(config: &std::path::Path, resume: bool, report: bool) -> Result<()> {
+    let cfg = ExperimentConfig::load(config)?;
+    let opts = RunOptions { resume, base_dir: std::env::current_dir()? };
+    let summary = run(&cfg, &opts)?;
+    println!("{}", summary.points);
+    println!("{} in {:.1} s: {}", cfg.name, summary.elapsed.as_secs_f64(), summary.dir.display());
+    if report {
+        print_report(&summary.dir)?;
+    }
+    Ok(())
+}
+
+fn print_report(dir: &std::path::Path) -> Result<()> {
+    let r = ulysses::experiment::report(dir)?;
+    println!("{}", r.summary);
+    for f in &r.files {
+        println!("wrote {}", f.display());
+    }
+    Ok(())
 }
 
 fn main() -> Result<()> {
@@ -79,5 +118,7 @@ fn main() -> Result<()> {
             layer::run(&input, &output, ranks, kernel, mask)
         }
         Command::Step(args) => step::run(&args),
+        Command::Run { config, resume, report } => experiment(&config, resume, report),
+        Command::Report { dir } => print_report(&dir),
     }
 }

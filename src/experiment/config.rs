@@ -1,0 +1,384 @@
+//! An experiment as data: a TOML file whose every field is documented here, checked in full
+//! before anything runs.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tch::Kind;
+
+use crate::attention::{AttentionConfig, Kernel, Mask, StrategyConfig};
+use crate::data::DatasetConfig;
+use crate::model::GptConfig;
+use crate::train::AdamWConfig;
+use crate::{Error, Result};
+
+/// A whole experiment: a model, the parallel set-ups and sequence lengths to sweep, how long to
+/// run each, on what data, and where the results go.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExperimentConfig {
+    /// Short name, used in the default output folder.
+    pub name: String,
+    /// What the experiment shows (free text). Default empty.
+    #[serde(default)]
+    pub description: String,
+    /// Output folder, relative to the directory `ulysses run` starts in. Default
+    /// `results/<name>`.
+    #[serde(default)]
+    pub output: Option<PathBuf>,
+    pub model: ModelSpec,
+    pub parallel: ParallelSpec,
+    #[serde(default)]
+    pub attention: AttentionSpec,
+    pub train: TrainSpec,
+    #[serde(default)]
+    pub dataset: DatasetConfig,
+}
+
+/// `[model]`: a preset, and any field of [`GptConfig`] to override in it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    /// tiny, 125m, 350m, 1.3b, 6.7b or 30b.
+    pub preset: String,
+    pub vocab_size: Option<i64>,
+    pub n_layer: Option<i64>,
+    pub n_head: Option<i64>,
+    pub n_kv_head: Option<i64>,
+    pub n_embd: Option<i64>,
+    pub mlp_ratio: Option<i64>,
+    pub tie_embeddings: Option<bool>,
+    pub bias: Option<bool>,
+    pub seed: Option<u64>,
+}
+
+/// Where ranks run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    /// Ranks as threads of one process (the embedded default).
+    #[default]
+    Local,
+    /// One process per rank under mpirun / srun.
+    Mpi,
+    /// One process per GPU, NCCL collectives.
+    Nccl,
+}
+
+/// `[parallel]`: the parallel set-ups to sweep.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParallelSpec {
+    /// World sizes to sweep (ranks = dp x sp).
+    pub ranks: Vec<usize>,
+    /// Data-parallel degree; the sequence-parallel degree is ranks / dp. Default 1.
+    #[serde(default = "one")]
+    pub dp: usize,
+    /// Strategies to sweep: single, ulysses, megatron_sp, ring, ring_zigzag, allgather_kv,
+    /// allgather_kv_zigzag, usp:U, usp_zigzag:U.
+    pub strategies: Vec<String>,
+    /// local, mpi or nccl. Default local.
+    #[serde(default)]
+    pub backend: Backend,
+    /// cpu or cuda. Default cpu.
+    #[serde(default = "cpu")]
+    pub device: String,
+    /// libtorch intra-op threads per rank. Default 1.
+    #[serde(default = "one")]
+    pub threads_per_rank: usize,
+    /// Seconds a rank waits for a peer inside one collective. Default 300.
+    #[serde(default = "timeout")]
+    pub timeout_s: u64,
+}
+
+/// `[attention]`: the local kernel and the mask.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttentionSpec {
+    /// math, sdpa or blocked. Default sdpa.
+    #[serde(default = "sdpa")]
+    pub kernel: String,
+    /// none, causal, window:W, sparse:B,L,G, sparse-causal:B,L,G. Default causal.
+    #[serde(default = "causal")]
+    pub mask: String,
+}
+
+impl Default for AttentionSpec {
+    fn default() -> Self {
+        AttentionSpec { kernel: sdpa(), mask: causal() }
+    }
+}
+
+/// `[train]`: what one sweep point runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSpec {
+    /// f32, bf16 or f64. Default f32.
+    #[serde(default = "f32")]
+    pub dtype: String,
+    /// Sequences per data-parallel replica and step. Default 1.
+    #[serde(default = "one_i64")]
+    pub batch: i64,
+    /// Global sequence lengths to sweep.
+    pub seq: Vec<i64>,
+    /// Measured steps per sweep point.
+    pub steps: usize,
+    /// Steps before them, run but left out of summaries. Default 1.
+    #[serde(default = "one")]
+    pub warmup: usize,
+    /// Seed of the data (the model's is `model.seed`). Default 1234.
+    #[serde(default = "seed")]
+    pub seed: u64,
+    /// Update the weights with AdamW after each step (convergence runs); without it, steps are
+    /// forward and backward only (throughput runs). Default none.
+    #[serde(default)]
+    pub adamw: Option<AdamWConfig>,
+}
+
+fn one() -> usize {
+    1
+}
+fn one_i64() -> i64 {
+    1
+}
+fn cpu() -> String {
+    "cpu".into()
+}
+fn timeout() -> u64 {
+    300
+}
+fn sdpa() -> String {
+    "sdpa".into()
+}
+fn causal() -> String {
+    "causal".into()
+}
+fn f32() -> String {
+    "f32".into()
+}
+fn seed() -> u64 {
+    1234
+}
+
+/// One point of the sweep.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Point {
+    /// Position in the sweep, from 0.
+    pub index: usize,
+    pub strategy: StrategyConfig,
+    /// World size.
+    pub ranks: usize,
+    pub seq: i64,
+}
+
+impl Point {
+    /// "ulysses P=4 N=2048".
+    pub fn describe(&self) -> String {
+        format!("{} P={} N={}", self.strategy.label(), self.ranks, self.seq)
+    }
+}
+
+/// An error about one field of the config, saying how to fix it.
+fn field_error(field: &str, msg: String) -> Error {
+    Error::InvalidArgument { op: "experiment config", group: field.to_string(), msg }
+}
+
+impl ExperimentConfig {
+    /// Parses and checks a config (TOML text); `source` names it in messages.
+    pub fn parse(text: &str, source: &str) -> Result<ExperimentConfig> {
+        let cfg: ExperimentConfig = toml::from_str(text).map_err(|e| Error::InvalidArgument {
+            op: "experiment config",
+            group: source.to_string(),
+            msg: e.to_string().trim_end().to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Reads, parses and checks a config file.
+    pub fn load(path: &Path) -> Result<ExperimentConfig> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| field_error("-", format!("cannot read {}: {e}", path.display())))?;
+        ExperimentConfig::parse(&text, &path.display().to_string())
+    }
+
+    /// The config as TOML (what a run records next to its results).
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string_pretty(self).map_err(|e| field_error("-", format!("cannot write the config: {e}")))
+    }
+
+    /// The model: the preset with the overrides applied.
+    pub fn gpt(&self) -> Result<GptConfig> {
+        let m = &self.model;
+        let mut c = GptConfig::preset(&m.preset).map_err(|e| field_error("model.preset", e.to_string()))?;
+        c.vocab_size = m.vocab_size.unwrap_or(c.vocab_size);
+        c.n_layer = m.n_layer.unwrap_or(c.n_layer);
+        c.n_head = m.n_head.unwrap_or(c.n_head);
+        c.n_kv_head = m.n_kv_head.unwrap_or(c.n_kv_head);
+        c.n_embd = m.n_embd.unwrap_or(c.n_embd);
+        c.mlp_ratio = m.mlp_ratio.unwrap_or(c.mlp_ratio);
+        c.tie_embeddings = m.tie_embeddings.unwrap_or(c.tie_embeddings);
+        c.bias = m.bias.unwrap_or(c.bias);
+        c.seed = m.seed.unwrap_or(c.seed);
+        c.validate().map_err(|e| field_error("model", e.to_string()))?;
+        Ok(c)
+    }
+
+    /// The strategies, parsed.
+    pub fn strategies(&self) -> Result<Vec<StrategyConfig>> {
+        self.parallel
+            .strategies
+            .iter()
+            .enumerate()
+            .map(|(i, s)| s.parse().map_err(|e: String| field_error(&format!("parallel.strategies[{i}]"), e)))
+            .collect()
+    }
+
+    /// The kernel and mask.
+    pub fn attention(&self) -> Result<AttentionConfig> {
+        let kernel: Kernel = self.attention.kernel.parse().map_err(|e| field_error("attention.kernel", e))?;
+        let mask: Mask = self.attention.mask.parse().map_err(|e| field_error("attention.mask", e))?;
+        let cfg = AttentionConfig::new(kernel, mask);
+        cfg.build().map_err(|e| field_error("attention", e.to_string()))?;
+        Ok(cfg)
+    }
+
+    /// The dtype of parameters and activations.
+    pub fn kind(&self) -> Result<Kind> {
+        match self.train.dtype.as_str() {
+            "f32" => Ok(Kind::Float),
+            "bf16" => Ok(Kind::BFloat16),
+            "f64" => Ok(Kind::Double),
+            other => {
+                Err(field_error("train.dtype", format!("{other:?} is not a dtype; use f32, bf16 or f64")))
+            }
+        }
+    }
+
+    /// Where results go.
+    pub fn output_dir(&self) -> PathBuf {
+        self.output.clone().unwrap_or_else(|| PathBuf::from("results").join(&self.name))
+    }
+
+    /// Every point of the sweep, in order: world sizes, then strategies, then lengths.
+    pub fn points(&self) -> Result<Vec<Point>> {
+        let strategies = self.strategies()?;
+        let mut points = Vec::new();
+        for &ranks in &self.parallel.ranks {
+            for &strategy in &strategies {
+                for &seq in &self.train.seq {
+                    points.push(Point { index: points.len(), strategy, ranks, seq });
+                }
+            }
+        }
+        Ok(points)
+    }
+
+    /// Checks every field and every point, naming the field and the fix.
+    pub fn validate(&self) -> Result<()> {
+        if self.name.trim().is_empty() || self.name.contains(['/', '\\']) {
+            return Err(field_error(
+                "name",
+                format!("{:?} must be a non-empty name without slashes", self.name),
+            ));
+        }
+        let gpt = self.gpt()?;
+        self.attention()?;
+        self.kind()?;
+        let p = &self.parallel;
+        if p.ranks.is_empty() || p.ranks.contains(&0) {
+            return Err(field_error(
+                "parallel.ranks",
+                format!("{:?} must list world sizes of at least 1", p.ranks),
+            ));
+        }
+        if p.dp == 0 {
+            return Err(field_error("parallel.dp", "must be at least 1".into()));
+        }
+        if let Some(&bad) = p.ranks.iter().find(|&&r| r % p.dp != 0) {
+            return Err(field_error(
+                "parallel.ranks",
+                format!("{bad} ranks cannot hold dp = {} replicas; use a multiple of {}", p.dp, p.dp),
+            ));
+        }
+        if p.strategies.is_empty() {
+            return Err(field_error(
+                "parallel.strategies",
+                "list at least one strategy, e.g. [\"ulysses\"]".into(),
+            ));
+        }
+        if !matches!(p.device.as_str(), "cpu" | "cuda") {
+            return Err(field_error("parallel.device", format!("{:?}: use cpu or cuda", p.device)));
+        }
+        if p.threads_per_rank == 0 || p.timeout_s == 0 {
+            return Err(field_error("parallel", "threads_per_rank and timeout_s must be at least 1".into()));
+        }
+        let t = &self.train;
+        if t.seq.is_empty() || t.seq.iter().any(|&n| n < 2) {
+            return Err(field_error(
+                "train.seq",
+                format!("{:?} must list sequence lengths of at least 2", t.seq),
+            ));
+        }
+        if t.batch < 1 || t.steps < 1 {
+            return Err(field_error(
+                "train",
+                format!("batch {} and steps {} must be at least 1", t.batch, t.steps),
+            ));
+        }
+        if let Some(a) = &t.adamw {
+            if !(a.lr > 0.0 && a.eps > 0.0 && (0.0..1.0).contains(&a.beta1) && (0.0..1.0).contains(&a.beta2))
+            {
+                return Err(field_error(
+                    "train.adamw",
+                    format!("lr and eps must be positive, betas in [0, 1): {a:?}"),
+                ));
+            }
+        }
+        for point in self.points()? {
+            let sp = point.ranks / p.dp;
+            point.strategy.check(point.seq, sp, gpt.n_head, gpt.n_kv_head).map_err(|e| {
+                field_error(
+                    "parallel.strategies",
+                    format!("{} (SP degree {sp}) cannot run: {e}", point.describe()),
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Checks what validation cannot know in advance: the dataset, and that this build and
+    /// machine can run the backend and device. `base` resolves dataset paths.
+    pub fn check_runnable(&self, base: &Path) -> Result<()> {
+        let dataset = self.dataset.open(base).map_err(|e| field_error("dataset", e.to_string()))?;
+        let vocab = self.gpt()?.vocab_size;
+        if dataset.vocab_size() > vocab {
+            return Err(field_error(
+                "dataset",
+                format!(
+                    "{} has a vocabulary of {}, more than model.vocab_size {vocab}",
+                    dataset.describe(),
+                    dataset.vocab_size()
+                ),
+            ));
+        }
+        match self.parallel.backend {
+            Backend::Local => {}
+            other => {
+                return Err(field_error(
+                    "parallel.backend",
+                    format!(
+                        "{other:?} is not in this build yet; the local backend (threads) runs everywhere"
+                    ),
+                ))
+            }
+        }
+        if self.parallel.device == "cuda" && !tch::Cuda::is_available() {
+            return Err(field_error(
+                "parallel.device",
+                "cuda was asked for but no CUDA device is available".into(),
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,17 @@
+//! Experiments: a declarative config (TOML), a runner that sweeps it and writes results as it
+//! goes (CSV and Parquet through polars), progress on a terminal or as plain lines, and a report
+//! with tables and plots (plotters).
+
+mod config;
+mod plot;
+mod progress;
+mod report;
+mod results;
+mod run;
+
+pub use config::{AttentionSpec, Backend, ExperimentConfig, ModelSpec, ParallelSpec, Point, TrainSpec};
+pub use plot::{font_ready, Chart, Series};
+pub use progress::Progress;
+pub use report::{report, Report};
+pub use results::{read_table, CommRow, PointRow, Results, StepRow};
+pub use run::{run, RunOptions, RunSummary};

@@ -1,0 +1,134 @@
+//! `ulysses report`: the summary table of a run and its plots.
+//!
+//! Reads the Parquet tables of an output folder (so it works on a run that is still going or
+//! was interrupted), prints one row per finished point, writes `summary.csv`, and draws what
+//! the sweep varies: throughput against sequence length per strategy, bytes and memory per rank
+//! against the number of ranks, and the loss curves. Plots go to `plots/` as SVG and PNG.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use polars::prelude::*;
+
+use super::plot::{Chart, Series};
+use super::results::read_table;
+use crate::{Error, Result};
+
+/// A report: the summary table and the files written.
+pub struct Report {
+    pub summary: DataFrame,
+    pub files: Vec<PathBuf>,
+}
+
+fn polars_error(what: &str, e: PolarsError) -> Error {
+    Error::InvalidArgument { op: "report", group: what.to_string(), msg: e.to_string() }
+}
+
+/// A numeric column as f64.
+fn f64s(df: &DataFrame, name: &str) -> Result<Vec<f64>> {
+    let col = df.column(name).map_err(|e| polars_error(name, e))?;
+    let col = col.cast(&DataType::Float64).map_err(|e| polars_error(name, e))?;
+    let values = col.f64().map_err(|e| polars_error(name, e))?;
+    Ok(values.iter().map(|v| v.unwrap_or(f64::NAN)).collect())
+}
+
+/// A string column.
+fn strs(df: &DataFrame, name: &str) -> Result<Vec<String>> {
+    let col = df.column(name).map_err(|e| polars_error(name, e))?;
+    let values = col.str().map_err(|e| polars_error(name, e))?;
+    Ok(values.iter().map(|v| v.unwrap_or("").to_string()).collect())
+}
+
+/// Series of (x, y) keyed by a label, sorted by x.
+fn series(map: BTreeMap<String, Vec<(f64, f64)>>) -> Vec<Series> {
+    map.into_iter()
+        .filter(|(_, pts)| pts.len() >= 2)
+        .map(|(name, mut points)| {
+            points.sort_by(|a, b| a.0.total_cmp(&b.0));
+            Series { name, points }
+        })
+        .collect()
+}
+
+/// The summary and plots of the run in `dir`.
+pub fn report(dir: &Path) -> Result<Report> {
+    let points = read_table(dir, "points")?;
+    let summary = points
+        .select([
+            "strategy",
+            "ranks",
+            "seq",
+            "median_step_ms",
+            "tokens_per_s",
+            "model_tflops",
+            "peak_mib_per_rank",
+            "bytes_sent_per_rank",
+            "final_loss",
+        ])
+        .map_err(|e| polars_error("points", e))?;
+    let mut files = Vec::new();
+    let csv = dir.join("summary.csv");
+    let mut out = summary.clone();
+    let file = File::create(&csv)
+        .map_err(|e| polars_error("summary.csv", PolarsError::IO { error: e.into(), msg: None }))?;
+    CsvWriter::new(file).finish(&mut out).map_err(|e| polars_error("summary.csv", e))?;
+    files.push(csv);
+
+    let plots = dir.join("plots");
+    std::fs::create_dir_all(&plots)
+        .map_err(|e| polars_error("plots", PolarsError::IO { error: e.into(), msg: None }))?;
+    let (strategy, ranks, seq) = (strs(&points, "strategy")?, f64s(&points, "ranks")?, f64s(&points, "seq")?);
+    let (tps, mem, sent) = (
+        f64s(&points, "tokens_per_s")?,
+        f64s(&points, "peak_mib_per_rank")?,
+        f64s(&points, "bytes_sent_per_rank")?,
+    );
+    let mut charts = Vec::new();
+
+    // Throughput against sequence length: one line per strategy and world size.
+    let mut by_seq: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+    for i in 0..strategy.len() {
+        by_seq.entry(format!("{} P={}", strategy[i], ranks[i])).or_default().push((seq[i], tps[i]));
+    }
+    charts.push((
+        "throughput_vs_seq",
+        "Throughput against sequence length",
+        "sequence length N",
+        "tokens/s",
+        series(by_seq),
+    ));
+
+    // Bytes and memory per rank against the number of ranks: one line per strategy and length.
+    let mut bytes: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+    let mut memory: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+    for i in 0..strategy.len() {
+        let key = format!("{} N={}", strategy[i], seq[i]);
+        bytes.entry(key.clone()).or_default().push((ranks[i], sent[i] / (1 << 20) as f64));
+        memory.entry(key).or_default().push((ranks[i], mem[i]));
+    }
+    charts.push(("bytes_vs_ranks", "Bytes sent per rank and step", "ranks P", "MiB", series(bytes)));
+    charts.push(("memory_vs_ranks", "Peak memory per rank", "ranks P", "MiB", series(memory)));
+
+    // Loss curves: rank 0 of every point, every step.
+    let steps = read_table(dir, "steps")?;
+    let (s_point, s_step, s_rank, s_loss) =
+        (f64s(&steps, "point")?, f64s(&steps, "step")?, f64s(&steps, "rank")?, f64s(&steps, "loss")?);
+    let s_strategy = strs(&steps, "strategy")?;
+    let s_seq = f64s(&steps, "seq")?;
+    let mut loss: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+    for i in (0..s_point.len()).filter(|&i| s_rank[i] == 0.0) {
+        let key = format!("{} N={} (point {})", s_strategy[i], s_seq[i], s_point[i]);
+        loss.entry(key).or_default().push((s_step[i], s_loss[i]));
+    }
+    charts.push(("loss", "Loss", "step", "loss", series(loss)));
+
+    for (stem, title, x, y, lines) in charts {
+        if lines.is_empty() {
+            continue; // the sweep does not vary this
+        }
+        let chart = Chart { title: title.into(), x_label: x.into(), y_label: y.into(), series: lines };
+        files.extend(chart.write(&plots.join(stem))?);
+    }
+    Ok(Report { summary, files })
+}

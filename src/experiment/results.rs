@@ -1,0 +1,289 @@
+//! Results on disk, written as they come: a run never loses more than the step in flight.
+//!
+//! An output folder holds `config.toml` (the config as run), `meta.toml` (revision, machine,
+//! versions), and three tables, each as CSV (appended and flushed after every step) and Parquet
+//! (rewritten to a temporary file and renamed over the old one after every step, so it is
+//! always whole):
+//!
+//! - `steps`: one row per sweep point, step and rank: time, throughput, model TFLOP/s, loss,
+//!   memory, bytes sent and received;
+//! - `comm`: one row per point, step, rank, group and op kind: calls and bytes;
+//! - `points`: one row per finished point: medians over its measured steps.
+//!
+//! A folder that already holds a run is never overwritten: `resume` continues it (finished
+//! points are kept and skipped, the rows of an unfinished point dropped), anything else is an
+//! error here (the runner then picks a fresh `<folder>-N`).
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use polars::prelude::*;
+
+use crate::{Error, Result};
+
+/// One step of one rank at one sweep point.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepRow {
+    pub point: u32,
+    pub strategy: String,
+    pub ranks: u32,
+    pub sp: u32,
+    pub dp: u32,
+    pub seq: i64,
+    pub batch: i64,
+    pub step: u32,
+    /// A warm-up step: kept, but left out of summaries.
+    pub warmup: bool,
+    pub rank: u32,
+    /// Wall time of the step on this rank (forward, backward, gradient sync, update).
+    pub step_ms: f64,
+    /// Tokens of the whole job (b x N x dp) per second of step time.
+    pub tokens_per_s: f64,
+    /// Model FLOPs of the step (`GptConfig::train_flops`) per second, whole job, in TFLOP/s.
+    pub model_tflops: f64,
+    /// Global mean loss.
+    pub loss: f64,
+    /// Peak RSS of the process during the point above its RSS after the models were built,
+    /// divided by the ranks in the process (ranks as threads share one process).
+    pub peak_mib_per_rank: f64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+}
+
+/// One group and op kind of one step of one rank.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommRow {
+    pub point: u32,
+    pub step: u32,
+    pub rank: u32,
+    pub group: String,
+    pub op: String,
+    pub calls: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+}
+
+/// The summary of one finished point, over its measured (not warm-up) steps.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PointRow {
+    pub point: u32,
+    pub strategy: String,
+    pub ranks: u32,
+    pub sp: u32,
+    pub dp: u32,
+    pub seq: i64,
+    pub batch: i64,
+    pub steps: u32,
+    /// Median over steps of the slowest rank's time.
+    pub median_step_ms: f64,
+    pub tokens_per_s: f64,
+    pub model_tflops: f64,
+    pub peak_mib_per_rank: f64,
+    /// Median over steps of the largest per-rank volume.
+    pub bytes_sent_per_rank: u64,
+    pub bytes_received_per_rank: u64,
+    pub final_loss: f64,
+}
+
+fn polars_error(what: &str, e: PolarsError) -> Error {
+    Error::InvalidArgument { op: "results", group: what.to_string(), msg: e.to_string() }
+}
+
+fn io_error(path: &Path, e: std::io::Error) -> Error {
+    Error::InvalidArgument { op: "results", group: path.display().to_string(), msg: e.to_string() }
+}
+
+/// Rows of one table as a DataFrame.
+pub trait Row: Sized {
+    const TABLE: &'static str;
+    fn frame(rows: &[Self]) -> PolarsResult<DataFrame>;
+}
+
+macro_rules! col {
+    ($rows:expr, $field:ident) => {
+        $rows.iter().map(|r| r.$field.clone()).collect::<Vec<_>>()
+    };
+}
+
+impl Row for StepRow {
+    const TABLE: &'static str = "steps";
+    fn frame(r: &[Self]) -> PolarsResult<DataFrame> {
+        df!(
+            "point" => col!(r, point), "strategy" => col!(r, strategy), "ranks" => col!(r, ranks),
+            "sp" => col!(r, sp), "dp" => col!(r, dp), "seq" => col!(r, seq), "batch" => col!(r, batch),
+            "step" => col!(r, step), "warmup" => col!(r, warmup), "rank" => col!(r, rank),
+            "step_ms" => col!(r, step_ms), "tokens_per_s" => col!(r, tokens_per_s),
+            "model_tflops" => col!(r, model_tflops), "loss" => col!(r, loss),
+            "peak_mib_per_rank" => col!(r, peak_mib_per_rank), "bytes_sent" => col!(r, bytes_sent),
+            "bytes_received" => col!(r, bytes_received),
+        )
+    }
+}
+
+impl Row for CommRow {
+    const TABLE: &'static str = "comm";
+    fn frame(r: &[Self]) -> PolarsResult<DataFrame> {
+        df!(
+            "point" => col!(r, point), "step" => col!(r, step), "rank" => col!(r, rank), "group" => col!(r, group),
+            "op" => col!(r, op), "calls" => col!(r, calls), "bytes_sent" => col!(r, bytes_sent),
+            "bytes_received" => col!(r, bytes_received),
+        )
+    }
+}
+
+impl Row for PointRow {
+    const TABLE: &'static str = "points";
+    fn frame(r: &[Self]) -> PolarsResult<DataFrame> {
+        df!(
+            "point" => col!(r, point), "strategy" => col!(r, strategy), "ranks" => col!(r, ranks),
+            "sp" => col!(r, sp), "dp" => col!(r, dp), "seq" => col!(r, seq), "batch" => col!(r, batch),
+            "steps" => col!(r, steps), "median_step_ms" => col!(r, median_step_ms),
+            "tokens_per_s" => col!(r, tokens_per_s), "model_tflops" => col!(r, model_tflops),
+            "peak_mib_per_rank" => col!(r, peak_mib_per_rank), "bytes_sent_per_rank" => col!(r, bytes_sent_per_rank),
+            "bytes_received_per_rank" => col!(r, bytes_received_per_rank), "final_loss" => col!(r, final_loss),
+        )
+    }
+}
+
+/// One table: its rows so far, its CSV (appended) and its Parquet (rewritten).
+struct Table {
+    df: DataFrame,
+    csv: File,
+    parquet: PathBuf,
+}
+
+impl Table {
+    /// A table holding `df` (kept from an earlier run, or empty), both files rewritten from it.
+    fn create(dir: &Path, name: &str, df: DataFrame) -> Result<Table> {
+        let csv_path = dir.join(format!("{name}.csv"));
+        let csv = File::create(&csv_path).map_err(|e| io_error(&csv_path, e))?;
+        let mut table = Table { df: DataFrame::empty(), csv, parquet: dir.join(format!("{name}.parquet")) };
+        if df.height() > 0 {
+            table.append(df)?;
+        }
+        Ok(table)
+    }
+
+    fn append(&mut self, mut new: DataFrame) -> Result<()> {
+        let header = self.df.height() == 0;
+        CsvWriter::new(&mut self.csv)
+            .include_header(header)
+            .finish(&mut new)
+            .map_err(|e| polars_error("csv", e))?;
+        self.csv.flush().map_err(|e| io_error(&self.parquet, e))?;
+        if header {
+            self.df = new;
+        } else {
+            self.df.vstack_mut_owned(new).map_err(|e| polars_error("append", e))?;
+        }
+        let tmp = self.parquet.with_extension("parquet.tmp");
+        let file = File::create(&tmp).map_err(|e| io_error(&tmp, e))?;
+        ParquetWriter::new(file).finish(&mut self.df).map_err(|e| polars_error("parquet", e))?;
+        std::fs::rename(&tmp, &self.parquet).map_err(|e| io_error(&self.parquet, e))
+    }
+}
+
+/// Reads a Parquet table of an output folder.
+pub fn read_table(dir: &Path, name: &str) -> Result<DataFrame> {
+    let path = dir.join(format!("{name}.parquet"));
+    let file = File::open(&path).map_err(|e| io_error(&path, e))?;
+    ParquetReader::new(file).finish().map_err(|e| polars_error(&path.display().to_string(), e))
+}
+
+/// The output folder of a run.
+pub struct Results {
+    dir: PathBuf,
+    steps: Table,
+    comm: Table,
+    points: Table,
+    completed: BTreeSet<u32>,
+}
+
+impl Results {
+    /// Opens `dir` for a run of the config `config_toml`: a new folder (or one without a run),
+    /// or, with `resume`, the same config's earlier run, keeping its finished points.
+    pub fn open(dir: &Path, config_toml: &str, meta_toml: &str, resume: bool) -> Result<Results> {
+        let config_path = dir.join("config.toml");
+        let mut completed = BTreeSet::new();
+        let mut kept: [DataFrame; 3] = [DataFrame::empty(), DataFrame::empty(), DataFrame::empty()];
+        if config_path.exists() {
+            let bad =
+                |msg: String| Error::InvalidArgument { op: "results", group: dir.display().to_string(), msg };
+            if !resume {
+                return Err(bad(
+                    "this folder already holds a run: pass --resume to continue it, or set another `output`"
+                        .into(),
+                ));
+            }
+            let old = std::fs::read_to_string(&config_path).map_err(|e| io_error(&config_path, e))?;
+            if old != config_toml {
+                return Err(bad(
+                    "the run in this folder used another config; resume needs the same one".into()
+                ));
+            }
+            if dir.join("points.parquet").exists() {
+                let points = read_table(dir, "points")?;
+                let ids = points
+                    .column("point")
+                    .and_then(|c| c.u32().cloned())
+                    .map_err(|e| polars_error("points", e))?;
+                completed = ids.into_no_null_iter().collect();
+                kept[2] = points;
+                for (i, name) in ["steps", "comm"].iter().enumerate() {
+                    if dir.join(format!("{name}.parquet")).exists() {
+                        let df = read_table(dir, name)?;
+                        let ids = df
+                            .column("point")
+                            .and_then(|c| c.u32().cloned())
+                            .map_err(|e| polars_error(name, e))?;
+                        let mask: BooleanChunked =
+                            ids.iter().map(|p| p.is_some_and(|p| completed.contains(&p))).collect();
+                        kept[i] = df.filter(&mask).map_err(|e| polars_error(name, e))?;
+                    }
+                }
+            }
+        } else {
+            std::fs::create_dir_all(dir).map_err(|e| io_error(dir, e))?;
+            std::fs::write(&config_path, config_toml).map_err(|e| io_error(&config_path, e))?;
+        }
+        let meta = dir.join("meta.toml");
+        std::fs::write(&meta, meta_toml).map_err(|e| io_error(&meta, e))?;
+        let [steps, comm, points] = kept;
+        Ok(Results {
+            dir: dir.to_path_buf(),
+            steps: Table::create(dir, StepRow::TABLE, steps)?,
+            comm: Table::create(dir, CommRow::TABLE, comm)?,
+            points: Table::create(dir, PointRow::TABLE, points)?,
+            completed,
+        })
+    }
+
+    /// The folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Points finished by an earlier run (skipped on resume).
+    pub fn completed(&self) -> &BTreeSet<u32> {
+        &self.completed
+    }
+
+    /// Appends one step (every rank's rows) to the steps and comm tables.
+    pub fn step(&mut self, steps: &[StepRow], comm: &[CommRow]) -> Result<()> {
+        self.steps.append(StepRow::frame(steps).map_err(|e| polars_error("steps", e))?)?;
+        self.comm.append(CommRow::frame(comm).map_err(|e| polars_error("comm", e))?)
+    }
+
+    /// Appends a finished point's summary.
+    pub fn point(&mut self, row: PointRow) -> Result<()> {
+        self.completed.insert(row.point);
+        self.points.append(PointRow::frame(&[row]).map_err(|e| polars_error("points", e))?)
+    }
+
+    /// The summaries so far.
+    pub fn points_frame(&self) -> &DataFrame {
+        &self.points.df
+    }
+}

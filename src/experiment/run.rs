@@ -1,0 +1,391 @@
+//! Running an experiment: every sweep point as one launch of its ranks, every step measured
+//! on every rank and written as soon as all ranks finish it.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use polars::prelude::DataFrame;
+use serde::Serialize;
+use tch::{Device, Kind, Tensor};
+
+use super::config::{ExperimentConfig, Point};
+use super::progress::Progress;
+use super::results::{CommRow, PointRow, Results, StepRow};
+use crate::attention::{AttentionConfig, Mask};
+use crate::comm::{LocalLaunch, MeshShape, RankCtx, ReduceOp};
+use crate::data::{shard, Dataset};
+use crate::error::TorchResultExt;
+use crate::model::{Gpt, GptConfig};
+use crate::train::AdamW;
+use crate::{Error, Result};
+
+/// How to run.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Continue the run already in the output folder (finished points are skipped).
+    pub resume: bool,
+    /// Directory that relative paths (output, dataset files) start from.
+    pub base_dir: PathBuf,
+}
+
+/// What a finished run returns.
+pub struct RunSummary {
+    pub dir: PathBuf,
+    /// One row per point (the `points` table).
+    pub points: DataFrame,
+    pub elapsed: Duration,
+}
+
+/// The machine and software a run used, written as `meta.toml`.
+#[derive(Serialize)]
+struct Meta {
+    experiment: String,
+    started_unix_s: u64,
+    resumed: bool,
+    command: Vec<String>,
+    git_revision: String,
+    git_dirty: bool,
+    host: String,
+    os: String,
+    cpus: usize,
+    memory_gib: f64,
+    ulysses: &'static str,
+    tch: &'static str,
+    libtorch: &'static str,
+    cuda_available: bool,
+}
+
+fn git(args: &[&str]) -> Option<String> {
+    let out = std::process::Command::new("git").args(args).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn meta(cfg: &ExperimentConfig, resume: bool) -> Result<String> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_kb: f64 = meminfo
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    let m = Meta {
+        experiment: cfg.name.clone(),
+        started_unix_s: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        resumed: resume,
+        command: std::env::args().collect(),
+        git_revision: git(&["rev-parse", "HEAD"]).unwrap_or_else(|| "unknown".into()),
+        git_dirty: git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty()),
+        host: std::fs::read_to_string("/etc/hostname")
+            .map_or_else(|_| "unknown".into(), |h| h.trim().to_string()),
+        os: format!("{} {}", std::env::consts::OS, std::env::consts::ARCH),
+        cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        memory_gib: mem_kb / (1024.0 * 1024.0),
+        ulysses: env!("CARGO_PKG_VERSION"),
+        tch: "0.24.0",
+        libtorch: "2.11.0",
+        cuda_available: tch::Cuda::is_available(),
+    };
+    toml::to_string_pretty(&m).map_err(|e| Error::InvalidArgument {
+        op: "results",
+        group: "meta".into(),
+        msg: e.to_string(),
+    })
+}
+
+/// Memory of this process from /proc (Linux); `None` elsewhere.
+pub(crate) mod memory {
+    /// A field of /proc/self/status (VmRSS, VmHWM) in MiB.
+    pub fn status_mib(field: &str) -> Option<f64> {
+        let text = std::fs::read_to_string("/proc/self/status").ok()?;
+        let line = text.lines().find(|l| l.starts_with(field))?;
+        let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb / 1024.0)
+    }
+
+    /// Resets the peak RSS (VmHWM) to the current RSS (Linux 4.0+), after handing the heap
+    /// memory freed by earlier points back to the OS, so that the RSS counts live memory only.
+    pub fn reset_peak() -> bool {
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: malloc_trim takes no pointer and only walks glibc's own arenas.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+        std::fs::write("/proc/self/clear_refs", "5").is_ok()
+    }
+}
+
+/// Runs every point of `cfg` (skipping those an earlier run finished, with `resume`).
+pub fn run(cfg: &ExperimentConfig, opts: &RunOptions) -> Result<RunSummary> {
+    let started = Instant::now();
+    cfg.validate()?;
+    cfg.check_runnable(&opts.base_dir)?;
+    let asked = opts.base_dir.join(cfg.output_dir());
+    // A folder holding a run is never overwritten: resume continues it; otherwise the run goes
+    // to the first free `<folder>-2`, `-3`, ... and says so.
+    let dir = if opts.resume { asked.clone() } else { free_dir(&asked) };
+    let mut results = Results::open(&dir, &cfg.to_toml()?, &meta(cfg, opts.resume)?, opts.resume)?;
+    let points = cfg.points()?;
+    let per_point = (cfg.train.warmup + cfg.train.steps) as u64;
+    let mut progress = Progress::new(per_point * points.len() as u64);
+    let dataset = cfg.dataset.open(&opts.base_dir)?;
+    if dir != asked {
+        progress.say(&format!(
+            "{} already holds a run (--resume continues it); this one goes to {}",
+            asked.display(),
+            dir.display()
+        ));
+    }
+    progress.say(&format!(
+        "{}: {} points, {} steps each (+{} warm-up), data: {}; results in {}",
+        cfg.name,
+        points.len(),
+        cfg.train.steps,
+        cfg.train.warmup,
+        dataset.describe(),
+        dir.display()
+    ));
+    for point in &points {
+        if results.completed().contains(&(point.index as u32)) {
+            progress.skip(per_point);
+            progress.say(&format!(
+                "point {}/{} {}: finished by the earlier run",
+                point.index + 1,
+                points.len(),
+                point.describe()
+            ));
+            continue;
+        }
+        progress.say(&format!("point {}/{} {}", point.index + 1, points.len(), point.describe()));
+        run_point(cfg, point, dataset.as_ref(), &mut results, &mut progress)?;
+    }
+    progress.finish();
+    Ok(RunSummary { dir, points: results.points_frame().clone(), elapsed: started.elapsed() })
+}
+
+/// `dir` if it holds no run, else the first `<dir>-N` (N = 2, 3, ...) that holds none.
+fn free_dir(dir: &Path) -> PathBuf {
+    let holds_run = |d: &Path| d.join("config.toml").exists();
+    if !holds_run(dir) {
+        return dir.to_path_buf();
+    }
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    (2..)
+        .map(|i| dir.with_file_name(format!("{name}-{i}")))
+        .find(|d| !holds_run(d))
+        .unwrap_or_else(|| dir.to_path_buf())
+}
+
+/// What one rank reports after each step.
+type Report = (StepRow, Vec<CommRow>);
+
+fn run_point(
+    cfg: &ExperimentConfig,
+    point: &Point,
+    dataset: &dyn Dataset,
+    results: &mut Results,
+    progress: &mut Progress,
+) -> Result<()> {
+    let gpt = cfg.gpt()?;
+    let attention = cfg.attention()?;
+    let kind = cfg.kind()?;
+    let launch = LocalLaunch::new(point.ranks)
+        .timeout(Duration::from_secs(cfg.parallel.timeout_s))
+        .threads_per_rank(cfg.parallel.threads_per_rank);
+    let total = cfg.train.warmup + cfg.train.steps;
+    let (tx, rx) = mpsc::channel::<Report>();
+    let mut rows: Vec<StepRow> = Vec::new();
+    let outcome = std::thread::scope(|s| -> Result<()> {
+        let gpt = &gpt;
+        let ranks = s.spawn(move || {
+            let spec = RankSpec { cfg, point, gpt, attention, kind, dataset };
+            launch.run(|ctx| rank_main(ctx, &spec, &tx))
+        });
+        // Every rank reports each step; a step is written once all have.
+        let mut pending: BTreeMap<u32, Vec<Report>> = BTreeMap::new();
+        let mut written = Ok(());
+        for report in rx {
+            let step = report.0.step;
+            let entry = pending.entry(step).or_default();
+            entry.push(report);
+            if entry.len() == point.ranks && written.is_ok() {
+                let mut reports = pending.remove(&step).unwrap_or_default();
+                reports.sort_by_key(|(r, _)| r.rank);
+                let steps: Vec<StepRow> = reports.iter().map(|(r, _)| r.clone()).collect();
+                let comm: Vec<CommRow> = reports.into_iter().flat_map(|(_, c)| c).collect();
+                let slowest = steps.iter().map(|r| r.step_ms).fold(0.0, f64::max);
+                progress.step(
+                    &point.describe(),
+                    step as usize,
+                    total,
+                    slowest,
+                    steps[0].tokens_per_s,
+                    steps[0].loss,
+                );
+                written = results.step(&steps, &comm);
+                rows.extend(steps);
+            }
+        }
+        let launched = ranks.join().map_err(|_| Error::Aborted {
+            op: "experiment",
+            group: "-".into(),
+            rank: 0,
+            cause: "the launch thread panicked".into(),
+        })?;
+        launched?;
+        written
+    });
+    outcome?;
+    results.point(summarize(point, cfg, &gpt, &rows)?)
+}
+
+/// Everything a rank needs to run a point.
+struct RankSpec<'a> {
+    cfg: &'a ExperimentConfig,
+    point: &'a Point,
+    gpt: &'a GptConfig,
+    attention: AttentionConfig,
+    kind: Kind,
+    dataset: &'a dyn Dataset,
+}
+
+/// One rank of one point: build, then step, measuring and reporting each step.
+fn rank_main(ctx: RankCtx, spec: &RankSpec<'_>, tx: &mpsc::Sender<Report>) -> Result<()> {
+    let (cfg, point, gpt) = (spec.cfg, spec.point, spec.gpt);
+    let dp = cfg.parallel.dp;
+    let sp = point.ranks / dp;
+    let mesh = ctx.mesh(MeshShape::dp_sp(dp, sp)?)?;
+    let (sp_group, dp_group) = (mesh.group("sp")?, mesh.group("dp")?);
+    let device = if cfg.parallel.device == "cuda" { Device::Cuda(0) } else { Device::Cpu };
+    let strategy = point.strategy.build(sp_group, spec.attention, point.seq, gpt.n_head, gpt.n_kv_head)?;
+    let layout = strategy.layout().clone();
+    let model = Gpt::new(gpt, strategy, spec.kind, device)?;
+    let mut optimizer = cfg.train.adamw.map(|c| AdamW::new(model.params(), c)).transpose()?;
+    let world = ctx.world();
+
+    // Memory: the process's RSS once every rank has built its model, and its peak from then.
+    world.barrier()?;
+    if ctx.rank() == 0 {
+        memory::reset_peak();
+    }
+    world.barrier()?;
+    let base = memory::status_mib("VmRSS:");
+    world.barrier()?;
+
+    let (b, n) = (cfg.train.batch, point.seq);
+    let tokens = (b * n) as f64 * dp as f64;
+    let flops = gpt.train_flops(b * n * dp as i64, n, spec.attention.mask != Mask::None);
+    for step in 0..cfg.train.warmup + cfg.train.steps {
+        let global = spec.dataset.batch(cfg.train.seed, step as u64, mesh.coord("dp")? as u64, b, n)?;
+        let data = shard(&global.f_to(device).op("experiment")?, &layout, sp_group.rank())?;
+        world.barrier()?;
+        world.reset_rank_stats();
+        let t0 = Instant::now();
+        model.zero_grad();
+        let loss = model.forward_backward(&data.tokens, &data.labels)?;
+        model.average_gradients(dp_group)?;
+        if let Some(opt) = optimizer.as_mut() {
+            opt.step(model.params())?;
+        }
+        world.barrier()?;
+        let seconds = t0.elapsed().as_secs_f64();
+        let by_group = world.rank_stats_by_group();
+        // The loss over data-parallel replicas, outside the timed step and its counters.
+        let loss_value = if dp > 1 {
+            dp_group.all_reduce(&Tensor::from_slice(&[loss.value]), ReduceOp::Avg)?.double_value(&[0])
+        } else {
+            loss.value
+        };
+        let peak = match (base, memory::status_mib("VmHWM:")) {
+            (Some(base), Some(peak)) => (peak - base).max(0.0) / point.ranks as f64,
+            _ => f64::NAN,
+        };
+        let sent: u64 = by_group.iter().map(|(_, s)| s.bytes_sent()).sum();
+        let received: u64 = by_group.iter().map(|(_, s)| s.bytes_received()).sum();
+        let row = StepRow {
+            point: point.index as u32,
+            strategy: point.strategy.label(),
+            ranks: point.ranks as u32,
+            sp: sp as u32,
+            dp: dp as u32,
+            seq: n,
+            batch: b,
+            step: step as u32,
+            warmup: step < cfg.train.warmup,
+            rank: ctx.rank() as u32,
+            step_ms: seconds * 1e3,
+            tokens_per_s: tokens / seconds,
+            model_tflops: flops / seconds / 1e12,
+            loss: loss_value,
+            peak_mib_per_rank: peak,
+            bytes_sent: sent,
+            bytes_received: received,
+        };
+        let comm = by_group
+            .into_iter()
+            .flat_map(|(group, stats)| {
+                stats
+                    .iter()
+                    .map(|(op, c)| CommRow {
+                        point: point.index as u32,
+                        step: step as u32,
+                        rank: ctx.rank() as u32,
+                        group: group.clone(),
+                        op: op.name().to_string(),
+                        calls: c.calls,
+                        bytes_sent: c.bytes_sent,
+                        bytes_received: c.bytes_received,
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        tx.send((row, comm)).map_err(|_| Error::Aborted {
+            op: "experiment",
+            group: "-".into(),
+            rank: ctx.rank(),
+            cause: "the results writer stopped".into(),
+        })?;
+    }
+    Ok(())
+}
+
+/// Medians over a point's measured steps (each step timed by its slowest rank).
+fn summarize(point: &Point, cfg: &ExperimentConfig, gpt: &GptConfig, rows: &[StepRow]) -> Result<PointRow> {
+    let measured: Vec<&StepRow> = rows.iter().filter(|r| !r.warmup).collect();
+    let mut by_step: BTreeMap<u32, Vec<&StepRow>> = BTreeMap::new();
+    for r in &measured {
+        by_step.entry(r.step).or_default().push(r);
+    }
+    let median = |mut v: Vec<f64>| -> f64 {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    };
+    let per_step = |f: &dyn Fn(&StepRow) -> f64| -> Vec<f64> {
+        by_step.values().map(|rs| rs.iter().map(|r| f(r)).fold(f64::MIN, f64::max)).collect()
+    };
+    let step_ms = median(per_step(&|r| r.step_ms));
+    let seconds = step_ms / 1e3;
+    let (b, n, dp) = (cfg.train.batch, point.seq, cfg.parallel.dp as i64);
+    let flops = gpt.train_flops(b * n * dp, n, cfg.attention()?.mask != Mask::None);
+    let last = measured.iter().filter(|r| r.rank == 0).max_by_key(|r| r.step);
+    Ok(PointRow {
+        point: point.index as u32,
+        strategy: point.strategy.label(),
+        ranks: point.ranks as u32,
+        sp: (point.ranks as i64 / dp) as u32,
+        dp: dp as u32,
+        seq: n,
+        batch: b,
+        steps: by_step.len() as u32,
+        median_step_ms: step_ms,
+        tokens_per_s: (b * n * dp) as f64 / seconds,
+        model_tflops: flops / seconds / 1e12,
+        peak_mib_per_rank: measured.iter().map(|r| r.peak_mib_per_rank).fold(f64::NAN, f64::max),
+        bytes_sent_per_rank: median(per_step(&|r| r.bytes_sent as f64)) as u64,
+        bytes_received_per_rank: median(per_step(&|r| r.bytes_received as f64)) as u64,
+        final_loss: last.map_or(f64::NAN, |r| r.loss),
+    })
+}

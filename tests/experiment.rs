@@ -1,0 +1,298 @@
+//! Experiments end to end: every shipped config validates, bad configs are refused with the
+//! field and the fix, a toy run writes the tables with the right schema and values, a run never
+//! overwrites another, resumes, survives being killed mid-sweep, and reports with plots.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use polars::prelude::*;
+use ulysses::experiment::{read_table, report, run, ExperimentConfig, RunOptions};
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ulysses-exp-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("a scratch folder");
+    dir
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A toy config: tiny GPT, `ranks` thread ranks, `steps` steps.
+fn toy(name: &str, strategies: &str, ranks: &str, seq: &str, steps: usize) -> String {
+    format!(
+        r#"
+name = "{name}"
+[model]
+preset = "tiny"
+n_layer = 1
+[parallel]
+ranks = {ranks}
+strategies = {strategies}
+[train]
+seq = {seq}
+steps = {steps}
+warmup = 1
+"#
+    )
+}
+
+#[test]
+fn every_shipped_config_validates() -> Result<()> {
+    let mut n = 0;
+    for entry in std::fs::read_dir(repo().join("experiments"))? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let cfg = ExperimentConfig::load(&path).with_context(|| path.display().to_string())?;
+            ensure!(!cfg.points()?.is_empty(), "{}: no points", path.display());
+            n += 1;
+        }
+    }
+    ensure!(n >= 13, "only {n} configs in experiments/");
+    // The toy ones can run here; the paper-scale ones name a cluster backend.
+    let quick = ExperimentConfig::load(&repo().join("experiments/quickstart.toml"))?;
+    quick.check_runnable(&repo())?;
+    let paper = ExperimentConfig::load(&repo().join("experiments/e1_throughput_paper.toml"))?;
+    let err = paper.check_runnable(&repo()).expect_err("nccl").to_string();
+    ensure!(err.contains("parallel.backend") && err.contains("Nccl"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn bad_configs_name_the_field_and_the_fix() -> Result<()> {
+    let base = toy("bad", r#"["ulysses"]"#, "[2]", "[64]", 1);
+    let cases: Vec<(String, &str)> = vec![
+        (base.replace("steps = 1", "steps = 1\nlearning_rate = 3"), "unknown field `learning_rate`"),
+        (
+            base.replace(r#"["ulysses"]"#, r#"["ulysses", "tree"]"#),
+            "parallel.strategies[1]: unknown strategy \"tree\"",
+        ),
+        (
+            base.replace(r#"preset = "tiny""#, r#"preset = "7b""#),
+            "model.preset: gpt_config on group -: no preset \"7b\"",
+        ),
+        (
+            base.replace("ranks = [2]", "ranks = [3]\ndp = 2"),
+            "parallel.ranks: 3 ranks cannot hold dp = 2 replicas",
+        ),
+        (base.replace("ranks = [2]", "ranks = [8]"), "ulysses P=8 N=64 (SP degree 8) cannot run: head_plan"),
+        (
+            base.replace(r#"["ulysses"]"#, r#"["ring"]"#).replace("[64]", "[63]"),
+            "ring attention needs N divisible by P (N=63, P=2)",
+        ),
+        (base.replace("steps = 1", "steps = 1\ndtype = \"f8\""), "train.dtype: \"f8\" is not a dtype"),
+        (base.replace("seq = [64]", "seq = []"), "train.seq: [] must list sequence lengths"),
+        (format!("{base}[attention]\nmask = \"diagonal\"\n"), "attention.mask: unknown mask \"diagonal\""),
+        (
+            format!("{base}[attention]\nkernel = \"blocked\"\n"),
+            "Causal is dense; use the sdpa or math kernel",
+        ),
+        (format!("{base}[train.adamw]\nlr = -1.0\n"), "train.adamw: lr and eps must be positive"),
+        (
+            base.replace("ranks = [2]", "ranks = [2]\ndevice = \"tpu\""),
+            "parallel.device: \"tpu\": use cpu or cuda",
+        ),
+        (
+            base.replace("name = \"bad\"", "name = \"a/b\""),
+            "name: \"a/b\" must be a non-empty name without slashes",
+        ),
+    ];
+    for (text, says) in &cases {
+        let err = ExperimentConfig::parse(text, "test.toml").expect_err(says).to_string();
+        ensure!(err.contains(says), "expected {says:?} in: {err}");
+    }
+    // What only running can find out: the dataset file and the backend.
+    let missing = ExperimentConfig::parse(
+        &format!("{base}[dataset]\nkind = \"text\"\npath = \"no/such.txt\"\ntokenizer = \"byte\"\n"),
+        "test.toml",
+    )?;
+    let err = missing.check_runnable(&repo()).expect_err("missing file").to_string();
+    ensure!(err.contains("dataset") && err.contains("cannot read") && err.contains("no/such.txt"), "{err}");
+    let mpi =
+        ExperimentConfig::parse(&base.replace("ranks = [2]", "ranks = [2]\nbackend = \"mpi\""), "test.toml")?;
+    let err = mpi.check_runnable(&repo()).expect_err("mpi").to_string();
+    ensure!(err.contains("parallel.backend") && err.contains("Mpi is not in this build"), "{err}");
+    ensure!(cases.len() + 2 >= 8, "at least 8 kinds of bad config");
+    Ok(())
+}
+
+fn column_u64(df: &DataFrame, name: &str) -> Result<Vec<u64>> {
+    Ok(df.column(name)?.cast(&DataType::UInt64)?.u64()?.into_no_null_iter().collect())
+}
+
+fn column_str(df: &DataFrame, name: &str) -> Result<Vec<String>> {
+    Ok(df.column(name)?.str()?.iter().map(|s| s.unwrap_or("").to_string()).collect())
+}
+
+#[test]
+fn a_toy_run_writes_every_table_and_counts_bytes_exactly() -> Result<()> {
+    let dir = scratch("toy");
+    let text = toy("toy", r#"["ulysses", "megatron_sp"]"#, "[2]", "[64, 128]", 2);
+    let cfg = ExperimentConfig::parse(&text, "toy")?;
+    let opts = RunOptions { resume: false, base_dir: dir.clone() };
+    let summary = run(&cfg, &opts)?;
+    let out = dir.join("results/toy");
+    ensure!(summary.dir == out, "{}", summary.dir.display());
+    for f in [
+        "config.toml",
+        "meta.toml",
+        "steps.csv",
+        "steps.parquet",
+        "comm.csv",
+        "comm.parquet",
+        "points.csv",
+        "points.parquet",
+    ] {
+        ensure!(out.join(f).is_file(), "{f} missing");
+    }
+    let meta = std::fs::read_to_string(out.join("meta.toml"))?;
+    ensure!(
+        meta.contains("git_revision") && meta.contains("libtorch = \"2.11.0\"") && meta.contains("cpus"),
+        "{meta}"
+    );
+
+    // steps: (warm-up + steps) x ranks x points rows, finite losses, warm-up flagged.
+    let steps = read_table(&out, "steps")?;
+    ensure!(steps.height() == 3 * 2 * 4, "{} step rows", steps.height());
+    for c in [
+        "point",
+        "strategy",
+        "ranks",
+        "seq",
+        "step",
+        "warmup",
+        "rank",
+        "step_ms",
+        "tokens_per_s",
+        "model_tflops",
+        "loss",
+        "peak_mib_per_rank",
+        "bytes_sent",
+        "bytes_received",
+    ] {
+        ensure!(steps.column(c).is_ok(), "steps lacks {c}");
+    }
+    let losses = steps.column("loss")?.f64()?.clone();
+    ensure!(losses.into_no_null_iter().all(f64::is_finite), "a loss is not finite");
+    let warm = steps.column("warmup")?.bool()?.clone();
+    ensure!(warm.iter().filter(|w| *w == Some(true)).count() == 2 * 4, "warm-up rows");
+
+    // comm: the Ulysses all-to-alls of the sp group are the formula exactly: per layer
+    // forward and backward 2 x b (2Nh + 2N H_kv d)(P-1)/P^2 x 4 B (h = 64, H_kv d = 64, P = 2).
+    let comm = read_table(&out, "comm")?;
+    let (points, groups, ops, sent) = (
+        column_u64(&comm, "point")?,
+        column_str(&comm, "group")?,
+        column_str(&comm, "op")?,
+        column_u64(&comm, "bytes_sent")?,
+    );
+    for (point, n) in [(0u64, 64u64), (1, 128)] {
+        let want = 2 * (2 * n * 64 + 2 * n * 64) / 4 * 4;
+        let got: Vec<u64> = (0..points.len())
+            .filter(|&i| points[i] == point && groups[i] == "sp" && ops[i] == "all_to_all")
+            .map(|i| sent[i])
+            .collect();
+        ensure!(
+            got.len() == 3 * 2 && got.iter().all(|&b| b == want),
+            "point {point}: a2a bytes {got:?}, want {want}"
+        );
+    }
+    // points: one per (strategy, N), the same losses across strategies (same model and data).
+    let points = read_table(&out, "points")?;
+    ensure!(points.height() == 4, "{} points", points.height());
+    let final_loss = points.column("final_loss")?.f64()?.clone();
+    let l: Vec<f64> = final_loss.into_no_null_iter().collect();
+    ensure!(
+        (l[0] - l[2]).abs() < 1e-4 && (l[1] - l[3]).abs() < 1e-4,
+        "ulysses and megatron_sp losses differ: {l:?}"
+    );
+
+    // Never overwrite: a second run goes to a fresh folder, the first is untouched, the library
+    // refuses to open a folder holding a run unless resuming; resume skips the finished points.
+    let before = std::fs::read(out.join("steps.csv"))?;
+    let second = run(&cfg, &opts)?;
+    ensure!(second.dir == dir.join("results/toy-2"), "second run went to {}", second.dir.display());
+    ensure!(std::fs::read(out.join("steps.csv"))? == before, "the first run's results changed");
+    let err =
+        ulysses::experiment::Results::open(&out, &cfg.to_toml()?, "", false).err().map(|e| e.to_string());
+    ensure!(
+        err.unwrap_or_default().contains("already holds a run"),
+        "the library opened a folder holding a run"
+    );
+    let again = run(&cfg, &RunOptions { resume: true, base_dir: dir.clone() })?;
+    ensure!(
+        again.points.height() == 4 && read_table(&out, "steps")?.height() == 24,
+        "resume changed the tables"
+    );
+    let other = ExperimentConfig::parse(&text.replace("steps = 2", "steps = 3"), "toy")?;
+    let err = run(&other, &RunOptions { resume: true, base_dir: dir.clone() })
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    ensure!(err.contains("used another config"), "{err}");
+
+    // The report: a table per point, summary.csv and plots as SVG and PNG.
+    let r = report(&out)?;
+    ensure!(r.summary.height() == 4, "summary rows");
+    for stem in ["throughput_vs_seq", "loss"] {
+        for ext in ["svg", "png"] {
+            let f = out.join("plots").join(format!("{stem}.{ext}"));
+            ensure!(f.is_file() && std::fs::metadata(&f)?.len() > 1000, "{} missing or empty", f.display());
+        }
+    }
+    ensure!(out.join("summary.csv").is_file(), "summary.csv");
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+fn lines(path: &Path) -> usize {
+    std::fs::read_to_string(path).map_or(0, |t| t.lines().count())
+}
+
+#[test]
+fn a_killed_run_keeps_every_finished_step_and_resumes() -> Result<()> {
+    let dir = scratch("kill");
+    // Enough steps that the kill lands mid-sweep.
+    let text = toy("killed", r#"["ulysses", "ring"]"#, "[2]", "[256, 512]", 30);
+    std::fs::write(dir.join("killed.toml"), &text)?;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ulysses"))
+        .args(["run", "killed.toml"])
+        .current_dir(&dir)
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    let csv = dir.join("results/killed/steps.csv");
+    let start = Instant::now();
+    // Wait for some steps (1 header line + 2 rows per step), then kill -9.
+    while lines(&csv) < 1 + 2 * 40 && start.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill()?;
+    child.wait()?;
+    let out = dir.join("results/killed");
+    let steps = read_table(&out, "steps")?;
+    let rows = lines(&csv) - 1;
+    ensure!((80..4 * 31 * 2).contains(&rows), "{rows} CSV rows: the kill did not land mid-sweep");
+    // The Parquet table (renamed into place after each step) holds every step the CSV holds,
+    // or the CSV one more (killed between the two writes); whole steps only (both ranks).
+    ensure!(
+        steps.height() == rows || steps.height() + 2 == rows,
+        "parquet {} rows, csv {rows}",
+        steps.height()
+    );
+    ensure!(steps.height() % 2 == 0, "a step with one rank's row");
+    let text_csv = std::fs::read_to_string(&csv)?;
+    let width = text_csv.lines().next().map_or(0, |h| h.split(',').count());
+    ensure!(text_csv.lines().all(|l| l.split(',').count() == width), "a torn CSV line");
+
+    // Resume finishes the sweep and keeps the finished points.
+    let cfg = ExperimentConfig::parse(&text, "killed")?;
+    let before = read_table(&out, "points").map(|p| p.height()).unwrap_or(0);
+    let done = run(&cfg, &RunOptions { resume: true, base_dir: dir.clone() })?;
+    ensure!(done.points.height() == 4, "{} points after resume ({} before)", done.points.height(), before);
+    ensure!(read_table(&out, "steps")?.height() == 4 * 31 * 2, "steps after resume");
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
