@@ -9,12 +9,11 @@
 //!
 //! Communication per layer and rank: forward 2 b N H_kv d (P-1)/P elements (K and V); backward
 //! the same again as the reduce-scatter of dK and dV. Works with the contiguous and the zigzag
-//! layouts (the zigzag one balances causal work); the attention is the positional math kernel,
-//! which skips pairs of runs the mask hides.
+//! layouts (the zigzag one balances causal work); the attention is libtorch's fused kernel with
+//! an explicit mask of global positions.
 
 use tch::{Kind, Tensor};
 
-use super::blockwise::{heads_first, Blockwise};
 use super::ring::check_local;
 use super::{Mask, SeqLayout, SequenceParallel};
 use crate::autograd::Tape;
@@ -25,13 +24,12 @@ use crate::{Error, Result};
 /// All-gather KV attention over a sequence-parallel group.
 pub struct AllGatherKv {
     group: Group,
-    mask: Mask,
     layout: SeqLayout,
     heads: i64,
     kv_heads: i64,
-    /// This rank's query segments, and every rank's segments in all-gather order (the keys').
-    qseg: Vec<(i64, i64)>,
-    kseg: Vec<(i64, i64)>,
+    /// Which gathered keys each of this rank's queries may see, `[s_r, N]` (keys in all-gather
+    /// order, that is rank order); `None` when the mask hides nothing.
+    visible: Option<Tensor>,
 }
 
 impl AllGatherKv {
@@ -52,9 +50,17 @@ impl AllGatherKv {
             });
         }
         let layout = if zigzag { SeqLayout::zigzag(n, p)? } else { SeqLayout::contiguous(n, p)? };
-        let qseg = layout.segments(group.rank()).to_vec();
-        let kseg = (0..p).flat_map(|r| layout.segments(r).to_vec()).collect();
-        Ok(AllGatherKv { group, mask, layout, heads, kv_heads, qseg, kseg })
+        let visible = match mask {
+            Mask::None => None,
+            rule => {
+                let qpos = layout.positions(group.rank(), tch::Device::Cpu)?;
+                let keys: Vec<Tensor> =
+                    (0..p).map(|r| layout.positions(r, tch::Device::Cpu)).collect::<Result<_>>()?;
+                let kpos = Tensor::f_cat(&keys, 0).op("allgather_kv")?;
+                Some(rule.dense(&qpos, &kpos).op("allgather_kv")?)
+            }
+        };
+        Ok(AllGatherKv { group, layout, heads, kv_heads, visible })
     }
 }
 
@@ -97,9 +103,22 @@ impl SequenceParallel for AllGatherKv {
         let map = Tensor::f_arange(self.heads, (Kind::Int64, q.device()))
             .and_then(|h| h.f_floor_divide_scalar(g))
             .op("allgather_kv")?;
-        let expand = |t: &Tensor| heads_first(t).and_then(|t| t.f_index_select(1, &map).op("allgather_kv"));
-        let attn = Blockwise { mask: &self.mask, scale: 1.0 / (q.size()[3] as f64).sqrt() };
-        let (o, _, _) = attn.forward(&heads_first(q)?, &expand(&k)?, &expand(&v)?, &self.qseg, &self.kseg)?;
+        // [b, N, H_kv, d] -> [b, H, N, d]: one kv head per query head; q [b, s_r, H, d] -> [b, H, s_r, d]
+        let expand =
+            |t: &Tensor| t.f_index_select(2, &map).and_then(|t| t.f_transpose(1, 2)).op("allgather_kv");
+        let visible = self.visible.as_ref().map(|m| m.f_to(q.device())).transpose().op("allgather_kv")?;
+        // libtorch's fused attention with the mask of global positions (autograd through it).
+        let o = Tensor::f_scaled_dot_product_attention(
+            &q.f_transpose(1, 2).op("allgather_kv")?,
+            &expand(&k)?,
+            &expand(&v)?,
+            visible.as_ref(),
+            0.0,
+            false,
+            None,
+            false,
+        )
+        .op("allgather_kv")?;
         // [b, H, s_r, d] -> [b, s_r, H, d]
         o.f_transpose(1, 2).and_then(|o| o.f_to_kind(q.kind())).op("allgather_kv")
     }

@@ -62,6 +62,11 @@ pub(crate) struct Blockwise<'a> {
     pub mask: &'a Mask,
     /// 1/sqrt(d).
     pub scale: f64,
+    /// Hand pairs of runs that are wholly visible, or plain causal on one run, to libtorch's
+    /// fused CPU flash kernel (forward and backward). Its log-sum-exp carries no gradient, so
+    /// only callers that do not back-propagate through the merge may ask (ring attention, whose
+    /// backward is written by hand).
+    pub fused: bool,
 }
 
 impl Blockwise<'_> {
@@ -124,6 +129,20 @@ impl Blockwise<'_> {
     }
 
     /// One pair of runs: scores, mask, a softmax that tolerates empty rows.
+    /// `Some(is_causal)` when a pair of runs can go to the fused kernel: everything visible, or
+    /// the causal rule on one and the same run (the kernel's top-left causal alignment).
+    fn fused_kernel(&self, q: &Tensor, (q0, nq): (i64, i64), (k0, nk): (i64, i64)) -> Option<bool> {
+        if !self.fused || q.device() != tch::Device::Cpu {
+            return None;
+        }
+        match *self.mask {
+            Mask::None => Some(false),
+            Mask::Causal if q0 == k0 && nq == nk => Some(true),
+            Mask::Causal if k0 + nk <= q0 => Some(false),
+            _ => None,
+        }
+    }
+
     fn run_pair(
         &self,
         q: &Tensor,
@@ -132,6 +151,11 @@ impl Blockwise<'_> {
         (q0, nq): (i64, i64),
         (k0, nk): (i64, i64),
     ) -> Result<(Tensor, Tensor), tch::TchError> {
+        if let Some(causal) = self.fused_kernel(q, (q0, nq), (k0, nk)) {
+            return Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu::<Tensor>(
+                q, k, v, 0.0, causal, None, self.scale,
+            );
+        }
         // [b, h, nq, d] x [b, h, d, nk] -> [b, h, nq, nk]
         let mut scores = q.f_matmul(&k.f_transpose(-2, -1)?)?.f_mul_scalar(self.scale)?;
         if *self.mask != Mask::None {
@@ -144,21 +168,25 @@ impl Blockwise<'_> {
         softmax_with_lse(&scores, v)
     }
 
-    /// The gradients of one pair of runs, given the output gradient `dout`, the final lse and
-    /// `delta = rowsum(dout * out)` of the queries (the standard attention backward, with the
-    /// probabilities recomputed from the final lse). Returns (dq, dk, dv) for the pair.
+    /// The gradients of one pair of runs, given the output gradient `dout`, the final output
+    /// `out` and lse of the queries and `delta = rowsum(dout * out)` (the standard attention
+    /// backward, with the probabilities recomputed from the final lse). Returns (dq, dk, dv).
     #[allow(clippy::too_many_arguments)]
     pub fn backward_pair(
         &self,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        dout: &Tensor,
-        lse: &Tensor,
-        delta: &Tensor,
+        (dout, out, lse, delta): (&Tensor, &Tensor, &Tensor, &Tensor),
         (q0, nq): (i64, i64),
         (k0, nk): (i64, i64),
     ) -> Result<(Tensor, Tensor, Tensor)> {
+        if let Some(causal) = self.fused_kernel(q, (q0, nq), (k0, nk)) {
+            return Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu_backward::<Tensor>(
+                dout, q, k, v, out, lse, 0.0, causal, None, self.scale,
+            )
+            .op("blockwise_attention");
+        }
         let f = || -> Result<(Tensor, Tensor, Tensor), tch::TchError> {
             let mut scores = q.f_matmul(&k.f_transpose(-2, -1)?)?.f_mul_scalar(self.scale)?;
             if *self.mask != Mask::None {

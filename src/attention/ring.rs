@@ -143,7 +143,7 @@ impl RingCore {
     /// The forward ring: (out `[b, Hq, s, d]`, lse `[b, Hq, s]`) in f32, and the work done.
     fn ring_forward(&self, q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<(Tensor, Tensor, Work)> {
         let (p, r) = (self.group.size(), self.group.rank());
-        let attn = Blockwise { mask: &self.mask, scale };
+        let attn = Blockwise { mask: &self.mask, scale, fused: true };
         let qh = heads_first(q)?;
         let (mut kb, mut vb) = (k.shallow_clone(), v.shallow_clone());
         let mut acc: Option<(Tensor, Tensor)> = None;
@@ -175,7 +175,7 @@ impl RingCore {
     fn ring_backward(&self, s: &Saved, dout: &Tensor, scale: f64) -> Result<Vec<Tensor>> {
         let _no_grad = tch::no_grad_guard();
         let (p, r) = (self.group.size(), self.group.rank());
-        let attn = Blockwise { mask: &self.mask, scale };
+        let attn = Blockwise { mask: &self.mask, scale, fused: true };
         let f = |e: tch::TchError| Error::Torch { op: "ring_attention", source: e };
         let qh = heads_first(&s.q)?;
         let doh = heads_first(dout)?;
@@ -204,9 +204,12 @@ impl RingCore {
                         &narrow(&qh, qo, nq)?,
                         &narrow(&kh, ko, nk)?,
                         &narrow(&vh, ko, nk)?,
-                        &narrow(&doh, qo, nq)?,
-                        &s.lse.f_narrow(2, qo, nq).map_err(f)?,
-                        &delta.f_narrow(2, qo, nq).map_err(f)?,
+                        (
+                            &narrow(&doh, qo, nq)?,
+                            &narrow(&s.out, qo, nq)?,
+                            &s.lse.f_narrow(2, qo, nq).map_err(f)?,
+                            &delta.f_narrow(2, qo, nq).map_err(f)?,
+                        ),
                         (q0, nq),
                         (k0, nk),
                     )?;
