@@ -112,6 +112,9 @@ fn print_report(dir: &std::path::Path) -> Result<()> {
 }
 
 fn main() -> Result<()> {
+    // Show every column of the result tables (polars reads these once, at first display).
+    std::env::set_var("POLARS_FMT_MAX_COLS", "24");
+    std::env::set_var("POLARS_TABLE_WIDTH", "220");
     match Cli::parse().command {
         Command::Demo { ranks, seq, heads, head_dim, batch } => demo::run(ranks, seq, heads, head_dim, batch),
         Command::Layer { input, output, ranks, kernel, mask } => {
