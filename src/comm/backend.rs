@@ -57,7 +57,14 @@ pub trait Backend: Send + Sync {
         recvs: Vec<Option<Tensor>>,
     ) -> Result<()>;
 
-    /// The backend of a subgroup `sub` of `parent` that contains this rank. Called by every member
-    /// of `sub`, after all ranks of `parent` agreed on its members.
-    fn subgroup(&self, parent: &GroupInfo, sub: &GroupInfo) -> Result<Arc<dyn Backend>>;
+    /// The backend of this rank's part of a split of `parent` (as `MPI_Comm_split`): every rank
+    /// of `parent` calls it, in the same order, after all of them agreed on the subgroups;
+    /// `sub` is this rank's subgroup (`None` for a rank that takes no part, which gets `None`).
+    fn split(
+        &self,
+        parent: &GroupInfo,
+        color: Option<usize>,
+        key: usize,
+        sub: Option<&GroupInfo>,
+    ) -> Result<Option<Arc<dyn Backend>>>;
 }

@@ -65,6 +65,11 @@ impl Group {
         let op = OpKind::AllToAll;
         let (sd, gd) = (self.dim(op, x, scatter_dim)?, self.dim(op, x, gather_dim)?);
         let shape = x.size();
+        if sd == gd {
+            return Err(
+                self.invalid(op, format!("scatter_dim and gather_dim are both {sd}; they must differ"))
+            );
+        }
         let scatter_split = self.even_split(op, shape[sd], sd)?;
         let gather_split = vec![shape[gd]; self.size()];
         self.all_to_all_v(x, scatter_dim, gather_dim, &scatter_split, &gather_split)

@@ -146,21 +146,28 @@ impl Group {
         all.select(0, self.rank as i64).f_copy_(&mine).op(OP)?;
         let table = Vec::<i64>::try_from(all.view([-1])).op(OP)?;
 
-        let Some(color) = color else { return Ok(None) };
+        let Some(c) = color else {
+            self.backend.split(&self.info, None, key, None)?;
+            return Ok(None);
+        };
         let mut members: Vec<(i64, usize)> =
-            (0..p).filter(|&j| table[2 * j] == color as i64).map(|j| (table[2 * j + 1], j)).collect();
+            (0..p).filter(|&j| table[2 * j] == c as i64).map(|j| (table[2 * j + 1], j)).collect();
         members.sort_unstable();
         let me = members.iter().position(|&(_, j)| j == self.rank).ok_or_else(|| Error::InvalidArgument {
             op: OP,
             group: self.info.to_string(),
-            msg: format!("rank {} is missing from its own colour {color}", self.rank),
+            msg: format!("rank {} is missing from its own colour {c}", self.rank),
         })?;
         let info = GroupInfo {
-            id: format!("{}/{seq}.{color}", self.info.id),
+            id: format!("{}/{seq}.{c}", self.info.id),
             name: name.to_string(),
             ranks: members.iter().map(|&(_, j)| self.info.ranks[j]).collect(),
         };
-        let backend = self.backend.subgroup(&self.info, &info)?;
+        let backend =
+            self.backend.split(&self.info, Some(c), key, Some(&info))?.ok_or_else(|| Error::Backend {
+                backend: self.backend.name(),
+                msg: format!("split gave no group for colour {c}"),
+            })?;
         let mut group = Group::new(info, me, backend)?;
         group.rank_totals = Arc::clone(&self.rank_totals);
         Ok(Some(group))

@@ -32,6 +32,10 @@ pub struct RankCtx {
 }
 
 impl RankCtx {
+    pub(crate) fn new(world: Group) -> RankCtx {
+        RankCtx { world }
+    }
+
     /// This rank's global rank.
     pub fn rank(&self) -> usize {
         self.world.rank()
@@ -159,7 +163,7 @@ where
 }
 
 /// An error and its sources, joined by ": ".
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut msg = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
@@ -173,7 +177,7 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     msg
 }
 
-fn panic_message(panic: Box<dyn Any + Send>) -> String {
+pub(crate) fn panic_message(panic: Box<dyn Any + Send>) -> String {
     let text = panic
         .downcast_ref::<&str>()
         .map(|s| s.to_string())

@@ -116,9 +116,17 @@ impl Backend for LocalEndpoint {
         ex.await_receipts(posted)
     }
 
-    fn subgroup(&self, _parent: &GroupInfo, _sub: &GroupInfo) -> Result<Arc<dyn Backend>> {
+    fn split(
+        &self,
+        _parent: &GroupInfo,
+        _color: Option<usize>,
+        _key: usize,
+        sub: Option<&GroupInfo>,
+    ) -> Result<Option<Arc<dyn Backend>>> {
         // Mailboxes are keyed by group id, so one endpoint serves every group.
-        Ok(Arc::new(LocalEndpoint { world: Arc::clone(&self.world), rank: self.rank }))
+        Ok(sub.map(|_| {
+            Arc::new(LocalEndpoint { world: Arc::clone(&self.world), rank: self.rank }) as Arc<dyn Backend>
+        }))
     }
 }
 

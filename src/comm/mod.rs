@@ -14,7 +14,8 @@
 //! - bytes are counted where the transfers are listed: data that stays on a rank is never counted
 //!   as sent (DESIGN.md §2.2).
 //!
-//! Backends: [`local`] (P ranks as P threads of one process, the embedded default).
+//! Backends: [`local`] (P ranks as P threads of one process, the embedded default) and, with
+//! the `mpi` cargo feature, MPI (one process per rank under mpirun or srun, [`MpiLaunch`]).
 
 mod backend;
 mod collectives;
@@ -22,6 +23,9 @@ mod group;
 mod launch;
 pub mod local;
 mod mesh;
+#[cfg(feature = "mpi")]
+mod mpi;
+mod mpirun;
 mod stats;
 
 pub use backend::{Backend, Envelope};
@@ -29,6 +33,9 @@ pub use collectives::AllToAll;
 pub use group::{Group, GroupInfo};
 pub use launch::{launch, LocalLaunch, RankCtx};
 pub use mesh::{Mesh, MeshShape};
+#[cfg(feature = "mpi")]
+pub use mpi::MpiLaunch;
+pub use mpirun::{mpirun_command, untag};
 pub use stats::{CommStats, OpCount};
 
 use std::fmt;

@@ -1,5 +1,8 @@
-//! Helpers shared by the integration tests: rank-dependent data and labelled comparisons.
+//! Helpers shared by the integration tests: rank-dependent data and labelled comparisons, and
+//! the rank-level conformance checks that run on every backend.
 #![allow(dead_code)]
+
+pub mod checks;
 
 use tch::{Device, Kind, Tensor};
 

@@ -1,63 +1,59 @@
-//! `ulysses demo`: P ranks as threads, one all-to-all there and back, shapes and bytes per rank.
+//! `ulysses demo`: P ranks, one all-to-all there and back, shapes and bytes per rank.
 
 use anyhow::{ensure, Context, Result};
 use tch::{Device, Kind, Tensor};
-use ulysses::comm::{launch, OpKind};
+use ulysses::comm::OpKind;
 
-struct RankReport {
-    input: Vec<i64>,
-    gathered: Vec<i64>,
-    sent: u64,
-    received: u64,
-    round_trip_exact: bool,
-}
+use crate::ranks::{on_ranks, BackendArg};
 
-pub fn run(p: usize, n: i64, h: i64, d: i64, b: i64) -> Result<()> {
-    ensure!(p >= 1, "--ranks must be at least 1");
-    ensure!(n % p as i64 == 0, "--seq {n} must be divisible by --ranks {p}");
-    println!("DeepSpeed-Ulysses all-to-all on {p} ranks (threads), f32, b={b} N={n} H={h} d={d}");
-    let reports = launch(p, |ctx| -> Result<RankReport> {
-        let world = ctx.world();
+pub fn run(backend: BackendArg, p: usize, n: i64, h: i64, d: i64, b: i64) -> Result<()> {
+    let reports = on_ranks(backend, p, 1, |ctx| -> Result<Vec<f64>> {
+        let (world, ranks) = (ctx.world(), ctx.world_size());
+        ensure!(n % ranks as i64 == 0, "--seq {n} must be divisible by the {ranks} ranks");
         let r = ctx.rank() as f64;
         // This rank's slice of the sequence, with values that say which rank made them.
-        let x = Tensor::rand([b, n / p as i64, h, d], (Kind::Float, Device::Cpu)) + r;
+        let x = Tensor::rand([b, n / ranks as i64, h, d], (Kind::Float, Device::Cpu)) + r;
         // [b, N/P, H, d] -> [b, N, H/P, d]: scatter heads (dim 2), gather sequence (dim 1).
-        let y = world.all_to_all_v(&x, 2, 1, &split(h, p), &vec![n / p as i64; p])?;
+        let y = world.all_to_all_v(&x, 2, 1, &split(h, ranks), &vec![n / ranks as i64; ranks])?;
         let forward = world.stats().op(OpKind::AllToAll);
         // [b, N, H/P, d] -> [b, N/P, H, d]: the inverse.
-        let back = world.all_to_all_v(&y, 1, 2, &vec![n / p as i64; p], &split(h, p))?;
-        Ok(RankReport {
-            input: x.size(),
-            gathered: y.size(),
-            sent: forward.bytes_sent,
-            received: forward.bytes_received,
-            round_trip_exact: back.equal(&x),
-        })
+        let back = world.all_to_all_v(&y, 1, 2, &vec![n / ranks as i64; ranks], &split(h, ranks))?;
+        let mut out: Vec<f64> = x.size().into_iter().chain(y.size()).map(|v| v as f64).collect();
+        out.extend([
+            forward.bytes_sent as f64,
+            forward.bytes_received as f64,
+            f64::from(u8::from(back.equal(&x))),
+        ]);
+        Ok(out)
     })
     .context("the demo's ranks failed")?;
-
+    let Some(reports) = reports else { return Ok(()) };
+    let ranks = reports.len();
+    let how = if backend == BackendArg::Mpi { "MPI processes" } else { "threads" };
+    println!("DeepSpeed-Ulysses all-to-all on {ranks} ranks ({how}), f32, b={b} N={n} H={h} d={d}");
     println!(
         "{:>4}  {:<18} {:<18} {:>12} {:>12}  round trip",
         "rank", "input", "after a2a", "sent B", "recv B"
     );
-    for (rank, rep) in reports.iter().enumerate() {
+    let shape = |v: &[f64]| format!("{:?}", v.iter().map(|x| *x as i64).collect::<Vec<_>>());
+    for (rank, v) in reports.iter().enumerate() {
+        let exact = v[10] == 1.0;
         println!(
             "{rank:>4}  {:<18} {:<18} {:>12} {:>12}  {}",
-            format!("{:?}", rep.input),
-            format!("{:?}", rep.gathered),
-            rep.sent,
-            rep.received,
-            if rep.round_trip_exact { "bit-exact" } else { "DIFFERS" }
+            shape(&v[0..4]),
+            shape(&v[4..8]),
+            v[8],
+            v[9],
+            if exact { "bit-exact" } else { "DIFFERS" }
         );
     }
     // DESIGN.md §2.2: one all-to-all of a tensor of M elements sends M(P-1)/P^2 per rank.
-    let m = b * n * h * d;
-    let pp = p as i64;
+    let (m, pp) = (b * n * h * d, ranks as i64);
     println!(
         "formula for even heads: M(P-1)/P^2 x 4 B = {} B per rank (M = b*N*H*d = {m})",
         m * (pp - 1) / (pp * pp) * 4
     );
-    ensure!(reports.iter().all(|r| r.round_trip_exact), "an all-to-all round trip was not exact");
+    ensure!(reports.iter().all(|v| v[10] == 1.0), "an all-to-all round trip was not exact");
     Ok(())
 }
 

@@ -1,7 +1,9 @@
 //! The `ulysses` command line: thin wrappers that parse arguments and call the library.
 
+mod bench_a2a;
 mod demo;
 mod layer;
+mod ranks;
 mod step;
 
 use std::path::PathBuf;
@@ -27,9 +29,12 @@ enum Command {
     /// Launch P ranks as threads, all-to-all a [b, N/P, H, d] tensor into [b, N, H/P, d] and back,
     /// and print each rank's shapes and the bytes it moved.
     Demo {
-        /// Ranks (threads).
+        /// Ranks (threads; with --backend mpi, the job's processes).
         #[arg(long, default_value_t = 4)]
         ranks: usize,
+        /// local: ranks as threads; mpi: this process is one rank (start with `ulysses launch`).
+        #[arg(long, value_enum, default_value = "local")]
+        backend: ranks::BackendArg,
         /// Global sequence length N.
         #[arg(long, default_value_t = 1024)]
         seq: i64,
@@ -88,6 +93,35 @@ enum Command {
         /// The output folder of a run.
         dir: PathBuf,
     },
+    /// Time the all-to-all of a backend (threads or MPI processes) for sizes per rank, medians.
+    BenchA2a {
+        /// Ranks (threads; with --backend mpi, the job's processes).
+        #[arg(long, default_value_t = 4)]
+        ranks: usize,
+        /// local or mpi.
+        #[arg(long, value_enum, default_value = "local")]
+        backend: ranks::BackendArg,
+        /// MiB per rank, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,16")]
+        mib: Vec<i64>,
+        /// Timed runs per size (after two untimed).
+        #[arg(long, default_value_t = 21)]
+        runs: usize,
+    },
+    /// Start P processes with mpirun (the flags this machine needs: root, oversubscription),
+    /// each running this ulysses (or --program) with the arguments after `--`, and stream
+    /// their output prefixed by rank: `ulysses launch -n 4 -- step --backend mpi --ranks 4`.
+    Launch {
+        /// Processes (ranks).
+        #[arg(short = 'n', long = "ranks")]
+        ranks: usize,
+        /// The program to start (default: this ulysses binary).
+        #[arg(long)]
+        program: Option<PathBuf>,
+        /// Its arguments.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
 }
 
 fn experiment(config: &std::path::Path, resume: bool, report: bool) -> Result<()> {
@@ -99,6 +133,41 @@ fn experiment(config: &std::path::Path, resume: bool, report: bool) -> Result<()
     if report {
         print_report(&summary.dir)?;
     }
+    Ok(())
+}
+
+fn mpi_launch(ranks: usize, program: Option<PathBuf>, args: &[String]) -> Result<()> {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    anyhow::ensure!(ranks >= 1, "-n must be at least 1");
+    let program = match program {
+        Some(p) => p,
+        None => std::env::current_exe()?,
+    };
+    let mut child = ulysses::comm::mpirun_command(ranks, &program, args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("cannot start mpirun ({e}); install OpenMPI (scripts/setup.sh does)"))?;
+    let (out, err) = (child.stdout.take(), child.stderr.take());
+    // Both streams, line by line, as they come, with OpenMPI's rank tags made readable.
+    let relay = |stream: Option<Box<dyn std::io::Read + Send>>, to_stderr: bool| {
+        std::thread::spawn(move || {
+            for line in stream.into_iter().flat_map(|s| BufReader::new(s).lines().map_while(Result::ok)) {
+                let (_, line) = ulysses::comm::untag(&line);
+                if to_stderr {
+                    eprintln!("{line}");
+                } else {
+                    println!("{line}");
+                }
+            }
+        })
+    };
+    let a = relay(out.map(|s| Box::new(s) as Box<dyn std::io::Read + Send>), false);
+    let b = relay(err.map(|s| Box::new(s) as Box<dyn std::io::Read + Send>), true);
+    let status = child.wait()?;
+    let _ = (a.join(), b.join());
+    anyhow::ensure!(status.success(), "mpirun ended with {status}");
     Ok(())
 }
 
@@ -116,12 +185,16 @@ fn main() -> Result<()> {
     std::env::set_var("POLARS_FMT_MAX_COLS", "24");
     std::env::set_var("POLARS_TABLE_WIDTH", "220");
     match Cli::parse().command {
-        Command::Demo { ranks, seq, heads, head_dim, batch } => demo::run(ranks, seq, heads, head_dim, batch),
+        Command::Demo { ranks, backend, seq, heads, head_dim, batch } => {
+            demo::run(backend, ranks, seq, heads, head_dim, batch)
+        }
         Command::Layer { input, output, ranks, kernel, mask } => {
             layer::run(&input, &output, ranks, kernel, mask)
         }
         Command::Step(args) => step::run(&args),
         Command::Run { config, resume, report } => experiment(&config, resume, report),
         Command::Report { dir } => print_report(&dir),
+        Command::Launch { ranks, program, args } => mpi_launch(ranks, program, &args),
+        Command::BenchA2a { ranks, backend, mib, runs } => bench_a2a::run(backend, ranks, &mib, runs),
     }
 }

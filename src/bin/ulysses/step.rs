@@ -1,11 +1,12 @@
 //! `ulysses step`: timed forward + backward (+ gradient sync) steps of the GPT on P ranks.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, ensure, Result};
 use tch::{Device, Kind, Tensor};
 use ulysses::attention::{AttentionConfig, Kernel, Mask, StrategyConfig};
-use ulysses::comm::LocalLaunch;
+
+use crate::ranks::{on_ranks, BackendArg};
 use ulysses::model::{shift_labels, Gpt, GptConfig};
 
 #[derive(clap::Args)]
@@ -41,6 +42,9 @@ pub struct StepArgs {
     /// libtorch intra-op threads per rank.
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// local: ranks as threads; mpi: this process is one rank (start with `ulysses launch`).
+    #[arg(long, value_enum, default_value = "local")]
+    backend: BackendArg,
 }
 
 /// A field of /proc/self/status in MiB (VmRSS, VmHWM), where Linux provides it.
@@ -52,18 +56,8 @@ fn status_mib(field: &str) -> Option<f64> {
 }
 
 /// What each rank reports: its step times, the last loss, and (base, peak) RSS in MiB.
-struct RankResult {
-    times: Vec<Duration>,
-    loss: f64,
-    memory: Option<(f64, f64)>,
-    /// Bytes sent per step (forward, backward, gradient sync), this rank, every group.
-    sent: u64,
-    /// Parameters held by this rank.
-    params: i64,
-}
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
 
@@ -80,18 +74,18 @@ pub fn run(a: &StepArgs) -> Result<()> {
     let attention = AttentionConfig::new(a.kernel, a.mask);
     let (n, b) = (a.seq, a.batch);
     println!(
-        "{} ({:.1}M parameters), {} on {} rank(s), b={b} N={n}, {:?}, kernel {:?}, mask {:?}",
+        "{} ({:.1}M parameters), {} on {} rank(s) ({:?}), b={b} N={n}, {:?}, kernel {:?}, mask {:?}",
         a.preset,
         cfg.num_params() as f64 / 1e6,
         a.strategy.label(),
         a.ranks,
+        a.backend,
         kind,
         a.kernel,
         a.mask
     );
 
-    let launch = LocalLaunch::new(a.ranks).threads_per_rank(a.threads);
-    let times = launch.run(|ctx| -> Result<RankResult> {
+    let per_rank = on_ranks(a.backend, a.ranks, a.threads, |ctx| -> Result<Vec<f64>> {
         let world = ctx.world();
         let strategy = a.strategy.build(world, attention, n, cfg.n_head, cfg.n_kv_head)?;
         let layout = strategy.layout().clone();
@@ -108,7 +102,7 @@ pub fn run(a: &StepArgs) -> Result<()> {
         };
         // The process's memory once every rank has built its model: parameters and data.
         world.barrier()?;
-        let base = status_mib("VmRSS:");
+        let base = status_mib("VmRSS:").unwrap_or(f64::NAN);
         world.barrier()?;
         step()?; // warm-up
         world.reset_rank_stats();
@@ -118,35 +112,41 @@ pub fn run(a: &StepArgs) -> Result<()> {
             let t0 = Instant::now();
             loss = step()?;
             world.barrier()?;
-            times.push(t0.elapsed());
+            times.push(t0.elapsed().as_secs_f64() * 1e3);
         }
         // Bytes this rank sent per step over every group, before the closing barrier.
         let sent = world.rank_stats().bytes_sent() / a.steps as u64;
         world.barrier()?;
-        let memory = base.zip(status_mib("VmHWM:"));
-        Ok(RankResult { times, loss, memory, sent, params: model.params().numel() })
+        let peak = status_mib("VmHWM:").unwrap_or(f64::NAN);
+        let mut out = vec![loss, base, peak, sent as f64, model.params().numel() as f64];
+        out.extend(times);
+        Ok(out)
     })?;
-
-    let RankResult { times: steps, loss, memory, .. } = &times[0];
-    let max_sent = times.iter().map(|t| t.sent).max().unwrap_or(0);
-    let params = times.iter().map(|t| t.params).max().unwrap_or(0);
+    let Some(per_rank) = per_rank else { return Ok(()) };
+    let ranks = per_rank.len();
+    let r0 = &per_rank[0];
+    let (loss, base, peak) = (r0[0], r0[1], r0[2]);
+    let max = |i: usize| per_rank.iter().map(|v| v[i]).fold(f64::MIN, f64::max);
+    let (max_sent, params) = (max(3) as u64, max(4));
+    // The step time is the slowest rank's.
+    let steps: Vec<f64> = (0..a.steps).map(|s| max(5 + s)).collect();
     for (i, t) in steps.iter().enumerate() {
-        println!("step {i}: {:.1} ms", t.as_secs_f64() * 1e3);
+        println!("step {i}: {t:.1} ms");
     }
-    let med = median(steps.clone());
-    let tokens_per_s = (b * n) as f64 / med.as_secs_f64();
-    let param_mib = params as f64 * kind.elt_size_in_bytes() as f64 / (1 << 20) as f64;
-    // Peak RSS of the whole process (every rank) above its RSS after the models were built:
-    // activations, gradients and communication buffers of all ranks; divided by P per rank.
-    let (base, peak) = memory.unwrap_or((f64::NAN, f64::NAN));
+    let med = median(steps);
+    let tokens_per_s = (b * n) as f64 / (med / 1e3);
+    let param_mib = params * kind.elt_size_in_bytes() as f64 / (1 << 20) as f64;
+    // Peak RSS above the RSS after the models were built: activations, gradients and buffers.
+    // Threads share one process (divide by the ranks); an MPI rank is a process (take the max).
+    let step_peak = match a.backend {
+        BackendArg::Local => (peak - base) / ranks as f64,
+        BackendArg::Mpi => per_rank.iter().map(|v| v[2] - v[1]).fold(f64::MIN, f64::max),
+    };
     println!(
-        "summary: strategy={} ranks={} seq={n} batch={b} median_step_ms={:.3} tokens_per_s={tokens_per_s:.1} \
-         loss={loss:.5} base_rss_mib={base:.1} peak_rss_mib={peak:.1} step_peak_mib_per_rank={:.1} \
+        "summary: strategy={} ranks={ranks} seq={n} batch={b} median_step_ms={med:.3} tokens_per_s={tokens_per_s:.1} \
+         loss={loss:.5} base_rss_mib={base:.1} peak_rss_mib={peak:.1} step_peak_mib_per_rank={step_peak:.1} \
          params_mib_per_rank={param_mib:.1} bytes_sent_per_rank={max_sent}",
         a.strategy.label(),
-        a.ranks,
-        med.as_secs_f64() * 1e3,
-        (peak - base) / a.ranks as f64
     );
     Ok(())
 }

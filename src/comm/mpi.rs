@@ -1,0 +1,378 @@
+//! The MPI backend (cargo feature `mpi`): one process per rank, started by `mpirun` or Slurm's
+//! `srun` (or `ulysses launch`), collectives on CPU tensors through OpenMPI (rsmpi).
+//!
+//! Every transfer of a batch is two messages on the group's own communicator (made with
+//! `MPI_Comm_split` when the group is split): a header (op, dtype, shape), then the payload,
+//! sent from and received into the tensors' memory directly when they are contiguous (a
+//! strided destination is received into a contiguous buffer and copied). The headers are
+//! exchanged and checked first, so ranks that disagree get `Error::Mismatch` naming both sides
+//! before a byte of payload moves. Waiting polls the requests against the launch's timeout; a
+//! request that cannot complete cannot be taken back in MPI, so a timeout prints its error and
+//! aborts the job (`MPI_Abort`), as does any rank whose function fails: never a silent hang.
+//!
+//! MPI is initialised for a single thread: every call must come from the thread that started
+//! it. A group used from another thread returns an error before calling MPI.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+use std::thread::ThreadId;
+use std::time::{Duration, Instant};
+
+use mpi::request::{scope, Request, Scope};
+use mpi::topology::{Color, Communicator, SimpleCommunicator};
+use mpi::traits::*;
+use tch::{Device, Kind, Tensor};
+
+use super::backend::{Backend, Envelope};
+use super::group::{Group, GroupInfo};
+use super::launch::{error_chain, panic_message, RankCtx, DEFAULT_TIMEOUT};
+use super::OpKind;
+use crate::error::TorchResultExt;
+use crate::{Error, Result};
+
+/// Message tags: a header, then its payload.
+const HEADER: i32 = 1;
+const PAYLOAD: i32 = 2;
+/// A header: op, dtype, number of dims, a hash of the shape, then up to four dims.
+const HEADER_LEN: usize = 8;
+
+/// One rank's connection through one MPI communicator.
+struct MpiEndpoint {
+    comm: SimpleCommunicator,
+    timeout: Duration,
+    /// The thread that initialised MPI; no other may call it.
+    owner: ThreadId,
+}
+
+// SAFETY: an MpiEndpoint holds an MPI communicator handle, a plain value that may be moved or
+// shared between threads. MPI itself is initialised for a single thread, so every method that
+// calls MPI first checks that it runs on `owner` (the thread that initialised MPI) and returns an
+// error otherwise: no MPI call is ever made from two threads.
+unsafe impl Send for MpiEndpoint {}
+// SAFETY: see Send above: calls from any thread but `owner` stop before reaching MPI.
+unsafe impl Sync for MpiEndpoint {}
+
+/// One line on stderr in a single write, so that mpirun's per-line rank tags stay whole.
+fn report(msg: &str) {
+    use std::io::Write;
+    let _ = std::io::stderr().write_all(format!("ulysses: {msg}\n").as_bytes());
+}
+
+/// A transfer this rank receives.
+struct Incoming {
+    peer: usize,
+    expected: Envelope,
+    header: [i64; HEADER_LEN],
+    got: [i64; HEADER_LEN],
+    /// Contiguous memory the payload lands in (`dst` itself when contiguous).
+    buf: Tensor,
+    dst: Tensor,
+}
+
+/// The header of a transfer: everything the receiver must agree on.
+fn header(e: &Envelope) -> [i64; HEADER_LEN] {
+    let op = OpKind::ALL.iter().position(|k| *k == e.op).map_or(-1, |i| i as i64);
+    let kind = kind_code(e.kind);
+    let hash =
+        e.shape.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &d| (h ^ d as u64).wrapping_mul(0x100_0000_01b3));
+    let mut h = [op, kind, e.shape.len() as i64, hash as i64, -1, -1, -1, -1];
+    for (slot, &d) in h[4..].iter_mut().zip(&e.shape) {
+        *slot = d;
+    }
+    h
+}
+
+const KINDS: [Kind; 10] = [
+    Kind::Uint8,
+    Kind::Int8,
+    Kind::Int16,
+    Kind::Int,
+    Kind::Int64,
+    Kind::Half,
+    Kind::Float,
+    Kind::Double,
+    Kind::Bool,
+    Kind::BFloat16,
+];
+
+fn kind_code(kind: Kind) -> i64 {
+    KINDS.iter().position(|k| *k == kind).map_or(-1, |i| i as i64)
+}
+
+/// A received header as the envelope it stands for ("all_to_all Float[2, 3, 1, 4]").
+fn describe(h: &[i64; HEADER_LEN]) -> String {
+    let op =
+        usize::try_from(h[0]).ok().and_then(|i| OpKind::ALL.get(i)).map_or("an unknown op", |k| k.name());
+    let kind = usize::try_from(h[1])
+        .ok()
+        .and_then(|i| KINDS.get(i))
+        .map_or("an unknown dtype".into(), |k| format!("{k:?}"));
+    let ndim = h[2].max(0) as usize;
+    if ndim <= 4 {
+        format!("{op} {kind}{:?}", &h[4..4 + ndim])
+    } else {
+        format!("{op} {kind} of {ndim} dims (shape hash {:x})", h[3])
+    }
+}
+
+/// A contiguous CPU tensor's bytes.
+fn bytes(t: &Tensor) -> &[u8] {
+    let len = t.numel() * t.kind().elt_size_in_bytes();
+    if len == 0 {
+        return &[];
+    }
+    // SAFETY: callers pass contiguous CPU tensors, whose `len` bytes start at data_ptr and are
+    // owned by `t`, which outlives the returned slice; nothing writes them while it lives.
+    unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, len) }
+}
+
+/// A contiguous CPU tensor's bytes, to receive into.
+#[allow(clippy::mut_from_ref)]
+fn bytes_mut(t: &Tensor) -> &mut [u8] {
+    let len = t.numel() * t.kind().elt_size_in_bytes();
+    if len == 0 {
+        return &mut [];
+    }
+    // SAFETY: callers pass contiguous CPU tensors that they own exclusively for the call (fresh
+    // buffers or output views no one else reads), so this is the only reference to these bytes.
+    unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut u8, len) }
+}
+
+impl MpiEndpoint {
+    fn check_thread(&self, op: OpKind, group: &GroupInfo) -> Result<()> {
+        if std::thread::current().id() != self.owner {
+            return Err(Error::Backend {
+                backend: "mpi",
+                msg: format!(
+                    "{op} on group {group}: MPI runs single-threaded; call it from the thread that launched"
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Polls `requests` until all complete; past the deadline, reports and aborts the job.
+    fn wait_all<'a, D: ?Sized, S: Scope<'a>>(
+        &self,
+        mut requests: Vec<(usize, Request<'a, D, S>)>,
+        deadline: Instant,
+        what: &dyn Fn(&[usize]) -> Error,
+    ) {
+        while !requests.is_empty() {
+            let mut pending = Vec::with_capacity(requests.len());
+            for (peer, r) in requests {
+                if let Err(r) = r.test() {
+                    pending.push((peer, r));
+                }
+            }
+            requests = pending;
+            if requests.is_empty() {
+                break;
+            }
+            if Instant::now() > deadline {
+                let peers: Vec<usize> = requests.iter().map(|(p, _)| *p).collect();
+                report(&format!("rank {}: {}; aborting the MPI job", self.comm.rank(), what(&peers)));
+                self.comm.abort(3);
+            }
+            std::thread::yield_now();
+        }
+    }
+}
+
+impl Backend for MpiEndpoint {
+    fn name(&self) -> &'static str {
+        "mpi"
+    }
+
+    fn exchange(
+        &self,
+        group: &GroupInfo,
+        op: OpKind,
+        sends: Vec<Option<Tensor>>,
+        recvs: Vec<Option<Tensor>>,
+    ) -> Result<()> {
+        self.check_thread(op, group)?;
+        let start = Instant::now();
+        let deadline = start + self.timeout;
+        let me = group.ranks[self.comm.rank() as usize];
+        let cpu = |t: &Tensor| -> Result<()> {
+            if t.device() != Device::Cpu {
+                return Err(Error::Backend {
+                    backend: "mpi",
+                    msg: format!(
+                        "{op} on group {group}: the mpi backend moves CPU tensors; use nccl for CUDA"
+                    ),
+                });
+            }
+            Ok(())
+        };
+        // What goes out: contiguous copies only where a tensor is strided.
+        let mut out = Vec::new();
+        for (j, t) in sends.into_iter().enumerate() {
+            if let Some(t) = t {
+                cpu(&t)?;
+                out.push((j, header(&Envelope::of(op, &t)), t.f_contiguous().op(op.name())?));
+            }
+        }
+        // What comes in: a contiguous buffer per peer (the destination itself when contiguous).
+        let mut inc = Vec::new();
+        for (j, t) in recvs.into_iter().enumerate() {
+            if let Some(dst) = t {
+                cpu(&dst)?;
+                let expected = Envelope::of(op.peer_kind(), &dst);
+                let buf = if dst.is_contiguous() {
+                    dst.shallow_clone()
+                } else {
+                    // Row-major, as the sender's contiguous bytes are (empty_like would keep strides).
+                    Tensor::f_empty(dst.size(), (dst.kind(), dst.device())).op(op.name())?
+                };
+                inc.push(Incoming {
+                    peer: j,
+                    header: header(&expected),
+                    expected,
+                    got: [0; HEADER_LEN],
+                    buf,
+                    dst,
+                });
+            }
+        }
+        let timeout = |what: &'static str| {
+            move |peers: &[usize]| Error::Timeout {
+                op: op.name(),
+                group: group.to_string(),
+                rank: me,
+                waited: start.elapsed(),
+                timeout: self.timeout,
+                what: format!("waiting for {what} with group ranks {peers:?}"),
+            }
+        };
+
+        // 1. Headers both ways, then the check.
+        scope(|sc| {
+            let mut reqs = Vec::new();
+            for (j, h, _) in &out {
+                reqs.push((
+                    *j,
+                    self.comm.process_at_rank(*j as i32).immediate_send_with_tag(sc, &h[..], HEADER),
+                ));
+            }
+            for x in inc.iter_mut() {
+                let peer = self.comm.process_at_rank(x.peer as i32);
+                reqs.push((x.peer, peer.immediate_receive_into_with_tag(sc, &mut x.got[..], HEADER)));
+            }
+            self.wait_all(reqs, deadline, &timeout("headers"));
+        });
+        if let Some(x) = inc.iter().find(|x| x.got != x.header) {
+            return Err(Error::Mismatch {
+                op: op.name(),
+                group: group.to_string(),
+                detail: format!(
+                    "rank {} sent {} but rank {me} expected {}",
+                    group.ranks[x.peer],
+                    describe(&x.got),
+                    x.expected
+                ),
+            });
+        }
+
+        // 2. Payloads, straight from and into tensor memory.
+        scope(|sc| {
+            let mut reqs = Vec::new();
+            for (j, _, t) in &out {
+                reqs.push((
+                    *j,
+                    self.comm.process_at_rank(*j as i32).immediate_send_with_tag(sc, bytes(t), PAYLOAD),
+                ));
+            }
+            for x in &inc {
+                let peer = self.comm.process_at_rank(x.peer as i32);
+                reqs.push((x.peer, peer.immediate_receive_into_with_tag(sc, bytes_mut(&x.buf), PAYLOAD)));
+            }
+            self.wait_all(reqs, deadline, &timeout("data"));
+        });
+        for mut x in inc {
+            if !x.dst.is_contiguous() {
+                x.dst.f_copy_(&x.buf).op(op.name())?;
+            }
+        }
+        Ok(())
+    }
+
+    fn split(
+        &self,
+        parent: &GroupInfo,
+        color: Option<usize>,
+        key: usize,
+        _sub: Option<&GroupInfo>,
+    ) -> Result<Option<Arc<dyn Backend>>> {
+        self.check_thread(OpKind::Split, parent)?;
+        let color = match color {
+            Some(c) => Color::with_value(c as i32),
+            None => Color::undefined(),
+        };
+        let comm = self.comm.split_by_color_with_key(color, key as i32);
+        Ok(comm.map(|comm| {
+            Arc::new(MpiEndpoint { comm, timeout: self.timeout, owner: self.owner }) as Arc<dyn Backend>
+        }))
+    }
+}
+
+/// This process as one rank of an MPI job, with its options.
+#[derive(Debug, Clone)]
+pub struct MpiLaunch {
+    timeout: Duration,
+    threads_per_rank: usize,
+}
+
+impl Default for MpiLaunch {
+    fn default() -> Self {
+        MpiLaunch { timeout: DEFAULT_TIMEOUT, threads_per_rank: 1 }
+    }
+}
+
+impl MpiLaunch {
+    pub fn new() -> MpiLaunch {
+        MpiLaunch::default()
+    }
+
+    /// How long a rank waits for a peer inside one collective before the job aborts.
+    pub fn timeout(mut self, timeout: Duration) -> MpiLaunch {
+        self.timeout = timeout;
+        self
+    }
+
+    /// libtorch intra-op threads of this rank.
+    pub fn threads_per_rank(mut self, threads: usize) -> MpiLaunch {
+        self.threads_per_rank = threads.max(1);
+        self
+    }
+
+    /// Initialises MPI (the rank and world size come from mpirun or srun; a process started
+    /// alone is a world of one), runs `f` as this rank, and finalises MPI. If `f` fails or
+    /// panics, prints the rank and the error and aborts the whole job. Once per process.
+    pub fn run<T, E, F>(&self, f: F) -> Result<T>
+    where
+        F: FnOnce(RankCtx) -> std::result::Result<T, E>,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let universe = mpi::initialize().ok_or_else(|| Error::Backend {
+            backend: "mpi",
+            msg: "MPI is already initialised in this process (one MpiLaunch per process)".into(),
+        })?;
+        let comm = universe.world();
+        let (rank, size) = (comm.rank() as usize, comm.size() as usize);
+        tch::set_num_threads(self.threads_per_rank as i32);
+        let info = GroupInfo { id: "world".into(), name: "world".into(), ranks: (0..size).collect() };
+        let endpoint = MpiEndpoint { comm, timeout: self.timeout, owner: std::thread::current().id() };
+        let world = Group::new(info, rank, Arc::new(endpoint))?;
+        let outcome =
+            catch_unwind(AssertUnwindSafe(|| f(RankCtx::new(world)).map_err(|e| error_chain(&*e.into()))));
+        let failure = match outcome {
+            Ok(Ok(value)) => return Ok(value), // universe drops: MPI_Finalize
+            Ok(Err(msg)) => msg,
+            Err(panic) => panic_message(panic),
+        };
+        report(&format!("rank {rank} of {size} failed: {failure}; aborting the MPI job"));
+        universe.world().abort(2)
+    }
+}

@@ -1,0 +1,274 @@
+//! Rank-level conformance checks: each runs on every rank of a world group, whatever the backend
+//! (threads or MPI processes), with rank-dependent data, and checks its own results against a
+//! local computation (or, for sums over ranks, against the group's own all-reduce). The thread
+//! tests run them through `launch`; the `mpi-checks` binary runs them under mpirun.
+#![allow(dead_code)]
+
+use anyhow::{ensure, Result};
+use tch::{Device, Kind, Tensor};
+use ulysses::attention::{AttentionConfig, Kernel, Mask, StrategyConfig};
+use ulysses::autograd::Tape;
+use ulysses::comm::{Group, ReduceOp};
+use ulysses::model::{shift_labels, Gpt, GptConfig, Placement};
+
+use super::{data, det, dot, max_diff};
+
+/// One rank-level check.
+type Check = fn(&Group) -> Result<()>;
+
+/// Every check, in order; returns how many ran.
+pub fn all(world: &Group) -> Result<usize> {
+    let checks: [(&str, Check); 6] = [
+        ("collectives", collectives),
+        ("round_trip", round_trip),
+        ("adjoints", adjoints),
+        ("errors", bad_arguments),
+        ("strategies", strategies),
+        ("gpt", gpt),
+    ];
+    for (name, check) in &checks {
+        check(world).map_err(|e| e.context(format!("check {name} on rank {}", world.rank())))?;
+    }
+    Ok(checks.len())
+}
+
+fn exact(label: &str, got: &Tensor, want: &Tensor) -> Result<()> {
+    ensure!(
+        got.size() == want.size() && got.kind() == want.kind(),
+        "{label}: {:?}{:?} vs {:?}{:?}",
+        got.kind(),
+        got.size(),
+        want.kind(),
+        want.size()
+    );
+    ensure!(got.equal(want), "{label}: max diff {:.3e}", max_diff(got, want));
+    Ok(())
+}
+
+/// Every collective against the same operation computed locally from every rank's data.
+pub fn collectives(g: &Group) -> Result<()> {
+    let (p, r) = (g.size(), g.rank());
+    let pi = p as i64;
+    for kind in [Kind::Float, Kind::BFloat16, Kind::Int64, Kind::Double] {
+        for contiguous in [true, false] {
+            let label = |op: &str| format!("{op} P={p} {kind:?} contiguous={contiguous}");
+            // all-to-all, Ulysses' direction: [2, 3P, 2P, 5] scatter 2, gather 1
+            let shape = [2, 3 * pi, 2 * pi, 5];
+            let y = g.all_to_all(&data(r, &shape, kind, contiguous), 2, 1)?;
+            let parts: Vec<Tensor> =
+                (0..p).map(|j| data(j, &shape, kind, true).narrow(2, 2 * r as i64, 2)).collect();
+            exact(&label("all_to_all"), &y, &Tensor::cat(&parts, 1))?;
+            // uneven all-to-all
+            let scatter: Vec<i64> = (0..pi).map(|j| j % 3).collect();
+            let gather: Vec<i64> = (0..pi).map(|j| j + 1).collect();
+            let rows: i64 = scatter.iter().sum();
+            let so: i64 = scatter[..r].iter().sum();
+            let y =
+                g.all_to_all_v(&data(r, &[rows, gather[r], 4], kind, contiguous), 0, 1, &scatter, &gather)?;
+            let parts: Vec<Tensor> = (0..p)
+                .map(|j| data(j, &[rows, gather[j], 4], kind, true).narrow(0, so, scatter[r]))
+                .collect();
+            exact(&label("all_to_all_v"), &y, &Tensor::cat(&parts, 1))?;
+            // all-gather, reduce-scatter, all-reduce, broadcast, shift
+            let all: Vec<Tensor> = (0..p).map(|j| data(j, &[4, 3], kind, true)).collect();
+            let x = data(r, &[4, 3], kind, contiguous);
+            exact(&label("all_gather"), &g.all_gather(&x, 1)?, &Tensor::cat(&all, 1))?;
+            let acc = if kind == Kind::Double {
+                Kind::Double
+            } else if kind == Kind::Int64 {
+                Kind::Int64
+            } else {
+                Kind::Float
+            };
+            let sum = Tensor::stack(&all.iter().map(|t| t.to_kind(acc)).collect::<Vec<_>>(), 0)
+                .sum_dim_intlist([0i64].as_slice(), false, acc)
+                .to_kind(kind);
+            exact(&label("all_reduce"), &g.all_reduce(&x, ReduceOp::Sum)?, &sum)?;
+            let xs = data(r, &[2 * pi, 3], kind, contiguous);
+            let alls: Vec<Tensor> = (0..p).map(|j| data(j, &[2 * pi, 3], kind, true).to_kind(acc)).collect();
+            let rs = Tensor::stack(&alls, 0)
+                .sum_dim_intlist([0i64].as_slice(), false, acc)
+                .to_kind(kind)
+                .narrow(0, 2 * r as i64, 2);
+            exact(&label("reduce_scatter"), &g.reduce_scatter(&xs, 0, ReduceOp::Sum)?, &rs)?;
+            exact(&label("broadcast"), &g.broadcast(&x, p - 1)?, &all[p - 1])?;
+            exact(&label("shift"), &g.shift(&x, 1)?, &all[(r + p - 1) % p])?;
+            if let Some(s) = g.reduce(&x, 0, ReduceOp::Sum)? {
+                ensure!(r == 0, "reduce gave a result off the root");
+                exact(&label("reduce"), &s, &sum)?;
+            }
+        }
+    }
+    g.barrier()?;
+    Ok(())
+}
+
+/// all-to-all then its inverse is the identity, bit for bit, on random data.
+pub fn round_trip(g: &Group) -> Result<()> {
+    let p = g.size() as i64;
+    for kind in [Kind::Float, Kind::BFloat16] {
+        let x = Tensor::randn([2, 5, 4 * p, 3], (kind, Device::Cpu));
+        let back = g.all_to_all(&g.all_to_all(&x, 2, 1)?, 1, 2)?;
+        exact("round trip", &back, &x)?;
+    }
+    Ok(())
+}
+
+/// Sum over ranks of <A x, y> = sum over ranks of <x, A^T y>, the sums taken by the group.
+pub fn adjoints(g: &Group) -> Result<()> {
+    let (p, r) = (g.size() as i64, g.rank() as u64);
+    type Op = fn(&Tape, &Group, &Tensor) -> ulysses::Result<Tensor>;
+    let ops: [(&str, &[i64], Op); 5] = [
+        ("all_to_all", &[2, 3, 2, 4], |t, g, x| t.all_to_all(g, &x.repeat([1, 1, g.size() as i64, 1]), 2, 1)),
+        ("all_gather", &[3, 5], |t, g, x| t.all_gather(g, x, 1)),
+        ("reduce_scatter", &[4, 5], |t, g, x| t.reduce_scatter(g, &x.repeat([g.size() as i64, 1]), 0)),
+        ("all_reduce", &[7, 3], |t, g, x| t.all_reduce(g, x)),
+        ("shift", &[4, 2], |t, g, x| t.shift(g, x, 1)),
+    ];
+    for (name, shape, op) in ops {
+        let tape = Tape::new();
+        let x = det(shape, 100 + r, Kind::Double).set_requires_grad(true);
+        let ax = op(&tape, g, &x)?;
+        let y = det(&ax.size(), 200 + r, Kind::Double);
+        let loss = (&ax * &y).sum(Kind::Double);
+        tape.backward(&loss)?;
+        let mine = Tensor::from_slice(&[loss.double_value(&[]), dot(&x, &x.grad())]);
+        let both = Vec::<f64>::try_from(g.all_reduce(&mine, ReduceOp::Sum)?)?;
+        let scale = both[0].abs().max(1.0);
+        ensure!(
+            (both[0] - both[1]).abs() <= 1e-12 * scale && both[0] != 0.0,
+            "{name} P={p}: {} vs {}",
+            both[0],
+            both[1]
+        );
+    }
+    Ok(())
+}
+
+/// Bad arguments are refused before anything is communicated, naming the numbers.
+pub fn bad_arguments(g: &Group) -> Result<()> {
+    let x = Tensor::ones([2, 6, 3, 4], (Kind::Float, Device::Cpu));
+    let cases = [
+        (g.all_to_all(&x, 4, 1).map(drop), "dim 4 is out of range"),
+        (g.all_to_all(&x, 1, 1).map(drop), "scatter_dim and gather_dim are both 1"),
+        (g.all_gather_v(&x, 1, &vec![6; g.size() + 1]).map(drop), "entries"),
+        (g.broadcast(&x, g.size()).map(drop), "is not a rank of a group"),
+    ];
+    for (result, says) in cases {
+        let text = result.err().map(|e| e.to_string()).unwrap_or_default();
+        ensure!(text.contains(says), "expected {says:?}, got {text:?}");
+    }
+    g.barrier()?; // nobody communicated: the group still works
+    Ok(())
+}
+
+/// Every strategy's output and dq, dk, dv for this rank's tokens against single-device f64
+/// attention computed on this rank.
+pub fn strategies(g: &Group) -> Result<()> {
+    let p = g.size();
+    let (b, n, heads, kv_heads, d) = (2i64, 48i64, 8i64, 2i64, 4i64);
+    let mut list = vec![
+        StrategyConfig::Ulysses,
+        StrategyConfig::Ring { zigzag: false },
+        StrategyConfig::Ring { zigzag: true },
+        StrategyConfig::AllGatherKv { zigzag: true },
+    ];
+    if p.is_multiple_of(2) && p > 2 {
+        list.push(StrategyConfig::Usp { ulysses: 2, zigzag: true });
+    }
+    let (q, k, v, w) = (
+        det(&[b, n, heads, d], 21, Kind::Double),
+        det(&[b, n, kv_heads, d], 22, Kind::Double),
+        det(&[b, n, kv_heads, d], 23, Kind::Double),
+        det(&[b, n, heads, d], 24, Kind::Double),
+    );
+    // The reference on this rank: causal attention, kv head of query head h is h / G.
+    let [qr, kr, vr] = [&q, &k, &v].map(|t| t.copy().set_requires_grad(true));
+    let map = Tensor::arange(heads, (Kind::Int64, Device::Cpu)).floor_divide_scalar(heads / kv_heads);
+    let (ke, ve) = (kr.index_select(2, &map).transpose(1, 2), vr.index_select(2, &map).transpose(1, 2));
+    let causal = Tensor::ones([n, n], (Kind::Bool, Device::Cpu)).tril(0);
+    let scores = qr.transpose(1, 2).matmul(&ke.transpose(-2, -1)) / (d as f64).sqrt();
+    let out = scores
+        .masked_fill(&causal.logical_not(), f64::NEG_INFINITY)
+        .softmax(-1, Kind::Double)
+        .matmul(&ve)
+        .transpose(1, 2);
+    (&out * &w).sum(Kind::Double).backward();
+    let want = [out.detach(), qr.grad(), kr.grad(), vr.grad()];
+
+    for strategy in list {
+        let s = strategy.build(g, AttentionConfig::new(Kernel::Math, Mask::Causal), n, heads, kv_heads)?;
+        let layout = s.layout().clone();
+        let mine = |t: &Tensor| -> Result<Tensor> {
+            Ok(layout.shard(t, 1, g.rank())?.copy().set_requires_grad(true))
+        };
+        let (qs, ks, vs) = (mine(&q)?, mine(&k)?, mine(&v)?);
+        let tape = Tape::new();
+        let o = s.forward(&tape, &qs, &ks, &vs)?;
+        tape.backward(&(&o * layout.shard(&w, 1, g.rank())?).sum(Kind::Double))?;
+        // k and v gradients are sums over every rank's queries: each rank holds its tokens' part.
+        for (name, got, full) in [
+            ("out", o.detach(), &want[0]),
+            ("dq", qs.grad(), &want[1]),
+            ("dk", ks.grad(), &want[2]),
+            ("dv", vs.grad(), &want[3]),
+        ] {
+            let slice = layout.shard(full, 1, g.rank())?;
+            let diff = max_diff(&got, &slice);
+            ensure!(diff < 1e-10, "{} P={p} {name}: max diff {diff:.3e}", strategy.label());
+        }
+    }
+    Ok(())
+}
+
+/// The GPT's loss and every parameter gradient with Ulysses and Megatron-SP against one device
+/// (computed on this rank).
+pub fn gpt(g: &Group) -> Result<()> {
+    let p = g.size();
+    let cfg = GptConfig { n_head: 8, n_kv_head: 8, n_embd: 64, ..GptConfig::tiny() };
+    let (b, n) = (2i64, 32i64);
+    let i = Tensor::arange(b * n, (Kind::Int64, Device::Cpu));
+    let toks = ((&i * 7919 + 17).remainder(cfg.vocab_size)).reshape([b, n]);
+    let labels = shift_labels(&toks)?;
+    let attention = AttentionConfig::new(Kernel::Sdpa, Mask::Causal);
+    // One device.
+    let single = StrategyConfig::Single.build(&one_rank(g)?, attention, n, cfg.n_head, cfg.n_kv_head)?;
+    let reference = Gpt::new(&cfg, single, Kind::Float, Device::Cpu)?;
+    let want = reference.forward_backward(&toks, &labels)?;
+    // Megatron-SP needs the 8 heads divisible by P.
+    let strategies = if 8usize.is_multiple_of(p) {
+        vec![StrategyConfig::Ulysses, StrategyConfig::MegatronSp]
+    } else {
+        vec![StrategyConfig::Ulysses]
+    };
+    for strategy in strategies {
+        let s = strategy.build(g, attention, n, cfg.n_head, cfg.n_kv_head)?;
+        let layout = s.layout().clone();
+        let model = Gpt::new(&cfg, s, Kind::Float, Device::Cpu)?;
+        let loss = model
+            .forward_backward(&layout.shard(&toks, 1, g.rank())?, &layout.shard(&labels, 1, g.rank())?)?;
+        ensure!(
+            (loss.value - want.value).abs() <= 1e-6 * want.value,
+            "{} P={p}: loss {} vs {}",
+            strategy.label(),
+            loss.value,
+            want.value
+        );
+        for (mine, full) in model.params().all().iter().zip(reference.params().all()) {
+            let w = match &mine.placement {
+                Placement::Replicated => full.tensor.grad(),
+                Placement::Sharded { dim, index } => {
+                    full.tensor.grad().index_select(*dim, &Tensor::from_slice(index))
+                }
+            };
+            let d = max_diff(&mine.tensor.grad(), &w) / w.abs().max().double_value(&[]).max(1e-6);
+            ensure!(d <= 1e-5, "{} P={p}: d{} relative diff {d:.2e}", strategy.label(), mine.name);
+        }
+    }
+    Ok(())
+}
+
+/// A group of this rank alone (for single-device references).
+fn one_rank(g: &Group) -> Result<Group> {
+    g.split("self", Some(g.rank()), 0)?.ok_or_else(|| anyhow::anyhow!("no group of one"))
+}

@@ -1,0 +1,52 @@
+//! The MPI backend on real processes (cargo feature `mpi`; OpenMPI's mpirun must be on PATH,
+//! as scripts/setup.sh arranges): the conformance checks at P = 2 and 4, and the failure modes
+//! (mismatched ranks, a rank that never arrives, a panicking rank) ending the job promptly with
+//! a message that names them.
+#![cfg(feature = "mpi")]
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Result};
+use ulysses::comm::mpirun_command;
+
+fn mpirun(n: usize, mode: &str) -> Result<(bool, String, Duration)> {
+    let start = Instant::now();
+    let out =
+        mpirun_command(n, Path::new(env!("CARGO_BIN_EXE_ulysses-checks")), &[mode.to_string()]).output()?;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    Ok((out.status.success(), text, start.elapsed()))
+}
+
+#[test]
+fn conformance_checks_pass_on_mpi_processes() -> Result<()> {
+    for n in [2usize, 4] {
+        let (ok, text, _) = mpirun(n, "conformance")?;
+        let passed =
+            text.lines().filter(|l| l.contains(&format!("6 checks passed on {n} ranks (mpi)"))).count();
+        ensure!(ok && passed == n, "P={n}: {passed} ranks passed:\n{text}");
+    }
+    Ok(())
+}
+
+#[test]
+fn mpi_failures_end_the_job_with_a_message() -> Result<()> {
+    let (ok, text, took) = mpirun(3, "mismatch")?;
+    ensure!(
+        !ok && text.contains("ranks disagree") && text.contains("all_to_all Float[2, 3, 1, 4]"),
+        "{text}"
+    );
+    ensure!(took < Duration::from_secs(30), "mismatch took {took:?}");
+
+    let (ok, text, took) = mpirun(3, "timeout")?;
+    ensure!(
+        !ok && text.contains("timed out after") && text.contains("barrier") && text.contains("[1]"),
+        "{text}"
+    );
+    ensure!(took < Duration::from_secs(15), "the 1 s timeout took {took:?} (rank 1 sleeps 20 s)");
+
+    let (ok, text, took) = mpirun(3, "panic")?;
+    ensure!(!ok && text.contains("rank 1 of 3 failed") && text.contains("rank one is broken"), "{text}");
+    ensure!(took < Duration::from_secs(30), "panic took {took:?}");
+    Ok(())
+}
