@@ -114,7 +114,7 @@ impl LocalLaunch {
                         let run = || -> std::result::Result<T, String> {
                             let group =
                                 Group::new(info, rank, world.endpoint(rank)).map_err(|e| e.to_string())?;
-                            f(RankCtx { world: group }).map_err(|e| error_chain(&*e.into()))
+                            f(RankCtx::new(group)).map_err(|e| error_chain(&*e.into()))
                         };
                         let outcome = catch_unwind(AssertUnwindSafe(run))
                             .unwrap_or_else(|panic| Err(panic_message(panic)));
