@@ -5,7 +5,6 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use tch::{Kind, Tensor};
 use ulysses::comm::{LocalLaunch, RankCtx};
 
 /// Where the ranks run.
@@ -42,7 +41,7 @@ where
         let (rank, world) = (ctx.rank(), ctx.world().clone());
         let mine = f(ctx)?;
         // Every rank reports as many numbers: gather them as one f64 tensor.
-        let all = world.all_gather(&Tensor::from_slice(&mine).to_kind(Kind::Double), 0)?;
+        let all = world.all_gather(&tch::Tensor::from_slice(&mine).to_kind(tch::Kind::Double), 0)?;
         let flat = Vec::<f64>::try_from(&all)?;
         Ok((rank == 0).then(|| flat.chunks(mine.len().max(1)).map(<[f64]>::to_vec).collect()))
     })?;
