@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The whole test suite, after the set-up: formatting, clippy (warnings are errors), every test in
-# release mode (libtorch kernels are optimised either way; release keeps one build for tests and
-# benches), and a build of the benchmarks so they cannot rot.
+# The whole test suite, after the set-up: formatting, clippy (warnings are errors) with and
+# without the optional backends, every test in release mode (libtorch kernels are optimised
+# either way; release keeps one build for tests and benches) with the MPI backend (OpenMPI from
+# the set-up; its tests start real processes with mpirun), and a build of the benchmarks.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 "$repo/scripts/setup.sh"
@@ -9,10 +10,12 @@ cd "$repo"
 step() { echo; echo "=== $* ==="; }
 step "cargo fmt --check"
 cargo fmt --all -- --check
-step "cargo clippy"
+step "cargo clippy (features: mpi)"
+cargo clippy --release --all-targets --features mpi -- -D warnings
+step "cargo clippy (no features)"
 cargo clippy --release --all-targets -- -D warnings
-step "cargo test"
-cargo test --release
+step "cargo test (features: mpi)"
+cargo test --release --features mpi
 step "cargo bench --no-run"
-cargo bench --no-run
+cargo bench --no-run --features mpi
 echo; echo "all checks passed"

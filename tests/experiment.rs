@@ -111,10 +111,21 @@ fn bad_configs_name_the_field_and_the_fix() -> Result<()> {
     )?;
     let err = missing.check_runnable(&repo()).expect_err("missing file").to_string();
     ensure!(err.contains("dataset") && err.contains("cannot read") && err.contains("no/such.txt"), "{err}");
+    let nccl = ExperimentConfig::parse(
+        &base.replace("ranks = [2]", "ranks = [2]\nbackend = \"nccl\""),
+        "test.toml",
+    )?;
+    let err = nccl.check_runnable(&repo()).expect_err("nccl").to_string();
+    ensure!(err.contains("parallel.backend") && err.contains("Nccl is not in this build"), "{err}");
     let mpi =
         ExperimentConfig::parse(&base.replace("ranks = [2]", "ranks = [2]\nbackend = \"mpi\""), "test.toml")?;
-    let err = mpi.check_runnable(&repo()).expect_err("mpi").to_string();
-    ensure!(err.contains("parallel.backend") && err.contains("Mpi is not in this build"), "{err}");
+    let mpi = mpi.check_runnable(&repo());
+    if cfg!(feature = "mpi") {
+        ensure!(mpi.is_ok(), "mpi refused in an mpi build: {mpi:?}");
+    } else {
+        let err = mpi.err().map(|e| e.to_string()).unwrap_or_default();
+        ensure!(err.contains("build with `--features mpi`"), "{err}");
+    }
     ensure!(cases.len() + 2 >= 8, "at least 8 kinds of bad config");
     Ok(())
 }
@@ -132,7 +143,7 @@ fn a_toy_run_writes_every_table_and_counts_bytes_exactly() -> Result<()> {
     let dir = scratch("toy");
     let text = toy("toy", r#"["ulysses", "megatron_sp"]"#, "[2]", "[64, 128]", 2);
     let cfg = ExperimentConfig::parse(&text, "toy")?;
-    let opts = RunOptions { resume: false, base_dir: dir.clone() };
+    let opts = RunOptions { resume: false, base_dir: dir.clone(), program: None };
     let summary = run(&cfg, &opts)?;
     let out = dir.join("results/toy");
     ensure!(summary.dir == out, "{}", summary.dir.display());
@@ -222,13 +233,13 @@ fn a_toy_run_writes_every_table_and_counts_bytes_exactly() -> Result<()> {
         err.unwrap_or_default().contains("already holds a run"),
         "the library opened a folder holding a run"
     );
-    let again = run(&cfg, &RunOptions { resume: true, base_dir: dir.clone() })?;
+    let again = run(&cfg, &RunOptions { resume: true, base_dir: dir.clone(), program: None })?;
     ensure!(
         again.points.height() == 4 && read_table(&out, "steps")?.height() == 24,
         "resume changed the tables"
     );
     let other = ExperimentConfig::parse(&text.replace("steps = 2", "steps = 3"), "toy")?;
-    let err = run(&other, &RunOptions { resume: true, base_dir: dir.clone() })
+    let err = run(&other, &RunOptions { resume: true, base_dir: dir.clone(), program: None })
         .err()
         .map(|e| e.to_string())
         .unwrap_or_default();
@@ -290,7 +301,7 @@ fn a_killed_run_keeps_every_finished_step_and_resumes() -> Result<()> {
     // Resume finishes the sweep and keeps the finished points.
     let cfg = ExperimentConfig::parse(&text, "killed")?;
     let before = read_table(&out, "points").map(|p| p.height()).unwrap_or(0);
-    let done = run(&cfg, &RunOptions { resume: true, base_dir: dir.clone() })?;
+    let done = run(&cfg, &RunOptions { resume: true, base_dir: dir.clone(), program: None })?;
     ensure!(done.points.height() == 4, "{} points after resume ({} before)", done.points.height(), before);
     ensure!(read_table(&out, "steps")?.height() == 4 * 31 * 2, "steps after resume");
     let _ = std::fs::remove_dir_all(&dir);

@@ -50,3 +50,48 @@ fn mpi_failures_end_the_job_with_a_message() -> Result<()> {
     ensure!(took < Duration::from_secs(30), "panic took {took:?}");
     Ok(())
 }
+
+#[test]
+fn an_experiment_runs_on_mpi_processes_like_on_threads() -> Result<()> {
+    use ulysses::experiment::{read_table, run, ExperimentConfig, RunOptions};
+    let dir = std::env::temp_dir().join(format!("ulysses-mpi-exp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let text = |name: &str, backend: &str| {
+        format!(
+            "name = \"{name}\"\n[model]\npreset = \"tiny\"\nn_layer = 1\n[parallel]\nranks = [2, 4]\n\
+             strategies = [\"ulysses\", \"ring_zigzag\"]\nbackend = \"{backend}\"\n[train]\nseq = [256]\nsteps = 2\n"
+        )
+    };
+    std::fs::write(dir.join("mpi.toml"), text("on_mpi", "mpi"))?;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ulysses"))
+        .args(["run", "mpi.toml"])
+        .current_dir(&dir)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let local = ExperimentConfig::parse(&text("on_threads", "local"), "local")?;
+    run(&local, &RunOptions { resume: false, base_dir: dir.clone(), program: None })?;
+    let (m, l) = (
+        read_table(&dir.join("results/on_mpi"), "steps")?,
+        read_table(&dir.join("results/on_threads"), "steps")?,
+    );
+    ensure!(
+        m.height() == l.height() && m.height() == 3 * (2 + 4) * 2,
+        "{} vs {} rows",
+        m.height(),
+        l.height()
+    );
+    let col = |df: &polars::prelude::DataFrame, c: &str| -> Result<Vec<f64>> {
+        Ok(df.column(c)?.cast(&polars::prelude::DataType::Float64)?.f64()?.into_no_null_iter().collect())
+    };
+    ensure!(col(&m, "bytes_sent")? == col(&l, "bytes_sent")?, "bytes differ between MPI and threads");
+    let (lm, ll) = (col(&m, "loss")?, col(&l, "loss")?);
+    ensure!(lm.iter().zip(&ll).all(|(a, b)| (a - b).abs() < 1e-5), "losses differ: {lm:?} vs {ll:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}

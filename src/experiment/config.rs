@@ -364,13 +364,23 @@ impl ExperimentConfig {
         }
         match self.parallel.backend {
             Backend::Local => {}
-            other => {
-                return Err(field_error(
-                    "parallel.backend",
-                    format!(
-                        "{other:?} is not in this build yet; the local backend (threads) runs everywhere"
-                    ),
-                ))
+            Backend::Mpi if cfg!(feature = "mpi") => {
+                let found = std::process::Command::new("mpirun")
+                    .arg("--version")
+                    .output()
+                    .is_ok_and(|o| o.status.success());
+                if !found {
+                    let msg = "mpi needs OpenMPI's mpirun on PATH (scripts/setup.sh installs it)";
+                    return Err(field_error("parallel.backend", msg.into()));
+                }
+            }
+            Backend::Mpi => {
+                let msg = "Mpi is not in this build: build with `--features mpi` (local runs everywhere)";
+                return Err(field_error("parallel.backend", msg.into()));
+            }
+            Backend::Nccl => {
+                let msg = "Nccl is not in this build yet; the local backend (threads) runs everywhere";
+                return Err(field_error("parallel.backend", msg.into()));
             }
         }
         if self.parallel.device == "cuda" && !tch::Cuda::is_available() {

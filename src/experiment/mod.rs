@@ -14,4 +14,6 @@ pub use plot::{font_ready, Chart, Series};
 pub use progress::Progress;
 pub use report::{report, Report};
 pub use results::{read_table, CommRow, PointRow, Results, StepRow};
+#[cfg(feature = "mpi")]
+pub use run::run_point_rank;
 pub use run::{run, RunOptions, RunSummary};

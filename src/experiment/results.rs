@@ -24,7 +24,7 @@ use polars::prelude::*;
 use crate::{Error, Result};
 
 /// One step of one rank at one sweep point.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct StepRow {
     pub point: u32,
     pub strategy: String,
@@ -53,7 +53,7 @@ pub struct StepRow {
 }
 
 /// One group and op kind of one step of one rank.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct CommRow {
     pub point: u32,
     pub step: u32,

@@ -10,7 +10,7 @@ use polars::prelude::DataFrame;
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
-use super::config::{ExperimentConfig, Point};
+use super::config::{Backend, ExperimentConfig, Point};
 use super::progress::Progress;
 use super::results::{CommRow, PointRow, Results, StepRow};
 use crate::attention::{AttentionConfig, Mask};
@@ -28,6 +28,8 @@ pub struct RunOptions {
     pub resume: bool,
     /// Directory that relative paths (output, dataset files) start from.
     pub base_dir: PathBuf,
+    /// The `ulysses` binary, which MPI points start under mpirun (`ulysses run-point`).
+    pub program: Option<PathBuf>,
 }
 
 /// What a finished run returns.
@@ -160,7 +162,7 @@ pub fn run(cfg: &ExperimentConfig, opts: &RunOptions) -> Result<RunSummary> {
             continue;
         }
         progress.say(&format!("point {}/{} {}", point.index + 1, points.len(), point.describe()));
-        run_point(cfg, point, dataset.as_ref(), &mut results, &mut progress)?;
+        run_point(cfg, point, dataset.as_ref(), opts, &mut results, &mut progress)?;
     }
     progress.finish();
     Ok(RunSummary { dir, points: results.points_frame().clone(), elapsed: started.elapsed() })
@@ -182,32 +184,46 @@ fn free_dir(dir: &Path) -> PathBuf {
 /// What one rank reports after each step.
 type Report = (StepRow, Vec<CommRow>);
 
+/// What the ranks of a point send to the writer: reports, and (MPI) other lines they print.
+enum Event {
+    Report(Box<Report>),
+    Line(String),
+}
+
 fn run_point(
     cfg: &ExperimentConfig,
     point: &Point,
     dataset: &dyn Dataset,
+    opts: &RunOptions,
     results: &mut Results,
     progress: &mut Progress,
 ) -> Result<()> {
     let gpt = cfg.gpt()?;
-    let attention = cfg.attention()?;
-    let kind = cfg.kind()?;
-    let launch = LocalLaunch::new(point.ranks)
-        .timeout(Duration::from_secs(cfg.parallel.timeout_s))
-        .threads_per_rank(cfg.parallel.threads_per_rank);
     let total = cfg.train.warmup + cfg.train.steps;
-    let (tx, rx) = mpsc::channel::<Report>();
+    let (tx, rx) = mpsc::channel::<Event>();
+    let dir = results.dir().to_path_buf();
     let mut rows: Vec<StepRow> = Vec::new();
     let outcome = std::thread::scope(|s| -> Result<()> {
         let gpt = &gpt;
-        let ranks = s.spawn(move || {
-            let spec = RankSpec { cfg, point, gpt, attention, kind, dataset };
-            launch.run(|ctx| rank_main(ctx, &spec, &tx))
+        let ranks = s.spawn(move || match cfg.parallel.backend {
+            Backend::Local => local_ranks(cfg, point, gpt, dataset, &tx),
+            Backend::Mpi => mpi_ranks(point, &dir, opts, &tx),
+            Backend::Nccl => Err(Error::Backend {
+                backend: "nccl",
+                msg: "experiments on NCCL are not in this build".into(),
+            }),
         });
         // Every rank reports each step; a step is written once all have.
         let mut pending: BTreeMap<u32, Vec<Report>> = BTreeMap::new();
         let mut written = Ok(());
-        for report in rx {
+        for event in rx {
+            let report = match event {
+                Event::Report(r) => *r,
+                Event::Line(line) => {
+                    progress.say(&line);
+                    continue;
+                }
+            };
             let step = report.0.step;
             let entry = pending.entry(step).or_default();
             entry.push(report);
@@ -242,6 +258,118 @@ fn run_point(
     results.point(summarize(point, cfg, &gpt, &rows)?)
 }
 
+/// The point's ranks as threads of this process.
+fn local_ranks(
+    cfg: &ExperimentConfig,
+    point: &Point,
+    gpt: &GptConfig,
+    dataset: &dyn Dataset,
+    tx: &mpsc::Sender<Event>,
+) -> Result<()> {
+    let spec = RankSpec::new(cfg, point, gpt, dataset, point.ranks)?;
+    let send = |r: Report| tx.send(Event::Report(Box::new(r))).map_err(|_| writer_gone());
+    LocalLaunch::new(point.ranks)
+        .timeout(Duration::from_secs(cfg.parallel.timeout_s))
+        .threads_per_rank(cfg.parallel.threads_per_rank)
+        .run(|ctx| rank_main(ctx, &spec, &send))?;
+    Ok(())
+}
+
+fn writer_gone() -> Error {
+    Error::Aborted {
+        op: "experiment",
+        group: "-".into(),
+        rank: 0,
+        cause: "the results writer stopped".into(),
+    }
+}
+
+/// The marker of a report line that an MPI rank prints.
+const ROW: &str = "ULYSSES_ROW ";
+
+/// The point's ranks as MPI processes: `mpirun -n P ulysses run-point`, whose reports come back
+/// as JSON lines on stdout.
+fn mpi_ranks(point: &Point, dir: &Path, opts: &RunOptions, tx: &mpsc::Sender<Event>) -> Result<()> {
+    use std::io::{BufRead, BufReader, Read};
+    let program = opts.program.clone().ok_or_else(|| Error::Backend {
+        backend: "mpi",
+        msg: "an MPI run needs the path of the ulysses binary (RunOptions::program)".into(),
+    })?;
+    let args: Vec<String> = ["run-point", "--dir"]
+        .iter()
+        .map(|a| a.to_string())
+        .chain([dir.display().to_string(), "--point".into(), point.index.to_string()])
+        .chain(["--base".into(), opts.base_dir.display().to_string()])
+        .collect();
+    let mut child = crate::comm::mpirun_command(point.ranks, &program, &args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| Error::Backend { backend: "mpi", msg: format!("cannot start mpirun: {e}") })?;
+    let mut stderr = child.stderr.take();
+    let errors = std::thread::spawn(move || {
+        let mut text = String::new();
+        if let Some(e) = stderr.as_mut() {
+            let _ = e.read_to_string(&mut text);
+        }
+        text
+    });
+    for line in child.stdout.take().into_iter().flat_map(|s| BufReader::new(s).lines().map_while(|l| l.ok()))
+    {
+        let (_, body) = crate::comm::untag(&line);
+        let event = match body.split_once(ROW) {
+            Some((_, json)) => {
+                Event::Report(Box::new(serde_json::from_str(json).map_err(|e| Error::Backend {
+                    backend: "mpi",
+                    msg: format!("a rank sent an unreadable report ({e}): {json}"),
+                })?))
+            }
+            None => Event::Line(body),
+        };
+        tx.send(event).map_err(|_| writer_gone())?;
+    }
+    let status = child.wait().map_err(|e| Error::Backend { backend: "mpi", msg: e.to_string() })?;
+    let errors = errors.join().unwrap_or_default();
+    if !status.success() {
+        let tail: Vec<&str> = errors.lines().filter(|l| !l.trim().is_empty()).rev().take(12).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        return Err(Error::Backend {
+            backend: "mpi",
+            msg: format!("mpirun ended with {status}:\n{}", tail.join("\n")),
+        });
+    }
+    Ok(())
+}
+
+/// This process as one rank of an MPI job running point `index` of the run in `dir` (what
+/// `ulysses run-point` does under mpirun): reports go to stdout as JSON lines.
+#[cfg(feature = "mpi")]
+pub fn run_point_rank(dir: &Path, index: usize, base: &Path) -> Result<()> {
+    use std::io::Write;
+    let cfg = ExperimentConfig::load(&dir.join("config.toml"))?;
+    let point = cfg.points()?.into_iter().nth(index).ok_or_else(|| Error::InvalidArgument {
+        op: "experiment",
+        group: dir.display().to_string(),
+        msg: format!("the run has no point {index}"),
+    })?;
+    let gpt = cfg.gpt()?;
+    let dataset = cfg.dataset.open(base)?;
+    let spec = RankSpec::new(&cfg, &point, &gpt, dataset.as_ref(), 1)?;
+    let send = |r: Report| -> Result<()> {
+        let json =
+            serde_json::to_string(&r).map_err(|e| Error::Backend { backend: "mpi", msg: e.to_string() })?;
+        let mut out = std::io::stdout().lock();
+        // One write per line, so that mpirun's rank tags stay whole.
+        out.write_all(format!("{ROW}{json}\n").as_bytes())
+            .and_then(|()| out.flush())
+            .map_err(|_| writer_gone())
+    };
+    crate::comm::MpiLaunch::new()
+        .timeout(Duration::from_secs(cfg.parallel.timeout_s))
+        .threads_per_rank(cfg.parallel.threads_per_rank)
+        .run(|ctx| rank_main(ctx, &spec, &send))
+}
+
 /// Everything a rank needs to run a point.
 struct RankSpec<'a> {
     cfg: &'a ExperimentConfig,
@@ -250,10 +378,32 @@ struct RankSpec<'a> {
     attention: AttentionConfig,
     kind: Kind,
     dataset: &'a dyn Dataset,
+    /// Ranks sharing this process (threads): memory readings are divided among them.
+    ranks_in_process: usize,
+}
+
+impl<'a> RankSpec<'a> {
+    fn new(
+        cfg: &'a ExperimentConfig,
+        point: &'a Point,
+        gpt: &'a GptConfig,
+        dataset: &'a dyn Dataset,
+        ranks_in_process: usize,
+    ) -> Result<RankSpec<'a>> {
+        Ok(RankSpec {
+            cfg,
+            point,
+            gpt,
+            attention: cfg.attention()?,
+            kind: cfg.kind()?,
+            dataset,
+            ranks_in_process,
+        })
+    }
 }
 
 /// One rank of one point: build, then step, measuring and reporting each step.
-fn rank_main(ctx: RankCtx, spec: &RankSpec<'_>, tx: &mpsc::Sender<Report>) -> Result<()> {
+fn rank_main(ctx: RankCtx, spec: &RankSpec<'_>, send: &(dyn Fn(Report) -> Result<()> + Sync)) -> Result<()> {
     let (cfg, point, gpt) = (spec.cfg, spec.point, spec.gpt);
     let dp = cfg.parallel.dp;
     let sp = point.ranks / dp;
@@ -268,7 +418,7 @@ fn rank_main(ctx: RankCtx, spec: &RankSpec<'_>, tx: &mpsc::Sender<Report>) -> Re
 
     // Memory: the process's RSS once every rank has built its model, and its peak from then.
     world.barrier()?;
-    if ctx.rank() == 0 {
+    if spec.ranks_in_process == 1 || ctx.rank() == 0 {
         memory::reset_peak();
     }
     world.barrier()?;
@@ -300,7 +450,7 @@ fn rank_main(ctx: RankCtx, spec: &RankSpec<'_>, tx: &mpsc::Sender<Report>) -> Re
             loss.value
         };
         let peak = match (base, memory::status_mib("VmHWM:")) {
-            (Some(base), Some(peak)) => (peak - base).max(0.0) / point.ranks as f64,
+            (Some(base), Some(peak)) => (peak - base).max(0.0) / spec.ranks_in_process as f64,
             _ => f64::NAN,
         };
         let sent: u64 = by_group.iter().map(|(_, s)| s.bytes_sent()).sum();
@@ -342,12 +492,7 @@ fn rank_main(ctx: RankCtx, spec: &RankSpec<'_>, tx: &mpsc::Sender<Report>) -> Re
                     .collect::<Vec<_>>()
             })
             .collect();
-        tx.send((row, comm)).map_err(|_| Error::Aborted {
-            op: "experiment",
-            group: "-".into(),
-            rank: ctx.rank(),
-            cause: "the results writer stopped".into(),
-        })?;
+        send((row, comm))?;
     }
     Ok(())
 }

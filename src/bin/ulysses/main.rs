@@ -93,6 +93,20 @@ enum Command {
         /// The output folder of a run.
         dir: PathBuf,
     },
+    /// One sweep point of an MPI run, as this process's rank (what `ulysses run` starts under
+    /// mpirun for configs with `backend = "mpi"`); reports go to stdout as JSON lines.
+    #[command(hide = true)]
+    RunPoint {
+        /// The run's output folder (its config.toml).
+        #[arg(long)]
+        dir: PathBuf,
+        /// The point's index in the sweep.
+        #[arg(long)]
+        point: usize,
+        /// Where relative dataset paths start.
+        #[arg(long)]
+        base: PathBuf,
+    },
     /// Time the all-to-all of a backend (threads or MPI processes) for sizes per rank, medians.
     BenchA2a {
         /// Ranks (threads; with --backend mpi, the job's processes).
@@ -126,7 +140,8 @@ enum Command {
 
 fn experiment(config: &std::path::Path, resume: bool, report: bool) -> Result<()> {
     let cfg = ExperimentConfig::load(config)?;
-    let opts = RunOptions { resume, base_dir: std::env::current_dir()? };
+    let opts =
+        RunOptions { resume, base_dir: std::env::current_dir()?, program: Some(std::env::current_exe()?) };
     let summary = run(&cfg, &opts)?;
     println!("{}", summary.points);
     println!("{} in {:.1} s: {}", cfg.name, summary.elapsed.as_secs_f64(), summary.dir.display());
@@ -134,6 +149,16 @@ fn experiment(config: &std::path::Path, resume: bool, report: bool) -> Result<()
         print_report(&summary.dir)?;
     }
     Ok(())
+}
+
+#[cfg(feature = "mpi")]
+fn run_point(dir: &std::path::Path, point: usize, base: &std::path::Path) -> Result<()> {
+    Ok(ulysses::experiment::run_point_rank(dir, point, base)?)
+}
+
+#[cfg(not(feature = "mpi"))]
+fn run_point(_dir: &std::path::Path, _point: usize, _base: &std::path::Path) -> Result<()> {
+    anyhow::bail!("this ulysses was built without the `mpi` feature: cargo build --release --features mpi")
 }
 
 fn mpi_launch(ranks: usize, program: Option<PathBuf>, args: &[String]) -> Result<()> {
@@ -196,5 +221,6 @@ fn main() -> Result<()> {
         Command::Report { dir } => print_report(&dir),
         Command::Launch { ranks, program, args } => mpi_launch(ranks, program, &args),
         Command::BenchA2a { ranks, backend, mib, runs } => bench_a2a::run(backend, ranks, &mib, runs),
+        Command::RunPoint { dir, point, base } => run_point(&dir, point, &base),
     }
 }
