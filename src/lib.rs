@@ -12,12 +12,14 @@
 //! - [`model`]: the GPT, generic over the strategy;
 //! - [`data`]: synthetic and file datasets, global label shift and sharding;
 //! - [`train`]: the optimizer;
-//! - [`experiment`]: configs, the runner, results as DataFrames, reports and plots.
+//! - [`experiment`]: configs, the runner, results as DataFrames, reports and plots;
+//! - [`device`]: loading libtorch's CUDA half where there is one.
 
 pub mod attention;
 pub mod autograd;
 pub mod comm;
 pub mod data;
+pub mod device;
 mod error;
 pub mod experiment;
 pub mod model;

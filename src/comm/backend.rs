@@ -34,6 +34,54 @@ impl fmt::Display for Envelope {
     }
 }
 
+/// A transfer's envelope as fixed-size integers, for backends that must send it as a message:
+/// op, dtype, number of dims, a hash of the shape, then up to four dims.
+pub(crate) const HEADER_LEN: usize = 8;
+
+const KINDS: [Kind; 10] = [
+    Kind::Uint8,
+    Kind::Int8,
+    Kind::Int16,
+    Kind::Int,
+    Kind::Int64,
+    Kind::Half,
+    Kind::Float,
+    Kind::Double,
+    Kind::Bool,
+    Kind::BFloat16,
+];
+
+/// The header of a transfer: everything the receiver must agree on.
+#[cfg_attr(not(any(feature = "mpi", feature = "nccl")), allow(dead_code))]
+pub(crate) fn header(e: &Envelope) -> [i64; HEADER_LEN] {
+    let op = OpKind::ALL.iter().position(|k| *k == e.op).map_or(-1, |i| i as i64);
+    let kind = KINDS.iter().position(|k| *k == e.kind).map_or(-1, |i| i as i64);
+    let hash =
+        e.shape.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &d| (h ^ d as u64).wrapping_mul(0x100_0000_01b3));
+    let mut h = [op, kind, e.shape.len() as i64, hash as i64, -1, -1, -1, -1];
+    for (slot, &d) in h[4..].iter_mut().zip(&e.shape) {
+        *slot = d;
+    }
+    h
+}
+
+/// A received header as the envelope it stands for ("all_to_all Float[2, 3, 1, 4]").
+#[cfg_attr(not(any(feature = "mpi", feature = "nccl")), allow(dead_code))]
+pub(crate) fn describe(h: &[i64; HEADER_LEN]) -> String {
+    let op =
+        usize::try_from(h[0]).ok().and_then(|i| OpKind::ALL.get(i)).map_or("an unknown op", |k| k.name());
+    let kind = usize::try_from(h[1])
+        .ok()
+        .and_then(|i| KINDS.get(i))
+        .map_or("an unknown dtype".into(), |k| format!("{k:?}"));
+    let ndim = h[2].max(0) as usize;
+    if ndim <= 4 {
+        format!("{op} {kind}{:?}", &h[4..4 + ndim])
+    } else {
+        format!("{op} {kind} of {ndim} dims (shape hash {:x})", h[3])
+    }
+}
+
 /// One rank's connection to the other ranks, as a backend provides it.
 ///
 /// Implementations must give every backend the same semantics:

@@ -90,6 +90,12 @@ impl Group {
         &self.info
     }
 
+    /// The backend (for backends layered on another, as NCCL on its control group).
+    #[cfg_attr(not(feature = "nccl"), allow(dead_code))]
+    pub(crate) fn backend_handle(&self) -> Arc<dyn Backend> {
+        Arc::clone(&self.backend)
+    }
+
     /// The backend's name: "local", "mpi", "nccl".
     pub fn backend_name(&self) -> &'static str {
         self.backend.name()

@@ -15,7 +15,8 @@
 //!   as sent (DESIGN.md §2.2).
 //!
 //! Backends: [`local`] (P ranks as P threads of one process, the embedded default) and, with
-//! the `mpi` cargo feature, MPI (one process per rank under mpirun or srun, [`MpiLaunch`]).
+//! the `mpi` cargo feature, MPI (one process per rank under mpirun or srun, `MpiLaunch`), and
+//! with the `nccl` feature, NCCL for CUDA tensors on top of either (`nccl_group`).
 
 mod backend;
 mod collectives;
@@ -26,6 +27,8 @@ mod mesh;
 #[cfg(feature = "mpi")]
 mod mpi;
 mod mpirun;
+#[cfg(feature = "nccl")]
+mod nccl;
 mod stats;
 
 pub use backend::{Backend, Envelope};
@@ -36,6 +39,8 @@ pub use mesh::{Mesh, MeshShape};
 #[cfg(feature = "mpi")]
 pub use mpi::MpiLaunch;
 pub use mpirun::{mpirun_command, untag};
+#[cfg(feature = "nccl")]
+pub use nccl::{nccl_available, nccl_group};
 pub use stats::{CommStats, OpCount};
 
 use std::fmt;

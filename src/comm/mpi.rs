@@ -21,9 +21,9 @@ use std::time::{Duration, Instant};
 use mpi::request::{scope, Request, Scope};
 use mpi::topology::{Color, Communicator, SimpleCommunicator};
 use mpi::traits::*;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
-use super::backend::{Backend, Envelope};
+use super::backend::{describe, header, Backend, Envelope, HEADER_LEN};
 use super::group::{Group, GroupInfo};
 use super::launch::{error_chain, panic_message, RankCtx, DEFAULT_TIMEOUT};
 use super::OpKind;
@@ -33,8 +33,6 @@ use crate::{Error, Result};
 /// Message tags: a header, then its payload.
 const HEADER: i32 = 1;
 const PAYLOAD: i32 = 2;
-/// A header: op, dtype, number of dims, a hash of the shape, then up to four dims.
-const HEADER_LEN: usize = 8;
 
 /// One rank's connection through one MPI communicator.
 struct MpiEndpoint {
@@ -67,52 +65,6 @@ struct Incoming {
     /// Contiguous memory the payload lands in (`dst` itself when contiguous).
     buf: Tensor,
     dst: Tensor,
-}
-
-/// The header of a transfer: everything the receiver must agree on.
-fn header(e: &Envelope) -> [i64; HEADER_LEN] {
-    let op = OpKind::ALL.iter().position(|k| *k == e.op).map_or(-1, |i| i as i64);
-    let kind = kind_code(e.kind);
-    let hash =
-        e.shape.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &d| (h ^ d as u64).wrapping_mul(0x100_0000_01b3));
-    let mut h = [op, kind, e.shape.len() as i64, hash as i64, -1, -1, -1, -1];
-    for (slot, &d) in h[4..].iter_mut().zip(&e.shape) {
-        *slot = d;
-    }
-    h
-}
-
-const KINDS: [Kind; 10] = [
-    Kind::Uint8,
-    Kind::Int8,
-    Kind::Int16,
-    Kind::Int,
-    Kind::Int64,
-    Kind::Half,
-    Kind::Float,
-    Kind::Double,
-    Kind::Bool,
-    Kind::BFloat16,
-];
-
-fn kind_code(kind: Kind) -> i64 {
-    KINDS.iter().position(|k| *k == kind).map_or(-1, |i| i as i64)
-}
-
-/// A received header as the envelope it stands for ("all_to_all Float[2, 3, 1, 4]").
-fn describe(h: &[i64; HEADER_LEN]) -> String {
-    let op =
-        usize::try_from(h[0]).ok().and_then(|i| OpKind::ALL.get(i)).map_or("an unknown op", |k| k.name());
-    let kind = usize::try_from(h[1])
-        .ok()
-        .and_then(|i| KINDS.get(i))
-        .map_or("an unknown dtype".into(), |k| format!("{k:?}"));
-    let ndim = h[2].max(0) as usize;
-    if ndim <= 4 {
-        format!("{op} {kind}{:?}", &h[4..4 + ndim])
-    } else {
-        format!("{op} {kind} of {ndim} dims (shape hash {:x})", h[3])
-    }
 }
 
 /// A contiguous CPU tensor's bytes.

@@ -383,7 +383,7 @@ impl ExperimentConfig {
                 return Err(field_error("parallel.backend", msg.into()));
             }
         }
-        if self.parallel.device == "cuda" && !tch::Cuda::is_available() {
+        if self.parallel.device == "cuda" && !crate::device::load_cuda() {
             return Err(field_error(
                 "parallel.device",
                 "cuda was asked for but no CUDA device is available".into(),

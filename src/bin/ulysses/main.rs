@@ -209,6 +209,8 @@ fn main() -> Result<()> {
     // Show every column of the result tables (polars reads these once, at first display).
     std::env::set_var("POLARS_FMT_MAX_COLS", "24");
     std::env::set_var("POLARS_TABLE_WIDTH", "220");
+    // CUDA, where this libtorch has it (harmless elsewhere).
+    ulysses::device::load_cuda();
     match Cli::parse().command {
         Command::Demo { ranks, backend, seq, heads, head_dim, batch } => {
             demo::run(backend, ranks, seq, heads, head_dim, batch)

@@ -1,0 +1,214 @@
+//! The GPU check (cargo feature `nccl`), for a machine with one NVIDIA GPU, CUDA and PyTorch but
+//! no Rust toolchain: build it here, carry it, run `scripts/gpu-check.sh` there. In one go:
+//!
+//! 1. NCCL at world size 1 (communicators for the world and a split), and the local backend with
+//!    2 and 4 ranks as threads sharing the GPU: collectives against CPU-computed expectations;
+//! 2. Ulysses attention in bf16 on CUDA, 2 and 4 ranks, against f64 attention on the CPU;
+//! 3. the bf16 matmul peak (8192^3), and a forward + backward of the 1.3B GPT's layer stack at
+//!    8K and 32K tokens with SDPA (flash): tokens/s, model TFLOP/s and MFU against that peak;
+//! 4. one summary table. Exits non-zero if a check fails.
+
+#[path = "../../tests/common/mod.rs"]
+mod common;
+
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Result};
+use tch::{Device, Kind, Tensor};
+use ulysses::attention::{AttentionConfig, Kernel, Mask, SequenceParallel, SingleDevice, UlyssesAttention};
+use ulysses::autograd::Tape;
+use ulysses::comm::{launch, nccl_group, LocalLaunch, ReduceOp};
+use ulysses::model::{shift_labels, Gpt, GptConfig};
+
+const GPU: Device = Device::Cuda(0);
+
+fn sync() {
+    tch::Cuda::synchronize(0);
+}
+
+/// NCCL communicators at world size 1 (the world and a split), collectives through them.
+fn nccl_world_of_one() -> Result<String> {
+    let out = LocalLaunch::new(1).run(|ctx| -> Result<String> {
+        let g = nccl_group(ctx.world(), GPU, Duration::from_secs(60))?;
+        let x = Tensor::randn([2, 8, 4, 16], (Kind::BFloat16, GPU));
+        ensure!(g.all_to_all(&x, 2, 1)?.equal(&x), "all_to_all at P=1 is not the identity");
+        ensure!(g.all_reduce(&x, ReduceOp::Sum)?.equal(&x), "all_reduce at P=1 is not the identity");
+        let sub = g.split("sub", Some(0), 0)?.ok_or_else(|| anyhow::anyhow!("no subgroup"))?;
+        ensure!(sub.all_gather(&x, 1)?.equal(&x), "split communicator");
+        Ok(format!("world and split communicators made, backend {}", g.backend_name()))
+    })?;
+    Ok(out[0].clone())
+}
+
+/// The local backend with P ranks as threads on the one GPU, against the same ops on the CPU.
+fn local_on_gpu(p: usize) -> Result<String> {
+    launch(p, |ctx| -> Result<()> {
+        let (g, r) = (ctx.world(), ctx.rank());
+        let pi = p as i64;
+        for kind in [Kind::Float, Kind::BFloat16] {
+            let shape = [2, 3 * pi, 2 * pi, 5];
+            let x = common::data(r, &shape, kind, false);
+            let y = g.all_to_all(&x.to(GPU), 2, 1)?.to(Device::Cpu);
+            let parts: Vec<Tensor> =
+                (0..p).map(|j| common::data(j, &shape, kind, true).narrow(2, 2 * r as i64, 2)).collect();
+            ensure!(y.equal(&Tensor::cat(&parts, 1)), "all_to_all {kind:?} on the GPU");
+            let s = g.all_reduce(&x.to(GPU), ReduceOp::Sum)?.to(Device::Cpu);
+            let cpu = g.all_reduce(&x, ReduceOp::Sum)?;
+            ensure!(s.equal(&cpu), "all_reduce {kind:?}: GPU and CPU differ");
+        }
+        Ok(())
+    })?;
+    Ok("all_to_all and all_reduce exact (f32, bf16)".into())
+}
+
+/// Ulysses on P thread ranks on the GPU in bf16 against f64 attention on the CPU.
+fn ulysses_bf16(p: usize) -> Result<String> {
+    let (b, n, h, hkv, d) = (2i64, 512i64, 8i64, 2i64, 64i64);
+    let inputs = || {
+        (
+            common::det(&[b, n, h, d], 1, Kind::BFloat16),
+            common::det(&[b, n, hkv, d], 2, Kind::BFloat16),
+            common::det(&[b, n, hkv, d], 3, Kind::BFloat16),
+            common::det(&[b, n, h, d], 4, Kind::BFloat16),
+        )
+    };
+    let (q, k, v, w) = inputs();
+    // The reference, f64 on the CPU.
+    let [qr, kr, vr] = [&q, &k, &v].map(|t| t.to_kind(Kind::Double).set_requires_grad(true));
+    let map = Tensor::arange(h, (Kind::Int64, Device::Cpu)).floor_divide_scalar(h / hkv);
+    let (ke, ve) = (kr.index_select(2, &map).transpose(1, 2), vr.index_select(2, &map).transpose(1, 2));
+    let causal = Tensor::ones([n, n], (Kind::Bool, Device::Cpu)).tril(0);
+    let scores = qr.transpose(1, 2).matmul(&ke.transpose(-2, -1)) / (d as f64).sqrt();
+    let out = scores
+        .masked_fill(&causal.logical_not(), f64::NEG_INFINITY)
+        .softmax(-1, Kind::Double)
+        .matmul(&ve)
+        .transpose(1, 2);
+    (&out * w.to_kind(Kind::Double)).sum(Kind::Double).backward();
+    let want = [out.detach(), qr.grad(), kr.grad(), vr.grad()];
+    let per_rank = launch(p, |ctx| -> Result<[Tensor; 4]> {
+        let r = ctx.rank();
+        let (q, k, v, w) = inputs();
+        let attn = UlyssesAttention::new(
+            ctx.world().clone(),
+            AttentionConfig::new(Kernel::Sdpa, Mask::Causal).build()?,
+            n,
+            h,
+            hkv,
+        )?;
+        let layout = attn.layout().clone();
+        let mine =
+            |t: &Tensor| -> Result<Tensor> { Ok(layout.shard(t, 1, r)?.to(GPU).set_requires_grad(true)) };
+        let (qs, ks, vs) = (mine(&q)?, mine(&k)?, mine(&v)?);
+        let tape = Tape::new();
+        let o = attn.forward(&tape, &qs, &ks, &vs)?;
+        tape.backward(
+            &(o.to_kind(Kind::Float) * layout.shard(&w, 1, r)?.to(GPU).to_kind(Kind::Float)).sum(Kind::Float),
+        )?;
+        Ok([
+            o.detach().to(Device::Cpu),
+            qs.grad().to(Device::Cpu),
+            ks.grad().to(Device::Cpu),
+            vs.grad().to(Device::Cpu),
+        ])
+    })?;
+    let mut worst = 0.0f64;
+    for (i, full) in want.iter().enumerate() {
+        let got = Tensor::cat(&per_rank.iter().map(|t| t[i].shallow_clone()).collect::<Vec<_>>(), 1);
+        let rel = common::max_diff(&got, full) / full.abs().max().double_value(&[]).max(1e-6);
+        worst = worst.max(rel);
+    }
+    ensure!(worst < 2e-2, "P={p}: max relative difference {worst:.3e} > 2e-2");
+    Ok(format!("out, dq, dk, dv within {worst:.2e} (relative) of f64, causal, GQA 8/2, N={n}"))
+}
+
+/// Median seconds of `f` over `runs` runs after one warm-up, synchronising the GPU.
+fn time(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    sync();
+    let mut t = Vec::new();
+    for _ in 0..runs {
+        let t0 = Instant::now();
+        f()?;
+        sync();
+        t.push(t0.elapsed().as_secs_f64());
+    }
+    t.sort_by(f64::total_cmp);
+    Ok(t[t.len() / 2])
+}
+
+/// bf16 matmul TFLOP/s at 8192^3: the peak MFU is measured against.
+fn matmul_peak() -> Result<f64> {
+    let n = 8192i64;
+    let (a, b) = (Tensor::randn([n, n], (Kind::BFloat16, GPU)), Tensor::randn([n, n], (Kind::BFloat16, GPU)));
+    let s = time(20, || {
+        let _ = a.matmul(&b);
+        Ok(())
+    })?;
+    Ok(2.0 * (n * n * n) as f64 / s / 1e12)
+}
+
+/// Forward + backward of the 1.3B GPT with `layers` layers at `n` tokens, bf16, SDPA (flash):
+/// (tokens/s, model TFLOP/s) with the FLOPs of `GptConfig::train_flops`.
+fn gpt_stack(layers: i64, n: i64) -> Result<(f64, f64)> {
+    let cfg = GptConfig { n_layer: layers, ..GptConfig::gpt_1_3b() };
+    let attn = AttentionConfig::new(Kernel::Sdpa, Mask::Causal);
+    let model = Gpt::new(
+        &cfg,
+        Box::new(SingleDevice::new(attn.build()?, n, cfg.n_head, cfg.n_kv_head)?),
+        Kind::BFloat16,
+        GPU,
+    )?;
+    let tokens = Tensor::randint(cfg.vocab_size, [1, n], (Kind::Int64, GPU));
+    let labels = shift_labels(&tokens)?;
+    let s = time(3, || {
+        model.zero_grad();
+        model.forward_backward(&tokens, &labels)?;
+        Ok(())
+    })?;
+    Ok((n as f64 / s, cfg.train_flops(n, n, true) / s / 1e12))
+}
+
+fn main() -> Result<()> {
+    if !ulysses::device::load_cuda() {
+        eprintln!("ulysses-gpu: no CUDA device is usable (is libtorch_cuda on LD_LIBRARY_PATH?)");
+        std::process::exit(2);
+    }
+    let started = Instant::now();
+    let mut rows: Vec<(String, bool, String)> = Vec::new();
+    let mut check = |name: &str, r: Result<String>| {
+        let (ok, text) = match r {
+            Ok(t) => (true, t),
+            Err(e) => (false, format!("{e:#}")),
+        };
+        println!("{} {name}: {text}", if ok { "ok  " } else { "FAIL" });
+        rows.push((name.to_string(), ok, text));
+    };
+    check("nccl, world size 1", nccl_world_of_one());
+    for p in [2, 4] {
+        check(&format!("local backend, {p} ranks on the GPU"), local_on_gpu(p));
+    }
+    for p in [2, 4] {
+        check(&format!("ulysses bf16 parity, P={p}"), ulysses_bf16(p));
+    }
+    let peak = matmul_peak();
+    let peak_value = peak.as_ref().ok().copied();
+    check("bf16 matmul 8192^3", peak.map(|t| format!("{t:.1} TFLOP/s (the peak below)")));
+    for (layers, n) in [(24i64, 8192i64), (8, 32768)] {
+        let name = format!("1.3B GPT, {layers} layers, N={n}, fwd+bwd");
+        let r = gpt_stack(layers, n).map(|(tps, tf)| {
+            let mfu = peak_value.map_or(String::from("n/a"), |p| format!("{:.1}%", 100.0 * tf / p));
+            format!("{tps:.0} tokens/s, {tf:.1} model TFLOP/s, MFU {mfu}")
+        });
+        check(&name, r);
+    }
+    println!("\n{:<44} {:<5} result", "check", "");
+    for (name, ok, text) in &rows {
+        println!("{name:<44} {:<5} {text}", if *ok { "ok" } else { "FAIL" });
+    }
+    println!("({} on {:?}, {:.0} s)", env!("CARGO_PKG_NAME"), GPU, started.elapsed().as_secs_f64());
+    if rows.iter().any(|(_, ok, _)| !ok) {
+        std::process::exit(1);
+    }
+    Ok(())
+}
