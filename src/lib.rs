@@ -26,3 +26,9 @@ pub mod model;
 pub mod train;
 
 pub use error::{Error, Result, TorchResultExt};
+
+// The crates notebooks need with the exact features the library was built with, so that a
+// notebook never recompiles them with other features: `use ulysses::polars::prelude::*`.
+pub use plotters;
+pub use polars;
+pub use tch;

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use polars::prelude::*;
-use ulysses::experiment::{read_table, report, run, ExperimentConfig, RunOptions};
+use ulysses::experiment::{
+    font_ready, read_table, report, run, Chart, ExperimentConfig, HtmlTable, RunOptions, Series,
+};
 
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("ulysses-exp-{}-{name}", std::process::id()));
@@ -119,12 +121,19 @@ fn bad_configs_name_the_field_and_the_fix() -> Result<()> {
     ensure!(err.contains("parallel.backend") && err.contains("Nccl is not in this build"), "{err}");
     let mpi =
         ExperimentConfig::parse(&base.replace("ranks = [2]", "ranks = [2]\nbackend = \"mpi\""), "test.toml")?;
-    let mpi = mpi.check_runnable(&repo());
-    if cfg!(feature = "mpi") {
-        ensure!(mpi.is_ok(), "mpi refused in an mpi build: {mpi:?}");
-    } else {
-        let err = mpi.err().map(|e| e.to_string()).unwrap_or_default();
-        ensure!(err.contains("build with `--features mpi`"), "{err}");
+    // The driver of an MPI run only needs mpirun (its ranks are processes of
+    // RunOptions::program); without a program it stops before making any folder.
+    let has_mpirun = Command::new("mpirun").arg("--version").output().is_ok_and(|o| o.status.success());
+    match mpi.check_runnable(&repo()) {
+        Ok(()) => ensure!(has_mpirun, "mpi accepted without mpirun on PATH"),
+        Err(e) => ensure!(!has_mpirun && e.to_string().contains("mpirun"), "{e}"),
+    }
+    if has_mpirun {
+        let base_dir = scratch("mpi-no-program");
+        let opts = RunOptions { resume: false, base_dir: base_dir.clone(), program: None };
+        let err = run(&mpi, &opts).err().map(|e| e.to_string()).unwrap_or_default();
+        ensure!(err.contains("RunOptions::program") && err.contains("--features mpi"), "{err}");
+        ensure!(std::fs::read_dir(&base_dir)?.next().is_none(), "a refused run made a folder");
     }
     ensure!(cases.len() + 2 >= 8, "at least 8 kinds of bad config");
     Ok(())
@@ -305,5 +314,34 @@ fn a_killed_run_keeps_every_finished_step_and_resumes() -> Result<()> {
     ensure!(done.points.height() == 4, "{} points after resume ({} before)", done.points.height(), before);
     ensure!(read_table(&out, "steps")?.height() == 4 * 31 * 2, "steps after resume");
     let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// What notebooks show: a DataFrame as an HTML table (every name and value, in order) and a
+/// chart as inline SVG.
+#[test]
+fn notebook_displays_render_tables_and_charts() -> Result<()> {
+    let df = df!("strategy" => ["ulysses", "a<b&c"], "P" => [4u32, 8], "ms" => [1.5f64, 0.25])?;
+    let html = HtmlTable(df).html();
+    for cell in ["<th>strategy</th>", "<th>P</th>", "<th>ms</th>", "<td>ulysses</td>", "<td>8</td>"] {
+        ensure!(html.contains(cell), "{cell} missing from {html}");
+    }
+    ensure!(html.contains("<td>1.500000</td>") && html.contains("<td>0.250000</td>"), "{html}");
+    ensure!(html.contains("<td>a&lt;b&amp;c</td>"), "not escaped: {html}");
+    ensure!(html.find("ulysses") < html.find("a&lt;"), "rows out of order: {html}");
+    ensure!(html.matches("<tr>").count() == 3, "a header and two rows: {html}");
+    let chart = Chart {
+        title: "bytes".into(),
+        x_label: "P".into(),
+        y_label: "B".into(),
+        series: vec![Series { name: "ulysses".into(), points: vec![(2.0, 1.0), (4.0, 0.5)] }],
+    };
+    if font_ready() {
+        let svg = chart.svg((320, 200))?.0;
+        ensure!(svg.starts_with("<svg") && svg.contains("ulysses") && svg.contains("bytes"), "{svg}");
+    } else {
+        let err = chart.svg((320, 200)).err().map(|e| e.to_string()).unwrap_or_default();
+        ensure!(err.contains("fonts-dejavu-core"), "{err}");
+    }
     Ok(())
 }

@@ -10,9 +10,9 @@ mod results;
 mod run;
 
 pub use config::{AttentionSpec, Backend, ExperimentConfig, ModelSpec, ParallelSpec, Point, TrainSpec};
-pub use plot::{font_ready, Chart, Series};
+pub use plot::{font_ready, Chart, Series, Svg};
 pub use progress::Progress;
-pub use report::{report, Report};
+pub use report::{report, HtmlTable, Report};
 pub use results::{read_table, CommRow, PointRow, Results, StepRow};
 #[cfg(feature = "mpi")]
 pub use run::run_point_rank;

@@ -87,6 +87,19 @@ impl Chart {
         root.present().map_err(e)
     }
 
+    /// The chart as SVG text, shown inline by notebooks (see [`Svg`]).
+    pub fn svg(&self, (width, height): (u32, u32)) -> Result<Svg> {
+        if !font_ready() {
+            return Err(plot_error(
+                &self.title,
+                "no TrueType font for the chart's text: install fonts-dejavu-core",
+            ));
+        }
+        let mut text = String::new();
+        self.draw(&SVGBackend::with_string(&mut text, (width, height)).into_drawing_area())?;
+        Ok(Svg(text))
+    }
+
     /// Writes `<stem>.svg` and `<stem>.png` (the PNG only where a font is available); returns
     /// the files written.
     pub fn write(&self, stem: &Path) -> Result<Vec<PathBuf>> {
@@ -100,6 +113,17 @@ impl Chart {
         self.draw(&SVGBackend::new(&svg, (900, 560)).into_drawing_area())?;
         self.draw(&BitMapBackend::new(&png, (900, 560)).into_drawing_area())?;
         Ok(vec![svg, png])
+    }
+}
+
+/// An SVG picture that a Jupyter notebook on the evcxr kernel shows inline (evcxr calls
+/// `evcxr_display` on the value a cell ends with).
+#[derive(Debug, Clone)]
+pub struct Svg(pub String);
+
+impl Svg {
+    pub fn evcxr_display(&self) {
+        println!("EVCXR_BEGIN_CONTENT text/html\n<div>{}</div>\nEVCXR_END_CONTENT", self.0);
     }
 }
 

@@ -125,6 +125,9 @@ pub fn run(cfg: &ExperimentConfig, opts: &RunOptions) -> Result<RunSummary> {
     let started = Instant::now();
     cfg.validate()?;
     cfg.check_runnable(&opts.base_dir)?;
+    if cfg.parallel.backend == Backend::Mpi && opts.program.is_none() {
+        return Err(no_program());
+    }
     let asked = opts.base_dir.join(cfg.output_dir());
     // A folder holding a run is never overwritten: resume continues it; otherwise the run goes
     // to the first free `<folder>-2`, `-3`, ... and says so.
@@ -284,6 +287,15 @@ fn writer_gone() -> Error {
     }
 }
 
+fn no_program() -> Error {
+    Error::Backend {
+        backend: "mpi",
+        msg: "an MPI run needs the path of a ulysses binary built with `--features mpi` \
+              (RunOptions::program): its processes are the ranks"
+            .into(),
+    }
+}
+
 /// The marker of a report line that an MPI rank prints.
 const ROW: &str = "ULYSSES_ROW ";
 
@@ -291,10 +303,7 @@ const ROW: &str = "ULYSSES_ROW ";
 /// as JSON lines on stdout.
 fn mpi_ranks(point: &Point, dir: &Path, opts: &RunOptions, tx: &mpsc::Sender<Event>) -> Result<()> {
     use std::io::{BufRead, BufReader, Read};
-    let program = opts.program.clone().ok_or_else(|| Error::Backend {
-        backend: "mpi",
-        msg: "an MPI run needs the path of the ulysses binary (RunOptions::program)".into(),
-    })?;
+    let program = opts.program.clone().ok_or_else(no_program)?;
     let args: Vec<String> = ["run-point", "--dir"]
         .iter()
         .map(|a| a.to_string())

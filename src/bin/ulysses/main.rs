@@ -140,6 +140,15 @@ enum Command {
 
 fn experiment(config: &std::path::Path, resume: bool, report: bool) -> Result<()> {
     let cfg = ExperimentConfig::load(config)?;
+    // The ranks of an MPI run are processes of this binary (`ulysses run-point`).
+    if cfg.parallel.backend == ulysses::experiment::Backend::Mpi && !cfg!(feature = "mpi") {
+        anyhow::bail!(
+            "{} asks for backend = \"mpi\", but this ulysses was built without the `mpi` feature: \
+             cargo run --release --features mpi --bin ulysses -- run {}",
+            config.display(),
+            config.display()
+        );
+    }
     let opts =
         RunOptions { resume, base_dir: std::env::current_dir()?, program: Some(std::env::current_exe()?) };
     let summary = run(&cfg, &opts)?;
