@@ -3,10 +3,20 @@
 # without the optional backends, every test in release mode (libtorch kernels are optimised
 # either way; release keeps one build for tests and benches) with the MPI backend (OpenMPI from
 # the set-up; its tests start real processes with mpirun) and the NCCL backend (built and
-# checked for its error without a GPU; scripts/gpu-check.sh runs it on one), and a build of the
-# benchmarks.
+# checked for its error without a GPU; scripts/gpu-check.sh runs it on one), a build of the
+# benchmarks, and every notebook executed on the evcxr Rust kernel (scripts/notebooks.sh --check;
+# the first time it installs evcxr, about 26 minutes on 2 cores).
+#   ./scripts/test.sh                  # everything
+#   ./scripts/test.sh --no-notebooks   # everything but the notebooks
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+notebooks=1
+for arg in "$@"; do
+  case "$arg" in
+    --no-notebooks) notebooks=0 ;;
+    *) echo "[test] unknown option $arg (the only one is --no-notebooks)" >&2; exit 2 ;;
+  esac
+done
 "$repo/scripts/setup.sh"
 cd "$repo"
 step() { echo; echo "=== $* ==="; }
@@ -20,4 +30,8 @@ step "cargo test (features: mpi, nccl)"
 cargo test --release --features mpi,nccl
 step "cargo bench --no-run"
 cargo bench --no-run --features mpi,nccl
+if [ "$notebooks" = 1 ]; then
+  step "notebooks (evcxr kernel, executed into results/notebooks/)"
+  "$repo/scripts/notebooks.sh" --check
+fi
 echo; echo "all checks passed"

@@ -1,0 +1,161 @@
+#!/usr/bin/env bash
+# The notebooks (notebooks/*.ipynb) on the evcxr Rust kernel, after the set-up.
+#
+#   ./scripts/notebooks.sh              # execute every notebook, outputs written into the notebooks
+#   ./scripts/notebooks.sh --check      # execute every notebook into results/notebooks/ (what
+#                                       # scripts/test.sh and CI run); the committed ones stay as they are
+#   ./scripts/notebooks.sh 02_ulysses_layer ...   # only these notebooks (either mode)
+#   ./scripts/notebooks.sh --lab        # open them in JupyterLab (installed on first use)
+#
+# A notebook fails the command when any cell errors, and each ends with a cell that asserts its
+# claims. Installs what is missing, once:
+#   - evcxr_jupyter 0.22.0 with `cargo install` (about 26 minutes on 2 cores);
+#   - a Python venv under $ULYSSES_CACHE (default ~/.cache/ulysses) with nbclient, which gives
+#     `jupyter execute` (and JupyterLab for --lab);
+#   - a private kernelspec "ulysses-rust" (in that cache, through JUPYTER_PATH; nothing is written
+#     to ~/.local/share/jupyter) whose `env` gives evcxr's builds libtorch: the repo's
+#     .cargo/config.toml does not reach evcxr's build folder.
+# Speed (see shared notes in the README): evcxr compiles the library's dependencies again (it
+# ignores cargo's target dir); `:opt 0` and `:cache` in its init file, one build folder reused by
+# the notebooks run one after another, and a warm-up notebook (00_warmup, no cell timeout) that
+# pays the first build make the rest take minutes.
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cache=${ULYSSES_CACHE:-$HOME/.cache/ulysses}
+evcxr_version=0.22.0
+venv=$cache/jupyter-venv
+cell_timeout=1200
+
+say() { echo "[notebooks] $*"; }
+
+mode=inplace
+names=()
+for arg in "$@"; do
+  case "$arg" in
+    --check) mode=check ;;
+    --lab) mode=lab ;;
+    -h | --help) sed -n '2,8p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -*) echo "[notebooks] unknown option $arg (try --help)" >&2; exit 2 ;;
+    *) names+=("${arg%.ipynb}") ;;
+  esac
+done
+
+"$repo/scripts/setup.sh"
+export PATH="$HOME/.cargo/bin:$PATH"
+torch_dir=$(readlink -f "$repo/.libtorch")
+
+# 1. evcxr_jupyter, only when this version is missing.
+if ! cargo install --list | grep -q "^evcxr_jupyter v$evcxr_version:"; then
+  say "installing evcxr_jupyter $evcxr_version with cargo install (about 26 minutes on 2 cores, once)"
+  # Its own build folder: a CARGO_TARGET_DIR shared with the project would only collect clutter.
+  env -u CARGO_TARGET_DIR cargo install --quiet --locked evcxr_jupyter --version "$evcxr_version"
+fi
+evcxr=${CARGO_INSTALL_ROOT:-${CARGO_HOME:-$HOME/.cargo}}/bin/evcxr_jupyter
+
+# 2. Jupyter's Python side.
+want=(nbclient)
+[ "$mode" = lab ] && want+=(jupyterlab)
+for pkg in "${want[@]}"; do
+  if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import ${pkg}" 2>/dev/null; then
+    say "installing $pkg into $venv"
+    [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check "$pkg"
+  fi
+done
+
+# 3. The kernel's settings: evcxr's init file, and the kernelspec. Notebooks executed one after
+# another share one build folder (EVCXR_TMPDIR), so each reuses the last one's compiled library;
+# live kernels in JupyterLab must not share it, so --lab gets a kernelspec without it.
+config_dir=$cache/evcxr/config
+mkdir -p "$config_dir"
+printf ':opt 0\n:cache 8192\n' >"$config_dir/init.evcxr"
+jupyter_dir=$cache/jupyter/$mode
+spec_dir=$jupyter_dir/kernels/ulysses-rust
+mkdir -p "$spec_dir"
+# The build folder lives under /tmp, as evcxr's own default does: evcxr loads each cell's library
+# through a relative rpath to Rust's libstd that rustc computes from the deps/ folder, which only
+# resolves when the walk up goes through / (a folder under $HOME, where rustup lives, breaks it).
+tmpdir_env=""
+if [ "$mode" != lab ]; then
+  build_dir=${TMPDIR:-/tmp}/ulysses-evcxr-build-$(id -u)
+  mkdir -p "$build_dir"
+  tmpdir_env=$(printf ',\n    "EVCXR_TMPDIR": "%s"' "$build_dir")
+fi
+cat >"$spec_dir/kernel.json" <<EOF
+{
+  "argv": ["$evcxr", "--control_file", "{connection_file}"],
+  "display_name": "Rust (ulysses)",
+  "language": "rust",
+  "interrupt_mode": "message",
+  "env": {
+    "LIBTORCH": "$torch_dir",
+    "LD_LIBRARY_PATH": "$torch_dir/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}",
+    "EVCXR_CONFIG_DIR": "$config_dir"$tmpdir_env
+  }
+}
+EOF
+export JUPYTER_PATH=$jupyter_dir
+cd "$repo/notebooks"
+
+if [ "$mode" = lab ]; then
+  say "JupyterLab on the notebooks; pick the kernel \"Rust (ulysses)\" if asked"
+  exec "$venv/bin/jupyter" lab --notebook-dir="$repo/notebooks"
+fi
+
+# 4. Execute: the warm-up first (it pays the dependencies' first build, so no cell timeout),
+# then each notebook with a per-cell timeout.
+if [ ${#names[@]} -eq 0 ]; then
+  for f in [0-9][0-9]_*.ipynb; do names+=("${f%.ipynb}"); done
+fi
+out_dir=$repo/results/notebooks
+mkdir -p "$out_dir"
+failed=()
+for name in 00_warmup "${names[@]/00_warmup}"; do
+  [ -n "$name" ] || continue
+  [ -f "$name.ipynb" ] || { echo "[notebooks] no notebook notebooks/$name.ipynb" >&2; exit 2; }
+  timeout=$cell_timeout
+  [ "$name" = 00_warmup ] && timeout=-1
+  if [ "$mode" = check ]; then
+    where=(--output="../results/notebooks/$name")
+    out=$out_dir/$name.ipynb
+  else
+    where=(--inplace)
+    out=$name.ipynb
+  fi
+  say "executing $name.ipynb (cell timeout: $timeout s)"
+  started=$(date +%s)
+  if "$venv/bin/jupyter" execute --kernel_name=ulysses-rust --timeout="$timeout" --startup_timeout=120 \
+    "${where[@]}" "$name.ipynb" && "$venv/bin/python" - "$name" "$out" <<'PY'
+# evcxr reports an error that `?` returns from a cell on the cell's stderr and still calls the
+# cell a success: a notebook passes only if no cell wrote to stderr and its last code cell says
+# that its claims hold.
+import json, sys
+name, path = sys.argv[1], sys.argv[2]
+cells = [c for c in json.load(open(path))["cells"] if c["cell_type"] == "code"]
+bad = []
+for i, cell in enumerate(cells):
+    for o in cell.get("outputs", []):
+        if o.get("output_type") == "error" or o.get("name") == "stderr":
+            text = "".join(o.get("text", "")) or o.get("evalue", "")
+            bad.append(f"code cell {i + 1}: {text.strip()[:500]}")
+last = "".join("".join(o.get("text", "")) for o in cells[-1].get("outputs", []))
+if name != "00_warmup" and "all claims hold" not in last:
+    bad.append("the last code cell did not print 'all claims hold'")
+for b in bad:
+    print(f"[notebooks] {name}: {b}", file=sys.stderr)
+sys.exit(1 if bad else 0)
+PY
+  then
+    say "$name.ipynb: passed in $(($(date +%s) - started)) s"
+  else
+    say "$name.ipynb: FAILED after $(($(date +%s) - started)) s"
+    failed+=("$name")
+  fi
+done
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "[notebooks] failed: ${failed[*]}" >&2
+  exit 1
+fi
+[ "$mode" = check ] && say "executed copies in $out_dir"
+say "all notebooks passed"
