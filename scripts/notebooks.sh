@@ -49,7 +49,9 @@ torch_dir=$(readlink -f "$repo/.libtorch")
 if ! cargo install --list | grep -q "^evcxr_jupyter v$evcxr_version:"; then
   say "installing evcxr_jupyter $evcxr_version with cargo install (about 26 minutes on 2 cores, once)"
   # Its own build folder: a CARGO_TARGET_DIR shared with the project would only collect clutter.
+  started=$(date +%s)
   env -u CARGO_TARGET_DIR cargo install --quiet --locked evcxr_jupyter --version "$evcxr_version"
+  say "evcxr_jupyter installed in $(($(date +%s) - started)) s"
 fi
 evcxr=${CARGO_INSTALL_ROOT:-${CARGO_HOME:-$HOME/.cargo}}/bin/evcxr_jupyter
 

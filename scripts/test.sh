@@ -19,7 +19,7 @@ for arg in "$@"; do
 done
 "$repo/scripts/setup.sh"
 cd "$repo"
-step() { echo; echo "=== $* ==="; }
+step() { echo; echo "=== $* === ($(date +%T))"; }
 step "cargo fmt --check"
 cargo fmt --all -- --check
 step "cargo clippy (features: mpi, nccl)"
@@ -34,4 +34,4 @@ if [ "$notebooks" = 1 ]; then
   step "notebooks (evcxr kernel, executed into results/notebooks/)"
   "$repo/scripts/notebooks.sh" --check
 fi
-echo; echo "all checks passed"
+echo; echo "all checks passed ($(date +%T))"
