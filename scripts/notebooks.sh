@@ -9,7 +9,7 @@
 #
 # A notebook fails the command when any cell errors, and each ends with a cell that asserts its
 # claims. Installs what is missing, once:
-#   - evcxr_jupyter 0.22.0 with `cargo install` (about 26 minutes on 2 cores);
+#   - evcxr_jupyter 0.22.0 with `cargo install` (about 5 minutes on 2 cores);
 #   - a Python venv under $ULYSSES_CACHE (default ~/.cache/ulysses) with nbclient, which gives
 #     `jupyter execute` (and JupyterLab for --lab);
 #   - a private kernelspec "ulysses-rust" (in that cache, through JUPYTER_PATH; nothing is written
@@ -47,7 +47,7 @@ torch_dir=$(readlink -f "$repo/.libtorch")
 
 # 1. evcxr_jupyter, only when this version is missing.
 if ! cargo install --list | grep -q "^evcxr_jupyter v$evcxr_version:"; then
-  say "installing evcxr_jupyter $evcxr_version with cargo install (about 26 minutes on 2 cores, once)"
+  say "installing evcxr_jupyter $evcxr_version with cargo install (about 5 minutes on 2 cores, once)"
   # Its own build folder: a CARGO_TARGET_DIR shared with the project would only collect clutter.
   started=$(date +%s)
   env -u CARGO_TARGET_DIR cargo install --quiet --locked evcxr_jupyter --version "$evcxr_version"
