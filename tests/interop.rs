@@ -7,29 +7,11 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::{ensure, Result};
-use common::{det, max_diff};
-use tch::{Device, Kind, Tensor};
+use common::{causal, det, max_diff, reference_attention};
+use tch::{Kind, Tensor};
 
 fn temp(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("ulysses-interop-{}-{name}", std::process::id()))
-}
-
-/// Causal attention with kv heads h / G, in f64: (out, dq, dk, dv) for the loss sum(out * go).
-fn reference(q: &Tensor, k: &Tensor, v: &Tensor, go: &Tensor) -> [Tensor; 4] {
-    let [q, k, v] = [q, k, v].map(|t| t.to_kind(Kind::Double).set_requires_grad(true));
-    let (heads, kv_heads, d) = (q.size()[2], k.size()[2], q.size()[3]);
-    let map = Tensor::arange(heads, (Kind::Int64, Device::Cpu)).floor_divide_scalar(heads / kv_heads);
-    let (ke, ve) = (k.index_select(2, &map).transpose(1, 2), v.index_select(2, &map).transpose(1, 2));
-    let n = q.size()[1];
-    let causal = Tensor::ones([n, n], (Kind::Bool, Device::Cpu)).tril(0);
-    let scores = q.transpose(1, 2).matmul(&ke.transpose(-2, -1)) / (d as f64).sqrt();
-    let out = scores
-        .masked_fill(&causal.logical_not(), f64::NEG_INFINITY)
-        .softmax(-1, Kind::Double)
-        .matmul(&ve)
-        .transpose(1, 2);
-    (&out * go.to_kind(Kind::Double)).sum(Kind::Double).backward();
-    [out.detach(), q.grad(), k.grad(), v.grad()]
 }
 
 #[test]
@@ -43,7 +25,7 @@ fn a_layer_runs_from_and_to_safetensors() -> Result<()> {
         let v = det(&[b, n, kv_heads, d], 3, kind);
         let go = det(&[b, n, heads, d], 4, kind);
         Tensor::write_safetensors(&[("q", &q), ("k", &k), ("v", &v), ("grad_out", &go)], &input)?;
-        let want = reference(&q, &k, &v, &go);
+        let want = reference_attention(&causal(n), &q, &k, &v, &go);
         for ranks in ["1", "3", "4"] {
             let status = Command::new(env!("CARGO_BIN_EXE_ulysses"))
                 .args(["layer", "--ranks", ranks, "--kernel", "sdpa", "--mask", "causal", "--input"])

@@ -6,28 +6,13 @@
 mod common;
 
 use anyhow::{ensure, Result};
-use common::{det, max_diff};
+use common::{det, max_diff, reference_attention};
 use tch::{Device, Kind, Tensor};
 use ulysses::attention::{
     AttentionConfig, BlockSparse, Kernel, Mask, RingAttention, SequenceParallel, StrategyConfig, Work,
 };
 use ulysses::autograd::Tape;
 use ulysses::comm::launch;
-
-/// Single-device attention in f64 with kv heads h / G: (out, dq, dk, dv) for sum(out * w).
-fn reference(mask: &Mask, q: &Tensor, k: &Tensor, v: &Tensor, w: &Tensor) -> [Tensor; 4] {
-    let [q, k, v] = [q, k, v].map(|t| t.to_kind(Kind::Double).set_requires_grad(true));
-    let (heads, kv_heads, n, d) = (q.size()[2], k.size()[2], q.size()[1], q.size()[3]);
-    let map = Tensor::arange(heads, (Kind::Int64, Device::Cpu)).floor_divide_scalar(heads / kv_heads);
-    let (ke, ve) = (k.index_select(2, &map).transpose(1, 2), v.index_select(2, &map).transpose(1, 2));
-    let pos = Tensor::arange(n, (Kind::Int64, Device::Cpu));
-    let hidden = mask.dense(&pos, &pos).unwrap().logical_not();
-    let scores = q.transpose(1, 2).matmul(&ke.transpose(-2, -1)) / (d as f64).sqrt();
-    let out =
-        scores.masked_fill(&hidden, f64::NEG_INFINITY).softmax(-1, Kind::Double).matmul(&ve).transpose(1, 2);
-    (&out * w.to_kind(Kind::Double)).sum(Kind::Double).backward();
-    [out.detach(), q.grad(), k.grad(), v.grad()]
-}
 
 /// Runs `strategy` on `p` ranks for `[b, n, heads, d]` inputs and returns the largest relative
 /// difference from the reference over out, dq, dk, dv.
@@ -49,7 +34,8 @@ fn parity(
         )
     };
     let (q, k, v, w) = global();
-    let want = reference(&mask, &q, &k, &v, &w);
+    let pos = Tensor::arange(n, (Kind::Int64, Device::Cpu));
+    let want = reference_attention(&mask.dense(&pos, &pos)?, &q, &k, &v, &w);
     let attention = AttentionConfig::new(Kernel::Math, mask);
     let per_rank = launch(p, |ctx| -> Result<[Tensor; 4]> {
         let r = ctx.rank();

@@ -5,7 +5,7 @@
 mod common;
 
 use anyhow::{ensure, Result};
-use common::{det, max_diff};
+use common::{det, max_diff, reference_attention};
 use tch::{Kind, Tensor};
 use ulysses::attention::{AttentionConfig, BlockSparse, Kernel, Mask, SequenceParallel, UlyssesAttention};
 use ulysses::autograd::Tape;
@@ -21,22 +21,6 @@ struct Case {
     d: i64,
     kind: Kind,
     attention: AttentionConfig,
-}
-
-/// The single-device result: math attention in f64 on the (rounded) inputs, kv heads expanded
-/// as h / G. Returns (out, dq, dk, dv) for the loss sum(out * w).
-fn reference(c: &Case, q: &Tensor, k: &Tensor, v: &Tensor, w: &Tensor) -> (Tensor, Tensor, Tensor, Tensor) {
-    let [q, k, v] = [q, k, v].map(|t| t.to_kind(Kind::Double).set_requires_grad(true));
-    let map =
-        Tensor::arange(c.heads, (Kind::Int64, tch::Device::Cpu)).floor_divide_scalar(c.heads / c.kv_heads);
-    let (ke, ve) = (k.index_select(2, &map), v.index_select(2, &map));
-    let scores = q.transpose(1, 2).matmul(&ke.transpose(1, 2).transpose(-2, -1)) / (c.d as f64).sqrt();
-    let pos = Tensor::arange(c.n, (Kind::Int64, tch::Device::Cpu));
-    let allowed = c.attention.mask.dense(&pos, &pos).unwrap();
-    let probs = scores.masked_fill(&allowed.logical_not(), f64::NEG_INFINITY).softmax(-1, Kind::Double);
-    let out = probs.matmul(&ve.transpose(1, 2)).transpose(1, 2);
-    (&out * w.to_kind(Kind::Double)).sum(Kind::Double).backward();
-    (out.detach(), q.grad(), k.grad(), v.grad())
 }
 
 /// Token counts per rank: the first N % P ranks one more.
@@ -55,7 +39,8 @@ fn run(c: Case) -> Result<()> {
         (q, k, v, w)
     };
     let (q, k, v, w) = global(11);
-    let (out, dq, dk, dv) = reference(&c, &q, &k, &v, &w);
+    let pos = Tensor::arange(c.n, (Kind::Int64, tch::Device::Cpu));
+    let [out, dq, dk, dv] = reference_attention(&c.attention.mask.dense(&pos, &pos)?, &q, &k, &v, &w);
 
     let parts = lens(c.n, c.p);
     let per_rank = launch(c.p, |ctx| -> Result<[Tensor; 4]> {

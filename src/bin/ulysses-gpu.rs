@@ -74,18 +74,7 @@ fn ulysses_bf16(p: usize) -> Result<String> {
     };
     let (q, k, v, w) = inputs();
     // The reference, f64 on the CPU.
-    let [qr, kr, vr] = [&q, &k, &v].map(|t| t.to_kind(Kind::Double).set_requires_grad(true));
-    let map = Tensor::arange(h, (Kind::Int64, Device::Cpu)).floor_divide_scalar(h / hkv);
-    let (ke, ve) = (kr.index_select(2, &map).transpose(1, 2), vr.index_select(2, &map).transpose(1, 2));
-    let causal = Tensor::ones([n, n], (Kind::Bool, Device::Cpu)).tril(0);
-    let scores = qr.transpose(1, 2).matmul(&ke.transpose(-2, -1)) / (d as f64).sqrt();
-    let out = scores
-        .masked_fill(&causal.logical_not(), f64::NEG_INFINITY)
-        .softmax(-1, Kind::Double)
-        .matmul(&ve)
-        .transpose(1, 2);
-    (&out * w.to_kind(Kind::Double)).sum(Kind::Double).backward();
-    let want = [out.detach(), qr.grad(), kr.grad(), vr.grad()];
+    let want = common::reference_attention(&common::causal(n), &q, &k, &v, &w);
     let per_rank = launch(p, |ctx| -> Result<[Tensor; 4]> {
         let r = ctx.rank();
         let (q, k, v, w) = inputs();

@@ -183,18 +183,7 @@ pub fn strategies(g: &Group) -> Result<()> {
         det(&[b, n, heads, d], 24, Kind::Double),
     );
     // The reference on this rank: causal attention, kv head of query head h is h / G.
-    let [qr, kr, vr] = [&q, &k, &v].map(|t| t.copy().set_requires_grad(true));
-    let map = Tensor::arange(heads, (Kind::Int64, Device::Cpu)).floor_divide_scalar(heads / kv_heads);
-    let (ke, ve) = (kr.index_select(2, &map).transpose(1, 2), vr.index_select(2, &map).transpose(1, 2));
-    let causal = Tensor::ones([n, n], (Kind::Bool, Device::Cpu)).tril(0);
-    let scores = qr.transpose(1, 2).matmul(&ke.transpose(-2, -1)) / (d as f64).sqrt();
-    let out = scores
-        .masked_fill(&causal.logical_not(), f64::NEG_INFINITY)
-        .softmax(-1, Kind::Double)
-        .matmul(&ve)
-        .transpose(1, 2);
-    (&out * &w).sum(Kind::Double).backward();
-    let want = [out.detach(), qr.grad(), kr.grad(), vr.grad()];
+    let want = super::reference_attention(&super::causal(n), &q, &k, &v, &w);
 
     for strategy in list {
         let s = strategy.build(g, AttentionConfig::new(Kernel::Math, Mask::Causal), n, heads, kv_heads)?;

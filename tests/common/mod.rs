@@ -74,3 +74,33 @@ pub fn head_split(h: i64, p: usize) -> Vec<i64> {
     let p = p as i64;
     (0..p).map(|r| h / p + i64::from(r < h % p)).collect()
 }
+
+/// The causal mask of `n` tokens as `[n, n]` booleans, true where query i may see key j <= i.
+pub fn causal(n: i64) -> Tensor {
+    Tensor::ones([n, n], (Kind::Bool, Device::Cpu)).tril(0)
+}
+
+/// The single-device ground truth every parity test compares with: plain math attention in f64
+/// on the CPU, query head h reading kv head h / (H / H_kv), `allowed` ([N, N], true where query i
+/// may see key j). Returns (out, dq, dk, dv) for the loss sum(out * w), in f64.
+///
+/// # Shapes
+/// `q`, `w`: `[b, N, H, d]`; `k`, `v`: `[b, N, H_kv, d]` -> out `[b, N, H, d]`, grads as their inputs.
+pub fn reference_attention(allowed: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, w: &Tensor) -> [Tensor; 4] {
+    // Fresh f64 leaves: the callers' tensors are left as they are.
+    let [q, k, v] = [q, k, v].map(|t| t.detach().to_kind(Kind::Double).copy().set_requires_grad(true));
+    let (heads, kv_heads, d) = (q.size()[2], k.size()[2], q.size()[3]);
+    let map = Tensor::arange(heads, (Kind::Int64, Device::Cpu)).floor_divide_scalar(heads / kv_heads);
+    // [b, N, H_kv, d] -> [b, N, H, d] -> [b, H, N, d]
+    let (ke, ve) = (k.index_select(2, &map).transpose(1, 2), v.index_select(2, &map).transpose(1, 2));
+    // [b, N, H, d] -> [b, H, N, d] x [b, H, d, N] -> [b, H, N, N]
+    let scores = q.transpose(1, 2).matmul(&ke.transpose(-2, -1)) / (d as f64).sqrt();
+    // [b, H, N, N] x [b, H, N, d] -> [b, H, N, d] -> [b, N, H, d]
+    let out = scores
+        .masked_fill(&allowed.logical_not(), f64::NEG_INFINITY)
+        .softmax(-1, Kind::Double)
+        .matmul(&ve)
+        .transpose(1, 2);
+    (&out * w.to_kind(Kind::Double)).sum(Kind::Double).backward();
+    [out.detach(), q.grad(), k.grad(), v.grad()]
+}
