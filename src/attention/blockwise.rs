@@ -156,16 +156,32 @@ impl Blockwise<'_> {
                 q, k, v, 0.0, causal, None, self.scale,
             );
         }
-        // [b, h, nq, d] x [b, h, d, nk] -> [b, h, nq, nk]
-        let mut scores = q.f_matmul(&k.f_transpose(-2, -1)?)?.f_mul_scalar(self.scale)?;
-        if *self.mask != Mask::None {
-            let opts = (Kind::Int64, q.device());
-            let i = Tensor::f_arange_start(q0, q0 + nq, opts)?.f_unsqueeze(1)?;
-            let j = Tensor::f_arange_start(k0, k0 + nk, opts)?.f_unsqueeze(0)?;
-            let hidden = self.mask.allowed(&i, &j)?.f_logical_not()?;
-            scores = scores.f_masked_fill(&hidden, f64::NEG_INFINITY)?;
-        }
+        let scores = self.masked_scores(q, k, (q0, nq), (k0, nk))?;
         softmax_with_lse(&scores, v)
+    }
+
+    /// Scaled scores of queries `q0..q0+nq` against keys `k0..k0+nk` (global positions), -inf
+    /// where the mask hides a pair.
+    ///
+    /// # Shapes
+    /// `[b, h, nq, d]` x `[b, h, nk, d]` -> `[b, h, nq, nk]`.
+    fn masked_scores(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        (q0, nq): (i64, i64),
+        (k0, nk): (i64, i64),
+    ) -> Result<Tensor, tch::TchError> {
+        // [b, h, nq, d] x [b, h, d, nk] -> [b, h, nq, nk]
+        let scores = q.f_matmul(&k.f_transpose(-2, -1)?)?.f_mul_scalar(self.scale)?;
+        if *self.mask == Mask::None {
+            return Ok(scores);
+        }
+        let opts = (Kind::Int64, q.device());
+        let i = Tensor::f_arange_start(q0, q0 + nq, opts)?.f_unsqueeze(1)?;
+        let j = Tensor::f_arange_start(k0, k0 + nk, opts)?.f_unsqueeze(0)?;
+        let hidden = self.mask.allowed(&i, &j)?.f_logical_not()?;
+        scores.f_masked_fill(&hidden, f64::NEG_INFINITY)
     }
 
     /// The gradients of one pair of runs, given the output gradient `dout`, the final output
@@ -188,14 +204,7 @@ impl Blockwise<'_> {
             .op("blockwise_attention");
         }
         let f = || -> Result<(Tensor, Tensor, Tensor), tch::TchError> {
-            let mut scores = q.f_matmul(&k.f_transpose(-2, -1)?)?.f_mul_scalar(self.scale)?;
-            if *self.mask != Mask::None {
-                let opts = (Kind::Int64, q.device());
-                let i = Tensor::f_arange_start(q0, q0 + nq, opts)?.f_unsqueeze(1)?;
-                let j = Tensor::f_arange_start(k0, k0 + nk, opts)?.f_unsqueeze(0)?;
-                let hidden = self.mask.allowed(&i, &j)?.f_logical_not()?;
-                scores = scores.f_masked_fill(&hidden, f64::NEG_INFINITY)?;
-            }
+            let scores = self.masked_scores(q, k, (q0, nq), (k0, nk))?;
             // p = exp(scores - lse): the final probabilities (hidden entries give 0)
             let p = scores.f_sub(&lse.f_unsqueeze(-1)?)?.f_exp()?;
             let dv = p.f_transpose(-2, -1)?.f_matmul(dout)?; // [b, h, nk, d]
