@@ -11,7 +11,7 @@ mod synthetic;
 mod text;
 
 pub use synthetic::{Synthetic, Task};
-pub use text::{TextDataset, TokenFile, Tokenizer};
+pub use text::{TokenStream, Tokenizer};
 
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
@@ -69,10 +69,10 @@ impl DatasetConfig {
         Ok(match self {
             DatasetConfig::Synthetic { task } => Box::new(Synthetic::new(*task)),
             DatasetConfig::Text { path, tokenizer } => {
-                Box::new(TextDataset::open(&base.join(path), *tokenizer)?)
+                Box::new(TokenStream::from_text(&base.join(path), *tokenizer)?)
             }
             DatasetConfig::Tokens { path, dtype, vocab_size } => {
-                Box::new(TokenFile::open(&base.join(path), *dtype, *vocab_size)?)
+                Box::new(TokenStream::from_token_file(&base.join(path), *dtype, *vocab_size)?)
             }
         })
     }

@@ -20,31 +20,12 @@ pub enum Tokenizer {
     Char,
 }
 
-/// A token stream held in memory, and how to draw windows from it.
-struct Stream {
+/// A token stream held in memory, read from a plain-text file or a token file, and how to draw
+/// windows from it.
+pub struct TokenStream {
     tokens: Vec<i64>,
     vocab: i64,
     what: String,
-}
-
-impl Stream {
-    fn batch(&self, seed: u64, step: u64, replica: u64, b: i64, n: i64) -> Result<Tensor> {
-        let len = self.tokens.len() as i64;
-        if len < n {
-            return Err(Error::InvalidArgument {
-                op: "dataset",
-                group: "-".into(),
-                msg: format!("{} holds {len} tokens, fewer than one sequence of {n}", self.what),
-            });
-        }
-        let rows = (0..b)
-            .map(|i| {
-                let start = Rng::new(seed, step, replica, i as u64).below((len - n + 1) as u64) as usize;
-                self.tokens[start..start + n as usize].to_vec()
-            })
-            .collect();
-        to_tensor(rows, n)
-    }
 }
 
 fn read(path: &Path) -> Result<Vec<u8>> {
@@ -55,16 +36,14 @@ fn read(path: &Path) -> Result<Vec<u8>> {
     })
 }
 
-/// A plain-text file.
-pub struct TextDataset(Stream);
-
-impl TextDataset {
-    pub fn open(path: &Path, tokenizer: Tokenizer) -> Result<TextDataset> {
+impl TokenStream {
+    /// A plain-text file, tokenized by `tokenizer`.
+    pub fn from_text(path: &Path, tokenizer: Tokenizer) -> Result<TokenStream> {
         let bytes = read(path)?;
         let what = format!("{} ({tokenizer:?} tokens)", path.display());
-        let stream = match tokenizer {
+        Ok(match tokenizer {
             Tokenizer::Byte => {
-                Stream { tokens: bytes.into_iter().map(i64::from).collect(), vocab: 256, what }
+                TokenStream { tokens: bytes.into_iter().map(i64::from).collect(), vocab: 256, what }
             }
             Tokenizer::Char => {
                 let text = String::from_utf8_lossy(&bytes);
@@ -73,32 +52,13 @@ impl TextDataset {
                 chars.dedup();
                 let id = |c: char| chars.binary_search(&c).map_or(0, |i| i as i64);
                 let tokens = text.chars().map(id).collect();
-                Stream { tokens, vocab: chars.len() as i64, what }
+                TokenStream { tokens, vocab: chars.len() as i64, what }
             }
-        };
-        Ok(TextDataset(stream))
-    }
-}
-
-impl Dataset for TextDataset {
-    fn describe(&self) -> String {
-        format!("{}, {} tokens, vocabulary {}", self.0.what, self.0.tokens.len(), self.0.vocab)
+        })
     }
 
-    fn vocab_size(&self) -> i64 {
-        self.0.vocab
-    }
-
-    fn batch(&self, seed: u64, step: u64, replica: u64, b: i64, n: i64) -> Result<Tensor> {
-        self.0.batch(seed, step, replica, b, n)
-    }
-}
-
-/// A file of token ids (nanoGPT's `train.bin`).
-pub struct TokenFile(Stream);
-
-impl TokenFile {
-    pub fn open(path: &Path, dtype: TokenDtype, vocab: i64) -> Result<TokenFile> {
+    /// A file of token ids (nanoGPT's `train.bin`), each below `vocab`.
+    pub fn from_token_file(path: &Path, dtype: TokenDtype, vocab: i64) -> Result<TokenStream> {
         let bytes = read(path)?;
         let width = match dtype {
             TokenDtype::U16 => 2,
@@ -125,20 +85,34 @@ impl TokenFile {
                 path.display()
             )));
         }
-        Ok(TokenFile(Stream { tokens, vocab, what: format!("{} ({dtype:?} ids)", path.display()) }))
+        Ok(TokenStream { tokens, vocab, what: format!("{} ({dtype:?} ids)", path.display()) })
     }
 }
 
-impl Dataset for TokenFile {
+impl Dataset for TokenStream {
     fn describe(&self) -> String {
-        format!("{}, {} tokens, vocabulary {}", self.0.what, self.0.tokens.len(), self.0.vocab)
+        format!("{}, {} tokens, vocabulary {}", self.what, self.tokens.len(), self.vocab)
     }
 
     fn vocab_size(&self) -> i64 {
-        self.0.vocab
+        self.vocab
     }
 
     fn batch(&self, seed: u64, step: u64, replica: u64, b: i64, n: i64) -> Result<Tensor> {
-        self.0.batch(seed, step, replica, b, n)
+        let len = self.tokens.len() as i64;
+        if len < n {
+            return Err(Error::InvalidArgument {
+                op: "dataset",
+                group: "-".into(),
+                msg: format!("{} holds {len} tokens, fewer than one sequence of {n}", self.what),
+            });
+        }
+        let rows = (0..b)
+            .map(|i| {
+                let start = Rng::new(seed, step, replica, i as u64).below((len - n + 1) as u64) as usize;
+                self.tokens[start..start + n as usize].to_vec()
+            })
+            .collect();
+        to_tensor(rows, n)
     }
 }
