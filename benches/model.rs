@@ -8,10 +8,13 @@
 //!
 //! Run: `cargo bench --bench model` (add `-- --quick` for fewer repetitions).
 
+mod common;
+
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
+use common::field;
 use tch::{Device, Kind, Tensor};
 use ulysses::attention::{AttentionConfig, SingleDevice, UlyssesAttention};
 use ulysses::autograd::Tape;
@@ -75,15 +78,6 @@ fn step_time(preset: &str, b: i64, n: i64, runs: usize) -> Result<()> {
         ulysses.as_secs_f64() / cut.as_secs_f64()
     );
     Ok(())
-}
-
-/// `key=value` from the summary line of `ulysses step`.
-fn field(summary: &str, key: &str) -> Result<f64> {
-    let value = summary
-        .split_whitespace()
-        .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
-        .with_context(|| format!("no {key} in {summary:?}"))?;
-    Ok(value.parse()?)
 }
 
 fn memory_per_rank(preset: &str, n: i64) -> Result<()> {

@@ -7,19 +7,13 @@
 //! blockwise math kernel (with log-sum-exp merging), which skips the blocks the causal mask
 //! hides. Run: `cargo bench --bench strategies` (`-- --quick` for a shorter sequence).
 
+mod common;
+
 use std::fmt::Write as _;
 use std::process::Command;
 
-use anyhow::{bail, Context, Result};
-
-/// `key=value` from the summary line of `ulysses step`.
-fn field(summary: &str, key: &str) -> Result<f64> {
-    let value = summary
-        .split_whitespace()
-        .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
-        .with_context(|| format!("no {key} in {summary:?}"))?;
-    Ok(value.parse()?)
-}
+use anyhow::{bail, Result};
+use common::field;
 
 fn main() -> Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
