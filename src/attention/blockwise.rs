@@ -71,8 +71,9 @@ pub(crate) struct Blockwise<'a> {
 
 impl Blockwise<'_> {
     /// Attention of `q` over `k`, `v`, all `[b, h, s, d]` in the accumulation dtype, whose rows
-    /// hold the positions of the segments `qseg` and `kseg` (first position, length) in order. Returns (out `[b, h, s_q, d]`, lse
-    /// `[b, h, s_q]`) and the [`Work`] done; fully hidden pairs of runs are skipped.
+    /// hold the positions of the segments `qseg` and `kseg` (first position, length) in order.
+    /// Returns (out `[b, h, s_q, d]`, lse `[b, h, s_q]`) and the [`Work`] done; fully hidden
+    /// pairs of runs are skipped.
     /// Differentiable (all-gather KV back-propagates through it).
     pub fn forward(
         &self,
