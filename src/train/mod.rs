@@ -1,5 +1,8 @@
-//! Training: the optimizer (more of this layer, ZeRO and mixed precision, comes later).
+//! Training: the optimizer, and the plan types ([`Checkpointing`], [`ZeroStage`], [`Precision`])
+//! that the step loop and the cost model share.
 
 mod optim;
+mod plan;
 
 pub use optim::{AdamW, AdamWConfig};
+pub use plan::{Checkpointing, Precision, ZeroStage};
