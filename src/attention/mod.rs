@@ -9,6 +9,7 @@
 mod allgather_kv;
 mod blocked;
 mod blockwise;
+mod flash;
 mod heads;
 mod layout;
 mod mask;

@@ -1,4 +1,6 @@
-//! The one primitive a backend provides: a batch of point-to-point transfers within a group.
+//! The one primitive a backend provides: a batch of point-to-point transfers within a group,
+//! run to completion ([`Backend::exchange`]) or started and completed later
+//! ([`Backend::exchange_start`], for overlapping communication with computation).
 
 use std::fmt;
 use std::sync::Arc;
@@ -105,6 +107,30 @@ pub trait Backend: Send + Sync {
         recvs: Vec<Option<Tensor>>,
     ) -> Result<()>;
 
+    /// Starts the batch of [`exchange`](Backend::exchange) and returns a handle that completes
+    /// it; the batch may progress while the caller computes. Until [`Pending::wait`] returns,
+    /// the caller must not write the sent tensors nor read the received ones (the handle holds
+    /// them). Every rank starts its batches in the same order; waits may come in any order.
+    /// Envelopes are checked before this returns. Backends without asynchronous transfers
+    /// complete the batch here (the default).
+    fn exchange_start(
+        &self,
+        group: &GroupInfo,
+        op: OpKind,
+        sends: Vec<Option<Tensor>>,
+        recvs: Vec<Option<Tensor>>,
+    ) -> Result<Box<dyn Pending>> {
+        self.exchange(group, op, sends, recvs)?;
+        Ok(Box::new(Done))
+    }
+
+    /// Waits until everything this rank started on this backend (and the backends split from
+    /// it) has completed, or returns the error that ended it (a timeout, an aborted peer).
+    /// Backends whose transfers complete before `exchange` returns have nothing to wait for.
+    fn flush(&self, _group: &GroupInfo) -> Result<()> {
+        Ok(())
+    }
+
     /// The backend of this rank's part of a split of `parent` (as `MPI_Comm_split`): every rank
     /// of `parent` calls it, in the same order, after all of them agreed on the subgroups;
     /// `sub` is this rank's subgroup (`None` for a rank that takes no part, which gets `None`).
@@ -115,4 +141,21 @@ pub trait Backend: Send + Sync {
         key: usize,
         sub: Option<&GroupInfo>,
     ) -> Result<Option<Arc<dyn Backend>>>;
+}
+
+/// A batch of transfers started by [`Backend::exchange_start`] and not yet known complete.
+/// Dropping it without [`wait`](Pending::wait) still completes (or aborts) the batch.
+pub trait Pending {
+    /// Returns once every transfer of the batch is done: received data in place (in stream
+    /// order, on a GPU), sent tensors free to reuse.
+    fn wait(self: Box<Self>) -> Result<()>;
+}
+
+/// A batch that completed when it started.
+pub struct Done;
+
+impl Pending for Done {
+    fn wait(self: Box<Self>) -> Result<()> {
+        Ok(())
+    }
 }

@@ -26,12 +26,15 @@ pub mod local;
 mod mesh;
 #[cfg(feature = "mpi")]
 mod mpi;
+#[cfg(feature = "mpi")]
+mod mpi_async;
 mod mpirun;
 #[cfg(feature = "nccl")]
 mod nccl;
+mod overlap;
 mod stats;
 
-pub use backend::{Backend, Envelope};
+pub use backend::{Backend, Done, Envelope, Pending};
 pub use collectives::AllToAll;
 pub use group::{Group, GroupInfo};
 pub use launch::{launch, LocalLaunch, RankCtx};
@@ -41,6 +44,7 @@ pub use mpi::MpiLaunch;
 pub use mpirun::{mpirun_command, untag};
 #[cfg(feature = "nccl")]
 pub use nccl::{nccl_available, nccl_group};
+pub use overlap::Started;
 pub use stats::{CommStats, OpCount};
 
 use std::fmt;

@@ -35,9 +35,9 @@ const HEADER: i32 = 1;
 const PAYLOAD: i32 = 2;
 
 /// One rank's connection through one MPI communicator.
-struct MpiEndpoint {
-    comm: SimpleCommunicator,
-    timeout: Duration,
+pub(super) struct MpiEndpoint {
+    pub(super) comm: SimpleCommunicator,
+    pub(super) timeout: Duration,
     /// The thread that initialised MPI; no other may call it.
     owner: ThreadId,
 }
@@ -51,7 +51,7 @@ unsafe impl Send for MpiEndpoint {}
 unsafe impl Sync for MpiEndpoint {}
 
 /// One line on stderr in a single write, so that mpirun's per-line rank tags stay whole.
-fn report(msg: &str) {
+pub(super) fn report(msg: &str) {
     use std::io::Write;
     let _ = std::io::stderr().write_all(format!("ulysses: {msg}\n").as_bytes());
 }
@@ -91,7 +91,7 @@ fn bytes_mut(t: &Tensor) -> &mut [u8] {
 }
 
 impl MpiEndpoint {
-    fn check_thread(&self, op: OpKind, group: &GroupInfo) -> Result<()> {
+    pub(super) fn check_thread(&self, op: OpKind, group: &GroupInfo) -> Result<()> {
         if std::thread::current().id() != self.owner {
             return Err(Error::Backend {
                 backend: "mpi",
@@ -248,6 +248,16 @@ impl Backend for MpiEndpoint {
             }
         }
         Ok(())
+    }
+
+    fn exchange_start(
+        &self,
+        group: &GroupInfo,
+        op: OpKind,
+        sends: Vec<Option<Tensor>>,
+        recvs: Vec<Option<Tensor>>,
+    ) -> Result<Box<dyn super::Pending>> {
+        super::mpi_async::start(self, group, op, sends, recvs)
     }
 
     fn split(
