@@ -5,10 +5,14 @@
 use std::fmt;
 use std::sync::Arc;
 
+#[cfg(any(feature = "mpi", feature = "nccl"))]
+use tch::Device;
 use tch::{Kind, Tensor};
 
 use super::group::GroupInfo;
 use super::OpKind;
+#[cfg(any(feature = "mpi", feature = "nccl"))]
+use crate::error::TorchResultExt;
 use crate::Result;
 
 /// What travels with every transfer, so that the receiver can check it is the one it expects.
@@ -82,6 +86,52 @@ pub(crate) fn describe(h: &[i64; HEADER_LEN]) -> String {
     } else {
         format!("{op} {kind} of {ndim} dims (shape hash {:x})", h[3])
     }
+}
+
+/// Checks a batch's envelopes before any of its payload moves, through `control`'s blocking
+/// exchange of small CPU tensors in the same group (op and size checked there, the envelope's
+/// contents here): for payload paths that cannot check them themselves (started MPI payloads,
+/// NCCL), and with no device round trip. `out` and `inc` list (group rank, tensor); `me` is
+/// this rank's global rank, for the message.
+#[cfg(any(feature = "mpi", feature = "nccl"))]
+pub(crate) fn check_envelopes(
+    control: &dyn Backend,
+    group: &GroupInfo,
+    op: OpKind,
+    out: &[(usize, Tensor)],
+    inc: &[(usize, Tensor)],
+    me: usize,
+) -> Result<()> {
+    let p = group.ranks.len();
+    let mut sends: Vec<Option<Tensor>> = (0..p).map(|_| None).collect();
+    let mut recvs: Vec<Option<Tensor>> = (0..p).map(|_| None).collect();
+    for (j, t) in out {
+        sends[*j] = Some(Tensor::from_slice(&header(&Envelope::of(op, t))));
+    }
+    for (j, _) in inc {
+        recvs[*j] = Some(Tensor::zeros([HEADER_LEN as i64], (Kind::Int64, Device::Cpu)));
+    }
+    let got: Vec<Option<Tensor>> = recvs.iter().map(|t| t.as_ref().map(Tensor::shallow_clone)).collect();
+    control.exchange(group, op, sends, recvs)?;
+    for (j, dst) in inc {
+        let expected = Envelope::of(op.peer_kind(), dst);
+        let mut theirs = [0i64; HEADER_LEN];
+        if let Some(t) = &got[*j] {
+            t.f_copy_data(&mut theirs, HEADER_LEN).op(op.name())?;
+        }
+        if theirs != header(&expected) {
+            return Err(crate::Error::Mismatch {
+                op: op.name(),
+                group: group.to_string(),
+                detail: format!(
+                    "rank {} sent {} but rank {me} expected {expected}",
+                    group.ranks[*j],
+                    describe(&theirs)
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// One rank's connection to the other ranks, as a backend provides it.

@@ -17,9 +17,9 @@
 use mpi::request::{Request, StaticScope};
 use mpi::topology::{Communicator, SimpleCommunicator};
 use mpi::traits::*;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
-use super::backend::{describe, header, Backend, Envelope, Pending, HEADER_LEN};
+use super::backend::{check_envelopes, Pending};
 use super::group::GroupInfo;
 use super::mpi::{report, MpiEndpoint};
 use super::OpKind;
@@ -86,36 +86,8 @@ pub(super) fn start(
     let inc: Vec<(usize, Tensor)> =
         recvs.into_iter().enumerate().filter_map(|(j, t)| t.map(|t| (j, t))).collect();
 
-    // 1. Envelopes through the blocking exchange, compared here.
-    let p = group.ranks.len();
-    let mut hsend: Vec<Option<Tensor>> = (0..p).map(|_| None).collect();
-    let mut hrecv: Vec<Option<Tensor>> = (0..p).map(|_| None).collect();
-    for (j, t) in &out {
-        hsend[*j] = Some(Tensor::from_slice(&header(&Envelope::of(op, t))));
-    }
-    for (j, _) in &inc {
-        hrecv[*j] = Some(Tensor::zeros([HEADER_LEN as i64], (Kind::Int64, Device::Cpu)));
-    }
-    let got: Vec<Option<Tensor>> = hrecv.iter().map(|t| t.as_ref().map(Tensor::shallow_clone)).collect();
-    ep.exchange(group, op, hsend, hrecv)?;
-    for (j, dst) in &inc {
-        let expected = Envelope::of(op.peer_kind(), dst);
-        let theirs: Vec<i64> =
-            got[*j].as_ref().map(Vec::<i64>::try_from).transpose().op(op.name())?.unwrap_or_default();
-        if theirs[..] != header(&expected)[..] {
-            let mut h = [0i64; HEADER_LEN];
-            h.copy_from_slice(&theirs[..HEADER_LEN.min(theirs.len())]);
-            return Err(Error::Mismatch {
-                op: op.name(),
-                group: group.to_string(),
-                detail: format!(
-                    "rank {} sent {} but rank {me} expected {expected}",
-                    group.ranks[*j],
-                    describe(&h)
-                ),
-            });
-        }
-    }
+    // 1. Envelopes through the blocking exchange, compared before any payload is posted.
+    check_envelopes(ep, group, op, &out, &inc, me)?;
 
     // 2. Payloads, posted; the pending batch keeps every tensor they touch.
     let mut pending = MpiPending {

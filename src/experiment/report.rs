@@ -95,18 +95,23 @@ fn series(map: BTreeMap<String, Vec<(f64, f64)>>) -> Vec<Series> {
 /// The summary and plots of the run in `dir`.
 pub fn report(dir: &Path) -> Result<Report> {
     let points = read_table(dir, "points")?;
+    // Memory rows say which measure they hold (host RSS or the CUDA allocator); runs made before
+    // that column existed hold host RSS.
+    let has_measure = points.column("memory").is_ok();
+    let columns = [
+        "strategy",
+        "ranks",
+        "seq",
+        "median_step_ms",
+        "tokens_per_s",
+        "model_tflops",
+        "peak_mib_per_rank",
+        "memory",
+        "bytes_sent_per_rank",
+        "final_loss",
+    ];
     let summary = points
-        .select([
-            "strategy",
-            "ranks",
-            "seq",
-            "median_step_ms",
-            "tokens_per_s",
-            "model_tflops",
-            "peak_mib_per_rank",
-            "bytes_sent_per_rank",
-            "final_loss",
-        ])
+        .select(columns.into_iter().filter(|c| has_measure || *c != "memory"))
         .map_err(|e| polars_error("points", e))?;
     let mut files = Vec::new();
     let csv = dir.join("summary.csv");
@@ -125,6 +130,9 @@ pub fn report(dir: &Path) -> Result<Report> {
         f64s(&points, "peak_mib_per_rank")?,
         f64s(&points, "bytes_sent_per_rank")?,
     );
+    let measure = if has_measure { strs(&points, "memory")?.first().cloned() } else { None };
+    let memory_title =
+        format!("Peak memory per rank ({})", measure.as_deref().unwrap_or("host_rss_above_base"));
     let mut charts = Vec::new();
 
     // Throughput against sequence length: one line per strategy and world size.
@@ -149,7 +157,7 @@ pub fn report(dir: &Path) -> Result<Report> {
         memory.entry(key).or_default().push((ranks[i], mem[i]));
     }
     charts.push(("bytes_vs_ranks", "Bytes sent per rank and step", "ranks P", "MiB", series(bytes)));
-    charts.push(("memory_vs_ranks", "Peak memory per rank", "ranks P", "MiB", series(memory)));
+    charts.push(("memory_vs_ranks", memory_title.as_str(), "ranks P", "MiB", series(memory)));
 
     // Loss curves: rank 0 of every point, every step.
     let steps = read_table(dir, "steps")?;

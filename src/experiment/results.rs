@@ -6,7 +6,8 @@
 //! always whole):
 //!
 //! - `steps`: one row per sweep point, step and rank: time, throughput, model TFLOP/s, loss,
-//!   memory, bytes sent and received;
+//!   memory (with the name of its measure: host RSS or the CUDA allocator), bytes sent and
+//!   received;
 //! - `comm`: one row per point, step, rank, group and op kind: calls and bytes;
 //! - `points`: one row per finished point: medians over its measured steps.
 //!
@@ -38,16 +39,27 @@ pub struct StepRow {
     pub warmup: bool,
     pub rank: u32,
     /// Wall time of the step on this rank (forward, backward, gradient sync, update).
+    #[serde(deserialize_with = "f64_or_nan")]
     pub step_ms: f64,
     /// Tokens of the whole job (b x N x dp) per second of step time.
+    #[serde(deserialize_with = "f64_or_nan")]
     pub tokens_per_s: f64,
     /// Model FLOPs of the step (`GptConfig::train_flops`) per second, whole job, in TFLOP/s.
+    #[serde(deserialize_with = "f64_or_nan")]
     pub model_tflops: f64,
     /// Global mean loss.
+    #[serde(deserialize_with = "f64_or_nan")]
     pub loss: f64,
-    /// Peak RSS of the process during the point above its RSS after the models were built,
-    /// divided by the ranks in the process (ranks as threads share one process).
+    /// Peak memory per rank during the point, as `memory` names it: host RSS above the RSS
+    /// after the models were built (CPU), or the CUDA allocator's peak allocated (GPU); divided
+    /// by the ranks sharing the process or GPU.
+    #[serde(deserialize_with = "f64_or_nan")]
     pub peak_mib_per_rank: f64,
+    /// The CUDA allocator's peak reserved (cache included) per rank; NaN on the CPU.
+    #[serde(deserialize_with = "f64_or_nan")]
+    pub peak_reserved_mib_per_rank: f64,
+    /// Which measure `peak_mib_per_rank` holds: "host_rss_above_base" or "cuda_peak_allocated".
+    pub memory: String,
     pub bytes_sent: u64,
     pub bytes_received: u64,
 }
@@ -80,11 +92,21 @@ pub struct PointRow {
     pub median_step_ms: f64,
     pub tokens_per_s: f64,
     pub model_tflops: f64,
+    /// The largest peak over steps and ranks, in the measure `memory` names (see [`StepRow`]).
     pub peak_mib_per_rank: f64,
+    pub peak_reserved_mib_per_rank: f64,
+    pub memory: String,
     /// Median over steps of the largest per-rank volume.
     pub bytes_sent_per_rank: u64,
     pub bytes_received_per_rank: u64,
     pub final_loss: f64,
+}
+
+/// An f64 that JSON wrote as null (JSON has no NaN: serde_json writes NaN as null), read back
+/// as NaN, so that a rank's report with an unmeasured value (memory on a platform without it)
+/// crosses the process boundary.
+fn f64_or_nan<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    Ok(<Option<f64> as serde::Deserialize>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 fn polars_error(what: &str, e: PolarsError) -> Error {
@@ -116,7 +138,9 @@ impl Row for StepRow {
             "step" => col!(r, step), "warmup" => col!(r, warmup), "rank" => col!(r, rank),
             "step_ms" => col!(r, step_ms), "tokens_per_s" => col!(r, tokens_per_s),
             "model_tflops" => col!(r, model_tflops), "loss" => col!(r, loss),
-            "peak_mib_per_rank" => col!(r, peak_mib_per_rank), "bytes_sent" => col!(r, bytes_sent),
+            "peak_mib_per_rank" => col!(r, peak_mib_per_rank),
+            "peak_reserved_mib_per_rank" => col!(r, peak_reserved_mib_per_rank), "memory" => col!(r, memory),
+            "bytes_sent" => col!(r, bytes_sent),
             "bytes_received" => col!(r, bytes_received),
         )
     }
@@ -141,7 +165,9 @@ impl Row for PointRow {
             "sp" => col!(r, sp), "dp" => col!(r, dp), "seq" => col!(r, seq), "batch" => col!(r, batch),
             "steps" => col!(r, steps), "median_step_ms" => col!(r, median_step_ms),
             "tokens_per_s" => col!(r, tokens_per_s), "model_tflops" => col!(r, model_tflops),
-            "peak_mib_per_rank" => col!(r, peak_mib_per_rank), "bytes_sent_per_rank" => col!(r, bytes_sent_per_rank),
+            "peak_mib_per_rank" => col!(r, peak_mib_per_rank),
+            "peak_reserved_mib_per_rank" => col!(r, peak_reserved_mib_per_rank), "memory" => col!(r, memory),
+            "bytes_sent_per_rank" => col!(r, bytes_sent_per_rank),
             "bytes_received_per_rank" => col!(r, bytes_received_per_rank), "final_loss" => col!(r, final_loss),
         )
     }

@@ -5,6 +5,7 @@ mod demo;
 mod layer;
 mod ranks;
 mod step;
+mod submit;
 
 use std::path::PathBuf;
 
@@ -87,6 +88,19 @@ enum Command {
         /// Also write the report (tables and plots) at the end.
         #[arg(long)]
         report: bool,
+        /// The output folder (instead of the config's `output`, or results/<name>).
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
+    /// Run an experiment config as a Slurm job: write an sbatch script into its results folder,
+    /// submit it and follow the job (its state, its ranks' progress, the results folder).
+    Submit(submit::SubmitArgs),
+    /// Follow a submitted job until it ends: its state and its output (the ranks' progress).
+    Follow {
+        /// The job id sbatch gave.
+        job: String,
+        /// The results folder the job writes (its output is in slurm/<job>.out there).
+        dir: PathBuf,
     },
     /// Summarise a run's output folder: a table per point, summary.csv and plots (SVG, PNG).
     Report {
@@ -138,17 +152,12 @@ enum Command {
     },
 }
 
-fn experiment(config: &std::path::Path, resume: bool, report: bool) -> Result<()> {
-    let cfg = ExperimentConfig::load(config)?;
-    // The ranks of an MPI run are processes of this binary (`ulysses run-point`).
-    if cfg.parallel.backend == ulysses::experiment::Backend::Mpi && !cfg!(feature = "mpi") {
-        anyhow::bail!(
-            "{} asks for backend = \"mpi\", but this ulysses was built without the `mpi` feature: \
-             cargo run --release --features mpi --bin ulysses -- run {}",
-            config.display(),
-            config.display()
-        );
+fn experiment(config: &std::path::Path, resume: bool, report: bool, output: Option<PathBuf>) -> Result<()> {
+    let mut cfg = ExperimentConfig::load(config)?;
+    if output.is_some() {
+        cfg.output = output;
     }
+    submit::check_build(&cfg, config)?;
     let opts =
         RunOptions { resume, base_dir: std::env::current_dir()?, program: Some(std::env::current_exe()?) };
     let summary = run(&cfg, &opts)?;
@@ -228,7 +237,9 @@ fn main() -> Result<()> {
             layer::run(&input, &output, ranks, kernel, mask)
         }
         Command::Step(args) => step::run(&args),
-        Command::Run { config, resume, report } => experiment(&config, resume, report),
+        Command::Run { config, resume, report, output } => experiment(&config, resume, report, output),
+        Command::Submit(args) => submit::run(&args),
+        Command::Follow { job, dir } => submit::follow(&job, &dir),
         Command::Report { dir } => print_report(&dir),
         Command::Launch { ranks, program, args } => mpi_launch(ranks, program, &args),
         Command::BenchA2a { ranks, backend, mib, runs } => bench_a2a::run(backend, ranks, &mib, runs),
