@@ -3,7 +3,8 @@
 # without the optional backends, every test in release mode (libtorch kernels are optimised
 # either way; release keeps one build for tests and benches) with the MPI backend (OpenMPI from
 # the set-up; its tests start real processes with mpirun) and the NCCL backend (built and
-# checked for its error without a GPU; scripts/gpu-check.sh runs it on one), a build of the
+# checked for its error without a GPU; scripts/gpu-check.sh runs it on one), `ulysses submit` on
+# a single-node Slurm cluster that scripts/slurm.sh installs and starts, a build of the
 # benchmarks, and every notebook executed on the evcxr Rust kernel (scripts/notebooks.sh --check;
 # the first time it installs evcxr, about 26 minutes on 2 cores).
 #   ./scripts/test.sh                  # everything
@@ -28,6 +29,9 @@ step "cargo clippy (no features)"
 cargo clippy --release --all-targets -- -D warnings
 step "cargo test (features: mpi, nccl)"
 cargo test --release --features mpi,nccl
+step "Slurm: a single-node cluster (scripts/slurm.sh start), ulysses submit for real"
+"$repo/scripts/slurm.sh" start
+cargo test --release --features mpi,nccl --test slurm -- --ignored
 step "cargo bench --no-run"
 cargo bench --no-run --features mpi,nccl
 if [ "$notebooks" = 1 ]; then

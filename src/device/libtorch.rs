@@ -72,17 +72,23 @@ pub fn loaded_libtorch() -> Option<LibtorchInfo> {
 /// to fix it. An installation that does not name its version passes (nothing to compare).
 pub fn check_libtorch() -> Result<Option<LibtorchInfo>> {
     let Some(info) = loaded_libtorch() else { return Ok(None) };
-    if info.version != "unknown" && info.release() != BUILT_LIBTORCH {
+    check_libtorch_info(&info, BUILT_LIBTORCH)?;
+    Ok(Some(info))
+}
+
+/// Refuses `info` unless its release is `built` (or it does not name one).
+pub fn check_libtorch_info(info: &LibtorchInfo, built: &str) -> Result<()> {
+    if info.version != "unknown" && info.release() != built {
         return Err(Error::Backend {
             backend: "libtorch",
             msg: format!(
-                "this ulysses was built against libtorch {BUILT_LIBTORCH} but loaded {} from {}; \
-                 point LD_LIBRARY_PATH at a torch {BUILT_LIBTORCH} (pip install torch=={BUILT_LIBTORCH}) \
+                "this ulysses was built against libtorch {built} but loaded {} from {}; \
+                 point LD_LIBRARY_PATH at a torch {built} (pip install torch=={built}) \
                  or rebuild against this one",
                 info.version,
                 info.dir.display()
             ),
         });
     }
-    Ok(Some(info))
+    Ok(())
 }

@@ -15,7 +15,10 @@ use std::sync::OnceLock;
 
 use tch::Device;
 
-pub use libtorch::{check_libtorch, loaded_libtorch, version_of_libtorch_dir, LibtorchInfo, BUILT_LIBTORCH};
+pub use libtorch::{
+    check_libtorch, check_libtorch_info, loaded_libtorch, version_of_libtorch_dir, LibtorchInfo,
+    BUILT_LIBTORCH,
+};
 
 use crate::{Error, Result};
 
