@@ -119,9 +119,10 @@ impl Group {
         &self.info
     }
 
-    /// The backend (for backends layered on another, as NCCL on its control group).
-    #[cfg_attr(not(feature = "nccl"), allow(dead_code))]
-    pub(crate) fn backend_handle(&self) -> Arc<dyn Backend> {
+    /// This rank's backend, for backends layered on another (NCCL on its control group) and
+    /// for checking a backend directly (its transfers, outside any collective, uncounted).
+    /// Programs communicate through the collectives.
+    pub fn backend_handle(&self) -> Arc<dyn Backend> {
         Arc::clone(&self.backend)
     }
 

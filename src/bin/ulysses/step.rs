@@ -45,6 +45,10 @@ pub struct StepArgs {
     /// local: ranks as threads; mpi: this process is one rank (start with `ulysses launch`).
     #[arg(long, value_enum, default_value = "local")]
     backend: BackendArg,
+    /// Run every transfer to completion before computing on (no communication/computation
+    /// overlap), for comparison.
+    #[arg(long)]
+    no_overlap: bool,
 }
 
 /// A field of /proc/self/status in MiB (VmRSS, VmHWM), where Linux provides it.
@@ -86,7 +90,7 @@ pub fn run(a: &StepArgs) -> Result<()> {
     );
 
     let per_rank = on_ranks(a.backend, a.ranks, a.threads, |ctx| -> Result<Vec<f64>> {
-        let world = ctx.world();
+        let world = &ctx.world().clone().with_overlap(!a.no_overlap);
         let strategy = a.strategy.build(world, attention, n, cfg.n_head, cfg.n_kv_head)?;
         let layout = strategy.layout().clone();
         let model = Gpt::new(&cfg, strategy, kind, Device::Cpu)?;
@@ -143,10 +147,11 @@ pub fn run(a: &StepArgs) -> Result<()> {
         BackendArg::Mpi => per_rank.iter().map(|v| v[2] - v[1]).fold(f64::MIN, f64::max),
     };
     println!(
-        "summary: strategy={} ranks={ranks} seq={n} batch={b} median_step_ms={med:.3} tokens_per_s={tokens_per_s:.1} \
+        "summary: strategy={} ranks={ranks} seq={n} batch={b} overlap={} median_step_ms={med:.3} tokens_per_s={tokens_per_s:.1} \
          loss={loss:.5} base_rss_mib={base:.1} peak_rss_mib={peak:.1} step_peak_mib_per_rank={step_peak:.1} \
          params_mib_per_rank={param_mib:.1} bytes_sent_per_rank={max_sent}",
         a.strategy.label(),
+        !a.no_overlap,
     );
     Ok(())
 }
