@@ -58,7 +58,7 @@ fn overlap(exe: &str, quick: bool) -> Result<()> {
         "{:<10} {:>7} {:>12} {:>12} {:>14}",
         "strategy", "N", "overlap ms", "no-overlap ms", "off/on time"
     );
-    for (strategy, seq) in [("ring", "4096"), ("ring", "16384"), ("ulysses", "16384")] {
+    for (strategy, seq) in [("ring", "4096"), ("ring", "8192"), ("ulysses", "8192")] {
         let (mut on, mut off) = (Vec::new(), Vec::new());
         for _ in 0..runs {
             on.push(step_ms(exe, strategy, seq, steps, true)?);

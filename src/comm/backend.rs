@@ -88,6 +88,37 @@ pub(crate) fn describe(h: &[i64; HEADER_LEN]) -> String {
     }
 }
 
+/// A batch as two lists of (group rank, tensor): what goes out, made contiguous (a copy only
+/// where strided), and the destinations of what comes in.
+#[cfg(any(feature = "mpi", feature = "nccl"))]
+#[allow(clippy::type_complexity)]
+pub(crate) fn batch_lists(
+    op: OpKind,
+    sends: Vec<Option<Tensor>>,
+    recvs: Vec<Option<Tensor>>,
+) -> Result<(Vec<(usize, Tensor)>, Vec<(usize, Tensor)>)> {
+    let out = sends
+        .into_iter()
+        .enumerate()
+        .filter_map(|(j, t)| t.map(|t| (j, t)))
+        .map(|(j, t)| Ok((j, t.f_contiguous()?)))
+        .collect::<Result<_, tch::TchError>>()
+        .op(op.name())?;
+    let inc = recvs.into_iter().enumerate().filter_map(|(j, t)| t.map(|t| (j, t))).collect();
+    Ok((out, inc))
+}
+
+/// The contiguous memory a payload for `dst` lands in: `dst` itself when contiguous, else a
+/// fresh row-major tensor (as the sender's bytes are; `empty_like` would keep the strides).
+#[cfg(any(feature = "mpi", feature = "nccl"))]
+pub(crate) fn receive_buffer(op: OpKind, dst: &Tensor) -> Result<Tensor> {
+    if dst.is_contiguous() {
+        Ok(dst.shallow_clone())
+    } else {
+        Tensor::f_empty(dst.size(), (dst.kind(), dst.device())).op(op.name())
+    }
+}
+
 /// Checks a batch's envelopes before any of its payload moves, through `control`'s blocking
 /// exchange of small CPU tensors in the same group (op and size checked there, the envelope's
 /// contents here): for payload paths that cannot check them themselves (started MPI payloads,

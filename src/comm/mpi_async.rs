@@ -19,11 +19,10 @@ use mpi::topology::{Communicator, SimpleCommunicator};
 use mpi::traits::*;
 use tch::{Device, Tensor};
 
-use super::backend::{check_envelopes, Pending};
+use super::backend::{batch_lists, check_envelopes, receive_buffer, Pending};
 use super::group::GroupInfo;
 use super::mpi::{report, MpiEndpoint};
 use super::OpKind;
-use crate::error::TorchResultExt;
 use crate::{Error, Result};
 
 /// The tag of started payloads (blocking exchanges use 1 and 2).
@@ -76,15 +75,7 @@ pub(super) fn start(
             msg: format!("{op} on group {group}: the mpi backend moves CPU tensors; use nccl for CUDA"),
         });
     }
-    let out: Vec<(usize, Tensor)> = sends
-        .into_iter()
-        .enumerate()
-        .filter_map(|(j, t)| t.map(|t| (j, t)))
-        .map(|(j, t)| Ok((j, t.f_contiguous()?)))
-        .collect::<Result<_, tch::TchError>>()
-        .op(op.name())?;
-    let inc: Vec<(usize, Tensor)> =
-        recvs.into_iter().enumerate().filter_map(|(j, t)| t.map(|t| (j, t))).collect();
+    let (out, inc) = batch_lists(op, sends, recvs)?;
 
     // 1. Envelopes through the blocking exchange, compared before any payload is posted.
     check_envelopes(ep, group, op, &out, &inc, me)?;
@@ -111,12 +102,7 @@ pub(super) fn start(
         pending.keep.push(t);
     }
     for (j, dst) in inc {
-        let buf = if dst.is_contiguous() {
-            dst.shallow_clone()
-        } else {
-            // Row-major, as the sender's contiguous bytes are.
-            Tensor::f_empty(dst.size(), (dst.kind(), dst.device())).op(op.name())?
-        };
+        let buf = receive_buffer(op, &dst)?;
         // SAFETY: `buf` is contiguous on the CPU, owned by `pending` until the requests complete,
         // and only MPI writes it meanwhile (the caller does not read a started receive).
         let data = unsafe { bytes_static_mut(&buf) };

@@ -39,7 +39,7 @@ use tch::{Device, Kind, Tensor};
 use self::comm::{Comm, Who};
 use self::cuda::{Event, Stream};
 use self::watchdog::Watchdog;
-use super::backend::{check_envelopes, Backend, Pending};
+use super::backend::{batch_lists, check_envelopes, receive_buffer, Backend, Pending};
 use super::group::{Group, GroupInfo};
 use super::OpKind;
 use crate::error::TorchResultExt;
@@ -165,24 +165,12 @@ impl Backend for NcclEndpoint {
         }
         let me = group.ranks[self.rank];
         // Contiguous payloads (copies only where strided), made on libtorch's stream.
-        let out: Vec<(usize, Tensor)> = sends
-            .into_iter()
-            .enumerate()
-            .filter_map(|(j, t)| t.map(|t| (j, t)))
-            .map(|(j, t)| Ok((j, t.f_contiguous()?)))
-            .collect::<Result<_, tch::TchError>>()
-            .op(op.name())?;
-        let inc: Vec<(usize, Tensor)> =
-            recvs.into_iter().enumerate().filter_map(|(j, t)| t.map(|t| (j, t))).collect();
+        let (out, inc) = batch_lists(op, sends, recvs)?;
         check_envelopes(self.control.as_ref(), group, op, &out, &inc, me)?;
         let mut copies = Vec::new();
         let mut bufs = Vec::with_capacity(inc.len());
         for (j, dst) in inc {
-            let buf = if dst.is_contiguous() {
-                dst.shallow_clone()
-            } else {
-                Tensor::f_empty(dst.size(), (dst.kind(), dst.device())).op(op.name())?
-            };
+            let buf = receive_buffer(op, &dst)?;
             if !dst.is_contiguous() {
                 copies.push((dst, buf.shallow_clone()));
             }
