@@ -1,6 +1,6 @@
 //! 1. Writes libtorch's library folder into the rpath of every binary, test and bench of this
 //!    package, so they run without LD_LIBRARY_PATH (tch's own build gives them none).
-//! 2. Compiles csrc/backward.cpp, the one C++ function the tape needs (autograd with given
+//! 2. Compiles csrc/backward.cpp, the C++ the tape needs (autograd from gradient edges with given
 //!    gradients), against the same libtorch headers and ABI as torch-sys.
 
 use std::path::PathBuf;
