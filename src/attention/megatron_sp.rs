@@ -13,9 +13,15 @@
 //!   --reduce-scatter (sequence)-->  [b, N/P, h]   (the same around the MLP)
 //! ```
 //!
-//! Communication per layer and rank: 2 all-gathers and 2 reduce-scatters of `[b, N, h]`, forward
-//! 4 b N h (P-1)/P elements, and the same in the backward (the two swap). It does not shrink
-//! with P, which is the paper's §3.2 point against it. Parameters of the blocks are 1/P per rank.
+//! Memory, as Megatron-LM: each all-gather feeds one column-parallel linear (qkv, MLP-in) as one
+//! taped op ([`Tape::all_gather_linear`](crate::autograd::Tape::all_gather_linear)) that keeps
+//! the LayerNorm output's shard `[b, N/P, h]` for the backward and gathers it again there for the
+//! weight gradient, instead of keeping the gathered `[b, N, h]` (P times more, twice per layer).
+//!
+//! Communication per layer and rank: forward, 2 all-gathers and 2 reduce-scatters of
+//! `[b, N, h]`, 4 b N h (P-1)/P elements; backward, their adjoints (the two swap) plus the two
+//! re-gathers, 6 b N h (P-1)/P. It does not shrink with P, which is the paper's §3.2 point
+//! against it (the paper counts 4 N h per pass). Parameters of the blocks are 1/P per rank.
 //! Requires H and H_kv divisible by P (no kv head replication, as in Megatron-LM's default).
 
 use tch::{Device, Kind, Tensor};

@@ -39,6 +39,7 @@
 
 mod collectives;
 mod ffi;
+mod gathered;
 
 use std::cell::{Cell, RefCell};
 
