@@ -30,6 +30,41 @@ fn conformance_checks_pass_on_mpi_processes() -> Result<()> {
 }
 
 #[test]
+fn payloads_cut_into_small_messages_arrive_whole() -> Result<()> {
+    // Every collective of the conformance checks with 61-byte messages: elements split across
+    // messages, many messages per transfer, in order.
+    for n in [2usize, 3] {
+        let (ok, text, _) = mpirun(n, "conformance-chunked")?;
+        let passed =
+            text.lines().filter(|l| l.contains(&format!("6 checks passed on {n} ranks (mpi)"))).count();
+        ensure!(ok && passed == n, "P={n}: {passed} ranks passed:\n{text}");
+    }
+    Ok(())
+}
+
+/// Needs about 6 GiB of memory and a minute: `cargo test --features mpi --test mpi -- --ignored`.
+#[test]
+#[ignore = "sends 2 GiB + 8 bytes between two processes (about 6 GiB of memory)"]
+fn a_payload_over_2_gib_is_sent_in_chunks() -> Result<()> {
+    let (ok, text, _) = mpirun(2, "large")?;
+    ensure!(ok && text.matches("2147483656 bytes sent and checked").count() == 2, "{text}");
+    Ok(())
+}
+
+#[test]
+fn a_mismatched_send_and_recv_is_a_mismatch_on_both_ranks() -> Result<()> {
+    let (ok, text, took) = mpirun(2, "mismatch-p2p")?;
+    let detail = "rank 0 sent send Float[4] but rank 1 expected send Float[5]";
+    for r in 0..2 {
+        let line = text.lines().find(|l| l.contains(&format!("rank {r} caught:"))).unwrap_or_default();
+        ensure!(line.contains("ranks disagree") && line.contains(detail), "rank {r}: {line:?} in\n{text}");
+    }
+    ensure!(ok && !text.contains("timed out"), "{text}");
+    ensure!(took < Duration::from_secs(30), "took {took:?}");
+    Ok(())
+}
+
+#[test]
 fn mpi_failures_end_the_job_with_a_message() -> Result<()> {
     let (ok, text, took) = mpirun(3, "mismatch")?;
     ensure!(

@@ -37,7 +37,7 @@ pub use group::{Group, GroupInfo};
 pub use launch::{launch, LocalLaunch, RankCtx};
 pub use mesh::{Mesh, MeshShape};
 #[cfg(feature = "mpi")]
-pub use mpi::MpiLaunch;
+pub use mpi::{MpiLaunch, MAX_MESSAGE_BYTES};
 pub use mpirun::{mpirun_command, untag};
 #[cfg(feature = "nccl")]
 pub use nccl::{nccl_available, nccl_group};
