@@ -32,7 +32,7 @@ fn a_record_keeps_the_graph_of_its_inputs_but_not_their_values() -> Result<()> {
         // product itself.
         let ones = Tensor::ones([elems / 16, 16], (Kind::Float, Device::Cpu));
         let x = &ones * &w; // [elems/16, 16], 64 MiB
-        // A small view of a large buffer, as Ulysses' v of the fused qkv projection.
+                            // A small view of a large buffer, as Ulysses' v of the fused qkv projection.
         let big = &ones * &w; // another 64 MiB
         let view = big.narrow(1, 0, 1);
         let y = tape.all_to_all(g, &x, 1, 0)?; // P = 1: a copy, 64 MiB

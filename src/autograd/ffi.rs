@@ -16,8 +16,11 @@ use torch_sys::C_tensor;
 extern "C" {
     fn ulysses_gradient_edge(t: *const C_tensor, error: *mut *mut c_char) -> *mut c_void;
     fn ulysses_edge_free(edge: *mut c_void);
-    fn ulysses_backward_edges(edges: *const *const c_void, grads: *const *const C_tensor, n: c_int)
-        -> *mut c_char;
+    fn ulysses_backward_edges(
+        edges: *const *const c_void,
+        grads: *const *const C_tensor,
+        n: c_int,
+    ) -> *mut c_char;
     fn ulysses_failing_grad_fn(out: *const C_tensor, msg: *const c_char) -> *mut c_char;
     fn ulysses_free_error(message: *mut c_char);
 }

@@ -238,7 +238,9 @@ impl Backend for MpiEndpoint {
                 x.expected
             )));
         }
-        if let Some(((j, h, _), back)) = out.iter().zip(&expected_by_peer).find(|((_, h, _), back)| h != *back) {
+        if let Some(((j, h, _), back)) =
+            out.iter().zip(&expected_by_peer).find(|((_, h, _), back)| h != *back)
+        {
             let peer = group.ranks[*j];
             return Err(mismatch(format!(
                 "rank {me} sent {} but rank {peer} expected {}",
@@ -287,8 +289,12 @@ impl Backend for MpiEndpoint {
         };
         let comm = self.comm.split_by_color_with_key(color, key as i32);
         Ok(comm.map(|comm| {
-            Arc::new(MpiEndpoint { comm, timeout: self.timeout, max_message: self.max_message, owner: self.owner })
-                as Arc<dyn Backend>
+            Arc::new(MpiEndpoint {
+                comm,
+                timeout: self.timeout,
+                max_message: self.max_message,
+                owner: self.owner,
+            }) as Arc<dyn Backend>
         }))
     }
 }
