@@ -11,7 +11,11 @@ use ulysses::comm::launch;
 
 use super::{det, reference_attention};
 
-/// Per-element tolerance, as `torch.testing.assert_close`: `|got - want| <= atol + rtol |want|`.
+/// Per-element tolerance, as `torch.testing.assert_close`: `|got - want| <= atol s + rtol |want|`,
+/// where s = max(1, RMS of `want`): `atol` is for tensors of values of order 1, and a tensor
+/// whose typical value is larger (the gradients of sharp attention) gets a proportionally larger
+/// absolute tolerance. Every element is checked, so an error in a small entry is not hidden
+/// behind the tensor's largest value.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Tol {
     pub atol: f64,
@@ -20,32 +24,37 @@ pub struct Tol {
 
 /// The tolerance of results computed from inputs in `kind` against the f64 reference computed
 /// from the same (rounded) inputs, for the inputs of [`Spec`] (values of order 1, logits of
-/// standard deviation 1 to 10, head sizes up to 128). Measured on the strategies suite (worst
-/// element over every strategy, mask and head size, as a fraction of the bound):
+/// standard deviation 0.5 to 10, head sizes up to 128). Measured on the strategies suite and
+/// the property tests (worst element, as a fraction of the bound):
 /// - f64: the same arithmetic in another order: 1e-10 (seen: 1e-4 of it).
 /// - f32: accumulation in f32 over N keys and d: 3e-5 (seen: 0.25 of it, sharp logits, d = 128).
-/// - bf16 and f16: outputs and gradients rounded to 8 (11) significant bits, and libtorch's half
-///   kernels round intermediate products: 3e-2 (seen: 0.63 of it, sharp logits). torch.testing
-///   uses 1.6e-2 relative for one bf16 op; these are sums over N keys.
+/// - bf16 and f16: 5e-2 absolute, 3e-2 relative. Outputs and gradients are rounded to 8 (11)
+///   significant bits and libtorch's half kernels round intermediate sums: the single-device
+///   SDPA in bf16 is itself 0.038 off the f64 reference in dK (RMS 0.86) with sharp logits and 12
+///   query heads per kv head, at an element where the sum cancels to 4e-4. torch.testing uses
+///   1.6e-2 relative for one bf16 op; these are sums over N keys and a group's query heads.
 pub fn tol(kind: Kind) -> Tol {
     match kind {
         Kind::Double => Tol { atol: 1e-10, rtol: 1e-10 },
         Kind::Float => Tol { atol: 3e-5, rtol: 3e-5 },
-        _ => Tol { atol: 3e-2, rtol: 3e-2 },
+        _ => Tol { atol: 5e-2, rtol: 3e-2 },
     }
 }
 
-/// Checks every element of `got` against `want` (any dtypes, compared in f64). NaN never
-/// passes; equal infinities do. The message names the worst element, its index and values,
-/// how many elements fail and the tolerance.
+/// Checks every element of `got` against `want` (any dtypes, compared in f64) within `tol`. NaN
+/// never passes; equal infinities do. The message names the worst element, its index and
+/// values, how many elements fail and the tolerance.
 pub fn allclose(label: &str, got: &Tensor, want: &Tensor, tol: Tol) -> Result<()> {
     ensure!(got.size() == want.size(), "{label}: shape {:?}, expected {:?}", got.size(), want.size());
     if want.numel() == 0 {
         return Ok(());
     }
     let (g, w) = (got.to_kind(Kind::Double), want.to_kind(Kind::Double));
+    let finite = w.isfinite();
+    let rms = w.where_self(&finite, &w.zeros_like()).square().mean(Kind::Double).sqrt().double_value(&[]);
+    let scale = rms.max(1.0);
     let diff = (&g - &w).abs();
-    let bound = w.abs() * tol.rtol + tol.atol;
+    let bound = w.abs() * tol.rtol + tol.atol * scale;
     // `<=` is false for NaN, so NaN fails; equal infinities give NaN differences but pass.
     let ok = diff.le_tensor(&bound).logical_or(&g.eq_tensor(&w));
     let failing = ok.logical_not().sum(Kind::Int64).int64_value(&[]);
@@ -65,8 +74,8 @@ pub fn allclose(label: &str, got: &Tensor, want: &Tensor, tol: Tol) -> Result<()
     }
     index.reverse();
     anyhow::bail!(
-        "{label}: {failing} of {} elements differ beyond atol {:.0e} + rtol {:.0e}: worst at {index:?}: got {}, \
-         expected {} (diff {:.3e})",
+        "{label}: {failing} of {} elements differ beyond atol {:.0e} x {scale:.2} + rtol {:.0e}: worst at \
+         {index:?}: got {}, expected {} (diff {:.3e})",
         want.numel(),
         tol.atol,
         tol.rtol,
