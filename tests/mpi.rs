@@ -80,6 +80,11 @@ fn mpi_failures_end_the_job_with_a_message() -> Result<()> {
     );
     ensure!(took < Duration::from_secs(15), "the 1 s timeout took {took:?} (rank 1 sleeps 20 s)");
 
+    let (ok, text, took) = mpirun(3, "exit")?;
+    // mpirun names the process that vanished: "exited with non-zero status ... Exit code: 9".
+    ensure!(!ok && !text.contains("no exit") && text.contains("non-zero") && text.contains("9"), "{text}");
+    ensure!(took < Duration::from_secs(30), "a vanished rank took {took:?} to end the job");
+
     let (ok, text, took) = mpirun(3, "panic")?;
     ensure!(!ok && text.contains("rank 1 of 3 failed") && text.contains("rank one is broken"), "{text}");
     ensure!(took < Duration::from_secs(30), "panic took {took:?}");

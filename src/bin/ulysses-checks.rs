@@ -5,7 +5,8 @@
 //! chunking of large payloads, at small sizes); `large` sends 2 GiB + 8 bytes from rank 0 to
 //! rank 1 (over MPI's 32-bit count, so it needs the chunking; about 6 GiB of memory). Modes for
 //! the failure tests: `mismatch`, `mismatch-p2p` (a send and a recv that disagree: both ranks
-//! must report it), `timeout`, `panic`.
+//! must report it), `timeout`, `panic`, `exit` (rank 1's process ends in the middle of a step,
+//! without a word, as a killed or crashed process does).
 
 #[path = "../../tests/common/mod.rs"]
 mod common;
@@ -81,6 +82,16 @@ fn main() -> Result<()> {
                 w.barrier()?;
                 Ok("no timeout".into())
             }
+            "exit" => {
+                // One all-to-all, then rank 1's process vanishes while the others wait in the next.
+                let x = Tensor::ones([2, 4, w.size() as i64, 4], (Kind::Float, Device::Cpu));
+                let _ = w.all_to_all(&x, 2, 1)?;
+                if r == 1 {
+                    std::process::exit(9);
+                }
+                let _ = w.all_to_all(&x, 2, 1)?;
+                Ok("no exit".into())
+            }
             "panic" => {
                 if r == 1 {
                     panic!("rank one is broken");
@@ -90,7 +101,7 @@ fn main() -> Result<()> {
             }
             other => bail!(
                 "unknown mode {other:?}: conformance, conformance-chunked, large, mismatch, mismatch-p2p, \
-                 timeout or panic"
+                 timeout, panic or exit"
             ),
         }
     })?;
