@@ -103,7 +103,10 @@ fn token_ids_outside_the_vocabulary_are_an_error() -> Result<()> {
     })
     .expect_err("token 300 with a vocabulary of 256")
     .to_string();
-    ensure!(err.contains("gpt") && err.contains("index out of range"), "{err}");
+    ensure!(
+        err.contains("gpt: shapes [[1, 8]]: token ids must lie in 0..256 (vocab_size); got 1..=300"),
+        "{err}"
+    );
     Ok(())
 }
 

@@ -191,6 +191,20 @@ impl Gpt {
                 ),
             });
         }
+        // Ids outside the embedding would fail deep in libtorch (on a GPU, as a device assert).
+        if tokens.numel() > 0 {
+            let (lo, hi) = (tokens.min().int64_value(&[]), tokens.max().int64_value(&[]));
+            if lo < 0 || hi >= self.cfg.vocab_size {
+                return Err(Error::Shape {
+                    op: "gpt",
+                    shapes: vec![size],
+                    msg: format!(
+                        "token ids must lie in 0..{} (vocab_size); got {lo}..={hi}",
+                        self.cfg.vocab_size
+                    ),
+                });
+            }
+        }
         let (b, d) = (size[0], self.cfg.head_dim());
         let (hq, hkv) = self.heads; // this rank's heads
         let tp = self.strategy.tensor_parallel();
