@@ -44,13 +44,49 @@ struct Inputs {
     grad_out: Option<Tensor>,
 }
 
-fn read(path: &Path) -> Result<Inputs> {
-    let named = Tensor::read_safetensors(path).with_context(|| {
-        format!(
-            "reading {} (a safetensors file: a missing, truncated or corrupt one is refused)",
+/// Checks that a safetensors file holds all the bytes its header describes: an 8-byte header
+/// length, the JSON header, then the tensors' data up to the largest `data_offsets` end.
+fn check_length(path: &Path) -> Result<()> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let have = file.metadata()?.len();
+    let mut len = [0u8; 8];
+    let header_len = match file.read_exact(&mut len) {
+        Ok(()) => u64::from_le_bytes(len),
+        Err(_) => bail!("{} holds {have} bytes: too short for a safetensors file", path.display()),
+    };
+    if have < 8 + header_len {
+        bail!(
+            "{} is truncated or not a safetensors file: its header should take {header_len} bytes, the file \
+             holds {have}",
             path.display()
-        )
+        );
+    }
+    let mut header = vec![0u8; header_len as usize];
+    file.read_exact(&mut header)?;
+    let json: serde_json::Value = serde_json::from_slice(&header).with_context(|| {
+        format!("{} has a header that is not JSON: not a safetensors file", path.display())
     })?;
+    let data_end = json
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(_, t)| t.get("data_offsets")?.get(1)?.as_u64())
+        .max()
+        .unwrap_or(0);
+    if have < 8 + header_len + data_end {
+        bail!(
+            "{} is truncated: its tensors need {data_end} bytes after the header, the file holds {}",
+            path.display(),
+            have - 8 - header_len
+        );
+    }
+    Ok(())
+}
+
+fn read(path: &Path) -> Result<Inputs> {
+    check_length(path)?;
+    let named = Tensor::read_safetensors(path).with_context(|| format!("reading {}", path.display()))?;
     let take = |name: &str| named.iter().find(|(n, _)| n == name).map(|(_, t)| t.shallow_clone());
     let (q, k, v, grad_out) = (take("q"), take("k"), take("v"), take("grad_out"));
     let names: Vec<&str> = named.iter().map(|(n, _)| n.as_str()).collect();
