@@ -80,13 +80,10 @@ impl RingCore {
                 self.work.set(work);
                 let result =
                     out.f_transpose(1, 2).and_then(|o| o.f_to_kind(xs[0].kind())).op("ring_attention")?;
-                saved.set(Some(Saved {
-                    q: xs[0].shallow_clone(),
-                    k: xs[1].shallow_clone(),
-                    v: xs[2].shallow_clone(),
-                    out,
-                    lse,
-                }));
+                // A strided input is a view of a larger buffer (the model's v is a slice of
+                // its fused qkv projection): keep a compact copy, not the whole buffer.
+                let own = |x: &Tensor| x.f_contiguous().op("ring_attention");
+                saved.set(Some(Saved { q: own(&xs[0])?, k: own(&xs[1])?, v: own(&xs[2])?, out, lse }));
                 Ok(vec![result])
             },
             {
@@ -248,8 +245,8 @@ impl RingCore {
     }
 }
 
-/// What the forward keeps for the backward: its inputs (this rank's block only), the output
-/// and the log-sum-exp in f32.
+/// What the forward keeps for the backward: its inputs (this rank's block only, compact), the
+/// output and the log-sum-exp in f32.
 struct Saved {
     q: Tensor,
     k: Tensor,
