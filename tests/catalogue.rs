@@ -110,6 +110,9 @@ fn token_ids_outside_the_vocabulary_are_an_error() -> Result<()> {
     Ok(())
 }
 
+/// Writes one bad input file.
+type Writer<'a> = Box<dyn Fn() -> Result<()> + 'a>;
+
 #[test]
 fn bad_layer_files_are_refused_and_nothing_is_written() -> Result<()> {
     let dir = scratch("layer");
@@ -128,7 +131,7 @@ fn bad_layer_files_are_refused_and_nothing_is_written() -> Result<()> {
         ensure!(!out.status.success() && !output.exists(), "accepted, or wrote {}", output.display());
         Ok(stderr(&out))
     };
-    let cases: Vec<(Box<dyn Fn() -> Result<()>>, &[&str], &str)> = vec![
+    let cases: Vec<(Writer, &[&str], &str)> = vec![
         (
             Box::new(|| {
                 Tensor::write_safetensors(&[("q", &q), ("k", &kv), ("v", &kv)], &input)?;

@@ -18,28 +18,27 @@ fn mpirun(n: usize, mode: &str) -> Result<(bool, String, Duration)> {
     Ok((out.status.success(), text, start.elapsed()))
 }
 
-#[test]
-fn conformance_checks_pass_on_mpi_processes() -> Result<()> {
-    for n in [2usize, 4] {
-        let (ok, text, _) = mpirun(n, "conformance")?;
+/// The conformance checks in `mode` on each world size: every rank must pass all six.
+fn conformance(mode: &str, sizes: &[usize]) -> Result<()> {
+    for &n in sizes {
+        let (ok, text, _) = mpirun(n, mode)?;
         let passed =
             text.lines().filter(|l| l.contains(&format!("6 checks passed on {n} ranks (mpi)"))).count();
-        ensure!(ok && passed == n, "P={n}: {passed} ranks passed:\n{text}");
+        ensure!(ok && passed == n, "{mode} P={n}: {passed} ranks passed:\n{text}");
     }
     Ok(())
+}
+
+#[test]
+fn conformance_checks_pass_on_mpi_processes() -> Result<()> {
+    conformance("conformance", &[2, 4])
 }
 
 #[test]
 fn payloads_cut_into_small_messages_arrive_whole() -> Result<()> {
     // Every collective of the conformance checks with 61-byte messages: elements split across
     // messages, many messages per transfer, in order.
-    for n in [2usize, 3] {
-        let (ok, text, _) = mpirun(n, "conformance-chunked")?;
-        let passed =
-            text.lines().filter(|l| l.contains(&format!("6 checks passed on {n} ranks (mpi)"))).count();
-        ensure!(ok && passed == n, "P={n}: {passed} ranks passed:\n{text}");
-    }
-    Ok(())
+    conformance("conformance-chunked", &[2, 3])
 }
 
 /// Needs about 6 GiB of memory and a minute: `cargo test --features mpi --test mpi -- --ignored`.
