@@ -35,10 +35,11 @@ use super::OpKind;
 use crate::error::TorchResultExt;
 use crate::{Error, Result};
 
-/// Message tags: a header, the header its receiver expects (sent back), then the payload.
+/// Message tags: a header, the header its receiver expects (sent back), then the payload. (3 is
+/// kept for the payloads of started, non-blocking exchanges.)
 const HEADER: i32 = 1;
 const PAYLOAD: i32 = 2;
-const EXPECTED: i32 = 3;
+const EXPECTED: i32 = 4;
 
 /// The largest payload message by default: 1 GiB, below MPI's 32-bit count limit (2 GiB - 1).
 pub const MAX_MESSAGE_BYTES: usize = 1 << 30;
