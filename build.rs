@@ -1,8 +1,8 @@
 //! 1. Writes libtorch's library folder into the rpath of every binary, test and bench of this
 //!    package, so they run without LD_LIBRARY_PATH (tch's own build gives them none).
-//! 2. Compiles csrc/backward.cpp (the tape's autograd with given gradients) and csrc/cuda.cpp
-//!    (current device and stream, allocator statistics, through libtorch's accelerator API)
-//!    against the same libtorch headers and ABI as torch-sys.
+//! 2. Compiles csrc/backward.cpp (the tape's autograd from gradient edges with given gradients)
+//!    and csrc/cuda.cpp (current device and stream, allocator statistics, through libtorch's
+//!    accelerator API) against the same libtorch headers and ABI as torch-sys.
 //! 3. Records the version of the libtorch it built against (ULYSSES_LIBTORCH_VERSION), which a
 //!    process compares with the libtorch it loads (`ulysses::device::check_libtorch`).
 

@@ -235,8 +235,9 @@ fn megatron_sp_keeps_a_pth_of_the_blocks_and_its_volume_does_not_shrink() -> Res
             Ok(out)
         })?;
         let (pu, nu) = (p as u64, n as u64);
-        // Megatron-SP: 2 all-gathers + 2 reduce-scatters of [b, N, h], forward and backward.
-        let megatron = 2 * 4 * b as u64 * nu * h * (pu - 1) / pu * es;
+        // Megatron-SP: 2 all-gathers + 2 reduce-scatters of [b, N, h] forward; backward their
+        // adjoints and, as Megatron-LM, the re-gather of the two column-parallel linears' inputs.
+        let megatron = (4 + 6) * b as u64 * nu * h * (pu - 1) / pu * es;
         // Ulysses: 2 x (2Nh + 2N H_kv d)(P-1)/P^2.
         let ulysses = 2 * b as u64 * (2 * nu * h + 2 * nu * h) * (pu - 1) / (pu * pu) * es;
         ensure!(sent.iter().all(|s| s.1 == megatron), "Megatron-SP P={p}: {:?}, expected {megatron}", sent);

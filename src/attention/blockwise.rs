@@ -216,7 +216,10 @@ impl Blockwise<'_> {
         let f = || -> Result<(Tensor, Tensor, Tensor), tch::TchError> {
             let (q, k, v) = (&upcast(q)?, &upcast(k)?, &upcast(v)?);
             let scores = self.masked_scores(q, k, (q0, nq), (k0, nk))?;
-            // p = exp(scores - lse): the final probabilities (hidden entries give 0)
+            // p = exp(scores - lse): the final probabilities (hidden entries give 0). A row that
+            // saw no key at all has lse -inf and no probability: +inf there keeps -inf - (-inf)
+            // (NaN) out of it.
+            let lse = lse.f_where_scalarother(&lse.f_isfinite()?, f64::INFINITY)?;
             let p = scores.f_sub(&lse.f_unsqueeze(-1)?)?.f_exp()?;
             let dv = p.f_transpose(-2, -1)?.f_matmul(dout)?; // [b, h, nk, d]
             let dp = dout.f_matmul(&v.f_transpose(-2, -1)?)?; // [b, h, nq, nk]
@@ -263,9 +266,17 @@ fn softmax_with_lse(scores: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor), tch
     let safe_max = max.f_where_scalarother(&max.f_isfinite()?, 0.0)?;
     let p = scores.f_sub(&safe_max)?.f_exp()?;
     let sum = p.f_sum_dim_intlist([-1i64].as_slice(), true, p.kind())?;
-    let out = p.f_matmul(v)?.f_div(&sum.f_clamp_min(f64::MIN_POSITIVE)?)?;
+    let out = p.f_matmul(v)?.f_div(&nonzero(&sum)?)?;
     let lse = safe_max.f_add(&sum.f_log()?)?.f_squeeze_dim(-1)?;
     Ok((out, lse))
+}
+
+/// A softmax denominator with its empty rows (sum 0: every score -inf) replaced by 1, so that
+/// they divide 0 by 1 instead of 0 by 0. A row that sees a key sums to at least 1 (its maximum
+/// contributes e^0), so nothing else changes. (Clamping to `f64::MIN_POSITIVE` does not work:
+/// it rounds to 0 in f32, and 0/0 is NaN.)
+fn nonzero(sum: &Tensor) -> Result<Tensor, tch::TchError> {
+    sum.f_where_scalarother(&sum.f_gt(0.0)?, 1.0)
 }
 
 /// The merge of two partial attentions of the same queries over disjoint keys:
@@ -281,7 +292,7 @@ pub(crate) fn merge(
     let out = oa
         .f_mul(&wa.f_unsqueeze(-1)?)?
         .f_add(&ob.f_mul(&wb.f_unsqueeze(-1)?)?)?
-        .f_div(&s.f_clamp_min(f64::MIN_POSITIVE)?.f_unsqueeze(-1)?)?;
+        .f_div(&nonzero(&s)?.f_unsqueeze(-1)?)?;
     Ok((out, m.f_add(&s.f_log()?)?))
 }
 

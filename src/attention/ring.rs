@@ -86,13 +86,10 @@ impl RingCore {
                 self.work.set(work);
                 let result =
                     out.f_transpose(1, 2).and_then(|o| o.f_to_kind(xs[0].kind())).op("ring_attention")?;
-                saved.set(Some(Saved {
-                    q: xs[0].shallow_clone(),
-                    k: xs[1].shallow_clone(),
-                    v: xs[2].shallow_clone(),
-                    out,
-                    lse,
-                }));
+                // A strided input is a view of a larger buffer (the model's v is a slice of
+                // its fused qkv projection): keep a compact copy, not the whole buffer.
+                let own = |x: &Tensor| x.f_contiguous().op("ring_attention");
+                saved.set(Some(Saved { q: own(&xs[0])?, k: own(&xs[1])?, v: own(&xs[2])?, out, lse }));
                 Ok(vec![result])
             },
             {
@@ -107,6 +104,19 @@ impl RingCore {
             },
         )?;
         out.into_iter().next().ok_or_else(|| Error::Tape { op: "ring_attention", msg: "no output".into() })
+    }
+
+    /// The forward ring without autograd, with the log-sum-exp.
+    ///
+    /// # Shapes
+    /// As [`forward`](RingCore::forward); lse `[b, s, Hq]` in f32 (f64 for f64).
+    pub fn forward_lse(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let _no_grad = tch::no_grad_guard();
+        let (out, lse, work) = self.ring_forward(q, k, v, 1.0 / (q.size()[3] as f64).sqrt())?;
+        self.work.set(work);
+        // [b, Hq, s, d] -> [b, s, Hq, d]; [b, Hq, s] -> [b, s, Hq]
+        let out = out.f_transpose(1, 2).and_then(|o| o.f_to_kind(q.kind())).op("ring_attention")?;
+        Ok((out, lse.f_transpose(1, 2).op("ring_attention")?))
     }
 
     /// A copy without the work counter, for the backward closure.
@@ -260,8 +270,8 @@ impl RingCore {
     }
 }
 
-/// What the forward keeps for the backward: its inputs (this rank's block only), the output
-/// and the log-sum-exp in f32.
+/// What the forward keeps for the backward: its inputs (this rank's block only, compact), the
+/// output and the log-sum-exp in f32.
 struct Saved {
     q: Tensor,
     k: Tensor,
@@ -345,6 +355,11 @@ impl SequenceParallel for RingAttention {
     fn forward(&self, tape: &Tape, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         check_local("ring", &self.layout, self.rank(), self.heads, self.kv_heads, q, k, v)?;
         self.core.forward(tape, q, k, v)
+    }
+
+    fn forward_lse(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        check_local("ring", &self.layout, self.rank(), self.heads, self.kv_heads, q, k, v)?;
+        self.core.forward_lse(q, k, v)
     }
 }
 

@@ -41,7 +41,7 @@ pub use group::{Group, GroupInfo};
 pub use launch::{launch, LocalLaunch, RankCtx};
 pub use mesh::{Mesh, MeshShape};
 #[cfg(feature = "mpi")]
-pub use mpi::MpiLaunch;
+pub use mpi::{MpiLaunch, MAX_MESSAGE_BYTES};
 pub use mpirun::{mpirun_command, mpirun_command_with, untag};
 #[cfg(feature = "nccl")]
 pub use nccl::{driver_version, nccl_available, nccl_group, pci_bus_id};

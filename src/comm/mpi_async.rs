@@ -8,8 +8,8 @@
 //! (MPI pairs messages of one tag between two ranks in the order they were posted, and every
 //! rank starts its exchanges in the same order). [`Pending::wait`] tests the requests until all
 //! complete; like every MPI wait it gives up after the timeout by reporting and aborting the job
-//! (MPI cannot take back a posted request). Payloads go in pieces of at most 1 GiB (an MPI
-//! count is a 32-bit int).
+//! (MPI cannot take back a posted request). Payloads go in pieces of at most the
+//! endpoint's `max_message` bytes, as blocking exchanges do (an MPI count is a 32-bit int).
 //!
 //! How much overlaps depends on MPI's progress: OpenMPI moves large messages when either side
 //! calls into MPI, so the transfer advances during other collectives and the final wait.
@@ -27,8 +27,6 @@ use crate::{Error, Result};
 
 /// The tag of started payloads (blocking exchanges use 1 and 2).
 const ASYNC: i32 = 3;
-/// The largest piece of one message.
-const PIECE: usize = 1 << 30;
 
 /// A contiguous CPU tensor's bytes, for a request that outlives this call.
 ///
@@ -95,7 +93,7 @@ pub(super) fn start(
         // (unwritten: a fresh contiguous copy or the caller's input, which the caller must not
         // write until waiting) until every request is complete.
         let data = unsafe { bytes_static(&t) };
-        for piece in data.chunks(PIECE) {
+        for piece in data.chunks(ep.max_message) {
             let to = ep.comm.process_at_rank(j as i32);
             pending.requests.push((j, to.immediate_send_with_tag(StaticScope, piece, ASYNC)));
         }
@@ -106,7 +104,7 @@ pub(super) fn start(
         // SAFETY: `buf` is contiguous on the CPU, owned by `pending` until the requests complete,
         // and only MPI writes it meanwhile (the caller does not read a started receive).
         let data = unsafe { bytes_static_mut(&buf) };
-        for piece in data.chunks_mut(PIECE) {
+        for piece in data.chunks_mut(ep.max_message) {
             let from = ep.comm.process_at_rank(j as i32);
             pending.requests.push((j, from.immediate_receive_into_with_tag(StaticScope, piece, ASYNC)));
         }

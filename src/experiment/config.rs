@@ -433,6 +433,13 @@ impl ExperimentConfig {
                 ),
             ));
         }
+        // The data must fill one sequence of the longest length (an empty or short file).
+        if let Some(&n) = self.train.seq.iter().max() {
+            dataset
+                .batch(self.train.seed, 0, 0, 1, n)
+                .map(drop)
+                .map_err(|e| field_error("dataset", e.to_string()))?;
+        }
         // The driver only starts mpirun or srun; the ranks are processes of
         // `RunOptions::program`, which must be built with `--features mpi` (and `nccl`).
         if self.parallel.backend != Backend::Local {

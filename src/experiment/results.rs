@@ -13,11 +13,15 @@
 //!
 //! A folder that already holds a run is never overwritten: `resume` continues it (finished
 //! points are kept and skipped, the rows of an unfinished point dropped), anything else is an
-//! error here (the runner then picks a fresh `<folder>-N`).
+//! error here (the runner then picks a fresh `<folder>-N`). A run holds an exclusive lock on
+//! `<folder>/.lock` (`flock`, released when the process ends, however it ends), so a second
+//! run into a folder in use is refused instead of interleaving its rows. A write that fails (a
+//! full disk) leaves every file as it was after the last whole step: the CSV is cut back to its
+//! last whole row and the Parquet file is only replaced once its new version is complete.
 
 use std::collections::BTreeSet;
 use std::fs::File;
-use std::io::Write;
+use std::io::{Seek, Write};
 use std::path::{Path, PathBuf};
 
 use polars::prelude::*;
@@ -194,21 +198,70 @@ impl Table {
 
     fn append(&mut self, mut new: DataFrame) -> Result<()> {
         let header = self.df.height() == 0;
-        CsvWriter::new(&mut self.csv)
+        let csv_path = self.parquet.with_extension("csv");
+        // Both files are encoded in memory first, so that a failed write (a full disk) reports
+        // the system's reason and can be undone: the CSV is cut back to its last whole row
+        // (shrinking needs no space), and the Parquet file is replaced only by a whole new
+        // version, renamed over the old one.
+        let mut rows = Vec::new();
+        CsvWriter::new(&mut rows)
             .include_header(header)
             .finish(&mut new)
-            .map_err(|e| polars_error("csv", e))?;
-        self.csv.flush().map_err(|e| io_error(&self.parquet, e))?;
-        if header {
-            self.df = new;
-        } else {
-            self.df.vstack_mut_owned(new).map_err(|e| polars_error("append", e))?;
-        }
+            .map_err(|e| polars_error(&csv_path.display().to_string(), e))?;
+        let mut all =
+            if header { new } else { self.df.vstack(&new).map_err(|e| polars_error("append", e))? };
+        let mut bytes = Vec::new();
+        ParquetWriter::new(&mut bytes)
+            .finish(&mut all)
+            .map_err(|e| polars_error(&self.parquet.display().to_string(), e))?;
+        // The step goes into both files or into neither.
+        let whole = self.csv.metadata().map_err(|e| io_error(&csv_path, e))?.len();
         let tmp = self.parquet.with_extension("parquet.tmp");
-        let file = File::create(&tmp).map_err(|e| io_error(&tmp, e))?;
-        ParquetWriter::new(file).finish(&mut self.df).map_err(|e| polars_error("parquet", e))?;
-        std::fs::rename(&tmp, &self.parquet).map_err(|e| io_error(&self.parquet, e))
+        let written = self
+            .csv
+            .write_all(&rows)
+            .and_then(|()| self.csv.flush())
+            .map_err(|e| io_error(&csv_path, e))
+            .and_then(|()| std::fs::write(&tmp, &bytes).map_err(|e| io_error(&tmp, e)))
+            .and_then(|()| std::fs::rename(&tmp, &self.parquet).map_err(|e| io_error(&self.parquet, e)));
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+            let _ = self.csv.set_len(whole);
+            let _ = self.csv.seek(std::io::SeekFrom::Start(whole));
+            return written;
+        }
+        self.df = all;
+        Ok(())
     }
+}
+
+/// Takes the exclusive lock of the output folder `dir`, or says that another run holds it.
+fn lock(dir: &Path) -> Result<File> {
+    let path = dir.join(".lock");
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| io_error(&path, e))?;
+    #[cfg(unix)]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock takes the descriptor of `file`, which is open for the whole call, and
+        // touches no memory.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = std::io::Error::last_os_error();
+            let msg = if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                "this folder is in use by another run (it holds .lock); wait for that run to end, or set \
+                 another `output`"
+                    .to_string()
+            } else {
+                format!("cannot lock {}: {e}", path.display())
+            };
+            return Err(Error::InvalidArgument { op: "results", group: dir.display().to_string(), msg });
+        }
+    }
+    Ok(file)
 }
 
 /// Reads a Parquet table of an output folder.
@@ -221,6 +274,8 @@ pub fn read_table(dir: &Path, name: &str) -> Result<DataFrame> {
 /// The output folder of a run.
 pub struct Results {
     dir: PathBuf,
+    /// The folder's lock, held while this value lives (see the module doc).
+    _lock: File,
     steps: Table,
     comm: Table,
     points: Table,
@@ -231,6 +286,8 @@ impl Results {
     /// Opens `dir` for a run of the config `config_toml`: a new folder (or one without a run),
     /// or, with `resume`, the same config's earlier run, keeping its finished points.
     pub fn open(dir: &Path, config_toml: &str, meta_toml: &str, resume: bool) -> Result<Results> {
+        std::fs::create_dir_all(dir).map_err(|e| io_error(dir, e))?;
+        let lock = lock(dir)?;
         let config_path = dir.join("config.toml");
         let mut completed = BTreeSet::new();
         let mut kept: [DataFrame; 3] = [DataFrame::empty(), DataFrame::empty(), DataFrame::empty()];
@@ -271,7 +328,6 @@ impl Results {
                 }
             }
         } else {
-            std::fs::create_dir_all(dir).map_err(|e| io_error(dir, e))?;
             std::fs::write(&config_path, config_toml).map_err(|e| io_error(&config_path, e))?;
         }
         let meta = dir.join("meta.toml");
@@ -279,6 +335,7 @@ impl Results {
         let [steps, comm, points] = kept;
         Ok(Results {
             dir: dir.to_path_buf(),
+            _lock: lock,
             steps: Table::create(dir, StepRow::TABLE, steps)?,
             comm: Table::create(dir, CommRow::TABLE, comm)?,
             points: Table::create(dir, PointRow::TABLE, points)?,

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod checks;
+pub mod parity;
 
 use tch::{Device, Kind, Tensor};
 

@@ -11,7 +11,6 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use ulysses::attention::{Kernel, Mask};
 use ulysses::experiment::{run, ExperimentConfig, RunOptions};
 
 #[derive(Parser)]
@@ -49,31 +48,16 @@ enum Command {
         #[arg(long, default_value_t = 2)]
         batch: i64,
     },
-    /// Run one Ulysses attention layer on P ranks (threads) on the q, k, v of a safetensors file
-    /// and write the output and the input gradients to another, to compare with any other
-    /// implementation (a PyTorch script: scripts/compare_layer.py).
+    /// Run one attention layer of any strategy on P ranks (threads) on the q, k, v of a
+    /// safetensors file and write the output and the input gradients (and the log-sum-exp) to
+    /// another, to compare with any other implementation (a PyTorch script:
+    /// scripts/compare_layer.py).
     ///
     /// Input tensors: `q` [b, N, H, d]; `k`, `v` [b, N, H_kv, d]; optionally `grad_out`
     /// [b, N, H, d], the gradient of the output (default: ones, the gradient of out.sum()).
     /// Output tensors, in q's dtype and the inputs' layout: `out` [b, N, H, d], `grad_q`,
-    /// `grad_k`, `grad_v`.
-    Layer {
-        /// The safetensors file with q, k, v (and grad_out).
-        #[arg(long)]
-        input: PathBuf,
-        /// Where to write out, grad_q, grad_k, grad_v.
-        #[arg(long)]
-        output: PathBuf,
-        /// Sequence-parallel ranks (threads).
-        #[arg(long, default_value_t = 4)]
-        ranks: usize,
-        /// Attention kernel: math, sdpa or blocked.
-        #[arg(long, default_value = "sdpa")]
-        kernel: Kernel,
-        /// Mask: none, causal, window:W, sparse:B,L,G or sparse-causal:B,L,G.
-        #[arg(long, default_value = "causal")]
-        mask: Mask,
-    },
+    /// `grad_k`, `grad_v`; with --lse, `lse` [b, N, H] in f32 (f64 for f64 inputs).
+    Layer(layer::LayerArgs),
     /// Time forward + backward (+ gradient sync) steps of the GPT on P ranks (threads), and
     /// report the step time, tokens/s and the process's memory.
     Step(step::StepArgs),
@@ -233,9 +217,7 @@ fn main() -> Result<()> {
         Command::Demo { ranks, backend, seq, heads, head_dim, batch } => {
             demo::run(backend, ranks, seq, heads, head_dim, batch)
         }
-        Command::Layer { input, output, ranks, kernel, mask } => {
-            layer::run(&input, &output, ranks, kernel, mask)
-        }
+        Command::Layer(args) => layer::run(&args),
         Command::Step(args) => step::run(&args),
         Command::Run { config, resume, report, output } => experiment(&config, resume, report, output),
         Command::Submit(args) => submit::run(&args),
