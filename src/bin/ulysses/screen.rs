@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Result;
-use ulysses::experiment::format::{bytes, plain, seconds, text_table};
+use ulysses::experiment::format::{self, bytes, plain, seconds, text_table};
 use ulysses::experiment::Report;
 use ulysses::polars::prelude::*;
 
@@ -79,17 +79,23 @@ pub fn print(
     println!("\nNext:");
     for (cmd, what) in [
         (format!("./scripts/ulysses report {}", dir.display()), report),
-        (
-            "./scripts/ulysses run experiments/e6_comm_volume.toml --report".into(),
-            "bytes per rank as P grows (§3.2)",
-        ),
+        match name {
+            "e6_comm_volume" => (
+                "./scripts/ulysses run experiments/e1_throughput_toy.toml --report".into(),
+                "throughput as the sequence grows (§4.1)",
+            ),
+            _ => (
+                "./scripts/ulysses run experiments/e6_comm_volume.toml --report".into(),
+                "bytes per rank as P grows (§3.2)",
+            ),
+        },
         ("ls experiments/".into(), "the paper's experiments E1-E6, at toy and paper scale"),
         (
             "./scripts/notebooks.sh --lab".into(),
             "notebooks: collectives, the Ulysses layer step by step, volume",
         ),
     ] {
-        println!("  {cmd:<64} {what}");
+        println!("  {cmd:<66} {what}");
     }
     Ok(())
 }
@@ -121,23 +127,23 @@ fn findings(points: &DataFrame) -> Result<Vec<String>> {
     if let Some(((p, _, n), rows)) = compared {
         let Some(&u) = rows.iter().find(|&&i| strategy[i] == "ulysses") else { return Ok(lines) };
         let others: Vec<usize> = rows.iter().copied().filter(|&i| i != u).collect();
-        let against = |v: &[f64], f: &dyn Fn(f64) -> String| {
+        let ratios = |v: &[f64], show: &dyn Fn(f64) -> String| {
             let list: Vec<String> = others
                 .iter()
-                .map(|&i| format!("{} {} ({:.2}x)", strategy[i], f(v[i]), v[i] / v[u]))
+                .map(|&i| format!("{} {} ({:.2}x)", strategy[i], show(v[i]), v[i] / v[u]))
                 .collect();
             list.join(", ")
         };
         lines.push(format!(
-            "At seq {} on {p} ranks: ulysses sends {} per rank and step; {}.",
+            "At seq {} on {p} ranks, per rank and step, ulysses sends {}; {}.",
             plain(*n as f64),
             bytes(sent[u]),
-            against(&sent, &bytes)
+            ratios(&sent, &bytes)
         ));
         lines.push(format!(
-            "Step time: ulysses {:.1} ms; {} (ranks as threads share memory: on a network the bytes weigh more).",
-            ms[u],
-            against(&ms, &|v| format!("{v:.1} ms"))
+            "Step time: ulysses {} ms; {}\n(ranks as threads share memory here: on a network the bytes weigh more).",
+            format::ms(ms[u]),
+            ratios(&ms, &|v| format!("{} ms", format::ms(v)))
         ));
     }
     // The same loss at every shared point: the strategies compute the same model.
@@ -151,7 +157,9 @@ fn findings(points: &DataFrame) -> Result<Vec<String>> {
         })
         .fold(None, |acc: Option<f64>, s| Some(acc.map_or(s, |a| a.max(s))));
     if let Some(spread) = spread {
-        lines.push(if spread <= 1e-4 {
+        lines.push(if spread == 0.0 {
+            "The strategies reach the same loss at every shared point, bit for bit.".to_string()
+        } else if spread <= 1e-4 {
             format!("The strategies reach the same loss at every shared point (largest relative difference {spread:.1e}).")
         } else {
             format!("The strategies' losses differ by up to {spread:.1e} (relative) at a shared point: compare them in the steps table.")
