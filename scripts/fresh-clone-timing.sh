@@ -10,6 +10,7 @@
 #   scripts/fresh-clone-timing.sh --fresh-toolchain    # also an empty rustup home: rustup installs Rust
 #   scripts/fresh-clone-timing.sh --no-notebooks       # the test command without the notebooks
 #   scripts/fresh-clone-timing.sh --work DIR           # where it all goes (default /tmp/ulysses-fresh-<time>)
+#   scripts/fresh-clone-timing.sh --dry-run            # clone, print the environment and the commands, stop
 #
 # Writes into the work folder: clone/ (the checkout, its target/ and results/), home/ (HOME,
 # CARGO_HOME, the caches), logs/*.log (each command's output, every line prefixed with the
@@ -23,6 +24,7 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 ref=HEAD
 fresh_toolchain=0
 notebooks=1
+dry_run=0
 work=/tmp/ulysses-fresh-$(date +%Y%m%dT%H%M%S)
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -30,7 +32,8 @@ while [ $# -gt 0 ]; do
     --fresh-toolchain) fresh_toolchain=1 ;;
     --no-notebooks) notebooks=0 ;;
     --work) work=$2; shift ;;
-    -h | --help) sed -n '2,24p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    --dry-run) dry_run=1 ;;
+    -h | --help) sed -n '2,25p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) echo "unknown option $1 (try --help)" >&2; exit 2 ;;
   esac
   shift
@@ -79,6 +82,13 @@ timed() {
 
 test_args=()
 [ "$notebooks" = 1 ] || test_args=(--no-notebooks)
+if [ "$dry_run" = 1 ]; then
+  env | grep -E '^(HOME|CARGO_HOME|RUSTUP_HOME|PATH|ULYSSES_CARGO_ARGS)=' | sort
+  echo "cargo: $(command -v cargo || echo 'none: the set-up will install Rust')"
+  echo "would run, in $work/clone: ./scripts/ulysses run experiments/quickstart.toml --report;" \
+    "./scripts/test.sh ${test_args[*]}; both again"
+  exit 0
+fi
 timed main_fresh ./scripts/ulysses run experiments/quickstart.toml --report
 timed test_fresh ./scripts/test.sh "${test_args[@]}"
 timed main_warm ./scripts/ulysses run experiments/quickstart.toml --report
