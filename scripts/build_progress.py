@@ -3,7 +3,7 @@
 and roughly how long is left, from a table of the same build measured on a 2-core machine.
 
     build_progress.py [--times TABLE] [--what TEXT] [--executable BIN] -- cargo build ARGS...
-    build_progress.py --from-timings cargo-timing.html --note TEXT > TABLE
+    build_progress.py --from-timings cargo-timing.html --note TEXT [--scale-to SECONDS] > TABLE
 
 Cargo gets `--message-format=json-render-diagnostics`: its JSON messages (stdout) say when each
 unit (a crate's library, a build script, a build script's run, a binary) has finished and whether
@@ -53,8 +53,9 @@ class Unit:
         self.chain = 0.0  # the longest path from this unit's start to the end of the build
 
 
-def from_timings(html_path, note):
-    """A table from cargo's timing report: its UNIT_DATA, every unit with what it waited for."""
+def from_timings(html_path, note, scale_to=None):
+    """A table from cargo's timing report: its UNIT_DATA, every unit with what it waited for;
+    with `scale_to`, every time multiplied so that the total is that many seconds."""
     text = open(html_path, encoding="utf-8").read()
     m = re.search(r"const UNIT_DATA = (\[.*?\]);\n", text, re.S)
     if not m:
@@ -68,8 +69,13 @@ def from_timings(html_path, note):
             deps.setdefault(v, []).append(u["i"])
         for v in u.get("unblocked_rmeta_units", []):
             rmeta_deps.setdefault(v, []).append(u["i"])
+    measured = float(total.group(1)) if total else None
+    k = scale_to / measured if scale_to and measured else 1.0
     print(f"# {note}")
-    print(f"# total_s={total.group(1) if total else '?'} jobs={jobs.group(1) if jobs else '?'} units={len(units)}")
+    if k != 1.0:
+        print(f"# times scaled by {k:.4f}: measured total {measured:.1f} s, scaled to {scale_to:.1f} s")
+    total_s = f"{measured * k:.1f}" if measured else "?"
+    print(f"# total_s={total_s} jobs={jobs.group(1) if jobs else '?'} units={len(units)}")
     print("# id\tpackage\ttarget\tduration_s\trmeta_s\tdeps\trmeta_deps")
     for u in sorted(units, key=lambda u: u["start"]):
         t = u["target"].strip()
@@ -82,10 +88,10 @@ def from_timings(html_path, note):
         else:  # ' ulysses "bin"', ' "test"', ...
             words = t.replace('"', "").split()
             target = " ".join(reversed(words)) if len(words) == 2 else t
-        frontend = [s[1]["end"] for s in (u.get("sections") or []) if s[0] == "frontend"]
+        frontend = [s[1]["end"] * k for s in (u.get("sections") or []) if s[0] == "frontend"]
         rmeta = f"{frontend[0]:.2f}" if frontend else "-"
         join = lambda ids: ";".join(str(i) for i in sorted(ids)) or "-"
-        print(f"{u['i']}\t{u['name']}\t{target}\t{u['duration']:.2f}\t{rmeta}\t"
+        print(f"{u['i']}\t{u['name']}\t{target}\t{u['duration'] * k:.2f}\t{rmeta}\t"
               f"{join(deps.get(u['i'], []))}\t{join(rmeta_deps.get(u['i'], []))}")
 
 
@@ -399,10 +405,11 @@ def main():
     ap.add_argument("--jobs", type=int, help="cores the estimate schedules on (default: the table's)")
     ap.add_argument("--from-timings", metavar="HTML", help="print a table made from a cargo --timings report")
     ap.add_argument("--note", default="", help="the table's first line (with --from-timings)")
+    ap.add_argument("--scale-to", type=float, help="with --from-timings: scale the times to this total (s)")
     ap.add_argument("cargo", nargs=argparse.REMAINDER, help="-- cargo build ...")
     args = ap.parse_args()
     if args.from_timings:
-        from_timings(args.from_timings, args.note)
+        from_timings(args.from_timings, args.note, args.scale_to)
         return 0
     cmd = args.cargo[1:] if args.cargo[:1] == ["--"] else args.cargo
     if not cmd:

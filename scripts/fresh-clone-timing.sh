@@ -76,6 +76,7 @@ timed() {
   set -e
   printf '%s\t%d\n' "$name" $((SECONDS - start)) >>"$times"
   cp -r target/cargo-timings/. "$work/cargo-timings/" 2>/dev/null || true
+  cp -r "$HOME/.cache/ulysses/evcxr-build/cargo-timings/." "$work/cargo-timings/" 2>/dev/null || true
   [ "$rc" = 0 ] || echo "=== $name FAILED (exit status $rc)"
   return 0
 }
