@@ -397,6 +397,36 @@ class Build:
             sys.stderr.flush()
 
 
+def self_test():
+    """Checks what the estimate rests on; run by scripts/test.sh."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    assert package_of("registry+https://github.com/rust-lang/crates.io-index#polars-core@0.55.2") == "polars-core"
+    assert package_of("path+file:///work/ulysses#0.1.0") == "ulysses"
+    assert package_of("path+file:///work/wt/newcomer#ulysses@0.1.0") == "ulysses"
+    lib = {"reason": "compiler-artifact", "package_id": "x#tch@0.24.0", "profile": {"test": False},
+           "target": {"kind": ["lib"], "name": "tch"}}
+    assert unit_of(lib) == ("tch", "lib")
+    assert unit_of({**lib, "target": {"kind": ["custom-build"], "name": "build-script-build"}}) == ("tch", "build-script")
+    assert unit_of({"reason": "build-script-executed", "package_id": "x#tch@0.24.0"}) == ("tch", "build-script-run")
+    assert unit_of({**lib, "target": {"kind": ["bin"], "name": "ulysses"}}) == ("tch", "bin ulysses")
+    for name in ("cli.tsv", "evcxr.tsv"):
+        units, total, jobs = read_table(os.path.join(here, "build-times", name))
+        assert units and total and jobs, name
+        # The replayed schedule of the whole table is the measured build within 15 % (cargo's own
+        # overhead is the rest), one core takes the sum of the durations, and nothing left is 0.
+        full = remaining(units, set(), {}, 0.0, jobs)
+        assert 0.85 * total <= full <= total * 1.01, (name, full, total)
+        serial = sum(u.duration for u in units.values())
+        assert abs(remaining(units, set(), {}, 0.0, 1) - serial) < 1e-6 * serial, name
+        assert remaining(units, set(units), {}, 0.0, jobs) == 0.0, name
+        # A unit that has run for longer than measured still counts as a little work left.
+        longest = max(units.values(), key=lambda u: u.duration)
+        done = {i for i in units if i != longest.uid and longest.uid not in units[i].deps}
+        assert remaining(units, done, {longest.uid: 0.0}, 2 * longest.duration, jobs) > 0.0, name
+    print("build_progress.py: self-test passed")
+    return 0
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--times", help="the measured table of this build (scripts/build-times/*.tsv)")
@@ -407,7 +437,10 @@ def main():
     ap.add_argument("--note", default="", help="the table's first line (with --from-timings)")
     ap.add_argument("--scale-to", type=float, help="with --from-timings: scale the times to this total (s)")
     ap.add_argument("cargo", nargs=argparse.REMAINDER, help="-- cargo build ...")
+    ap.add_argument("--self-test", action="store_true", help="check the parsing and the estimate, then exit")
     args = ap.parse_args()
+    if args.self_test:
+        return self_test()
     if args.from_timings:
         from_timings(args.from_timings, args.note, args.scale_to)
         return 0

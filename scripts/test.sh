@@ -39,10 +39,12 @@ step() {
   return 0
 }
 # On failure too, say where the time went up to the stage that failed.
-trap 'step ""; printf "%s\n" "${stages[@]}"; echo "total $((SECONDS - began)) s"' EXIT
+trap 'step ""; echo; echo "FAILED in the last stage below; where the time went:"; printf "%s\n" "${stages[@]}"' EXIT
 
-step "cargo fmt --check"
+step "cargo fmt --check; the scripts"
 cargo fmt --all -- --check
+for script in scripts/*.sh scripts/ulysses; do bash -n "$script"; done
+python3 "$repo/scripts/build_progress.py" --self-test
 # The two clippy runs share every dependency (only mpi and cudarc are extra); each checks this
 # crate's targets again under its own cfg.
 step "cargo clippy (features: mpi, nccl)"
