@@ -1,6 +1,6 @@
 //! Experiments: a declarative config (TOML), a runner that sweeps it and writes results as it
 //! goes (CSV and Parquet through polars), progress on a terminal or as plain lines, and a report
-//! with tables and plots (plotters); numbers in tables a person reads go through [`format`].
+//! with tables and plots (plotters).
 
 mod config;
 pub mod format;
