@@ -12,19 +12,10 @@ use ulysses::experiment::format::{self, bytes, plain, seconds, text_table};
 use ulysses::experiment::Report;
 use ulysses::polars::prelude::*;
 
-/// The columns of the table after a run without a report (the report's summary otherwise);
-/// every column stays in points.csv and points.parquet.
-const COLUMNS: [&str; 9] = [
-    "strategy",
-    "ranks",
-    "seq",
-    "median_step_ms",
-    "tokens_per_s",
-    "model_tflops",
-    "peak_mib_per_rank",
-    "bytes_sent_per_rank",
-    "final_loss",
-];
+/// Columns of the points table left off the screen after a run without a report (which shows
+/// its own summary): bookkeeping, and what the other columns imply. Every column stays in
+/// points.csv and points.parquet.
+const HIDDEN: [&str; 6] = ["point", "sp", "dp", "batch", "steps", "bytes_received_per_rank"];
 
 /// `path` relative to the working folder when it lies below it (`results/quickstart`).
 fn shown(path: &Path) -> PathBuf {
@@ -33,8 +24,8 @@ fn shown(path: &Path) -> PathBuf {
 }
 
 /// The screen after a run that took `elapsed`, or after a report, of the run in `dir` whose
-/// `points` table is given: the report's summary table (else the points' main columns), what
-/// it shows, the files, what to try next.
+/// `points` table is given: the report's summary table (else the points table but `HIDDEN`),
+/// what it shows, the files, what to try next.
 pub fn print(
     name: &str,
     dir: &Path,
@@ -53,13 +44,13 @@ pub fn print(
     }
     let table = match report {
         Some(r) => r.summary.clone(),
-        None => points.select(COLUMNS)?,
+        None => points.drop_many(HIDDEN),
     };
     println!("{}\n", text_table(&table));
     println!(
         "One row per point, medians over its measured steps: the slowest rank's step time, tokens/s and \
-         model TFLOP/s\n(6 x parameters x tokens + attention) of the whole job, peak memory above the model and \
-         bytes sent per rank\nand step, the last loss."
+         model TFLOP/s\n(6 x parameters x tokens + attention) of the whole job, peak memory and bytes sent per \
+         rank and step,\nthe last loss."
     );
     for line in findings(points)? {
         println!("{line}");
