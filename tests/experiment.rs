@@ -335,7 +335,8 @@ fn notebook_displays_render_tables_and_charts() -> Result<()> {
     for cell in ["<th>strategy</th>", "<th>P</th>", "<th>ms</th>", "<td>ulysses</td>", "<td>8</td>"] {
         ensure!(html.contains(cell), "{cell} missing from {html}");
     }
-    ensure!(html.contains("<td>1.500000</td>") && html.contains("<td>0.250000</td>"), "{html}");
+    // Numbers in the formats of experiment::format: a column named `ms` holds milliseconds.
+    ensure!(html.contains("<td>1.50</td>") && html.contains("<td>0.25</td>"), "{html}");
     ensure!(html.contains("<td>a&lt;b&amp;c</td>"), "not escaped: {html}");
     ensure!(html.find("ulysses") < html.find("a&lt;"), "rows out of order: {html}");
     ensure!(html.matches("<tr>").count() == 3, "a header and two rows: {html}");
@@ -352,5 +353,51 @@ fn notebook_displays_render_tables_and_charts() -> Result<()> {
         let err = chart.svg((320, 200)).err().map(|e| e.to_string()).unwrap_or_default();
         ensure!(err.contains("fonts-dejavu-core"), "{err}");
     }
+    Ok(())
+}
+
+/// What `ulysses run --report` leaves on the screen: the table in readable numbers (no
+/// full-precision floats), a finding computed from it, where the files are and what to try next;
+/// the files keep every digit.
+#[test]
+fn the_screen_after_a_run_reads_well_and_says_what_next() -> Result<()> {
+    let dir = scratch("screen");
+    std::fs::write(
+        dir.join("screen.toml"),
+        toy("screen", r#"["ulysses", "megatron_sp"]"#, "[2]", "[256]", 2),
+    )?;
+    let out = Command::new(env!("CARGO_BIN_EXE_ulysses"))
+        .args(["run", "screen.toml", "--report"])
+        .current_dir(&dir)
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    for says in [
+        "screen: 2 points in",
+        "median_step_ms",
+        "ulysses sends",
+        "megatron_sp",
+        "x)",
+        "same loss",
+        "results/screen/{points,steps,comm}.{csv,parquet}",
+        "Plots (SVG and PNG) in results/screen/plots",
+        "Next:",
+        "./scripts/ulysses report results/screen",
+        "notebooks.sh",
+    ] {
+        ensure!(text.contains(says), "{says:?} missing from:\n{text}");
+    }
+    // No number with more than four significant decimals on the screen (the issue's
+    // `180.010365`; TFLOP/s such as `0.00631` have three).
+    let long = text.split(|c: char| !(c.is_ascii_digit() || c == '.')).find(|w| {
+        w.split_once('.').is_some_and(|(i, f)| {
+            !i.is_empty() && f.chars().all(|c| c.is_ascii_digit()) && f.trim_start_matches('0').len() > 4
+        })
+    });
+    ensure!(long.is_none(), "{long:?} on the screen:\n{text}");
+    // The CSV keeps full precision: some step time there has more than four decimals.
+    let csv = std::fs::read_to_string(dir.join("results/screen/points.csv"))?;
+    ensure!(csv.split([',', '\n']).any(|w| w.split_once('.').is_some_and(|(_, f)| f.len() > 4)), "{csv}");
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

@@ -4,6 +4,7 @@
 //! and a report with tables and plots (plotters).
 
 mod config;
+pub mod format;
 mod launch;
 mod memory;
 mod plot;

@@ -21,39 +21,15 @@ use crate::{Error, Result};
 pub struct HtmlTable(pub DataFrame);
 
 impl HtmlTable {
-    /// The table as HTML: a header of column names, a row per row, numbers as polars prints them.
+    /// The table as HTML: a header of column names, a row per row, numbers in the formats of
+    /// [`format`](super::format) (the unit each column's name announces).
     pub fn html(&self) -> String {
-        let df = &self.0;
-        let mut html = String::from("<table>\n<thead><tr>");
-        for name in df.get_column_names() {
-            html.push_str(&format!("<th>{}</th>", escape(name)));
-        }
-        html.push_str("</tr></thead>\n<tbody>\n");
-        for i in 0..df.height() {
-            html.push_str("<tr>");
-            for value in df.get(i).unwrap_or_default() {
-                let text = match value {
-                    AnyValue::String(s) => s.to_string(),
-                    AnyValue::Float64(f) => format!("{f:.6}"),
-                    AnyValue::Float32(f) => format!("{f:.6}"),
-                    other => other.to_string(),
-                };
-                html.push_str(&format!("<td>{}</td>", escape(&text)));
-            }
-            html.push_str("</tr>\n");
-        }
-        html.push_str("</tbody>\n</table>");
-        html
+        super::format::html_table(&self.0)
     }
 
     pub fn evcxr_display(&self) {
         println!("EVCXR_BEGIN_CONTENT text/html\n{}\nEVCXR_END_CONTENT", self.html());
     }
-}
-
-/// Text as HTML: `&`, `<` and `>` escaped.
-fn escape(text: &str) -> String {
-    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
 /// A report: the summary table and the files written.

@@ -4,6 +4,7 @@ mod bench_a2a;
 mod demo;
 mod layer;
 mod ranks;
+mod screen;
 mod step;
 mod submit;
 
@@ -145,12 +146,8 @@ fn experiment(config: &std::path::Path, resume: bool, report: bool, output: Opti
     let opts =
         RunOptions { resume, base_dir: std::env::current_dir()?, program: Some(std::env::current_exe()?) };
     let summary = run(&cfg, &opts)?;
-    println!("{}", summary.points);
-    println!("{} in {:.1} s: {}", cfg.name, summary.elapsed.as_secs_f64(), summary.dir.display());
-    if report {
-        print_report(&summary.dir)?;
-    }
-    Ok(())
+    let report = report.then(|| ulysses::experiment::report(&summary.dir)).transpose()?;
+    screen::print(&cfg.name, &summary.dir, &summary.points, report.as_ref(), Some(summary.elapsed))
 }
 
 #[cfg(feature = "mpi")]
@@ -199,18 +196,14 @@ fn mpi_launch(ranks: usize, program: Option<PathBuf>, args: &[String]) -> Result
 }
 
 fn print_report(dir: &std::path::Path) -> Result<()> {
-    let r = ulysses::experiment::report(dir)?;
-    println!("{}", r.summary);
-    for f in &r.files {
-        println!("wrote {}", f.display());
-    }
-    Ok(())
+    let report = ulysses::experiment::report(dir)?;
+    let points = ulysses::experiment::read_table(dir, "points")?;
+    let name =
+        dir.file_name().map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into_owned());
+    screen::print(&name, dir, &points, Some(&report), None)
 }
 
 fn main() -> Result<()> {
-    // Show every column of the result tables (polars reads these once, at first display).
-    std::env::set_var("POLARS_FMT_MAX_COLS", "24");
-    std::env::set_var("POLARS_TABLE_WIDTH", "220");
     // CUDA, where this libtorch has it (harmless elsewhere).
     ulysses::device::load_cuda();
     match Cli::parse().command {
