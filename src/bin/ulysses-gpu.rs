@@ -155,7 +155,7 @@ fn gpt_stack(layers: i64, n: i64) -> Result<(f64, f64)> {
         model.forward_backward(&tokens, &labels)?;
         Ok(())
     })?;
-    Ok((n as f64 / s, cfg.train_flops(n, n, true) / s / 1e12))
+    Ok((n as f64 / s, cfg.train_flops(n, n, &Mask::Causal) / s / 1e12))
 }
 
 fn main() -> Result<()> {
