@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use tch::Kind;
 
+use super::predict::PredictSpec;
 use crate::attention::{AttentionConfig, Kernel, Mask, StrategyConfig};
 use crate::data::DatasetConfig;
 use crate::model::GptConfig;
@@ -33,6 +34,9 @@ pub struct ExperimentConfig {
     pub train: TrainSpec,
     #[serde(default)]
     pub dataset: DatasetConfig,
+    /// How `ulysses predict` models this experiment (cost model); see [`PredictSpec`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub predict: Option<PredictSpec>,
 }
 
 /// `[model]`: a preset, and any field of [`GptConfig`] to override in it.

@@ -1,9 +1,11 @@
 //! Experiments: a declarative config (TOML), a runner that sweeps it and writes results as it
 //! goes (CSV and Parquet through polars), progress on a terminal or as plain lines, and a report
-//! with tables and plots (plotters).
+//! with tables and plots (plotters); and the same tables predicted by the cost model
+//! (`ulysses predict`), side by side with the measured ones when both exist.
 
 mod config;
 mod plot;
+mod predict;
 mod progress;
 mod report;
 mod results;
@@ -11,6 +13,9 @@ mod run;
 
 pub use config::{AttentionSpec, Backend, ExperimentConfig, ModelSpec, ParallelSpec, Point, TrainSpec};
 pub use plot::{font_ready, Chart, Series, Svg};
+pub use predict::{
+    hardware_for, job_for, predict_experiment, predict_points, side_by_side, PredictSpec, Predicted,
+};
 pub use progress::Progress;
 pub use report::{report, HtmlTable, Report};
 pub use results::{read_table, CommRow, PointRow, Results, StepRow};

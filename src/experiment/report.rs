@@ -60,6 +60,8 @@ fn escape(text: &str) -> String {
 pub struct Report {
     pub summary: DataFrame,
     pub files: Vec<PathBuf>,
+    /// Measured against predicted, per hardware file, when predictions sit beside the run.
+    pub comparisons: Vec<(String, DataFrame)>,
 }
 
 fn polars_error(what: &str, e: PolarsError) -> Error {
@@ -94,6 +96,9 @@ fn series(map: BTreeMap<String, Vec<(f64, f64)>>) -> Vec<Series> {
 
 /// The summary and plots of the run in `dir`.
 pub fn report(dir: &Path) -> Result<Report> {
+    if super::predict::is_prediction(dir) {
+        return super::predict::report(dir);
+    }
     let points = read_table(dir, "points")?;
     let summary = points
         .select([
@@ -171,5 +176,5 @@ pub fn report(dir: &Path) -> Result<Report> {
         let chart = Chart { title: title.into(), x_label: x.into(), y_label: y.into(), series: lines };
         files.extend(chart.write(&plots.join(stem))?);
     }
-    Ok(Report { summary, files })
+    Ok(Report { summary, files, comparisons: super::predict::side_by_side(dir)? })
 }

@@ -1,8 +1,10 @@
 //! The `ulysses` command line: thin wrappers that parse arguments and call the library.
 
 mod bench_a2a;
+mod calibrate;
 mod demo;
 mod layer;
+mod predict;
 mod ranks;
 mod step;
 
@@ -88,7 +90,17 @@ enum Command {
         #[arg(long)]
         report: bool,
     },
-    /// Summarise a run's output folder: a table per point, summary.csv and plots (SVG, PNG).
+    /// Predict an experiment config with the cost model (tables, Parquet and plots beside the
+    /// run's, in <output>/predicted-<hardware>/), or one job given by flags with its breakdown.
+    Predict(predict::PredictArgs),
+    /// Measure this machine (GEMMs, fused attention, memory bandwidth, the local and MPI
+    /// backends' collectives) into a hardware file for the cost model. About a minute.
+    Calibrate(calibrate::CalibrateArgs),
+    /// One rank of calibrate's MPI measurement (what `ulysses calibrate` starts under mpirun).
+    #[command(hide = true)]
+    CalibrateComm,
+    /// Summarise a run's output folder: a table per point, summary.csv and plots (SVG, PNG);
+    /// measured against predicted when predictions sit beside it.
     Report {
         /// The output folder of a run.
         dir: PathBuf,
@@ -208,6 +220,9 @@ fn mpi_launch(ranks: usize, program: Option<PathBuf>, args: &[String]) -> Result
 fn print_report(dir: &std::path::Path) -> Result<()> {
     let r = ulysses::experiment::report(dir)?;
     println!("{}", r.summary);
+    for (hardware, table) in &r.comparisons {
+        println!("measured against {hardware}:\n{table}");
+    }
     for f in &r.files {
         println!("wrote {}", f.display());
     }
@@ -230,6 +245,9 @@ fn main() -> Result<()> {
         Command::Step(args) => step::run(&args),
         Command::Run { config, resume, report } => experiment(&config, resume, report),
         Command::Report { dir } => print_report(&dir),
+        Command::Predict(args) => predict::run(&args),
+        Command::Calibrate(args) => calibrate::run(&args),
+        Command::CalibrateComm => calibrate::comm_rank(),
         Command::Launch { ranks, program, args } => mpi_launch(ranks, program, &args),
         Command::BenchA2a { ranks, backend, mib, runs } => bench_a2a::run(backend, ranks, &mib, runs),
         Command::RunPoint { dir, point, base } => run_point(&dir, point, &base),
