@@ -297,3 +297,48 @@ fn ring_shifts(g: GroupRole, kv: i64, p: usize, es: i64) -> Vec<CommCall> {
         ),
     ]
 }
+
+/// Bytes rank `r` (SP rank) sends in one layer's (forward, backward) for one micro-batch.
+pub fn layer_bytes(job: &Job, r: usize) -> Result<(u64, u64)> {
+    let calls = layer_comm(job, r)?;
+    let sum = |phase: Phase| calls.iter().filter(|c| c.phase == phase).map(|c| c.sent).sum::<u64>();
+    Ok((sum(Phase::Forward), sum(Phase::Backward)))
+}
+
+/// DESIGN.md §2.2's closed forms for even shares (P divides N and the heads): bytes one rank
+/// sends per layer and sample, (forward, backward), with `es` bytes per element and the ring's
+/// dK/dV accumulators in f32. `None` for strategies without one (USP, one device). The exact
+/// counts above equal these whenever the shares are even (the tests check it).
+pub fn closed_form(
+    strategy: StrategyConfig,
+    n: i64,
+    h: i64,
+    kv_d: i64,
+    p: usize,
+    es: i64,
+) -> Option<(f64, f64)> {
+    let (n, h, kv, pf, es) = (n as f64, h as f64, kv_d as f64, p as f64, es as f64);
+    Some(match strategy {
+        // q, k, v and out each cross one all-to-all: (2Nh + 2N H_kv d)(P-1)/P^2; twice with the backward.
+        StrategyConfig::Ulysses => {
+            let f = (2.0 * n * h + 2.0 * n * kv) * (pf - 1.0) / (pf * pf) * es;
+            (f, f)
+        }
+        // 2 all-gathers + 2 reduce-scatters of [N, h]: 4Nh(P-1)/P, the same backward.
+        StrategyConfig::MegatronSp => {
+            let f = 4.0 * n * h * (pf - 1.0) / pf * es;
+            (f, f)
+        }
+        // K, V all-gathered: 2N H_kv d (P-1)/P; dK, dV reduce-scattered back.
+        StrategyConfig::AllGatherKv { .. } => {
+            let f = 2.0 * n * kv * (pf - 1.0) / pf * es;
+            (f, f)
+        }
+        // K, V pass P-1 times; backward again, plus the f32 dK, dV P times.
+        StrategyConfig::Ring { .. } => {
+            let block = 2.0 * n / pf * kv;
+            (block * (pf - 1.0) * es, block * ((pf - 1.0) * es + pf * 4.0))
+        }
+        StrategyConfig::Usp { .. } | StrategyConfig::Single => return None,
+    })
+}
