@@ -3,10 +3,13 @@
 # run the binary built here (cargo build --release --features nccl --bin ulysses-gpu, about
 # 5 MB), pointed at that machine's libtorch and NCCL. Prints one summary table; exits non-zero
 # if a check fails. Finishes within 5 minutes on an H100.
-#   scripts/gpu-check.sh [path/to/ulysses-gpu]
+#   scripts/gpu-check.sh [path/to/ulysses-gpu] [--calibrate hardware/h200-measured.toml]
+# With --calibrate it also measures the GPU for the cost model and prints the model's
+# prediction of each measured layer stack beside the measurement.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-bin=${1:-$repo/target/release/ulysses-gpu}
+bin=$repo/target/release/ulysses-gpu
+if [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; then bin=$1; shift; fi
 [ -x "$bin" ] || { echo "gpu-check: no $bin; build it with: cargo build --release --features nccl --bin ulysses-gpu" >&2; exit 2; }
 
 # libtorch (CPU and CUDA halves) from the machine's PyTorch.
@@ -22,4 +25,4 @@ export LD_LIBRARY_PATH="$torch_dir/lib:$links:${nccl_dir:+$nccl_dir:}${LD_LIBRAR
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
 python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
-exec timeout 300 "$bin"
+exec timeout 420 "$bin" "$@"

@@ -209,7 +209,7 @@ fn search_finds_a_fitting_setting_and_the_longest_sequence_grows_with_gpus() -> 
     let space = SearchSpace { sp: Vec::new(), micro_batch: vec![1, 2], ..SearchSpace::everything() };
     let base = paper_job(GptConfig::gpt_1_3b(), StrategyConfig::Ulysses, 16, 131072);
     let p = best(&base, &hw, &space)?;
-    ensure!(p.memory.fits && p.memory.peak_bytes <= p.memory.capacity_bytes, "{:?}", p.memory);
+    ensure!(p.memory.fits && p.memory.resident_bytes <= p.memory.capacity_bytes, "{:?}", p.memory);
     let only = SearchSpace {
         zero: vec![ZeroStage::new(3)?],
         checkpointing: vec![Checkpointing::Full],

@@ -7,6 +7,12 @@
 //! 3. the bf16 matmul peak (8192^3), and a forward + backward of the 1.3B GPT's layer stack at
 //!    8K and 32K tokens with SDPA (flash): tokens/s, model TFLOP/s and MFU against that peak;
 //! 4. one summary table. Exits non-zero if a check fails.
+//!
+//! With `--calibrate FILE` it also measures the GPU for the cost model (bf16 GEMMs of the 1.3B
+//! model's shapes and squares, flash attention forward + backward at head sizes 64 and 128 from
+//! 1K to 32K tokens, HBM bandwidth), writes a hardware file (the h200 preset's datasheet peaks and
+//! links, the measured efficiencies, its provenance), and prints the cost model's prediction of
+//! each measured layer stack beside the measurement.
 
 #[path = "../../tests/common/mod.rs"]
 mod common;
@@ -158,7 +164,84 @@ fn gpt_stack(layers: i64, n: i64) -> Result<(f64, f64)> {
     Ok((n as f64 / s, cfg.train_flops(n, n, &Mask::Causal) / s / 1e12))
 }
 
+/// Measures this GPU into a hardware file (see the module doc) and returns it.
+fn calibrate(out: &std::path::Path) -> Result<ulysses::cost::Hardware> {
+    use ulysses::cost::calibrate::{curve, measure_attention, measure_bandwidth, measure_matmul};
+    use ulysses::cost::hardware::AttentionCurve;
+    let synced = || sync();
+    let mut hw = ulysses::cost::Hardware::load("h200")?;
+    let devices = tch::Cuda::device_count();
+    let peak = hw.peak_flops(ulysses::train::Precision::Bf16)?;
+    let mut shapes = vec![(1024, 1024, 1024), (2048, 2048, 2048), (4096, 4096, 4096), (8192, 8192, 8192)];
+    for m in [2048, 8192, 32768] {
+        for (k, n) in [(2048, 6144), (2048, 2048), (2048, 8192), (8192, 2048), (2048, 50304)] {
+            shapes.push((m, k, n));
+        }
+    }
+    let gemms = measure_matmul(GPU, Kind::BFloat16, &shapes, 10, &synced)?;
+    hw.efficiency.matmul = curve(&gemms, peak);
+    hw.efficiency.attention.clear();
+    for (d, heads) in [(64, 32), (128, 16)] {
+        let samples = measure_attention(
+            GPU,
+            Kind::BFloat16,
+            heads,
+            d,
+            &[1024, 2048, 4096, 8192, 16384, 32768],
+            5,
+            &synced,
+        )?;
+        hw.efficiency.attention.push(AttentionCurve { head_dim: d, points: curve(&samples, peak) });
+    }
+    let bw = measure_bandwidth(GPU, Kind::BFloat16, 1 << 30, 10, &synced)?;
+    hw.efficiency.memory_bound = (bw / (hw.device.memory_bandwidth_gbs * 1e9)).min(1.0);
+    hw.name = "h200-measured".into();
+    hw.description =
+        "One H200 measured by ulysses-gpu --calibrate (datasheet peaks and links from h200.toml)".into();
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    hw.provenance = Some(
+        [
+            ("unix_time", secs.to_string()),
+            ("command", std::env::args().collect::<Vec<_>>().join(" ")),
+            ("cuda_devices", devices.to_string()),
+            ("measured", "matmul, attention and memory_bound efficiencies; the rest is h200.toml".into()),
+            ("libtorch", "2.11.0".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect(),
+    );
+    let text = ulysses::cost::Hardware::parse(&hw.to_toml()?, "calibration")?.to_toml()?;
+    std::fs::write(
+        out,
+        format!("# Written by ulysses-gpu --calibrate: efficiencies measured on this GPU.\n{text}"),
+    )?;
+    Ok(hw)
+}
+
+/// The cost model's step time for one forward + backward of the 1.3B layer stack measured by
+/// [`gpt_stack`] (one device, bf16, flash attention, no checkpointing, no optimizer).
+fn predicted_stack(hw: &ulysses::cost::Hardware, layers: i64, n: i64) -> Result<f64> {
+    use ulysses::cost::{predict, Job};
+    use ulysses::train::{Checkpointing, ZeroStage};
+    let cfg = GptConfig { n_layer: layers, ..GptConfig::gpt_1_3b() };
+    let job = Job {
+        attention: AttentionConfig::new(Kernel::Sdpa, Mask::Causal),
+        checkpointing: Checkpointing::None,
+        zero: ZeroStage::NONE,
+        optimizer: false,
+        ..Job::new(cfg, ulysses::attention::StrategyConfig::Single, 1, n)
+    };
+    Ok(predict(&job, hw)?.step_s)
+}
+
 fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let calibrate_to = args
+        .iter()
+        .position(|a| a == "--calibrate")
+        .and_then(|i| args.get(i + 1))
+        .map(std::path::PathBuf::from);
     if !ulysses::device::load_cuda() {
         eprintln!("ulysses-gpu: no CUDA device is usable (is libtorch_cuda on LD_LIBRARY_PATH?)");
         std::process::exit(2);
@@ -183,11 +266,27 @@ fn main() -> Result<()> {
     let peak = matmul_peak();
     let peak_value = peak.as_ref().ok().copied();
     check("bf16 matmul 8192^3", peak.map(|t| format!("{t:.1} TFLOP/s (the peak below)")));
+    let hw = match &calibrate_to {
+        Some(path) => {
+            let r = calibrate(path);
+            let hw = r.as_ref().ok().cloned();
+            check("cost-model calibration", r.map(|h| format!("wrote {} ({})", path.display(), h.name)));
+            hw
+        }
+        None => None,
+    };
     for (layers, n) in [(24i64, 8192i64), (8, 32768)] {
         let name = format!("1.3B GPT, {layers} layers, N={n}, fwd+bwd");
-        let r = gpt_stack(layers, n).map(|(tps, tf)| {
+        let r = gpt_stack(layers, n).and_then(|(tps, tf)| {
             let mfu = peak_value.map_or(String::from("n/a"), |p| format!("{:.1}%", 100.0 * tf / p));
-            format!("{tps:.0} tokens/s, {tf:.1} model TFLOP/s, MFU {mfu}")
+            let predicted = match &hw {
+                Some(hw) => {
+                    let s = predicted_stack(hw, layers, n)?;
+                    format!(", cost model {:.1} ms vs measured {:.1} ms", s * 1e3, n as f64 / tps * 1e3)
+                }
+                None => String::new(),
+            };
+            Ok(format!("{tps:.0} tokens/s, {tf:.1} model TFLOP/s, MFU {mfu}{predicted}"))
         });
         check(&name, r);
     }

@@ -223,3 +223,87 @@ pub fn link_from_samples(samples: &[CommSample]) -> Result<super::hardware::Link
             .collect(),
     })
 }
+
+/// Bytes the allocator holds for live allocations (glibc: in-use arena bytes plus mmapped
+/// chunks), the host's counterpart of a device allocator's allocated bytes.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+pub fn live_bytes() -> f64 {
+    // SAFETY: mallinfo2 takes no pointer and only reads glibc's own counters.
+    let m = unsafe { libc::mallinfo2() };
+    (m.uordblks + m.hblkhd) as f64
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub fn live_bytes() -> f64 {
+    f64::NAN
+}
+
+fn status_bytes(field: &str) -> Option<f64> {
+    let text = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: f64 = text.lines().find(|l| l.starts_with(field))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024.0)
+}
+
+/// The host allocator on a reference training step, one thread: a 2-layer GPT (h = 64, the tiny
+/// preset) on one device, `n` tokens, f32. Returns (workspace bytes the first step allocates
+/// and keeps beyond the gradients, resident peak / live peak of a later step). The live peak
+/// is sampled every 20 us by a second thread.
+pub fn measure_step_memory(n: i64) -> Result<(f64, f64)> {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    use crate::attention::{AttentionConfig, SingleDevice};
+    use crate::model::{shift_labels, Gpt, GptConfig};
+
+    let cfg = GptConfig::tiny();
+    let attention = AttentionConfig::default();
+    let model = Gpt::new(
+        &cfg,
+        Box::new(SingleDevice::new(attention.build()?, n, cfg.n_head, cfg.n_kv_head)?),
+        Kind::Float,
+        Device::Cpu,
+    )?;
+    let tokens = Tensor::f_arange(n, (Kind::Int64, Device::Cpu))
+        .and_then(|t| t.f_remainder(cfg.vocab_size))
+        .and_then(|t| t.f_reshape([1, n]))
+        .op("calibrate")?;
+    let labels = shift_labels(&tokens)?;
+    let (peak, stop) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)));
+    let sampler = {
+        let (peak, stop) = (Arc::clone(&peak), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                peak.fetch_max(live_bytes() as u64, Ordering::Relaxed);
+                std::thread::sleep(std::time::Duration::from_micros(20));
+            }
+        })
+    };
+    let before = live_bytes();
+    model.forward_backward(&tokens, &labels)?;
+    let grads = (model.params().numel() * 4) as f64;
+    let workspace = (live_bytes() - before - grads).max(0.0);
+    // A later step: resident and live peaks above its start.
+    model.zero_grad();
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim takes no pointer and only walks glibc's own arenas.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+    let reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
+    let (live0, rss0) = (live_bytes(), status_bytes("VmRSS:").unwrap_or(f64::NAN));
+    peak.store(0, Ordering::Relaxed);
+    model.forward_backward(&tokens, &labels)?;
+    let rss_peak = status_bytes("VmHWM:").unwrap_or(f64::NAN);
+    stop.store(true, Ordering::Relaxed);
+    let _ = sampler.join();
+    let live_peak = peak.load(Ordering::Relaxed) as f64 - live0;
+    let slack = (rss_peak - rss0) / live_peak;
+    if !reset || !(slack.is_finite() && live_peak > 0.0) {
+        return Err(Error::InvalidArgument {
+            op: "calibrate",
+            group: "memory".into(),
+            msg: format!("cannot read the allocator's peaks here (live peak {live_peak} B, slack {slack}); needs Linux with glibc"),
+        });
+    }
+    Ok((workspace, slack.max(1.0)))
+}

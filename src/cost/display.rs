@@ -70,8 +70,9 @@ impl fmt::Display for Prediction {
         let m = &self.memory;
         writeln!(
             f,
-            "memory per GPU: peak {:.2} GiB of {:.2} GiB usable: {}",
+            "memory per GPU: peak {:.2} GiB live, {:.2} GiB resident, of {:.2} GiB usable: {}",
             m.peak_bytes / GIB,
+            m.resident_bytes / GIB,
             m.capacity_bytes / GIB,
             if m.fits { "fits" } else { "OUT OF MEMORY" }
         )?;

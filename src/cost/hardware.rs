@@ -63,8 +63,14 @@ pub struct Device {
     pub peak_tflops: BTreeMap<String, f64>,
     /// Memory one device has (GiB, 2^30 bytes).
     pub memory_gib: f64,
-    /// Memory held before the model exists (CUDA context, library workspaces, allocator slack).
+    /// Memory held before the model exists (CUDA context, communicator buffers).
     pub reserved_gib: f64,
+    /// Memory the kernel libraries allocate on a rank's first step and keep (cuBLAS workspace;
+    /// MKL's GEMM buffers on a CPU), GiB per rank.
+    pub workspace_gib: f64,
+    /// Resident memory per byte of live tensors at the peak: the allocator's slack (glibc's
+    /// arenas on a CPU; 1 where a caching allocator's slack is counted in `reserved_gib`).
+    pub allocator_slack: f64,
     /// Memory bandwidth (GB/s, 1e9 bytes).
     pub memory_bandwidth_gbs: f64,
 }
@@ -188,7 +194,7 @@ impl Hardware {
 
     /// The file as TOML.
     pub fn to_toml(&self) -> Result<String> {
-        toml::to_string_pretty(self).map_err(|e| bad(&self.name, e.to_string()))
+        toml::to_string(self).map_err(|e| bad(&self.name, e.to_string()))
     }
 
     /// Peak dense FLOP/s of one device for `precision`'s matmul dtype.
@@ -251,6 +257,12 @@ impl Hardware {
                 "device.reserved_gib = {} must lie in [0, memory_gib = {})",
                 d.reserved_gib, d.memory_gib
             ));
+        }
+        if !(d.workspace_gib.is_finite() && d.workspace_gib >= 0.0) {
+            return Err(format!("device.workspace_gib = {} must be zero or positive", d.workspace_gib));
+        }
+        if !(d.allocator_slack.is_finite() && d.allocator_slack >= 1.0) {
+            return Err(format!("device.allocator_slack = {} must be at least 1", d.allocator_slack));
         }
         if d.peak_tflops.is_empty() {
             return Err("device.peak_tflops must give at least one dtype (f32, bf16, f16, f64)".into());

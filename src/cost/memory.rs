@@ -67,9 +67,14 @@ pub struct MemoryReport {
     /// What the forward keeps for the backward, all layers (under checkpointing: block inputs).
     pub activations: Vec<Term>,
     /// The transient on top at the peak: the loss, one block's recomputation, one backward's
-    /// working set, ZeRO-3's gathered block, or the end-of-step reduction.
+    /// working set, ZeRO-3's gathered block, or the end-of-step reduction; and the kernel
+    /// libraries' workspace.
     pub transient: Vec<Term>,
+    /// Bytes of live tensors at the peak (as a device allocator's peak counts them).
     pub peak_bytes: f64,
+    /// Resident memory at the peak: the parameters, and everything allocated after them times
+    /// the allocator's slack. What must fit, and what a host's peak RSS measures.
+    pub resident_bytes: f64,
     /// What one rank may use: the device's memory less what the framework reserves (shared by
     /// the node's ranks on a CPU).
     pub capacity_bytes: f64,
@@ -81,10 +86,10 @@ impl MemoryReport {
         terms.iter().map(|t| t.bytes).sum()
     }
 
-    /// The peak above the parameters: what a run measures as its step's memory once the model
-    /// is built.
+    /// The resident peak above the parameters: what a run measures as its step's memory once
+    /// the model is built (peak RSS above the RSS after the build).
     pub fn above_parameters(&self) -> f64 {
-        self.peak_bytes - self.states.first().map_or(0.0, |t| t.bytes)
+        self.resident_bytes - self.states.first().map_or(0.0, |t| t.bytes)
     }
 
     /// Every term, for tables.
@@ -223,15 +228,24 @@ pub fn layer_activations(job: &Job, r: usize, device: DeviceKind) -> Result<Vec<
     Ok(v)
 }
 
-/// The largest transient of one layer's backward (gradients of its biggest tensors alive at
-/// once): an approximation, the larger of the MLP's and the attention's.
-fn backward_working_set(job: &Job, layer: &[Term]) -> f64 {
-    let pick = |key: &str| layer.iter().filter(|t| t.name.contains(key)).map(|t| t.bytes).sum::<f64>();
-    let mlp = pick("MLP in and GELU") + pick("residual after");
-    let attention = 2.0 * (pick("after the all-to-all") + pick("qkv projection") + pick("gathered"))
-        + pick("attention output");
-    let _ = job;
-    mlp.max(attention)
+/// The largest net growth over the saved activations while one layer runs backward: autograd
+/// frees each op's saved tensors right after the op, so the growth is about one gradient of the
+/// widest tensor plus the residual stream's gradient (MLP: one `[t, 4h]`; Ulysses' attention:
+/// the three q, k, v gradients before their all-to-all is inverted; Megatron-SP: the gathered
+/// `[N, h]` gradient; ring attention: its f32 dQ, dK, dV).
+fn backward_working_set(job: &Job, r: usize, device: DeviceKind) -> Result<f64> {
+    let c = &job.model;
+    let es = job.element_bytes();
+    let (b, n, p) = (job.micro_batch as f64, job.seq as f64, job.sp() as f64);
+    let (h, d, f) = (c.n_embd as f64, c.head_dim() as f64, (c.mlp_ratio * c.n_embd) as f64);
+    let tok = b * super::bytes::layout(job)?.len(r) as f64;
+    let a = attention_work(job, r, device)?;
+    let core = b * a.rows.max(tok) * a.heads as f64 * d; // one of q, k, v as the kernel sees it
+    Ok(match job.strategy {
+        StrategyConfig::MegatronSp => (b * n * f / p + b * n * h) * es,
+        StrategyConfig::Ring { .. } => ((tok * f + tok * h) * es).max(3.0 * tok * h * 4.0),
+        _ => ((tok * f + tok * h) * es).max(3.0 * core * es),
+    })
 }
 
 /// The memory report of global rank `r`.
@@ -264,7 +278,7 @@ pub fn memory(job: &Job, r: usize, hw: &Hardware) -> Result<MemoryReport> {
     // recomputed activations plus its backward's working set.
     let cast = if es < 4.0 { tok * v * 4.0 } else { 0.0 };
     let loss = (tok * v * es + cast).max(2.0 * tok * v * 4.0 + if es < 4.0 { tok * v * es } else { 0.0 });
-    let block = if full { layer_bytes } else { 0.0 } + backward_working_set(job, &layer);
+    let block = if full { layer_bytes } else { 0.0 } + backward_working_set(job, sp_rank, hw.device.kind)?;
     let mut transient = vec![if loss >= block {
         Term { name: "logits and loss gradients", bytes: loss }
     } else {
@@ -294,9 +308,11 @@ pub fn memory(job: &Job, r: usize, hw: &Hardware) -> Result<MemoryReport> {
         activations.clear();
         transient = vec![Term { name: "gradient reduction buffers (f32)", bytes: reduction }];
     }
+    let gib = (1u64 << 30) as f64;
+    transient.push(Term { name: "kernel library workspace", bytes: hw.device.workspace_gib * gib });
     let peak_bytes =
         MemoryReport::sum(&states) + MemoryReport::sum(&activations) + MemoryReport::sum(&transient);
-    let gib = (1u64 << 30) as f64;
+    let resident_bytes = pb + (peak_bytes - pb) * hw.device.allocator_slack;
     let mut capacity_bytes = (hw.device.memory_gib - hw.device.reserved_gib) * gib;
     if hw.node.shared_memory {
         capacity_bytes /= job.ranks.min(hw.node.devices_per_node) as f64;
@@ -306,7 +322,8 @@ pub fn memory(job: &Job, r: usize, hw: &Hardware) -> Result<MemoryReport> {
         activations,
         transient,
         peak_bytes,
+        resident_bytes,
         capacity_bytes,
-        fits: peak_bytes <= capacity_bytes,
+        fits: resident_bytes <= capacity_bytes,
     })
 }

@@ -121,8 +121,8 @@ pub fn best(base: &Job, hw: &Hardware, space: &SearchSpace) -> Result<Prediction
             }
         };
         if !p.memory.fits {
-            if smallest.as_ref().is_none_or(|s| p.memory.peak_bytes < s.0) {
-                smallest = Some((p.memory.peak_bytes, p.memory.capacity_bytes, job.describe()));
+            if smallest.as_ref().is_none_or(|s| p.memory.resident_bytes < s.0) {
+                smallest = Some((p.memory.resident_bytes, p.memory.capacity_bytes, job.describe()));
             }
             continue;
         }

@@ -149,7 +149,7 @@ pub fn predict(job: &Job, hw: &Hardware) -> Result<Prediction> {
     let mut worst: Option<MemoryReport> = None;
     for r in 0..job.sp() {
         let m = memory(job, r, hw)?;
-        if worst.as_ref().is_none_or(|w| m.peak_bytes > w.peak_bytes) {
+        if worst.as_ref().is_none_or(|w| m.resident_bytes > w.resident_bytes) {
             worst = Some(m);
         }
     }

@@ -15,6 +15,7 @@ pub use config::{AttentionSpec, Backend, ExperimentConfig, ModelSpec, ParallelSp
 pub use plot::{font_ready, Chart, Series, Svg};
 pub use predict::{
     hardware_for, job_for, predict_experiment, predict_points, side_by_side, PredictSpec, Predicted,
+    SUMMARY_COLUMNS,
 };
 pub use progress::Progress;
 pub use report::{report, HtmlTable, Report};

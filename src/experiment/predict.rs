@@ -46,6 +46,9 @@ pub struct PredictSpec {
     /// size (the paper's §4.4).
     #[serde(default)]
     pub max_seq: bool,
+    /// Whether steps update the weights with Adam (optimizer states in memory, the update in
+    /// time). Default: whether `[train.adamw]` is set.
+    pub optimizer: Option<bool>,
     /// What the paper reports for this experiment, printed beside the predictions.
     #[serde(default)]
     pub paper: String,
@@ -84,7 +87,7 @@ pub fn job_for(cfg: &ExperimentConfig, point: &Point) -> Result<Job> {
         precision,
         checkpointing: spec.checkpointing.unwrap_or_default(),
         zero: ZeroStage::new(spec.zero.unwrap_or(0)).map_err(|e| bad("predict.zero", e.to_string()))?,
-        optimizer: cfg.train.adamw.is_some(),
+        optimizer: spec.optimizer.unwrap_or(cfg.train.adamw.is_some()),
         backend: backend.into(),
         threads_per_rank: cfg.parallel.threads_per_rank,
         overlap: spec.overlap,
@@ -168,7 +171,8 @@ pub fn frame(rows: &[Predicted], hw: &Hardware) -> Result<DataFrame> {
         "megatron_mfu" => ok(&|p| p.megatron_mfu),
         "compute_ms" => ok(&|p| p.compute_s() * 1e3),
         "comm_exposed_ms" => ok(&|p| p.comm_exposed_s() * 1e3),
-        "peak_gib" => ok(&|p| p.memory.peak_bytes / (mib * 1024.0)),
+        "peak_gib" => ok(&|p| p.memory.resident_bytes / (mib * 1024.0)),
+        "live_peak_gib" => ok(&|p| p.memory.peak_bytes / (mib * 1024.0)),
         "peak_mib_per_rank" => ok(&|p| p.memory.above_parameters() / mib),
         "bytes_sent_per_rank" => ok(&|p| p.bytes_sent_per_rank),
         "fits" => rows.iter().map(|r| r.outcome.as_ref().ok().map(|p| p.memory.fits)).collect::<Vec<_>>(),
@@ -223,7 +227,7 @@ fn plots(dir: &Path, rows: &[Predicted]) -> Result<Vec<PathBuf>> {
     for r in rows {
         if let Ok(p) = &r.outcome {
             let key = format!("{} P={}", r.point.strategy.label(), r.point.ranks);
-            let gib = p.memory.peak_bytes / (1u64 << 30) as f64;
+            let gib = p.memory.resident_bytes / (1u64 << 30) as f64;
             lines.entry(key).or_default().push((
                 p.job.seq as f64,
                 p.tokens_per_s,
@@ -345,6 +349,25 @@ pub fn side_by_side(dir: &Path) -> Result<Vec<(String, DataFrame)>> {
     }
     Ok(out)
 }
+
+/// The columns `ulysses predict` and `ulysses report` print (every column is in the files).
+pub const SUMMARY_COLUMNS: [&str; 15] = [
+    "strategy",
+    "ranks",
+    "sp",
+    "dp",
+    "seq",
+    "batch",
+    "zero",
+    "checkpointing",
+    "median_step_ms",
+    "tokens_per_s",
+    "megatron_tflops_per_gpu",
+    "mfu",
+    "peak_gib",
+    "fits",
+    "status",
+];
 
 /// The report of a predictions folder: its points table (saved as summary.csv) and its plots.
 pub fn report(dir: &Path) -> Result<super::Report> {

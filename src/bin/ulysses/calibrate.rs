@@ -65,6 +65,8 @@ pub fn run(args: &CalibrateArgs) -> Result<()> {
     }
     say("memory bandwidth", started);
     let bandwidth = measure_bandwidth(cpu, Kind::Float, 8 << 20, 5, &no_sync)?;
+    say("the allocator on a reference step (tiny GPT, one device, N=4096)", started);
+    let (workspace, slack) = ulysses::cost::calibrate::measure_step_memory(4096)?;
     say("local backend collectives (2 thread ranks)", started);
     let local = LocalLaunch::new(2)
         .timeout(Duration::from_secs(120))
@@ -92,6 +94,8 @@ pub fn run(args: &CalibrateArgs) -> Result<()> {
             peak_tflops: [("f32".to_string(), peak / 1e12)].into_iter().collect(),
             memory_gib: meminfo_kib("MemTotal:").unwrap_or(0.0) * 1024.0 / gib,
             reserved_gib: meminfo_self_rss_gib(),
+            workspace_gib: workspace / gib,
+            allocator_slack: slack,
             memory_bandwidth_gbs: bandwidth / 1e9,
         },
         // All ranks of a CPU job share this machine: many rank slots, `cores` compute at once.
@@ -108,7 +112,9 @@ pub fn run(args: &CalibrateArgs) -> Result<()> {
     let text = Hardware::parse(&hw.to_toml()?, "calibration")?.to_toml()?;
     let header = "# Written by `ulysses calibrate` (src/bin/ulysses/calibrate.rs): every number below was\n\
                   # measured on the machine named in [provenance], one libtorch thread per rank. The f32\n\
-                  # \"peak\" is the best GEMM measured, not a datasheet figure; efficiencies are against it.\n";
+                  # \"peak\" is the best GEMM measured, not a datasheet figure; efficiencies are against it.\n\
+                  # workspace_gib and allocator_slack come from a reference step (tiny GPT, one device,\n\
+                  # N=4096): what the first step allocates and keeps, and peak RSS / peak live bytes.\n";
     if let Some(dir) = args.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
@@ -215,6 +221,12 @@ fn provenance(started: Instant) -> std::collections::BTreeMap<String, String> {
         ("libtorch", "2.11.0".to_string()),
         ("threads_per_rank", "1".to_string()),
         ("seconds", format!("{:.0}", started.elapsed().as_secs_f64())),
+        // Other work on the machine slows every measurement: the load it ran under.
+        (
+            "load_average_after",
+            std::fs::read_to_string("/proc/loadavg")
+                .map_or("?".into(), |l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" ")),
+        ),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use ulysses::attention::{AttentionConfig, Kernel, Mask, StrategyConfig};
 use ulysses::cost::{best, max_seq, predict, Hardware, Job, SearchSpace};
-use ulysses::experiment::{hardware_for, predict_experiment, ExperimentConfig};
+use ulysses::experiment::{hardware_for, predict_experiment, ExperimentConfig, SUMMARY_COLUMNS};
 use ulysses::model::GptConfig;
 use ulysses::train::{Checkpointing, Precision, ZeroStage};
 
@@ -76,7 +76,7 @@ pub fn run(args: &PredictArgs) -> Result<()> {
         let hw =
             hardware_for(&cfg, args.hardware.as_deref())?.with_efficiency_scale(args.efficiency_scale)?;
         let (dir, table) = predict_experiment(&cfg, &hw, &std::env::current_dir()?)?;
-        println!("{table}");
+        println!("{}", table.select(SUMMARY_COLUMNS)?);
         if let Some(paper) = cfg.predict.as_ref().map(|p| p.paper.trim()).filter(|p| !p.is_empty()) {
             println!("the paper: {paper}");
         }
