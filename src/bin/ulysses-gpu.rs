@@ -181,17 +181,16 @@ fn calibrate(out: &std::path::Path) -> Result<ulysses::cost::Hardware> {
     let gemms = measure_matmul(GPU, Kind::BFloat16, &shapes, 10, &synced)?;
     hw.efficiency.matmul = curve(&gemms, peak);
     hw.efficiency.attention.clear();
-    for (d, heads) in [(64, 32), (128, 16)] {
-        let samples = measure_attention(
-            GPU,
-            Kind::BFloat16,
-            heads,
-            d,
-            &[1024, 2048, 4096, 8192, 16384, 32768],
-            5,
-            &synced,
-        )?;
-        hw.efficiency.attention.push(AttentionCurve { head_dim: d, points: curve(&samples, peak) });
+    for causal in [true, false] {
+        for (d, heads) in [(64, 32), (128, 16)] {
+            let seqs = [1024, 2048, 4096, 8192, 16384, 32768];
+            let samples = measure_attention(GPU, Kind::BFloat16, (heads, d), causal, &seqs, 5, &synced)?;
+            hw.efficiency.attention.push(AttentionCurve {
+                head_dim: d,
+                causal,
+                points: curve(&samples, peak),
+            });
+        }
     }
     let bw = measure_bandwidth(GPU, Kind::BFloat16, 1 << 30, 10, &synced)?;
     hw.efficiency.memory_bound = (bw / (hw.device.memory_bandwidth_gbs * 1e9)).min(1.0);

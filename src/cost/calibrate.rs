@@ -55,14 +55,14 @@ pub fn measure_matmul(
         .collect()
 }
 
-/// libtorch's scaled-dot-product attention, causal, forward and backward, `[1, heads, n, d]`,
-/// at each of `seqs`: model FLOPs `12 d x visible pairs x heads` (the convention of the
-/// efficiency curves).
+/// libtorch's scaled-dot-product attention, causal or not, forward and backward,
+/// `[1, heads, n, d]`, at each of `seqs`: model FLOPs `12 d x visible pairs x heads` (the
+/// convention of the efficiency curves).
 pub fn measure_attention(
     device: Device,
     kind: Kind,
-    heads: i64,
-    d: i64,
+    (heads, d): (i64, i64),
+    causal: bool,
     seqs: &[i64],
     runs: usize,
     sync: &dyn Fn(),
@@ -82,14 +82,14 @@ pub fn measure_attention(
                     &v,
                     None::<&Tensor>,
                     0.0,
-                    true,
+                    causal,
                     None,
                     false,
                 )
                 .op("calibrate")?;
                 o.f_sum(Kind::Float).and_then(|l| l.f_backward()).op("calibrate")
             })?;
-            let pairs = (n * (n + 1) / 2) as f64;
+            let pairs = if causal { (n * (n + 1) / 2) as f64 } else { (n * n) as f64 };
             Ok(KernelSample { size: n as f64, flops: 12.0 * d as f64 * pairs * heads as f64, seconds: s })
         })
         .collect()
@@ -306,4 +306,94 @@ pub fn measure_step_memory(n: i64) -> Result<(f64, f64)> {
         });
     }
     Ok((workspace, slack.max(1.0)))
+}
+
+/// Shapes the memory-bound ops are timed at: the toy models' (h = 128, 8 heads of 16, a byte
+/// vocabulary) over `tokens` tokens, f32.
+#[derive(Debug, Clone, Copy)]
+pub struct OpShapes {
+    pub tokens: i64,
+    pub h: i64,
+    pub heads: i64,
+    pub vocab: i64,
+}
+
+/// Each memory-bound op kind of [`super::work::passes`] timed forward and backward (libtorch's
+/// own ops, as the model calls them), turned into a fraction of `bandwidth` (bytes/s) with the
+/// cost model's pass counts: `passes x elements x 4 B / seconds / bandwidth`, capped at 1.
+pub fn measure_memory_bound_ops(
+    shapes: OpShapes,
+    bandwidth: f64,
+    runs: usize,
+) -> Result<std::collections::BTreeMap<String, f64>> {
+    use super::work::passes;
+    let OpShapes { tokens: t, h, heads, vocab } = shapes;
+    let d = h / heads;
+    let o = (Kind::Float, Device::Cpu);
+    let leaf = |shape: &[i64]| Tensor::f_randn(shape, o).map(|x| x.set_requires_grad(true)).op("calibrate");
+    let backward = |y: Tensor| y.f_sum(Kind::Float).and_then(|s| s.f_backward()).op("calibrate");
+    let no_sync = || {};
+    let mut out = std::collections::BTreeMap::new();
+    let mut put = |op: &str, elements: f64, passes: f64, seconds: f64| {
+        out.insert(op.to_string(), (passes * elements * 4.0 / seconds / bandwidth).min(1.0));
+    };
+    let (x, w, b) = (leaf(&[1, t, h])?, leaf(&[h])?, leaf(&[h])?);
+    let s = time_median(runs, &no_sync, || {
+        backward(x.f_layer_norm([h], Some(&w), Some(&b), 1e-5, true).op("calibrate")?)
+    })?;
+    put("layer_norm", (t * h) as f64, passes::LAYER_NORM, s);
+    let rope = crate::model::Rope::new(
+        &Tensor::f_arange(t, (Kind::Int64, Device::Cpu)).op("calibrate")?,
+        d,
+        1e4,
+        Kind::Float,
+    )?;
+    let q = leaf(&[1, t, heads, d])?;
+    let s = time_median(runs, &no_sync, || backward(rope.forward(&q)?))?;
+    put("rope", (t * h) as f64, passes::ROPE, s);
+    let y = leaf(&[1, t, h])?;
+    let s = time_median(runs, &no_sync, || backward(x.f_add(&y).op("calibrate")?))?;
+    put("add", (t * h) as f64, passes::ADD, s);
+    let m = leaf(&[1, t, 4 * h])?;
+    let s = time_median(runs, &no_sync, || backward(m.f_gelu("tanh").op("calibrate")?))?;
+    put("gelu", (t * 4 * h) as f64, passes::GELU, s);
+    let logits = leaf(&[t, vocab])?;
+    let labels = Tensor::f_randint(vocab, [t], (Kind::Int64, Device::Cpu)).op("calibrate")?;
+    let s = time_median(runs, &no_sync, || {
+        let l = logits
+            .f_cross_entropy_loss::<Tensor>(&labels, None, tch::Reduction::Sum, -100, 0.0)
+            .op("calibrate")?;
+        l.f_backward().op("calibrate")
+    })?;
+    put("cross_entropy", (t * vocab) as f64, passes::CROSS_ENTROPY, s);
+    // One ring step's elementwise work on [1, heads, t, d] (f32): the log-sum-exp merge of two
+    // partial outputs, then a dK/dV accumulator brought up to date.
+    let (oa, ob) = (
+        Tensor::f_randn([1, heads, t, d], o).op("calibrate")?,
+        Tensor::f_randn([1, heads, t, d], o).op("calibrate")?,
+    );
+    let (la, lb) = (
+        Tensor::f_randn([1, heads, t], o).op("calibrate")?,
+        Tensor::f_randn([1, heads, t], o).op("calibrate")?,
+    );
+    let part = Tensor::f_randn([1, heads, t, d], o).op("calibrate")?;
+    let s = time_median(runs, &no_sync, || {
+        let f = || -> std::result::Result<(), tch::TchError> {
+            let mx = la.f_maximum(&lb)?;
+            let (wa, wb) = (la.f_sub(&mx)?.f_exp()?, lb.f_sub(&mx)?.f_exp()?);
+            let sum = wa.f_add(&wb)?;
+            let _out = oa
+                .f_mul(&wa.f_unsqueeze(-1)?)?
+                .f_add(&ob.f_mul(&wb.f_unsqueeze(-1)?)?)?
+                .f_div(&sum.f_unsqueeze(-1)?)?;
+            let _lse = mx.f_add(&sum.f_log()?)?;
+            let mut acc = part.f_zeros_like()?;
+            let _ = acc.f_add_(&part)?;
+            let _ = part.f_add(&acc)?;
+            Ok(())
+        };
+        f().op("calibrate")
+    })?;
+    put("ring", (t * heads * d) as f64, passes::RING_OUT + passes::RING_KV, s);
+    Ok(out)
 }

@@ -59,6 +59,9 @@ pub struct AttnWork {
     pub head_dim: i64,
     /// (query, key) pairs per head that the mask makes visible (model FLOPs count these).
     pub visible: f64,
+    /// Of the visible pairs, those computed by causal kernel calls (diagonal blocks; the rest
+    /// by calls on blocks every query sees whole).
+    pub causal: f64,
     /// Pairs per head the kernel computes (the padded blocks, the masked dense block).
     pub computed: f64,
     /// Query rows and keys of one kernel call (for the efficiency curves and `s^2` memory).
@@ -100,7 +103,18 @@ pub fn attention_work(job: &Job, r: usize, device: DeviceKind) -> Result<AttnWor
             AttnImpl::Dense { .. } => nf * nf,
             AttnImpl::Blocked => padded_block_pairs(m, n),
         };
-        AttnWork { implementation, heads, head_dim: d, visible, computed, rows: nf, keys: nf, calls: 1.0 }
+        let causal = if m.is_causal() { visible } else { 0.0 };
+        AttnWork {
+            implementation,
+            heads,
+            head_dim: d,
+            visible,
+            causal,
+            computed,
+            rows: nf,
+            keys: nf,
+            calls: 1.0,
+        }
     };
     // Rank `r`'s rows of a layout against the keys: run by run around a ring (`ring`), or in
     // one call against the whole gathered sequence (all-gather KV).
@@ -110,12 +124,18 @@ pub fn attention_work(job: &Job, r: usize, device: DeviceKind) -> Result<AttnWor
         let rows: f64 = segs.iter().map(|&(_, len)| len as f64).sum();
         let run = segs.first().map_or(0.0, |&(_, len)| len as f64);
         let dense = implementation != AttnImpl::Flash;
+        // A ring meets its own runs with the causal kernel: each run's triangle.
+        let causal = if ring && m.is_causal() {
+            segs.iter().map(|&(_, len)| (len * (len + 1) / 2) as f64).sum()
+        } else {
+            0.0
+        };
         let (computed, rows, keys, calls) = match (ring, dense) {
             (true, _) => (visible, run, run, layout.ranks() as f64),
             (false, true) => (rows * n as f64, rows, n as f64, 1.0),
             (false, false) => (visible, rows, n as f64, 1.0),
         };
-        AttnWork { implementation, heads, head_dim: d, visible, computed, rows, keys, calls }
+        AttnWork { implementation, heads, head_dim: d, visible, causal, computed, rows, keys, calls }
     };
     Ok(match job.strategy {
         StrategyConfig::Single => whole(h),

@@ -101,14 +101,27 @@ pub struct Efficiency {
     /// Fraction of the memory bandwidth that memory-bound ops (norms, activations, softmax,
     /// casts, the optimizer) reach.
     pub memory_bound: f64,
+    /// The same per kind of op where it differs (a CPU's LayerNorm and GELU are bound by their
+    /// arithmetic, not by memory): keys layer_norm, rope, add, gelu, cross_entropy, ring, copy.
+    /// Kinds left out use `memory_bound`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub memory_bound_ops: BTreeMap<String, f64>,
 }
 
-/// The attention curve of one head size.
+/// The attention curve of one head size, for causal kernel calls (a diagonal block) or for
+/// unmasked ones (a block every query sees whole).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AttentionCurve {
     pub head_dim: i64,
+    /// Whether the curve was measured with the causal mask. Default true.
+    #[serde(default = "yes")]
+    pub causal: bool,
     pub points: Vec<[f64; 2]>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// The links one backend uses.
@@ -210,10 +223,19 @@ impl Hardware {
         interpolate(&self.efficiency.matmul, flops)
     }
 
-    /// Fused-attention efficiency for head size `head_dim` over `seq` keys: the curve of the
-    /// nearest head size (in log distance).
-    pub fn attention_efficiency(&self, head_dim: i64, seq: f64) -> f64 {
-        let curve = self.efficiency.attention.iter().min_by(|a, b| {
+    /// Memory-bound efficiency of op kind `op` (see [`super::work::passes`]).
+    pub fn memory_bound_efficiency(&self, op: &str) -> f64 {
+        self.efficiency.memory_bound_ops.get(op).copied().unwrap_or(self.efficiency.memory_bound)
+    }
+
+    /// Fused-attention efficiency for head size `head_dim` over `seq` keys, causal or not: the
+    /// curve of the nearest head size (in log distance) among those measured with that mask,
+    /// or among all when there are none.
+    pub fn attention_efficiency(&self, head_dim: i64, seq: f64, causal: bool) -> f64 {
+        let all = &self.efficiency.attention;
+        let same: Vec<&AttentionCurve> = all.iter().filter(|c| c.causal == causal).collect();
+        let pool: Vec<&AttentionCurve> = if same.is_empty() { all.iter().collect() } else { same };
+        let curve = pool.into_iter().min_by(|a, b| {
             let da = ((a.head_dim as f64).ln() - (head_dim as f64).ln()).abs();
             let db = ((b.head_dim as f64).ln() - (head_dim as f64).ln()).abs();
             da.total_cmp(&db)
@@ -233,6 +255,7 @@ impl Hardware {
         scale(&mut hw.efficiency.matmul);
         hw.efficiency.attention.iter_mut().for_each(|c| scale(&mut c.points));
         hw.efficiency.memory_bound = (hw.efficiency.memory_bound * factor).min(1.0);
+        hw.efficiency.memory_bound_ops.values_mut().for_each(|v| *v = (*v * factor).min(1.0));
         if factor != 1.0 {
             hw.name = format!("{}@eff{factor}", self.name);
         }
@@ -282,6 +305,15 @@ impl Hardware {
         }
         let e = &self.efficiency;
         fraction("efficiency.memory_bound", e.memory_bound)?;
+        for (op, v) in &e.memory_bound_ops {
+            if !["layer_norm", "rope", "add", "gelu", "cross_entropy", "ring", "copy"].contains(&op.as_str())
+            {
+                return Err(format!(
+                    "efficiency.memory_bound_ops.{op}: unknown op; use layer_norm, rope, add, gelu, cross_entropy, ring, copy"
+                ));
+            }
+            fraction(&format!("efficiency.memory_bound_ops.{op}"), *v)?;
+        }
         curve("efficiency.matmul", &e.matmul)?;
         if e.attention.is_empty() {
             return Err("efficiency.attention needs at least one head_dim curve".into());

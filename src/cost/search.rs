@@ -136,7 +136,7 @@ pub fn best(base: &Job, hw: &Hardware, space: &SearchSpace) -> Result<Prediction
 /// Whether `job` fits `hw` on every rank (memory only, no timing).
 pub fn fits(job: &Job, hw: &Hardware) -> Result<bool> {
     job.validate()?;
-    for r in 0..job.sp() {
+    for r in super::step::candidate_ranks(job) {
         if !memory(job, r, hw)?.fits {
             return Ok(false);
         }

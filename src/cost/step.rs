@@ -88,25 +88,45 @@ impl Prediction {
 pub fn predict(job: &Job, hw: &Hardware) -> Result<Prediction> {
     job.validate()?;
     let peak = hw.peak_flops(job.precision)?;
-    let bw = hw.device.memory_bandwidth_gbs * 1e9 * hw.efficiency.memory_bound;
+    let bw = hw.device.memory_bandwidth_gbs * 1e9;
     let on_node = job.ranks.min(hw.node.devices_per_node) as f64;
     let slots = hw.node.compute_slots as f64;
-    let speed = (job.threads_per_rank as f64).min(slots / on_node);
+    let threads = job.threads_per_rank as f64;
     let cpu = hw.device.kind == DeviceKind::Cpu;
-    let comm_slowdown = if cpu { (on_node / slots).max(1.0) } else { 1.0 };
+    let comm_slowdown = if cpu { (on_node * threads / slots).max(1.0) } else { 1.0 };
     let accum = job.grad_accum as f64;
 
-    let mut best: Option<(f64, usize, Vec<(&'static str, OpClass, f64)>, Vec<CommTime>, f64)> = None;
-    for r in 0..job.sp() {
+    // Each candidate rank's compute at one thread's full speed.
+    let ranks = candidate_ranks(job);
+    let mut per_rank = Vec::with_capacity(ranks.len());
+    for &r in &ranks {
         let mut compute = Vec::new();
         for term in rank_work(job, r, hw.device.kind)? {
             let s = match term.class {
                 OpClass::Matmul => term.flops / (peak * hw.matmul_efficiency(term.size)),
-                OpClass::Attention => term.flops / (peak * hw.attention_efficiency(term.head_dim, term.size)),
-                OpClass::MemoryBound => term.bytes / bw,
-            } / speed;
+                OpClass::Attention => {
+                    term.flops
+                        / (peak * hw.attention_efficiency(term.head_dim, term.size, term.op == "causal"))
+                }
+                OpClass::MemoryBound => term.bytes / (bw * hw.memory_bound_efficiency(term.op)),
+            };
             compute.push((term.name, term.class, if term.per_step { s } else { s * accum }));
         }
+        per_rank.push(compute);
+    }
+    // Ranks sharing a node's compute slots: a rank runs at most `threads` slots fast, and the
+    // node runs at most `slots` slots of work at once. With ranks waiting on one another (a
+    // contiguous ring's idle ranks) the busy ones get the freed slots.
+    let total = |c: &Vec<(&'static str, OpClass, f64)>| c.iter().map(|x| x.2).sum::<f64>();
+    let mean = per_rank.iter().map(total).sum::<f64>() / per_rank.len().max(1) as f64;
+    let node_bound = mean * on_node / slots;
+
+    let mut best: Option<(f64, usize, Vec<(&'static str, OpClass, f64)>, Vec<CommTime>, f64)> = None;
+    for (&r, compute) in ranks.iter().zip(per_rank) {
+        let own = total(&compute) / threads;
+        let stretch = if own > 0.0 { own.max(node_bound) / total(&compute) } else { 1.0 };
+        let compute: Vec<(&'static str, OpClass, f64)> =
+            compute.into_iter().map(|(n, c, s)| (n, c, s * stretch)).collect();
         let compute_s: f64 = compute.iter().map(|c| c.2).sum();
         let mut comm = Vec::new();
         let mut sent = 0.0;
@@ -147,7 +167,7 @@ pub fn predict(job: &Job, hw: &Hardware) -> Result<Prediction> {
         crate::Error::InvalidArgument { op: "cost", group: job.describe(), msg: "no ranks".into() }
     })?;
     let mut worst: Option<MemoryReport> = None;
-    for r in 0..job.sp() {
+    for r in candidate_ranks(job) {
         let m = memory(job, r, hw)?;
         if worst.as_ref().is_none_or(|w| m.resident_bytes > w.resident_bytes) {
             worst = Some(m);
@@ -179,6 +199,17 @@ pub fn predict(job: &Job, hw: &Hardware) -> Result<Prediction> {
         memory,
         bytes_sent_per_rank,
     })
+}
+
+/// The SP ranks whose time and memory are evaluated: every rank of small groups, else the first
+/// two, the middle and the last (the extremes of every layout here: the first ranks hold the
+/// extra token and head of uneven shares, the last the most causal work of a contiguous ring).
+pub fn candidate_ranks(job: &Job) -> Vec<usize> {
+    let p = job.sp();
+    if p <= 8 {
+        return (0..p).collect();
+    }
+    vec![0, 1, p / 2, p - 1]
 }
 
 /// Collectives the implementations can run behind compute when overlap is on.

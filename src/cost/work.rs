@@ -50,8 +50,35 @@ pub struct ComputeTerm {
     /// Size that picks the efficiency: FLOPs per call (matmul), keys per call (attention).
     pub size: f64,
     pub head_dim: i64,
+    /// The kind of memory-bound op (its efficiency may differ by kind, see [`passes`]);
+    /// "copy" for plain copies and everything else.
+    pub op: &'static str,
     /// Once per optimizer step rather than per micro-step (the update, the reduction).
     pub per_step: bool,
+}
+
+/// Passes over the elements of one op, forward and backward, as this toolkit runs it (a pass
+/// reads or writes every element once). `ulysses calibrate` times each kind at the models'
+/// sizes and turns the time into an efficiency with these same counts.
+pub mod passes {
+    /// One LayerNorm on `[t, h]`: forward reads x twice (statistics, normalize) and writes y;
+    /// backward reads x, dy and writes dx.
+    pub const LAYER_NORM: f64 = 7.0;
+    /// RoPE on `[t, heads, d]` (rotate-half: four products, a sum, a difference, a cat), x2
+    /// with its backward.
+    pub const ROPE: f64 = 18.0;
+    /// A residual add on `[t, h]`: 2 reads and a write forward, the gradient's sum backward.
+    pub const ADD: f64 = 6.0;
+    /// GELU (tanh) on `[t, 4h]`: 2 forward, 3 backward.
+    pub const GELU: f64 = 5.0;
+    /// Log-softmax and NLL over `[t, V]` in f32, forward and backward.
+    pub const CROSS_ENTROPY: f64 = 8.0;
+    /// One ring step on the rank's rows (f32): the log-sum-exp merge of the output, per output
+    /// element ...
+    pub const RING_OUT: f64 = 13.0;
+    /// ... and per element of the K/V block: brought heads-first, dK/dV partials summed into
+    /// their accumulators.
+    pub const RING_KV: f64 = 28.0;
 }
 
 fn gemm(name: &'static str, m: f64, k: f64, n: f64, passes: f64) -> ComputeTerm {
@@ -63,11 +90,12 @@ fn gemm(name: &'static str, m: f64, k: f64, n: f64, passes: f64) -> ComputeTerm 
         bytes: 0.0,
         size: call,
         head_dim: 0,
+        op: "matmul",
         per_step: false,
     }
 }
 
-fn traffic(name: &'static str, bytes: f64) -> ComputeTerm {
+fn traffic(name: &'static str, op: &'static str, bytes: f64) -> ComputeTerm {
     ComputeTerm {
         name,
         class: OpClass::MemoryBound,
@@ -75,6 +103,7 @@ fn traffic(name: &'static str, bytes: f64) -> ComputeTerm {
         bytes,
         size: 0.0,
         head_dim: 0,
+        op,
         per_step: false,
     }
 }
@@ -112,15 +141,26 @@ pub fn rank_work(job: &Job, r: usize, device: DeviceKind) -> Result<Vec<ComputeT
         recompute || (job.checkpointing == Checkpointing::Selective && a.implementation != AttnImpl::Flash);
     let att_passes = if again { 4.0 } else { 3.0 };
     match a.implementation {
-        AttnImpl::Flash => terms.push(ComputeTerm {
-            name: "attention",
-            class: OpClass::Attention,
-            flops: 4.0 * d * a.visible * heads * att_passes * l,
-            bytes: 0.0,
-            size: a.keys,
-            head_dim: a.head_dim,
-            per_step: false,
-        }),
+        AttnImpl::Flash => {
+            // Causal calls (diagonal blocks) and unmasked ones run at their own efficiencies.
+            for (name, pairs, causal) in [
+                ("attention (causal blocks)", a.causal, true),
+                ("attention (unmasked blocks)", a.visible - a.causal, false),
+            ] {
+                if pairs > 0.0 {
+                    terms.push(ComputeTerm {
+                        name,
+                        class: OpClass::Attention,
+                        flops: 4.0 * d * pairs * heads * att_passes * l,
+                        bytes: 0.0,
+                        size: a.keys,
+                        head_dim: a.head_dim,
+                        op: if causal { "causal" } else { "unmasked" },
+                        per_step: false,
+                    });
+                }
+            }
+        }
         AttnImpl::Dense { .. } | AttnImpl::Blocked => {
             // Scores and the weighted sum as batched GEMMs over the computed pairs; the softmax,
             // mask and their backward as ~12 passes over the f32 scores.
@@ -132,59 +172,70 @@ pub fn rank_work(job: &Job, r: usize, device: DeviceKind) -> Result<Vec<ComputeT
                 bytes: 0.0,
                 size: per_call,
                 head_dim: 0,
+                op: "matmul",
                 per_step: false,
             });
-            terms.push(traffic("attention softmax and mask", 12.0 * a.computed * heads * 4.0 * l));
+            terms.push(traffic("attention softmax and mask", "copy", 12.0 * a.computed * heads * 4.0 * l));
         }
     }
 
     // Memory-bound ops per layer (passes x elements x bytes).
     let (t_att, heads_loc) = if tp { (b * job.seq as f64, (hq + hkv) / p) } else { (t, hq + hkv) };
     let mut per_layer = vec![
-        ("layer norms", 14.0 * t * h * es),
-        ("RoPE on q and k", 18.0 * t_att * heads_loc * d * es),
-        ("residual adds", 12.0 * t * h * es),
-        ("GELU", 5.0 * tb * f / split * es),
+        ("layer norms", "layer_norm", 2.0 * passes::LAYER_NORM * t * h * es),
+        ("RoPE on q and k", "rope", passes::ROPE * t_att * heads_loc * d * es),
+        ("residual adds", "add", 2.0 * passes::ADD * t * h * es),
+        ("GELU", "gelu", passes::GELU * tb * f / split * es),
     ];
     match job.strategy {
         StrategyConfig::MegatronSp => {
-            per_layer.push(("row-parallel bias adds", if c.bias { 8.0 * t * h * es } else { 0.0 }));
-            per_layer.push(("attention output copy", 4.0 * tb * h / split * es));
+            per_layer.push(("row-parallel bias adds", "add", if c.bias { 8.0 * t * h * es } else { 0.0 }));
+            per_layer.push(("attention output copy", "copy", 4.0 * tb * h / split * es));
         }
-        StrategyConfig::Single => per_layer.push(("attention output copy", 4.0 * t * h * es)),
+        StrategyConfig::Single => per_layer.push(("attention output copy", "copy", 4.0 * t * h * es)),
         StrategyConfig::Ring { .. } | StrategyConfig::Usp { .. } => {
             // Per ring step: the log-sum-exp merge of the output (f32), K/V brought heads-first,
             // and in the backward the dK/dV accumulators (f32) and the dQ sum. The rank's ring
             // tokens: its share (ring), or its whole ring chunk after the all-to-all (USP).
             let ring_tokens = b * (job.seq as f64) / a.calls;
             let kv_loc = (a.heads as f64 * hkv / hq).max(1.0);
-            let per_step = (13.0 * a.heads as f64 * d + 28.0 * kv_loc * d) * ring_tokens * 4.0;
-            per_layer.push(("ring merges and accumulators", per_step * a.calls));
-            per_layer.push(("attention output copy", 4.0 * t * h * es));
+            let per_step =
+                (passes::RING_OUT * a.heads as f64 * d + passes::RING_KV * kv_loc * d) * ring_tokens * 4.0;
+            per_layer.push(("ring merges and accumulators", "ring", per_step * a.calls));
+            per_layer.push(("attention output copy", "copy", 4.0 * t * h * es));
         }
         StrategyConfig::AllGatherKv { .. } => {
             per_layer.push((
                 "K/V stack and head expansion",
+                "copy",
                 (4.0 * t * hkv * d + 4.0 * b * job.seq as f64 * hq * d) * es,
             ));
-            per_layer.push(("attention output copy", 4.0 * t * h * es));
+            per_layer.push(("attention output copy", "copy", 4.0 * t * h * es));
         }
         StrategyConfig::Ulysses => {}
     }
-    for (name, bytes) in per_layer {
-        terms.push(traffic(name, bytes * l));
+    for (name, op, bytes) in per_layer {
+        terms.push(traffic(name, op, bytes * l));
     }
     // Once per micro-step: loss over the vocabulary (f32 log-softmax, its backward, the cast),
     // the embedding and its gradient, gradient accumulation into .grad.
     let cast = if es < 4.0 { 2.0 * t * v * (es + 4.0) } else { 0.0 };
-    terms.push(traffic("cross-entropy over the vocabulary", 8.0 * t * v * 4.0 + cast));
-    terms.push(traffic("embedding and its gradient", 4.0 * t * h * es + v * h * es));
+    terms.push(traffic(
+        "cross-entropy over the vocabulary",
+        "cross_entropy",
+        passes::CROSS_ENTROPY * t * v * 4.0 + cast,
+    ));
+    terms.push(traffic("embedding and its gradient", "copy", 4.0 * t * h * es + v * h * es));
     let local = params_on_rank(job);
     let grad_bytes = if job.precision.is_mixed() { es } else { 4.0f64.max(es) };
-    terms.push(traffic("gradient accumulation", 4.0 * (local.replicated + local.sharded) * grad_bytes));
+    terms.push(traffic(
+        "gradient accumulation",
+        "add",
+        4.0 * (local.replicated + local.sharded) * grad_bytes,
+    ));
     // Once per optimizer step: the reduction's flatten / reduce / copy back (f32), and the update
     // (this toolkit's AdamW: 41 passes over f32 per parameter it updates).
-    let mut reduce = traffic("gradient reduction copies", 6.0 * local.replicated * 4.0);
+    let mut reduce = traffic("gradient reduction copies", "copy", 6.0 * local.replicated * 4.0);
     reduce.per_step = true;
     terms.push(reduce);
     if job.optimizer {
@@ -193,7 +244,7 @@ pub fn rank_work(job: &Job, r: usize, device: DeviceKind) -> Result<Vec<ComputeT
         } else {
             local.replicated + local.sharded
         };
-        let mut update = traffic("optimizer update", 41.0 * updated * 4.0);
+        let mut update = traffic("optimizer update", "add", 41.0 * updated * 4.0);
         update.per_step = true;
         terms.push(update);
     }

@@ -31,7 +31,7 @@ pub struct CalibrateArgs {
 }
 
 /// Bytes per rank the collectives are timed at.
-const COMM_SIZES: [i64; 5] = [64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20];
+const COMM_SIZES: [i64; 5] = [16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20];
 const MARK: &str = "CALIBRATE_SAMPLE ";
 
 pub fn run(args: &CalibrateArgs) -> Result<()> {
@@ -53,33 +53,56 @@ pub fn run(args: &CalibrateArgs) -> Result<()> {
     let peak = gemms.iter().map(|s| s.flops / s.seconds).fold(0.0, f64::max);
     say(&format!("best GEMM {:.1} GFLOP/s (the peak of this file); fused attention", peak / 1e9), started);
     let mut attention = Vec::new();
-    for (d, heads, seqs) in
-        [(16, 2, vec![256, 512, 1024, 2048, 4096, 8192, 16384]), (64, 1, vec![256, 512, 1024, 2048, 4096])]
-    {
-        let mut samples = Vec::new();
-        for n in seqs {
-            let runs = if n >= 8192 { 1 } else { 3 };
-            samples.extend(measure_attention(cpu, Kind::Float, heads, d, &[n], runs, &no_sync)?);
+    for causal in [true, false] {
+        for (d, heads, seqs) in [
+            (16, 2, vec![256, 512, 1024, 2048, 4096, 8192, 16384]),
+            (64, 1, vec![256, 512, 1024, 2048, 4096]),
+        ] {
+            let mut samples = Vec::new();
+            for n in seqs.into_iter().filter(|&n| causal || n <= 8192) {
+                let runs = if n >= 8192 { 1 } else { 3 };
+                samples.extend(measure_attention(
+                    cpu,
+                    Kind::Float,
+                    (heads, d),
+                    causal,
+                    &[n],
+                    runs,
+                    &no_sync,
+                )?);
+            }
+            attention.push(AttentionCurve { head_dim: d, causal, points: curve(&samples, peak) });
         }
-        attention.push(AttentionCurve { head_dim: d, points: curve(&samples, peak) });
     }
     say("memory bandwidth", started);
     let bandwidth = measure_bandwidth(cpu, Kind::Float, 8 << 20, 5, &no_sync)?;
+    say("norms, RoPE, adds, GELU, cross-entropy, ring merges (4096 tokens, h = 128)", started);
+    let shapes = ulysses::cost::calibrate::OpShapes { tokens: 4096, h: 128, heads: 8, vocab: 256 };
+    let memory_bound_ops = ulysses::cost::calibrate::measure_memory_bound_ops(shapes, bandwidth, 5)?;
     say("the allocator on a reference step (tiny GPT, one device, N=4096)", started);
-    let (workspace, slack) = ulysses::cost::calibrate::measure_step_memory(4096)?;
+    // On a fresh thread, as a rank is: the kernel libraries' per-thread buffers appear in its
+    // first step.
+    let (workspace, slack) = std::thread::spawn(|| {
+        tch::set_num_threads(1);
+        ulysses::cost::calibrate::measure_step_memory(4096)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the memory measurement panicked"))??;
     say("local backend collectives (2 thread ranks)", started);
     let local = LocalLaunch::new(2)
         .timeout(Duration::from_secs(120))
-        .run(|ctx| measure_comm(ctx.world(), &COMM_SIZES, 7))?
+        .run(|ctx| measure_comm(ctx.world(), &COMM_SIZES, 11))?
         .into_iter()
         .next()
         .context("no rank reported")?;
+    show("local", &local);
     let mut network = std::collections::BTreeMap::new();
     network.insert("local".to_string(), Network { intra: link_from_samples(&local)?, inter: None });
     if !args.no_mpi {
         say("MPI backend collectives (2 processes)", started);
-        network
-            .insert("mpi".to_string(), Network { intra: link_from_samples(&mpi_samples()?)?, inter: None });
+        let mpi = mpi_samples()?;
+        show("mpi", &mpi);
+        network.insert("mpi".to_string(), Network { intra: link_from_samples(&mpi)?, inter: None });
     }
     let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
     let gib = (1u64 << 30) as f64;
@@ -103,8 +126,10 @@ pub fn run(args: &CalibrateArgs) -> Result<()> {
         efficiency: Efficiency {
             matmul: curve(&gemms, peak),
             attention,
-            // The bandwidth was measured with an elementwise op: memory-bound ops reach all of it.
+            // The bandwidth was measured with an elementwise add (copies reach all of it); the
+            // other kinds as timed.
             memory_bound: 1.0,
+            memory_bound_ops,
         },
         network,
         provenance: Some(provenance(started)),
@@ -122,6 +147,20 @@ pub fn run(args: &CalibrateArgs) -> Result<()> {
     println!("{text}");
     println!("wrote {} in {:.0} s", args.out.display(), started.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// The samples behind a link, for the record.
+fn show(backend: &str, samples: &[CommSample]) {
+    for s in samples {
+        eprintln!(
+            "  {backend:<6} {:<15} P={} {:>10.0} B sent {:>9.3} ms {:>7.3} GB/s",
+            s.op,
+            s.ranks,
+            s.bytes_sent,
+            s.seconds * 1e3,
+            s.bytes_sent / s.seconds / 1e9
+        );
+    }
 }
 
 fn say(what: &str, started: Instant) {
@@ -159,7 +198,7 @@ fn mpi_samples() -> Result<Vec<CommSample>> {
 pub fn comm_rank() -> Result<()> {
     let samples = ulysses::comm::MpiLaunch::new().timeout(Duration::from_secs(120)).threads_per_rank(1).run(
         |ctx| -> Result<Option<Vec<CommSample>>> {
-            let s = measure_comm(ctx.world(), &COMM_SIZES, 7)?;
+            let s = measure_comm(ctx.world(), &COMM_SIZES, 11)?;
             Ok((ctx.rank() == 0).then_some(s))
         },
     )?;
