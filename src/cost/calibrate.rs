@@ -133,6 +133,9 @@ pub struct CommSample {
     pub seconds: f64,
 }
 
+/// A collective to time, and the counter it shows up in.
+type Timed<'a> = (OpKind, Box<dyn Fn() -> Result<()> + 'a>);
+
 /// Times all-to-all, all-gather, reduce-scatter, all-reduce and shift of f32 tensors of each of
 /// `sizes` bytes per rank on `group` (every rank calls it), from barrier to barrier.
 pub fn measure_comm(group: &Group, sizes: &[i64], runs: usize) -> Result<Vec<CommSample>> {
@@ -141,7 +144,7 @@ pub fn measure_comm(group: &Group, sizes: &[i64], runs: usize) -> Result<Vec<Com
     for &bytes in sizes {
         let rows = (bytes / 4 / p).max(1);
         let x = Tensor::f_randn([rows * p], (Kind::Float, Device::Cpu)).op("calibrate")?;
-        let ops: [(OpKind, Box<dyn Fn() -> Result<()>>); 5] = [
+        let ops: [Timed<'_>; 5] = [
             // [P, rows]: row j to rank j, gathered along the columns
             (OpKind::AllToAll, Box::new(|| group.all_to_all(&x.view([p, rows]), 0, 1).map(drop))),
             (OpKind::AllGather, Box::new(|| group.all_gather(&x, 0).map(drop))),
@@ -298,7 +301,7 @@ pub fn measure_step_memory(n: i64) -> Result<(f64, f64)> {
     let _ = sampler.join();
     let live_peak = peak.load(Ordering::Relaxed) as f64 - live0;
     let slack = (rss_peak - rss0) / live_peak;
-    if !reset || !(slack.is_finite() && live_peak > 0.0) {
+    if !(reset && slack.is_finite() && live_peak > 0.0) {
         return Err(Error::InvalidArgument {
             op: "calibrate",
             group: "memory".into(),

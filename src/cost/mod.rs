@@ -129,7 +129,7 @@ impl Job {
     pub fn validate(&self) -> Result<()> {
         let bad = |msg: String| Err(Error::InvalidArgument { op: "cost", group: self.describe(), msg });
         self.model.validate()?;
-        if self.ranks == 0 || self.dp == 0 || self.ranks % self.dp != 0 {
+        if self.ranks == 0 || self.dp == 0 || !self.ranks.is_multiple_of(self.dp) {
             return bad(format!("ranks {} must be a positive multiple of dp {}", self.ranks, self.dp));
         }
         if self.micro_batch < 1 || self.grad_accum < 1 || self.seq < 2 {

@@ -38,7 +38,7 @@ impl SearchSpace {
     fn jobs(&self, base: &Job) -> Vec<Job> {
         let or = |v: &[i64], x: i64| if v.is_empty() { vec![x] } else { v.to_vec() };
         let sps: Vec<usize> = if self.sp.is_empty() {
-            (1..=base.ranks).filter(|d| base.ranks % d == 0).collect()
+            (1..=base.ranks).filter(|d| base.ranks.is_multiple_of(*d)).collect()
         } else {
             self.sp.clone()
         };
@@ -46,7 +46,7 @@ impl SearchSpace {
         let ckpts =
             if self.checkpointing.is_empty() { vec![base.checkpointing] } else { self.checkpointing.clone() };
         let mut out = Vec::new();
-        for &sp in sps.iter().filter(|&&s| s >= 1 && base.ranks % s == 0) {
+        for &sp in sps.iter().filter(|&&s| s >= 1 && base.ranks.is_multiple_of(s)) {
             for strategy in strategies_for(base.strategy, sp) {
                 for &b in &or(&self.micro_batch, base.micro_batch) {
                     let dp = base.ranks / sp;
@@ -78,9 +78,10 @@ impl SearchSpace {
 /// USP may also vary its Ulysses degree over the divisors of the SP degree.
 fn strategies_for(s: StrategyConfig, sp: usize) -> Vec<StrategyConfig> {
     match s {
-        StrategyConfig::Usp { zigzag, .. } => {
-            (1..=sp).filter(|u| sp % u == 0).map(|ulysses| StrategyConfig::Usp { ulysses, zigzag }).collect()
-        }
+        StrategyConfig::Usp { zigzag, .. } => (1..=sp)
+            .filter(|u| sp.is_multiple_of(*u))
+            .map(|ulysses| StrategyConfig::Usp { ulysses, zigzag })
+            .collect(),
         other => vec![other],
     }
 }

@@ -39,6 +39,15 @@ pub struct CommTime {
     pub exposed: f64,
 }
 
+/// One rank's step: seconds, which rank, its compute terms, its collectives, bytes it sent.
+struct RankStep {
+    step: f64,
+    rank: usize,
+    compute: Vec<(&'static str, OpClass, f64)>,
+    comm: Vec<CommTime>,
+    sent: f64,
+}
+
 /// What the model predicts for one job.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Prediction {
@@ -121,7 +130,7 @@ pub fn predict(job: &Job, hw: &Hardware) -> Result<Prediction> {
     let mean = per_rank.iter().map(total).sum::<f64>() / per_rank.len().max(1) as f64;
     let node_bound = mean * on_node / slots;
 
-    let mut best: Option<(f64, usize, Vec<(&'static str, OpClass, f64)>, Vec<CommTime>, f64)> = None;
+    let mut best: Option<RankStep> = None;
     for (&r, compute) in ranks.iter().zip(per_rank) {
         let own = total(&compute) / threads;
         let stretch = if own > 0.0 { own.max(node_bound) / total(&compute) } else { 1.0 };
@@ -159,13 +168,16 @@ pub fn predict(job: &Job, hw: &Hardware) -> Result<Prediction> {
             }
         }
         let step = compute_s + comm.iter().map(|c| c.exposed).sum::<f64>();
-        if best.as_ref().is_none_or(|b| step > b.0) {
-            best = Some((step, r, compute, comm, sent));
+        if best.as_ref().is_none_or(|b| step > b.step) {
+            best = Some(RankStep { step, rank: r, compute, comm, sent });
         }
     }
-    let (step_s, slowest_rank, compute, comm, bytes_sent_per_rank) = best.ok_or_else(|| {
-        crate::Error::InvalidArgument { op: "cost", group: job.describe(), msg: "no ranks".into() }
-    })?;
+    let RankStep { step: step_s, rank: slowest_rank, compute, comm, sent: bytes_sent_per_rank } = best
+        .ok_or_else(|| crate::Error::InvalidArgument {
+            op: "cost",
+            group: job.describe(),
+            msg: "no ranks".into(),
+        })?;
     let mut worst: Option<MemoryReport> = None;
     for r in candidate_ranks(job) {
         let m = memory(job, r, hw)?;

@@ -220,52 +220,47 @@ pub fn predict_experiment(
     Ok((dir, df))
 }
 
-/// Throughput, TFLOP/s per GPU and memory against the sequence (or, for max_seq, the longest
-/// sequence against the GPUs), one line per strategy and world size.
+/// One predicted point of a chart: the sequence and three y values.
+struct PlotPoint {
+    seq: f64,
+    tokens_per_s: f64,
+    tflops: f64,
+    gib: f64,
+}
+
+/// Throughput, TFLOP/s per GPU and memory against the sequence, one line per strategy and
+/// world size.
 fn plots(dir: &Path, rows: &[Predicted]) -> Result<Vec<PathBuf>> {
-    let mut lines: std::collections::BTreeMap<String, Vec<(f64, f64, f64, f64, f64)>> = Default::default();
+    let mut lines: std::collections::BTreeMap<String, Vec<PlotPoint>> = Default::default();
     for r in rows {
         if let Ok(p) = &r.outcome {
             let key = format!("{} P={}", r.point.strategy.label(), r.point.ranks);
-            let gib = p.memory.resident_bytes / (1u64 << 30) as f64;
-            lines.entry(key).or_default().push((
-                p.job.seq as f64,
-                p.tokens_per_s,
-                p.megatron_tflops_per_gpu,
-                gib,
-                p.job.ranks as f64,
-            ));
+            lines.entry(key).or_default().push(PlotPoint {
+                seq: p.job.seq as f64,
+                tokens_per_s: p.tokens_per_s,
+                tflops: p.megatron_tflops_per_gpu,
+                gib: p.memory.resident_bytes / (1u64 << 30) as f64,
+            });
         }
     }
-    let series = |f: &dyn Fn(&(f64, f64, f64, f64, f64)) -> (f64, f64)| -> Vec<Series> {
+    let series = |y: fn(&PlotPoint) -> f64| -> Vec<Series> {
         lines
             .iter()
             .filter(|(_, v)| v.len() >= 2)
-            .map(|(name, v)| Series { name: name.clone(), points: v.iter().map(f).collect() })
+            .map(|(name, v)| Series { name: name.clone(), points: v.iter().map(|p| (p.seq, y(p))).collect() })
             .collect()
     };
+    let n = "sequence length N";
     let charts = [
-        (
-            "throughput_vs_seq",
-            "Predicted throughput",
-            "sequence length N",
-            "tokens/s",
-            series(&|x| (x.0, x.1)),
-        ),
+        ("throughput_vs_seq", "Predicted throughput", n, "tokens/s", series(|p| p.tokens_per_s)),
         (
             "tflops_vs_seq",
             "Predicted TFLOP/s per GPU (Megatron-DeepSpeed convention)",
-            "sequence length N",
+            n,
             "TFLOP/s",
-            series(&|x| (x.0, x.2)),
+            series(|p| p.tflops),
         ),
-        (
-            "memory_vs_seq",
-            "Predicted peak memory per GPU",
-            "sequence length N",
-            "GiB",
-            series(&|x| (x.0, x.3)),
-        ),
+        ("memory_vs_seq", "Predicted peak memory per GPU", n, "GiB", series(|p| p.gib)),
     ];
     let mut files = Vec::new();
     for (stem, title, x, y, s) in charts {
