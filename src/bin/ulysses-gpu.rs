@@ -118,18 +118,8 @@ fn ulysses_bf16(p: usize) -> Result<String> {
 }
 
 /// Median seconds of `f` over `runs` runs after one warm-up, synchronising the GPU.
-fn time(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    f()?;
-    sync();
-    let mut t = Vec::new();
-    for _ in 0..runs {
-        let t0 = Instant::now();
-        f()?;
-        sync();
-        t.push(t0.elapsed().as_secs_f64());
-    }
-    t.sort_by(f64::total_cmp);
-    Ok(t[t.len() / 2])
+fn time(runs: usize, f: impl FnMut() -> Result<()>) -> Result<f64> {
+    ulysses::cost::calibrate::time_median(runs, &sync, f)
 }
 
 /// bf16 matmul TFLOP/s at 8192^3: the peak MFU is measured against.

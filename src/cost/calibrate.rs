@@ -13,7 +13,11 @@ use crate::error::TorchResultExt;
 use crate::{Error, Result};
 
 /// Median seconds of `f` over `runs` runs after one warm-up, `sync` after each (CUDA).
-pub fn time_median(runs: usize, sync: &dyn Fn(), mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+pub fn time_median<E>(
+    runs: usize,
+    sync: &dyn Fn(),
+    mut f: impl FnMut() -> std::result::Result<(), E>,
+) -> std::result::Result<f64, E> {
     f()?;
     sync();
     let mut t = Vec::with_capacity(runs);

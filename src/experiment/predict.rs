@@ -367,25 +367,7 @@ pub const SUMMARY_COLUMNS: [&str; 15] = [
 /// The report of a predictions folder: its points table (saved as summary.csv) and its plots.
 pub fn report(dir: &Path) -> Result<super::Report> {
     let points = read_table(dir, "points")?;
-    let cols = [
-        "strategy",
-        "ranks",
-        "sp",
-        "dp",
-        "seq",
-        "batch",
-        "zero",
-        "checkpointing",
-        "median_step_ms",
-        "tokens_per_s",
-        "model_tflops_per_gpu",
-        "megatron_tflops_per_gpu",
-        "mfu",
-        "peak_gib",
-        "fits",
-        "status",
-    ];
-    let mut summary = points.select(cols).map_err(|e| bad("points", e.to_string()))?;
+    let mut summary = points.select(SUMMARY_COLUMNS).map_err(|e| bad("points", e.to_string()))?;
     let csv = dir.join("summary.csv");
     let file = File::create(&csv).map_err(|e| bad("summary.csv", e.to_string()))?;
     CsvWriter::new(file).finish(&mut summary).map_err(|e| bad("summary.csv", e.to_string()))?;
