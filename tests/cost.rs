@@ -213,15 +213,18 @@ fn search_finds_a_fitting_setting_and_the_longest_sequence_grows_with_gpus() -> 
     let only = SearchSpace {
         zero: vec![ZeroStage::new(3)?],
         checkpointing: vec![Checkpointing::Full],
-        sp: Vec::new(),
         micro_batch: vec![1],
-        global_batch: None,
+        ..SearchSpace::default()
     };
     let (a, b) = (
         max_seq(&Job { ranks: 4, ..base.clone() }, &hw, &only)?.job.seq,
         max_seq(&Job { ranks: 16, ..base.clone() }, &hw, &only)?.job.seq,
     );
     ensure!(b > 2 * a, "max sequence on 16 GPUs {b} vs 4 GPUs {a}");
+    // Over every strategy: the best is at least as fast as Ulysses' best.
+    let any = SearchSpace { strategies: ulysses::cost::every_strategy(), ..space.clone() };
+    let overall = best(&base, &hw, &any)?;
+    ensure!(overall.tokens_per_s >= p.tokens_per_s, "{} vs {}", overall.tokens_per_s, p.tokens_per_s);
     // A model that fits nowhere: a clear error with the numbers.
     let huge = GptConfig { n_layer: 400, n_embd: 16384, n_head: 128, n_kv_head: 128, ..GptConfig::gpt_30b() };
     let e = best(&paper_job(huge, StrategyConfig::Ulysses, 8, 8192), &hw, &space)

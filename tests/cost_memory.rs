@@ -1,7 +1,9 @@
 //! The cost model's memory terms against the tensors the code allocates: the bytes a forward
 //! pass keeps for the backward, read from the allocator (glibc's in-use bytes, the host's
 //! counterpart of a device allocator's allocated bytes), against the model's activation terms,
-//! for several strategies and world sizes; and the calibration helpers on known inputs.
+//! for several strategies and world sizes; and the calibration helpers on known inputs. The
+//! allocator counts the whole process: keep the tests of this file small in what they allocate
+//! besides the measured forward.
 
 use anyhow::{ensure, Result};
 use tch::{Device, Kind, Tensor};

@@ -38,7 +38,7 @@ pub use bytes::{CommCall, GroupRole, Phase};
 pub use flops::megatron_flops;
 pub use hardware::Hardware;
 pub use memory::{MemoryReport, Term};
-pub use search::{best, max_seq, SearchSpace};
+pub use search::{best, every_strategy, max_seq, SearchSpace};
 pub use step::{predict, Prediction};
 
 use serde::{Deserialize, Serialize};

@@ -13,6 +13,8 @@ use super::Job;
 /// What the search may vary. Empty lists keep the job's own value.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct SearchSpace {
+    /// Strategies to try; empty: the job's own.
+    pub strategies: Vec<StrategyConfig>,
     /// SP degrees (the DP degree is ranks / SP); empty: every divisor of the ranks.
     pub sp: Vec<usize>,
     pub micro_batch: Vec<i64>,
@@ -26,6 +28,7 @@ impl SearchSpace {
     /// Every SP degree, micro-batches 1-8, every ZeRO stage and checkpointing mode.
     pub fn everything() -> SearchSpace {
         SearchSpace {
+            strategies: Vec::new(),
             sp: Vec::new(),
             micro_batch: vec![1, 2, 4, 8],
             zero: (0..=3).filter_map(|s| ZeroStage::new(s).ok()).collect(),
@@ -46,8 +49,9 @@ impl SearchSpace {
         let ckpts =
             if self.checkpointing.is_empty() { vec![base.checkpointing] } else { self.checkpointing.clone() };
         let mut out = Vec::new();
+        let kinds = if self.strategies.is_empty() { vec![base.strategy] } else { self.strategies.clone() };
         for &sp in sps.iter().filter(|&&s| s >= 1 && base.ranks.is_multiple_of(s)) {
-            for strategy in strategies_for(base.strategy, sp) {
+            for strategy in kinds.iter().flat_map(|&k| strategies_for(k, sp)) {
                 for &b in &or(&self.micro_batch, base.micro_batch) {
                     let dp = base.ranks / sp;
                     let accum = match self.global_batch {
@@ -73,6 +77,18 @@ impl SearchSpace {
         }
         out
     }
+}
+
+/// Every strategy this toolkit has, for a search over strategies too (USP's Ulysses degree is
+/// searched with it).
+pub fn every_strategy() -> Vec<StrategyConfig> {
+    vec![
+        StrategyConfig::Ulysses,
+        StrategyConfig::MegatronSp,
+        StrategyConfig::Ring { zigzag: true },
+        StrategyConfig::AllGatherKv { zigzag: true },
+        StrategyConfig::Usp { ulysses: 1, zigzag: true },
+    ]
 }
 
 /// USP may also vary its Ulysses degree over the divisors of the SP degree.

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use ulysses::attention::{AttentionConfig, Kernel, Mask, StrategyConfig};
-use ulysses::cost::{best, max_seq, predict, Hardware, Job, SearchSpace};
+use ulysses::cost::{best, every_strategy, max_seq, predict, Hardware, Job, SearchSpace};
 use ulysses::experiment::{hardware_for, predict_experiment, ExperimentConfig, SUMMARY_COLUMNS};
 use ulysses::model::GptConfig;
 use ulysses::train::{Checkpointing, Precision, ZeroStage};
@@ -68,6 +68,9 @@ pub struct PredictArgs {
     /// Search the longest sequence that fits.
     #[arg(long)]
     max_seq: bool,
+    /// With --search or --max-seq: try every strategy too, not only --strategy.
+    #[arg(long)]
+    any_strategy: bool,
 }
 
 pub fn run(args: &PredictArgs) -> Result<()> {
@@ -103,9 +106,11 @@ pub fn run(args: &PredictArgs) -> Result<()> {
         overlap: args.overlap,
         bucket_elems: 25_000_000,
     };
+    let strategies = if args.any_strategy { every_strategy() } else { Vec::new() };
+    let space = SearchSpace { strategies, ..SearchSpace::everything() };
     let p = match (args.search, args.max_seq) {
-        (_, true) => max_seq(&job, &hw, &SearchSpace { micro_batch: vec![1], ..SearchSpace::everything() }),
-        (true, false) => best(&job, &hw, &SearchSpace::everything()),
+        (_, true) => max_seq(&job, &hw, &SearchSpace { micro_batch: vec![1], ..space }),
+        (true, false) => best(&job, &hw, &space),
         (false, false) => predict(&job, &hw),
     }
     .with_context(|| format!("predicting {}", job.describe()))?;
