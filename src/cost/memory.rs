@@ -18,39 +18,8 @@ use crate::Result;
 
 use super::flops::{attention_work, AttnImpl};
 use super::hardware::{DeviceKind, Hardware};
+pub use super::zero::{params_on_rank, ParamCount};
 use super::Job;
-
-/// Parameters (elements) on one rank.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ParamCount {
-    /// Replicated over the SP group: these join ZeRO and the gradient reduction.
-    pub replicated: f64,
-    /// Replicated elements per ZeRO-3 unit: each transformer block, then the rest (embedding,
-    /// final norm, head).
-    pub blocks: Vec<i64>,
-    /// Megatron-SP's tensor-parallel slices on this rank.
-    pub sharded: f64,
-}
-
-/// The parameters `Gpt::new` creates on one rank of `job` (tests compare with `Params`).
-pub fn params_on_rank(job: &Job) -> ParamCount {
-    let c = &job.model;
-    let (h, v, bias) = (c.n_embd, c.vocab_size, i64::from(c.bias));
-    let qkv = (c.n_head + 2 * c.n_kv_head) * c.head_dim();
-    let f = c.mlp_ratio * h;
-    let norms = 4 * h;
-    let matrices = h * qkv + bias * qkv + h * h + h * f + bias * f + f * h;
-    let out_biases = 2 * bias * h; // attention and MLP output biases
-    let rest = v * h + 2 * h + if c.tie_embeddings { 0 } else { v * h };
-    let (block_rep, sharded) = if job.strategy == StrategyConfig::MegatronSp {
-        (norms + out_biases, c.n_layer * matrices / job.sp() as i64)
-    } else {
-        (norms + out_biases + matrices, 0)
-    };
-    let mut blocks = vec![block_rep; c.n_layer as usize];
-    blocks.push(rest);
-    ParamCount { replicated: blocks.iter().sum::<i64>() as f64, blocks, sharded: sharded as f64 }
-}
 
 /// One named amount of memory.
 #[derive(Debug, Clone, PartialEq)]

@@ -24,13 +24,16 @@
 
 pub mod bytes;
 pub mod calibrate;
+mod calibrate_host;
 mod display;
 pub mod flops;
 pub mod hardware;
+mod hardware_check;
 pub mod memory;
 pub mod network;
 pub mod search;
 pub mod step;
+mod strategy_bytes;
 pub mod work;
 pub mod zero;
 

@@ -22,13 +22,45 @@
 //! Stage 0 with dp = 1 is exactly what `Gpt::sync_gradients` does today: one f32 all-reduce of
 //! the replicated gradients over the SP group, unpadded.
 
+use crate::attention::StrategyConfig;
 use crate::comm::OpKind;
 use crate::train::Precision;
 use crate::Result;
 
 use super::bytes::{all_gather, all_reduce, reduce_scatter, CommCall, GroupRole, Phase};
-use super::memory::ParamCount;
 use super::Job;
+
+/// Parameters (elements) on one rank.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParamCount {
+    /// Replicated over the SP group: these join ZeRO and the gradient reduction.
+    pub replicated: f64,
+    /// Replicated elements per ZeRO-3 unit: each transformer block, then the rest (embedding,
+    /// final norm, head).
+    pub blocks: Vec<i64>,
+    /// Megatron-SP's tensor-parallel slices on this rank.
+    pub sharded: f64,
+}
+
+/// The parameters `Gpt::new` creates on one rank of `job` (tests compare with `Params`).
+pub fn params_on_rank(job: &Job) -> ParamCount {
+    let c = &job.model;
+    let (h, v, bias) = (c.n_embd, c.vocab_size, i64::from(c.bias));
+    let qkv = (c.n_head + 2 * c.n_kv_head) * c.head_dim();
+    let f = c.mlp_ratio * h;
+    let norms = 4 * h;
+    let matrices = h * qkv + bias * qkv + h * h + h * f + bias * f + f * h;
+    let out_biases = 2 * bias * h; // attention and MLP output biases
+    let rest = v * h + 2 * h + if c.tie_embeddings { 0 } else { v * h };
+    let (block_rep, sharded) = if job.strategy == StrategyConfig::MegatronSp {
+        (norms + out_biases, c.n_layer * matrices / job.sp() as i64)
+    } else {
+        (norms + out_biases + matrices, 0)
+    };
+    let mut blocks = vec![block_rep; c.n_layer as usize];
+    blocks.push(rest);
+    ParamCount { replicated: blocks.iter().sum::<i64>() as f64, blocks, sharded: sharded as f64 }
+}
 
 /// `n` rounded up to a multiple of `w` (ZeRO's padded partition buffer).
 pub fn padded(n: i64, w: usize) -> i64 {
@@ -88,7 +120,7 @@ pub fn gradient_comm(job: &Job, r: usize, params: &ParamCount) -> Result<Vec<Com
         sent: (s * es) as u64,
         received: (rc * es) as u64,
     };
-    let single = job.strategy == crate::attention::StrategyConfig::Single;
+    let single = job.strategy == StrategyConfig::Single;
     match job.zero.stage() {
         _ if single && w == 1 => {}
         0 if w > 1 => out.push(mk(

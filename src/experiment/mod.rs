@@ -3,6 +3,7 @@
 //! with tables and plots (plotters); and the same tables predicted by the cost model
 //! (`ulysses predict`), side by side with the measured ones when both exist.
 
+mod compare;
 mod config;
 mod plot;
 mod predict;
@@ -11,12 +12,10 @@ mod report;
 mod results;
 mod run;
 
+pub use compare::{side_by_side, SUMMARY_COLUMNS};
 pub use config::{AttentionSpec, Backend, ExperimentConfig, ModelSpec, ParallelSpec, Point, TrainSpec};
 pub use plot::{font_ready, Chart, Series, Svg};
-pub use predict::{
-    hardware_for, job_for, predict_experiment, predict_points, side_by_side, PredictSpec, Predicted,
-    SUMMARY_COLUMNS,
-};
+pub use predict::{hardware_for, job_for, predict_experiment, predict_points, PredictSpec, Predicted};
 pub use progress::Progress;
 pub use report::{report, HtmlTable, Report};
 pub use results::{read_table, CommRow, PointRow, Results, StepRow};

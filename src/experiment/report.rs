@@ -96,8 +96,8 @@ fn series(map: BTreeMap<String, Vec<(f64, f64)>>) -> Vec<Series> {
 
 /// The summary and plots of the run in `dir`.
 pub fn report(dir: &Path) -> Result<Report> {
-    if super::predict::is_prediction(dir) {
-        return super::predict::report(dir);
+    if super::compare::is_prediction(dir) {
+        return super::compare::report(dir);
     }
     let points = read_table(dir, "points")?;
     let summary = points
@@ -176,5 +176,5 @@ pub fn report(dir: &Path) -> Result<Report> {
         let chart = Chart { title: title.into(), x_label: x.into(), y_label: y.into(), series: lines };
         files.extend(chart.write(&plots.join(stem))?);
     }
-    Ok(Report { summary, files, comparisons: super::predict::side_by_side(dir)? })
+    Ok(Report { summary, files, comparisons: super::compare::side_by_side(dir)? })
 }
