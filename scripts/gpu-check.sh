@@ -3,11 +3,14 @@
 # the binaries built here, pointed at that machine's libtorch and NCCL, as one prepared script.
 #   cargo build --release --features nccl --bin ulysses-gpu         # about 5 MB: the checks
 #   cargo build --release --features mpi,nccl --bin ulysses         # `ulysses run` on NCCL
-#   scripts/gpu-check.sh [folder holding both]                      # default: target/release
+#   scripts/gpu-check.sh [folder holding both] [--calibrate hardware/h200-measured.toml]
+#                                                                   # default folder: target/release
 # 1. ulysses-gpu: NCCL communicators and a transfer through the side stream, the local backend
 #    on the GPU, Ulysses bf16 parity, ring's flash blocks against SDPA (time and parity), the
 #    bf16 matmul peak, the 1.3B layer stack at 8K and 32K with Ulysses at P=1 on NCCL (tokens/s,
-#    MFU, CUDA peak memory against the activation formula): one table.
+#    MFU, CUDA peak memory against the activation formula): one table. With --calibrate it also
+#    measures the GPU for the cost model into that hardware file and prints the model's
+#    prediction of each measured layer stack beside the measurement.
 # 2. `ulysses run` of a small config with backend = "nccl" on 1 process (mpirun): its tables,
 #    with the CUDA allocator as their memory measure;
 # 3. the same on 2 processes, which this one GPU cannot hold: refused by the driver before
@@ -15,7 +18,8 @@
 # Exits 0 if every check ran and passed, 1 if one failed, 3 if one could not run (said why).
 set -uo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-bin=${1:-$repo/target/release}
+bin=$repo/target/release
+if [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; then bin=$1; shift; fi
 gpu=$bin/ulysses-gpu
 cli=$bin/ulysses
 [ -x "$gpu" ] || { echo "gpu-check: no $gpu; build it with: cargo build --release --features nccl --bin ulysses-gpu" >&2; exit 2; }
@@ -40,7 +44,7 @@ fail() { echo "FAIL $*"; status=1; }
 skip() { echo "SKIP $*"; [ "$status" = 1 ] || status=3; }
 
 echo "=== 1. ulysses-gpu ==="
-timeout 900 "$gpu" || fail "ulysses-gpu (exit $?)"
+timeout 900 "$gpu" "$@" || fail "ulysses-gpu (exit $?)"
 
 echo "=== 2-3. ulysses run on NCCL processes ==="
 if [ ! -x "$cli" ]; then

@@ -11,13 +11,15 @@
 //!   the baselines);
 //! - [`model`]: the GPT, generic over the strategy;
 //! - [`data`]: synthetic and file datasets, global label shift and sharding;
-//! - [`train`]: the optimizer;
+//! - [`train`]: the optimizer and the training plan's vocabulary;
+//! - [`cost`]: the analytical model of step time and memory per strategy, on hardware files;
 //! - [`experiment`]: configs, the runner, results as DataFrames, reports and plots;
 //! - [`device`]: loading libtorch's CUDA half where there is one.
 
 pub mod attention;
 pub mod autograd;
 pub mod comm;
+pub mod cost;
 pub mod data;
 pub mod device;
 mod error;

@@ -8,9 +8,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use polars::prelude::*;
+use ulysses::cost::Job;
 use ulysses::experiment::{
     font_ready, read_table, report, run, Chart, ExperimentConfig, HtmlTable, RunOptions, Series,
 };
+use ulysses::train::Precision;
 
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("ulysses-exp-{}-{name}", std::process::id()));
@@ -209,9 +211,11 @@ fn a_toy_run_writes_every_table_and_counts_bytes_exactly() -> Result<()> {
     let warm = steps.column("warmup")?.bool()?.clone();
     ensure!(warm.iter().filter(|w| *w == Some(true)).count() == 2 * 4, "warm-up rows");
 
-    // comm: the Ulysses all-to-alls of the sp group are the formula exactly: per layer
-    // forward and backward 2 x b (2Nh + 2N H_kv d)(P-1)/P^2 x 4 B (h = 64, H_kv d = 64, P = 2).
+    // comm: the Ulysses all-to-alls of the sp group are the library's formula exactly (what the
+    // cost model prices): per layer forward and backward 2 x b (2Nh + 2N H_kv d)(P-1)/P^2 x 4 B
+    // (h = 64, H_kv d = 64, P = 2).
     let comm = read_table(&out, "comm")?;
+    let gpt = cfg.gpt()?;
     let (points, groups, ops, sent) = (
         column_u64(&comm, "point")?,
         column_str(&comm, "group")?,
@@ -219,7 +223,11 @@ fn a_toy_run_writes_every_table_and_counts_bytes_exactly() -> Result<()> {
         column_u64(&comm, "bytes_sent")?,
     );
     for (point, n) in [(0u64, 64u64), (1, 128)] {
-        let want = 2 * (2 * n * 64 + 2 * n * 64) / 4 * 4;
+        let pt = cfg.points()?.into_iter().find(|p| p.index as u64 == point).context("point")?;
+        let job = Job { precision: Precision::F32, ..Job::new(gpt.clone(), pt.strategy, 2, n as i64) };
+        let (f, b) = ulysses::cost::bytes::layer_bytes(&job, 0)?;
+        let want = f + b;
+        ensure!(want == 2 * (2 * n * 64 + 2 * n * 64) / 4 * 4, "the closed form");
         let got: Vec<u64> = (0..points.len())
             .filter(|&i| points[i] == point && groups[i] == "sp" && ops[i] == "all_to_all")
             .map(|i| sent[i])

@@ -15,6 +15,9 @@ use ulysses::attention::{
 };
 use ulysses::autograd::Tape;
 use ulysses::comm::launch;
+use ulysses::cost::{bytes, Job};
+use ulysses::model::GptConfig;
+use ulysses::train::Precision;
 
 /// Every strategy that runs on `p` ranks (Megatron-SP and the single device included).
 fn strategies_for(p: usize) -> Vec<StrategyConfig> {
@@ -189,56 +192,33 @@ fn layer_bytes(
 
 #[test]
 fn bytes_follow_each_strategys_formula() -> Result<()> {
-    let (b, d) = (2u64, 4u64);
+    // The library's byte formulas (`cost::bytes`, what the cost model prices) against the
+    // counters, and, for even shares, against DESIGN.md §2.2's closed forms.
+    let (b, d) = (2i64, 4i64);
     for p in [2usize, 4, 8] {
         let (n, hq, hkv) = (64i64, 8i64, 4i64);
-        let pu = p as u64;
-        let s = n as u64 / pu;
         for kind in [Kind::Float, Kind::BFloat16] {
-            let es = kind.elt_size_in_bytes() as u64;
-            // Ring: K and V shift P-1 times forward; backward K, V shift P-1 times and the f32
-            // dK, dV accumulators P times.
-            let kv_block = 2 * b * s * hkv as u64 * d;
-            for (r, (fwd, bwd)) in
-                layer_bytes(StrategyConfig::Ring { zigzag: true }, p, n, (hq, hkv), kind)?.iter().enumerate()
-            {
-                ensure!(*fwd == kv_block * (pu - 1) * es, "ring P={p} {kind:?} rank {r}: forward {fwd}");
-                ensure!(
-                    *bwd == kv_block * ((pu - 1) * es + pu * 4),
-                    "ring P={p} {kind:?} rank {r}: backward {bwd}"
-                );
-            }
-            // All-gather KV: 2 b N H_kv d (P-1)/P forward, the reduce-scatter of dK, dV backward.
-            let ag = 2 * b * n as u64 * hkv as u64 * d * (pu - 1) / pu * es;
-            for (r, (fwd, bwd)) in
-                layer_bytes(StrategyConfig::AllGatherKv { zigzag: false }, p, n, (hq, hkv), kind)?
-                    .iter()
-                    .enumerate()
-            {
-                ensure!(
-                    *fwd == ag && *bwd == ag,
-                    "allgather_kv P={p} {kind:?} rank {r}: {fwd} {bwd}, expected {ag}"
-                );
-            }
-            // USP with U = 2: Ulysses over U ranks on a ring chunk of N/R tokens, then the ring
-            // over R ranks with blocks of N/R tokens and H_kv/U kv heads.
+            let es = kind.elt_size_in_bytes() as i64;
+            let mut strategies =
+                vec![StrategyConfig::Ring { zigzag: true }, StrategyConfig::AllGatherKv { zigzag: false }];
             if p > 2 {
-                let (u, rr) = (2u64, pu / 2);
-                let chunk = n as u64 / rr;
-                let h = hq as u64 * d;
-                let a2a = b * (2 * chunk * h + 2 * chunk * hkv as u64 * d) * (u - 1) / (u * u) * es;
-                let ring_block = 2 * b * chunk * (hkv as u64 / u) * d;
-                let fwd_want = a2a + ring_block * (rr - 1) * es;
-                let bwd_want = a2a + ring_block * ((rr - 1) * es + rr * 4);
-                for (r, (fwd, bwd)) in
-                    layer_bytes(StrategyConfig::Usp { ulysses: 2, zigzag: true }, p, n, (hq, hkv), kind)?
-                        .iter()
-                        .enumerate()
-                {
+                strategies.push(StrategyConfig::Usp { ulysses: 2, zigzag: true });
+            }
+            for strategy in strategies {
+                let model = GptConfig { n_head: hq, n_kv_head: hkv, n_embd: hq * d, ..GptConfig::tiny() };
+                let precision = if kind == Kind::Float { Precision::F32 } else { Precision::Bf16 };
+                let job = Job { micro_batch: b, precision, ..Job::new(model, strategy, p, n) };
+                for (r, (fwd, bwd)) in layer_bytes(strategy, p, n, (hq, hkv), kind)?.iter().enumerate() {
+                    let want = bytes::layer_bytes(&job, r)?;
                     ensure!(
-                        *fwd == fwd_want && *bwd == bwd_want,
-                        "usp P={p} {kind:?} rank {r}: {fwd} {bwd}, expected {fwd_want} {bwd_want}"
+                        (*fwd, *bwd) == want,
+                        "{} P={p} {kind:?} rank {r}: counted {fwd} {bwd}, library {want:?}",
+                        strategy.label()
                     );
+                    if let Some((f, w)) = bytes::closed_form(strategy, n, hq * d, hkv * d, p, es) {
+                        let (f, w) = ((f * b as f64) as u64, (w * b as f64) as u64);
+                        ensure!((*fwd, *bwd) == (f, w), "{} P={p}: closed form {f} {w}", strategy.label());
+                    }
                 }
             }
         }

@@ -13,6 +13,9 @@ use ulysses::attention::{
 };
 use ulysses::autograd::Tape;
 use ulysses::comm::launch;
+use ulysses::cost::{bytes, Job};
+use ulysses::model::GptConfig;
+use ulysses::train::Precision;
 
 #[derive(Debug, Clone, Copy)]
 struct Case {
@@ -121,18 +124,6 @@ fn f32_and_bf16() -> Result<()> {
     Ok(())
 }
 
-/// Bytes one rank sends in one Ulysses layer (f32), counted from the chunks: forward, rank r
-/// sends the heads of other ranks from its q and kv slices (kv replicas included) and the
-/// tokens of other ranks from its output heads; backward runs the inverse all-to-alls.
-fn layer_bytes(r: usize, b: i64, d: i64, seq: &[i64], q_heads: &[i64], kv_heads: &[i64]) -> (u64, u64) {
-    let others = |v: &[i64]| v.iter().sum::<i64>() - v[r];
-    let forward =
-        b * d * (seq[r] * others(q_heads) + 2 * seq[r] * others(kv_heads) + q_heads[r] * others(seq));
-    let backward =
-        b * d * (q_heads[r] * others(seq) + 2 * kv_heads[r] * others(seq) + seq[r] * others(q_heads));
-    ((forward * 4) as u64, (backward * 4) as u64)
-}
-
 #[test]
 fn bytes_per_layer_equal_the_formulas() -> Result<()> {
     use ulysses::comm::OpKind;
@@ -156,14 +147,14 @@ fn bytes_per_layer_equal_the_formulas() -> Result<()> {
             tape.backward(&o.sum(Kind::Float))?;
             let both = g.stats().op(OpKind::AllToAll);
             ensure!(forward.calls == 4 && both.calls == 8, "calls {forward:?} {both:?}");
-            let want = layer_bytes(
-                ctx.rank(),
-                b,
-                d,
-                attn.layout().lens(),
-                attn.heads().q_split(),
-                &attn.heads().kv_split(),
-            );
+            // The library's formula (what the cost model prices): the chunks each rank sends.
+            let model = GptConfig { n_head: heads, n_kv_head: kv_heads, n_embd: h, ..GptConfig::tiny() };
+            let job = Job {
+                micro_batch: b,
+                precision: Precision::F32,
+                ..Job::new(model, StrategyConfig::Ulysses, p, n)
+            };
+            let want = bytes::layer_bytes(&job, ctx.rank())?;
             Ok((forward.bytes_sent, both.bytes_sent, want))
         })?;
         for (r, (fwd, both, (want_fwd, want_bwd))) in sent.iter().enumerate() {
@@ -174,10 +165,11 @@ fn bytes_per_layer_equal_the_formulas() -> Result<()> {
                 "{label}: forward+backward {both} B, expected {} B",
                 fwd + want_bwd
             );
-            let (pi, ni) = (p as i64, n);
+            let pi = p as i64;
             if heads % pi == 0 && kv_heads % pi == 0 && n % pi == 0 {
                 // DESIGN.md §2.2: (2Nh + 2N H_kv d)(P-1)/P^2 elements per sample.
-                let formula = (b * (2 * ni * h + 2 * ni * kv_heads * d) * (pi - 1) / (pi * pi) * 4) as u64;
+                let paper = bytes::closed_form(StrategyConfig::Ulysses, n, h, kv_heads * d, p, 4);
+                let formula = paper.map_or(0, |(f, _)| (f * b as f64) as u64);
                 ensure!(*fwd == formula, "{label}: {fwd} B vs the paper's formula {formula} B");
                 ensure!(*both == 2 * formula, "{label}: forward+backward {both} B vs twice the formula");
             }

@@ -8,6 +8,7 @@ use tch::Kind;
 
 use super::launch::Launcher;
 use super::slurm::SlurmSpec;
+use super::predict::PredictSpec;
 use crate::attention::{AttentionConfig, Kernel, Mask, StrategyConfig};
 use crate::data::DatasetConfig;
 use crate::model::GptConfig;
@@ -39,6 +40,9 @@ pub struct ExperimentConfig {
     /// Default none (`ulysses submit` options then say it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slurm: Option<SlurmSpec>,
+    /// How `ulysses predict` models this experiment (cost model); see [`PredictSpec`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub predict: Option<PredictSpec>,
 }
 
 /// `[model]`: a preset, and any field of [`GptConfig`] to override in it.

@@ -36,6 +36,8 @@ impl HtmlTable {
 pub struct Report {
     pub summary: DataFrame,
     pub files: Vec<PathBuf>,
+    /// Measured against predicted, per hardware file, when predictions sit beside the run.
+    pub comparisons: Vec<(String, DataFrame)>,
 }
 
 fn polars_error(what: &str, e: PolarsError) -> Error {
@@ -70,6 +72,9 @@ fn series(map: BTreeMap<String, Vec<(f64, f64)>>) -> Vec<Series> {
 
 /// The summary and plots of the run in `dir`.
 pub fn report(dir: &Path) -> Result<Report> {
+    if super::compare::is_prediction(dir) {
+        return super::compare::report(dir);
+    }
     let points = read_table(dir, "points")?;
     // Memory rows say which measure they hold (host RSS or the CUDA allocator); runs made before
     // that column existed hold host RSS.
@@ -155,5 +160,5 @@ pub fn report(dir: &Path) -> Result<Report> {
         let chart = Chart { title: title.into(), x_label: x.into(), y_label: y.into(), series: lines };
         files.extend(chart.write(&plots.join(stem))?);
     }
-    Ok(Report { summary, files })
+    Ok(Report { summary, files, comparisons: super::compare::side_by_side(dir)? })
 }

@@ -15,7 +15,7 @@ use super::launch::LaunchPlan;
 use super::memory::MemoryProbe;
 use super::progress::Progress;
 use super::results::{CommRow, PointRow, Results, StepRow};
-use crate::attention::{AttentionConfig, Mask};
+use crate::attention::AttentionConfig;
 use crate::comm::{LauncherEnv, LocalLaunch, Mesh, MeshShape, RankCtx, ReduceOp};
 use crate::data::{shard, Dataset};
 use crate::error::TorchResultExt;
@@ -477,7 +477,7 @@ fn rank_main(ctx: RankCtx, spec: &RankSpec<'_>, send: &(dyn Fn(Report) -> Result
 
     let (b, n) = (cfg.train.batch, point.seq);
     let tokens = (b * n) as f64 * dp as f64;
-    let flops = gpt.train_flops(b * n * dp as i64, n, spec.attention.mask != Mask::None);
+    let flops = gpt.train_flops(b * n * dp as i64, n, &spec.attention.mask);
     for step in 0..cfg.train.warmup + cfg.train.steps {
         let global = spec.dataset.batch(cfg.train.seed, step as u64, mesh.coord("dp")? as u64, b, n)?;
         let data = shard(&global.f_to(device).op("experiment")?, &layout, sp_group.rank())?;
@@ -567,7 +567,7 @@ fn summarize(point: &Point, cfg: &ExperimentConfig, gpt: &GptConfig, rows: &[Ste
     let step_ms = median(per_step(&|r| r.step_ms));
     let seconds = step_ms / 1e3;
     let (b, n, dp) = (cfg.train.batch, point.seq, cfg.parallel.dp as i64);
-    let flops = gpt.train_flops(b * n * dp, n, cfg.attention()?.mask != Mask::None);
+    let flops = gpt.train_flops(b * n * dp, n, &cfg.attention()?.mask);
     let last = measured.iter().filter(|r| r.rank == 0).max_by_key(|r| r.step);
     Ok(PointRow {
         point: point.index as u32,

@@ -15,8 +15,13 @@
 //!    P=1 on NCCL: tokens/s, model TFLOP/s, MFU, and the CUDA allocator's peak against the
 //!    activation formula;
 //! 6. one summary table. Exits non-zero if a check fails.
+//!
+//! With `--calibrate FILE` it also measures the GPU for the cost model into a hardware file
+//! (`calibrate.rs`) and prints the model's prediction of each measured layer stack beside the
+//! measurement.
 
 mod attention;
+mod calibrate;
 mod perf;
 
 #[path = "../../../tests/common/mod.rs"]
@@ -35,18 +40,8 @@ fn sync() {
 }
 
 /// Median seconds of `f` over `runs` runs after one warm-up, synchronising the GPU.
-fn time(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    f()?;
-    sync();
-    let mut t = Vec::new();
-    for _ in 0..runs {
-        let t0 = Instant::now();
-        f()?;
-        sync();
-        t.push(t0.elapsed().as_secs_f64());
-    }
-    t.sort_by(f64::total_cmp);
-    Ok(t[t.len() / 2])
+fn time(runs: usize, f: impl FnMut() -> Result<()>) -> Result<f64> {
+    ulysses::cost::calibrate::time_median(runs, &sync, f)
 }
 
 /// NCCL communicators at world size 1 (the world and a split), collectives through them, and a
@@ -117,6 +112,9 @@ fn local_on_gpu(p: usize) -> Result<String> {
 }
 
 fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let calibrate_to =
+        args.iter().position(|a| a == "--calibrate").and_then(|i| args.get(i + 1)).map(std::path::PathBuf::from);
     if !ulysses::device::load_cuda() {
         eprintln!("ulysses-gpu: no CUDA device is usable (is libtorch_cuda on LD_LIBRARY_PATH?)");
         std::process::exit(2);
@@ -142,9 +140,25 @@ fn main() -> Result<()> {
     let peak = perf::matmul_peak();
     let peak_value = peak.as_ref().ok().copied();
     check("bf16 matmul 8192^3", peak.map(|t| format!("{t:.1} TFLOP/s (the peak below)")));
+    let hw = calibrate_to.as_ref().and_then(|path| {
+        let r = calibrate::calibrate(path);
+        let hw = r.as_ref().ok().cloned();
+        check("cost-model calibration", r.map(|h| format!("wrote {} ({})", path.display(), h.name)));
+        hw
+    });
     for (layers, n) in [(24i64, 8192i64), (8, 32768)] {
         let name = format!("1.3B GPT, {layers} layers, N={n}, Ulysses P=1 on NCCL, fwd+bwd");
-        check(&name, perf::gpt_stack(layers, n).map(|s| s.describe(peak_value)));
+        let r = perf::gpt_stack(layers, n).and_then(|s| {
+            let predicted = match &hw {
+                Some(hw) => {
+                    let p = calibrate::predicted_stack(hw, layers, n)?;
+                    format!("; cost model {:.1} ms vs measured {:.1} ms", p * 1e3, s.seconds * 1e3)
+                }
+                None => String::new(),
+            };
+            Ok(format!("{}{predicted}", s.describe(peak_value)))
+        });
+        check(&name, r);
     }
     println!("\n{:<60} {:<5} result", "check", "");
     for (name, ok, text) in &rows {

@@ -28,6 +28,8 @@ pub fn matmul_peak() -> Result<f64> {
 
 /// One measurement of the layer stack.
 pub struct Stack {
+    /// Median seconds of one forward + backward.
+    pub seconds: f64,
     pub tokens_per_s: f64,
     /// Model FLOPs (`GptConfig::train_flops`) per second.
     pub tflops: f64,
@@ -90,8 +92,9 @@ pub fn gpt_stack(layers: i64, n: i64) -> Result<Stack> {
         );
         let activations = 34.0 * (n * cfg.n_embd * layers) as f64;
         Ok(Stack {
+            seconds: s,
             tokens_per_s: n as f64 / s,
-            tflops: cfg.train_flops(n, n, true) / s / 1e12,
+            tflops: cfg.train_flops(n, n, &Mask::Causal) / s / 1e12,
             peak_mib,
             model_mib,
             predicted_mib: activations / MIB,

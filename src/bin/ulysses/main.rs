@@ -1,8 +1,10 @@
 //! The `ulysses` command line: thin wrappers that parse arguments and call the library.
 
 mod bench_a2a;
+mod calibrate;
 mod demo;
 mod layer;
+mod predict;
 mod ranks;
 mod screen;
 mod step;
@@ -87,7 +89,17 @@ enum Command {
         /// The results folder the job writes (its output is in slurm/<job>.out there).
         dir: PathBuf,
     },
-    /// Summarise a run's output folder: a table per point, summary.csv and plots (SVG, PNG).
+    /// Predict an experiment config with the cost model (tables, Parquet and plots beside the
+    /// run's, in <output>/predicted-<hardware>/), or one job given by flags with its breakdown.
+    Predict(predict::PredictArgs),
+    /// Measure this machine (GEMMs, fused attention, memory bandwidth, the local and MPI
+    /// backends' collectives) into a hardware file for the cost model. About a minute.
+    Calibrate(calibrate::CalibrateArgs),
+    /// One rank of calibrate's MPI measurement (what `ulysses calibrate` starts under mpirun).
+    #[command(hide = true)]
+    CalibrateComm,
+    /// Summarise a run's output folder: a table per point, summary.csv and plots (SVG, PNG);
+    /// measured against predicted when predictions sit beside it.
     Report {
         /// The output folder of a run.
         dir: PathBuf,
@@ -200,7 +212,11 @@ fn print_report(dir: &std::path::Path) -> Result<()> {
     let points = ulysses::experiment::read_table(dir, "points")?;
     let name =
         dir.file_name().map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into_owned());
-    screen::print(&name, dir, &points, Some(&report), None)
+    screen::print(&name, dir, &points, Some(&report), None)?;
+    for (hardware, table) in &report.comparisons {
+        println!("measured against {hardware}:\n{table}");
+    }
+    Ok(())
 }
 
 fn main() -> Result<()> {
@@ -216,6 +232,9 @@ fn main() -> Result<()> {
         Command::Submit(args) => submit::run(&args),
         Command::Follow { job, dir } => submit::follow(&job, &dir),
         Command::Report { dir } => print_report(&dir),
+        Command::Predict(args) => predict::run(&args),
+        Command::Calibrate(args) => calibrate::run(&args),
+        Command::CalibrateComm => calibrate::comm_rank(),
         Command::Launch { ranks, program, args } => mpi_launch(ranks, program, &args),
         Command::BenchA2a { ranks, backend, mib, runs } => bench_a2a::run(backend, ranks, &mib, runs),
         Command::RunPoint { dir, point, base } => run_point(&dir, point, &base),
