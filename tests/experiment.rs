@@ -10,7 +10,7 @@ use anyhow::{ensure, Context, Result};
 use polars::prelude::*;
 use ulysses::cost::Job;
 use ulysses::experiment::{
-    font_ready, read_table, report, run, Chart, ExperimentConfig, HtmlTable, RunOptions, Series,
+    font_ready, read_table, report, run, Axis, Chart, ExperimentConfig, HtmlTable, RunOptions, Series, Unit,
 };
 use ulysses::train::Precision;
 
@@ -348,15 +348,25 @@ fn notebook_displays_render_tables_and_charts() -> Result<()> {
     ensure!(html.contains("<td>a&lt;b&amp;c</td>"), "not escaped: {html}");
     ensure!(html.find("ulysses") < html.find("a&lt;"), "rows out of order: {html}");
     ensure!(html.matches("<tr>").count() == 3, "a header and two rows: {html}");
-    let chart = Chart {
-        title: "bytes".into(),
-        x_label: "P".into(),
-        y_label: "B".into(),
-        series: vec![Series { name: "ulysses".into(), points: vec![(2.0, 1.0), (4.0, 0.5)] }],
-    };
+    let chart = Chart::new(
+        "bytes",
+        Axis::log("P", Unit::Count),
+        Axis::log("sent", Unit::Bytes),
+        vec![Series { name: "ulysses".into(), points: vec![(2.0, 3.0 * 1048576.0), (8.0, 1048576.0)] }],
+    );
     if font_ready() {
         let svg = chart.svg((320, 200))?.0;
         ensure!(svg.starts_with("<svg") && svg.contains("ulysses") && svg.contains("bytes"), "{svg}");
+        // True log axes with ticks in the unit: 2, 4, 8 ranks; MiB, not log2 of bytes.
+        let texts: Vec<&str> = svg
+            .split("<text")
+            .skip(1)
+            .filter_map(|t| t.split('>').nth(1))
+            .map(|t| t.split('<').next().unwrap_or("").trim())
+            .collect();
+        for tick in ["1 MiB", "2 MiB", "2", "4", "8"] {
+            ensure!(texts.contains(&tick), "no tick {tick} in {texts:?}");
+        }
     } else {
         let err = chart.svg((320, 200)).err().map(|e| e.to_string()).unwrap_or_default();
         ensure!(err.contains("fonts-dejavu-core"), "{err}");

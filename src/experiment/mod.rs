@@ -21,7 +21,10 @@ pub use compare::{side_by_side, SUMMARY_COLUMNS};
 pub use config::{AttentionSpec, Backend, ExperimentConfig, ModelSpec, ParallelSpec, Point, TrainSpec};
 pub use launch::{LaunchPlan, Launcher};
 pub use memory::{CUDA_PEAK, HOST_RSS};
-pub use plot::{font_ready, Chart, Series, Svg};
+pub use plot::{
+    font_ready, series_style, strategy_of, strategy_style, Axis, BarChart, Bars, Chart, Collective, Figure,
+    Marker, Scale, Series, Style, Svg, Unit,
+};
 pub use predict::{hardware_for, job_for, predict_experiment, predict_points, PredictSpec, Predicted};
 pub use progress::Progress;
 pub use report::{report, HtmlTable, Report};

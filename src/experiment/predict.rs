@@ -11,7 +11,7 @@ use polars::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::config::{Backend, ExperimentConfig, Point};
-use super::plot::{Chart, Series};
+use super::plot::{Axis, Chart, Series, Unit};
 use crate::cost::{self, Hardware, Job, Prediction, SearchSpace};
 use crate::train::{Checkpointing, Precision, ZeroStage};
 use crate::{Error, Result};
@@ -215,7 +215,7 @@ pub fn predict_experiment(
     ParquetWriter::new(File::create(dir.join("points.parquet")).map_err(io)?)
         .finish(&mut df)
         .map_err(|e| bad("points.parquet", e.to_string()))?;
-    plots(&dir, &rows)?;
+    plots(&dir, &rows, &format!("{} on {}", cfg.name, hw.name))?;
     Ok((dir, df))
 }
 
@@ -224,21 +224,22 @@ struct PlotPoint {
     seq: f64,
     tokens_per_s: f64,
     tflops: f64,
-    gib: f64,
+    bytes: f64,
 }
 
 /// Throughput, TFLOP/s per GPU and memory against the sequence, one line per strategy and
 /// world size.
-fn plots(dir: &Path, rows: &[Predicted]) -> Result<Vec<PathBuf>> {
-    let mut lines: std::collections::BTreeMap<String, Vec<PlotPoint>> = Default::default();
+fn plots(dir: &Path, rows: &[Predicted], setting: &str) -> Result<Vec<PathBuf>> {
+    // Keyed by strategy and world size, in that order (P=8 before P=16).
+    let mut lines: std::collections::BTreeMap<(String, usize), Vec<PlotPoint>> = Default::default();
     for r in rows {
         if let Ok(p) = &r.outcome {
-            let key = format!("{} P={}", r.point.strategy.label(), r.point.ranks);
+            let key = (r.point.strategy.label(), r.point.ranks);
             lines.entry(key).or_default().push(PlotPoint {
                 seq: p.job.seq as f64,
                 tokens_per_s: p.tokens_per_s,
                 tflops: p.megatron_tflops_per_gpu,
-                gib: p.memory.resident_bytes / (1u64 << 30) as f64,
+                bytes: p.memory.resident_bytes,
             });
         }
     }
@@ -246,25 +247,45 @@ fn plots(dir: &Path, rows: &[Predicted]) -> Result<Vec<PathBuf>> {
         lines
             .iter()
             .filter(|(_, v)| v.len() >= 2)
-            .map(|(name, v)| Series { name: name.clone(), points: v.iter().map(|p| (p.seq, y(p))).collect() })
+            .map(|((s, p), v)| Series {
+                name: format!("{s} P={p}"),
+                points: v.iter().map(|p| (p.seq, y(p))).collect(),
+            })
             .collect()
     };
-    let n = "sequence length N";
+    let n = || Axis::auto("sequence length N", Unit::Tokens);
     let charts = [
-        ("throughput_vs_seq", "Predicted throughput", n, "tokens/s", series(|p| p.tokens_per_s)),
+        (
+            "throughput_vs_seq",
+            Chart::new(
+                &format!("{setting}: throughput (predicted)"),
+                n(),
+                Axis::auto("tokens/s", Unit::Number).from_zero(),
+                series(|p| p.tokens_per_s),
+            ),
+        ),
         (
             "tflops_vs_seq",
-            "Predicted TFLOP/s per GPU (Megatron-DeepSpeed convention)",
-            n,
-            "TFLOP/s",
-            series(|p| p.tflops),
+            Chart::new(
+                &format!("{setting}: TFLOP/s per GPU (predicted)"),
+                n(),
+                Axis::linear("TFLOP/s per GPU (Megatron-DeepSpeed)", Unit::Number).from_zero(),
+                series(|p| p.tflops),
+            ),
         ),
-        ("memory_vs_seq", "Predicted peak memory per GPU", n, "GiB", series(|p| p.gib)),
+        (
+            "memory_vs_seq",
+            Chart::new(
+                &format!("{setting}: peak memory per GPU (predicted)"),
+                n(),
+                Axis::auto("resident per GPU", Unit::Bytes).from_zero(),
+                series(|p| p.bytes),
+            ),
+        ),
     ];
     let mut files = Vec::new();
-    for (stem, title, x, y, s) in charts {
-        if !s.is_empty() {
-            let chart = Chart { title: title.into(), x_label: x.into(), y_label: y.into(), series: s };
+    for (stem, chart) in charts {
+        if !chart.series.is_empty() {
             files.extend(chart.write(&dir.join("plots").join(stem))?);
         }
     }

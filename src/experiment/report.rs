@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use polars::prelude::*;
 
-use super::plot::{Chart, Series};
+use super::plot::{Axis, Chart, Series, Unit};
 use super::results::read_table;
 use crate::{Error, Result};
 
@@ -59,13 +59,17 @@ fn strs(df: &DataFrame, name: &str) -> Result<Vec<String>> {
     Ok(values.iter().map(|v| v.unwrap_or("").to_string()).collect())
 }
 
-/// Series of (x, y) keyed by a label, sorted by x.
-fn series(map: BTreeMap<String, Vec<(f64, f64)>>) -> Vec<Series> {
+/// A line's key: strategy, then numbers in order (so that P=8 comes before P=16).
+type Key = (String, i64, i64);
+
+/// Series of (x, y) keyed by strategy and numbers, in key order, each sorted by x and named
+/// by `name`.
+fn series(map: BTreeMap<Key, Vec<(f64, f64)>>, name: impl Fn(&Key) -> String) -> Vec<Series> {
     map.into_iter()
         .filter(|(_, pts)| pts.len() >= 2)
-        .map(|(name, mut points)| {
+        .map(|(key, mut points)| {
             points.sort_by(|a, b| a.0.total_cmp(&b.0));
-            Series { name, points }
+            Series { name: name(&key), points }
         })
         .collect()
 }
@@ -113,32 +117,43 @@ pub fn report(dir: &Path) -> Result<Report> {
     );
     let measure = if has_measure { strs(&points, "memory")?.first().cloned() } else { None };
     let memory_title =
-        format!("Peak memory per rank ({})", measure.as_deref().unwrap_or("host_rss_above_base"));
+        format!("peak memory per rank ({})", measure.as_deref().unwrap_or("host_rss_above_base"));
     let mut charts = Vec::new();
 
     // Throughput against sequence length: one line per strategy and world size.
-    let mut by_seq: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+    let mut by_seq: BTreeMap<Key, Vec<(f64, f64)>> = BTreeMap::new();
     for i in 0..strategy.len() {
-        by_seq.entry(format!("{} P={}", strategy[i], ranks[i])).or_default().push((seq[i], tps[i]));
+        by_seq.entry((strategy[i].clone(), ranks[i] as i64, 0)).or_default().push((seq[i], tps[i]));
     }
-    charts.push((
-        "throughput_vs_seq",
-        "Throughput against sequence length",
-        "sequence length N",
-        "tokens/s",
-        series(by_seq),
+    let name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    charts.push(Chart::new(
+        &format!("{name}: throughput against sequence length"),
+        Axis::auto("sequence length N", Unit::Tokens),
+        Axis::auto("throughput (tokens/s)", Unit::Number).from_zero(),
+        series(by_seq, |k| format!("{} P={}", k.0, k.1)),
     ));
 
     // Bytes and memory per rank against the number of ranks: one line per strategy and length.
-    let mut bytes: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
-    let mut memory: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+    let mut bytes: BTreeMap<Key, Vec<(f64, f64)>> = BTreeMap::new();
+    let mut memory: BTreeMap<Key, Vec<(f64, f64)>> = BTreeMap::new();
+    let by_n = |k: &Key| format!("{} N={}", k.0, Unit::Tokens.format(k.1 as f64));
     for i in 0..strategy.len() {
-        let key = format!("{} N={}", strategy[i], seq[i]);
-        bytes.entry(key.clone()).or_default().push((ranks[i], sent[i] / (1 << 20) as f64));
+        let key = (strategy[i].clone(), seq[i] as i64, 0);
+        bytes.entry(key.clone()).or_default().push((ranks[i], sent[i]));
         memory.entry(key).or_default().push((ranks[i], mem[i]));
     }
-    charts.push(("bytes_vs_ranks", "Bytes sent per rank and step", "ranks P", "MiB", series(bytes)));
-    charts.push(("memory_vs_ranks", memory_title.as_str(), "ranks P", "MiB", series(memory)));
+    charts.push(Chart::new(
+        &format!("{name}: bytes sent per rank and step"),
+        Axis::auto("ranks P", Unit::Count),
+        Axis::auto("sent per rank and step", Unit::Bytes).from_zero(),
+        series(bytes, by_n),
+    ));
+    charts.push(Chart::new(
+        &format!("{name}: {memory_title}"),
+        Axis::auto("ranks P", Unit::Count),
+        Axis::auto("peak per rank", Unit::MiB).from_zero(),
+        series(memory, by_n),
+    ));
 
     // Loss curves: rank 0 of every point, every step.
     let steps = read_table(dir, "steps")?;
@@ -146,18 +161,24 @@ pub fn report(dir: &Path) -> Result<Report> {
         (f64s(&steps, "point")?, f64s(&steps, "step")?, f64s(&steps, "rank")?, f64s(&steps, "loss")?);
     let s_strategy = strs(&steps, "strategy")?;
     let s_seq = f64s(&steps, "seq")?;
-    let mut loss: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+    let mut loss: BTreeMap<Key, Vec<(f64, f64)>> = BTreeMap::new();
     for i in (0..s_point.len()).filter(|&i| s_rank[i] == 0.0) {
-        let key = format!("{} N={} (point {})", s_strategy[i], s_seq[i], s_point[i]);
+        let key = (s_strategy[i].clone(), s_seq[i] as i64, s_point[i] as i64);
         loss.entry(key).or_default().push((s_step[i], s_loss[i]));
     }
-    charts.push(("loss", "Loss", "step", "loss", series(loss)));
+    charts.push(Chart::new(
+        &format!("{name}: loss (rank 0)"),
+        Axis::linear("step", Unit::Count),
+        Axis::linear("loss (nats per token)", Unit::Number),
+        series(loss, |k| format!("{} N={} (point {})", k.0, Unit::Tokens.format(k.1 as f64), k.2)),
+    ));
 
-    for (stem, title, x, y, lines) in charts {
-        if lines.is_empty() {
+    for (stem, chart) in
+        ["throughput_vs_seq", "bytes_vs_ranks", "memory_vs_ranks", "loss"].into_iter().zip(charts)
+    {
+        if chart.series.is_empty() {
             continue; // the sweep does not vary this
         }
-        let chart = Chart { title: title.into(), x_label: x.into(), y_label: y.into(), series: lines };
         files.extend(chart.write(&plots.join(stem))?);
     }
     Ok(Report { summary, files, comparisons: super::compare::side_by_side(dir)? })

@@ -1,0 +1,313 @@
+//! Charts as SVG (inline in notebooks) and PNG files (plotters), for `ulysses report`,
+//! `ulysses predict` and the notebooks: one copy of the chart code for all of them.
+//!
+//! - [`Chart`]: lines (one per strategy, each in its strategy's colour and marker, see
+//!   [`strategy_style`]) on linear or true log axes whose ticks read in the axis' unit
+//!   ([`Unit`]: 8K tokens, 256 MiB, 12 ms), the legend beside the data, never over it;
+//! - [`BarChart`]: grouped or stacked bars (memory per rank by ZeRO stage, where a step's time
+//!   goes);
+//! - [`Collective`]: what a collective moves, before and after side by side, every rank's
+//!   column labelled and every element coloured by the rank it came from.
+
+mod axis;
+mod bars;
+mod grid;
+mod style;
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use plotters::coord::Shift;
+use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
+
+use crate::{Error, Result};
+
+pub use axis::{Axis, Scale, Unit};
+pub use bars::{BarChart, Bars};
+pub use grid::Collective;
+pub use style::{series_style, shade, strategy_of, strategy_style, Marker, Style};
+
+/// One line of a chart.
+#[derive(Debug, Clone)]
+pub struct Series {
+    pub name: String,
+    pub points: Vec<(f64, f64)>,
+}
+
+/// A line chart: a title that names the setting, two axes, the lines, and a legend beside them.
+#[derive(Debug, Clone)]
+pub struct Chart {
+    pub title: String,
+    pub x: Axis,
+    pub y: Axis,
+    pub series: Vec<Series>,
+}
+
+/// DejaVu Sans (Debian's fonts-dejavu-core, installed by scripts/setup.sh), registered once
+/// for plotters' text; `false` if it is not on this machine.
+pub fn font_ready() -> bool {
+    static READY: OnceLock<bool> = OnceLock::new();
+    *READY.get_or_init(|| {
+        let candidates =
+            ["/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "/usr/share/fonts/TTF/DejaVuSans.ttf"];
+        candidates.iter().find_map(|p| std::fs::read(p).ok()).is_some_and(|bytes| {
+            // plotters keeps registered fonts for the whole process.
+            let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+            plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).is_ok()
+        })
+    })
+}
+
+pub(crate) fn plot_error(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::InvalidArgument { op: "plot", group: what.to_string(), msg: e.to_string() }
+}
+
+/// Something drawn: a chart, bars, a collective. Draws on any plotters area, and as SVG text
+/// or SVG and PNG files.
+pub trait Figure {
+    fn title(&self) -> &str;
+
+    /// Draws the figure on a plotters area (a file, or a notebook's SVG).
+    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<()>
+    where
+        DB::ErrorType: 'static;
+
+    /// The figure as SVG text, shown inline by notebooks (see [`Svg`]).
+    fn svg(&self, (width, height): (u32, u32)) -> Result<Svg> {
+        check_font(self.title())?;
+        let mut text = String::new();
+        self.draw(&SVGBackend::with_string(&mut text, (width, height)).into_drawing_area())?;
+        Ok(Svg(text))
+    }
+
+    /// Writes `<stem>.svg` and `<stem>.png` at 900 x 560 pixels; returns the files written.
+    fn write(&self, stem: &Path) -> Result<Vec<PathBuf>> {
+        self.write_sized(stem, (900, 560))
+    }
+
+    /// Writes `<stem>.svg` and `<stem>.png` at `size`; returns the files written.
+    fn write_sized(&self, stem: &Path, size: (u32, u32)) -> Result<Vec<PathBuf>> {
+        check_font(self.title())?;
+        let (svg, png) = (stem.with_extension("svg"), stem.with_extension("png"));
+        self.draw(&SVGBackend::new(&svg, size).into_drawing_area())?;
+        self.draw(&BitMapBackend::new(&png, size).into_drawing_area())?;
+        Ok(vec![svg, png])
+    }
+}
+
+fn check_font(title: &str) -> Result<()> {
+    if font_ready() {
+        Ok(())
+    } else {
+        Err(plot_error(
+            title,
+            "no TrueType font for the chart's text: install fonts-dejavu-core (scripts/setup.sh does)",
+        ))
+    }
+}
+
+/// The `svg` and `write` of [`Figure`] as inherent methods, so that a notebook needs no `use`
+/// of the trait.
+macro_rules! inherent_figure {
+    ($t:ty) => {
+        impl $t {
+            /// The figure as SVG text, shown inline by notebooks.
+            pub fn svg(&self, size: (u32, u32)) -> $crate::Result<$crate::experiment::Svg> {
+                $crate::experiment::Figure::svg(self, size)
+            }
+
+            /// Writes `<stem>.svg` and `<stem>.png` (900 x 560); returns the files written.
+            pub fn write(&self, stem: &std::path::Path) -> $crate::Result<Vec<std::path::PathBuf>> {
+                $crate::experiment::Figure::write(self, stem)
+            }
+        }
+    };
+}
+pub(crate) use inherent_figure;
+
+inherent_figure!(Chart);
+
+/// Text sizes, in pixels: readable at the width a code host shows a notebook.
+pub(crate) const TITLE_PX: u32 = 20;
+pub(crate) const LABEL_PX: u32 = 14;
+pub(crate) const AXIS_PX: u32 = 15;
+
+/// Text of `px` pixels anchored at (h, v).
+pub(crate) fn text(px: u32, h: HPos, v: VPos) -> TextStyle<'static> {
+    TextStyle::from(("sans-serif", px).into_font()).pos(Pos::new(h, v))
+}
+
+/// A legend entry: the name and how its swatch is drawn.
+pub(crate) enum Swatch {
+    Line(Style),
+    Block(RGBColor),
+}
+
+/// The legend's width for these names: the longest name plus the swatch.
+pub(crate) fn legend_width(names: &[&str], total: u32) -> u32 {
+    let chars = names.iter().map(|n| n.chars().count()).max().unwrap_or(0) as u32;
+    (chars * 8 + 48).clamp(90, total / 3)
+}
+
+/// Draws the legend into its own area, beside the data: one entry per row from the top.
+pub(crate) fn draw_legend<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    entries: &[(String, Swatch)],
+    top: i32,
+) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    let e = |e: DrawingAreaErrorKind<DB::ErrorType>| plot_error("legend", e);
+    let font = ("sans-serif", LABEL_PX).into_font();
+    for (i, (name, swatch)) in entries.iter().enumerate() {
+        let y = top + 12 + i as i32 * 22;
+        match swatch {
+            Swatch::Line(s) => {
+                let c = s.color.stroke_width(2);
+                area.draw(&PathElement::new(vec![(6, y), (34, y)], c)).map_err(e)?;
+                draw_marker(area, s.marker, (20, y), s.color).map_err(e)?;
+            }
+            Swatch::Block(c) => {
+                area.draw(&Rectangle::new([(10, y - 7), (30, y + 7)], c.filled())).map_err(e)?;
+            }
+        }
+        area.draw(&Text::new(name.clone(), (40, y - 8), font.clone())).map_err(e)?;
+    }
+    Ok(())
+}
+
+/// One marker at a pixel position of `area`.
+pub(crate) fn draw_marker<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    marker: Marker,
+    (x, y): (i32, i32),
+    color: RGBColor,
+) -> std::result::Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
+    let r = 5;
+    let fill = color.filled();
+    match marker {
+        Marker::Circle => area.draw(&Circle::new((x, y), r, fill)),
+        Marker::Square => area.draw(&Rectangle::new([(x - r + 1, y - r + 1), (x + r - 1, y + r - 1)], fill)),
+        Marker::Triangle => {
+            area.draw(&Polygon::new(vec![(x, y - r - 1), (x + r, y + r - 1), (x - r, y + r - 1)], fill))
+        }
+        Marker::Diamond => {
+            area.draw(&Polygon::new(vec![(x, y - r - 1), (x + r, y), (x, y + r + 1), (x - r, y)], fill))
+        }
+        Marker::Cross => {
+            let s = color.stroke_width(3);
+            area.draw(&PathElement::new(vec![(x - r, y - r), (x + r, y + r)], s))?;
+            area.draw(&PathElement::new(vec![(x - r, y + r), (x + r, y - r)], s))
+        }
+    }
+}
+
+impl Chart {
+    pub fn new(title: &str, x: Axis, y: Axis, series: Vec<Series>) -> Chart {
+        Chart { title: title.into(), x, y, series }
+    }
+
+    /// Each series' style: its strategy's (shaded for a strategy's second, third ... line), or
+    /// the palette's.
+    fn styles(&self) -> Vec<Style> {
+        let mut seen: std::collections::HashMap<&str, usize> = Default::default();
+        let mut others = 0;
+        self.series
+            .iter()
+            .map(|s| match strategy_of(&s.name) {
+                Some(key) => {
+                    let k = seen.entry(key).or_insert(0);
+                    let mut style = series_style(&s.name, 0);
+                    style.color = shade(style.color, *k);
+                    *k += 1;
+                    style
+                }
+                None => {
+                    others += 1;
+                    series_style(&s.name, others - 1)
+                }
+            })
+            .collect()
+    }
+}
+
+impl Figure for Chart {
+    fn title(&self) -> &str {
+        &self.title
+    }
+
+    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<()>
+    where
+        DB::ErrorType: 'static,
+    {
+        let e = |e: DrawingAreaErrorKind<DB::ErrorType>| plot_error(&self.title, e);
+        root.fill(&WHITE).map_err(e)?;
+        let area = root.titled(&self.title, ("sans-serif", TITLE_PX)).map_err(e)?;
+        let names: Vec<&str> = self.series.iter().map(|s| s.name.as_str()).collect();
+        let (w, _) = area.dim_in_pixel();
+        let (plot, legend) = area.split_horizontally(w - legend_width(&names, w));
+        let keep = |a: &Axis, v: f64| v.is_finite() && (a.scale == Scale::Linear || v > 0.0);
+        let xs: Vec<f64> = self.series.iter().flat_map(|s| s.points.iter().map(|p| p.0)).collect();
+        let ys: Vec<f64> = self.series.iter().flat_map(|s| s.points.iter().map(|p| p.1)).collect();
+        let xl = self.x.layout(&xs, false);
+        let yl = self.y.layout(&ys, self.y.zero);
+        let mut chart = ChartBuilder::on(&plot)
+            .margin(10)
+            .margin_right(16)
+            .x_label_area_size(50)
+            .y_label_area_size(80)
+            .build_cartesian_2d(xl.coord(), yl.coord())
+            .map_err(e)?;
+        let (fx, fy) = (|t: &f64| xl.label(*t), |t: &f64| yl.label(*t));
+        chart
+            .configure_mesh()
+            .x_desc(self.x.title())
+            .y_desc(self.y.title())
+            .x_label_formatter(&fx)
+            .y_label_formatter(&fy)
+            .label_style(("sans-serif", LABEL_PX))
+            .axis_desc_style(("sans-serif", AXIS_PX))
+            .bold_line_style(BLACK.mix(0.12))
+            .light_line_style(TRANSPARENT)
+            .draw()
+            .map_err(e)?;
+        let styles = self.styles();
+        let mut entries = Vec::new();
+        for (s, style) in self.series.iter().zip(&styles) {
+            let points: Vec<(f64, f64)> = s
+                .points
+                .iter()
+                .filter(|p| keep(&self.x, p.0) && keep(&self.y, p.1))
+                .map(|&(x, y)| (xl.t(x), yl.t(y)))
+                .collect();
+            chart
+                .draw_series(LineSeries::new(points.iter().copied(), style.color.stroke_width(2)))
+                .map_err(e)?;
+            let area = chart.plotting_area();
+            // Markers on at most about 16 points of a long line (a loss curve).
+            let every = points.len().div_ceil(16).max(1);
+            for &p in points.iter().step_by(every) {
+                let px = area.map_coordinate(&p);
+                let (ox, oy) = area.get_base_pixel();
+                let strip = area.strip_coord_spec();
+                draw_marker(&strip, style.marker, (px.0 - ox, px.1 - oy), style.color).map_err(e)?;
+            }
+            entries.push((s.name.clone(), Swatch::Line(*style)));
+        }
+        draw_legend(&legend, &entries, 10)?;
+        root.present().map_err(e)
+    }
+}
+
+/// An SVG picture that a Jupyter notebook on the evcxr kernel shows inline (evcxr calls
+/// `evcxr_display` on the value a cell ends with).
+#[derive(Debug, Clone)]
+pub struct Svg(pub String);
+
+impl Svg {
+    pub fn evcxr_display(&self) {
+        println!("EVCXR_BEGIN_CONTENT text/html\n<div>{}</div>\nEVCXR_END_CONTENT", self.0);
+    }
+}
