@@ -13,9 +13,10 @@
 #     measured for issue 15; what it compiles and the time left are shown as it goes);
 #   - a Python venv under $ULYSSES_CACHE (default ~/.cache/ulysses) with nbclient, which gives
 #     `jupyter execute` (and JupyterLab for --lab);
-#   - a private kernelspec "ulysses-rust" (in that cache, through JUPYTER_PATH; nothing is written
-#     to ~/.local/share/jupyter) whose `env` gives evcxr's builds libtorch: the repo's
-#     .cargo/config.toml does not reach evcxr's build folder.
+#   - a kernelspec named "rust", as evcxr's own (`evcxr_jupyter --install`) is named, in that
+#     cache through JUPYTER_PATH (nothing is written to ~/.local/share/jupyter); it adds only the
+#     speed settings below. libtorch reaches evcxr as it does for any user of the standard
+#     kernel: through notebooks/evcxr.toml, which scripts/setup.sh writes.
 # Speed (see shared notes in the README): evcxr compiles the library's dependencies again (it
 # ignores cargo's target dir); `:opt 0` and `:cache` in its init file, one build folder reused by
 # the notebooks run one after another, and a warm-up notebook (00_warmup, no cell timeout) that
@@ -44,7 +45,7 @@ done
 
 "$repo/scripts/setup.sh"
 export PATH="$HOME/.cargo/bin:$PATH"
-torch_dir=$(readlink -f "$repo/.libtorch")
+[ -f "$repo/notebooks/evcxr.toml" ] || { echo "[notebooks] scripts/setup.sh wrote no notebooks/evcxr.toml" >&2; exit 1; }
 
 # 1. evcxr_jupyter, only when this version is missing.
 if ! cargo install --list | grep -q "^evcxr_jupyter v$evcxr_version:"; then
@@ -73,12 +74,14 @@ done
 
 # 3. The kernel's settings: evcxr's init file, and the kernelspec. Notebooks executed one after
 # another share one build folder (EVCXR_TMPDIR), so each reuses the last one's compiled library;
-# live kernels in JupyterLab must not share it, so --lab gets a kernelspec without it.
+# live kernels in JupyterLab must not share it, so --lab gets a kernelspec without it. Neither
+# says where libtorch is: notebooks/evcxr.toml does (see scripts/setup.sh), for this kernel as
+# for evcxr's standard one.
 config_dir=$cache/evcxr/config
 mkdir -p "$config_dir"
 printf ':opt 0\n:cache 8192\n' >"$config_dir/init.evcxr"
 jupyter_dir=$cache/jupyter/$mode
-spec_dir=$jupyter_dir/kernels/ulysses-rust
+spec_dir=$jupyter_dir/kernels/rust
 mkdir -p "$spec_dir"
 # The build folder lives under /tmp, as evcxr's own default does: evcxr loads each cell's library
 # through a relative rpath to Rust's libstd that rustc computes from the deps/ folder, which only
@@ -92,12 +95,10 @@ fi
 cat >"$spec_dir/kernel.json" <<EOF
 {
   "argv": ["$evcxr", "--control_file", "{connection_file}"],
-  "display_name": "Rust (ulysses)",
+  "display_name": "Rust",
   "language": "rust",
   "interrupt_mode": "message",
   "env": {
-    "LIBTORCH": "$torch_dir",
-    "LD_LIBRARY_PATH": "$torch_dir/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}",
     "EVCXR_CONFIG_DIR": "$config_dir"$tmpdir_env
   }
 }
@@ -106,7 +107,7 @@ export JUPYTER_PATH=$jupyter_dir
 cd "$repo/notebooks"
 
 if [ "$mode" = lab ]; then
-  say "JupyterLab on the notebooks; pick the kernel \"Rust (ulysses)\" if asked"
+  say "JupyterLab on the notebooks (kernel \"Rust\", evcxr's)"
   exec "$venv/bin/jupyter" lab --notebook-dir="$repo/notebooks"
 fi
 
@@ -132,7 +133,7 @@ for name in 00_warmup "${names[@]/00_warmup}"; do
   fi
   say "executing $name.ipynb (cell timeout: $timeout s)"
   started=$(date +%s)
-  if "$venv/bin/jupyter" execute --kernel_name=ulysses-rust --timeout="$timeout" --startup_timeout=120 \
+  if "$venv/bin/jupyter" execute --kernel_name=rust --timeout="$timeout" --startup_timeout=120 \
     "${where[@]}" "$name.ipynb" && "$venv/bin/python" - "$name" "$out" <<'PY'
 # evcxr reports an error that `?` returns from a cell on the cell's stderr and still calls the
 # cell a success: a notebook passes only if no cell wrote to stderr and its last code cell says

@@ -137,4 +137,20 @@ fi
 if [ "$(readlink "$repo/.libtorch" 2>/dev/null)" != "$torch_dir" ]; then
   ln -sfn "$torch_dir" "$repo/.libtorch"
 fi
+# 4. The notebooks: evcxr (any kernel of it, such as its standard Jupyter kernel "rust") reads
+# notebooks/evcxr.toml when it starts in notebooks/, and runs its prelude: where libtorch is for
+# evcxr's builds (the repo's .cargo/config.toml does not reach evcxr's build folder) and for the
+# process that runs the cells, which `:restart` starts again with it. This checkout's paths, so
+# git ignores the file.
+nb_toml=$repo/notebooks/evcxr.toml
+nb_want="# Written by scripts/setup.sh for this checkout (ignored by git): where libtorch is.
+[evcxr]
+prelude = '''
+:build_env LIBTORCH=$torch_dir
+:env LD_LIBRARY_PATH=$torch_dir/lib
+:restart
+'''"
+if [ -d "$repo/notebooks" ] && [ "$(cat "$nb_toml" 2>/dev/null)" != "$nb_want" ]; then
+  printf '%s\n' "$nb_want" >"$nb_toml"
+fi
 say "ready: libtorch $torch_version at $repo/.libtorch -> $torch_dir"
