@@ -39,7 +39,7 @@ impl Unit {
         }
     }
 
-    fn from_base(self, v: f64) -> f64 {
+    fn in_unit(self, v: f64) -> f64 {
         match self {
             Unit::MiB => v / (1u64 << 20) as f64,
             Unit::GiB => v / (1u64 << 30) as f64,
@@ -313,7 +313,7 @@ fn log_layout(unit: Unit, lo: f64, hi: f64) -> Layout {
             .map(|i| first + i * every)
             .take_while(|&e| e <= b)
             .filter(|&e| e >= a)
-            .map(|e| unit.from_base(2f64.powi(e as i32)).log2())
+            .map(|e| unit.in_unit(2f64.powi(e as i32)).log2())
             .collect();
         let (t0, t1) = (lo.log2(), hi.log2());
         let pad = ((t1 - t0) * 0.06).max(0.15);
@@ -332,7 +332,7 @@ fn log_layout(unit: Unit, lo: f64, hi: f64) -> Layout {
         for &m in mults {
             let v = m * 10f64.powi(e);
             if v >= blo * 0.999 && v <= bhi * 1.001 {
-                ticks.push(unit.from_base(v).log10());
+                ticks.push(unit.in_unit(v).log10());
             }
         }
     }
@@ -379,7 +379,7 @@ fn linear_layout(unit: Unit, lo: f64, hi: f64, from_zero: bool) -> Layout {
     let ticks: Vec<f64> = (first..)
         .map(|i| i as f64 * step)
         .take_while(|v| *v <= bhi * (1.0 + 1e-9) + 1e-12)
-        .map(|v| unit.from_base(v))
+        .map(|v| unit.in_unit(v))
         .collect();
     let pad = (hi - lo) * 0.05;
     let low = if from_zero && lo == 0.0 { 0.0 } else { lo - pad };
@@ -389,8 +389,8 @@ fn linear_layout(unit: Unit, lo: f64, hi: f64, from_zero: bool) -> Layout {
     if from_zero && hi > 0.0 {
         let next = ((bhi / step).floor() + 1.0) * step;
         if next - bhi < step * 0.6 {
-            ticks.push(unit.from_base(next));
-            high = unit.from_base(next) + pad * 0.2;
+            ticks.push(unit.in_unit(next));
+            high = unit.in_unit(next) + pad * 0.2;
         }
     }
     Layout { log: false, base: 10.0, range: (low, high), ticks, unit }

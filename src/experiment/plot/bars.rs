@@ -132,13 +132,13 @@ impl Figure for BarChart {
         let mut base = vec![0.0; n];
         for (bi, b) in self.bars.iter().enumerate() {
             let color = colors[bi];
-            for c in 0..n {
+            for (c, stack) in base.iter_mut().enumerate() {
                 let v = b.values.get(c).copied().unwrap_or(0.0);
                 if !v.is_finite() || v <= 0.0 {
                     continue;
                 }
                 let (x0, x1, y0, y1) = if self.stacked {
-                    (c as f64 - group / 2.0, c as f64 + group / 2.0, base[c], base[c] + v)
+                    (c as f64 - group / 2.0, c as f64 + group / 2.0, *stack, *stack + v)
                 } else {
                     let w = group / k as f64;
                     let x0 = c as f64 - group / 2.0 + bi as f64 * w;
@@ -148,7 +148,7 @@ impl Figure for BarChart {
                     .draw_series(std::iter::once(Rectangle::new([(x0, y0), (x1, y1)], color.filled())))
                     .map_err(e)?;
                 if self.stacked {
-                    base[c] += v;
+                    *stack += v;
                 } else {
                     let label = self.y.unit.format(v);
                     let style = text(LABEL_PX - 2, HPos::Center, VPos::Bottom);
