@@ -140,8 +140,8 @@ fn scaled(v: f64, step: f64, prefixes: &[&str], unit: &str) -> String {
 pub enum Scale {
     Linear,
     Log,
-    /// Log when every value is positive and the largest is at least 16 times the smallest,
-    /// linear otherwise.
+    /// Log when every value is positive and the largest is at least 16 times the smallest (2
+    /// times for tokens, bytes and counts), linear otherwise.
     Auto,
 }
 
@@ -190,7 +190,9 @@ impl Axis {
         let log = match self.scale {
             Scale::Linear => false,
             Scale::Log => lo > 0.0,
-            Scale::Auto => lo > 0.0 && hi / lo >= 16.0,
+            // Powers of two (sequence lengths, ranks, buffer sizes) read best on a log axis
+            // from a ratio of 2; other values from 16.
+            Scale::Auto => lo > 0.0 && hi / lo >= if self.unit.binary() { 2.0 } else { 16.0 },
         };
         if finite.is_empty() {
             return Layout {
@@ -364,7 +366,7 @@ fn linear_layout(unit: Unit, lo: f64, hi: f64, from_zero: bool) -> Layout {
     // KiB, MiB, ... so that ticks read 256 MiB, 512 MiB).
     let (blo, bhi) = (unit.to_base(lo), unit.to_base(hi));
     let scale = match unit {
-        Unit::Bytes | Unit::MiB | Unit::GiB => {
+        Unit::Bytes | Unit::MiB | Unit::GiB | Unit::Tokens => {
             let m = blo.abs().max(bhi.abs());
             let k = if m > 0.0 { (m.log2() / 10.0).floor().clamp(0.0, 5.0) } else { 0.0 };
             1024f64.powf(k)
@@ -471,7 +473,13 @@ mod tests {
     #[test]
     fn auto_is_log_only_over_a_wide_positive_span() {
         assert!(Axis::auto("N", Unit::Tokens).layout(&[1024.0, 65536.0], false).log);
-        assert!(!Axis::auto("N", Unit::Tokens).layout(&[2048.0, 8192.0], false).log);
+        assert!(Axis::auto("N", Unit::Tokens).layout(&[2048.0, 8192.0], false).log);
+        assert!(!Axis::auto("N", Unit::Tokens).layout(&[2048.0, 3072.0], false).log);
+        assert!(!Axis::auto("tokens/s", Unit::Number).layout(&[2048.0, 8192.0], false).log);
+        // Linear tokens step in K.
+        let lin = Axis::linear("N", Unit::Tokens).layout(&[2048.0, 8192.0], false);
+        let labels: Vec<String> = lin.ticks.iter().map(|&t| lin.label(t)).collect();
+        assert_eq!(labels, ["2K", "3K", "4K", "5K", "6K", "7K", "8K"]);
         assert!(!Axis::auto("loss", Unit::Number).layout(&[-1.0, 100.0], false).log);
         assert_eq!(Axis::auto("N", Unit::Tokens).title(), "N (tokens)");
         assert_eq!(Axis::auto("step time (ms)", Unit::Millis).title(), "step time (ms)");
