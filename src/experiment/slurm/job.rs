@@ -61,6 +61,9 @@ pub fn submit(
     std::fs::create_dir_all(&slurm_dir).map_err(|e| io(&slurm_dir, e))?;
     let config = slurm_dir.join("config.toml");
     std::fs::write(&config, cfg.to_toml()?).map_err(|e| io(&config, e))?;
+    // Absolute, as the other paths: the job runs from `base`, where a path relative to the
+    // caller's folder (a notebook's `..`) would point elsewhere.
+    let config = std::fs::canonicalize(&config).map_err(|e| io(&config, e))?;
     let program = std::fs::canonicalize(program).map_err(|e| io(program, e))?;
     let base = std::fs::canonicalize(base).map_err(|e| io(base, e))?;
     let paths =
