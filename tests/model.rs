@@ -249,7 +249,10 @@ fn megatron_sp_keeps_a_pth_of_the_blocks_and_its_volume_does_not_shrink() -> Res
         let (megatron, ulysses) =
             (per_layer(StrategyConfig::MegatronSp)?, per_layer(StrategyConfig::Ulysses)?);
         let per = b as u64 * n as u64 * h * (p as u64 - 1) / p as u64 * es * cfg.n_layer as u64;
-        ensure!(megatron == (4 + 6) * per, "Megatron-SP P={p}: {megatron} B, the closed form (4 + 6)bNh(P-1)/P");
+        ensure!(
+            megatron == (4 + 6) * per,
+            "Megatron-SP P={p}: {megatron} B, the closed form (4 + 6)bNh(P-1)/P"
+        );
         ensure!(sent.iter().all(|s| s.1 == megatron), "Megatron-SP P={p}: {:?}, expected {megatron}", sent);
         ensure!(sent.iter().all(|s| s.0 == ulysses), "Ulysses P={p}: {:?}, expected {ulysses}", sent);
         // The blocks' weights are 1/P per rank (embedding, norms and output biases replicated).

@@ -67,7 +67,15 @@ pub fn layer_comm(job: &Job, r: usize) -> Result<Vec<CommCall>> {
                 ),
                 // As Megatron-LM: the column-parallel linears (qkv, fc1) keep their input's shard
                 // and gather it again for their weight gradients.
-                call("sequence re-gather", GroupRole::Sp, OpKind::AllGather, bw, 2, 2 * ag * es, 2 * agr * es),
+                call(
+                    "sequence re-gather",
+                    GroupRole::Sp,
+                    OpKind::AllGather,
+                    bw,
+                    2,
+                    2 * ag * es,
+                    2 * agr * es,
+                ),
             ]
         }
         StrategyConfig::Ring { .. } => ring_shifts(GroupRole::Sp, b * lens[r] * c.n_kv_head * d, p, es),

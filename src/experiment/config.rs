@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 use tch::Kind;
 
 use super::launch::Launcher;
-use super::slurm::SlurmSpec;
 use super::predict::PredictSpec;
+use super::slurm::SlurmSpec;
 use crate::attention::{AttentionConfig, Kernel, Mask, StrategyConfig};
 use crate::data::DatasetConfig;
 use crate::model::GptConfig;

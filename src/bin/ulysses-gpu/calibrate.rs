@@ -36,7 +36,11 @@ pub fn calibrate(out: &Path) -> Result<Hardware> {
         for (d, heads) in [(64, 32), (128, 16)] {
             let seqs = [1024, 2048, 4096, 8192, 16384, 32768];
             let samples = measure_attention(GPU, Kind::BFloat16, (heads, d), causal, &seqs, 5, &synced)?;
-            hw.efficiency.attention.push(AttentionCurve { head_dim: d, causal, points: curve(&samples, peak) });
+            hw.efficiency.attention.push(AttentionCurve {
+                head_dim: d,
+                causal,
+                points: curve(&samples, peak),
+            });
         }
     }
     let bw = measure_bandwidth(GPU, Kind::BFloat16, 1 << 30, 10, &synced)?;
@@ -58,7 +62,10 @@ pub fn calibrate(out: &Path) -> Result<Hardware> {
         .collect(),
     );
     let text = Hardware::parse(&hw.to_toml()?, "calibration")?.to_toml()?;
-    std::fs::write(out, format!("# Written by ulysses-gpu --calibrate: efficiencies measured on this GPU.\n{text}"))?;
+    std::fs::write(
+        out,
+        format!("# Written by ulysses-gpu --calibrate: efficiencies measured on this GPU.\n{text}"),
+    )?;
     Ok(hw)
 }
 

@@ -113,8 +113,11 @@ fn local_on_gpu(p: usize) -> Result<String> {
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let calibrate_to =
-        args.iter().position(|a| a == "--calibrate").and_then(|i| args.get(i + 1)).map(std::path::PathBuf::from);
+    let calibrate_to = args
+        .iter()
+        .position(|a| a == "--calibrate")
+        .and_then(|i| args.get(i + 1))
+        .map(std::path::PathBuf::from);
     if !ulysses::device::load_cuda() {
         eprintln!("ulysses-gpu: no CUDA device is usable (is libtorch_cuda on LD_LIBRARY_PATH?)");
         std::process::exit(2);
