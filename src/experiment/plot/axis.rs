@@ -319,7 +319,13 @@ fn log_layout(unit: Unit, lo: f64, hi: f64) -> Layout {
             .collect();
         let (t0, t1) = (lo.log2(), hi.log2());
         let pad = ((t1 - t0) * 0.06).max(0.15);
-        return Layout { log: true, base: 2.0, range: (t0 - pad, t1 + pad), ticks, unit };
+        let mut range = (t0 - pad, t1 + pad);
+        if span <= 3 {
+            // A short span: reach the powers of two around the data, so that ticks frame it.
+            let edge = |e: i64| unit.in_unit(2f64.powi(e as i32)).log2();
+            range = (range.0.min(edge(a)), range.1.max(edge(b)));
+        }
+        return Layout { log: true, base: 2.0, range, ticks, unit };
     }
     let (a, b) = (blo.log10().floor() as i32, bhi.log10().ceil() as i32);
     let decades = (b - a).max(1);
@@ -436,6 +442,15 @@ mod tests {
         assert_eq!(labels, ["1K", "32K", "1M", "32M", "1G"]);
         // Drawn at log2 of the value: equal ratios, equal distances.
         assert!((layout.t(8192.0) - layout.t(2048.0) - 2.0).abs() < 1e-12);
+        // A short span still shows the powers of two around it.
+        let short = Axis::log("N", Unit::Tokens).layout(&[150_000.0, 900_000.0], false);
+        let labels: Vec<String> = short
+            .ticks
+            .iter()
+            .filter(|t| **t >= short.range.0 && **t <= short.range.1)
+            .map(|&t| short.label(t))
+            .collect();
+        assert_eq!(labels, ["128K", "256K", "512K", "1M"]);
     }
 
     #[test]
