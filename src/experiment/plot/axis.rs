@@ -55,6 +55,12 @@ impl Unit {
 
     /// One value as a tick label: `Tokens` 8192 reads "8K", `Bytes` 1.5 * 2^20 reads "1.5 MiB".
     pub fn format(self, v: f64) -> String {
+        self.format_digits(v, 0)
+    }
+
+    /// [`format`](Unit::format) with `extra` more digits after the point (ticks closer together
+    /// than the default precision tells apart).
+    pub fn format_digits(self, v: f64, extra: usize) -> String {
         if !v.is_finite() {
             return format!("{v}");
         }
@@ -63,31 +69,31 @@ impl Unit {
             return "0".into();
         }
         match self {
-            Unit::Number => scaled(b, 1000.0, &["", "k", "M", "G", "T"], ""),
+            Unit::Number => scaled(b, 1000.0, &["", "k", "M", "G", "T"], extra),
             Unit::Count => {
                 if (b - b.round()).abs() < 1e-9 {
                     format!("{}", b.round() as i64)
                 } else {
-                    trim(b, 2)
+                    trim(b, 2 + extra)
                 }
             }
-            Unit::Tokens => scaled(b, 1024.0, &["", "K", "M", "G"], ""),
+            Unit::Tokens => scaled(b, 1024.0, &["", "K", "M", "G"], extra),
             Unit::Bytes | Unit::MiB | Unit::GiB => {
-                scaled(b, 1024.0, &[" B", " KiB", " MiB", " GiB", " TiB", " PiB"], "")
+                scaled(b, 1024.0, &[" B", " KiB", " MiB", " GiB", " TiB", " PiB"], extra)
             }
             Unit::Seconds | Unit::Millis => {
                 let a = b.abs();
                 if a == 0.0 {
                     "0".into()
                 } else if a < 1e-3 {
-                    format!("{} µs", trim(b * 1e6, 3))
+                    format!("{} µs", trim(b * 1e6, 3 + extra))
                 } else if a < 1.0 {
-                    format!("{} ms", trim(b * 1e3, 3))
+                    format!("{} ms", trim(b * 1e3, 3 + extra))
                 } else {
-                    format!("{} s", trim(b, 3))
+                    format!("{} s", trim(b, 3 + extra))
                 }
             }
-            Unit::Percent => format!("{}%", trim(b * 100.0, 3)),
+            Unit::Percent => format!("{}%", trim(b * 100.0, 3 + extra)),
         }
     }
 
@@ -124,15 +130,15 @@ fn trim(v: f64, digits: usize) -> String {
 }
 
 /// `v` divided by `step` as often as it stays at least 1, with that prefix: 8192 with 1024 and
-/// ["", "K"] reads "8K".
-fn scaled(v: f64, step: f64, prefixes: &[&str], unit: &str) -> String {
+/// ["", "K"] reads "8K"; `extra` more digits after the point.
+fn scaled(v: f64, step: f64, prefixes: &[&str], extra: usize) -> String {
     let mut x = v;
     let mut i = 0;
     while x.abs() >= step * (1.0 - 1e-9) && i + 1 < prefixes.len() {
         x /= step;
         i += 1;
     }
-    format!("{}{}{unit}", trim(x, 2), prefixes[i])
+    format!("{}{}", trim(x, 2 + extra), prefixes[i])
 }
 
 /// How an axis spreads its values.
@@ -201,13 +207,12 @@ impl Axis {
                 range: (0.0, 1.0),
                 ticks: vec![0.0, 1.0],
                 unit: self.unit,
+                extra_digits: 0,
             };
         }
-        if log {
-            log_layout(self.unit, lo, hi)
-        } else {
-            linear_layout(self.unit, lo, hi, from_zero)
-        }
+        let layout =
+            if log { log_layout(self.unit, lo, hi) } else { linear_layout(self.unit, lo, hi, from_zero) };
+        layout.distinct()
     }
 }
 
@@ -220,6 +225,8 @@ pub struct Layout {
     pub range: (f64, f64),
     pub ticks: Vec<f64>,
     pub unit: Unit,
+    /// Digits beyond the unit's default that tell the ticks apart (5.582, 5.584, not 5.6 twice).
+    pub extra_digits: usize,
 }
 
 impl Layout {
@@ -246,7 +253,19 @@ impl Layout {
         let v = self.value(t);
         // Powers of two and 1-2-5 steps come back from powf a hair off.
         let v = if self.log { round_sig(v, 12) } else { v };
-        self.unit.format(v)
+        self.unit.format_digits(v, self.extra_digits)
+    }
+
+    /// This layout with the fewest extra digits that give every tick its own label.
+    fn distinct(mut self) -> Layout {
+        for extra in 0..6 {
+            self.extra_digits = extra;
+            let labels: Vec<String> = self.ticks.iter().map(|&t| self.label(t)).collect();
+            if labels.windows(2).all(|w| w[0] != w[1]) {
+                break;
+            }
+        }
+        self
     }
 }
 
@@ -325,7 +344,7 @@ fn log_layout(unit: Unit, lo: f64, hi: f64) -> Layout {
             let edge = |e: i64| unit.in_unit(2f64.powi(e as i32)).log2();
             range = (range.0.min(edge(a)), range.1.max(edge(b)));
         }
-        return Layout { log: true, base: 2.0, range, ticks, unit };
+        return Layout { log: true, base: 2.0, range, ticks, unit, extra_digits: 0 };
     }
     let (a, b) = (blo.log10().floor() as i32, bhi.log10().ceil() as i32);
     let decades = (b - a).max(1);
@@ -350,7 +369,7 @@ fn log_layout(unit: Unit, lo: f64, hi: f64) -> Layout {
     }
     let (t0, t1) = (lo.log10(), hi.log10());
     let pad = ((t1 - t0) * 0.06).max(0.05);
-    Layout { log: true, base: 10.0, range: (t0 - pad, t1 + pad), ticks, unit }
+    Layout { log: true, base: 10.0, range: (t0 - pad, t1 + pad), ticks, unit, extra_digits: 0 }
 }
 
 /// A linear axis: about six ticks at 1, 2, 2.5 or 5 x 10^k of the unit the largest value reads
@@ -401,7 +420,7 @@ fn linear_layout(unit: Unit, lo: f64, hi: f64, from_zero: bool) -> Layout {
             high = unit.in_unit(next) + pad * 0.2;
         }
     }
-    Layout { log: false, base: 10.0, range: (low, high), ticks, unit }
+    Layout { log: false, base: 10.0, range: (low, high), ticks, unit, extra_digits: 0 }
 }
 
 #[cfg(test)]
@@ -483,6 +502,17 @@ mod tests {
         assert_eq!(gib.label(10.0), "1 GiB");
         let steps = Axis::linear("step", Unit::Count).layout(&[1.0, 5.0], false);
         assert!(steps.ticks.iter().all(|t| t.fract() == 0.0), "{:?}", steps.ticks);
+    }
+
+    #[test]
+    fn close_ticks_get_the_digits_that_tell_them_apart() {
+        let layout = Axis::linear("loss", Unit::Number).layout(&[5.578, 5.586], false);
+        let labels: Vec<String> = layout.ticks.iter().map(|&t| layout.label(t)).collect();
+        assert!(labels.windows(2).all(|w| w[0] != w[1]), "{labels:?}");
+        assert!(labels.contains(&"5.58".to_string()), "{labels:?}");
+        let k = Axis::linear("tokens/s", Unit::Number).layout(&[12_000.0, 12_900.0], false);
+        let labels: Vec<String> = k.ticks.iter().map(|&t| k.label(t)).collect();
+        assert!(labels.windows(2).all(|w| w[0] != w[1]) && labels[0].ends_with('k'), "{labels:?}");
     }
 
     #[test]
