@@ -169,11 +169,8 @@ impl Gpt {
         self.strategy.as_ref()
     }
 
-    /// Logits for this rank's tokens.
-    ///
-    /// With a tensor-parallel strategy (Megatron-SP) every block is wrapped as in Korthikanti
-    /// et al. 2022, Fig. 5: all-gather the sequence after the LayerNorm, column-parallel then
-    /// row-parallel linears, reduce-scatter the sequence before the residual add.
+    /// Logits for this rank's tokens: the embedding, every block
+    /// ([`block_forward`](Gpt::block_forward)), the final LayerNorm and the output projection.
     ///
     /// # Shapes
     /// `tokens`: `[b, s_r]` (i64, this rank's share of the sequence) -> `[b, s_r, V]`.
@@ -191,7 +188,32 @@ impl Gpt {
                 ),
             });
         }
-        let (b, d) = (size[0], self.cfg.head_dim());
+        // [b, s] -> [b, s, h]
+        let mut x = Tensor::f_embedding(&self.wte, tokens, -1, false, false).op("gpt")?;
+        for block in &self.blocks {
+            // A cut on the residual stream: the backward visits each block once.
+            x = tape.cut(&x)?;
+            x = self.block_forward(tape, block, &x)?;
+        }
+        let x = self.ln_f.forward(&x)?;
+        // [b, s, h] -> [b, s, V]
+        match &self.lm_head {
+            Some(head) => head.forward(&x),
+            None => x.f_linear::<Tensor>(&self.wte, None).op("gpt"),
+        }
+    }
+
+    /// One pre-norm block on the residual stream: `x + attn(ln1(x))`, then `x + mlp(ln2(x))`.
+    ///
+    /// With a tensor-parallel strategy (Megatron-SP) the block is wrapped as in Korthikanti et
+    /// al. 2022, Fig. 5: all-gather the sequence after each LayerNorm, column-parallel then
+    /// row-parallel linears, reduce-scatter the sequence before each residual add.
+    ///
+    /// # Shapes
+    /// `x`: `[b, s_r, h]` -> `[b, s_r, h]`.
+    fn block_forward(&self, tape: &Tape, block: &Block, x: &Tensor) -> Result<Tensor> {
+        let layout = self.strategy.layout();
+        let (b, d) = (x.size()[0], self.cfg.head_dim());
         let (hq, hkv) = self.heads; // this rank's heads
         let tp = self.strategy.tensor_parallel();
         // Megatron-SP's all-gather and reduce-scatter of the sequence; identities otherwise.
@@ -205,34 +227,22 @@ impl Gpt {
             Some(g) => tape.reduce_scatter_v(g, &y, 1, layout.lens()),
             None => Ok(y),
         };
-        // [b, s] -> [b, s, h]
-        let mut x = Tensor::f_embedding(&self.wte, tokens, -1, false, false).op("gpt")?;
-        for block in &self.blocks {
-            // A cut on the residual stream: the backward visits each block once.
-            x = tape.cut(&x)?;
-            let a = gather(block.ln1.forward(&x)?)?; // [b, t, h], t = s_r or N
-            let t = a.size()[1];
-            let qkv = block.qkv.forward(&a)?; // [b, t, (hq + 2 hkv) d]
-            let part = |start: i64, heads: i64| -> Result<Tensor> {
-                // [b, t, (hq + 2 hkv) d] -> [b, t, heads, d]
-                qkv.f_narrow(2, start * d, heads * d).and_then(|t_| t_.f_reshape([b, t, heads, d])).op("gpt")
-            };
-            let q = self.rope.forward(&part(0, hq)?)?;
-            let k = self.rope.forward(&part(hq, hkv)?)?;
-            let v = part(hq + hkv, hkv)?;
-            // [b, t, hq, d] -> [b, t, hq d]
-            let o = self.strategy.forward(tape, &q, &k, &v)?.f_reshape([b, t, hq * d]).op("gpt")?;
-            x = x.f_add(&block.proj.forward_reduced(&o, scatter)?).op("gpt")?;
-            let m = gather(block.ln2.forward(&x)?)?;
-            let m = block.fc.forward(&m)?.f_gelu("tanh").op("gpt")?;
-            x = x.f_add(&block.fc_out.forward_reduced(&m, scatter)?).op("gpt")?;
-        }
-        let x = self.ln_f.forward(&x)?;
-        // [b, s, h] -> [b, s, V]
-        match &self.lm_head {
-            Some(head) => head.forward(&x),
-            None => x.f_linear::<Tensor>(&self.wte, None).op("gpt"),
-        }
+        let a = gather(block.ln1.forward(x)?)?; // [b, t, h], t = s_r or N
+        let t = a.size()[1];
+        let qkv = block.qkv.forward(&a)?; // [b, t, (hq + 2 hkv) d]
+        let part = |start: i64, heads: i64| -> Result<Tensor> {
+            // [b, t, (hq + 2 hkv) d] -> [b, t, heads, d]
+            qkv.f_narrow(2, start * d, heads * d).and_then(|t_| t_.f_reshape([b, t, heads, d])).op("gpt")
+        };
+        let q = self.rope.forward(&part(0, hq)?)?;
+        let k = self.rope.forward(&part(hq, hkv)?)?;
+        let v = part(hq + hkv, hkv)?;
+        // [b, t, hq, d] -> [b, t, hq d]
+        let o = self.strategy.forward(tape, &q, &k, &v)?.f_reshape([b, t, hq * d]).op("gpt")?;
+        let x = x.f_add(&block.proj.forward_reduced(&o, scatter)?).op("gpt")?;
+        let m = gather(block.ln2.forward(&x)?)?;
+        let m = block.fc.forward(&m)?.f_gelu("tanh").op("gpt")?;
+        x.f_add(&block.fc_out.forward_reduced(&m, scatter)?).op("gpt")
     }
 
     /// Cross-entropy of this rank's tokens against `labels` (already shifted over the *global*
