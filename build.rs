@@ -1,12 +1,14 @@
 //! 1. Writes libtorch's library folder into the rpath of every binary, test and bench of this
 //!    package, so they run without LD_LIBRARY_PATH (tch's own build gives them none).
-//! 2. Compiles csrc/backward.cpp, the one C++ function the tape needs (autograd with given
-//!    gradients), against the same libtorch headers and ABI as torch-sys.
+//! 2. Compiles csrc/backward.cpp (autograd with given gradients, for the tape) and
+//!    csrc/storage.cpp (freeing and re-allocating a storage in place, dropping a gradient, for
+//!    ZeRO-3) against the same libtorch headers and ABI as torch-sys.
 
 use std::path::PathBuf;
 
 fn main() {
     println!("cargo:rerun-if-changed=csrc/backward.cpp");
+    println!("cargo:rerun-if-changed=csrc/storage.cpp");
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     // torch-sys declares `links = "tch"` and prints `cargo:libtorch_lib=...`, which cargo hands
@@ -27,5 +29,6 @@ fn main() {
         .flag("-std=c++17")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
         .file("csrc/backward.cpp")
+        .file("csrc/storage.cpp")
         .compile("ulysses_backward");
 }

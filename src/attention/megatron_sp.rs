@@ -18,6 +18,8 @@
 //! with P, which is the paper's §3.2 point against it. Parameters of the blocks are 1/P per rank.
 //! Requires H and H_kv divisible by P (no kv head replication, as in Megatron-LM's default).
 
+use std::sync::Arc;
+
 use tch::{Device, Kind, Tensor};
 
 use super::{LocalAttention, SeqLayout, SequenceParallel};
@@ -29,7 +31,7 @@ use crate::{Error, Result};
 /// The attention of Megatron-SP: local heads, whole sequence, no communication of its own.
 pub struct MegatronSp {
     group: Group,
-    local: Box<dyn LocalAttention>,
+    local: Arc<dyn LocalAttention>,
     layout: SeqLayout,
     heads: i64,
     kv_heads: i64,
@@ -45,7 +47,7 @@ impl MegatronSp {
         kv_heads: i64,
     ) -> Result<MegatronSp> {
         let layout = MegatronSp::check(n, group.size(), heads, kv_heads)?;
-        Ok(MegatronSp { group, local, layout, heads, kv_heads })
+        Ok(MegatronSp { group, local: Arc::from(local), layout, heads, kv_heads })
     }
 
     /// Whether Megatron-SP can run on `p` ranks: its layout if so.
@@ -98,7 +100,7 @@ impl SequenceParallel for MegatronSp {
 
     /// # Shapes
     /// `q`: `[b, N, H/P, d]`, `k`, `v`: `[b, N, H_kv/P, d]` -> `[b, N, H/P, d]`.
-    fn forward(&self, _tape: &Tape, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    fn forward(&self, tape: &Tape, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let (hq, hkv) = self.local_heads();
         let n = self.layout.global_len();
         let (qs, ks) = (q.size(), k.size());
@@ -128,6 +130,8 @@ impl SequenceParallel for MegatronSp {
                 .op("megatron_sp")?;
             (k.f_index_select(2, &map).op("megatron_sp")?, v.f_index_select(2, &map).op("megatron_sp")?)
         };
-        self.local.forward(q, &k, &v)
+        // The attention core: recomputed in the backward under selective recomputation.
+        let local = Arc::clone(&self.local);
+        tape.recomputable("attention_core", &[q, &k, &v], move |x| local.forward(&x[0], &x[1], &x[2]))
     }
 }

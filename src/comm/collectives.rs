@@ -176,6 +176,35 @@ impl Group {
         Ok(out)
     }
 
+    /// [`all_gather_v`](Group::all_gather_v) into a caller's `out`. `x` may be the view of `out`
+    /// at this rank's place (ZeRO gathers a partition into the flat buffer that holds it).
+    ///
+    /// # Shapes
+    /// `x`: `[.., sizes[r], ..]`, `out`: `[.., sum(sizes), ..]`.
+    pub fn all_gather_into(&self, x: &Tensor, out: &Tensor, dim: i64, sizes: &[i64]) -> Result<()> {
+        let op = OpKind::AllGather;
+        let d = self.dim(op, x, dim)?;
+        let mut shape = x.size();
+        self.check_own_part(op, "sizes", sizes, &shape, d)?;
+        shape[d] = sizes.iter().sum();
+        if out.size() != shape || out.kind() != x.kind() || out.device() != x.device() {
+            return Err(self.invalid(
+                op,
+                format!(
+                    "out is {:?}{:?} on {:?}; this all-gather writes {:?}{shape:?} on {:?}",
+                    out.kind(),
+                    out.size(),
+                    out.device(),
+                    x.kind(),
+                    x.device()
+                ),
+            ));
+        }
+        self.gather_into(op, x, out, d, sizes)?;
+        self.count_call(op);
+        Ok(())
+    }
+
     /// Reduce-scatter: reduces every rank's `x` elementwise and hands rank j the j-th of P equal
     /// chunks along `dim`. Half-precision inputs are reduced in f32. Adjoint (of the sum):
     /// all-gather along the same dim.
@@ -325,10 +354,15 @@ impl Group {
         self.check_own_part(op, "sizes", sizes, &shape, d)?;
         shape[d] = sizes.iter().sum();
         let out = Tensor::f_empty(&shape, (x.kind(), x.device())).op(op.name())?;
-        let sends = (0..self.size()).map(|_| Some(x.shallow_clone())).collect();
-        let recvs = chunks(&out, d, sizes).op(op.name())?;
-        self.transfer(op, sends, recvs)?;
+        self.gather_into(op, x, &out, d, sizes)?;
         Ok(out)
+    }
+
+    /// Sends `x` to every rank and receives rank j's part into its place in `out` (checked).
+    fn gather_into(&self, op: OpKind, x: &Tensor, out: &Tensor, d: usize, sizes: &[i64]) -> Result<()> {
+        let sends = (0..self.size()).map(|_| Some(x.shallow_clone())).collect();
+        let recvs = chunks(out, d, sizes).op(op.name())?;
+        self.transfer(op, sends, recvs)
     }
 
     /// Sends chunk j of `x` (along `dim`, sizes `split`) to rank j and reduces what arrives.
