@@ -185,3 +185,185 @@ fn zero_bytes_equal_their_formulas() -> Result<()> {
     }
     Ok(())
 }
+
+/// Every parameter's gradient after one step without an optimizer (reduced, unscaled sums).
+fn grads_after_one_step(p: usize, run: &Run) -> Result<(f64, f64, Vec<Tensor>)> {
+    let mut out = launch(p, |ctx| -> Result<(f64, f64, Vec<Tensor>)> {
+        let mut t = training::trainer(ctx.world(), run)?;
+        let report = t.step(&training::batches(&t, run, 0)?)?;
+        let grads = t.model().params().iter().map(|(_, p)| p.grad().copy()).collect();
+        Ok((report.loss, report.grad_norm, grads))
+    })?;
+    Ok(out.swap_remove(0))
+}
+
+#[test]
+fn the_tiled_loss_equals_the_whole_loss() -> Result<()> {
+    // f64, Ulysses at P = 2 (16 tokens per rank): tiles of 1, 5, 16 and 64 tokens against the
+    // logits all at once; tied and untied output projections.
+    for tie in [true, false] {
+        let mut run = Run { steps: 1, ..Run::tiny(StrategyConfig::Ulysses, 1, Precision::F64, 0) };
+        run.plan.adamw = None;
+        run.model.tie_embeddings = tie;
+        let (loss0, norm0, want) = grads_after_one_step(2, &run)?;
+        for tile in [1, 5, 16, 64] {
+            let mut tiled = run.clone();
+            tiled.plan.loss_tile = Some(tile);
+            let (loss, norm, got) = grads_after_one_step(2, &tiled)?;
+            let label = format!("tie={tie} tile={tile}");
+            ensure!((loss - loss0).abs() <= 1e-12 * loss0, "{label}: loss {loss} vs {loss0}");
+            ensure!((norm - norm0).abs() <= 1e-12 * norm0, "{label}: norm {norm} vs {norm0}");
+            for (g, w) in got.iter().zip(&want) {
+                ensure!(max_diff(g, w) <= 1e-12, "{label}: gradient differs by {:.3e}", max_diff(g, w));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn the_gradient_norm_counts_each_element_once_and_clipping_scales_the_update() -> Result<()> {
+    // The reported norm against the norm of one device's gradients (f64), at every layout and
+    // stage; Megatron-SP's shards counted once over the tensor-parallel ranks.
+    let mut single = Run { steps: 1, ..Run::tiny(StrategyConfig::Ulysses, 1, Precision::F64, 0) };
+    single.plan.adamw = None;
+    let (_, norm1, grads) = grads_after_one_step(1, &single)?;
+    let direct =
+        grads.iter().map(|g| g.square().sum(tch::Kind::Double).double_value(&[])).sum::<f64>().sqrt();
+    ensure!((norm1 - direct).abs() <= 1e-12 * direct, "one device: reported {norm1} vs {direct}");
+    for strategy in [StrategyConfig::Ulysses, StrategyConfig::MegatronSp] {
+        for (p, dp) in [(2usize, 1usize), (4, 2)] {
+            for stage in 0..=3 {
+                let run = Run { steps: 1, ..Run::tiny(strategy, dp, Precision::F64, stage) };
+                let mut one = run.single();
+                one.plan.adamw = None;
+                let (_, want, _) = grads_after_one_step(1, &one)?;
+                let mut t = launch(p, |ctx| -> Result<f64> {
+                    let mut t = training::trainer(ctx.world(), &run)?;
+                    Ok(t.step(&training::batches(&t, &run, 0)?)?.grad_norm)
+                })?;
+                let got = t.swap_remove(0);
+                ensure!(
+                    (got - want).abs() <= 1e-10 * want,
+                    "{} P={p} dp={dp} ZeRO-{stage}: norm {got} vs one device {want}",
+                    strategy.label()
+                );
+            }
+        }
+    }
+    // Clipping: with eps far above the gradients, AdamW's first step is -lr g / eps, so the
+    // update shrinks by clip / norm exactly when the norm exceeds the clip.
+    let mut run = Run { steps: 1, ..Run::tiny(StrategyConfig::Ulysses, 2, Precision::F64, 1) };
+    run.plan.adamw =
+        Some(ulysses::train::AdamWConfig { lr: 1e-3, eps: 1e3, weight_decay: 0.0, ..Default::default() });
+    let initial = launch(1, |ctx| -> Result<Vec<Tensor>> {
+        let t = training::trainer(ctx.world(), &Run { dp: 1, ..run.clone() })?;
+        Ok(t.parameters()?.into_iter().map(|(_, p)| p).collect())
+    })?
+    .swap_remove(0);
+    let (_, free) = rank0(4, &run)?;
+    let clip = norm1 / 4.0;
+    run.plan.clip = Some(clip);
+    let (_, clipped) = rank0(4, &run)?;
+    let (mut num, mut den) = (0.0, 0.0);
+    for ((c, f), w0) in clipped.iter().zip(&free).zip(&initial) {
+        let (dc, df) = (&c.1 - w0, &f.1 - w0);
+        num += (&dc * &df).sum(tch::Kind::Double).double_value(&[]);
+        den += (&df * &df).sum(tch::Kind::Double).double_value(&[]);
+    }
+    let ratio = num / den;
+    let mut plain = run.clone();
+    plain.plan = ulysses::train::TrainConfig {
+        adamw: None,
+        clip: None,
+        zero: ulysses::train::ZeroStage::NONE,
+        ..run.plan.clone()
+    };
+    let (_, norm4, _) = grads_after_one_step(4, &plain)?;
+    let want = clip / norm4;
+    ensure!(
+        (ratio - want).abs() <= 1e-3 * want,
+        "clipped update / free update {ratio}, want clip / norm = {want}"
+    );
+    Ok(())
+}
+
+#[test]
+fn the_schedule_warms_up_then_decays() -> Result<()> {
+    use ulysses::train::{Decay, Schedule};
+    let cosine = Schedule { warmup: 4, decay: Decay::Cosine, total: Some(14), min_lr_ratio: 0.1 };
+    let f: Vec<f64> = (0..16).map(|t| cosine.factor(t)).collect();
+    ensure!(f[0] == 0.25 && f[3] == 1.0 && f[4] == 1.0, "warm-up {f:?}");
+    ensure!((f[9] - 0.55).abs() < 1e-12 && (f[14] - 0.1).abs() < 1e-12 && f[15] == f[14], "cosine {f:?}");
+    ensure!(f.windows(2).skip(4).all(|w| w[1] <= w[0]), "cosine does not decrease: {f:?}");
+    let linear = Schedule { decay: Decay::Linear, ..cosine };
+    ensure!((linear.factor(9) - 0.55).abs() < 1e-12 && (linear.factor(6) - 0.82).abs() < 1e-12, "linear");
+    // The trainer's learning rate follows it.
+    let mut run = Run { steps: 6, ..Run::tiny(StrategyConfig::Ulysses, 1, Precision::F32, 0) };
+    run.plan.schedule = cosine;
+    let lrs = launch(2, |ctx| -> Result<Vec<f64>> {
+        let mut t = training::trainer(ctx.world(), &run)?;
+        (0..6).map(|s| Ok(t.step(&training::batches(&t, &run, s)?)?.lr)).collect()
+    })?;
+    let want: Vec<f64> = (0..6).map(|t| 1e-2 * cosine.factor(t)).collect();
+    ensure!(lrs[0] == want, "lr {:?} vs {want:?}", lrs[0]);
+    Ok(())
+}
+
+#[test]
+fn a_non_finite_gradient_stops_the_step_naming_it() -> Result<()> {
+    for stage in [0u8, 2] {
+        let run = Run::tiny(StrategyConfig::Ulysses, 1, Precision::F32, stage);
+        let err = launch(2, |ctx| -> Result<()> {
+            let mut t = training::trainer(ctx.world(), &run)?;
+            // A NaN in one LayerNorm weight of block 1: the loss and every gradient are NaN.
+            let (_, w) = t.model().params().iter().find(|(n, _)| *n == "h.1.ln2.weight").expect("ln2");
+            let _ = w.detach().fill_(f64::NAN);
+            t.step(&training::batches(&t, &run, 0)?)?;
+            Ok(())
+        })
+        .expect_err("a NaN gradient must stop the step")
+        .to_string();
+        ensure!(
+            err.contains("step 0: the gradient of wte (outer) is not finite") && err.contains("loss NaN"),
+            "ZeRO-{stage}: {err}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn f16_skips_overflowing_steps_and_says_so() -> Result<()> {
+    // A first scale of 2^40 overflows f16 gradients; the step is skipped, the scale backs off
+    // by 2^-24 to 2^16, and the next steps train.
+    let mut run = Run { steps: 4, ..Run::tiny(StrategyConfig::Ulysses, 1, Precision::F16, 2) };
+    run.plan.loss_scale.init = 2f64.powi(40);
+    run.plan.loss_scale.backoff = 2f64.powi(-24);
+    let reports = launch(2, |ctx| -> Result<Vec<ulysses::train::StepReport>> {
+        let mut t = training::trainer(ctx.world(), &run)?;
+        (0..4).map(|s| Ok(t.step(&training::batches(&t, &run, s)?)?)).collect()
+    })?;
+    let r = &reports[0];
+    let first = r[0].skipped.clone().unwrap_or_default();
+    ensure!(
+        first.contains("f16 overflow at loss scale 1099511627776") && first.contains("scale now 65536"),
+        "{first}"
+    );
+    ensure!(r[1..].iter().all(|s| s.skipped.is_none() && s.loss_scale == 65536.0), "{r:?}");
+    ensure!(r[1..].iter().all(|s| s.loss.is_finite() && s.grad_norm.is_finite()), "{r:?}");
+    ensure!(r[3].loss < r[1].loss, "f16 does not train: {r:?}");
+    Ok(())
+}
+
+#[test]
+fn zero_3_keeps_only_its_partition_between_steps() -> Result<()> {
+    let run = Run::tiny(StrategyConfig::Ulysses, 1, Precision::Bf16, 3);
+    let resident = launch(2, |ctx| -> Result<Vec<bool>> {
+        let mut t = training::trainer(ctx.world(), &run)?;
+        training::steps(&mut t, &run, 0, 2)?;
+        Ok(t.zero().units.iter().map(|u| u.is_resident()).collect())
+    })?;
+    ensure!(resident.iter().flatten().all(|r| !r), "units still allocated after the step: {resident:?}");
+    ensure!(resident[0].len() == 3, "outer + 2 blocks: {:?}", resident[0]);
+    Ok(())
+}

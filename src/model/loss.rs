@@ -7,7 +7,7 @@ use tch::{Kind, Reduction, Tensor};
 use super::recompute::Unit;
 use super::{Gpt, IGNORE};
 use crate::autograd::{single, Tape};
-use crate::comm::ReduceOp;
+use crate::comm::{reduction_kind, ReduceOp};
 use crate::error::TorchResultExt;
 use crate::{Error, Result};
 
@@ -43,11 +43,14 @@ impl Gpt {
         let sum = match self.options.loss_tile {
             Some(tile) => tiled_cross_entropy(tape, &x, self.head_weight(), labels, tile)?,
             None => {
-                // [b, s, h] -> [b, s, V] -> [b*s, V], in f32 so that half precision does not
-                // round the loss
+                // [b, s, h] -> [b, s, V] -> [b*s, V], in f32 for half precision so that it does
+                // not round the loss
                 let logits = x.f_linear::<Tensor>(self.head_weight(), None).op("gpt")?;
                 let v = self.cfg.vocab_size;
-                let flat = logits.f_reshape([-1, v]).and_then(|l| l.f_to_kind(Kind::Float)).op("gpt_loss")?;
+                let flat = logits
+                    .f_reshape([-1, v])
+                    .and_then(|l| l.f_to_kind(reduction_kind(l.kind())))
+                    .op("gpt_loss")?;
                 cross_entropy_sum(&flat, labels)?
             }
         };
@@ -110,10 +113,11 @@ fn cross_entropy_sum(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
 /// one taped op that keeps only `x` (and `W`): its forward and its hand-written backward each
 /// hold the logits of one tile, never the whole `[T, V]`. The backward of a tile is
 /// `dlogits = g (softmax(logits) - onehot(label))` (zero for ignored tokens), then `dx = dlogits
-/// W` and `dW += dlogits^T x`. On a tape that does not record, the tiles go through autograd.
+/// W` and `dW += dlogits^T x`, in f32 for half precision and in `x`'s dtype otherwise. On a
+/// tape that does not record, the tiles go through autograd.
 ///
 /// # Shapes
-/// `x`: `[b, s, h]`, `weight`: `[V, h]`, `labels`: `[b, s]` -> `[]` (f32).
+/// `x`: `[b, s, h]`, `weight`: `[V, h]`, `labels`: `[b, s]` -> `[]`.
 pub fn tiled_cross_entropy(
     tape: &Tape,
     x: &Tensor,
@@ -132,15 +136,14 @@ pub fn tiled_cross_entropy(
     let h = x.size().last().copied().unwrap_or(0);
     // [b, s, h] -> [T, h]; [b, s] -> [T]
     let (flat, labels) = (x.f_reshape([-1, h]).op(OP)?, labels.f_reshape([-1]).op(OP)?);
-    let t = flat.size()[0];
+    let (t, acc) = (flat.size()[0], reduction_kind(x.kind()));
     let tiles: Vec<(i64, i64)> = (0..t).step_by(tile as usize).map(|a| (a, tile.min(t - a))).collect();
     let forward = |xs: &Tensor, w: &Tensor| -> Result<Tensor> {
-        let mut total = Tensor::f_zeros([], (Kind::Float, xs.device())).op(OP)?;
+        let mut total = Tensor::f_zeros([], (acc, xs.device())).op(OP)?;
         for &(a, n) in &tiles {
-            // [n, h] x [h, V] -> [n, V], f32
+            // [n, h] x [h, V] -> [n, V], in the accumulation dtype
             let logits = xs.f_narrow(0, a, n).and_then(|c| c.f_linear::<Tensor>(w, None)).op(OP)?;
-            let part =
-                cross_entropy_sum(&logits.f_to_kind(Kind::Float).op(OP)?, &labels.f_narrow(0, a, n).op(OP)?)?;
+            let part = cross_entropy_sum(&logits.f_to_kind(acc).op(OP)?, &labels.f_narrow(0, a, n).op(OP)?)?;
             total = total.f_add(&part).op(OP)?;
         }
         Ok(total)
@@ -155,26 +158,22 @@ pub fn tiled_cross_entropy(
         &[&flat, weight],
         |xs| Ok(vec![forward(&xs[0], &xs[1])?]),
         move |gs| {
-            let g = gs[0].f_to_kind(Kind::Float).op(OP)?;
+            let g = gs[0].f_to_kind(acc).op(OP)?;
             let mut dx = Vec::with_capacity(tiles_b.len());
-            let mut dw = saved_w.f_zeros_like().and_then(|z| z.f_to_kind(Kind::Float)).op(OP)?;
+            let mut dw = saved_w.f_zeros_like().and_then(|z| z.f_to_kind(acc)).op(OP)?;
             for &(a, n) in &tiles_b {
                 let mut step = || -> Result<(), tch::TchError> {
                     let xc = saved_x.f_narrow(0, a, n)?;
                     let lc = labels_b.f_narrow(0, a, n)?;
-                    // [n, V] f32: softmax - onehot, rows of ignored tokens zero, times g
-                    let p = xc
-                        .f_linear::<Tensor>(&saved_w, None)?
-                        .f_to_kind(Kind::Float)?
-                        .f_softmax(-1, Kind::Float)?;
+                    // [n, V]: softmax - onehot, rows of ignored tokens zero, times g
+                    let p = xc.f_linear::<Tensor>(&saved_w, None)?.f_to_kind(acc)?.f_softmax(-1, acc)?;
                     let keep = lc.f_ne(IGNORE)?;
                     let target = lc.f_where_scalarother(&keep, 0)?.f_unsqueeze(1)?;
-                    let p =
-                        p.f_scatter_add(1, &target, &keep.f_to_kind(Kind::Float)?.f_neg()?.f_unsqueeze(1)?)?;
-                    let d = p.f_mul(&keep.f_to_kind(Kind::Float)?.f_unsqueeze(1)?)?.f_mul(&g)?;
+                    let p = p.f_scatter_add(1, &target, &keep.f_to_kind(acc)?.f_neg()?.f_unsqueeze(1)?)?;
+                    let d = p.f_mul(&keep.f_to_kind(acc)?.f_unsqueeze(1)?)?.f_mul(&g)?;
                     let dk = d.f_to_kind(saved_w.kind())?;
                     dx.push(dk.f_matmul(&saved_w)?); // [n, V] x [V, h] -> [n, h]
-                    dw = dw.f_add(&d.f_transpose(0, 1)?.f_matmul(&xc.f_to_kind(Kind::Float)?)?)?; // [V, h]
+                    dw = dw.f_add(&d.f_transpose(0, 1)?.f_matmul(&xc.f_to_kind(acc)?)?)?; // [V, h]
                     Ok(())
                 };
                 step().op(OP)?;

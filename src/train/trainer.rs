@@ -137,6 +137,11 @@ impl Trainer {
         &self.groups
     }
 
+    /// The flat buffers and partitions.
+    pub fn zero(&self) -> &Zero {
+        &self.zero
+    }
+
     /// The index of the next step (steps taken so far).
     pub fn steps_taken(&self) -> u64 {
         self.step
