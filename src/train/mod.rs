@@ -3,16 +3,21 @@
 //! schedule and loss scaling; the optimizer; checkpoints; and the plan types
 //! ([`Checkpointing`], [`ZeroStage`], [`Precision`]) that the step loop and the cost model share.
 
+mod checkpoint;
 mod config;
 mod flat;
+mod manifest;
 mod optim;
 mod plan;
+mod reshard;
 mod trainer;
 mod update;
 mod zero;
 
+pub use checkpoint::latest_checkpoint;
 pub use config::{Decay, LossScaleConfig, LossScaler, Schedule, TrainConfig};
 pub use flat::{Entry, FlatUnit};
+pub use manifest::{EntryLayout, Manifest, ShardFile, UnitLayout, World, MANIFEST};
 pub use optim::{AdamW, AdamWConfig};
 pub use plan::{Checkpointing, Precision, ZeroStage};
 pub use trainer::{StepReport, TrainGroups, Trainer};

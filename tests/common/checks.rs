@@ -18,13 +18,17 @@ type Check = fn(&Group) -> Result<()>;
 
 /// Every check, in order; returns how many ran.
 pub fn all(world: &Group) -> Result<usize> {
-    let checks: [(&str, Check); 6] = [
+    let checks: [(&str, Check); 10] = [
         ("collectives", collectives),
         ("round_trip", round_trip),
         ("adjoints", adjoints),
         ("errors", bad_arguments),
         ("strategies", strategies),
         ("gpt", gpt),
+        ("zero", super::train_checks::zero),
+        ("resume", super::train_checks::resume),
+        ("reshard", super::train_checks::reshard),
+        ("bad_checkpoints", super::train_checks::bad_checkpoints),
     ];
     for (name, check) in &checks {
         check(world).map_err(|e| e.context(format!("check {name} on rank {}", world.rank())))?;
