@@ -367,3 +367,54 @@ fn zero_3_keeps_only_its_partition_between_steps() -> Result<()> {
     ensure!(resident[0].len() == 3, "outer + 2 blocks: {:?}", resident[0]);
     Ok(())
 }
+
+#[test]
+fn a_checkpoint_loads_at_another_world_size_and_tensor_parallel_degree() -> Result<()> {
+    // Saved by 4 ranks (Megatron-SP over 4, ZeRO-2), loaded by 2 (Megatron-SP over 2 with
+    // ZeRO-3, and Ulysses with ZeRO-0) and by 1 (one device): every rank holds its share of the
+    // saved full parameters, bit for bit, and the loaded runs continue like the saved one.
+    let dir = std::env::temp_dir().join(format!("ulysses-reshard-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let saved_run = Run { steps: 3, ..Run::tiny(StrategyConfig::MegatronSp, 1, Precision::F32, 2) };
+    let mut saved = launch(4, |ctx| -> Result<(std::path::PathBuf, f64)> {
+        let mut t = training::trainer(ctx.world(), &saved_run)?;
+        training::steps(&mut t, &saved_run, 0, 2)?;
+        let path = t.save(&dir, serde_json::json!({ "next_step": 2 }))?;
+        Ok((path, training::steps(&mut t, &saved_run, 2, 3)?[0]))
+    })?;
+    let (path, next) = saved.swap_remove(0);
+    // The full parameters at the checkpoint, from one device loading it.
+    let one = Run::tiny(StrategyConfig::Single, 1, Precision::F32, 0);
+    let single = launch(1, |ctx| -> Result<f64> {
+        let mut t = training::trainer(ctx.world(), &one)?;
+        t.load(&path)?;
+        Ok(training::steps(&mut t, &one, 2, 3)?[0])
+    })?[0];
+    ensure!((single - next).abs() <= 1e-5 * next, "one device continues with {single} vs {next}");
+    for (strategy, stage) in [(StrategyConfig::MegatronSp, 3u8), (StrategyConfig::Ulysses, 0)] {
+        let run = Run::tiny(strategy, 1, Precision::F32, stage);
+        let out = launch(2, |ctx| -> Result<f64> {
+            // This rank alone, as one device: the full parameters.
+            let me = ctx.world().split("self", Some(ctx.rank()), 0)?.expect("a group of one");
+            let mut whole = training::trainer(&me, &one)?;
+            whole.load(&path)?;
+            let full = whole.parameters()?;
+            let mut t = training::trainer(ctx.world(), &run)?;
+            t.load(&path)?;
+            for ((name, got), p) in t.parameters()?.iter().zip(t.model().params().all()) {
+                let (_, whole) = full.iter().find(|(n, _)| n == name).expect("a parameter");
+                let want = match &p.placement {
+                    ulysses::model::Placement::Replicated => whole.shallow_clone(),
+                    ulysses::model::Placement::Sharded { dim, index } => {
+                        whole.index_select(*dim, &Tensor::from_slice(index))
+                    }
+                };
+                ensure!(got.equal(&want), "{} ZeRO-{stage}: {name} differs by {:.3e}", strategy.label(), max_diff(got, &want));
+            }
+            Ok(training::steps(&mut t, &run, 2, 3)?[0])
+        })?;
+        ensure!((out[0] - next).abs() <= 1e-5 * next, "{} at P=2 continues with {} vs {next}", strategy.label(), out[0]);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
