@@ -409,11 +409,21 @@ fn a_checkpoint_loads_at_another_world_size_and_tensor_parallel_degree() -> Resu
                         whole.index_select(*dim, &Tensor::from_slice(index))
                     }
                 };
-                ensure!(got.equal(&want), "{} ZeRO-{stage}: {name} differs by {:.3e}", strategy.label(), max_diff(got, &want));
+                ensure!(
+                    got.equal(&want),
+                    "{} ZeRO-{stage}: {name} differs by {:.3e}",
+                    strategy.label(),
+                    max_diff(got, &want)
+                );
             }
             Ok(training::steps(&mut t, &run, 2, 3)?[0])
         })?;
-        ensure!((out[0] - next).abs() <= 1e-5 * next, "{} at P=2 continues with {} vs {next}", strategy.label(), out[0]);
+        ensure!(
+            (out[0] - next).abs() <= 1e-5 * next,
+            "{} at P=2 continues with {} vs {next}",
+            strategy.label(),
+            out[0]
+        );
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())

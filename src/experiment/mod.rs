@@ -3,6 +3,7 @@
 //! with tables and plots (plotters).
 
 mod config;
+mod plan;
 mod plot;
 mod progress;
 mod report;
@@ -13,7 +14,7 @@ pub use config::{AttentionSpec, Backend, ExperimentConfig, ModelSpec, ParallelSp
 pub use plot::{font_ready, Chart, Series, Svg};
 pub use progress::Progress;
 pub use report::{report, HtmlTable, Report};
-pub use results::{read_table, CommRow, PointRow, Results, StepRow};
+pub use results::{complete_steps, read_table, CommRow, PointRow, Results, StepRow};
 #[cfg(feature = "mpi")]
 pub use run::run_point_rank;
 pub use run::{run, RunOptions, RunSummary};

@@ -12,13 +12,13 @@ use tch::{Device, Kind, Tensor};
 
 use super::config::{Backend, ExperimentConfig, Point};
 use super::progress::Progress;
-use super::results::{CommRow, PointRow, Results, StepRow};
+use super::results::{complete_steps, CommRow, PointRow, Results, StepRow};
 use crate::attention::{AttentionConfig, Mask};
 use crate::comm::{LocalLaunch, MeshShape, RankCtx, ReduceOp};
 use crate::data::{shard, Dataset};
 use crate::error::TorchResultExt;
 use crate::model::{Gpt, GptConfig};
-use crate::train::AdamW;
+use crate::train::{checkpoints, TrainGroups, Trainer};
 use crate::{Error, Result};
 
 /// How to run.
@@ -132,8 +132,24 @@ pub fn run(cfg: &ExperimentConfig, opts: &RunOptions) -> Result<RunSummary> {
     // A folder holding a run is never overwritten: resume continues it; otherwise the run goes
     // to the first free `<folder>-2`, `-3`, ... and says so.
     let dir = if opts.resume { asked.clone() } else { free_dir(&asked) };
-    let mut results = Results::open(&dir, &cfg.to_toml()?, &meta(cfg, opts.resume)?, opts.resume)?;
     let points = cfg.points()?;
+    // Where each point starts: when resuming, its newest checkpoint of a step whose rows are
+    // all written (the ranks may have saved later ones than the results writer wrote when the
+    // run was killed; the rows from that step on are dropped), else `train.resume_from`, else
+    // the initialisation.
+    let own: BTreeMap<u32, (u64, PathBuf)> = if opts.resume {
+        let written = complete_steps(&dir)?;
+        let usable = |p: &Point| {
+            let done = u64::from(written.get(&(p.index as u32)).copied().unwrap_or(0));
+            checkpoints(&checkpoints_dir(&dir, p)).into_iter().rfind(|(s, _)| *s <= done)
+        };
+        points.iter().filter_map(|p| Some((p.index as u32, usable(p)?))).collect()
+    } else {
+        BTreeMap::new()
+    };
+    let keep = own.iter().map(|(&p, (step, _))| (p, *step as u32)).collect();
+    let mut results =
+        Results::open_resuming(&dir, &cfg.to_toml()?, &meta(cfg, opts.resume)?, opts.resume, &keep)?;
     let per_point = (cfg.train.warmup + cfg.train.steps) as u64;
     let mut progress = Progress::new(per_point * points.len() as u64);
     let dataset = cfg.dataset.open(&opts.base_dir)?;
@@ -164,11 +180,25 @@ pub fn run(cfg: &ExperimentConfig, opts: &RunOptions) -> Result<RunSummary> {
             ));
             continue;
         }
+        let start = match own.get(&(point.index as u32)) {
+            Some((step, path)) => {
+                progress.skip(*step);
+                progress
+                    .say(&format!("point {} continues from its checkpoint at step {step}", point.index + 1));
+                Some(path.clone())
+            }
+            None => cfg.train.resume_from.as_ref().map(|p| opts.base_dir.join(p)),
+        };
         progress.say(&format!("point {}/{} {}", point.index + 1, points.len(), point.describe()));
-        run_point(cfg, point, dataset.as_ref(), opts, &mut results, &mut progress)?;
+        run_point(cfg, point, dataset.as_ref(), opts, start, &mut results, &mut progress)?;
     }
     progress.finish();
     Ok(RunSummary { dir, points: results.points_frame().clone(), elapsed: started.elapsed() })
+}
+
+/// The checkpoints of `point` in a run's folder `dir`.
+fn checkpoints_dir(dir: &Path, point: &Point) -> PathBuf {
+    dir.join("checkpoints").join(format!("point-{}", point.index))
 }
 
 /// `dir` if it holds no run, else the first `<dir>-N` (N = 2, 3, ...) that holds none.
@@ -198,6 +228,7 @@ fn run_point(
     point: &Point,
     dataset: &dyn Dataset,
     opts: &RunOptions,
+    start: Option<PathBuf>,
     results: &mut Results,
     progress: &mut Progress,
 ) -> Result<()> {
@@ -209,8 +240,8 @@ fn run_point(
     let outcome = std::thread::scope(|s| -> Result<()> {
         let gpt = &gpt;
         let ranks = s.spawn(move || match cfg.parallel.backend {
-            Backend::Local => local_ranks(cfg, point, gpt, dataset, &tx),
-            Backend::Mpi => mpi_ranks(point, &dir, opts, &tx),
+            Backend::Local => local_ranks(cfg, point, gpt, dataset, (&dir, start), &tx),
+            Backend::Mpi => mpi_ranks(point, &dir, opts, start, &tx),
             Backend::Nccl => Err(Error::Backend {
                 backend: "nccl",
                 msg: "experiments on NCCL are not in this build".into(),
@@ -267,9 +298,10 @@ fn local_ranks(
     point: &Point,
     gpt: &GptConfig,
     dataset: &dyn Dataset,
+    (dir, start): (&Path, Option<PathBuf>),
     tx: &mpsc::Sender<Event>,
 ) -> Result<()> {
-    let spec = RankSpec::new(cfg, point, gpt, dataset, point.ranks)?;
+    let spec = RankSpec::new(cfg, point, gpt, dataset, point.ranks)?.checkpoints(dir, start);
     let send = |r: Report| tx.send(Event::Report(Box::new(r))).map_err(|_| writer_gone());
     LocalLaunch::new(point.ranks)
         .timeout(Duration::from_secs(cfg.parallel.timeout_s))
@@ -301,7 +333,13 @@ const ROW: &str = "ULYSSES_ROW ";
 
 /// The point's ranks as MPI processes: `mpirun -n P ulysses run-point`, whose reports come back
 /// as JSON lines on stdout.
-fn mpi_ranks(point: &Point, dir: &Path, opts: &RunOptions, tx: &mpsc::Sender<Event>) -> Result<()> {
+fn mpi_ranks(
+    point: &Point,
+    dir: &Path,
+    opts: &RunOptions,
+    start: Option<PathBuf>,
+    tx: &mpsc::Sender<Event>,
+) -> Result<()> {
     use std::io::{BufRead, BufReader, Read};
     let program = opts.program.clone().ok_or_else(no_program)?;
     let args: Vec<String> = ["run-point", "--dir"]
@@ -309,6 +347,7 @@ fn mpi_ranks(point: &Point, dir: &Path, opts: &RunOptions, tx: &mpsc::Sender<Eve
         .map(|a| a.to_string())
         .chain([dir.display().to_string(), "--point".into(), point.index.to_string()])
         .chain(["--base".into(), opts.base_dir.display().to_string()])
+        .chain(start.into_iter().flat_map(|s| ["--from".to_string(), s.display().to_string()]))
         .collect();
     let mut child = crate::comm::mpirun_command(point.ranks, &program, &args)
         .stdout(std::process::Stdio::piped())
@@ -353,7 +392,7 @@ fn mpi_ranks(point: &Point, dir: &Path, opts: &RunOptions, tx: &mpsc::Sender<Eve
 /// This process as one rank of an MPI job running point `index` of the run in `dir` (what
 /// `ulysses run-point` does under mpirun): reports go to stdout as JSON lines.
 #[cfg(feature = "mpi")]
-pub fn run_point_rank(dir: &Path, index: usize, base: &Path) -> Result<()> {
+pub fn run_point_rank(dir: &Path, index: usize, base: &Path, from: Option<&Path>) -> Result<()> {
     use std::io::Write;
     let cfg = ExperimentConfig::load(&dir.join("config.toml"))?;
     let point = cfg.points()?.into_iter().nth(index).ok_or_else(|| Error::InvalidArgument {
@@ -363,7 +402,8 @@ pub fn run_point_rank(dir: &Path, index: usize, base: &Path) -> Result<()> {
     })?;
     let gpt = cfg.gpt()?;
     let dataset = cfg.dataset.open(base)?;
-    let spec = RankSpec::new(&cfg, &point, &gpt, dataset.as_ref(), 1)?;
+    let spec =
+        RankSpec::new(&cfg, &point, &gpt, dataset.as_ref(), 1)?.checkpoints(dir, from.map(Path::to_path_buf));
     let send = |r: Report| -> Result<()> {
         let json =
             serde_json::to_string(&r).map_err(|e| Error::Backend { backend: "mpi", msg: e.to_string() })?;
@@ -389,6 +429,10 @@ struct RankSpec<'a> {
     dataset: &'a dyn Dataset,
     /// Ranks sharing this process (threads): memory readings are divided among them.
     ranks_in_process: usize,
+    /// Where the point's checkpoints go (with `train.checkpoint_every`).
+    checkpoints: Option<PathBuf>,
+    /// The checkpoint the point starts from.
+    start: Option<PathBuf>,
 }
 
 impl<'a> RankSpec<'a> {
@@ -407,14 +451,23 @@ impl<'a> RankSpec<'a> {
             kind: cfg.kind()?,
             dataset,
             ranks_in_process,
+            checkpoints: None,
+            start: None,
         })
+    }
+
+    /// Checkpoints under the run's folder `dir`, and the one to start from.
+    fn checkpoints(mut self, dir: &Path, start: Option<PathBuf>) -> RankSpec<'a> {
+        self.checkpoints = self.cfg.train.checkpoint_every.map(|_| checkpoints_dir(dir, self.point));
+        self.start = start;
+        self
     }
 }
 
 /// One rank of one point: build, then step, measuring and reporting each step.
 fn rank_main(ctx: RankCtx, spec: &RankSpec<'_>, send: &(dyn Fn(Report) -> Result<()> + Sync)) -> Result<()> {
     let (cfg, point, gpt) = (spec.cfg, spec.point, spec.gpt);
-    let dp = cfg.parallel.dp;
+    let (dp, k) = (point.dp, point.grad_accum);
     let sp = point.ranks / dp;
     let mesh = ctx.mesh(MeshShape::dp_sp(dp, sp)?)?;
     let (sp_group, dp_group) = (mesh.group("sp")?, mesh.group("dp")?);
@@ -422,7 +475,10 @@ fn rank_main(ctx: RankCtx, spec: &RankSpec<'_>, send: &(dyn Fn(Report) -> Result
     let strategy = point.strategy.build(sp_group, spec.attention, point.seq, gpt.n_head, gpt.n_kv_head)?;
     let layout = strategy.layout().clone();
     let model = Gpt::new(gpt, strategy, spec.kind, device)?;
-    let mut optimizer = cfg.train.adamw.map(|c| AdamW::new(model.params(), c)).transpose()?;
+    let mut trainer = Trainer::new(model, TrainGroups::new(&mesh)?, cfg.train_config(point)?)?;
+    if let Some(from) = &spec.start {
+        trainer.load(from)?;
+    }
     let world = ctx.world();
 
     // Memory: the process's RSS once every rank has built its model, and its peak from then.
@@ -434,29 +490,30 @@ fn rank_main(ctx: RankCtx, spec: &RankSpec<'_>, send: &(dyn Fn(Report) -> Result
     let base = memory::status_mib("VmRSS:");
     world.barrier()?;
 
-    let (b, n) = (cfg.train.batch, point.seq);
-    let tokens = (b * n) as f64 * dp as f64;
-    let flops = gpt.train_flops(b * n * dp as i64, n, spec.attention.mask != Mask::None);
-    for step in 0..cfg.train.warmup + cfg.train.steps {
-        let global = spec.dataset.batch(cfg.train.seed, step as u64, mesh.coord("dp")? as u64, b, n)?;
-        let data = shard(&global.f_to(device).op("experiment")?, &layout, sp_group.rank())?;
+    let (b, n, total) = (cfg.train.batch, point.seq, cfg.train.warmup + cfg.train.steps);
+    let tokens = (b * n) as f64 * (dp * k) as f64;
+    let flops = gpt.train_flops(b * n * (dp * k) as i64, n, spec.attention.mask != Mask::None);
+    for step in trainer.steps_taken() as usize..total {
+        // Micro-batch m of replica d draws the dataset's replica d k + m, so that one device
+        // accumulating dp x k micro-batches sees the global batch of dp replicas.
+        let replica = mesh.coord("dp")? * k;
+        let micro = |m: usize| -> Result<crate::data::Shard> {
+            let global = spec.dataset.batch(cfg.train.seed, step as u64, (replica + m) as u64, b, n)?;
+            shard(&global.f_to(device).op("experiment")?, &layout, sp_group.rank())
+        };
+        let batches = (0..k).map(micro).collect::<Result<Vec<_>>>()?;
         world.barrier()?;
         world.reset_rank_stats();
         let t0 = Instant::now();
-        model.zero_grad();
-        let loss = model.forward_backward(&data.tokens, &data.labels)?;
-        model.average_gradients(dp_group)?;
-        if let Some(opt) = optimizer.as_mut() {
-            opt.step(model.params())?;
-        }
+        let report = trainer.step(&batches)?;
         world.barrier()?;
         let seconds = t0.elapsed().as_secs_f64();
         let by_group = world.rank_stats_by_group();
         // The loss over data-parallel replicas, outside the timed step and its counters.
         let loss_value = if dp > 1 {
-            dp_group.all_reduce(&Tensor::from_slice(&[loss.value]), ReduceOp::Avg)?.double_value(&[0])
+            dp_group.all_reduce(&Tensor::from_slice(&[report.loss]), ReduceOp::Avg)?.double_value(&[0])
         } else {
-            loss.value
+            report.loss
         };
         let peak = match (base, memory::status_mib("VmHWM:")) {
             (Some(base), Some(peak)) => (peak - base).max(0.0) / spec.ranks_in_process as f64,
@@ -466,7 +523,7 @@ fn rank_main(ctx: RankCtx, spec: &RankSpec<'_>, send: &(dyn Fn(Report) -> Result
         let received: u64 = by_group.iter().map(|(_, s)| s.bytes_received()).sum();
         let row = StepRow {
             point: point.index as u32,
-            strategy: point.strategy.label(),
+            strategy: point.label(),
             ranks: point.ranks as u32,
             sp: sp as u32,
             dp: dp as u32,
@@ -482,6 +539,10 @@ fn rank_main(ctx: RankCtx, spec: &RankSpec<'_>, send: &(dyn Fn(Report) -> Result
             peak_mib_per_rank: peak,
             bytes_sent: sent,
             bytes_received: received,
+            grad_norm: report.grad_norm,
+            lr: report.lr,
+            loss_scale: report.loss_scale,
+            skipped: report.skipped.is_some(),
         };
         let comm = by_group
             .into_iter()
@@ -502,6 +563,16 @@ fn rank_main(ctx: RankCtx, spec: &RankSpec<'_>, send: &(dyn Fn(Report) -> Result
             })
             .collect();
         send((row, comm))?;
+        // The model state, after the step's measurements.
+        if let (Some(dir), Some(every)) = (&spec.checkpoints, cfg.train.checkpoint_every) {
+            if (step + 1) % every == 0 || step + 1 == total {
+                let data = serde_json::json!({
+                    "dataset": spec.dataset.describe(), "seed": cfg.train.seed, "next_step": step + 1,
+                    "micro_batch": "the dataset's replica dp_rank x grad_accum + m of step next_step",
+                });
+                trainer.save(dir, data)?;
+            }
+        }
     }
     Ok(())
 }
@@ -522,15 +593,15 @@ fn summarize(point: &Point, cfg: &ExperimentConfig, gpt: &GptConfig, rows: &[Ste
     };
     let step_ms = median(per_step(&|r| r.step_ms));
     let seconds = step_ms / 1e3;
-    let (b, n, dp) = (cfg.train.batch, point.seq, cfg.parallel.dp as i64);
+    let (b, n, dp) = (cfg.train.batch, point.seq, (point.dp * point.grad_accum) as i64);
     let flops = gpt.train_flops(b * n * dp, n, cfg.attention()?.mask != Mask::None);
     let last = measured.iter().filter(|r| r.rank == 0).max_by_key(|r| r.step);
     Ok(PointRow {
         point: point.index as u32,
-        strategy: point.strategy.label(),
+        strategy: point.label(),
         ranks: point.ranks as u32,
-        sp: (point.ranks as i64 / dp) as u32,
-        dp: dp as u32,
+        sp: (point.ranks / point.dp) as u32,
+        dp: point.dp as u32,
         seq: n,
         batch: b,
         steps: by_step.len() as u32,

@@ -24,17 +24,25 @@ use crate::error::TorchResultExt;
 use crate::model::Placement;
 use crate::Result;
 
-/// The newest complete checkpoint under `root` (a `step-*` folder with a manifest), if any.
-pub fn latest_checkpoint(root: &Path) -> Option<(u64, PathBuf)> {
-    let entries = std::fs::read_dir(root).ok()?;
-    entries
+/// The complete checkpoints under `root` (`step-*` folders with a manifest; a save that
+/// crashed leaves only a `.tmp-*` folder), oldest first.
+pub fn checkpoints(root: &Path) -> Vec<(u64, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(root) else { return Vec::new() };
+    let mut found: Vec<(u64, PathBuf)> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.join(MANIFEST).is_file())
         .filter_map(|p| {
             let step = p.file_name()?.to_str()?.strip_prefix("step-")?.parse().ok()?;
             Some((step, p))
         })
-        .max_by_key(|(step, _)| *step)
+        .collect();
+    found.sort();
+    found
+}
+
+/// The newest complete checkpoint under `root`, if any.
+pub fn latest_checkpoint(root: &Path) -> Option<(u64, PathBuf)> {
+    checkpoints(root).pop()
 }
 
 fn io(path: &Path, e: std::io::Error) -> crate::Error {

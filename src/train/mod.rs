@@ -14,7 +14,7 @@ mod trainer;
 mod update;
 mod zero;
 
-pub use checkpoint::latest_checkpoint;
+pub use checkpoint::{checkpoints, latest_checkpoint};
 pub use config::{Decay, LossScaleConfig, LossScaler, Schedule, TrainConfig};
 pub use flat::{Entry, FlatUnit};
 pub use manifest::{EntryLayout, Manifest, ShardFile, UnitLayout, World, MANIFEST};
