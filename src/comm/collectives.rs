@@ -111,19 +111,7 @@ impl Group {
     ) -> Result<()> {
         let op = OpKind::AllToAll;
         let shape = self.all_to_all_shape(x, scatter_dim, gather_dim, scatter_split, gather_split)?;
-        if out.size() != shape || out.kind() != x.kind() || out.device() != x.device() {
-            return Err(self.invalid(
-                op,
-                format!(
-                    "out is {:?}{:?} on {:?}; this all-to-all writes {:?}{shape:?} on {:?}",
-                    out.kind(),
-                    out.size(),
-                    out.device(),
-                    x.kind(),
-                    x.device()
-                ),
-            ));
-        }
+        self.check_out(op, x, out, &shape)?;
         let (sd, gd) = (self.dim(op, x, scatter_dim)?, self.dim(op, x, gather_dim)?);
         let sends = chunks(x, sd, scatter_split).op(op.name())?;
         let recvs = chunks(out, gd, gather_split).op(op.name())?;
@@ -187,19 +175,7 @@ impl Group {
         let mut shape = x.size();
         self.check_own_part(op, "sizes", sizes, &shape, d)?;
         shape[d] = sizes.iter().sum();
-        if out.size() != shape || out.kind() != x.kind() || out.device() != x.device() {
-            return Err(self.invalid(
-                op,
-                format!(
-                    "out is {:?}{:?} on {:?}; this all-gather writes {:?}{shape:?} on {:?}",
-                    out.kind(),
-                    out.size(),
-                    out.device(),
-                    x.kind(),
-                    x.device()
-                ),
-            ));
-        }
+        self.check_out(op, x, out, &shape)?;
         self.gather_into(op, x, out, d, sizes)?;
         self.count_call(op);
         Ok(())
@@ -446,6 +422,24 @@ impl Group {
                 .invalid(op, format!("{what} {split:?} sums to {sum} but dim {dim} has {total} elements")));
         }
         Ok(())
+    }
+
+    /// A caller's output must have the shape the op writes, and `x`'s dtype and device.
+    fn check_out(&self, op: OpKind, x: &Tensor, out: &Tensor, shape: &[i64]) -> Result<()> {
+        if out.size() == shape && out.kind() == x.kind() && out.device() == x.device() {
+            return Ok(());
+        }
+        Err(self.invalid(
+            op,
+            format!(
+                "out is {:?}{:?} on {:?}; this {op} writes {:?}{shape:?} on {:?}",
+                out.kind(),
+                out.size(),
+                out.device(),
+                x.kind(),
+                x.device()
+            ),
+        ))
     }
 
     /// A split of a gathered dim: one entry per rank, this rank's entry its own extent.
