@@ -9,10 +9,12 @@ use super::{OpKind, ReduceOp};
 use crate::error::TorchResultExt;
 use crate::Result;
 
-/// The default bucket: 25 M elements (100 MB in f32), as DeepSpeed's and Megatron-LM's gradient
-/// buckets are sized (tens of MB): large enough that each all-reduce is bandwidth-bound, small
-/// enough that its buffers are a small part of a large model.
-pub const DEFAULT_BUCKET_ELEMS: i64 = 25_000_000;
+/// The default bucket: 2^22 elements (16 MiB in f32, as PyTorch DDP's 25 MB bucket): each
+/// all-reduce still moves megabytes (bandwidth-bound), and a reduction holds about four buckets
+/// (the pieces in f32, their concatenation, the reduction's slots and its result), 64 MiB,
+/// whatever the model size. (DeepSpeed's GPU default, 5e8 elements, would hold a whole 125M
+/// model's gradients several times over on a CPU rank.)
+pub const DEFAULT_BUCKET_ELEMS: i64 = 1 << 22;
 
 /// One piece of a bucket: elements `start..start + len` of tensor `index` (flattened).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,12 +49,13 @@ pub fn reduction_kind(kind: Kind) -> Kind {
 impl Group {
     /// All-reduces `tensors` in place, as if they were one flat tensor, `bucket` elements at a
     /// time (rounded down to a multiple of the group size, so that every bucket but the last
-    /// splits evenly over the ranks). Each bucket is copied out, reduced in f32 (half
-    /// precision) or its own dtype, and copied back. Every rank passes tensors of the same sizes
-    /// and dtypes, in the same order; each must be contiguous.
+    /// splits evenly over the ranks). Each bucket is copied into one buffer in f32 (half
+    /// precision) or its own dtype, reduced, and copied back. Every rank passes tensors of the
+    /// same sizes and dtypes, in the same order; each must be contiguous.
     ///
     /// Bytes per rank: those of one all-reduce of the total, 2 M (P-1)/P elements when P divides
-    /// every bucket; the extra memory is about three buckets in the reduction dtype.
+    /// every bucket; the extra memory is three buckets in the reduction dtype (the buffer, the
+    /// reduction's P slots of 1/P, its result).
     pub fn all_reduce_buckets(&self, tensors: &[Tensor], reduce: ReduceOp, bucket: i64) -> Result<()> {
         let op = OpKind::AllReduce;
         if bucket < 1 {
@@ -70,16 +73,17 @@ impl Group {
         while begin < total {
             let end = (begin + bucket).min(total);
             let parts = pieces(&lens, begin, end);
-            // [len] views of the tensors -> [end - begin] in the reduction dtype
-            let flat: Vec<Tensor> = parts
-                .iter()
-                .map(|c| {
-                    let t = &tensors[c.index];
-                    t.f_view([-1])?.f_narrow(0, c.start, c.len)?.f_to_kind(reduction_kind(t.kind()))
-                })
-                .collect::<Result<_, _>>()
-                .op(op.name())?;
-            let reduced = self.all_reduce(&Tensor::f_cat(&flat, 0).op(op.name())?, reduce)?;
+            // [len] views of the tensors -> one [end - begin] buffer in the reduction dtype
+            let kind = reduction_kind(tensors[parts[0].index].kind());
+            let flat = Tensor::f_empty([end - begin], (kind, tensors[0].device())).op(op.name())?;
+            let mut offset = 0;
+            for c in &parts {
+                let src = tensors[c.index].f_view([-1]).and_then(|t| t.f_narrow(0, c.start, c.len));
+                src.and_then(|s| flat.f_narrow(0, offset, c.len)?.f_copy_(&s)).op(op.name())?;
+                offset += c.len;
+            }
+            let reduced = self.all_reduce(&flat, reduce)?;
+            drop(flat);
             let mut offset = 0;
             for c in &parts {
                 let dst = tensors[c.index].f_view([-1]).and_then(|t| t.f_narrow(0, c.start, c.len));

@@ -30,7 +30,7 @@ pub struct TrainConfig {
     pub schedule: Schedule,
     /// Dynamic loss scaling (f16 only). Default: DeepSpeed's.
     pub loss_scale: LossScaleConfig,
-    /// Elements per gradient-reduction bucket. Default 25 M.
+    /// Elements per gradient-reduction bucket. Default 2^22 (16 MiB in f32).
     pub bucket_elems: i64,
     /// Compute the loss this many tokens at a time (tiled loss). Default none (all at once).
     pub loss_tile: Option<i64>,

@@ -110,21 +110,18 @@ impl FlatUnit {
         const OP: &str = "flat_grads";
         let kind = reduction_kind(self.flat.kind());
         let all = params.all();
-        let mut parts = Vec::new();
+        // Zeros where a parameter has no gradient and for the padding.
+        let out = Tensor::f_zeros([b - a], (kind, self.flat.device())).op(OP)?;
+        let mut offset = 0;
         for c in self.pieces(a, b) {
             let g = all[self.entries[c.index].param].tensor.grad();
-            let piece = if g.defined() {
-                g.f_reshape([-1]).and_then(|g| g.f_narrow(0, c.start, c.len)).and_then(|g| g.f_to_kind(kind))
-            } else {
-                Tensor::f_zeros([c.len], (kind, self.flat.device()))
-            };
-            parts.push(piece.op(OP)?);
+            if g.defined() {
+                let src = g.f_reshape([-1]).and_then(|g| g.f_narrow(0, c.start, c.len));
+                src.and_then(|s| out.f_narrow(0, offset, c.len)?.f_copy_(&s)).op(OP)?;
+            }
+            offset += c.len;
         }
-        let pad = b - a.max(self.numel);
-        if pad > 0 {
-            parts.push(Tensor::f_zeros([pad.min(b - a)], (kind, self.flat.device())).op(OP)?);
-        }
-        Tensor::f_cat(&parts, 0).op(OP)
+        Ok(out)
     }
 
     /// Whether the buffer's memory is allocated (ZeRO-3 frees it between uses).

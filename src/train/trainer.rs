@@ -23,6 +23,10 @@ use crate::error::TorchResultExt;
 use crate::model::{BlockHooks, ForwardOptions, Gpt, Loss};
 use crate::{Error, Result};
 
+/// Elements the optimizer and the norm computation handle at a time: their temporaries (a few
+/// f32 copies of a chunk) stay at a few MiB whatever the model size.
+const OPTIMIZER_CHUNK: i64 = 1 << 20;
+
 /// The groups a trainer reduces over: all SP x DP ranks (ZeRO), the DP replicas (the
 /// tensor-parallel shards), and a group of the same ranks for the step's statistics (so that
 /// the ZeRO group's byte counters hold ZeRO traffic only).
@@ -142,6 +146,15 @@ impl Trainer {
         &self.zero
     }
 
+    /// Changes how activations are kept from the next step on.
+    pub fn set_checkpointing(&mut self, checkpointing: Checkpointing) {
+        self.cfg.checkpointing = checkpointing;
+        let mut options = self.model.options();
+        options.recompute_blocks = checkpointing == Checkpointing::Full;
+        options.recompute_attention = checkpointing == Checkpointing::Selective;
+        self.model.set_options(options);
+    }
+
     /// The index of the next step (steps taken so far).
     pub fn steps_taken(&self) -> u64 {
         self.step
@@ -208,7 +221,7 @@ impl Trainer {
                     state,
                     &adamw,
                     (t, report.lr, clip / denominator),
-                    self.cfg.bucket_elems,
+                    self.cfg.bucket_elems.min(OPTIMIZER_CHUNK),
                 )?;
             }
             if self.cfg.zero.partitions_optimizer() && !self.cfg.zero.partitions_parameters() {
@@ -236,7 +249,7 @@ impl Trainer {
     /// finite with how many are not, all-reduced over every rank.
     fn gradient_stats(&self) -> Result<(f64, Option<(String, usize)>)> {
         let params = self.model.params().shallow();
-        let chunk = self.cfg.bucket_elems.min(1 << 20);
+        let chunk = self.cfg.bucket_elems.min(OPTIMIZER_CHUNK);
         let r = self.groups.zero.rank();
         let mut parts = Vec::new();
         for k in 0..self.zero.units.len() {

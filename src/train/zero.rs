@@ -178,15 +178,18 @@ impl Zero {
         Ok(grads)
     }
 
-    /// Stages 2-3: reduce-scatters the gradients of `[a, b)` of unit `k` in buckets, adding
-    /// this rank's part to its partition gradient.
+    /// Stages 2-3: reduce-scatters the gradients of `[a, b)` of unit `k` in buckets of 1/W of
+    /// the bucket size, adding this rank's part to its partition gradient. (A bucket can fall
+    /// wholly in one rank's partition, and that rank receives W slots of it: 1/W keeps its
+    /// buffers within one bucket.)
     fn reduce_scatter(&self, k: usize, a: i64, b: i64) -> Result<()> {
         let (u, me) = (&self.units[k], self.group.rank());
         let Some(acc) = &self.grads[k] else { return Ok(()) };
         let (start, _) = u.part(me);
+        let step = (self.bucket / self.group.size() as i64).max(1);
         let mut x = a;
         while x < b {
-            let y = (x + self.bucket).min(b);
+            let y = (x + step).min(b);
             let split = u.split(x, y);
             let bucket = u.gradients(&self.params, x, y)?;
             let mine = self.group.reduce_scatter_v(&bucket, 0, &split, ReduceOp::Sum)?;
