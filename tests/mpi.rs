@@ -23,7 +23,7 @@ fn conformance_checks_pass_on_mpi_processes() -> Result<()> {
     for n in [2usize, 4] {
         let (ok, text, _) = mpirun(n, "conformance")?;
         let passed =
-            text.lines().filter(|l| l.contains(&format!("10 checks passed on {n} ranks (mpi)"))).count();
+            text.lines().filter(|l| l.contains(&format!("11 checks passed on {n} ranks (mpi)"))).count();
         ensure!(ok && passed == n, "P={n}: {passed} ranks passed:\n{text}");
     }
     Ok(())

@@ -403,12 +403,7 @@ fn a_checkpoint_loads_at_another_world_size_and_tensor_parallel_degree() -> Resu
             t.load(&path)?;
             for ((name, got), p) in t.parameters()?.iter().zip(t.model().params().all()) {
                 let (_, whole) = full.iter().find(|(n, _)| n == name).expect("a parameter");
-                let want = match &p.placement {
-                    ulysses::model::Placement::Replicated => whole.shallow_clone(),
-                    ulysses::model::Placement::Sharded { dim, index } => {
-                        whole.index_select(*dim, &Tensor::from_slice(index))
-                    }
-                };
+                let want = training::part_of(whole, &p.placement);
                 ensure!(
                     got.equal(&want),
                     "{} ZeRO-{stage}: {name} differs by {:.3e}",
@@ -425,6 +420,61 @@ fn a_checkpoint_loads_at_another_world_size_and_tensor_parallel_degree() -> Resu
             out[0]
         );
     }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+#[test]
+fn full_recomputation_sends_the_forward_again_and_nothing_else() -> Result<()> {
+    // Ulysses, f32: the SP group's bytes per rank and step grow by the blocks' forward
+    // all-to-alls, L b (2Nh + 2N H_kv d)(P-1)/P^2 x 4 B, exactly; selective recomputation sends
+    // nothing more.
+    for p in [2usize, 4] {
+        let run = Run { steps: 1, ..Run::tiny(StrategyConfig::Ulysses, 1, Precision::F32, 0) };
+        let c = &run.model;
+        let (n, b, pi) = (run.n, run.b, p as i64);
+        let forward = (c.n_layer * b * (2 * n * c.n_embd + 2 * n * c.n_kv_head * c.head_dim()) * (pi - 1) / (pi * pi) * 4) as u64;
+        let mut sent = Vec::new();
+        for mode in [Checkpointing::None, Checkpointing::Full, Checkpointing::Selective] {
+            let run = run.clone().checkpointing(mode);
+            let bytes = launch(p, |ctx| -> Result<u64> {
+                let mut t = training::trainer(ctx.world(), &run)?;
+                let sp = t.model().strategy().group().expect("sp").clone();
+                sp.reset_stats();
+                training::steps(&mut t, &run, 0, 1)?;
+                Ok(sp.stats().op(OpKind::AllToAll).bytes_sent)
+            })?;
+            sent.push(bytes[0]);
+        }
+        ensure!(sent[1] - sent[0] == forward, "P={p}: full sends {} more, formula {forward}", sent[1] - sent[0]);
+        ensure!(sent[2] == sent[0], "P={p}: selective sends {} vs {}", sent[2], sent[0]);
+    }
+    Ok(())
+}
+
+#[test]
+fn a_save_that_crashed_leaves_the_previous_checkpoint_in_use() -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("ulysses-crash-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let run = Run { steps: 2, ..Run::tiny(StrategyConfig::Ulysses, 1, Precision::F32, 1) };
+    launch(2, |ctx| -> Result<()> {
+        let mut t = training::trainer(ctx.world(), &run)?;
+        training::steps(&mut t, &run, 0, 1)?;
+        t.save(&dir, serde_json::json!({}))?;
+        Ok(())
+    })?;
+    // A later save that died after writing one shard: its temporary folder has no manifest.
+    let tmp = dir.join(".tmp-step-00000002");
+    std::fs::create_dir_all(&tmp)?;
+    std::fs::copy(dir.join("step-00000001/rank-00000.safetensors"), tmp.join("rank-00000.safetensors"))?;
+    let found = ulysses::train::checkpoints(&dir);
+    ensure!(found.len() == 1 && found[0].0 == 1, "{found:?}");
+    let steps = launch(2, |ctx| -> Result<u64> {
+        let mut t = training::trainer(ctx.world(), &run)?;
+        t.load(&found[0].1)?;
+        Ok(t.steps_taken())
+    })?;
+    ensure!(steps == [1, 1], "{steps:?}");
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

@@ -18,7 +18,7 @@ type Check = fn(&Group) -> Result<()>;
 
 /// Every check, in order; returns how many ran.
 pub fn all(world: &Group) -> Result<usize> {
-    let checks: [(&str, Check); 10] = [
+    let checks: [(&str, Check); 11] = [
         ("collectives", collectives),
         ("round_trip", round_trip),
         ("adjoints", adjoints),
@@ -26,6 +26,7 @@ pub fn all(world: &Group) -> Result<usize> {
         ("strategies", strategies),
         ("gpt", gpt),
         ("zero", super::train_checks::zero),
+        ("checkpointing", super::train_checks::checkpointing),
         ("resume", super::train_checks::resume),
         ("reshard", super::train_checks::reshard),
         ("bad_checkpoints", super::train_checks::bad_checkpoints),

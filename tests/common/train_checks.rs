@@ -61,6 +61,30 @@ pub fn zero(g: &Group) -> Result<()> {
     Ok(())
 }
 
+/// Full and selective activation checkpointing against none, f64, one step (ZeRO 0 and 3):
+/// bit-identical parameters for Ulysses, and Megatron-SP and zigzag ring attention where P divides
+/// the heads and the sequence.
+pub fn checkpointing(g: &Group) -> Result<()> {
+    // Ring attention and Megatron-SP (4 heads) where P divides N = 32 and the heads.
+    let mut strategies = vec![StrategyConfig::Ulysses];
+    if 4usize.is_multiple_of(g.size()) {
+        strategies.extend([StrategyConfig::Ring { zigzag: true }, StrategyConfig::MegatronSp]);
+    }
+    for strategy in strategies {
+        for stage in [0u8, 3] {
+            let base = Run { steps: 1, ..Run::tiny(strategy, 1, Precision::F64, stage) };
+            let (loss0, want) = training::train(g, &base)?;
+            for mode in [ulysses::train::Checkpointing::Full, ulysses::train::Checkpointing::Selective] {
+                let (loss, got) = training::train(g, &base.clone().checkpointing(mode))?;
+                let label = format!("{} P={} ZeRO-{stage} {mode:?}", strategy.label(), g.size());
+                ensure!(loss == loss0, "{label}: loss {loss:?} vs {loss0:?}");
+                exact(&label, &got, &want)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Four steps without a break against two steps, a checkpoint, a fresh trainer loading it and
 /// two more steps: the same losses and parameters, bit for bit, for ZeRO 0-3 in f32 and bf16.
 pub fn resume(g: &Group) -> Result<()> {
@@ -119,12 +143,7 @@ pub fn reshard(g: &Group) -> Result<()> {
                 .map(|p| (&p.name, &p.placement))
                 .find(|(n, _)| *n == name)
                 .expect("param");
-            let want = match p {
-                ulysses::model::Placement::Replicated => full.shallow_clone(),
-                ulysses::model::Placement::Sharded { dim, index } => {
-                    full.index_select(*dim, &Tensor::from_slice(index))
-                }
-            };
+            let want = training::part_of(full, p);
             ensure!(
                 got.equal(&want),
                 "{label}: {name} differs after loading by {:.3e}",

@@ -8,7 +8,7 @@ use tch::{Device, Kind, Tensor};
 use ulysses::attention::{AttentionConfig, Kernel, Mask, StrategyConfig};
 use ulysses::comm::{Group, Mesh, MeshShape, ReduceOp};
 use ulysses::data::{shard, Shard};
-use ulysses::model::{Gpt, GptConfig};
+use ulysses::model::{Gpt, GptConfig, Placement};
 use ulysses::train::{AdamWConfig, Checkpointing, Precision, TrainConfig, TrainGroups, Trainer, ZeroStage};
 
 /// One training run's set-up.
@@ -107,4 +107,12 @@ pub fn train(world: &Group, run: &Run) -> Result<(Vec<f64>, Vec<(String, Tensor)
     let losses = steps(&mut t, run, 0, run.steps)?;
     let mean = t.groups().dp.all_reduce(&Tensor::from_slice(&losses), ReduceOp::Avg)?;
     Ok((Vec::<f64>::try_from(mean)?, t.parameters()?))
+}
+
+/// This rank's part of a full parameter: all of it, or its tensor-parallel slice.
+pub fn part_of(full: &Tensor, placement: &Placement) -> Tensor {
+    match placement {
+        Placement::Replicated => full.shallow_clone(),
+        Placement::Sharded { dim, index } => full.index_select(*dim, &Tensor::from_slice(index)),
+    }
 }
