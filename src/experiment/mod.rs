@@ -17,4 +17,4 @@ pub use report::{report, HtmlTable, Report};
 pub use results::{complete_steps, read_table, CommRow, PointRow, Results, StepRow};
 #[cfg(feature = "mpi")]
 pub use run::run_point_rank;
-pub use run::{run, RunOptions, RunSummary};
+pub use run::{memory, run, RunOptions, RunSummary};

@@ -99,7 +99,7 @@ fn meta(cfg: &ExperimentConfig, resume: bool) -> Result<String> {
 }
 
 /// Memory of this process from /proc (Linux); `None` elsewhere.
-pub(crate) mod memory {
+pub mod memory {
     /// A field of /proc/self/status (VmRSS, VmHWM) in MiB.
     pub fn status_mib(field: &str) -> Option<f64> {
         let text = std::fs::read_to_string("/proc/self/status").ok()?;
