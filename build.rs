@@ -1,13 +1,17 @@
 //! 1. Writes libtorch's library folder into the rpath of every binary, test and bench of this
 //!    package, so they run without LD_LIBRARY_PATH (tch's own build gives them none).
-//! 2. Compiles csrc/backward.cpp (autograd with given gradients, for the tape) and
-//!    csrc/storage.cpp (freeing and re-allocating a storage in place, dropping a gradient, for
-//!    ZeRO-3) against the same libtorch headers and ABI as torch-sys.
+//! 2. Compiles csrc/backward.cpp (the tape's autograd from gradient edges with given gradients),
+//!    csrc/cuda.cpp (current device and stream, allocator statistics, through libtorch's
+//!    accelerator API) and csrc/storage.cpp (freeing and re-allocating a storage in place,
+//!    dropping a gradient, for ZeRO-3) against the same libtorch headers and ABI as torch-sys.
+//! 3. Records the version of the libtorch it built against (ULYSSES_LIBTORCH_VERSION), which a
+//!    process compares with the libtorch it loads (`ulysses::device::check_libtorch`).
 
 use std::path::PathBuf;
 
 fn main() {
     println!("cargo:rerun-if-changed=csrc/backward.cpp");
+    println!("cargo:rerun-if-changed=csrc/cuda.cpp");
     println!("cargo:rerun-if-changed=csrc/storage.cpp");
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
@@ -19,6 +23,7 @@ fn main() {
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
 
     let include = lib.parent().expect("libtorch's lib dir has a parent").join("include");
+    println!("cargo:rustc-env=ULYSSES_LIBTORCH_VERSION={}", torch_version(&include));
     let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
     cc::Build::new()
         .cpp(true)
@@ -29,6 +34,21 @@ fn main() {
         .flag("-std=c++17")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
         .file("csrc/backward.cpp")
+        .file("csrc/cuda.cpp")
         .file("csrc/storage.cpp")
         .compile("ulysses_backward");
+}
+
+/// "2.11.0" from libtorch's `torch/headeronly/version.h` ("unknown" if it cannot be read).
+fn torch_version(include: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(include.join("torch/headeronly/version.h")).unwrap_or_default();
+    let part = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("#define TORCH_VERSION_{name} ")))
+            .map(|v| v.trim().to_string())
+    };
+    match (part("MAJOR"), part("MINOR"), part("PATCH")) {
+        (Some(a), Some(b), Some(c)) => format!("{a}.{b}.{c}"),
+        _ => "unknown".into(),
+    }
 }

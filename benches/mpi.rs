@@ -1,6 +1,14 @@
-//! The MPI backend's all-to-all against the local backend's, P=4, 1 and 16 MiB per rank: the
-//! same `ulysses bench-a2a` loop once as threads and once as MPI processes (mpirun), medians,
-//! as a ratio. Run: `cargo bench --features mpi --bench mpi`.
+//! The MPI backend on real processes, each number a ratio measured in one invocation:
+//!
+//! 1. its all-to-all against the local backend's, P=4, 1 and 16 MiB per rank: the same
+//!    `ulysses bench-a2a` loop once as threads and once as MPI processes (mpirun), medians;
+//! 2. communication/computation overlap: training steps of ring attention (and Ulysses) on 4 MPI
+//!    processes with overlap on and off (`ulysses step --no-overlap`), alternated, medians of
+//!    the per-run median step times.
+//!
+//! Run: `cargo bench --features mpi --bench mpi` (`-- --quick` for fewer runs).
+
+mod common;
 
 use std::process::Command;
 
@@ -18,7 +26,56 @@ fn medians(out: &[u8]) -> Result<Vec<(i64, f64)>> {
         .collect()
 }
 
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Median step ms of one `ulysses step` on 4 MPI processes.
+fn step_ms(exe: &str, strategy: &str, seq: &str, steps: &str, overlap: bool) -> Result<f64> {
+    let mut args = vec!["launch", "-n", "4", "--", "step", "--backend", "mpi", "--ranks", "4"];
+    args.extend(["--preset", "tiny", "--strategy", strategy, "--seq", seq, "--steps", steps]);
+    if !overlap {
+        args.push("--no-overlap");
+    }
+    let out = Command::new(exe).args(&args).output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let summary = text
+        .lines()
+        .find(|l| l.contains("summary:"))
+        .with_context(|| format!("ulysses step failed:\n{text}{}", String::from_utf8_lossy(&out.stderr)))?;
+    common::field(summary, "median_step_ms")
+}
+
+fn overlap(exe: &str, quick: bool) -> Result<()> {
+    let (runs, steps) = if quick { (1, "2") } else { (5, "5") };
+    println!();
+    println!(
+        "== overlap on MPI processes: P=4, tiny GPT, f32, causal; each run the median of {steps} steps, \
+              on/off alternated, median of {runs} runs =="
+    );
+    println!(
+        "{:<10} {:>7} {:>12} {:>12} {:>14}",
+        "strategy", "N", "overlap ms", "no-overlap ms", "off/on time"
+    );
+    for (strategy, seq) in [("ring", "4096"), ("ring", "8192"), ("ulysses", "8192")] {
+        let (mut on, mut off) = (Vec::new(), Vec::new());
+        for _ in 0..runs {
+            on.push(step_ms(exe, strategy, seq, steps, true)?);
+            off.push(step_ms(exe, strategy, seq, steps, false)?);
+        }
+        let (on, off) = (median(on), median(off));
+        println!("{strategy:<10} {seq:>7} {on:>12.1} {off:>12.1} {:>13.3}x", off / on);
+    }
+    println!(
+        "(ring: the next K/V block, and backward the dK/dV accumulators, travel while a block computes; \
+              Ulysses: k and v all-to-alls in flight while q's completes. Bytes are the same either way.)"
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
+    let quick = std::env::args().any(|a| a == "--quick");
     let exe = env!("CARGO_BIN_EXE_ulysses");
     let args = ["bench-a2a", "--ranks", "4", "--mib", "1,16", "--runs", "31"];
     let local = Command::new(exe).args(args).arg("--backend").arg("local").output()?;
@@ -40,5 +97,5 @@ fn main() -> Result<()> {
         "(local: 4 threads of one process; mpi: 4 OpenMPI processes on this machine's {} cores)",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    Ok(())
+    overlap(exe, quick)
 }

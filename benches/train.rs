@@ -24,7 +24,7 @@ use ulysses::attention::{AttentionConfig, StrategyConfig};
 use ulysses::autograd::Tape;
 use ulysses::comm::{launch, MeshShape, ReduceOp};
 use ulysses::data::shard;
-use ulysses::experiment::memory::{reset_peak, status_mib};
+use ulysses::experiment::rss::{reset_peak, status_mib};
 use ulysses::model::{Gpt, GptConfig};
 use ulysses::train::{Checkpointing, TrainConfig, TrainGroups, Trainer};
 
@@ -41,7 +41,13 @@ fn checkpointing(preset: &str, b: i64, n: i64, runs: usize) -> Result<()> {
     let out = launch(4, |ctx| -> Result<Vec<(Duration, u64)>> {
         let mesh = ctx.mesh(MeshShape::dp_sp(1, 4)?)?;
         // One model, its mode switched between steps (the gradients do not depend on it).
-        let strategy = StrategyConfig::Ulysses.build(mesh.group("sp")?, AttentionConfig::default(), n, cfg.n_head, cfg.n_kv_head)?;
+        let strategy = StrategyConfig::Ulysses.build(
+            mesh.group("sp")?,
+            AttentionConfig::default(),
+            n,
+            cfg.n_head,
+            cfg.n_kv_head,
+        )?;
         let model = Gpt::new(&cfg, strategy, Kind::Float, Device::Cpu)?;
         let mut trainer = Trainer::new(model, TrainGroups::new(&mesh)?, TrainConfig::default())?;
         let i = Tensor::arange(b * n, (Kind::Int64, Device::Cpu));
@@ -105,7 +111,14 @@ fn flat_reduce(model: &Gpt, group: &ulysses::comm::Group) -> Result<()> {
 /// In a child process: the peak RSS increase (MiB per rank) during one gradient reduction of a
 /// GPT of `layers` blocks (h = 512, V = 8192, f32) at P = 2 (threads), `how` = flat or bucketed.
 fn sync_child(how: &str, layers: i64) -> Result<()> {
-    let cfg = GptConfig { n_layer: layers, n_embd: 512, n_head: 8, n_kv_head: 8, vocab_size: 8192, ..GptConfig::tiny() };
+    let cfg = GptConfig {
+        n_layer: layers,
+        n_embd: 512,
+        n_head: 8,
+        n_kv_head: 8,
+        vocab_size: 8192,
+        ..GptConfig::tiny()
+    };
     let (b, n) = (1, 256);
     let peaks = launch(2, |ctx| -> Result<f64> {
         let strategy = StrategyConfig::Ulysses.build(ctx.world(), AttentionConfig::default(), n, 8, 8)?;
@@ -135,7 +148,10 @@ fn sync_child(how: &str, layers: i64) -> Result<()> {
 
 fn gradient_sync_memory() -> Result<()> {
     println!("\n== gradient reduction: peak RSS above the gradients, per rank (P=2 threads, f32, h=512, V=8192) ==");
-    println!("{:>7} {:>12} {:>14} {:>14} {:>10}", "layers", "params (M)", "flat MiB", "bucketed MiB", "grads MiB");
+    println!(
+        "{:>7} {:>12} {:>14} {:>14} {:>10}",
+        "layers", "params (M)", "flat MiB", "bucketed MiB", "grads MiB"
+    );
     for layers in [4i64, 8, 16] {
         let mut row = Vec::new();
         let mut params = 0.0;
@@ -151,9 +167,17 @@ fn gradient_sync_memory() -> Result<()> {
             row.push(field(line, "peak_mib_per_rank")?);
             params = field(line, "params")?;
         }
-        println!("{layers:>7} {:>12.1} {:>14.1} {:>14.1} {:>10.1}", params / 1e6, row[0], row[1], params * 4.0 / (1 << 20) as f64);
+        println!(
+            "{layers:>7} {:>12.1} {:>14.1} {:>14.1} {:>10.1}",
+            params / 1e6,
+            row[0],
+            row[1],
+            params * 4.0 / (1 << 20) as f64
+        );
     }
-    println!("(VmHWM during the reduction minus VmRSS before it, halved for the two thread ranks; glibc's mmap");
+    println!(
+        "(VmHWM during the reduction minus VmRSS before it, halved for the two thread ranks; glibc's mmap"
+    );
     println!(" threshold fixed at 64 KiB so that freed buffers leave the RSS; bucket: 2^22 elements)");
     Ok(())
 }
@@ -173,7 +197,18 @@ fn main() -> Result<()> {
     println!("== activation checkpointing: step (forward, backward, gradient reduction), Ulysses P=4 threads, f32 ==");
     println!(
         "{:>6} {:>3} {:>6} {:>5} {:>9} {:>9} {:>10} {:>10} {:>11} {:>12} {:>12} {:>12}",
-        "model", "b", "N", "runs", "none ms", "full ms", "select. ms", "full/none", "select/none", "sp B/step", "full extra B", "fwd formula"
+        "model",
+        "b",
+        "N",
+        "runs",
+        "none ms",
+        "full ms",
+        "select. ms",
+        "full/none",
+        "select/none",
+        "sp B/step",
+        "full extra B",
+        "fwd formula"
     );
     checkpointing("tiny", 4, 4096, if quick { 3 } else { 9 })?;
     checkpointing("125m", 1, 256, if quick { 1 } else { 5 })?;

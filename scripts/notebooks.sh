@@ -9,7 +9,8 @@
 #
 # A notebook fails the command when any cell errors, and each ends with a cell that asserts its
 # claims. Installs what is missing, once:
-#   - evcxr_jupyter 0.22.0 with `cargo install` (about 5 minutes on 2 cores);
+#   - evcxr_jupyter 0.22.0 with `cargo install` (about 12 minutes on an idle 2-core machine: 702 s
+#     measured for issue 15; what it compiles and the time left are shown as it goes);
 #   - a Python venv under $ULYSSES_CACHE (default ~/.cache/ulysses) with nbclient, which gives
 #     `jupyter execute` (and JupyterLab for --lab);
 #   - a private kernelspec "ulysses-rust" (in that cache, through JUPYTER_PATH; nothing is written
@@ -47,11 +48,15 @@ torch_dir=$(readlink -f "$repo/.libtorch")
 
 # 1. evcxr_jupyter, only when this version is missing.
 if ! cargo install --list | grep -q "^evcxr_jupyter v$evcxr_version:"; then
-  say "installing evcxr_jupyter $evcxr_version with cargo install (about 5 minutes on 2 cores, once)"
-  # Its own build folder: a CARGO_TARGET_DIR shared with the project would only collect clutter.
-  started=$(date +%s)
-  env -u CARGO_TARGET_DIR cargo install --quiet --locked evcxr_jupyter --version "$evcxr_version"
-  say "evcxr_jupyter installed in $(($(date +%s) - started)) s"
+  # What it compiles and roughly how long is left, from scripts/build-times/evcxr.tsv. Its own
+  # build folder: a CARGO_TARGET_DIR shared with the project would only collect clutter.
+  # ULYSSES_CARGO_ARGS (`--timings`) reaches this build too, in a folder that is then kept, so that
+  # cargo's report outlives the install.
+  extra=()
+  [ -z "${ULYSSES_CARGO_ARGS:-}" ] || read -r -a extra <<<"--target-dir $cache/evcxr-build $ULYSSES_CARGO_ARGS"
+  env -u CARGO_TARGET_DIR python3 "$repo/scripts/build_progress.py" --times "$repo/scripts/build-times/evcxr.tsv" \
+    --what "installing evcxr_jupyter $evcxr_version, the Jupyter Rust kernel (cargo install, once)" \
+    -- cargo install --locked evcxr_jupyter --version "$evcxr_version" "${extra[@]}"
 fi
 evcxr=${CARGO_INSTALL_ROOT:-${CARGO_HOME:-$HOME/.cargo}}/bin/evcxr_jupyter
 

@@ -9,6 +9,11 @@
 #   - a Rust toolchain through rustup, only if cargo is missing.
 # Nothing needs exporting afterwards: .cargo/config.toml points LIBTORCH at .libtorch and build.rs
 # writes libtorch's folder into every binary's rpath.
+#
+# Each install shows what it is doing, how long it has run and roughly how long is left against
+# the time it took on a 2-core Debian 12 machine (the numbers passed to `step` below: apt 45 s for
+# OpenMPI and libclang; libtorch 31 s and rustup 13 s, measured 2026-12-02 with empty caches):
+# a status line on a terminal, a line every 10 s elsewhere. The log is shown if a step fails.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -19,9 +24,71 @@ stamp=$venv/.ulysses-complete
 
 say() { echo "[setup] $*"; }
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+clock() { printf '%d:%02d' $(($1 / 60)) $(($1 % 60)); }
+
+# step LABEL MEASURED_S DETAIL_FN CMD...: runs CMD with its output in a log, showing LABEL, the time
+# so far, the time left against MEASURED_S (or DETAIL_FN's own estimate) and the log's last line;
+# on failure prints the log's end. DETAIL_FN (or -) prints "left_s|detail" from the log.
+step() {
+  local label=$1 measured=$2 detail_fn=$3 log rc=0 start=$SECONDS last=-10 now left detail status out
+  shift 3
+  log=$(mktemp)
+  say "$label (measured here: about $(clock "$measured"))"
+  "$@" >"$log" 2>&1 &
+  local pid=$!
+  while kill -0 "$pid" 2>/dev/null; do
+    sleep 1
+    now=$((SECONDS - start))
+    left=$((measured - now)) detail=""
+    if [ "$detail_fn" != - ]; then
+      out=$("$detail_fn" "$log" "$now" || true)
+      if [ -n "$out" ]; then
+        [ -z "${out%%|*}" ] || left=${out%%|*}
+        detail=${out#*|}
+      fi
+    fi
+    [ -n "$detail" ] || detail=$(tail -c 3000 "$log" | tr '\r' '\n' | grep -v '^[[:space:]]*$' | tail -n 1 | cut -c1-70 || true)
+    if [ "${left:-0}" -gt 0 ]; then left="~$(clock "$left") left"; else left="longer than measured"; fi
+    status="[setup] $label: $(clock "$now"), $left  $detail"
+    if [ -t 2 ]; then
+      printf '\r\033[2K%s' "${status:0:$(($(tput cols 2>/dev/null || echo 100) - 1))}" >&2
+    elif [ $((now - last)) -ge 10 ]; then
+      echo "$status" >&2
+      last=$now
+    fi
+  done
+  wait "$pid" || rc=$?
+  [ -t 2 ] && printf '\r\033[2K' >&2
+  if [ "$rc" != 0 ]; then
+    tail -n 40 "$log" >&2
+    say "$label FAILED after $(clock $((SECONDS - start))) (exit status $rc; the log's end is above)"
+    rm -f "$log"
+    return "$rc"
+  fi
+  rm -f "$log"
+  say "$label: done in $(clock $((SECONDS - start)))"
+}
+
+# apt's progress: packages fetched and set up out of those it installs.
+apt_detail() {
+  local total got set
+  total=$(grep -o '[0-9]* newly installed' "$1" | grep -o '^[0-9]*' || true)
+  got=$(grep -c '^Get:' "$1" || true)
+  set=$(grep -c '^Setting up' "$1" || true)
+  [ -n "$total" ] && echo "|fetched $got/$total packages, set up $set/$total"
+}
+
+# pip's progress: megabytes in its download folder out of the wheels' 545 MB.
+pip_detail() {
+  local mb
+  mb=$(du -sm "$pip_tmp" 2>/dev/null | cut -f1 || echo 0)
+  if [ "${mb:-0}" -gt 5 ] && [ "$mb" -lt 545 ]; then
+    echo "$(($2 * (545 - mb) / mb + 15))|downloaded $mb of 545 MB"
+  fi
+}
 
 # 1. Debian packages, only those missing.
-packages=(g++ make pkg-config libopenmpi-dev openmpi-bin libclang-dev python3-venv fonts-dejavu-core)
+packages=(g++ make pkg-config libopenmpi-dev openmpi-bin libclang-dev python3 python3-venv fonts-dejavu-core curl)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -33,9 +100,9 @@ if [ ${#missing[@]} -gt 0 ] && python3 -c 'import ensurepip, venv' 2>/dev/null; 
   read -r -a missing <<<"${missing[*]}"
 fi
 if [ ${#missing[@]} -gt 0 ]; then
-  say "installing Debian packages: ${missing[*]}"
-  as_root apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${missing[@]}" >/dev/null
+  [ "$(id -u)" = 0 ] || sudo -v # ask for the password here, not in the background
+  step "installing Debian packages: ${missing[*]}" 45 apt_detail \
+    as_root env DEBIAN_FRONTEND=noninteractive sh -c 'apt-get update && apt-get install -y "$@"' sh "${missing[@]}"
 fi
 
 # 2. Rust, only if cargo is missing.
@@ -43,20 +110,23 @@ if ! command -v cargo >/dev/null 2>&1; then
   if [ -x "$HOME/.cargo/bin/cargo" ]; then
     export PATH="$HOME/.cargo/bin:$PATH"
   else
-    say "cargo not found: installing the stable Rust toolchain with rustup"
-    curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --component clippy,rustfmt
+    step "cargo not found: installing the stable Rust toolchain with rustup" 13 - \
+      sh -c 'curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --component clippy,rustfmt'
     export PATH="$HOME/.cargo/bin:$PATH"
   fi
 fi
 
 # 3. libtorch from PyPI (CPU-usable minimum; see shared/SETUP.md for why these three wheels).
 if [ ! -f "$stamp" ]; then
-  say "installing libtorch $torch_version from PyPI into $venv (about 550 MB download)"
   rm -rf "$venv"
   mkdir -p "$cache"
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install -q --disable-pip-version-check --no-deps \
-    "torch==$torch_version" nvidia-cuda-runtime==13.0.96 nvidia-cuda-cupti==13.0.85
+  pip_tmp=$cache/pip-download
+  rm -rf "$pip_tmp" && mkdir -p "$pip_tmp"
+  step "installing libtorch $torch_version from PyPI into $venv (545 MB download, 1.3 GB on disk)" 31 pip_detail \
+    sh -c 'python3 -m venv "$1" && TMPDIR="$2" "$1/bin/pip" install --progress-bar off --no-cache-dir \
+      --disable-pip-version-check --no-deps "torch==$3" nvidia-cuda-runtime==13.0.96 nvidia-cuda-cupti==13.0.85' \
+    sh "$venv" "$pip_tmp" "$torch_version"
+  rm -rf "$pip_tmp"
   touch "$stamp"
 fi
 torch_dir=$(find "$venv/lib" -maxdepth 3 -type d -path '*site-packages/torch' | head -n 1)

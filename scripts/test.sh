@@ -3,11 +3,14 @@
 # without the optional backends, every test in release mode (libtorch kernels are optimised
 # either way; release keeps one build for tests and benches) with the MPI backend (OpenMPI from
 # the set-up; its tests start real processes with mpirun) and the NCCL backend (built and
-# checked for its error without a GPU; scripts/gpu-check.sh runs it on one), a build of the
+# checked for its error without a GPU; scripts/gpu-check.sh runs it on one), `ulysses submit` on
+# a single-node Slurm cluster that scripts/slurm.sh installs and starts, a build of the
 # benchmarks, and every notebook executed on the evcxr Rust kernel (scripts/notebooks.sh --check;
-# the first time it installs evcxr, about 26 minutes on 2 cores).
+# the first time it installs evcxr).
 #   ./scripts/test.sh                  # everything
 #   ./scripts/test.sh --no-notebooks   # everything but the notebooks
+# Each stage prints its time, and the end a table of them (README: what the time goes to).
+# ULYSSES_CARGO_ARGS adds arguments to every cargo build here (`--timings`, for instance).
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 notebooks=1
@@ -19,19 +22,55 @@ for arg in "$@"; do
 done
 "$repo/scripts/setup.sh"
 cd "$repo"
-step() { echo; echo "=== $* === ($(date +%T))"; }
-step "cargo fmt --check"
+# shellcheck disable=SC2206 # several words on purpose
+extra=(${ULYSSES_CARGO_ARGS:-})
+stages=()
+began=$SECONDS
+stage_start=$SECONDS
+stage_name=""
+# step NAME: ends the stage before (its time into the table) and starts NAME.
+step() {
+  if [ -n "$stage_name" ]; then
+    stages+=("$(printf '%6ds  %s' $((SECONDS - stage_start)) "$stage_name")")
+    echo "--- $stage_name: $((SECONDS - stage_start)) s"
+  fi
+  stage_name=$1
+  stage_start=$SECONDS
+  [ -n "$1" ] && { echo; echo "=== $1 === ($(date +%T))"; }
+  return 0
+}
+# On failure too, say where the time went up to the stage that failed.
+trap 'step ""; echo; echo "FAILED in the last stage below; where the time went:"; printf "%s\n" "${stages[@]}"' EXIT
+
+step "cargo fmt --check; the scripts"
 cargo fmt --all -- --check
+for script in scripts/*.sh scripts/ulysses; do bash -n "$script"; done
+python3 "$repo/scripts/build_progress.py" --self-test
+# The two clippy runs share every dependency (only mpi and cudarc are extra); each checks this
+# crate's targets again under its own cfg.
 step "cargo clippy (features: mpi, nccl)"
-cargo clippy --release --all-targets --features mpi,nccl -- -D warnings
+cargo clippy "${extra[@]}" --release --all-targets --features mpi,nccl -- -D warnings
 step "cargo clippy (no features)"
-cargo clippy --release --all-targets -- -D warnings
-step "cargo test (features: mpi, nccl)"
-cargo test --release --features mpi,nccl
+cargo clippy "${extra[@]}" --release --all-targets -- -D warnings
+# Built apart from running, so each shows its own time; then the benches, whose build reuses
+# the test build (the bench profile is release's).
+step "cargo test --no-run (features: mpi, nccl)"
+cargo test "${extra[@]}" --release --features mpi,nccl --no-run
 step "cargo bench --no-run"
-cargo bench --no-run --features mpi,nccl
+cargo bench "${extra[@]}" --no-run --features mpi,nccl
+# What `cargo test` runs (every test binary, then the doc tests), with the binaries two at a
+# time (as many as cores), the longest first: cargo would run them one after another.
+step "tests (features: mpi, nccl)"
+python3 "$repo/scripts/run_tests.py" -- --release --features mpi,nccl
+step "Slurm: a single-node cluster (scripts/slurm.sh start), ulysses submit for real"
+"$repo/scripts/slurm.sh" start
+cargo test "${extra[@]}" --release --features mpi,nccl --test slurm -- --ignored
 if [ "$notebooks" = 1 ]; then
   step "notebooks (evcxr kernel, executed into results/notebooks/)"
   "$repo/scripts/notebooks.sh" --check
 fi
-echo; echo "all checks passed ($(date +%T))"
+step ""
+trap - EXIT
+echo; echo "where the time went:"
+printf '%s\n' "${stages[@]}"
+echo "all checks passed in $((SECONDS - began)) s ($(date +%T))"

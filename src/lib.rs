@@ -13,12 +13,14 @@
 //! - [`data`]: synthetic and file datasets, global label shift and sharding;
 //! - [`train`]: the step loop ([`train::Trainer`]): mixed precision, ZeRO 0-3 over all SP x DP
 //!   ranks, activation checkpointing, accumulation, clipping, schedule, checkpoints;
+//! - [`cost`]: the analytical model of step time and memory per strategy, on hardware files;
 //! - [`experiment`]: configs, the runner, results as DataFrames, reports and plots;
 //! - [`device`]: loading libtorch's CUDA half where there is one.
 
 pub mod attention;
 pub mod autograd;
 pub mod comm;
+pub mod cost;
 pub mod data;
 pub mod device;
 mod error;

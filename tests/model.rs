@@ -9,7 +9,9 @@ use tch::{Device, Kind, Tensor};
 use ulysses::attention::{AttentionConfig, Kernel, Mask, SingleDevice, StrategyConfig, UlyssesAttention};
 use ulysses::autograd::Tape;
 use ulysses::comm::{launch, OpKind};
+use ulysses::cost::Job;
 use ulysses::model::{shift_labels, Gpt, GptConfig, Placement};
+use ulysses::train::Precision;
 
 /// Deterministic token ids `[b, n]` below `vocab`.
 fn tokens(b: i64, n: i64, vocab: i64) -> Tensor {
@@ -234,11 +236,23 @@ fn megatron_sp_keeps_a_pth_of_the_blocks_and_its_volume_does_not_shrink() -> Res
             }
             Ok(out)
         })?;
-        let (pu, nu) = (p as u64, n as u64);
-        // Megatron-SP: 2 all-gathers + 2 reduce-scatters of [b, N, h], forward and backward.
-        let megatron = 2 * 4 * b as u64 * nu * h * (pu - 1) / pu * es;
-        // Ulysses: 2 x (2Nh + 2N H_kv d)(P-1)/P^2.
-        let ulysses = 2 * b as u64 * (2 * nu * h + 2 * nu * h) * (pu - 1) / (pu * pu) * es;
+        // The library's formulas (what the cost model prices), per layer, forward + backward:
+        // Megatron-SP 2 all-gathers + 2 reduce-scatters of [b, N, h] forward; backward their
+        // adjoints and, as Megatron-LM, the re-gather of the two column-parallel linears' inputs;
+        // Ulysses 2 x (2Nh + 2N H_kv d)(P-1)/P^2.
+        let per_layer = |strategy| -> Result<u64> {
+            let job =
+                Job { micro_batch: b, precision: Precision::F32, ..Job::new(cfg.clone(), strategy, p, n) };
+            let (f, w) = ulysses::cost::bytes::layer_bytes(&job, 0)?;
+            Ok((f + w) * cfg.n_layer as u64)
+        };
+        let (megatron, ulysses) =
+            (per_layer(StrategyConfig::MegatronSp)?, per_layer(StrategyConfig::Ulysses)?);
+        let per = b as u64 * n as u64 * h * (p as u64 - 1) / p as u64 * es * cfg.n_layer as u64;
+        ensure!(
+            megatron == (4 + 6) * per,
+            "Megatron-SP P={p}: {megatron} B, the closed form (4 + 6)bNh(P-1)/P"
+        );
         ensure!(sent.iter().all(|s| s.1 == megatron), "Megatron-SP P={p}: {:?}, expected {megatron}", sent);
         ensure!(sent.iter().all(|s| s.0 == ulysses), "Ulysses P={p}: {:?}, expected {ulysses}", sent);
         // The blocks' weights are 1/P per rank (embedding, norms and output biases replicated).

@@ -18,14 +18,48 @@ fn mpirun(n: usize, mode: &str) -> Result<(bool, String, Duration)> {
     Ok((out.status.success(), text, start.elapsed()))
 }
 
+/// The conformance checks in `mode` on each world size: every rank must pass all seven.
+fn conformance(mode: &str, sizes: &[usize]) -> Result<()> {
+    for &n in sizes {
+        let (ok, text, _) = mpirun(n, mode)?;
+        let passed =
+            text.lines().filter(|l| l.contains(&format!("12 checks passed on {n} ranks (mpi)"))).count();
+        ensure!(ok && passed == n, "{mode} P={n}: {passed} ranks passed:\n{text}");
+    }
+    Ok(())
+}
+
 #[test]
 fn conformance_checks_pass_on_mpi_processes() -> Result<()> {
-    for n in [2usize, 4] {
-        let (ok, text, _) = mpirun(n, "conformance")?;
-        let passed =
-            text.lines().filter(|l| l.contains(&format!("11 checks passed on {n} ranks (mpi)"))).count();
-        ensure!(ok && passed == n, "P={n}: {passed} ranks passed:\n{text}");
+    conformance("conformance", &[2, 4])
+}
+
+#[test]
+fn payloads_cut_into_small_messages_arrive_whole() -> Result<()> {
+    // Every collective of the conformance checks with 61-byte messages: elements split across
+    // messages, many messages per transfer, in order.
+    conformance("conformance-chunked", &[2, 3])
+}
+
+/// Needs about 6 GiB of memory and a minute: `cargo test --features mpi --test mpi -- --ignored`.
+#[test]
+#[ignore = "sends 2 GiB + 8 bytes between two processes (about 6 GiB of memory)"]
+fn a_payload_over_2_gib_is_sent_in_chunks() -> Result<()> {
+    let (ok, text, _) = mpirun(2, "large")?;
+    ensure!(ok && text.matches("2147483656 bytes sent and checked").count() == 2, "{text}");
+    Ok(())
+}
+
+#[test]
+fn a_mismatched_send_and_recv_is_a_mismatch_on_both_ranks() -> Result<()> {
+    let (ok, text, took) = mpirun(2, "mismatch-p2p")?;
+    let detail = "rank 0 sent send Float[4] but rank 1 expected send Float[5]";
+    for r in 0..2 {
+        let line = text.lines().find(|l| l.contains(&format!("rank {r} caught:"))).unwrap_or_default();
+        ensure!(line.contains("ranks disagree") && line.contains(detail), "rank {r}: {line:?} in\n{text}");
     }
+    ensure!(ok && !text.contains("timed out"), "{text}");
+    ensure!(took < Duration::from_secs(30), "took {took:?}");
     Ok(())
 }
 
@@ -44,6 +78,11 @@ fn mpi_failures_end_the_job_with_a_message() -> Result<()> {
         "{text}"
     );
     ensure!(took < Duration::from_secs(15), "the 1 s timeout took {took:?} (rank 1 sleeps 20 s)");
+
+    let (ok, text, took) = mpirun(3, "exit")?;
+    // mpirun names the process that vanished: "exited with non-zero status ... Exit code: 9".
+    ensure!(!ok && !text.contains("no exit") && text.contains("non-zero") && text.contains("9"), "{text}");
+    ensure!(took < Duration::from_secs(30), "a vanished rank took {took:?} to end the job");
 
     let (ok, text, took) = mpirun(3, "panic")?;
     ensure!(!ok && text.contains("rank 1 of 3 failed") && text.contains("rank one is broken"), "{text}");

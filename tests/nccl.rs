@@ -27,3 +27,28 @@ fn nccl_works_with_a_gpu_and_says_what_is_missing_without() -> Result<()> {
     }
     Ok(())
 }
+
+/// Two ranks (threads) of one host bind a GPU each: without a GPU they say there is none; on a
+/// one-GPU machine both land on it and are refused naming the GPU; with two or more they get
+/// distinct ones.
+#[test]
+fn two_ranks_bind_two_gpus_or_are_refused() -> Result<()> {
+    use ulysses::comm::{bind_gpu, LauncherEnv};
+    let got = launch(2, |ctx| -> Result<std::result::Result<Device, String>> {
+        Ok(bind_gpu(ctx.world(), &LauncherEnv::from_pairs(&[])).map(|b| b.device).map_err(|e| e.to_string()))
+    })?;
+    let gpus = ulysses::device::cuda_device_count();
+    for r in &got {
+        match (gpus, r) {
+            (0, Err(e)) => ensure!(e.contains("no CUDA device is visible"), "{e}"),
+            (_, Err(e)) if nccl_available().is_err() => ensure!(e.contains("cannot be loaded"), "{e}"),
+            (1, Err(e)) => ensure!(e.contains("ranks 0 and 1 both drive the GPU at PCI"), "{e}"),
+            (n, Ok(_)) if n >= 2 => {}
+            (n, other) => anyhow::bail!("{n} GPUs: {other:?}"),
+        }
+    }
+    if gpus >= 2 {
+        ensure!(got[0] != got[1], "two ranks bound the same device: {got:?}");
+    }
+    Ok(())
+}

@@ -173,8 +173,8 @@ fn the_graph_is_freed_after_backward() -> Result<()> {
 }
 
 #[test]
-fn a_disabled_tape_records_nothing_and_keeps_plain_autograd() -> Result<()> {
-    launch(2, |ctx| -> Result<()> {
+fn a_disabled_tape_records_nothing_and_a_plain_backward_through_a_collective_is_an_error() -> Result<()> {
+    let texts = launch(2, |ctx| -> Result<String> {
         let stack = Blocks::new(2, 4, 2, Kind::Double, 1);
         let x = det(&[6, 8], 1, Kind::Double);
         let training = Tape::new();
@@ -184,14 +184,23 @@ fn a_disabled_tape_records_nothing_and_keeps_plain_autograd() -> Result<()> {
         ensure!(off.is_empty() && training.len() == 6, "records: {}", training.len());
         ensure!(a.equal(&b), "the disabled tape's forward differs");
         ensure!(off.backward(&b.sum(Kind::Double)).is_err(), "backward on a disabled tape");
-        // Collectives carry no gradient, but the cuts keep the graph: plain autograd from the
-        // output reaches every W2 (through the residual stream and the cuts) and no W1 (only
-        // reachable through an all-to-all).
-        b.sum(Kind::Double).backward();
-        ensure!(stack.w2.iter().all(|w| w.grad().defined()), "a disabled cut dropped the graph");
-        ensure!(stack.w1.iter().all(|w| !w.grad().defined()), "a gradient crossed a collective");
+        // A plain backward would reach every W2 but lose every W1 (only reachable through an
+        // all-to-all): it must fail instead, naming the collective.
+        let err = b.sum(Kind::Double).f_backward().expect_err("a plain backward crossed a collective");
+        // Under no_grad the same forward builds no graph at all (evaluation).
+        let c = tch::no_grad(|| stack.forward_sp(&off, ctx.world(), &x, &[2, 2], &[6, 6], true))?;
+        ensure!(!c.requires_grad() && c.equal(&a), "no_grad evaluation");
+        // Cuts alone keep plain autograd (the single-device model trains this way).
+        let y = det(&[3, 2], 2, Kind::Double).set_requires_grad(true);
+        (off.cut(&y)? * off.cut(&y)?).sum(Kind::Double).backward();
+        assert_close("d(y^2)/dy through cuts", &y.grad(), &(&y * 2.0), 0.0);
         training.clear();
-        Ok(())
+        Ok(err.to_string())
     })?;
+    for t in texts {
+        for needle in ["all_to_all", "Tape::disabled()", "tape.backward"] {
+            ensure!(t.contains(needle), "the error lacks {needle:?}: {t}");
+        }
+    }
     Ok(())
 }

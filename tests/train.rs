@@ -1,6 +1,6 @@
 //! The trainer on thread ranks: ZeRO 1-3 against ZeRO 0 and one device, activation
-//! checkpointing against none (every strategy), the ZeRO collectives' bytes against their
-//! formulas, the tiled loss, clipping, non-finite gradients and f16 loss scaling.
+//! checkpointing against none (every strategy), the ZeRO collectives' bytes against the cost
+//! model's, the tiled loss, clipping, non-finite gradients and f16 loss scaling.
 
 mod common;
 
@@ -8,9 +8,10 @@ use anyhow::{ensure, Result};
 use common::max_diff;
 use common::training::{self, Run};
 use tch::Tensor;
-use ulysses::attention::StrategyConfig;
+use ulysses::attention::{AttentionConfig, Kernel, Mask, StrategyConfig};
 use ulysses::comm::{launch, OpKind};
-use ulysses::model::GptConfig;
+use ulysses::cost::bytes::{step_comm, GroupRole};
+use ulysses::cost::Job;
 use ulysses::train::{Checkpointing, Precision};
 
 /// (world size, dp) layouts: P = 1, 2 and 4, the last as DP 2 x SP 2.
@@ -132,52 +133,65 @@ fn checkpointing_gives_the_gradients_of_no_checkpointing() -> Result<()> {
     Ok(())
 }
 
-/// Parameters of one block and of the outer unit (embedding, final norm; tied head).
-fn unit_sizes(c: &GptConfig) -> (i64, i64) {
-    let block = (c.num_params() - c.vocab_size * c.n_embd - 2 * c.n_embd) / c.n_layer;
-    (block, c.vocab_size * c.n_embd + 2 * c.n_embd)
+/// Bytes (sent, received) of rank `r` on the ZeRO group (all SP x DP ranks) per op, as the cost
+/// model's `cost::bytes::step_comm` gives them: the one source of truth for these formulas.
+fn zero_bytes_of_the_cost_model(run: &Run, p: usize, r: usize) -> Result<[(u64, u64); 3]> {
+    let job = Job {
+        attention: AttentionConfig::new(Kernel::Sdpa, Mask::Causal),
+        dp: run.dp,
+        micro_batch: run.b,
+        precision: run.plan.precision,
+        checkpointing: run.plan.checkpointing,
+        zero: run.plan.zero,
+        optimizer: run.plan.adamw.is_some(),
+        backend: "local".into(),
+        bucket_elems: run.plan.bucket_elems,
+        ..Job::new(run.model.clone(), run.strategy, p, run.n)
+    };
+    let mut out = [(0, 0); 3];
+    for c in step_comm(&job, r)?.into_iter().filter(|c| c.group == GroupRole::World) {
+        let i = [OpKind::AllReduce, OpKind::AllGather, OpKind::ReduceScatter]
+            .iter()
+            .position(|&k| k == c.op)
+            .ok_or_else(|| anyhow::anyhow!("{c:?} on the ZeRO group"))?;
+        out[i] = (out[i].0 + c.sent, out[i].1 + c.received);
+    }
+    Ok(out)
 }
 
 #[test]
-fn zero_bytes_equal_their_formulas() -> Result<()> {
-    // Counted on the ZeRO group (all SP x DP ranks) over one step, per rank, bf16 parameters
-    // (p = 2 B), gradients reduced in f32 (4 B), M padded to a multiple of W.
-    for (p, dp) in [(2usize, 1usize), (4, 1), (4, 2)] {
+fn zero_bytes_equal_the_cost_models() -> Result<()> {
+    // Counted on the ZeRO group over one step, per rank, sent and received, against the cost
+    // model: bf16 parameters (2 B), gradients reduced in f32 (4 B), every buffer padded to a
+    // multiple of W (P = 3 pads: 12704 elements per block). Megatron-SP's shards stay out.
+    let cases = [
+        (StrategyConfig::Ulysses, 2usize, 1usize),
+        (StrategyConfig::Ulysses, 3, 1),
+        (StrategyConfig::Ulysses, 4, 1),
+        (StrategyConfig::Ulysses, 4, 2),
+        (StrategyConfig::MegatronSp, 2, 1),
+        (StrategyConfig::MegatronSp, 4, 2),
+    ];
+    for (strategy, p, dp) in cases {
         for stage in 0..=3u8 {
             for mode in [Checkpointing::None, Checkpointing::Full] {
-                let run = Run { steps: 1, ..Run::tiny(StrategyConfig::Ulysses, dp, Precision::Bf16, stage) }
-                    .checkpointing(mode);
-                let w = p as i64;
-                let pad = |m: i64| (m + w - 1) / w * w;
-                let frac = |m: i64| (pad(m) * (w - 1) / w) as u64;
-                let psi = run.model.num_params();
-                let (block, outer) = unit_sizes(&run.model);
-                let (ar, ag, rs) = match stage {
-                    0 => (2 * frac(psi) * 4, 0, 0),
-                    1 => (2 * frac(psi) * 4, frac(psi) * 2, 0),
-                    2 => (0, frac(psi) * 2, frac(psi) * 4),
-                    _ => {
-                        let units =
-                            [outer].into_iter().chain(std::iter::repeat_n(block, run.model.n_layer as usize));
-                        let (ag, rs) =
-                            units.fold((0, 0), |(ag, rs), m| (ag + 2 * frac(m) * 2, rs + frac(m) * 4));
-                        (0, ag, rs)
-                    }
-                };
-                let counted = launch(p, |ctx| -> Result<[u64; 3]> {
+                let run =
+                    Run { steps: 1, ..Run::tiny(strategy, dp, Precision::Bf16, stage) }.checkpointing(mode);
+                let counted = launch(p, |ctx| -> Result<[(u64, u64); 3]> {
                     let mut t = training::trainer(ctx.world(), &run)?;
                     t.groups().zero.reset_stats();
                     training::steps(&mut t, &run, 0, 1)?;
                     let s = t.groups().zero.stats();
                     Ok([OpKind::AllReduce, OpKind::AllGather, OpKind::ReduceScatter]
-                        .map(|k| s.op(k).bytes_sent))
+                        .map(|k| (s.op(k).bytes_sent, s.op(k).bytes_received)))
                 })?;
                 for (r, got) in counted.iter().enumerate() {
+                    let want = zero_bytes_of_the_cost_model(&run, p, r)?;
                     ensure!(
-                        *got == [ar, ag, rs],
-                        "P={p} dp={dp} ZeRO-{stage} {mode:?} rank {r}: [all-reduce, all-gather, reduce-scatter] \
-                         {got:?}, formula {:?}",
-                        [ar, ag, rs]
+                        *got == want,
+                        "{} P={p} dp={dp} ZeRO-{stage} {mode:?} rank {r}: (sent, received) of [all-reduce, \
+                         all-gather, reduce-scatter] {got:?}, cost model {want:?}",
+                        strategy.label()
                     );
                 }
             }
@@ -433,7 +447,9 @@ fn full_recomputation_sends_the_forward_again_and_nothing_else() -> Result<()> {
         let run = Run { steps: 1, ..Run::tiny(StrategyConfig::Ulysses, 1, Precision::F32, 0) };
         let c = &run.model;
         let (n, b, pi) = (run.n, run.b, p as i64);
-        let forward = (c.n_layer * b * (2 * n * c.n_embd + 2 * n * c.n_kv_head * c.head_dim()) * (pi - 1) / (pi * pi) * 4) as u64;
+        let forward = (c.n_layer * b * (2 * n * c.n_embd + 2 * n * c.n_kv_head * c.head_dim()) * (pi - 1)
+            / (pi * pi)
+            * 4) as u64;
         let mut sent = Vec::new();
         for mode in [Checkpointing::None, Checkpointing::Full, Checkpointing::Selective] {
             let run = run.clone().checkpointing(mode);
@@ -446,7 +462,11 @@ fn full_recomputation_sends_the_forward_again_and_nothing_else() -> Result<()> {
             })?;
             sent.push(bytes[0]);
         }
-        ensure!(sent[1] - sent[0] == forward, "P={p}: full sends {} more, formula {forward}", sent[1] - sent[0]);
+        ensure!(
+            sent[1] - sent[0] == forward,
+            "P={p}: full sends {} more, formula {forward}",
+            sent[1] - sent[0]
+        );
         ensure!(sent[2] == sent[0], "P={p}: selective sends {} vs {}", sent[2], sent[0]);
     }
     Ok(())

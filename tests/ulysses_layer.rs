@@ -1,15 +1,21 @@
-//! Ulysses attention against single-device attention: output and dq, dk, dv, for
+//! Ulysses attention against single-device attention: output, dq, dk, dv and lse, for
 //! P in {1, 2, 3, 4, 8}, causal and not, MHA / GQA / MQA, uneven heads, N not divisible by P,
 //! b in {1, 2}, every kernel and mask, f64 / f32 / bf16.
 
 mod common;
 
 use anyhow::{ensure, Result};
-use common::{det, max_diff, reference_attention};
-use tch::{Kind, Tensor};
-use ulysses::attention::{AttentionConfig, BlockSparse, Kernel, Mask, SequenceParallel, UlyssesAttention};
+use common::det;
+use common::parity::{check, Spec};
+use tch::Kind;
+use ulysses::attention::{
+    AttentionConfig, BlockSparse, Kernel, Mask, SequenceParallel, StrategyConfig, UlyssesAttention,
+};
 use ulysses::autograd::Tape;
 use ulysses::comm::launch;
+use ulysses::cost::{bytes, Job};
+use ulysses::model::GptConfig;
+use ulysses::train::Precision;
 
 #[derive(Debug, Clone, Copy)]
 struct Case {
@@ -23,67 +29,11 @@ struct Case {
     attention: AttentionConfig,
 }
 
-/// Token counts per rank: the first N % P ranks one more.
-fn lens(n: i64, p: usize) -> Vec<i64> {
-    (0..p as i64).map(|r| n / p as i64 + i64::from(r < n % p as i64)).collect()
-}
-
+/// Output, dq, dk, dv and the log-sum-exp against single-device f64 attention, element by
+/// element within the dtype's tolerance (tests/common/parity.rs).
 fn run(c: Case) -> Result<()> {
-    let shape_q = [c.b, c.n, c.heads, c.d];
-    let shape_kv = [c.b, c.n, c.kv_heads, c.d];
-    let global = |seed| {
-        let q = det(&shape_q, seed, c.kind);
-        let k = det(&shape_kv, seed + 1, c.kind);
-        let v = det(&shape_kv, seed + 2, c.kind);
-        let w = det(&shape_q, seed + 3, c.kind);
-        (q, k, v, w)
-    };
-    let (q, k, v, w) = global(11);
-    let pos = Tensor::arange(c.n, (Kind::Int64, tch::Device::Cpu));
-    let [out, dq, dk, dv] = reference_attention(&c.attention.mask.dense(&pos, &pos)?, &q, &k, &v, &w);
-
-    let parts = lens(c.n, c.p);
-    let per_rank = launch(c.p, |ctx| -> Result<[Tensor; 4]> {
-        let r = ctx.rank();
-        let (q, k, v, w) = global(11);
-        let start: i64 = parts[..r].iter().sum();
-        let mine = |t: &Tensor| t.narrow(1, start, parts[r]).copy().set_requires_grad(true);
-        let (q, k, v) = (mine(&q), mine(&k), mine(&v));
-        let attn =
-            UlyssesAttention::new(ctx.world().clone(), c.attention.build()?, c.n, c.heads, c.kv_heads)?;
-        ensure!(attn.layout().lens() == parts.as_slice(), "layout {:?}", attn.layout().lens());
-        let tape = Tape::new();
-        let o = attn.forward(&tape, &q, &k, &v)?;
-        tape.backward(&(&o * w.narrow(1, start, parts[r])).sum(Kind::Double))?;
-        Ok([o.detach(), q.grad(), k.grad(), v.grad()])
-    })?;
-
-    let tol = match c.kind {
-        Kind::Double => 1e-10,
-        Kind::Float => 1e-5,
-        _ => 2e-2,
-    };
-    let names = ["out", "dq", "dk", "dv"];
-    for (i, want) in [out, dq, dk, dv].iter().enumerate() {
-        let got = Tensor::cat(&per_rank.iter().map(|t| t[i].shallow_clone()).collect::<Vec<_>>(), 1);
-        ensure!(
-            got.size() == want.size(),
-            "ulysses {c:?} {}: shape {:?} vs {:?}",
-            names[i],
-            got.size(),
-            want.size()
-        );
-        // Relative to the largest value, so that one tolerance fits every shape.
-        let scale = want.abs().max().double_value(&[]).max(1e-3);
-        let diff = max_diff(&got, want) / scale;
-        ensure!(
-            diff <= tol,
-            "ulysses P={} {c:?} {}: max relative diff {diff:.3e} > {tol:.1e}",
-            c.p,
-            names[i]
-        );
-    }
-    Ok(())
+    let spec = Spec { b: c.b, d: c.d, kind: c.kind, ..Spec::new(c.n, c.heads, c.kv_heads) };
+    check(StrategyConfig::Ulysses, c.attention.kernel, c.p, &spec, c.attention.mask)
 }
 
 fn case(
@@ -96,6 +46,17 @@ fn case(
     mask: Mask,
 ) -> Case {
     Case { p, b, n, heads, kv_heads, d: 4, kind, attention: AttentionConfig::new(kernel, mask) }
+}
+
+#[test]
+fn uneven_shares_follow_the_layout() -> Result<()> {
+    // N = 19 on 4 ranks: the first N % P ranks hold one token more.
+    let lens = launch(4, |ctx| -> Result<Vec<i64>> {
+        let attn = UlyssesAttention::new(ctx.world().clone(), AttentionConfig::default().build()?, 19, 8, 8)?;
+        Ok(attn.layout().lens().to_vec())
+    })?;
+    ensure!(lens.iter().all(|l| l == &[5, 5, 5, 4]), "{lens:?}");
+    Ok(())
 }
 
 #[test]
@@ -163,18 +124,6 @@ fn f32_and_bf16() -> Result<()> {
     Ok(())
 }
 
-/// Bytes one rank sends in one Ulysses layer (f32), counted from the chunks: forward, rank r
-/// sends the heads of other ranks from its q and kv slices (kv replicas included) and the
-/// tokens of other ranks from its output heads; backward runs the inverse all-to-alls.
-fn layer_bytes(r: usize, b: i64, d: i64, seq: &[i64], q_heads: &[i64], kv_heads: &[i64]) -> (u64, u64) {
-    let others = |v: &[i64]| v.iter().sum::<i64>() - v[r];
-    let forward =
-        b * d * (seq[r] * others(q_heads) + 2 * seq[r] * others(kv_heads) + q_heads[r] * others(seq));
-    let backward =
-        b * d * (q_heads[r] * others(seq) + 2 * kv_heads[r] * others(seq) + seq[r] * others(q_heads));
-    ((forward * 4) as u64, (backward * 4) as u64)
-}
-
 #[test]
 fn bytes_per_layer_equal_the_formulas() -> Result<()> {
     use ulysses::comm::OpKind;
@@ -198,14 +147,14 @@ fn bytes_per_layer_equal_the_formulas() -> Result<()> {
             tape.backward(&o.sum(Kind::Float))?;
             let both = g.stats().op(OpKind::AllToAll);
             ensure!(forward.calls == 4 && both.calls == 8, "calls {forward:?} {both:?}");
-            let want = layer_bytes(
-                ctx.rank(),
-                b,
-                d,
-                attn.layout().lens(),
-                attn.heads().q_split(),
-                &attn.heads().kv_split(),
-            );
+            // The library's formula (what the cost model prices): the chunks each rank sends.
+            let model = GptConfig { n_head: heads, n_kv_head: kv_heads, n_embd: h, ..GptConfig::tiny() };
+            let job = Job {
+                micro_batch: b,
+                precision: Precision::F32,
+                ..Job::new(model, StrategyConfig::Ulysses, p, n)
+            };
+            let want = bytes::layer_bytes(&job, ctx.rank())?;
             Ok((forward.bytes_sent, both.bytes_sent, want))
         })?;
         for (r, (fwd, both, (want_fwd, want_bwd))) in sent.iter().enumerate() {
@@ -216,10 +165,11 @@ fn bytes_per_layer_equal_the_formulas() -> Result<()> {
                 "{label}: forward+backward {both} B, expected {} B",
                 fwd + want_bwd
             );
-            let (pi, ni) = (p as i64, n);
+            let pi = p as i64;
             if heads % pi == 0 && kv_heads % pi == 0 && n % pi == 0 {
                 // DESIGN.md §2.2: (2Nh + 2N H_kv d)(P-1)/P^2 elements per sample.
-                let formula = (b * (2 * ni * h + 2 * ni * kv_heads * d) * (pi - 1) / (pi * pi) * 4) as u64;
+                let paper = bytes::closed_form(StrategyConfig::Ulysses, n, h, kv_heads * d, p, 4);
+                let formula = paper.map_or(0, |(f, _)| (f * b as f64) as u64);
                 ensure!(*fwd == formula, "{label}: {fwd} B vs the paper's formula {formula} B");
                 ensure!(*both == 2 * formula, "{label}: forward+backward {both} B vs twice the formula");
             }

@@ -15,7 +15,7 @@
 use tch::{Kind, Tensor};
 
 use super::ring::check_local;
-use super::{Mask, SeqLayout, SequenceParallel};
+use super::{lse, Mask, SeqLayout, SequenceParallel};
 use crate::autograd::Tape;
 use crate::comm::{Group, ReduceOp};
 use crate::error::TorchResultExt;
@@ -25,6 +25,7 @@ use crate::{Error, Result};
 pub struct AllGatherKv {
     group: Group,
     layout: SeqLayout,
+    mask: Mask,
     heads: i64,
     kv_heads: i64,
     /// Which gathered keys each of this rank's queries may see, `[s_r, N]` (keys in all-gather
@@ -60,7 +61,7 @@ impl AllGatherKv {
                 Some(rule.dense(&qpos, &kpos).op("allgather_kv")?)
             }
         };
-        Ok(AllGatherKv { group, layout, heads, kv_heads, visible })
+        Ok(AllGatherKv { group, layout, mask, heads, kv_heads, visible })
     }
 }
 
@@ -129,5 +130,21 @@ impl SequenceParallel for AllGatherKv {
         )?;
         // [b, H, s_r, d] -> [b, s_r, H, d]
         o.f_transpose(1, 2).and_then(|o| o.f_to_kind(q.kind())).op("allgather_kv")
+    }
+
+    fn forward_lse(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        check_local("allgather_kv", &self.layout, self.rank(), self.heads, self.kv_heads, q, k, v)?;
+        let _no_grad = tch::no_grad_guard();
+        let lens = self.layout.lens();
+        // [b, s_r, H_kv, d] -> [b, N, H_kv, d] (rank order) -> [b, N, H, d]
+        let map = Tensor::f_arange(self.heads, (Kind::Int64, q.device()))
+            .and_then(|h| h.f_floor_divide_scalar(self.heads / self.kv_heads))
+            .op("allgather_kv")?;
+        let gather =
+            |t: &Tensor| self.group.all_gather_v(t, 1, lens)?.f_index_select(2, &map).op("allgather_kv");
+        let (k, v) = (gather(k)?, gather(v)?);
+        let keys: Vec<(i64, i64)> =
+            (0..self.group.size()).flat_map(|r| self.layout.segments(r).to_vec()).collect();
+        lse::attention_lse(&self.mask, q, &k, &v, self.layout.segments(self.rank()), &keys)
     }
 }

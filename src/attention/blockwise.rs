@@ -63,8 +63,9 @@ pub(crate) struct Blockwise<'a> {
     /// 1/sqrt(d).
     pub scale: f64,
     /// Hand pairs of runs that are wholly visible, or plain causal on one run, to libtorch's
-    /// fused CPU flash kernel (forward and backward). Its log-sum-exp carries no gradient, so
-    /// only callers that do not back-propagate through the merge may ask (ring attention, whose
+    /// fused flash kernels (forward and backward): the CPU one, or on CUDA the flash kernel
+    /// for bf16/f16 blocks (`flash.rs`). Their log-sum-exp carries no gradient, so only
+    /// callers that do not back-propagate through the merge may ask (ring attention, whose
     /// backward is written by hand).
     pub fused: bool,
 }
@@ -133,7 +134,7 @@ impl Blockwise<'_> {
     /// `Some(is_causal)` when a pair of runs can go to the fused kernel: everything visible, or
     /// the causal rule on one and the same run (the kernel's top-left causal alignment).
     fn fused_kernel(&self, q: &Tensor, (q0, nq): (i64, i64), (k0, nk): (i64, i64)) -> Option<bool> {
-        if !self.fused || q.device() != tch::Device::Cpu {
+        if !self.fused || !(q.device() == tch::Device::Cpu || super::flash::usable(q)) {
             return None;
         }
         match *self.mask {
@@ -153,12 +154,16 @@ impl Blockwise<'_> {
         (k0, nk): (i64, i64),
     ) -> Result<(Tensor, Tensor), tch::TchError> {
         if let Some(causal) = self.fused_kernel(q, (q0, nq), (k0, nk)) {
+            if q.device() != tch::Device::Cpu {
+                return super::flash::forward(q, k, v, causal, self.scale);
+            }
             return Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu::<Tensor>(
                 q, k, v, 0.0, causal, None, self.scale,
             );
         }
-        let scores = self.masked_scores(q, k, (q0, nq), (k0, nk))?;
-        softmax_with_lse(&scores, v)
+        let (q, k, v) = (upcast(q)?, upcast(k)?, upcast(v)?);
+        let scores = self.masked_scores(&q, &k, (q0, nq), (k0, nk))?;
+        softmax_with_lse(&scores, &v)
     }
 
     /// Scaled scores of queries `q0..q0+nq` against keys `k0..k0+nk` (global positions), -inf
@@ -199,14 +204,22 @@ impl Blockwise<'_> {
         (k0, nk): (i64, i64),
     ) -> Result<(Tensor, Tensor, Tensor)> {
         if let Some(causal) = self.fused_kernel(q, (q0, nq), (k0, nk)) {
+            if q.device() != tch::Device::Cpu {
+                return super::flash::backward(dout, q, k, v, out, lse, causal, self.scale)
+                    .op("blockwise_attention");
+            }
             return Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu_backward::<Tensor>(
                 dout, q, k, v, out, lse, 0.0, causal, None, self.scale,
             )
             .op("blockwise_attention");
         }
         let f = || -> Result<(Tensor, Tensor, Tensor), tch::TchError> {
+            let (q, k, v) = (&upcast(q)?, &upcast(k)?, &upcast(v)?);
             let scores = self.masked_scores(q, k, (q0, nq), (k0, nk))?;
-            // p = exp(scores - lse): the final probabilities (hidden entries give 0)
+            // p = exp(scores - lse): the final probabilities (hidden entries give 0). A row that
+            // saw no key at all has lse -inf and no probability: +inf there keeps -inf - (-inf)
+            // (NaN) out of it.
+            let lse = lse.f_where_scalarother(&lse.f_isfinite()?, f64::INFINITY)?;
             let p = scores.f_sub(&lse.f_unsqueeze(-1)?)?.f_exp()?;
             let dv = p.f_transpose(-2, -1)?.f_matmul(dout)?; // [b, h, nk, d]
             let dp = dout.f_matmul(&v.f_transpose(-2, -1)?)?; // [b, h, nq, nk]
@@ -253,9 +266,17 @@ fn softmax_with_lse(scores: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor), tch
     let safe_max = max.f_where_scalarother(&max.f_isfinite()?, 0.0)?;
     let p = scores.f_sub(&safe_max)?.f_exp()?;
     let sum = p.f_sum_dim_intlist([-1i64].as_slice(), true, p.kind())?;
-    let out = p.f_matmul(v)?.f_div(&sum.f_clamp_min(f64::MIN_POSITIVE)?)?;
+    let out = p.f_matmul(v)?.f_div(&nonzero(&sum)?)?;
     let lse = safe_max.f_add(&sum.f_log()?)?.f_squeeze_dim(-1)?;
     Ok((out, lse))
+}
+
+/// A softmax denominator with its empty rows (sum 0: every score -inf) replaced by 1, so that
+/// they divide 0 by 1 instead of 0 by 0. A row that sees a key sums to at least 1 (its maximum
+/// contributes e^0), so nothing else changes. (Clamping to `f64::MIN_POSITIVE` does not work:
+/// it rounds to 0 in f32, and 0/0 is NaN.)
+fn nonzero(sum: &Tensor) -> Result<Tensor, tch::TchError> {
+    sum.f_where_scalarother(&sum.f_gt(0.0)?, 1.0)
 }
 
 /// The merge of two partial attentions of the same queries over disjoint keys:
@@ -271,15 +292,22 @@ pub(crate) fn merge(
     let out = oa
         .f_mul(&wa.f_unsqueeze(-1)?)?
         .f_add(&ob.f_mul(&wb.f_unsqueeze(-1)?)?)?
-        .f_div(&s.f_clamp_min(f64::MIN_POSITIVE)?.f_unsqueeze(-1)?)?;
+        .f_div(&nonzero(&s)?.f_unsqueeze(-1)?)?;
     Ok((out, m.f_add(&s.f_log()?)?))
 }
 
-/// Output 0 and lse -inf for queries that see nothing.
+/// Output 0 and lse -inf for queries that see nothing, in the accumulation dtype.
 fn empty_rows(q: &Tensor) -> Result<(Tensor, Tensor), tch::TchError> {
     let s = q.size();
-    let lse = Tensor::f_full([s[0], s[1], s[2]], f64::NEG_INFINITY, (q.kind(), q.device()))?;
-    Ok((q.f_zeros_like()?, lse))
+    let opts = (compute_kind(q.kind()), q.device());
+    let lse = Tensor::f_full([s[0], s[1], s[2]], f64::NEG_INFINITY, opts)?;
+    Ok((Tensor::f_zeros(&s, opts)?, lse))
+}
+
+/// A block in the accumulation dtype (the math path computes in f32 whatever a fused kernel
+/// would have taken); no copy when it already is.
+fn upcast(x: &Tensor) -> Result<Tensor, tch::TchError> {
+    x.f_to_kind(compute_kind(x.kind()))
 }
 
 /// `[b, s, h, d]` -> `[b, h, s, d]` in the accumulation dtype.

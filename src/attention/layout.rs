@@ -228,3 +228,48 @@ fn cut(segments: &[(i64, i64)], offset: i64, len: i64) -> Vec<(i64, i64)> {
     }
     out
 }
+
+/// Which part of a global tensor `[b, N, heads, ..]` (q, k, v, the output, the log-sum-exp)
+/// each rank of a strategy holds: some tokens and every head (sequence parallelism), or every
+/// token and some heads (tensor parallelism: Megatron-SP's attention).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sharding {
+    /// Rank r holds its tokens of the layout (dim 1), every head.
+    Sequence(SeqLayout),
+    /// Rank r of P holds heads `[r heads/P, (r+1) heads/P)` (dim 2) of every token.
+    Heads { ranks: usize },
+}
+
+impl Sharding {
+    /// Rank `r`'s share of a global tensor whose dim 1 is the sequence and dim 2 the heads.
+    ///
+    /// # Shapes
+    /// `[b, N, heads, ..]` -> `[b, len_r, heads, ..]` or `[b, N, heads/P, ..]`.
+    pub fn shard(&self, x: &Tensor, r: usize) -> Result<Tensor> {
+        match self {
+            Sharding::Sequence(layout) => layout.shard(x, 1, r),
+            Sharding::Heads { ranks } => {
+                let (p, heads) = (*ranks as i64, x.size().get(2).copied().unwrap_or(0));
+                if x.dim() < 3 || heads % p != 0 {
+                    return Err(Error::Shape {
+                        op: "sharding",
+                        shapes: vec![x.size()],
+                        msg: format!("dim 2 should hold heads divisible by the {p} ranks"),
+                    });
+                }
+                x.f_narrow(2, r as i64 * heads / p, heads / p).op("sharding")
+            }
+        }
+    }
+
+    /// The inverse of [`shard`](Sharding::shard): every rank's share, in rank order, put back.
+    ///
+    /// # Shapes
+    /// `parts[r]`: `[b, len_r, heads, ..]` or `[b, N, heads/P, ..]` -> `[b, N, heads, ..]`.
+    pub fn unshard(&self, parts: &[Tensor]) -> Result<Tensor> {
+        match self {
+            Sharding::Sequence(layout) => layout.unshard(parts, 1),
+            Sharding::Heads { .. } => Tensor::f_cat(parts, 2).op("sharding"),
+        }
+    }
+}

@@ -34,6 +34,39 @@ impl BlockSparse {
     }
 }
 
+impl BlockSparse {
+    /// [`Mask::visible_in_rows`] for this pattern: per query block, the tokens of the key blocks
+    /// it is connected to (its window, and the global blocks of every other window), the causal
+    /// rule cutting the diagonal block to a triangle and dropping later blocks.
+    fn visible_in_rows(&self, q0: i64, q1: i64, n: i64) -> u64 {
+        let (bs, l, g) = (self.block, self.local_blocks, self.global_blocks);
+        let nb = (n + bs - 1) / bs;
+        // tokens of blocks [b0, b1), the last block possibly short
+        let tokens = |b0: i64, b1: i64| ((b1 * bs).min(n) - (b0 * bs).min(n)).max(0);
+        // global tokens of window w (its last g blocks)
+        let global_in = |w: i64| tokens(w * l + l - g, w * l + l);
+        let global_total: i64 = (0..(nb + l - 1) / l).map(global_in).sum();
+        let mut pairs: u64 = 0;
+        for qb in q0 / bs..=(q1 - 1) / bs {
+            let (r0, r1) = ((qb * bs).max(q0), ((qb + 1) * bs).min(q1)); // rows of this block in range
+            let rows = (r1 - r0) as u64;
+            let w = qb / l;
+            if self.causal {
+                // connected blocks before qb: its window's earlier blocks and the global blocks of
+                // earlier windows (all full); then the triangle of the diagonal block
+                let before = (tokens(w * l, qb) + w * g * bs) as u64;
+                let first = (r0 - qb * bs + 1) as u64; // keys of row r0 inside the diagonal block
+                pairs += rows * before + rows * first + rows * (rows - 1) / 2;
+            } else {
+                let own = tokens(w * l, (w + 1) * l);
+                let keys = own + global_total - global_in(w);
+                pairs += rows * keys as u64;
+            }
+        }
+        pairs
+    }
+}
+
 /// The attention rule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -135,6 +168,43 @@ impl Mask {
                     .collect()
             })
             .collect()
+    }
+
+    /// Pairs (i, j) the rule allows in a whole sequence of `n` tokens: the (query, key) work of
+    /// an exact kernel, per head and sample (`n^2` without a mask, `n(n+1)/2` causal, about
+    /// `n x window` for a sliding window). What model FLOPs count ([`GptConfig::train_flops`]).
+    ///
+    /// [`GptConfig::train_flops`]: crate::model::GptConfig::train_flops
+    pub fn visible_pairs(&self, n: i64) -> u64 {
+        self.visible_in_rows(0, n, n)
+    }
+
+    /// Pairs (i, j) the rule allows with query `i` in `[q0, q1)` and key `j` in `[0, n)`: the
+    /// work of the rank that holds those queries (ring attention's contiguous shares). Closed
+    /// forms per rule, O(blocks) for block-sparse, so that million-token sequences count at once.
+    pub fn visible_in_rows(&self, q0: i64, q1: i64, n: i64) -> u64 {
+        let (q0, q1) = (q0.clamp(0, n), q1.clamp(0, n));
+        if q1 <= q0 {
+            return 0;
+        }
+        // sum over i in [0, k) of (i + 1)
+        let tri = |k: i64| (k as u64) * (k as u64 + 1) / 2;
+        match *self {
+            Mask::None => ((q1 - q0) as u64) * n as u64,
+            Mask::Causal => tri(q1) - tri(q0),
+            Mask::SlidingWindow { window } => {
+                // row i sees min(i + 1, window) keys
+                let upto = |k: i64| {
+                    if k <= window {
+                        tri(k)
+                    } else {
+                        tri(window) + ((k - window) as u64) * window as u64
+                    }
+                };
+                upto(q1) - upto(q0)
+            }
+            Mask::BlockSparse(b) => b.visible_in_rows(q0, q1, n),
+        }
     }
 
     /// Whether the rule is the plain causal one (SDPA and flash kernels take it as a flag).

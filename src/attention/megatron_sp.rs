@@ -13,16 +13,22 @@
 //!   --reduce-scatter (sequence)-->  [b, N/P, h]   (the same around the MLP)
 //! ```
 //!
-//! Communication per layer and rank: 2 all-gathers and 2 reduce-scatters of `[b, N, h]`, forward
-//! 4 b N h (P-1)/P elements, and the same in the backward (the two swap). It does not shrink
-//! with P, which is the paper's §3.2 point against it. Parameters of the blocks are 1/P per rank.
+//! Memory, as Megatron-LM: each all-gather feeds one column-parallel linear (qkv, MLP-in) as one
+//! taped op ([`Tape::all_gather_linear`](crate::autograd::Tape::all_gather_linear)) that keeps
+//! the LayerNorm output's shard `[b, N/P, h]` for the backward and gathers it again there for the
+//! weight gradient, instead of keeping the gathered `[b, N, h]` (P times more, twice per layer).
+//!
+//! Communication per layer and rank: forward, 2 all-gathers and 2 reduce-scatters of
+//! `[b, N, h]`, 4 b N h (P-1)/P elements; backward, their adjoints (the two swap) plus the two
+//! re-gathers, 6 b N h (P-1)/P. It does not shrink with P, which is the paper's §3.2 point
+//! against it (the paper counts 4 N h per pass). Parameters of the blocks are 1/P per rank.
 //! Requires H and H_kv divisible by P (no kv head replication, as in Megatron-LM's default).
 
 use std::sync::Arc;
 
 use tch::{Device, Kind, Tensor};
 
-use super::{LocalAttention, SeqLayout, SequenceParallel};
+use super::{LocalAttention, SeqLayout, SequenceParallel, Sharding};
 use crate::autograd::Tape;
 use crate::comm::Group;
 use crate::error::TorchResultExt;
@@ -101,6 +107,30 @@ impl SequenceParallel for MegatronSp {
     /// # Shapes
     /// `q`: `[b, N, H/P, d]`, `k`, `v`: `[b, N, H_kv/P, d]` -> `[b, N, H/P, d]`.
     fn forward(&self, tape: &Tape, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let (k, v) = self.local_kv(q, k, v)?;
+        // The attention core: recomputed in the backward under selective recomputation.
+        let local = Arc::clone(&self.local);
+        tape.recomputable("attention_core", &[q, &k, &v], move |x| local.forward(&x[0], &x[1], &x[2]))
+    }
+
+    /// # Shapes
+    /// As `forward`; lse `[b, N, H/P]`.
+    fn forward_lse(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (k, v) = self.local_kv(q, k, v)?;
+        self.local.forward_lse(q, &k, &v)
+    }
+
+    fn sharding(&self) -> Sharding {
+        Sharding::Heads { ranks: self.group.size() }
+    }
+}
+
+impl MegatronSp {
+    /// Checks this rank's q, k, v and expands k, v to one kv head per local query head.
+    ///
+    /// # Shapes
+    /// `q`: `[b, N, H/P, d]`, `k`, `v`: `[b, N, H_kv/P, d]` -> k, v `[b, N, H/P, d]`.
+    fn local_kv(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let (hq, hkv) = self.local_heads();
         let n = self.layout.global_len();
         let (qs, ks) = (q.size(), k.size());
@@ -120,18 +150,15 @@ impl SequenceParallel for MegatronSp {
                 ),
             });
         }
+        super::check_finite("megatron_sp", &[("q", q), ("k", k), ("v", v)])?;
         // [b, N, H_kv/P, d] -> [b, N, H/P, d]: local query head i uses local kv head i / G
         let g = hq / hkv;
-        let (k, v) = if g == 1 {
-            (k.shallow_clone(), v.shallow_clone())
-        } else {
-            let map = Tensor::f_arange(hq, (Kind::Int64, q.device()))
-                .and_then(|h| h.f_floor_divide_scalar(g))
-                .op("megatron_sp")?;
-            (k.f_index_select(2, &map).op("megatron_sp")?, v.f_index_select(2, &map).op("megatron_sp")?)
-        };
-        // The attention core: recomputed in the backward under selective recomputation.
-        let local = Arc::clone(&self.local);
-        tape.recomputable("attention_core", &[q, &k, &v], move |x| local.forward(&x[0], &x[1], &x[2]))
+        if g == 1 {
+            return Ok((k.shallow_clone(), v.shallow_clone()));
+        }
+        let map = Tensor::f_arange(hq, (Kind::Int64, q.device()))
+            .and_then(|h| h.f_floor_divide_scalar(g))
+            .op("megatron_sp")?;
+        Ok((k.f_index_select(2, &map).op("megatron_sp")?, v.f_index_select(2, &map).op("megatron_sp")?))
     }
 }

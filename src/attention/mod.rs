@@ -9,8 +9,10 @@
 mod allgather_kv;
 mod blocked;
 mod blockwise;
+mod flash;
 mod heads;
 mod layout;
+mod lse;
 mod mask;
 mod math;
 mod megatron_sp;
@@ -25,7 +27,7 @@ pub use allgather_kv::AllGatherKv;
 pub use blocked::BlockedAttention;
 pub use blockwise::Work;
 pub use heads::HeadPlan;
-pub use layout::SeqLayout;
+pub use layout::{SeqLayout, Sharding};
 pub use mask::{BlockSparse, Mask};
 pub use math::MathAttention;
 pub use megatron_sp::MegatronSp;
@@ -41,6 +43,7 @@ use tch::{Kind, Tensor};
 
 use crate::autograd::Tape;
 use crate::comm::Group;
+use crate::error::TorchResultExt;
 use crate::{Error, Result};
 
 /// Attention over whole sequences, one key/value head per query head.
@@ -54,6 +57,17 @@ pub trait LocalAttention: Send + Sync {
     /// # Shapes
     /// `q`, `k`, `v`: `[b, N, h, d]` -> `[b, N, h, d]`.
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor>;
+
+    /// The output and the log-sum-exp of every row under this kernel's mask, without autograd
+    /// (computed blockwise in the accumulation dtype, whatever the kernel; see `lse.rs`).
+    ///
+    /// # Shapes
+    /// `q`, `k`, `v`: `[b, N, h, d]` -> out `[b, N, h, d]`, lse `[b, N, h]` (f32, f64 for f64).
+    fn forward_lse(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        check_qkv("attention_lse", q, k, v)?;
+        let n = q.size()[1];
+        lse::attention_lse(&self.mask(), q, k, v, &[(0, n)], &[(0, n)])
+    }
 }
 
 /// Which kernel computes the local attention.
@@ -133,6 +147,22 @@ pub trait SequenceParallel {
     /// `q`: `[b, s_r, H, d]`, `k`, `v`: `[b, s_r, H_kv, d]` -> `[b, s_r, H, d]`, where `s_r` is
     /// this rank's share of the sequence (whole sequence and local heads when tensor-parallel).
     fn forward(&self, tape: &Tape, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor>;
+
+    /// The forward without autograd, with the log-sum-exp of every attention row (over the
+    /// keys its query sees, in the whole sequence): what flash-attention and ring-attention test
+    /// suites compare besides the output. Communicates as [`forward`](SequenceParallel::forward)
+    /// does; every rank of the group must call it.
+    ///
+    /// # Shapes
+    /// As `forward`; lse `[b, s_r, H]` (local heads when tensor-parallel), f32 (f64 for f64).
+    fn forward_lse(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)>;
+
+    /// Which part of the global `[b, N, heads, ..]` tensors each rank holds: its tokens, or (for
+    /// a tensor-parallel strategy) its heads. For feeding a strategy global tensors and putting
+    /// the ranks' outputs back together.
+    fn sharding(&self) -> Sharding {
+        Sharding::Sequence(self.layout().clone())
+    }
 }
 
 /// The dtype attention accumulates in: f32 for half types, the input's own otherwise.
@@ -141,6 +171,42 @@ pub(crate) fn compute_kind(kind: Kind) -> Kind {
         Kind::Half | Kind::BFloat16 => Kind::Float,
         k => k,
     }
+}
+
+/// Refuses NaN and Inf in the floating-point tensors `named` (name, tensor), naming the tensor,
+/// the index and value of its first bad element and how many there are: attention would spread
+/// one bad input over whole rows of its output and every gradient.
+///
+/// Checks CPU tensors only: there it is one pass over memory, next to attention's O(N²) work; on
+/// a GPU, reading the answer back would stall the stream at every layer (the training step's own
+/// check of the loss and gradients catches non-finite values there).
+pub fn check_finite(op: &'static str, named: &[(&str, &Tensor)]) -> Result<()> {
+    for (name, t) in named {
+        if t.device() != tch::Device::Cpu || !t.is_floating_point() || t.numel() == 0 {
+            continue;
+        }
+        let f = || -> Result<Option<(Vec<i64>, f64, i64)>, tch::TchError> {
+            let bad = t.f_isfinite()?.f_logical_not()?;
+            if bad.f_any()?.f_int64_value(&[])? == 0 {
+                return Ok(None);
+            }
+            let at = bad.f_nonzero()?; // [count, dims]
+            let first = Vec::<i64>::try_from(at.f_get(0)?)?;
+            let value = t.f_double_value(&first)?;
+            Ok(Some((first, value, at.size()[0])))
+        };
+        if let Some((index, value, count)) = f().op(op)? {
+            return Err(Error::Shape {
+                op,
+                shapes: vec![t.size()],
+                msg: format!(
+                    "{name} holds {count} non-finite value(s), the first {value} at {index:?}; \
+                     attention would spread it over whole rows and every gradient"
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// q, k, v must be `[b, N, h, d]` of one shape and dtype.

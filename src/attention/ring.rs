@@ -10,6 +10,11 @@
 //! block's dK/dV accumulator travelling with it (in f32) and arriving home after P shifts, so no
 //! rank ever holds more than one foreign K/V block. dQ accumulates locally.
 //!
+//! Overlap: each shift is started before the block it follows is computed and waited for after
+//! (`Group::shift_start`), so the next K/V block (and, backward, the dK/dV accumulators)
+//! travel while the current block computes; `Group::with_overlap(false)` runs them in turn.
+//! Blocks on CUDA in bf16/f16 go to the flash kernel (`flash.rs`), merged in f32.
+//!
 //! Layouts: contiguous (rank r holds tokens [rN/P, (r+1)N/P)) or zigzag (chunks r and 2P-1-r of
 //! 2P), positions travel with the layout into the causal mask, and pairs of runs the mask hides
 //! are skipped, which is what makes zigzag balanced.
@@ -24,9 +29,10 @@ use std::rc::Rc;
 use tch::Tensor;
 
 use super::blockwise::{heads_first, merge, pair_visible, runs, Blockwise, Work};
-use super::{Mask, SeqLayout, SequenceParallel};
+use super::flash::block_layout;
+use super::{compute_kind, Mask, SeqLayout, SequenceParallel};
 use crate::autograd::Tape;
-use crate::comm::Group;
+use crate::comm::{Group, Started};
 use crate::error::TorchResultExt;
 use crate::{Error, Result};
 
@@ -80,13 +86,10 @@ impl RingCore {
                 self.work.set(work);
                 let result =
                     out.f_transpose(1, 2).and_then(|o| o.f_to_kind(xs[0].kind())).op("ring_attention")?;
-                saved.set(Some(Saved {
-                    q: xs[0].shallow_clone(),
-                    k: xs[1].shallow_clone(),
-                    v: xs[2].shallow_clone(),
-                    out,
-                    lse,
-                }));
+                // A strided input is a view of a larger buffer (the model's v is a slice of
+                // its fused qkv projection): keep a compact copy, not the whole buffer.
+                let own = |x: &Tensor| x.f_contiguous().op("ring_attention");
+                saved.set(Some(Saved { q: own(&xs[0])?, k: own(&xs[1])?, v: own(&xs[2])?, out, lse }));
                 Ok(vec![result])
             },
             {
@@ -103,6 +106,19 @@ impl RingCore {
         out.into_iter().next().ok_or_else(|| Error::Tape { op: "ring_attention", msg: "no output".into() })
     }
 
+    /// The forward ring without autograd, with the log-sum-exp.
+    ///
+    /// # Shapes
+    /// As [`forward`](RingCore::forward); lse `[b, s, Hq]` in f32 (f64 for f64).
+    pub fn forward_lse(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let _no_grad = tch::no_grad_guard();
+        let (out, lse, work) = self.ring_forward(q, k, v, 1.0 / (q.size()[3] as f64).sqrt())?;
+        self.work.set(work);
+        // [b, Hq, s, d] -> [b, s, Hq, d]; [b, Hq, s] -> [b, s, Hq]
+        let out = out.f_transpose(1, 2).and_then(|o| o.f_to_kind(q.kind())).op("ring_attention")?;
+        Ok((out, lse.f_transpose(1, 2).op("ring_attention")?))
+    }
+
     /// A copy without the work counter, for the backward closure.
     fn detached(&self) -> RingCore {
         RingCore {
@@ -114,9 +130,9 @@ impl RingCore {
         }
     }
 
-    /// K or V `[b, s, Hkv, d]` -> `[b, Hq, s, d]` in the accumulation dtype.
+    /// K or V `[b, s, Hkv, d]` -> `[b, Hq, s, d]` in the block dtype (`flash::block_layout`).
     fn expand(&self, kv: &Tensor) -> Result<Tensor> {
-        let t = heads_first(kv)?;
+        let t = block_layout(kv)?;
         match &self.kv_map {
             None => Ok(t),
             Some(map) => {
@@ -144,12 +160,18 @@ impl RingCore {
     fn ring_forward(&self, q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<(Tensor, Tensor, Work)> {
         let (p, r) = (self.group.size(), self.group.rank());
         let attn = Blockwise { mask: &self.mask, scale, fused: true };
-        let qh = heads_first(q)?;
+        let qh = block_layout(q)?;
         let (mut kb, mut vb) = (k.shallow_clone(), v.shallow_clone());
         let mut acc: Option<(Tensor, Tensor)> = None;
         let mut work = Work::default();
         for step in 0..p {
             let src = (r + p - step) % p; // whose K/V this rank holds now
+                                          // The next block travels while this one is attended to.
+            let next = if step + 1 < p {
+                Some((self.group.shift_start(&kb, 1)?, self.group.shift_start(&vb, 1)?))
+            } else {
+                None
+            };
             let (o, lse, w) = attn.forward(
                 &qh,
                 &self.expand(&kb)?,
@@ -162,9 +184,8 @@ impl RingCore {
                 None => (o, lse),
                 Some(prev) => merge(&prev, &(o, lse)).op("ring_attention")?,
             });
-            if step + 1 < p {
-                kb = self.group.shift(&kb, 1)?;
-                vb = self.group.shift(&vb, 1)?;
+            if let Some((k_next, v_next)) = next {
+                (kb, vb) = (k_next.wait()?, v_next.wait()?);
             }
         }
         let (out, lse) = acc.ok_or_else(|| Error::Tape { op: "ring_attention", msg: "empty ring".into() })?;
@@ -177,23 +198,33 @@ impl RingCore {
         let (p, r) = (self.group.size(), self.group.rank());
         let attn = Blockwise { mask: &self.mask, scale, fused: true };
         let f = |e: tch::TchError| Error::Torch { op: "ring_attention", source: e };
-        let qh = heads_first(&s.q)?;
+        let qh = block_layout(&s.q)?;
         let doh = heads_first(dout)?;
         // delta = rowsum(dout * out), [b, Hq, s]
         let delta = doh
             .f_mul(&s.out)
             .and_then(|t| t.f_sum_dim_intlist([-1i64].as_slice(), false, t.kind()))
             .map_err(f)?;
-        let dq = qh.f_zeros_like().map_err(f)?;
+        // Accumulators in f32 (f64 for f64), whatever dtype the blocks compute in.
+        let acc_zeros =
+            |t: &Tensor| Tensor::f_zeros(t.size(), (compute_kind(t.kind()), t.device())).map_err(f);
+        let dq = acc_zeros(&qh)?;
         let kv_heads = s.k.size()[2];
         let (mut kb, mut vb) = (s.k.shallow_clone(), s.v.shallow_clone());
         let zeros = || heads_first(&s.k).and_then(|t| t.f_zeros_like().op("ring_attention"));
         let (mut dk, mut dv) = (zeros()?, zeros()?); // [b, Hkv, s, d] f32, travelling with K/V
         let qruns = runs(&self.segments[r]);
+        // The accumulators of the previous block, on their way to the next rank.
+        let mut travelling: Option<(Started<Tensor>, Started<Tensor>)> = None;
         for step in 0..p {
             let src = (r + p - step) % p;
+            let next = if step + 1 < p {
+                Some((self.group.shift_start(&kb, 1)?, self.group.shift_start(&vb, 1)?))
+            } else {
+                None
+            };
             let (kh, vh) = (self.expand(&kb)?, self.expand(&vb)?);
-            let (dk_full, dv_full) = (kh.f_zeros_like().map_err(f)?, vh.f_zeros_like().map_err(f)?);
+            let (dk_full, dv_full) = (acc_zeros(&kh)?, acc_zeros(&vh)?);
             for &(qo, q0, nq) in &qruns {
                 for &(ko, k0, nk) in &runs(&self.segments[src]) {
                     if !pair_visible(&self.mask, (q0, nq), (k0, nk)) {
@@ -218,15 +249,19 @@ impl RingCore {
                     let _ = narrow(&dv_full, ko, nk)?.f_add_(&dvp).map_err(f)?;
                 }
             }
+            if let Some((dk_in, dv_in)) = travelling.take() {
+                (dk, dv) = (dk_in.wait()?, dv_in.wait()?);
+            }
             dk = dk.f_add(&self.reduce_heads(&dk_full, kv_heads)?).map_err(f)?;
             dv = dv.f_add(&self.reduce_heads(&dv_full, kv_heads)?).map_err(f)?;
-            if step + 1 < p {
-                kb = self.group.shift(&kb, 1)?;
-                vb = self.group.shift(&vb, 1)?;
-            }
             // The accumulators follow their block; after P shifts they are home.
-            dk = self.group.shift(&dk, 1)?;
-            dv = self.group.shift(&dv, 1)?;
+            travelling = Some((self.group.shift_start(&dk, 1)?, self.group.shift_start(&dv, 1)?));
+            if let Some((k_next, v_next)) = next {
+                (kb, vb) = (k_next.wait()?, v_next.wait()?);
+            }
+        }
+        if let Some((dk_in, dv_in)) = travelling {
+            (dk, dv) = (dk_in.wait()?, dv_in.wait()?);
         }
         // [b, H, s, d] -> [b, s, H, d], in the inputs' dtypes
         let back =
@@ -235,8 +270,8 @@ impl RingCore {
     }
 }
 
-/// What the forward keeps for the backward: its inputs (this rank's block only), the output
-/// and the log-sum-exp in f32.
+/// What the forward keeps for the backward: its inputs (this rank's block only, compact), the
+/// output and the log-sum-exp in f32.
 struct Saved {
     q: Tensor,
     k: Tensor,
@@ -320,6 +355,11 @@ impl SequenceParallel for RingAttention {
     fn forward(&self, tape: &Tape, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         check_local("ring", &self.layout, self.rank(), self.heads, self.kv_heads, q, k, v)?;
         self.core.forward(tape, q, k, v)
+    }
+
+    fn forward_lse(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        check_local("ring", &self.layout, self.rank(), self.heads, self.kv_heads, q, k, v)?;
+        self.core.forward_lse(q, k, v)
     }
 }
 

@@ -55,6 +55,12 @@ impl SequenceParallel for SingleDevice {
         let local = Arc::clone(&self.local);
         tape.recomputable("attention_core", &[q, &k, &v], move |x| local.forward(&x[0], &x[1], &x[2]))
     }
+
+    fn forward_lse(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        check_shapes("single", &self.layout, &self.heads, 0, q, k, v)?;
+        let (k, v) = (self.heads.expand_kv(0, k)?, self.heads.expand_kv(0, v)?);
+        self.local.forward_lse(q, &k, &v)
+    }
 }
 
 /// Checks a rank's q, k, v against the layout and the head plan.
@@ -94,5 +100,5 @@ pub(crate) fn check_shapes(
         let msg = format!("dtypes differ: q {:?}, k {:?}, v {:?}", q.kind(), k.kind(), v.kind());
         return Err(Error::Shape { op, shapes: vec![qs, ks, vs], msg });
     }
-    Ok(())
+    super::check_finite(op, &[("q", q), ("k", k), ("v", v)])
 }

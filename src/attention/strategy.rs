@@ -115,7 +115,18 @@ impl StrategyConfig {
                     });
                 }
                 HeadPlan::new(heads, kv_heads, ulysses)?;
-                SeqLayout::nested(n, p / ulysses, ulysses, zigzag).map(drop)
+                let ring = p / ulysses;
+                if !zigzag && n % ring as i64 != 0 {
+                    return Err(Error::InvalidArgument {
+                        op: "usp",
+                        group: format!("{p} ranks"),
+                        msg: format!(
+                            "its ring of {ring} ranks needs N divisible by {ring} (N={n}, P={p}, Ulysses \
+                             degree {ulysses}): every ring rank must hold as many tokens"
+                        ),
+                    });
+                }
+                SeqLayout::nested(n, ring, ulysses, zigzag).map(drop)
             }
         }
     }

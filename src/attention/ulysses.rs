@@ -112,4 +112,22 @@ impl SequenceParallel for UlyssesAttention {
         // [b, N, H_r, d] -> [b, s_r, H, d]
         tape.all_to_all_v(&self.group, &o, 1, 2, self.layout.lens(), self.heads.q_split())
     }
+
+    /// # Shapes
+    /// As `forward`; lse `[b, N, H_r]` -> `[b, s_r, H]` by the same all-to-all as the output.
+    fn forward_lse(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let r = self.group.rank();
+        check_shapes("ulysses", &self.layout, &self.heads, r, q, k, v)?;
+        let _no_grad = tch::no_grad_guard();
+        let (k, v) = (self.heads.replicate_kv(k)?, self.heads.replicate_kv(v)?);
+        let g = &self.group;
+        // [b, s_r, H, d] -> [b, N, H_r, d]; [b, s_r, sum(KV_r), d] -> [b, N, KV_r, d] -> [b, N, H_r, d]
+        let q = g.all_to_all_spec(q, &self.q_a2a)?;
+        let k = self.heads.expand_kv(r, &g.all_to_all_spec(&k, &self.kv_a2a)?)?;
+        let v = self.heads.expand_kv(r, &g.all_to_all_spec(&v, &self.kv_a2a)?)?;
+        let (o, lse) = self.local.forward_lse(&q, &k, &v)?;
+        // [b, N, H_r, ..] -> [b, s_r, H, ..]
+        let back = |t: &Tensor| g.all_to_all_v(t, 1, 2, self.layout.lens(), self.heads.q_split());
+        Ok((back(&o)?, back(&lse)?))
+    }
 }

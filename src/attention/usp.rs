@@ -111,4 +111,24 @@ impl SequenceParallel for UspAttention {
         // [b, N/R, H_u, d] -> [b, s_r, H, d]
         tape.all_to_all_v(&self.ulysses, &o, 1, 2, &self.chunk_split, self.heads.q_split())
     }
+
+    /// # Shapes
+    /// As `forward`; lse `[b, N/R, H_u]` -> `[b, s_r, H]` by the output's all-to-all.
+    fn forward_lse(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let plan_all = HeadPlan::new(self.heads.heads(), self.heads.kv_heads(), 1)?;
+        check_shapes("usp", &self.layout, &plan_all, self.rank(), q, k, v)?;
+        let _no_grad = tch::no_grad_guard();
+        let (k, v) = (self.heads.replicate_kv(k)?, self.heads.replicate_kv(v)?);
+        let u = &self.ulysses;
+        // [b, s_r, H, d] -> [b, N/R, H_u, d]; [b, s_r, sum(KV_u), d] -> [b, N/R, KV_u, d]
+        let (q, k, v) = (
+            u.all_to_all_spec(q, &self.q_a2a)?,
+            u.all_to_all_spec(&k, &self.kv_a2a)?,
+            u.all_to_all_spec(&v, &self.kv_a2a)?,
+        );
+        let (o, lse) = self.ring.forward_lse(&q, &k, &v)?;
+        // [b, N/R, H_u, ..] -> [b, s_r, H, ..]
+        let back = |t: &Tensor| u.all_to_all_v(t, 1, 2, &self.chunk_split, self.heads.q_split());
+        Ok((back(&o)?, back(&lse)?))
+    }
 }

@@ -55,16 +55,18 @@ impl Tape {
 
     /// Several all-to-alls as one record (Ulysses' q, k and v): one backward pass then serves
     /// all of them, which matters when they come from one graph (a fused qkv projection), since
-    /// a piece of graph must not feed two records (see [`Tape::cut`]).
+    /// a piece of graph must not feed two records (see [`Tape::cut`]). Forward and backward run
+    /// them as [`Group::all_to_all_many`]: with the group's overlap on, the later ones are in
+    /// flight while the first is consumed.
     pub fn all_to_all_many(&self, group: &Group, inputs: &[(&Tensor, &AllToAll)]) -> Result<Vec<Tensor>> {
         let xs: Vec<&Tensor> = inputs.iter().map(|(x, _)| *x).collect();
-        let specs: Vec<AllToAll> = inputs.iter().map(|(_, s)| (*s).clone()).collect();
+        let inverses: Vec<AllToAll> = inputs.iter().map(|(_, s)| s.inverse()).collect();
         let g = group.clone();
         self.record(
             "all_to_all",
             &xs,
-            |xs| xs.iter().zip(inputs).map(|(x, (_, s))| group.all_to_all_spec(x, s)).collect(),
-            move |gs| gs.iter().zip(&specs).map(|(gy, s)| g.all_to_all_spec(gy, &s.inverse())).collect(),
+            |xs| group.all_to_all_many(&xs.iter().zip(inputs).map(|(x, (_, s))| (x, *s)).collect::<Vec<_>>()),
+            move |gs| g.all_to_all_many(&gs.iter().zip(&inverses).collect::<Vec<_>>()),
         )
     }
 

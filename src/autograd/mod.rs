@@ -8,8 +8,16 @@
 //! - [`Tape::backward`] runs autograd from the loss, then walks the records in reverse. For each
 //!   it takes the gradients accumulated on the outputs, applies the adjoint (the all-to-all with
 //!   dims swapped, all-gather for reduce-scatter, ...), and continues autograd from the inputs with
-//!   those gradients (`torch::autograd::backward(inputs, grads)`, through a 20-line C++ shim,
-//!   csrc/backward.cpp, since tch only starts autograd from a scalar).
+//!   those gradients (libtorch's autograd engine from the inputs' gradient edges, through a small
+//!   C++ shim, csrc/backward.cpp, since tch only starts autograd from a scalar).
+//!
+//! What a record keeps (Korthikanti et al. 2022 count activations the same way): the graph of
+//! its inputs (their gradient edges, not the tensors: an input's values stay alive only if the
+//! graph itself saved them), its outputs (which the graph downstream holds anyway, through
+//! their gradient accumulators), and what its adjoint captured (nothing for a collective; the
+//! blocks and log-sum-exp for ring attention; the local shard for Megatron-SP's gathered
+//! linear). Holding the input tensors instead kept Ulysses' post-RoPE q and k and, through the
+//! `v` view, the whole fused qkv buffer of every layer alive until the backward.
 //!
 //! Why it is correct: record i's outputs are consumed only by the loss or by later records, and
 //! those were all back-propagated before record i is reached, so its output gradients are
@@ -24,9 +32,14 @@
 //! block boundary, so every piece of the graph lies between two records and is traversed once,
 //! and libtorch frees each piece after its pass. Without the cuts the second pass fails with
 //! "backward through the graph a second time", reported as [`Error::Tape`] with this advice.
+//!
+//! A [`Tape::disabled`] tape records nothing. Its collectives still run, but their outputs carry
+//! a grad_fn that fails: a plain `loss.backward()` that reaches one stops with an error naming
+//! the collective, instead of silently dropping every gradient upstream of it.
 
 mod collectives;
 mod ffi;
+mod gathered;
 
 pub(crate) use ffi::{clear_grad, resize_storage, storage_nbytes};
 
@@ -34,6 +47,7 @@ use std::cell::{Cell, RefCell};
 
 use tch::Tensor;
 
+use self::ffi::GradEdge;
 use crate::error::TorchResultExt;
 use crate::{Error, Result};
 
@@ -41,9 +55,28 @@ use crate::{Error, Result};
 /// needed. Runs on the rank's own thread during [`Tape::backward`].
 pub type Adjoint = Box<dyn FnOnce(&[Tensor]) -> Result<Vec<Tensor>>>;
 
+/// What a record keeps of one input: its shape and dtype (to check the adjoint's gradient) and,
+/// if it requires grad, its gradient edge (where autograd continues), not its values.
+struct Input {
+    size: Vec<i64>,
+    kind: tch::Kind,
+    edge: Option<GradEdge>,
+}
+
+impl Input {
+    fn of(op: &'static str, x: &Tensor) -> Result<Input> {
+        let edge = if x.requires_grad() {
+            Some(GradEdge::of(x).map_err(|msg| Error::Tape { op, msg })?)
+        } else {
+            None
+        };
+        Ok(Input { size: x.size(), kind: x.kind(), edge })
+    }
+}
+
 struct Record {
     op: &'static str,
-    inputs: Vec<Tensor>,
+    inputs: Vec<Input>,
     outputs: Vec<Tensor>,
     adjoint: Adjoint,
 }
@@ -69,9 +102,11 @@ impl Tape {
         Tape { records: RefCell::new(Vec::new()), recording: Cell::new(true), recompute: Cell::new(false) }
     }
 
-    /// A tape that records nothing: taped collectives run without gradient, cuts are plain
-    /// identities that keep the graph, and [`backward`](Tape::backward) is an error. For
-    /// evaluation, and for single-device code trained with an ordinary `loss.backward()`.
+    /// A tape that records nothing, for evaluation and for single-device code trained with an
+    /// ordinary `loss.backward()`: cuts are plain identities that keep the graph, taped
+    /// collectives run, and their outputs fail in the backward (a `loss.backward()` that reaches
+    /// one is an error naming the op, not a gradient silently missing upstream of it);
+    /// [`backward`](Tape::backward) is an error.
     pub fn disabled() -> Tape {
         Tape { records: RefCell::new(Vec::new()), recording: Cell::new(false), recompute: Cell::new(false) }
     }
@@ -110,16 +145,20 @@ impl Tape {
         forward: impl FnOnce(&[Tensor]) -> Result<Vec<Tensor>>,
         adjoint: impl FnOnce(&[Tensor]) -> Result<Vec<Tensor>> + 'static,
     ) -> Result<Vec<Tensor>> {
-        if !self.recording.get() {
-            let inputs: Vec<Tensor> = inputs.iter().map(|x| x.shallow_clone()).collect();
-            return forward(&inputs);
-        }
         let detached: Vec<Tensor> = inputs.iter().map(|x| x.detach()).collect();
+        if !self.recording.get() {
+            // Every output, whether or not this rank's inputs require grad: a gradient that
+            // would cross the collective may belong to another rank's inputs.
+            let outputs = tch::no_grad(|| forward(&detached))?;
+            return outputs.iter().map(|y| not_differentiable(op, y)).collect();
+        }
+        let recorded: Vec<Input> = inputs.iter().map(|x| Input::of(op, x)).collect::<Result<_>>()?;
         let outputs = tch::no_grad(|| forward(&detached))?;
+        drop(detached);
         let leaves: Vec<Tensor> = outputs.iter().map(|y| y.detach().set_requires_grad(true)).collect();
         self.records.borrow_mut().push(Record {
             op,
-            inputs: inputs.iter().map(|x| x.shallow_clone()).collect(),
+            inputs: recorded,
             outputs: leaves.iter().map(Tensor::shallow_clone).collect(),
             adjoint: Box::new(adjoint),
         });
@@ -127,8 +166,12 @@ impl Tape {
     }
 
     /// A cut on the residual stream: identity forward (no copy) and identity backward. Put one at
-    /// every block boundary so that the backward traverses each block once.
+    /// every block boundary so that the backward traverses each block once. On a disabled tape,
+    /// a plain identity that keeps the graph.
     pub fn cut(&self, x: &Tensor) -> Result<Tensor> {
+        if !self.recording.get() {
+            return Ok(x.shallow_clone());
+        }
         let out = self.record(
             "cut",
             &[x],
@@ -175,7 +218,7 @@ impl Tape {
             move |gs| {
                 let xs: Vec<Tensor> = saved.iter().map(|x| x.set_requires_grad(true)).collect();
                 let y = tch::with_grad(|| f(&xs))?;
-                continue_from(op, &[y], gs)?;
+                continue_from_tensors(op, &[y], gs)?;
                 xs.iter().map(|x| grad_or_zeros(op, x)).collect()
             },
         )?;
@@ -199,7 +242,7 @@ impl Tape {
     pub fn backward_from(&self, outputs: &[Tensor], grads: &[Tensor]) -> Result<()> {
         self.check_recording()?;
         let records = self.records.take();
-        continue_from("backward_from", outputs, grads)?;
+        continue_from_tensors("backward_from", outputs, grads)?;
         walk(records)
     }
 
@@ -236,9 +279,15 @@ fn grad_or_zeros(op: &'static str, x: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// Continues autograd from `inputs` with the gradients `grads`, in one pass
-/// (`torch::autograd::backward(inputs, grads)`); inputs that do not require grad are skipped.
-fn continue_from(op: &'static str, inputs: &[Tensor], grads: &[Tensor]) -> Result<()> {
+/// As [`continue_from`], from tensors at hand (a recomputed output, a nested tape's outputs).
+fn continue_from_tensors(op: &'static str, xs: &[Tensor], grads: &[Tensor]) -> Result<()> {
+    let inputs: Vec<Input> = xs.iter().map(|x| Input::of(op, x)).collect::<Result<_>>()?;
+    continue_from(op, &inputs, grads)
+}
+
+/// Continues autograd from `inputs` with the gradients `grads`, in one pass (libtorch's engine
+/// from the inputs' gradient edges); inputs that do not require grad are skipped.
+fn continue_from(op: &'static str, inputs: &[Input], grads: &[Tensor]) -> Result<()> {
     if inputs.len() != grads.len() {
         return Err(Error::Tape {
             op,
@@ -247,28 +296,42 @@ fn continue_from(op: &'static str, inputs: &[Tensor], grads: &[Tensor]) -> Resul
     }
     let (mut roots, mut root_grads) = (Vec::new(), Vec::new());
     for (x, g) in inputs.iter().zip(grads) {
-        if !x.requires_grad() {
-            continue;
-        }
-        if g.size() != x.size() || g.kind() != x.kind() {
+        let Some(edge) = &x.edge else { continue };
+        if g.size() != x.size || g.kind() != x.kind {
             return Err(Error::Tape {
                 op,
                 msg: format!(
                     "adjoint gradient {:?}{:?} for an input {:?}{:?}",
                     g.kind(),
                     g.size(),
-                    x.kind(),
-                    x.size()
+                    x.kind,
+                    x.size
                 ),
             });
         }
-        roots.push(x);
+        roots.push(edge);
         root_grads.push(g);
     }
     if roots.is_empty() {
         return Ok(());
     }
-    ffi::backward_with_grads(&roots, &root_grads).map_err(|msg| traversal_error(op, msg))
+    ffi::backward_from_edges(&roots, &root_grads).map_err(|msg| traversal_error(op, msg))
+}
+
+/// `y` (an output of a collective run without a recording tape) as a tensor whose backward
+/// fails, naming `op`.
+fn not_differentiable(op: &'static str, y: &Tensor) -> Result<Tensor> {
+    let out = y.detach();
+    if !out.is_floating_point() {
+        return Ok(out); // integers carry no gradient
+    }
+    let msg = format!(
+        "tape {op}: the backward reached {op}, which ran on a Tape::disabled() and recorded no \
+         adjoint, so the gradients upstream of it would be lost; train with Tape::new() and \
+         tape.backward(&loss), or evaluate under tch::no_grad"
+    );
+    ffi::fail_in_backward(&out, &msg).map_err(|msg| Error::Tape { op, msg })?;
+    Ok(out)
 }
 
 fn traversal_error(op: &'static str, text: String) -> Error {

@@ -1,12 +1,18 @@
-//! The one primitive a backend provides: a batch of point-to-point transfers within a group.
+//! The one primitive a backend provides: a batch of point-to-point transfers within a group,
+//! run to completion ([`Backend::exchange`]) or started and completed later
+//! ([`Backend::exchange_start`], for overlapping communication with computation).
 
 use std::fmt;
 use std::sync::Arc;
 
+#[cfg(any(feature = "mpi", feature = "nccl"))]
+use tch::Device;
 use tch::{Kind, Tensor};
 
 use super::group::GroupInfo;
 use super::OpKind;
+#[cfg(any(feature = "mpi", feature = "nccl"))]
+use crate::error::TorchResultExt;
 use crate::Result;
 
 /// What travels with every transfer, so that the receiver can check it is the one it expects.
@@ -82,6 +88,83 @@ pub(crate) fn describe(h: &[i64; HEADER_LEN]) -> String {
     }
 }
 
+/// A batch as two lists of (group rank, tensor): what goes out, made contiguous (a copy only
+/// where strided), and the destinations of what comes in.
+#[cfg(any(feature = "mpi", feature = "nccl"))]
+#[allow(clippy::type_complexity)]
+pub(crate) fn batch_lists(
+    op: OpKind,
+    sends: Vec<Option<Tensor>>,
+    recvs: Vec<Option<Tensor>>,
+) -> Result<(Vec<(usize, Tensor)>, Vec<(usize, Tensor)>)> {
+    let out = sends
+        .into_iter()
+        .enumerate()
+        .filter_map(|(j, t)| t.map(|t| (j, t)))
+        .map(|(j, t)| Ok((j, t.f_contiguous()?)))
+        .collect::<Result<_, tch::TchError>>()
+        .op(op.name())?;
+    let inc = recvs.into_iter().enumerate().filter_map(|(j, t)| t.map(|t| (j, t))).collect();
+    Ok((out, inc))
+}
+
+/// The contiguous memory a payload for `dst` lands in: `dst` itself when contiguous, else a
+/// fresh row-major tensor (as the sender's bytes are; `empty_like` would keep the strides).
+#[cfg(any(feature = "mpi", feature = "nccl"))]
+pub(crate) fn receive_buffer(op: OpKind, dst: &Tensor) -> Result<Tensor> {
+    if dst.is_contiguous() {
+        Ok(dst.shallow_clone())
+    } else {
+        Tensor::f_empty(dst.size(), (dst.kind(), dst.device())).op(op.name())
+    }
+}
+
+/// Checks a batch's envelopes before any of its payload moves, through `control`'s blocking
+/// exchange of small CPU tensors in the same group (op and size checked there, the envelope's
+/// contents here): for payload paths that cannot check them themselves (started MPI payloads,
+/// NCCL), and with no device round trip. `out` and `inc` list (group rank, tensor); `me` is
+/// this rank's global rank, for the message.
+#[cfg(any(feature = "mpi", feature = "nccl"))]
+pub(crate) fn check_envelopes(
+    control: &dyn Backend,
+    group: &GroupInfo,
+    op: OpKind,
+    out: &[(usize, Tensor)],
+    inc: &[(usize, Tensor)],
+    me: usize,
+) -> Result<()> {
+    let p = group.ranks.len();
+    let mut sends: Vec<Option<Tensor>> = (0..p).map(|_| None).collect();
+    let mut recvs: Vec<Option<Tensor>> = (0..p).map(|_| None).collect();
+    for (j, t) in out {
+        sends[*j] = Some(Tensor::from_slice(&header(&Envelope::of(op, t))));
+    }
+    for (j, _) in inc {
+        recvs[*j] = Some(Tensor::zeros([HEADER_LEN as i64], (Kind::Int64, Device::Cpu)));
+    }
+    let got: Vec<Option<Tensor>> = recvs.iter().map(|t| t.as_ref().map(Tensor::shallow_clone)).collect();
+    control.exchange(group, op, sends, recvs)?;
+    for (j, dst) in inc {
+        let expected = Envelope::of(op.peer_kind(), dst);
+        let mut theirs = [0i64; HEADER_LEN];
+        if let Some(t) = &got[*j] {
+            t.f_copy_data(&mut theirs, HEADER_LEN).op(op.name())?;
+        }
+        if theirs != header(&expected) {
+            return Err(crate::Error::Mismatch {
+                op: op.name(),
+                group: group.to_string(),
+                detail: format!(
+                    "rank {} sent {} but rank {me} expected {expected}",
+                    group.ranks[*j],
+                    describe(&theirs)
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// One rank's connection to the other ranks, as a backend provides it.
 ///
 /// Implementations must give every backend the same semantics:
@@ -105,6 +188,30 @@ pub trait Backend: Send + Sync {
         recvs: Vec<Option<Tensor>>,
     ) -> Result<()>;
 
+    /// Starts the batch of [`exchange`](Backend::exchange) and returns a handle that completes
+    /// it; the batch may progress while the caller computes. Until [`Pending::wait`] returns,
+    /// the caller must not write the sent tensors nor read the received ones (the handle holds
+    /// them). Every rank starts its batches in the same order; waits may come in any order.
+    /// Envelopes are checked before this returns. Backends without asynchronous transfers
+    /// complete the batch here (the default).
+    fn exchange_start(
+        &self,
+        group: &GroupInfo,
+        op: OpKind,
+        sends: Vec<Option<Tensor>>,
+        recvs: Vec<Option<Tensor>>,
+    ) -> Result<Box<dyn Pending>> {
+        self.exchange(group, op, sends, recvs)?;
+        Ok(Box::new(Done))
+    }
+
+    /// Waits until everything this rank started on this backend (and the backends split from
+    /// it) has completed, or returns the error that ended it (a timeout, an aborted peer).
+    /// Backends whose transfers complete before `exchange` returns have nothing to wait for.
+    fn flush(&self, _group: &GroupInfo) -> Result<()> {
+        Ok(())
+    }
+
     /// The backend of this rank's part of a split of `parent` (as `MPI_Comm_split`): every rank
     /// of `parent` calls it, in the same order, after all of them agreed on the subgroups;
     /// `sub` is this rank's subgroup (`None` for a rank that takes no part, which gets `None`).
@@ -115,4 +222,21 @@ pub trait Backend: Send + Sync {
         key: usize,
         sub: Option<&GroupInfo>,
     ) -> Result<Option<Arc<dyn Backend>>>;
+}
+
+/// A batch of transfers started by [`Backend::exchange_start`] and not yet known complete.
+/// Dropping it without [`wait`](Pending::wait) still completes (or aborts) the batch.
+pub trait Pending {
+    /// Returns once every transfer of the batch is done: received data in place (in stream
+    /// order, on a GPU), sent tensors free to reuse.
+    fn wait(self: Box<Self>) -> Result<()>;
+}
+
+/// A batch that completed when it started.
+pub struct Done;
+
+impl Pending for Done {
+    fn wait(self: Box<Self>) -> Result<()> {
+        Ok(())
+    }
 }

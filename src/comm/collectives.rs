@@ -121,7 +121,7 @@ impl Group {
     }
 
     /// Checks an all-to-all's arguments and returns its output shape.
-    fn all_to_all_shape(
+    pub(super) fn all_to_all_shape(
         &self,
         x: &Tensor,
         scatter_dim: i64,
@@ -368,7 +368,7 @@ impl Group {
     // ----- argument checks -----
 
     /// `dim` as an index into `x`'s shape (negative counts from the end).
-    fn dim(&self, op: OpKind, x: &Tensor, dim: i64) -> Result<usize> {
+    pub(super) fn dim(&self, op: OpKind, x: &Tensor, dim: i64) -> Result<usize> {
         let n = x.dim() as i64;
         if dim < -n || dim >= n {
             return Err(
@@ -487,12 +487,12 @@ pub(crate) fn is_float(kind: Kind) -> bool {
 }
 
 /// P empty slots: no transfer with any rank.
-fn none(p: usize) -> Vec<Option<Tensor>> {
+pub(super) fn none(p: usize) -> Vec<Option<Tensor>> {
     (0..p).map(|_| None).collect()
 }
 
 /// The views of `x` along `dim` with the given sizes, one per rank.
-fn chunks(x: &Tensor, dim: usize, sizes: &[i64]) -> Result<Vec<Option<Tensor>>, tch::TchError> {
+pub(super) fn chunks(x: &Tensor, dim: usize, sizes: &[i64]) -> Result<Vec<Option<Tensor>>, tch::TchError> {
     let mut start = 0;
     sizes
         .iter()

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use tch::{Device, Kind, Tensor};
 
-use super::backend::Backend;
+use super::backend::{Backend, Done, Pending};
 use super::stats::CommStats;
 use super::OpKind;
 use crate::error::TorchResultExt;
@@ -43,6 +43,9 @@ pub struct Group {
     /// How many splits this rank made of this group; all ranks split in the same order, so it
     /// numbers subgroups identically everywhere.
     splits: Arc<AtomicUsize>,
+    /// Whether `_start` collectives may leave their transfers in flight (see
+    /// [`with_overlap`](Group::with_overlap)); inherited by splits.
+    overlap: bool,
 }
 
 impl fmt::Debug for Group {
@@ -68,7 +71,33 @@ impl Group {
             stats: Arc::default(),
             rank_totals: Arc::default(),
             splits: Arc::default(),
+            overlap: true,
         })
+    }
+
+    /// This handle with communication/computation overlap on or off (on by default). With it
+    /// on, the `_start` collectives (`shift_start`, `all_to_all_spec_start`) leave their
+    /// transfers in flight until waited for: ring attention's next K/V shift proceeds while the
+    /// current block computes, Ulysses' k and v all-to-alls while q's is consumed (non-blocking
+    /// requests on MPI, a side stream with events on NCCL; threads complete at once). With it
+    /// off they complete before returning, for comparison. Results and counted bytes are the
+    /// same either way. Groups split from this one inherit the setting.
+    pub fn with_overlap(mut self, on: bool) -> Group {
+        self.overlap = on;
+        self
+    }
+
+    /// Whether communication may overlap computation on this group.
+    pub fn overlap(&self) -> bool {
+        self.overlap
+    }
+
+    /// Waits until every transfer this rank started on this group's backend has completed (on a
+    /// GPU: is done on the device), or returns the error that ended one (a timeout names this
+    /// rank). Free on backends whose transfers complete when they return. A step timer calls
+    /// it before reading the clock.
+    pub fn synchronize(&self) -> Result<()> {
+        self.backend.flush(&self.info)
     }
 
     /// This rank's index in the group.
@@ -90,9 +119,10 @@ impl Group {
         &self.info
     }
 
-    /// The backend (for backends layered on another, as NCCL on its control group).
-    #[cfg_attr(not(feature = "nccl"), allow(dead_code))]
-    pub(crate) fn backend_handle(&self) -> Arc<dyn Backend> {
+    /// This rank's backend, for backends layered on another (NCCL on its control group) and
+    /// for checking a backend directly (its transfers, outside any collective, uncounted).
+    /// Programs communicate through the collectives.
+    pub fn backend_handle(&self) -> Arc<dyn Backend> {
         Arc::clone(&self.backend)
     }
 
@@ -176,6 +206,7 @@ impl Group {
             })?;
         let mut group = Group::new(info, me, backend)?;
         group.rank_totals = Arc::clone(&self.rank_totals);
+        group.overlap = self.overlap;
         Ok(Some(group))
     }
 
@@ -184,12 +215,48 @@ impl Group {
     pub(crate) fn transfer(
         &self,
         op: OpKind,
-        mut sends: Vec<Option<Tensor>>,
-        mut recvs: Vec<Option<Tensor>>,
+        sends: Vec<Option<Tensor>>,
+        recvs: Vec<Option<Tensor>>,
     ) -> Result<()> {
         // Communication is not differentiable (the tape handles gradients): keep every copy out
         // of autograd, or a received tensor would carry a graph from another rank's thread.
         let _no_grad = tch::no_grad_guard();
+        let (sends, recvs, bytes) = self.keep_own_part(op, sends, recvs)?;
+        self.backend.exchange(&self.info, op, sends, recvs)?;
+        self.count_bytes(op, bytes);
+        Ok(())
+    }
+
+    /// [`transfer`](Group::transfer) started: with overlap on, the batch may still be in flight
+    /// when this returns (the handle completes it); with it off, it is done. Bytes are counted
+    /// when the batch starts, the same bytes as `transfer`.
+    pub(crate) fn transfer_start(
+        &self,
+        op: OpKind,
+        sends: Vec<Option<Tensor>>,
+        recvs: Vec<Option<Tensor>>,
+    ) -> Result<Box<dyn Pending>> {
+        let _no_grad = tch::no_grad_guard();
+        let (sends, recvs, bytes) = self.keep_own_part(op, sends, recvs)?;
+        let pending = if self.overlap {
+            self.backend.exchange_start(&self.info, op, sends, recvs)?
+        } else {
+            self.backend.exchange(&self.info, op, sends, recvs)?;
+            Box::new(Done)
+        };
+        self.count_bytes(op, bytes);
+        Ok(pending)
+    }
+
+    /// Copies the part this rank sends to itself and takes it out of the batch; returns the rest
+    /// and the bytes (sent, received) it moves between ranks.
+    #[allow(clippy::type_complexity)]
+    fn keep_own_part(
+        &self,
+        op: OpKind,
+        mut sends: Vec<Option<Tensor>>,
+        mut recvs: Vec<Option<Tensor>>,
+    ) -> Result<(Vec<Option<Tensor>>, Vec<Option<Tensor>>, (u64, u64))> {
         let me = self.rank;
         match (sends[me].take(), recvs[me].take()) {
             (Some(src), Some(mut dst)) => {
@@ -213,14 +280,16 @@ impl Group {
         let bytes = |ts: &[Option<Tensor>]| -> u64 {
             ts.iter().flatten().map(|t| (t.numel() * t.kind().elt_size_in_bytes()) as u64).sum()
         };
-        let (sent, received) = (bytes(&sends), bytes(&recvs));
-        self.backend.exchange(&self.info, op, sends, recvs)?;
+        let moved = (bytes(&sends), bytes(&recvs));
+        Ok((sends, recvs, moved))
+    }
+
+    fn count_bytes(&self, op: OpKind, (sent, received): (u64, u64)) {
         if op != OpKind::Split {
             self.stats.lock().unwrap_or_else(PoisonError::into_inner).add_bytes(op, sent, received);
             let mut totals = self.rank_totals.lock().unwrap_or_else(PoisonError::into_inner);
             totals.entry(self.info.name.clone()).or_default().add_bytes(op, sent, received);
         }
-        Ok(())
     }
 
     /// Counts one call of a collective (a collective may run several transfers).

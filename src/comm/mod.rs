@@ -27,22 +27,30 @@ pub mod local;
 mod mesh;
 #[cfg(feature = "mpi")]
 mod mpi;
+#[cfg(feature = "mpi")]
+mod mpi_async;
 mod mpirun;
 #[cfg(feature = "nccl")]
 mod nccl;
+mod overlap;
+mod placement;
 mod stats;
 
-pub use backend::{Backend, Envelope};
+pub use backend::{Backend, Done, Envelope, Pending};
 pub use buckets::{pieces, reduction_kind, Piece, DEFAULT_BUCKET_ELEMS};
 pub use collectives::AllToAll;
 pub use group::{Group, GroupInfo};
 pub use launch::{launch, LocalLaunch, RankCtx};
 pub use mesh::{Mesh, MeshShape};
 #[cfg(feature = "mpi")]
-pub use mpi::MpiLaunch;
-pub use mpirun::{mpirun_command, untag};
+pub use mpi::{MpiLaunch, MAX_MESSAGE_BYTES};
+pub use mpirun::{mpirun_command, mpirun_command_with, untag};
 #[cfg(feature = "nccl")]
-pub use nccl::{nccl_available, nccl_group};
+pub use nccl::{driver_version, nccl_available, nccl_group, pci_bus_id};
+pub use overlap::Started;
+#[cfg(feature = "nccl")]
+pub use placement::{bind_gpu, GpuBinding};
+pub use placement::{check_distinct_gpus, choose_gpu, process_place, LauncherEnv, ProcessPlace};
 pub use stats::{CommStats, OpCount};
 
 use std::fmt;

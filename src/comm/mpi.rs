@@ -1,14 +1,19 @@
 //! The MPI backend (cargo feature `mpi`): one process per rank, started by `mpirun` or Slurm's
 //! `srun` (or `ulysses launch`), collectives on CPU tensors through OpenMPI (rsmpi).
 //!
-//! Every transfer of a batch is two messages on the group's own communicator (made with
-//! `MPI_Comm_split` when the group is split): a header (op, dtype, shape), then the payload,
-//! sent from and received into the tensors' memory directly when they are contiguous (a
-//! strided destination is received into a contiguous buffer and copied). The headers are
-//! exchanged and checked first, so ranks that disagree get `Error::Mismatch` naming both sides
-//! before a byte of payload moves. Waiting polls the requests against the launch's timeout; a
-//! request that cannot complete cannot be taken back in MPI, so a timeout prints its error and
-//! aborts the job (`MPI_Abort`), as does any rank whose function fails: never a silent hang.
+//! Every transfer of a batch is a header exchange, then the payload, on the group's own
+//! communicator (made with `MPI_Comm_split` when the group is split). The sender sends its
+//! header (op, dtype, shape) and the receiver sends back the header it expects, in the same
+//! round, so both sides compare the two and a disagreement is `Error::Mismatch` on both, naming
+//! both sides, before a byte of payload moves (a one-way check left the sender waiting for a
+//! payload receive that never came, and reporting a timeout). The payload is sent from and
+//! received into the tensors' memory directly when they are contiguous (a strided destination
+//! is received into a contiguous buffer and copied), in messages of at most
+//! [`MpiLaunch::max_message_bytes`] (1 GiB by default: MPI counts are 32-bit, so one message
+//! cannot carry 2 GiB; MPI keeps messages between two ranks with one tag in order, so the
+//! chunks arrive in order). Waiting polls the requests against the launch's timeout; a request
+//! that cannot complete cannot be taken back in MPI, so a timeout prints its error and aborts
+//! the job (`MPI_Abort`), as does any rank whose function fails: never a silent hang.
 //!
 //! MPI is initialised for a single thread: every call must come from the thread that started
 //! it. A group used from another thread returns an error before calling MPI.
@@ -30,14 +35,21 @@ use super::OpKind;
 use crate::error::TorchResultExt;
 use crate::{Error, Result};
 
-/// Message tags: a header, then its payload.
+/// Message tags: a header, the header its receiver expects (sent back), then the payload. (3 is
+/// kept for the payloads of started, non-blocking exchanges.)
 const HEADER: i32 = 1;
 const PAYLOAD: i32 = 2;
+const EXPECTED: i32 = 4;
+
+/// The largest payload message by default: 1 GiB, below MPI's 32-bit count limit (2 GiB - 1).
+pub const MAX_MESSAGE_BYTES: usize = 1 << 30;
 
 /// One rank's connection through one MPI communicator.
-struct MpiEndpoint {
-    comm: SimpleCommunicator,
-    timeout: Duration,
+pub(super) struct MpiEndpoint {
+    pub(super) comm: SimpleCommunicator,
+    pub(super) timeout: Duration,
+    /// Payloads travel in messages of at most this many bytes.
+    pub(super) max_message: usize,
     /// The thread that initialised MPI; no other may call it.
     owner: ThreadId,
 }
@@ -51,7 +63,7 @@ unsafe impl Send for MpiEndpoint {}
 unsafe impl Sync for MpiEndpoint {}
 
 /// One line on stderr in a single write, so that mpirun's per-line rank tags stay whole.
-fn report(msg: &str) {
+pub(super) fn report(msg: &str) {
     use std::io::Write;
     let _ = std::io::stderr().write_all(format!("ulysses: {msg}\n").as_bytes());
 }
@@ -91,7 +103,7 @@ fn bytes_mut(t: &Tensor) -> &mut [u8] {
 }
 
 impl MpiEndpoint {
-    fn check_thread(&self, op: OpKind, group: &GroupInfo) -> Result<()> {
+    pub(super) fn check_thread(&self, op: OpKind, group: &GroupInfo) -> Result<()> {
         if std::thread::current().id() != self.owner {
             return Err(Error::Backend {
                 backend: "mpi",
@@ -122,7 +134,9 @@ impl MpiEndpoint {
                 break;
             }
             if Instant::now() > deadline {
-                let peers: Vec<usize> = requests.iter().map(|(p, _)| *p).collect();
+                let mut peers: Vec<usize> = requests.iter().map(|(p, _)| *p).collect();
+                peers.sort_unstable();
+                peers.dedup();
                 report(&format!("rank {}: {}; aborting the MPI job", self.comm.rank(), what(&peers)));
                 self.comm.abort(3);
             }
@@ -199,46 +213,58 @@ impl Backend for MpiEndpoint {
             }
         };
 
-        // 1. Headers both ways, then the check.
+        // 1. Headers: each sender's to its receiver, each receiver's expected one back.
+        let mut expected_by_peer = vec![[0i64; HEADER_LEN]; out.len()];
         scope(|sc| {
             let mut reqs = Vec::new();
-            for (j, h, _) in &out {
-                reqs.push((
-                    *j,
-                    self.comm.process_at_rank(*j as i32).immediate_send_with_tag(sc, &h[..], HEADER),
-                ));
+            for ((j, h, _), back) in out.iter().zip(expected_by_peer.iter_mut()) {
+                let peer = self.comm.process_at_rank(*j as i32);
+                reqs.push((*j, peer.immediate_send_with_tag(sc, &h[..], HEADER)));
+                reqs.push((*j, peer.immediate_receive_into_with_tag(sc, &mut back[..], EXPECTED)));
             }
-            for x in inc.iter_mut() {
-                let peer = self.comm.process_at_rank(x.peer as i32);
-                reqs.push((x.peer, peer.immediate_receive_into_with_tag(sc, &mut x.got[..], HEADER)));
+            for Incoming { peer, header, got, .. } in inc.iter_mut() {
+                let p = self.comm.process_at_rank(*peer as i32);
+                reqs.push((*peer, p.immediate_receive_into_with_tag(sc, &mut got[..], HEADER)));
+                reqs.push((*peer, p.immediate_send_with_tag(sc, &header[..], EXPECTED)));
             }
             self.wait_all(reqs, deadline, &timeout("headers"));
         });
+        // Both sides of a transfer see both headers, so both report the same disagreement.
+        let mismatch = |detail: String| Error::Mismatch { op: op.name(), group: group.to_string(), detail };
         if let Some(x) = inc.iter().find(|x| x.got != x.header) {
-            return Err(Error::Mismatch {
-                op: op.name(),
-                group: group.to_string(),
-                detail: format!(
-                    "rank {} sent {} but rank {me} expected {}",
-                    group.ranks[x.peer],
-                    describe(&x.got),
-                    x.expected
-                ),
-            });
+            let peer = group.ranks[x.peer];
+            return Err(mismatch(format!(
+                "rank {peer} sent {} but rank {me} expected {}",
+                describe(&x.got),
+                x.expected
+            )));
+        }
+        if let Some(((j, h, _), back)) =
+            out.iter().zip(&expected_by_peer).find(|((_, h, _), back)| h != *back)
+        {
+            let peer = group.ranks[*j];
+            return Err(mismatch(format!(
+                "rank {me} sent {} but rank {peer} expected {}",
+                describe(h),
+                describe(back)
+            )));
         }
 
-        // 2. Payloads, straight from and into tensor memory.
+        // 2. Payloads, straight from and into tensor memory, in messages of at most
+        // `max_message` bytes (in order: one source, one tag).
         scope(|sc| {
             let mut reqs = Vec::new();
             for (j, _, t) in &out {
-                reqs.push((
-                    *j,
-                    self.comm.process_at_rank(*j as i32).immediate_send_with_tag(sc, bytes(t), PAYLOAD),
-                ));
+                let peer = self.comm.process_at_rank(*j as i32);
+                for chunk in bytes(t).chunks(self.max_message) {
+                    reqs.push((*j, peer.immediate_send_with_tag(sc, chunk, PAYLOAD)));
+                }
             }
             for x in &inc {
                 let peer = self.comm.process_at_rank(x.peer as i32);
-                reqs.push((x.peer, peer.immediate_receive_into_with_tag(sc, bytes_mut(&x.buf), PAYLOAD)));
+                for chunk in bytes_mut(&x.buf).chunks_mut(self.max_message) {
+                    reqs.push((x.peer, peer.immediate_receive_into_with_tag(sc, chunk, PAYLOAD)));
+                }
             }
             self.wait_all(reqs, deadline, &timeout("data"));
         });
@@ -248,6 +274,16 @@ impl Backend for MpiEndpoint {
             }
         }
         Ok(())
+    }
+
+    fn exchange_start(
+        &self,
+        group: &GroupInfo,
+        op: OpKind,
+        sends: Vec<Option<Tensor>>,
+        recvs: Vec<Option<Tensor>>,
+    ) -> Result<Box<dyn super::Pending>> {
+        super::mpi_async::start(self, group, op, sends, recvs)
     }
 
     fn split(
@@ -264,7 +300,12 @@ impl Backend for MpiEndpoint {
         };
         let comm = self.comm.split_by_color_with_key(color, key as i32);
         Ok(comm.map(|comm| {
-            Arc::new(MpiEndpoint { comm, timeout: self.timeout, owner: self.owner }) as Arc<dyn Backend>
+            Arc::new(MpiEndpoint {
+                comm,
+                timeout: self.timeout,
+                max_message: self.max_message,
+                owner: self.owner,
+            }) as Arc<dyn Backend>
         }))
     }
 }
@@ -274,11 +315,12 @@ impl Backend for MpiEndpoint {
 pub struct MpiLaunch {
     timeout: Duration,
     threads_per_rank: usize,
+    max_message_bytes: usize,
 }
 
 impl Default for MpiLaunch {
     fn default() -> Self {
-        MpiLaunch { timeout: DEFAULT_TIMEOUT, threads_per_rank: 1 }
+        MpiLaunch { timeout: DEFAULT_TIMEOUT, threads_per_rank: 1, max_message_bytes: MAX_MESSAGE_BYTES }
     }
 }
 
@@ -299,6 +341,14 @@ impl MpiLaunch {
         self
     }
 
+    /// The largest message a payload is cut into, in bytes: [`MAX_MESSAGE_BYTES`] (1 GiB) by
+    /// default, clamped to 1 ..= 2^31 - 1 (MPI's count limit). Small values are for testing
+    /// the chunking.
+    pub fn max_message_bytes(mut self, bytes: usize) -> MpiLaunch {
+        self.max_message_bytes = bytes.clamp(1, i32::MAX as usize);
+        self
+    }
+
     /// Initialises MPI (the rank and world size come from mpirun or srun; a process started
     /// alone is a world of one), runs `f` as this rank, and finalises MPI. If `f` fails or
     /// panics, prints the rank and the error and aborts the whole job. Once per process.
@@ -315,7 +365,12 @@ impl MpiLaunch {
         let (rank, size) = (comm.rank() as usize, comm.size() as usize);
         tch::set_num_threads(self.threads_per_rank as i32);
         let info = GroupInfo { id: "world".into(), name: "world".into(), ranks: (0..size).collect() };
-        let endpoint = MpiEndpoint { comm, timeout: self.timeout, owner: std::thread::current().id() };
+        let endpoint = MpiEndpoint {
+            comm,
+            timeout: self.timeout,
+            max_message: self.max_message_bytes,
+            owner: std::thread::current().id(),
+        };
         let world = Group::new(info, rank, Arc::new(endpoint))?;
         let outcome =
             catch_unwind(AssertUnwindSafe(|| f(RankCtx::new(world)).map_err(|e| error_chain(&*e.into()))));

@@ -8,6 +8,11 @@ use std::process::Command;
 
 /// An `mpirun` command that starts `n` copies of `program` with `args`.
 pub fn mpirun_command(n: usize, program: &Path, args: &[String]) -> Command {
+    mpirun_command_with(n, program, args, &[])
+}
+
+/// [`mpirun_command`] with more mpirun options (`--hostfile`, `--map-by`, ...) before `-n`.
+pub fn mpirun_command_with(n: usize, program: &Path, args: &[String], options: &[String]) -> Command {
     let mut cmd = Command::new("mpirun");
     // The effective user id is the second number of /proc's Uid line; root is 0.
     let root = std::fs::read_to_string("/proc/self/status")
@@ -23,7 +28,7 @@ pub fn mpirun_command(n: usize, program: &Path, args: &[String]) -> Command {
     if n > cores {
         cmd.arg("--oversubscribe");
     }
-    cmd.args(["--tag-output", "-n", &n.to_string()]).arg(program).args(args);
+    cmd.args(options).args(["--tag-output", "-n", &n.to_string()]).arg(program).args(args);
     cmd
 }
 

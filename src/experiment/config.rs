@@ -6,6 +6,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use tch::Kind;
 
+use super::launch::Launcher;
+use super::predict::PredictSpec;
+use super::slurm::SlurmSpec;
 use crate::attention::{AttentionConfig, Kernel, Mask, StrategyConfig};
 use crate::data::DatasetConfig;
 use crate::model::GptConfig;
@@ -33,6 +36,13 @@ pub struct ExperimentConfig {
     pub train: TrainSpec,
     #[serde(default)]
     pub dataset: DatasetConfig,
+    /// `[slurm]`: the job `ulysses submit` asks Slurm for (nodes, GPUs, time, partition, ...).
+    /// Default none (`ulysses submit` options then say it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slurm: Option<SlurmSpec>,
+    /// How `ulysses predict` models this experiment (cost model); see [`PredictSpec`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub predict: Option<PredictSpec>,
 }
 
 /// `[model]`: a preset, and any field of [`GptConfig`] to override in it.
@@ -89,6 +99,22 @@ pub struct ParallelSpec {
     /// Seconds a rank waits for a peer inside one collective. Default 300.
     #[serde(default = "timeout")]
     pub timeout_s: u64,
+    /// Let communication overlap computation: ring's next K/V shift while a block computes,
+    /// Ulysses' k and v all-to-alls while q's is consumed (`Group::with_overlap`). Default
+    /// true; false runs them in turn, for comparison (same results and bytes).
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub overlap: bool,
+    /// What starts an mpi or nccl point's processes: auto (srun inside a Slurm allocation,
+    /// mpirun elsewhere), mpirun or srun. Default auto.
+    #[serde(default, skip_serializing_if = "is_auto")]
+    pub launcher: Launcher,
+    /// Ranks per node of an mpi or nccl point. Default: every rank on this node with mpirun,
+    /// spread evenly over the nodes of a Slurm allocation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ranks_per_node: Option<usize>,
+    /// A hostfile for mpirun, to run on several nodes without Slurm. Default none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostfile: Option<PathBuf>,
     /// Also run the single-device reference, first: one rank that sees the same global batch
     /// (the data-parallel replicas' sequences as micro-batches), ZeRO 0. Default false.
     #[serde(default)]
@@ -180,6 +206,15 @@ fn stage_0() -> Vec<ZeroStage> {
 
 fn one() -> usize {
     1
+}
+fn yes() -> bool {
+    true
+}
+fn is_true(b: &bool) -> bool {
+    *b
+}
+fn is_auto(l: &Launcher) -> bool {
+    *l == Launcher::Auto
 }
 fn one_i64() -> i64 {
     1
@@ -394,6 +429,7 @@ impl ExperimentConfig {
         if p.threads_per_rank == 0 || p.timeout_s == 0 {
             return Err(field_error("parallel", "threads_per_rank and timeout_s must be at least 1".into()));
         }
+        self.validate_processes()?;
         let t = &self.train;
         if t.seq.is_empty() || t.seq.iter().any(|&n| n < 2) {
             return Err(field_error(
@@ -429,6 +465,45 @@ impl ExperimentConfig {
         Ok(())
     }
 
+    /// The backend, device and placement fields agree: CPU tensors on MPI, CUDA on NCCL,
+    /// placement only where processes are launched.
+    fn validate_processes(&self) -> Result<()> {
+        let p = &self.parallel;
+        match (p.backend, p.device.as_str()) {
+            (Backend::Mpi, "cuda") => {
+                return Err(field_error(
+                    "parallel.device",
+                    "cuda with backend = \"mpi\": the mpi backend moves CPU tensors; use backend = \"nccl\" \
+                     for GPUs (one process per GPU)"
+                        .into(),
+                ))
+            }
+            (Backend::Nccl, "cpu") => {
+                return Err(field_error(
+                    "parallel.device",
+                    "backend = \"nccl\" moves CUDA tensors: set device = \"cuda\" (or use backend = \"mpi\" on CPUs)"
+                        .into(),
+                ))
+            }
+            _ => {}
+        }
+        if p.backend == Backend::Local
+            && (p.launcher != Launcher::Auto || p.ranks_per_node.is_some() || p.hostfile.is_some())
+        {
+            return Err(field_error(
+                "parallel.launcher",
+                "launcher, ranks_per_node and hostfile place processes: they need backend = \"mpi\" or \"nccl\"".into(),
+            ));
+        }
+        if p.ranks_per_node == Some(0) {
+            return Err(field_error("parallel.ranks_per_node", "must be at least 1".into()));
+        }
+        if let Some(s) = &self.slurm {
+            s.validate().map_err(|e| field_error("slurm", e))?;
+        }
+        Ok(())
+    }
+
     /// Checks what validation cannot know in advance: the dataset, and that this build and
     /// machine can run the backend and device. `base` resolves dataset paths.
     pub fn check_runnable(&self, base: &Path) -> Result<()> {
@@ -444,24 +519,17 @@ impl ExperimentConfig {
                 ),
             ));
         }
-        match self.parallel.backend {
-            Backend::Local => {}
-            // The driver only starts mpirun; the ranks are processes of `RunOptions::program`,
-            // which must be built with `--features mpi` (the driver itself need not be).
-            Backend::Mpi => {
-                let found = std::process::Command::new("mpirun")
-                    .arg("--version")
-                    .output()
-                    .is_ok_and(|o| o.status.success());
-                if !found {
-                    let msg = "mpi needs OpenMPI's mpirun on PATH (scripts/setup.sh installs it)";
-                    return Err(field_error("parallel.backend", msg.into()));
-                }
-            }
-            Backend::Nccl => {
-                let msg = "Nccl is not in this build yet; the local backend (threads) runs everywhere";
-                return Err(field_error("parallel.backend", msg.into()));
-            }
+        // The data must fill one sequence of the longest length (an empty or short file).
+        if let Some(&n) = self.train.seq.iter().max() {
+            dataset
+                .batch(self.train.seed, 0, 0, 1, n)
+                .map(drop)
+                .map_err(|e| field_error("dataset", e.to_string()))?;
+        }
+        // The driver only starts mpirun or srun; the ranks are processes of
+        // `RunOptions::program`, which must be built with `--features mpi` (and `nccl`).
+        if self.parallel.backend != Backend::Local {
+            super::launch::check_runnable(self)?;
         }
         if self.parallel.device == "cuda" && !crate::device::load_cuda() {
             return Err(field_error(

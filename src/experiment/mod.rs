@@ -1,20 +1,33 @@
 //! Experiments: a declarative config (TOML), a runner that sweeps it and writes results as it
-//! goes (CSV and Parquet through polars), progress on a terminal or as plain lines, and a report
-//! with tables and plots (plotters).
+//! goes (CSV and Parquet through polars), each point's ranks as threads or as processes (mpirun,
+//! srun; one per GPU with NCCL), Slurm jobs (`slurm`), progress on a terminal or as plain lines,
+//! and a report with tables and plots (plotters); and the same tables predicted by the cost model
+//! (`ulysses predict`), side by side with the measured ones when both exist.
 
+mod compare;
 mod config;
+pub mod format;
+mod launch;
+mod memory;
 mod plan;
 mod plot;
+mod predict;
 mod progress;
 mod report;
 mod results;
 mod run;
+pub mod slurm;
 
+pub use compare::{side_by_side, SUMMARY_COLUMNS};
 pub use config::{AttentionSpec, Backend, ExperimentConfig, ModelSpec, ParallelSpec, Point, TrainSpec};
+pub use launch::{LaunchPlan, Launcher};
+pub use memory::{rss, CUDA_PEAK, HOST_RSS};
 pub use plot::{font_ready, Chart, Series, Svg};
+pub use predict::{hardware_for, job_for, predict_experiment, predict_points, PredictSpec, Predicted};
 pub use progress::Progress;
 pub use report::{report, HtmlTable, Report};
 pub use results::{complete_steps, read_table, CommRow, PointRow, Results, StepRow};
 #[cfg(feature = "mpi")]
 pub use run::run_point_rank;
-pub use run::{memory, run, RunOptions, RunSummary};
+pub use run::{run, RunOptions, RunSummary};
+pub use slurm::SlurmSpec;

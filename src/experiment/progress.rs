@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 
+use super::format;
+
 /// Reports sweep points and steps.
 pub struct Progress {
     bar: Option<ProgressBar>,
@@ -50,8 +52,8 @@ impl Progress {
     /// One step of a point finished.
     pub fn step(&mut self, point: &str, step: usize, of: usize, ms: f64, tokens_per_s: f64, loss: f64) {
         self.done += 1;
-        let msg =
-            format!("{point}: step {}/{of} {ms:.1} ms {tokens_per_s:.0} tok/s loss {loss:.4}", step + 1);
+        let (ms, rate) = (format::ms(ms), format::rate(tokens_per_s));
+        let msg = format!("{point}: step {}/{of} {ms} ms {rate} tok/s loss {loss:.4}", step + 1);
         match &self.bar {
             Some(bar) => {
                 bar.set_position(self.done);

@@ -21,29 +21,10 @@ use crate::{Error, Result};
 pub struct HtmlTable(pub DataFrame);
 
 impl HtmlTable {
-    /// The table as HTML: a header of column names, a row per row, numbers as polars prints them.
+    /// The table as HTML: a header of column names, a row per row, numbers in the formats of
+    /// [`format`](super::format) (the unit each column's name announces).
     pub fn html(&self) -> String {
-        let df = &self.0;
-        let mut html = String::from("<table>\n<thead><tr>");
-        for name in df.get_column_names() {
-            html.push_str(&format!("<th>{}</th>", escape(name)));
-        }
-        html.push_str("</tr></thead>\n<tbody>\n");
-        for i in 0..df.height() {
-            html.push_str("<tr>");
-            for value in df.get(i).unwrap_or_default() {
-                let text = match value {
-                    AnyValue::String(s) => s.to_string(),
-                    AnyValue::Float64(f) => format!("{f:.6}"),
-                    AnyValue::Float32(f) => format!("{f:.6}"),
-                    other => other.to_string(),
-                };
-                html.push_str(&format!("<td>{}</td>", escape(&text)));
-            }
-            html.push_str("</tr>\n");
-        }
-        html.push_str("</tbody>\n</table>");
-        html
+        super::format::html_table(&self.0)
     }
 
     pub fn evcxr_display(&self) {
@@ -51,15 +32,12 @@ impl HtmlTable {
     }
 }
 
-/// Text as HTML: `&`, `<` and `>` escaped.
-fn escape(text: &str) -> String {
-    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
-}
-
 /// A report: the summary table and the files written.
 pub struct Report {
     pub summary: DataFrame,
     pub files: Vec<PathBuf>,
+    /// Measured against predicted, per hardware file, when predictions sit beside the run.
+    pub comparisons: Vec<(String, DataFrame)>,
 }
 
 fn polars_error(what: &str, e: PolarsError) -> Error {
@@ -94,19 +72,27 @@ fn series(map: BTreeMap<String, Vec<(f64, f64)>>) -> Vec<Series> {
 
 /// The summary and plots of the run in `dir`.
 pub fn report(dir: &Path) -> Result<Report> {
+    if super::compare::is_prediction(dir) {
+        return super::compare::report(dir);
+    }
     let points = read_table(dir, "points")?;
+    // Memory rows say which measure they hold (host RSS or the CUDA allocator); runs made before
+    // that column existed hold host RSS.
+    let has_measure = points.column("memory").is_ok();
+    let columns = [
+        "strategy",
+        "ranks",
+        "seq",
+        "median_step_ms",
+        "tokens_per_s",
+        "model_tflops",
+        "peak_mib_per_rank",
+        "memory",
+        "bytes_sent_per_rank",
+        "final_loss",
+    ];
     let summary = points
-        .select([
-            "strategy",
-            "ranks",
-            "seq",
-            "median_step_ms",
-            "tokens_per_s",
-            "model_tflops",
-            "peak_mib_per_rank",
-            "bytes_sent_per_rank",
-            "final_loss",
-        ])
+        .select(columns.into_iter().filter(|c| has_measure || *c != "memory"))
         .map_err(|e| polars_error("points", e))?;
     let mut files = Vec::new();
     let csv = dir.join("summary.csv");
@@ -125,6 +111,9 @@ pub fn report(dir: &Path) -> Result<Report> {
         f64s(&points, "peak_mib_per_rank")?,
         f64s(&points, "bytes_sent_per_rank")?,
     );
+    let measure = if has_measure { strs(&points, "memory")?.first().cloned() } else { None };
+    let memory_title =
+        format!("Peak memory per rank ({})", measure.as_deref().unwrap_or("host_rss_above_base"));
     let mut charts = Vec::new();
 
     // Throughput against sequence length: one line per strategy and world size.
@@ -149,7 +138,7 @@ pub fn report(dir: &Path) -> Result<Report> {
         memory.entry(key).or_default().push((ranks[i], mem[i]));
     }
     charts.push(("bytes_vs_ranks", "Bytes sent per rank and step", "ranks P", "MiB", series(bytes)));
-    charts.push(("memory_vs_ranks", "Peak memory per rank", "ranks P", "MiB", series(memory)));
+    charts.push(("memory_vs_ranks", memory_title.as_str(), "ranks P", "MiB", series(memory)));
 
     // Loss curves: rank 0 of every point, every step.
     let steps = read_table(dir, "steps")?;
@@ -171,5 +160,5 @@ pub fn report(dir: &Path) -> Result<Report> {
         let chart = Chart { title: title.into(), x_label: x.into(), y_label: y.into(), series: lines };
         files.extend(chart.write(&plots.join(stem))?);
     }
-    Ok(Report { summary, files })
+    Ok(Report { summary, files, comparisons: super::compare::side_by_side(dir)? })
 }

@@ -6,17 +6,22 @@
 //! always whole):
 //!
 //! - `steps`: one row per sweep point, step and rank: time, throughput, model TFLOP/s, loss,
-//!   memory, bytes sent and received;
+//!   memory (with the name of its measure: host RSS or the CUDA allocator), bytes sent and
+//!   received;
 //! - `comm`: one row per point, step, rank, group and op kind: calls and bytes;
 //! - `points`: one row per finished point: medians over its measured steps.
 //!
 //! A folder that already holds a run is never overwritten: `resume` continues it (finished
 //! points are kept and skipped, the rows of an unfinished point dropped), anything else is an
-//! error here (the runner then picks a fresh `<folder>-N`).
+//! error here (the runner then picks a fresh `<folder>-N`). A run holds an exclusive lock on
+//! `<folder>/.lock` (`flock`, released when the process ends, however it ends), so a second
+//! run into a folder in use is refused instead of interleaving its rows. A write that fails (a
+//! full disk) leaves every file as it was after the last whole step: the CSV is cut back to its
+//! last whole row and the Parquet file is only replaced once its new version is complete.
 
 use std::collections::BTreeSet;
 use std::fs::File;
-use std::io::Write;
+use std::io::{Seek, Write};
 use std::path::{Path, PathBuf};
 
 use polars::prelude::*;
@@ -38,16 +43,27 @@ pub struct StepRow {
     pub warmup: bool,
     pub rank: u32,
     /// Wall time of the step on this rank (forward, backward, gradient sync, update).
+    #[serde(deserialize_with = "f64_or_nan")]
     pub step_ms: f64,
     /// Tokens of the whole job (b x N x dp) per second of step time.
+    #[serde(deserialize_with = "f64_or_nan")]
     pub tokens_per_s: f64,
     /// Model FLOPs of the step (`GptConfig::train_flops`) per second, whole job, in TFLOP/s.
+    #[serde(deserialize_with = "f64_or_nan")]
     pub model_tflops: f64,
     /// Global mean loss.
+    #[serde(deserialize_with = "f64_or_nan")]
     pub loss: f64,
-    /// Peak RSS of the process during the point above its RSS after the models were built,
-    /// divided by the ranks in the process (ranks as threads share one process).
+    /// Peak memory per rank during the point, as `memory` names it: host RSS above the RSS
+    /// after the models were built (CPU), or the CUDA allocator's peak allocated (GPU); divided
+    /// by the ranks sharing the process or GPU.
+    #[serde(deserialize_with = "f64_or_nan")]
     pub peak_mib_per_rank: f64,
+    /// The CUDA allocator's peak reserved (cache included) per rank; NaN on the CPU.
+    #[serde(deserialize_with = "f64_or_nan")]
+    pub peak_reserved_mib_per_rank: f64,
+    /// Which measure `peak_mib_per_rank` holds: "host_rss_above_base" or "cuda_peak_allocated".
+    pub memory: String,
     pub bytes_sent: u64,
     pub bytes_received: u64,
     /// The global gradient norm before clipping (unscaled).
@@ -88,11 +104,21 @@ pub struct PointRow {
     pub median_step_ms: f64,
     pub tokens_per_s: f64,
     pub model_tflops: f64,
+    /// The largest peak over steps and ranks, in the measure `memory` names (see [`StepRow`]).
     pub peak_mib_per_rank: f64,
+    pub peak_reserved_mib_per_rank: f64,
+    pub memory: String,
     /// Median over steps of the largest per-rank volume.
     pub bytes_sent_per_rank: u64,
     pub bytes_received_per_rank: u64,
     pub final_loss: f64,
+}
+
+/// An f64 that JSON wrote as null (JSON has no NaN: serde_json writes NaN as null), read back
+/// as NaN, so that a rank's report with an unmeasured value (memory on a platform without it)
+/// crosses the process boundary.
+fn f64_or_nan<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    Ok(<Option<f64> as serde::Deserialize>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 fn polars_error(what: &str, e: PolarsError) -> Error {
@@ -124,7 +150,9 @@ impl Row for StepRow {
             "step" => col!(r, step), "warmup" => col!(r, warmup), "rank" => col!(r, rank),
             "step_ms" => col!(r, step_ms), "tokens_per_s" => col!(r, tokens_per_s),
             "model_tflops" => col!(r, model_tflops), "loss" => col!(r, loss),
-            "peak_mib_per_rank" => col!(r, peak_mib_per_rank), "bytes_sent" => col!(r, bytes_sent),
+            "peak_mib_per_rank" => col!(r, peak_mib_per_rank),
+            "peak_reserved_mib_per_rank" => col!(r, peak_reserved_mib_per_rank), "memory" => col!(r, memory),
+            "bytes_sent" => col!(r, bytes_sent),
             "bytes_received" => col!(r, bytes_received), "grad_norm" => col!(r, grad_norm), "lr" => col!(r, lr),
             "loss_scale" => col!(r, loss_scale), "skipped" => col!(r, skipped),
         )
@@ -150,7 +178,9 @@ impl Row for PointRow {
             "sp" => col!(r, sp), "dp" => col!(r, dp), "seq" => col!(r, seq), "batch" => col!(r, batch),
             "steps" => col!(r, steps), "median_step_ms" => col!(r, median_step_ms),
             "tokens_per_s" => col!(r, tokens_per_s), "model_tflops" => col!(r, model_tflops),
-            "peak_mib_per_rank" => col!(r, peak_mib_per_rank), "bytes_sent_per_rank" => col!(r, bytes_sent_per_rank),
+            "peak_mib_per_rank" => col!(r, peak_mib_per_rank),
+            "peak_reserved_mib_per_rank" => col!(r, peak_reserved_mib_per_rank), "memory" => col!(r, memory),
+            "bytes_sent_per_rank" => col!(r, bytes_sent_per_rank),
             "bytes_received_per_rank" => col!(r, bytes_received_per_rank), "final_loss" => col!(r, final_loss),
         )
     }
@@ -177,20 +207,40 @@ impl Table {
 
     fn append(&mut self, mut new: DataFrame) -> Result<()> {
         let header = self.df.height() == 0;
-        CsvWriter::new(&mut self.csv)
+        let csv_path = self.parquet.with_extension("csv");
+        // Both files are encoded in memory first, so that a failed write (a full disk) reports
+        // the system's reason and can be undone: the CSV is cut back to its last whole row
+        // (shrinking needs no space), and the Parquet file is replaced only by a whole new
+        // version, renamed over the old one.
+        let mut rows = Vec::new();
+        CsvWriter::new(&mut rows)
             .include_header(header)
             .finish(&mut new)
-            .map_err(|e| polars_error("csv", e))?;
-        self.csv.flush().map_err(|e| io_error(&self.parquet, e))?;
-        if header {
-            self.df = new;
-        } else {
-            self.df.vstack_mut_owned(new).map_err(|e| polars_error("append", e))?;
-        }
+            .map_err(|e| polars_error(&csv_path.display().to_string(), e))?;
+        let mut all =
+            if header { new } else { self.df.vstack(&new).map_err(|e| polars_error("append", e))? };
+        let mut bytes = Vec::new();
+        ParquetWriter::new(&mut bytes)
+            .finish(&mut all)
+            .map_err(|e| polars_error(&self.parquet.display().to_string(), e))?;
+        // The step goes into both files or into neither.
+        let whole = self.csv.metadata().map_err(|e| io_error(&csv_path, e))?.len();
         let tmp = self.parquet.with_extension("parquet.tmp");
-        let file = File::create(&tmp).map_err(|e| io_error(&tmp, e))?;
-        ParquetWriter::new(file).finish(&mut self.df).map_err(|e| polars_error("parquet", e))?;
-        std::fs::rename(&tmp, &self.parquet).map_err(|e| io_error(&self.parquet, e))
+        let written = self
+            .csv
+            .write_all(&rows)
+            .and_then(|()| self.csv.flush())
+            .map_err(|e| io_error(&csv_path, e))
+            .and_then(|()| std::fs::write(&tmp, &bytes).map_err(|e| io_error(&tmp, e)))
+            .and_then(|()| std::fs::rename(&tmp, &self.parquet).map_err(|e| io_error(&self.parquet, e)));
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+            let _ = self.csv.set_len(whole);
+            let _ = self.csv.seek(std::io::SeekFrom::Start(whole));
+            return written;
+        }
+        self.df = all;
+        Ok(())
     }
 }
 
@@ -219,6 +269,35 @@ pub fn complete_steps(dir: &Path) -> Result<std::collections::BTreeMap<u32, u32>
     Ok(out)
 }
 
+/// Takes the exclusive lock of the output folder `dir`, or says that another run holds it.
+fn lock(dir: &Path) -> Result<File> {
+    let path = dir.join(".lock");
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| io_error(&path, e))?;
+    #[cfg(unix)]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock takes the descriptor of `file`, which is open for the whole call, and
+        // touches no memory.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = std::io::Error::last_os_error();
+            let msg = if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                "this folder is in use by another run (it holds .lock); wait for that run to end, or set \
+                 another `output`"
+                    .to_string()
+            } else {
+                format!("cannot lock {}: {e}", path.display())
+            };
+            return Err(Error::InvalidArgument { op: "results", group: dir.display().to_string(), msg });
+        }
+    }
+    Ok(file)
+}
+
 /// Reads a Parquet table of an output folder.
 pub fn read_table(dir: &Path, name: &str) -> Result<DataFrame> {
     let path = dir.join(format!("{name}.parquet"));
@@ -229,6 +308,8 @@ pub fn read_table(dir: &Path, name: &str) -> Result<DataFrame> {
 /// The output folder of a run.
 pub struct Results {
     dir: PathBuf,
+    /// The folder's lock, held while this value lives (see the module doc).
+    _lock: File,
     steps: Table,
     comm: Table,
     points: Table,
@@ -251,6 +332,8 @@ impl Results {
         resume: bool,
         partial: &std::collections::BTreeMap<u32, u32>,
     ) -> Result<Results> {
+        std::fs::create_dir_all(dir).map_err(|e| io_error(dir, e))?;
+        let lock = lock(dir)?;
         let config_path = dir.join("config.toml");
         let mut completed = BTreeSet::new();
         let mut kept: [DataFrame; 3] = [DataFrame::empty(), DataFrame::empty(), DataFrame::empty()];
@@ -299,7 +382,6 @@ impl Results {
                 }
             }
         } else {
-            std::fs::create_dir_all(dir).map_err(|e| io_error(dir, e))?;
             std::fs::write(&config_path, config_toml).map_err(|e| io_error(&config_path, e))?;
         }
         let meta = dir.join("meta.toml");
@@ -307,6 +389,7 @@ impl Results {
         let [steps, comm, points] = kept;
         Ok(Results {
             dir: dir.to_path_buf(),
+            _lock: lock,
             steps: Table::create(dir, StepRow::TABLE, steps)?,
             comm: Table::create(dir, CommRow::TABLE, comm)?,
             points: Table::create(dir, PointRow::TABLE, points)?,

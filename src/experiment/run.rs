@@ -11,10 +11,12 @@ use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
 use super::config::{Backend, ExperimentConfig, Point};
+use super::launch::LaunchPlan;
+use super::memory::MemoryProbe;
 use super::progress::Progress;
 use super::results::{complete_steps, CommRow, PointRow, Results, StepRow};
-use crate::attention::{AttentionConfig, Mask};
-use crate::comm::{LocalLaunch, MeshShape, RankCtx, ReduceOp};
+use crate::attention::AttentionConfig;
+use crate::comm::{LauncherEnv, LocalLaunch, Mesh, MeshShape, RankCtx, ReduceOp};
 use crate::data::{shard, Dataset};
 use crate::error::TorchResultExt;
 use crate::model::{Gpt, GptConfig};
@@ -28,7 +30,8 @@ pub struct RunOptions {
     pub resume: bool,
     /// Directory that relative paths (output, dataset files) start from.
     pub base_dir: PathBuf,
-    /// The `ulysses` binary, which MPI points start under mpirun (`ulysses run-point`).
+    /// The `ulysses` binary whose processes are the ranks of MPI and NCCL points (started by
+    /// mpirun or srun as `ulysses run-point`).
     pub program: Option<PathBuf>,
 }
 
@@ -55,8 +58,11 @@ struct Meta {
     memory_gib: f64,
     ulysses: &'static str,
     tch: &'static str,
-    libtorch: &'static str,
+    /// The libtorch this process loaded ("2.11.0+cu130"), or the one it was built for.
+    libtorch: String,
     cuda_available: bool,
+    /// CUDA devices this process sees.
+    cuda_devices: usize,
 }
 
 fn git(args: &[&str]) -> Option<String> {
@@ -88,8 +94,10 @@ fn meta(cfg: &ExperimentConfig, resume: bool) -> Result<String> {
         memory_gib: mem_kb / (1024.0 * 1024.0),
         ulysses: env!("CARGO_PKG_VERSION"),
         tch: "0.24.0",
-        libtorch: "2.11.0",
+        libtorch: crate::device::loaded_libtorch()
+            .map_or_else(|| crate::device::BUILT_LIBTORCH.to_string(), |t| t.version),
         cuda_available: tch::Cuda::is_available(),
+        cuda_devices: crate::device::cuda_device_count(),
     };
     toml::to_string_pretty(&m).map_err(|e| Error::InvalidArgument {
         op: "results",
@@ -98,34 +106,12 @@ fn meta(cfg: &ExperimentConfig, resume: bool) -> Result<String> {
     })
 }
 
-/// Memory of this process from /proc (Linux); `None` elsewhere.
-pub mod memory {
-    /// A field of /proc/self/status (VmRSS, VmHWM) in MiB.
-    pub fn status_mib(field: &str) -> Option<f64> {
-        let text = std::fs::read_to_string("/proc/self/status").ok()?;
-        let line = text.lines().find(|l| l.starts_with(field))?;
-        let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-        Some(kb / 1024.0)
-    }
-
-    /// Resets the peak RSS (VmHWM) to the current RSS (Linux 4.0+), after handing the heap
-    /// memory freed by earlier points back to the OS, so that the RSS counts live memory only.
-    pub fn reset_peak() -> bool {
-        #[cfg(all(target_os = "linux", target_env = "gnu"))]
-        // SAFETY: malloc_trim takes no pointer and only walks glibc's own arenas.
-        unsafe {
-            libc::malloc_trim(0);
-        }
-        std::fs::write("/proc/self/clear_refs", "5").is_ok()
-    }
-}
-
 /// Runs every point of `cfg` (skipping those an earlier run finished, with `resume`).
 pub fn run(cfg: &ExperimentConfig, opts: &RunOptions) -> Result<RunSummary> {
     let started = Instant::now();
     cfg.validate()?;
     cfg.check_runnable(&opts.base_dir)?;
-    if cfg.parallel.backend == Backend::Mpi && opts.program.is_none() {
+    if cfg.parallel.backend != Backend::Local && opts.program.is_none() {
         return Err(no_program());
     }
     let asked = opts.base_dir.join(cfg.output_dir());
@@ -202,7 +188,7 @@ fn checkpoints_dir(dir: &Path, point: &Point) -> PathBuf {
 }
 
 /// `dir` if it holds no run, else the first `<dir>-N` (N = 2, 3, ...) that holds none.
-fn free_dir(dir: &Path) -> PathBuf {
+pub(crate) fn free_dir(dir: &Path) -> PathBuf {
     let holds_run = |d: &Path| d.join("config.toml").exists();
     if !holds_run(dir) {
         return dir.to_path_buf();
@@ -241,11 +227,7 @@ fn run_point(
         let gpt = &gpt;
         let ranks = s.spawn(move || match cfg.parallel.backend {
             Backend::Local => local_ranks(cfg, point, gpt, dataset, (&dir, start), &tx),
-            Backend::Mpi => mpi_ranks(point, &dir, opts, start, &tx),
-            Backend::Nccl => Err(Error::Backend {
-                backend: "nccl",
-                msg: "experiments on NCCL are not in this build".into(),
-            }),
+            Backend::Mpi | Backend::Nccl => process_ranks(cfg, point, &dir, opts, start, &tx),
         });
         // Every rank reports each step; a step is written once all have.
         let mut pending: BTreeMap<u32, Vec<Report>> = BTreeMap::new();
@@ -301,7 +283,8 @@ fn local_ranks(
     (dir, start): (&Path, Option<PathBuf>),
     tx: &mpsc::Sender<Event>,
 ) -> Result<()> {
-    let spec = RankSpec::new(cfg, point, gpt, dataset, point.ranks)?.checkpoints(dir, start);
+    let device = if cfg.parallel.device == "cuda" { Device::Cuda(0) } else { Device::Cpu };
+    let spec = RankSpec::new(cfg, point, gpt, dataset, point.ranks, device)?.checkpoints(dir, start);
     let send = |r: Report| tx.send(Event::Report(Box::new(r))).map_err(|_| writer_gone());
     LocalLaunch::new(point.ranks)
         .timeout(Duration::from_secs(cfg.parallel.timeout_s))
@@ -322,8 +305,8 @@ fn writer_gone() -> Error {
 fn no_program() -> Error {
     Error::Backend {
         backend: "mpi",
-        msg: "an MPI run needs the path of a ulysses binary built with `--features mpi` \
-              (RunOptions::program): its processes are the ranks"
+        msg: "an MPI or NCCL run needs the path of a ulysses binary built with `--features mpi` \
+              (and `nccl`) (RunOptions::program): its processes are the ranks"
             .into(),
     }
 }
@@ -331,9 +314,10 @@ fn no_program() -> Error {
 /// The marker of a report line that an MPI rank prints.
 const ROW: &str = "ULYSSES_ROW ";
 
-/// The point's ranks as MPI processes: `mpirun -n P ulysses run-point`, whose reports come back
-/// as JSON lines on stdout.
-fn mpi_ranks(
+/// The point's ranks as processes (one per GPU with NCCL): `mpirun` or `srun` of
+/// `ulysses run-point` (see [`LaunchPlan`]), whose reports come back as JSON lines on stdout.
+fn process_ranks(
+    cfg: &ExperimentConfig,
     point: &Point,
     dir: &Path,
     opts: &RunOptions,
@@ -349,11 +333,16 @@ fn mpi_ranks(
         .chain(["--base".into(), opts.base_dir.display().to_string()])
         .chain(start.into_iter().flat_map(|s| ["--from".to_string(), s.display().to_string()]))
         .collect();
-    let mut child = crate::comm::mpirun_command(point.ranks, &program, &args)
+    let p = &cfg.parallel;
+    let env = LauncherEnv::from_process();
+    let plan = LaunchPlan::new(point.ranks, p.launcher, p.ranks_per_node, p.hostfile.as_deref(), &env)?;
+    let launcher = format!("{:?}", plan.launcher).to_lowercase();
+    let mut child = plan
+        .command(&program, &args)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .map_err(|e| Error::Backend { backend: "mpi", msg: format!("cannot start mpirun: {e}") })?;
+        .map_err(|e| Error::Backend { backend: "mpi", msg: format!("cannot start {launcher}: {e}") })?;
     let mut stderr = child.stderr.take();
     let errors = std::thread::spawn(move || {
         let mut text = String::new();
@@ -364,7 +353,7 @@ fn mpi_ranks(
     });
     for line in child.stdout.take().into_iter().flat_map(|s| BufReader::new(s).lines().map_while(|l| l.ok()))
     {
-        let (_, body) = crate::comm::untag(&line);
+        let (_, body) = plan.untag(&line);
         let event = match body.split_once(ROW) {
             Some((_, json)) => {
                 Event::Report(Box::new(serde_json::from_str(json).map_err(|e| Error::Backend {
@@ -383,14 +372,17 @@ fn mpi_ranks(
         let tail: Vec<&str> = tail.into_iter().rev().collect();
         return Err(Error::Backend {
             backend: "mpi",
-            msg: format!("mpirun ended with {status}:\n{}", tail.join("\n")),
+            msg: format!("{launcher} ended with {status}:\n{}", tail.join("\n")),
         });
     }
     Ok(())
 }
 
 /// This process as one rank of an MPI job running point `index` of the run in `dir` (what
-/// `ulysses run-point` does under mpirun): reports go to stdout as JSON lines.
+/// `ulysses run-point` does under mpirun or srun): reports go to stdout as JSON lines. With
+/// NCCL the rank first binds its GPU from its launcher's variables (`bind_gpu`: made current
+/// before any CUDA or NCCL call, two ranks on one GPU refused), then its world, and every
+/// group split from it, becomes an NCCL communicator over the MPI world.
 #[cfg(feature = "mpi")]
 pub fn run_point_rank(dir: &Path, index: usize, base: &Path, from: Option<&Path>) -> Result<()> {
     use std::io::Write;
@@ -402,8 +394,7 @@ pub fn run_point_rank(dir: &Path, index: usize, base: &Path, from: Option<&Path>
     })?;
     let gpt = cfg.gpt()?;
     let dataset = cfg.dataset.open(base)?;
-    let spec =
-        RankSpec::new(&cfg, &point, &gpt, dataset.as_ref(), 1)?.checkpoints(dir, from.map(Path::to_path_buf));
+    let timeout = Duration::from_secs(cfg.parallel.timeout_s);
     let send = |r: Report| -> Result<()> {
         let json =
             serde_json::to_string(&r).map_err(|e| Error::Backend { backend: "mpi", msg: e.to_string() })?;
@@ -413,10 +404,50 @@ pub fn run_point_rank(dir: &Path, index: usize, base: &Path, from: Option<&Path>
             .and_then(|()| out.flush())
             .map_err(|_| writer_gone())
     };
-    crate::comm::MpiLaunch::new()
-        .timeout(Duration::from_secs(cfg.parallel.timeout_s))
-        .threads_per_rank(cfg.parallel.threads_per_rank)
-        .run(|ctx| rank_main(ctx, &spec, &send))
+    crate::comm::MpiLaunch::new().timeout(timeout).threads_per_rank(cfg.parallel.threads_per_rank).run(
+        |ctx| {
+            if cfg.parallel.backend != Backend::Nccl {
+                let spec = RankSpec::new(&cfg, &point, &gpt, dataset.as_ref(), 1, Device::Cpu)?
+                    .checkpoints(dir, from.map(Path::to_path_buf));
+                return rank_main(ctx, &spec, &send);
+            }
+            let (world, device) = nccl_world(&ctx, timeout)?;
+            let spec = RankSpec::new(&cfg, &point, &gpt, dataset.as_ref(), 1, device)?
+                .checkpoints(dir, from.map(Path::to_path_buf));
+            rank_main(RankCtx::new(world), &spec, &send)
+        },
+    )
+}
+
+/// This rank's GPU, made current, and the NCCL world over the MPI one.
+#[cfg(all(feature = "mpi", feature = "nccl"))]
+fn nccl_world(ctx: &RankCtx, timeout: Duration) -> Result<(crate::comm::Group, Device)> {
+    use std::io::Write;
+    let gpu = crate::comm::bind_gpu(ctx.world(), &LauncherEnv::from_process())?;
+    let line = format!(
+        "rank {}: host {}, cuda:{} (PCI {}), local rank {} of {} ({})\n",
+        ctx.rank(),
+        gpu.host,
+        match gpu.device {
+            Device::Cuda(i) => i,
+            _ => 0,
+        },
+        gpu.pci_bus_id,
+        gpu.local_rank,
+        gpu.local_size,
+        gpu.source
+    );
+    let _ = std::io::stdout().lock().write_all(line.as_bytes());
+    Ok((crate::comm::nccl_group(ctx.world(), gpu.device, timeout)?, gpu.device))
+}
+
+#[cfg(all(feature = "mpi", not(feature = "nccl")))]
+fn nccl_world(_ctx: &RankCtx, _timeout: Duration) -> Result<(crate::comm::Group, Device)> {
+    Err(Error::Backend {
+        backend: "nccl",
+        msg: "this ulysses was built without the `nccl` feature: cargo build --release --features mpi,nccl"
+            .into(),
+    })
 }
 
 /// Everything a rank needs to run a point.
@@ -429,6 +460,8 @@ struct RankSpec<'a> {
     dataset: &'a dyn Dataset,
     /// Ranks sharing this process (threads): memory readings are divided among them.
     ranks_in_process: usize,
+    /// This rank's device (its own GPU with NCCL; threads share cuda:0).
+    device: Device,
     /// Where the point's checkpoints go (with `train.checkpoint_every`).
     checkpoints: Option<PathBuf>,
     /// The checkpoint the point starts from.
@@ -442,6 +475,7 @@ impl<'a> RankSpec<'a> {
         gpt: &'a GptConfig,
         dataset: &'a dyn Dataset,
         ranks_in_process: usize,
+        device: Device,
     ) -> Result<RankSpec<'a>> {
         Ok(RankSpec {
             cfg,
@@ -451,6 +485,7 @@ impl<'a> RankSpec<'a> {
             kind: cfg.kind()?,
             dataset,
             ranks_in_process,
+            device,
             checkpoints: None,
             start: None,
         })
@@ -469,9 +504,10 @@ fn rank_main(ctx: RankCtx, spec: &RankSpec<'_>, send: &(dyn Fn(Report) -> Result
     let (cfg, point, gpt) = (spec.cfg, spec.point, spec.gpt);
     let (dp, k) = (point.dp, point.grad_accum);
     let sp = point.ranks / dp;
-    let mesh = ctx.mesh(MeshShape::dp_sp(dp, sp)?)?;
+    let world = ctx.world().clone().with_overlap(cfg.parallel.overlap);
+    let mesh = Mesh::new(&world, MeshShape::dp_sp(dp, sp)?)?;
     let (sp_group, dp_group) = (mesh.group("sp")?, mesh.group("dp")?);
-    let device = if cfg.parallel.device == "cuda" { Device::Cuda(0) } else { Device::Cpu };
+    let device = spec.device;
     let strategy = point.strategy.build(sp_group, spec.attention, point.seq, gpt.n_head, gpt.n_kv_head)?;
     let layout = strategy.layout().clone();
     let model = Gpt::new(gpt, strategy, spec.kind, device)?;
@@ -479,20 +515,21 @@ fn rank_main(ctx: RankCtx, spec: &RankSpec<'_>, send: &(dyn Fn(Report) -> Result
     if let Some(from) = &spec.start {
         trainer.load(from)?;
     }
-    let world = ctx.world();
+    let world = &world;
 
-    // Memory: the process's RSS once every rank has built its model, and its peak from then.
+    // Memory once every rank has built its model, and its peak from then (one reset per
+    // process or GPU).
+    world.synchronize()?;
+    crate::device::synchronize(device)?;
     world.barrier()?;
-    if spec.ranks_in_process == 1 || ctx.rank() == 0 {
-        memory::reset_peak();
-    }
+    MemoryProbe::reset(device, spec.ranks_in_process == 1 || ctx.rank() == 0)?;
     world.barrier()?;
-    let base = memory::status_mib("VmRSS:");
+    let memory = MemoryProbe::new(device, spec.ranks_in_process);
     world.barrier()?;
 
     let (b, n, total) = (cfg.train.batch, point.seq, cfg.train.warmup + cfg.train.steps);
     let tokens = (b * n) as f64 * (dp * k) as f64;
-    let flops = gpt.train_flops(b * n * (dp * k) as i64, n, spec.attention.mask != Mask::None);
+    let flops = gpt.train_flops(b * n * (dp * k) as i64, n, &spec.attention.mask);
     for step in trainer.steps_taken() as usize..total {
         // Micro-batch m of replica d draws the dataset's replica d k + m, so that one device
         // accumulating dp x k micro-batches sees the global batch of dp replicas.
@@ -502,10 +539,14 @@ fn rank_main(ctx: RankCtx, spec: &RankSpec<'_>, send: &(dyn Fn(Report) -> Result
             shard(&global.f_to(device).op("experiment")?, &layout, sp_group.rank())
         };
         let batches = (0..k).map(micro).collect::<Result<Vec<_>>>()?;
+        // The clock reads a device with nothing queued (GPU-true step times).
+        crate::device::synchronize(device)?;
         world.barrier()?;
         world.reset_rank_stats();
         let t0 = Instant::now();
         let report = trainer.step(&batches)?;
+        world.synchronize()?;
+        crate::device::synchronize(device)?;
         world.barrier()?;
         let seconds = t0.elapsed().as_secs_f64();
         let by_group = world.rank_stats_by_group();
@@ -515,10 +556,7 @@ fn rank_main(ctx: RankCtx, spec: &RankSpec<'_>, send: &(dyn Fn(Report) -> Result
         } else {
             report.loss
         };
-        let peak = match (base, memory::status_mib("VmHWM:")) {
-            (Some(base), Some(peak)) => (peak - base).max(0.0) / spec.ranks_in_process as f64,
-            _ => f64::NAN,
-        };
+        let (peak, reserved, measure) = memory.read()?;
         let sent: u64 = by_group.iter().map(|(_, s)| s.bytes_sent()).sum();
         let received: u64 = by_group.iter().map(|(_, s)| s.bytes_received()).sum();
         let row = StepRow {
@@ -537,6 +575,8 @@ fn rank_main(ctx: RankCtx, spec: &RankSpec<'_>, send: &(dyn Fn(Report) -> Result
             model_tflops: flops / seconds / 1e12,
             loss: loss_value,
             peak_mib_per_rank: peak,
+            peak_reserved_mib_per_rank: reserved,
+            memory: measure.to_string(),
             bytes_sent: sent,
             bytes_received: received,
             grad_norm: report.grad_norm,
@@ -594,7 +634,7 @@ fn summarize(point: &Point, cfg: &ExperimentConfig, gpt: &GptConfig, rows: &[Ste
     let step_ms = median(per_step(&|r| r.step_ms));
     let seconds = step_ms / 1e3;
     let (b, n, dp) = (cfg.train.batch, point.seq, (point.dp * point.grad_accum) as i64);
-    let flops = gpt.train_flops(b * n * dp, n, cfg.attention()?.mask != Mask::None);
+    let flops = gpt.train_flops(b * n * dp, n, &cfg.attention()?.mask);
     let last = measured.iter().filter(|r| r.rank == 0).max_by_key(|r| r.step);
     Ok(PointRow {
         point: point.index as u32,
@@ -609,6 +649,11 @@ fn summarize(point: &Point, cfg: &ExperimentConfig, gpt: &GptConfig, rows: &[Ste
         tokens_per_s: (b * n * dp) as f64 / seconds,
         model_tflops: flops / seconds / 1e12,
         peak_mib_per_rank: measured.iter().map(|r| r.peak_mib_per_rank).fold(f64::NAN, f64::max),
+        peak_reserved_mib_per_rank: measured
+            .iter()
+            .map(|r| r.peak_reserved_mib_per_rank)
+            .fold(f64::NAN, f64::max),
+        memory: measured.first().map_or_else(|| super::memory::HOST_RSS.to_string(), |r| r.memory.clone()),
         bytes_sent_per_rank: median(per_step(&|r| r.bytes_sent as f64)) as u64,
         bytes_received_per_rank: median(per_step(&|r| r.bytes_received as f64)) as u64,
         final_loss: last.map_or(f64::NAN, |r| r.loss),

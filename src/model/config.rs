@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::attention::Mask;
 use crate::{Error, Result};
 
 /// A decoder-only transformer: pre-norm blocks (LayerNorm, attention with RoPE, LayerNorm, GELU
@@ -163,18 +164,24 @@ impl GptConfig {
     }
 
     /// Model FLOPs of one training step (forward and backward) over `tokens` tokens in
-    /// sequences of `seq`: the standard count (Kaplan et al. 2020; Chowdhery et al. 2022,
-    /// appendix B)
+    /// sequences of `seq` under `mask`: the standard count (Kaplan et al. 2020; Chowdhery et al.
+    /// 2022, appendix B)
     ///
-    /// `6 x matmul parameters x tokens + 12 x L x h x seq x tokens`
+    /// `6 x matmul parameters x tokens + 12 x L x h x visible pairs per sequence x sequences`
     ///
     /// where 6 = 2 (forward multiply-add) + 4 (backward: two products per parameter), and the
-    /// attention term counts QK^T and the weighted sum of V (2 x 2 x h x seq per token and layer
-    /// forward, x3 with the backward). Halved attention for a causal mask, whose kernels skip the
-    /// masked half.
-    pub fn train_flops(&self, tokens: i64, seq: i64, causal: bool) -> f64 {
+    /// attention term counts QK^T and the weighted sum of V over the (query, key) pairs the mask
+    /// makes visible (2 x 2 x h per pair and layer forward, x3 with the backward):
+    /// [`Mask::visible_pairs`], `seq^2` without a mask, `seq(seq+1)/2` causal, about
+    /// `seq x window` for a sliding window, the connected blocks for block-sparse. This is what an
+    /// exact kernel must compute; the Megatron-DeepSpeed convention the paper reports (full
+    /// `seq^2` attention, recomputation counted) is [`cost::megatron_flops`].
+    ///
+    /// [`cost::megatron_flops`]: crate::cost::megatron_flops
+    pub fn train_flops(&self, tokens: i64, seq: i64, mask: &Mask) -> f64 {
         let dense = 6.0 * self.matmul_params() as f64 * tokens as f64;
-        let attention = 12.0 * (self.n_layer * self.n_embd) as f64 * seq as f64 * tokens as f64;
-        dense + if causal { attention / 2.0 } else { attention }
+        let sequences = tokens as f64 / seq as f64;
+        let pairs = mask.visible_pairs(seq) as f64;
+        dense + 12.0 * (self.n_layer * self.n_embd) as f64 * pairs * sequences
     }
 }

@@ -217,6 +217,20 @@ impl Gpt {
                 ),
             });
         }
+        // Ids outside the embedding would fail deep in libtorch (on a GPU, as a device assert).
+        if tokens.numel() > 0 {
+            let (lo, hi) = (tokens.min().int64_value(&[]), tokens.max().int64_value(&[]));
+            if lo < 0 || hi >= self.cfg.vocab_size {
+                return Err(Error::Shape {
+                    op: "gpt",
+                    shapes: vec![size],
+                    msg: format!(
+                        "token ids must lie in 0..{} (vocab_size); got {lo}..={hi}",
+                        self.cfg.vocab_size
+                    ),
+                });
+            }
+        }
         if self.hooks.is_some() && !tape.is_recording() {
             return Err(Error::Tape {
                 op: "gpt",
@@ -278,20 +292,20 @@ impl Core {
         let (b, d) = (x.size()[0], self.cfg.head_dim());
         let (hq, hkv) = self.heads; // this rank's heads
         let tp = self.strategy.tensor_parallel();
-        // Megatron-SP's all-gather and reduce-scatter of the sequence; identities otherwise.
-        // [b, s_r, h] -> [b, N, h]
-        let gather = |x: Tensor| match tp {
-            Some(g) => tape.all_gather_v(g, &x, 1, layout.lens()),
-            None => Ok(x),
+        // Megatron-SP's all-gather of the sequence into a column-parallel linear (the shard kept,
+        // gathered again in the backward, as Megatron-LM does); a plain linear otherwise.
+        // [b, s_r, h] -> [b, t, out], t = N or s_r
+        let gathered = |linear: &Linear, x: Tensor| match tp {
+            Some(g) => linear.forward_gathered(tape, g, &x, layout.lens()),
+            None => linear.forward(&x),
         };
         // [b, N, h] partial sums -> [b, s_r, h] summed
         let scatter = |y: Tensor| match tp {
             Some(g) => tape.reduce_scatter_v(g, &y, 1, layout.lens()),
             None => Ok(y),
         };
-        let a = gather(block.ln1.forward(x)?)?; // [b, t, h], t = s_r or N
-        let t = a.size()[1];
-        let qkv = block.qkv.forward(&a)?; // [b, t, (hq + 2 hkv) d]
+        let qkv = gathered(&block.qkv, block.ln1.forward(x)?)?; // [b, t, (hq + 2 hkv) d]
+        let t = qkv.size()[1];
         let part = |start: i64, heads: i64| -> Result<Tensor> {
             // [b, t, (hq + 2 hkv) d] -> [b, t, heads, d]
             qkv.f_narrow(2, start * d, heads * d).and_then(|t_| t_.f_reshape([b, t, heads, d])).op("gpt")
@@ -302,8 +316,7 @@ impl Core {
         // [b, t, hq, d] -> [b, t, hq d]
         let o = self.strategy.forward(tape, &q, &k, &v)?.f_reshape([b, t, hq * d]).op("gpt")?;
         let x = x.f_add(&block.proj.forward_reduced(&o, scatter)?).op("gpt")?;
-        let m = gather(block.ln2.forward(&x)?)?;
-        let m = block.fc.forward(&m)?.f_gelu("tanh").op("gpt")?;
+        let m = gathered(&block.fc, block.ln2.forward(&x)?)?.f_gelu("tanh").op("gpt")?;
         x.f_add(&block.fc_out.forward_reduced(&m, scatter)?).op("gpt")
     }
 }

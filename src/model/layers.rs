@@ -3,6 +3,8 @@
 use tch::{Device, Kind, Tensor};
 
 use super::init;
+use crate::autograd::Tape;
+use crate::comm::Group;
 use crate::error::TorchResultExt;
 use crate::Result;
 
@@ -167,6 +169,16 @@ impl Linear {
     /// `[.., in]` -> `[.., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         x.f_linear(&self.weight, self.bias.as_ref()).op("linear")
+    }
+
+    /// A column-parallel layer on the all-gather of `x` along the sequence (dim 1) over `group`
+    /// (Megatron-SP), as one taped op that keeps `x`'s shard, not the gathered input, and
+    /// gathers it again in the backward ([`Tape::all_gather_linear`]).
+    ///
+    /// # Shapes
+    /// `[b, sizes[r], in]` -> `[b, sum(sizes), out]` (this rank's output features).
+    pub fn forward_gathered(&self, tape: &Tape, group: &Group, x: &Tensor, sizes: &[i64]) -> Result<Tensor> {
+        tape.all_gather_linear(group, x, 1, sizes, &self.weight, self.bias.as_ref())
     }
 
     /// A row-parallel layer around the reduction of its partial sums: `reduce` sums them over

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod checks;
+pub mod parity;
 pub mod train_checks;
 pub mod training;
 

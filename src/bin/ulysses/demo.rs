@@ -3,6 +3,7 @@
 use anyhow::{ensure, Context, Result};
 use tch::{Device, Kind, Tensor};
 use ulysses::comm::OpKind;
+use ulysses::experiment::format::plain;
 
 use crate::ranks::{on_ranks, BackendArg};
 
@@ -42,16 +43,17 @@ pub fn run(backend: BackendArg, p: usize, n: i64, h: i64, d: i64, b: i64) -> Res
             "{rank:>4}  {:<18} {:<18} {:>12} {:>12}  {}",
             shape(&v[0..4]),
             shape(&v[4..8]),
-            v[8],
-            v[9],
+            plain(v[8]),
+            plain(v[9]),
             if exact { "bit-exact" } else { "DIFFERS" }
         );
     }
     // DESIGN.md §2.2: one all-to-all of a tensor of M elements sends M(P-1)/P^2 per rank.
     let (m, pp) = (b * n * h * d, ranks as i64);
     println!(
-        "formula for even heads: M(P-1)/P^2 x 4 B = {} B per rank (M = b*N*H*d = {m})",
-        m * (pp - 1) / (pp * pp) * 4
+        "formula for even heads: M(P-1)/P^2 x 4 B = {} B per rank (M = b*N*H*d = {})",
+        plain((m * (pp - 1) / (pp * pp) * 4) as f64),
+        plain(m as f64)
     );
     ensure!(reports.iter().all(|v| v[10] == 1.0), "an all-to-all round trip was not exact");
     Ok(())

@@ -1,12 +1,40 @@
-//! `ulysses layer`: one Ulysses attention layer from and to safetensors files.
+//! `ulysses layer`: one attention layer of any strategy from and to safetensors files, so that
+//! any other implementation (a PyTorch script: scripts/compare_layer.py) can check it.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
 use tch::{Kind, Tensor};
-use ulysses::attention::{AttentionConfig, Kernel, Mask, SequenceParallel, UlyssesAttention};
+use ulysses::attention::{check_finite, AttentionConfig, Kernel, Mask, Sharding, StrategyConfig};
 use ulysses::autograd::Tape;
-use ulysses::comm::{launch, OpKind};
+use ulysses::comm::launch;
+
+#[derive(clap::Args)]
+pub struct LayerArgs {
+    /// The safetensors file with q, k, v (and grad_out).
+    #[arg(long)]
+    input: PathBuf,
+    /// Where to write out, grad_q, grad_k, grad_v (and lse).
+    #[arg(long)]
+    output: PathBuf,
+    /// Ranks (threads).
+    #[arg(long, default_value_t = 4)]
+    ranks: usize,
+    /// single, ulysses, megatron_sp, ring, ring_zigzag, allgather_kv, allgather_kv_zigzag,
+    /// usp:U or usp_zigzag:U (U = Ulysses degree).
+    #[arg(long, default_value = "ulysses")]
+    strategy: StrategyConfig,
+    /// Attention kernel of ulysses, megatron_sp and single: math, sdpa or blocked (the others
+    /// compute attention blockwise with the mask).
+    #[arg(long, default_value = "sdpa")]
+    kernel: Kernel,
+    /// Mask: none, causal, window:W, sparse:B,L,G or sparse-causal:B,L,G.
+    #[arg(long, default_value = "causal")]
+    mask: Mask,
+    /// Also write `lse` [b, N, H]: the log-sum-exp of every attention row, in f32 (f64 for f64).
+    #[arg(long)]
+    lse: bool,
+}
 
 /// The named tensors of the input file.
 struct Inputs {
@@ -16,70 +44,153 @@ struct Inputs {
     grad_out: Option<Tensor>,
 }
 
+/// Checks that a safetensors file holds all the bytes its header describes: an 8-byte header
+/// length, the JSON header, then the tensors' data up to the largest `data_offsets` end.
+fn check_length(path: &Path) -> Result<()> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let have = file.metadata()?.len();
+    let mut len = [0u8; 8];
+    let header_len = match file.read_exact(&mut len) {
+        Ok(()) => u64::from_le_bytes(len),
+        Err(_) => bail!("{} holds {have} bytes: too short for a safetensors file", path.display()),
+    };
+    if have < 8 + header_len {
+        bail!(
+            "{} is truncated or not a safetensors file: its header should take {header_len} bytes, the file \
+             holds {have}",
+            path.display()
+        );
+    }
+    let mut header = vec![0u8; header_len as usize];
+    file.read_exact(&mut header)?;
+    let json: serde_json::Value = serde_json::from_slice(&header).with_context(|| {
+        format!("{} has a header that is not JSON: not a safetensors file", path.display())
+    })?;
+    let data_end = json
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(_, t)| t.get("data_offsets")?.get(1)?.as_u64())
+        .max()
+        .unwrap_or(0);
+    if have < 8 + header_len + data_end {
+        bail!(
+            "{} is truncated: its tensors need {data_end} bytes after the header, the file holds {}",
+            path.display(),
+            have - 8 - header_len
+        );
+    }
+    Ok(())
+}
+
 fn read(path: &Path) -> Result<Inputs> {
+    check_length(path)?;
     let named = Tensor::read_safetensors(path).with_context(|| format!("reading {}", path.display()))?;
     let take = |name: &str| named.iter().find(|(n, _)| n == name).map(|(_, t)| t.shallow_clone());
     let (q, k, v, grad_out) = (take("q"), take("k"), take("v"), take("grad_out"));
     let names: Vec<&str> = named.iter().map(|(n, _)| n.as_str()).collect();
-    match (q, k, v) {
-        (Some(q), Some(k), Some(v)) => Ok(Inputs { q, k, v, grad_out }),
+    let Inputs { q, k, v, grad_out } = match (q, k, v) {
+        (Some(q), Some(k), Some(v)) => Inputs { q, k, v, grad_out },
         _ => bail!(
             "{} must hold tensors q, k and v (and optionally grad_out); it holds {names:?}",
             path.display()
         ),
+    };
+    let (qs, ks) = (q.size(), k.size());
+    ensure!(qs.len() == 4 && ks.len() == 4, "q {qs:?} and k {ks:?} must be [b, N, heads, d]");
+    ensure!(v.size() == ks, "v {:?} must have k's shape {ks:?}", v.size());
+    ensure!(
+        qs[0] == ks[0] && qs[1] == ks[1] && qs[3] == ks[3],
+        "q {qs:?} and k {ks:?} must agree on b, N and d"
+    );
+    let mut named = vec![("q", &q), ("k", &k), ("v", &v)];
+    if let Some(g) = &grad_out {
+        ensure!(g.size() == qs, "grad_out {:?} must have q's shape {qs:?}", g.size());
+        named.push(("grad_out", g));
     }
+    for (name, t) in &named {
+        ensure!(
+            t.kind() == q.kind()
+                && matches!(t.kind(), Kind::Float | Kind::Double | Kind::BFloat16 | Kind::Half),
+            "{name} is {:?}: q, k, v and grad_out must share one floating-point dtype (q is {:?})",
+            t.kind(),
+            q.kind()
+        );
+    }
+    check_finite("layer", &named)?;
+    Ok(Inputs { q, k, v, grad_out })
 }
 
-pub fn run(input: &Path, output: &Path, p: usize, kernel: Kernel, mask: Mask) -> Result<()> {
-    let x = read(input)?;
+pub fn run(a: &LayerArgs) -> Result<()> {
+    let x = read(&a.input)?;
     let (qs, ks) = (x.q.size(), x.k.size());
-    ensure!(qs.len() == 4 && ks.len() == 4, "q {qs:?} and k {ks:?} must be [b, N, heads, d]");
-    ensure!(x.v.size() == ks, "v {:?} must have k's shape {ks:?}", x.v.size());
-    if let Some(g) = &x.grad_out {
-        ensure!(g.size() == qs, "grad_out {:?} must have q's shape {qs:?}", g.size());
-    }
     let (n, heads, kv_heads) = (qs[1], qs[2], ks[2]);
-    let attention = AttentionConfig::new(kernel, mask);
+    let attention = AttentionConfig::new(a.kernel, a.mask);
+    // Every refusal (layout, heads, kernel and mask) before any rank starts.
+    a.strategy.check(n, a.ranks, heads, kv_heads)?;
+    attention.build()?;
     println!(
-        "Ulysses layer on {p} ranks: q {qs:?}, k/v {ks:?}, {:?}, kernel {kernel:?}, mask {mask:?}",
-        x.q.kind()
+        "{} on {} ranks: q {qs:?}, k/v {ks:?}, {:?}, kernel {:?}, mask {:?}",
+        a.strategy.label(),
+        a.ranks,
+        x.q.kind(),
+        a.kernel,
+        a.mask
     );
 
-    let per_rank = launch(p, |ctx| -> Result<([Tensor; 4], u64)> {
+    let per_rank = launch(a.ranks, |ctx| -> Result<(Vec<Tensor>, u64, Sharding)> {
         let r = ctx.rank();
-        // Each rank reads the file and keeps its own tokens, as ranks of a real job would.
-        let x = read(input)?;
-        let attn = UlyssesAttention::new(ctx.world().clone(), attention.build()?, n, heads, kv_heads)?;
-        let layout = attn.layout().clone();
+        // Each rank reads the file and keeps its own share, as ranks of a real job would.
+        let x = read(&a.input)?;
+        let s = a.strategy.build(ctx.world(), attention, n, heads, kv_heads)?;
+        let sharding = s.sharding();
         let mine =
-            |t: &Tensor| -> Result<Tensor> { Ok(layout.shard(t, 1, r)?.copy().set_requires_grad(true)) };
+            |t: &Tensor| -> Result<Tensor> { Ok(sharding.shard(t, r)?.copy().set_requires_grad(true)) };
         let (q, k, v) = (mine(&x.q)?, mine(&x.k)?, mine(&x.v)?);
         let tape = Tape::new();
-        let out = attn.forward(&tape, &q, &k, &v)?;
+        let out = s.forward(&tape, &q, &k, &v)?;
         // The gradient of sum(out * grad_out) with respect to out is grad_out (summed in f32
         // for half types, which f32 holds exactly, and in f64 for f64).
         let acc = if out.kind() == Kind::Double { Kind::Double } else { Kind::Float };
         let loss = match &x.grad_out {
-            Some(g) => (out.to_kind(acc) * layout.shard(g, 1, r)?.to_kind(acc)).sum(acc),
+            Some(g) => (out.to_kind(acc) * sharding.shard(g, r)?.to_kind(acc)).sum(acc),
             None => out.to_kind(acc).sum(acc),
         };
         tape.backward(&loss)?;
-        let sent = ctx.world().stats().op(OpKind::AllToAll).bytes_sent;
-        Ok(([out.detach(), q.grad(), k.grad(), v.grad()], sent))
+        let sent = ctx.world().rank_stats().bytes_sent();
+        let mut tensors = vec![out.detach(), q.grad(), k.grad(), v.grad()];
+        if a.lse {
+            let (q, k, v) = (q.detach(), k.detach(), v.detach());
+            tensors.push(s.forward_lse(&q, &k, &v)?.1);
+        }
+        Ok((tensors, sent, sharding))
     })?;
 
-    let names = ["out", "grad_q", "grad_k", "grad_v"];
-    let gathered: Vec<(&str, Tensor)> = names
-        .iter()
-        .enumerate()
-        .map(|(i, name)| {
-            (*name, Tensor::cat(&per_rank.iter().map(|(t, _)| t[i].shallow_clone()).collect::<Vec<_>>(), 1))
-        })
-        .collect();
-    Tensor::write_safetensors(&gathered, output).with_context(|| format!("writing {}", output.display()))?;
-    for (r, (_, sent)) in per_rank.iter().enumerate() {
-        println!("rank {r}: sent {sent} B in all-to-alls (forward and backward)");
+    let sharding = &per_rank[0].2;
+    let mut names = vec!["out", "grad_q", "grad_k", "grad_v"];
+    if a.lse {
+        names.push("lse");
     }
-    println!("wrote {} ({})", output.display(), names.join(", "));
+    let mut gathered = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let parts: Vec<Tensor> = per_rank.iter().map(|(t, ..)| t[i].shallow_clone()).collect();
+        gathered.push((*name, sharding.unshard(&parts)?));
+    }
+    // Never a silently wrong file: finite inputs whose scores overflow the dtype, or a bug.
+    for (name, t) in &gathered {
+        check_finite("layer", &[(name, t)]).with_context(|| {
+            format!("{} computed a non-finite {name} from finite inputs; nothing written", a.strategy.label())
+        })?;
+    }
+    Tensor::write_safetensors(&gathered, &a.output)
+        .with_context(|| format!("writing {}", a.output.display()))?;
+    for (r, (_, sent, _)) in per_rank.iter().enumerate() {
+        println!(
+            "rank {r}: sent {sent} B (forward and backward{})",
+            if a.lse { ", and the lse pass" } else { "" }
+        );
+    }
+    println!("wrote {} ({})", a.output.display(), names.join(", "));
     Ok(())
 }

@@ -1,16 +1,19 @@
 //! The `ulysses` command line: thin wrappers that parse arguments and call the library.
 
 mod bench_a2a;
+mod calibrate;
 mod demo;
 mod layer;
+mod predict;
 mod ranks;
+mod screen;
 mod step;
+mod submit;
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use ulysses::attention::{Kernel, Mask};
 use ulysses::experiment::{run, ExperimentConfig, RunOptions};
 
 #[derive(Parser)]
@@ -48,31 +51,16 @@ enum Command {
         #[arg(long, default_value_t = 2)]
         batch: i64,
     },
-    /// Run one Ulysses attention layer on P ranks (threads) on the q, k, v of a safetensors file
-    /// and write the output and the input gradients to another, to compare with any other
-    /// implementation (a PyTorch script: scripts/compare_layer.py).
+    /// Run one attention layer of any strategy on P ranks (threads) on the q, k, v of a
+    /// safetensors file and write the output and the input gradients (and the log-sum-exp) to
+    /// another, to compare with any other implementation (a PyTorch script:
+    /// scripts/compare_layer.py).
     ///
     /// Input tensors: `q` [b, N, H, d]; `k`, `v` [b, N, H_kv, d]; optionally `grad_out`
     /// [b, N, H, d], the gradient of the output (default: ones, the gradient of out.sum()).
     /// Output tensors, in q's dtype and the inputs' layout: `out` [b, N, H, d], `grad_q`,
-    /// `grad_k`, `grad_v`.
-    Layer {
-        /// The safetensors file with q, k, v (and grad_out).
-        #[arg(long)]
-        input: PathBuf,
-        /// Where to write out, grad_q, grad_k, grad_v.
-        #[arg(long)]
-        output: PathBuf,
-        /// Sequence-parallel ranks (threads).
-        #[arg(long, default_value_t = 4)]
-        ranks: usize,
-        /// Attention kernel: math, sdpa or blocked.
-        #[arg(long, default_value = "sdpa")]
-        kernel: Kernel,
-        /// Mask: none, causal, window:W, sparse:B,L,G or sparse-causal:B,L,G.
-        #[arg(long, default_value = "causal")]
-        mask: Mask,
-    },
+    /// `grad_k`, `grad_v`; with --lse, `lse` [b, N, H] in f32 (f64 for f64 inputs).
+    Layer(layer::LayerArgs),
     /// Time forward + backward (+ gradient sync) steps of the GPT on P ranks (threads), and
     /// report the step time, tokens/s and the process's memory.
     Step(step::StepArgs),
@@ -87,8 +75,31 @@ enum Command {
         /// Also write the report (tables and plots) at the end.
         #[arg(long)]
         report: bool,
+        /// The output folder (instead of the config's `output`, or results/<name>).
+        #[arg(long)]
+        output: Option<PathBuf>,
     },
-    /// Summarise a run's output folder: a table per point, summary.csv and plots (SVG, PNG).
+    /// Run an experiment config as a Slurm job: write an sbatch script into its results folder,
+    /// submit it and follow the job (its state, its ranks' progress, the results folder).
+    Submit(submit::SubmitArgs),
+    /// Follow a submitted job until it ends: its state and its output (the ranks' progress).
+    Follow {
+        /// The job id sbatch gave.
+        job: String,
+        /// The results folder the job writes (its output is in slurm/<job>.out there).
+        dir: PathBuf,
+    },
+    /// Predict an experiment config with the cost model (tables, Parquet and plots beside the
+    /// run's, in <output>/predicted-<hardware>/), or one job given by flags with its breakdown.
+    Predict(predict::PredictArgs),
+    /// Measure this machine (GEMMs, fused attention, memory bandwidth, the local and MPI
+    /// backends' collectives) into a hardware file for the cost model. About a minute.
+    Calibrate(calibrate::CalibrateArgs),
+    /// One rank of calibrate's MPI measurement (what `ulysses calibrate` starts under mpirun).
+    #[command(hide = true)]
+    CalibrateComm,
+    /// Summarise a run's output folder: a table per point, summary.csv and plots (SVG, PNG);
+    /// measured against predicted when predictions sit beside it.
     Report {
         /// The output folder of a run.
         dir: PathBuf,
@@ -141,26 +152,17 @@ enum Command {
     },
 }
 
-fn experiment(config: &std::path::Path, resume: bool, report: bool) -> Result<()> {
-    let cfg = ExperimentConfig::load(config)?;
-    // The ranks of an MPI run are processes of this binary (`ulysses run-point`).
-    if cfg.parallel.backend == ulysses::experiment::Backend::Mpi && !cfg!(feature = "mpi") {
-        anyhow::bail!(
-            "{} asks for backend = \"mpi\", but this ulysses was built without the `mpi` feature: \
-             cargo run --release --features mpi --bin ulysses -- run {}",
-            config.display(),
-            config.display()
-        );
+fn experiment(config: &std::path::Path, resume: bool, report: bool, output: Option<PathBuf>) -> Result<()> {
+    let mut cfg = ExperimentConfig::load(config)?;
+    if output.is_some() {
+        cfg.output = output;
     }
+    submit::check_build(&cfg, config)?;
     let opts =
         RunOptions { resume, base_dir: std::env::current_dir()?, program: Some(std::env::current_exe()?) };
     let summary = run(&cfg, &opts)?;
-    println!("{}", summary.points);
-    println!("{} in {:.1} s: {}", cfg.name, summary.elapsed.as_secs_f64(), summary.dir.display());
-    if report {
-        print_report(&summary.dir)?;
-    }
-    Ok(())
+    let report = report.then(|| ulysses::experiment::report(&summary.dir)).transpose()?;
+    screen::print(&cfg.name, &summary.dir, &summary.points, report.as_ref(), Some(summary.elapsed))
 }
 
 #[cfg(feature = "mpi")]
@@ -209,30 +211,33 @@ fn mpi_launch(ranks: usize, program: Option<PathBuf>, args: &[String]) -> Result
 }
 
 fn print_report(dir: &std::path::Path) -> Result<()> {
-    let r = ulysses::experiment::report(dir)?;
-    println!("{}", r.summary);
-    for f in &r.files {
-        println!("wrote {}", f.display());
+    let report = ulysses::experiment::report(dir)?;
+    let points = ulysses::experiment::read_table(dir, "points")?;
+    let name =
+        dir.file_name().map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into_owned());
+    screen::print(&name, dir, &points, Some(&report), None)?;
+    for (hardware, table) in &report.comparisons {
+        println!("measured against {hardware}:\n{table}");
     }
     Ok(())
 }
 
 fn main() -> Result<()> {
-    // Show every column of the result tables (polars reads these once, at first display).
-    std::env::set_var("POLARS_FMT_MAX_COLS", "24");
-    std::env::set_var("POLARS_TABLE_WIDTH", "220");
     // CUDA, where this libtorch has it (harmless elsewhere).
     ulysses::device::load_cuda();
     match Cli::parse().command {
         Command::Demo { ranks, backend, seq, heads, head_dim, batch } => {
             demo::run(backend, ranks, seq, heads, head_dim, batch)
         }
-        Command::Layer { input, output, ranks, kernel, mask } => {
-            layer::run(&input, &output, ranks, kernel, mask)
-        }
+        Command::Layer(args) => layer::run(&args),
         Command::Step(args) => step::run(&args),
-        Command::Run { config, resume, report } => experiment(&config, resume, report),
+        Command::Run { config, resume, report, output } => experiment(&config, resume, report, output),
+        Command::Submit(args) => submit::run(&args),
+        Command::Follow { job, dir } => submit::follow(&job, &dir),
         Command::Report { dir } => print_report(&dir),
+        Command::Predict(args) => predict::run(&args),
+        Command::Calibrate(args) => calibrate::run(&args),
+        Command::CalibrateComm => calibrate::comm_rank(),
         Command::Launch { ranks, program, args } => mpi_launch(ranks, program, &args),
         Command::BenchA2a { ranks, backend, mib, runs } => bench_a2a::run(backend, ranks, &mib, runs),
         Command::RunPoint { dir, point, base, from } => run_point(&dir, point, &base, from.as_deref()),

@@ -7,12 +7,12 @@ use std::time::Instant;
 use anyhow::{ensure, Result};
 use tch::{Device, Kind, Tensor};
 use ulysses::attention::{AttentionConfig, Kernel, Mask, StrategyConfig};
-use ulysses::comm::MeshShape;
+use ulysses::comm::{Mesh, MeshShape};
 use ulysses::data::shard;
 use ulysses::train::{AdamWConfig, Checkpointing, Precision, TrainConfig, TrainGroups, Trainer, ZeroStage};
 
 use crate::ranks::{on_ranks, BackendArg};
-use ulysses::experiment::memory::{reset_peak, status_mib};
+use ulysses::experiment::rss::{reset_peak, status_mib};
 use ulysses::model::{Gpt, GptConfig};
 
 #[derive(clap::Args)]
@@ -81,10 +81,13 @@ pub struct StepArgs {
     /// local: ranks as threads; mpi: this process is one rank (start with `ulysses launch`).
     #[arg(long, value_enum, default_value = "local")]
     backend: BackendArg,
+    /// Run every transfer to completion before computing on (no communication/computation
+    /// overlap), for comparison.
+    #[arg(long)]
+    no_overlap: bool,
 }
 
-
-/// What each rank reports: its step times, the last loss, and (base, peak) RSS in MiB.
+/// The median of `v`.
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -134,12 +137,12 @@ pub fn run(a: &StepArgs) -> Result<()> {
     );
 
     let per_rank = on_ranks(a.backend, a.ranks, a.threads, |ctx| -> Result<Vec<f64>> {
-        let world = ctx.world();
+        let world = &ctx.world().clone().with_overlap(!a.no_overlap);
         // The process's memory before any rank builds its model.
         world.barrier()?;
         let start = status_mib("VmRSS:").unwrap_or(f64::NAN);
         world.barrier()?;
-        let mesh = ctx.mesh(MeshShape::dp_sp(a.dp, a.ranks / a.dp)?)?;
+        let mesh = Mesh::new(world, MeshShape::dp_sp(a.dp, a.ranks / a.dp)?)?;
         let strategy = a.strategy.build(mesh.group("sp")?, attention, n, cfg.n_head, cfg.n_kv_head)?;
         let layout = strategy.layout().clone();
         let model = Gpt::new(&cfg, strategy, kind, Device::Cpu)?;
@@ -209,11 +212,12 @@ pub fn run(a: &StepArgs) -> Result<()> {
     let total_peak = per(&|v| v[2] - v[5]);
     let states = per(&|v| v[1] - v[5]);
     println!(
-        "summary: strategy={} ranks={ranks} seq={n} batch={b} median_step_ms={med:.3} tokens_per_s={tokens_per_s:.1} \
+        "summary: strategy={} ranks={ranks} seq={n} batch={b} overlap={} median_step_ms={med:.3} tokens_per_s={tokens_per_s:.1} \
          loss={loss:.5} base_rss_mib={base:.1} peak_rss_mib={peak:.1} step_peak_mib_per_rank={step_peak:.1} \
          built_mib_per_rank={states:.1} peak_above_start_mib_per_rank={total_peak:.1} \
          params_mib_per_rank={param_mib:.1} bytes_sent_per_rank={max_sent}",
         a.strategy.label(),
+        !a.no_overlap,
     );
     Ok(())
 }

@@ -1,0 +1,118 @@
+// CUDA through libtorch, for a process that drives a GPU: make a device current, the current
+// stream's handle, the caching allocator's statistics, a device synchronisation, and the flash
+// attention kernel's forward (with its log-sum-exp) and backward, which tch 0.24 does not
+// expose (the forward returns SymInts). libtorch's
+// device-generic at::accelerator API reaches CUDA once libtorch_cuda is loaded (src/device), so
+// this file needs libtorch's headers only, no CUDA toolkit, and links against nothing tch does
+// not already link. Errors come back as a malloc'ed string, never as an exception.
+#include <ATen/DeviceAccelerator.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/_scaled_dot_product_flash_attention.h>
+#include <ATen/ops/_scaled_dot_product_flash_attention_backward.h>
+#include <ATen/ops/empty.h>
+#include <c10/core/Allocator.h>
+#include <c10/core/Stream.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+#include <exception>
+
+namespace {
+
+// The accelerator must be CUDA: libtorch_cuda loaded and a device present.
+void require_cuda() {
+  auto acc = at::accelerator::getAccelerator(false);
+  if (!acc.has_value() || *acc != c10::DeviceType::CUDA) {
+    throw std::runtime_error("this libtorch has no CUDA (libtorch_cuda.so is not loaded)");
+  }
+}
+
+template <typename F>
+char* guarded(F f) {
+  try {
+    require_cuda();
+    f();
+    return nullptr;
+  } catch (const std::exception& e) {
+    return strdup(e.what());
+  } catch (...) {
+    return strdup("unknown C++ exception");
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// Makes `index` the calling thread's current CUDA device (cudaSetDevice): NCCL communicators,
+// streams and events made afterwards belong to it.
+char* ulysses_cuda_set_device(int index) {
+  return guarded([&] { at::accelerator::setDeviceIndex(static_cast<c10::DeviceIndex>(index)); });
+}
+
+// The handle (a cudaStream_t) of libtorch's current stream on `index`: the stream its kernels
+// run on (the legacy default stream, a null handle, unless a caller set another).
+char* ulysses_cuda_current_stream(int index, void** out) {
+  return guarded([&] {
+    *out = at::accelerator::getCurrentStream(static_cast<c10::DeviceIndex>(index)).native_handle();
+  });
+}
+
+// The caching allocator's bytes on `index`: out[0] allocated now, out[1] peak allocated,
+// out[2] reserved now, out[3] peak reserved (all pools).
+char* ulysses_cuda_memory(int index, int64_t* out) {
+  return guarded([&] {
+    auto stats = at::accelerator::getDeviceStats(static_cast<c10::DeviceIndex>(index));
+    const auto all = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+    out[0] = stats.allocated_bytes[all].current;
+    out[1] = stats.allocated_bytes[all].peak;
+    out[2] = stats.reserved_bytes[all].current;
+    out[3] = stats.reserved_bytes[all].peak;
+  });
+}
+
+// Sets the allocator's peaks on `index` back to the current values.
+char* ulysses_cuda_reset_peak(int index) {
+  return guarded([&] { at::accelerator::resetPeakStats(static_cast<c10::DeviceIndex>(index)); });
+}
+
+// Waits until every kernel queued on `index` has finished.
+char* ulysses_cuda_synchronize(int index) {
+  return guarded([&] { at::accelerator::synchronizeDevice(static_cast<c10::DeviceIndex>(index)); });
+}
+
+// Flash attention forward of q [b, h, s_q, d] over k, v [b, h, s_k, d] (bf16 or f16, CUDA):
+// out[0] the output [b, h, s_q, d], out[1] the log-sum-exp [b, h, s_q] (f32), both new tensors
+// the caller owns (tch's C_tensor, a torch::Tensor*).
+char* ulysses_flash_forward(const at::Tensor* q, const at::Tensor* k, const at::Tensor* v, int causal,
+                            double scale, at::Tensor** out) {
+  return guarded([&] {
+    auto r = at::_scaled_dot_product_flash_attention(*q, *k, *v, 0.0, causal != 0, false, scale);
+    out[0] = new at::Tensor(std::get<0>(r));
+    out[1] = new at::Tensor(std::get<1>(r));
+  });
+}
+
+// Flash attention backward given the final output `o` and log-sum-exp `lse` of these queries
+// (over every key block, as ring attention merges them) and the output gradient `dout`: grads
+// [0] dq, [1] dk, [2] dv, new tensors the caller owns. Dense batch (no cumulative sequence
+// lengths), no dropout (the random state is then unused).
+char* ulysses_flash_backward(const at::Tensor* dout, const at::Tensor* q, const at::Tensor* k,
+                             const at::Tensor* v, const at::Tensor* o, const at::Tensor* lse, int causal,
+                             double scale, at::Tensor** grads) {
+  return guarded([&] {
+    auto unused = at::empty({}, at::dtype(at::kLong));
+    auto r = at::_scaled_dot_product_flash_attention_backward(*dout, *q, *k, *v, *o, *lse, at::Tensor(), at::Tensor(),
+                                                              q->size(2), k->size(2), 0.0, causal != 0, unused, unused,
+                                                              scale);
+    grads[0] = new at::Tensor(std::get<0>(r));
+    grads[1] = new at::Tensor(std::get<1>(r));
+    grads[2] = new at::Tensor(std::get<2>(r));
+  });
+}
+
+void ulysses_cuda_free_error(char* message) { free(message); }
+
+}  // extern "C"

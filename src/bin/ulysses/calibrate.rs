@@ -1,0 +1,289 @@
+//! `ulysses calibrate`: measures this machine into a hardware file for the cost model: f32
+//! GEMMs and libtorch's fused attention (forward + backward) at the sizes the toy models use,
+//! the bandwidth of an elementwise op, all on one thread (one rank); then the collectives of
+//! the local backend (2 thread ranks) and of the MPI backend (2 processes). About a minute.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use tch::{Device, Kind};
+use ulysses::comm::LocalLaunch;
+use ulysses::cost::calibrate::{
+    curve, link_from_samples, measure_attention, measure_bandwidth, measure_comm, measure_matmul, CommSample,
+};
+use ulysses::cost::hardware::{AttentionCurve, Device as DeviceSpec, DeviceKind, Efficiency, Network, Node};
+use ulysses::cost::Hardware;
+
+#[derive(clap::Args)]
+pub struct CalibrateArgs {
+    /// Where to write the hardware file.
+    #[arg(long, default_value = "hardware/cpu-2core.toml")]
+    out: PathBuf,
+    /// The file's name (what predictions name their hardware by).
+    #[arg(long, default_value = "cpu-2core")]
+    name: String,
+    /// Leave the MPI backend out (a build without the `mpi` feature cannot measure it).
+    #[arg(long)]
+    no_mpi: bool,
+}
+
+/// Bytes per rank the collectives are timed at.
+const COMM_SIZES: [i64; 5] = [16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20];
+const MARK: &str = "CALIBRATE_SAMPLE ";
+
+pub fn run(args: &CalibrateArgs) -> Result<()> {
+    let started = Instant::now();
+    tch::set_num_threads(1);
+    let cpu = Device::Cpu;
+    let no_sync = || {};
+    // GEMMs of the toy models (tokens x h x {3h, h, 4h}, 4h x h, h x vocab) and two squares.
+    let mut shapes = vec![(512, 512, 512), (1024, 1024, 1024)];
+    for m in [256, 1024, 4096, 16384] {
+        for (k, n) in
+            [(64, 64), (64, 192), (64, 256), (256, 64), (128, 128), (128, 384), (128, 512), (512, 128)]
+        {
+            shapes.push((m, k, n));
+        }
+    }
+    say("f32 GEMMs", started);
+    let gemms = measure_matmul(cpu, Kind::Float, &shapes, 3, &no_sync)?;
+    let peak = gemms.iter().map(|s| s.flops / s.seconds).fold(0.0, f64::max);
+    say(&format!("best GEMM {:.1} GFLOP/s (the peak of this file); fused attention", peak / 1e9), started);
+    let mut attention = Vec::new();
+    for causal in [true, false] {
+        for (d, heads, seqs) in [
+            (16, 2, vec![256, 512, 1024, 2048, 4096, 8192, 16384]),
+            (64, 1, vec![256, 512, 1024, 2048, 4096]),
+        ] {
+            let mut samples = Vec::new();
+            for n in seqs.into_iter().filter(|&n| causal || n <= 8192) {
+                let runs = if n >= 8192 { 1 } else { 3 };
+                samples.extend(measure_attention(
+                    cpu,
+                    Kind::Float,
+                    (heads, d),
+                    causal,
+                    &[n],
+                    runs,
+                    &no_sync,
+                )?);
+            }
+            attention.push(AttentionCurve { head_dim: d, causal, points: curve(&samples, peak) });
+        }
+    }
+    say("memory bandwidth", started);
+    let bandwidth = measure_bandwidth(cpu, Kind::Float, 8 << 20, 5, &no_sync)?;
+    say("norms, RoPE, adds, GELU, cross-entropy, ring merges (4096 tokens, h = 128)", started);
+    let shapes = ulysses::cost::calibrate::OpShapes { tokens: 4096, h: 128, heads: 8, vocab: 256 };
+    let memory_bound_ops = ulysses::cost::calibrate::measure_memory_bound_ops(shapes, bandwidth, 5)?;
+    say("the allocator on a reference step (tiny GPT, one device, N=4096)", started);
+    // On a fresh thread, as a rank is: the kernel libraries' per-thread buffers appear in its
+    // first step.
+    let (workspace, slack) = std::thread::spawn(|| {
+        tch::set_num_threads(1);
+        ulysses::cost::calibrate::measure_step_memory(4096)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the memory measurement panicked"))??;
+    say("local backend collectives (2 thread ranks)", started);
+    let local = LocalLaunch::new(2)
+        .timeout(Duration::from_secs(120))
+        .run(|ctx| measure_comm(ctx.world(), &COMM_SIZES, 11))?
+        .into_iter()
+        .next()
+        .context("no rank reported")?;
+    show("local", &local);
+    let mut network = std::collections::BTreeMap::new();
+    network.insert("local".to_string(), Network { intra: link_from_samples(&local)?, inter: None });
+    if !args.no_mpi {
+        say("MPI backend collectives (2 processes)", started);
+        let mpi = mpi_samples()?;
+        show("mpi", &mpi);
+        network.insert("mpi".to_string(), Network { intra: link_from_samples(&mpi)?, inter: None });
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+    let gib = (1u64 << 30) as f64;
+    let hw = Hardware {
+        name: args.name.clone(),
+        description: format!(
+            "this machine ({cores} cores), one rank per thread, measured by ulysses calibrate"
+        ),
+        device: DeviceSpec {
+            kind: DeviceKind::Cpu,
+            model: format!("{} core", cpu_model()),
+            peak_tflops: [("f32".to_string(), peak / 1e12)].into_iter().collect(),
+            memory_gib: meminfo_kib("MemTotal:").unwrap_or(0.0) * 1024.0 / gib,
+            reserved_gib: meminfo_self_rss_gib(),
+            workspace_gib: workspace / gib,
+            allocator_slack: slack,
+            memory_bandwidth_gbs: bandwidth / 1e9,
+        },
+        // All ranks of a CPU job share this machine: many rank slots, `cores` compute at once.
+        node: Node { devices_per_node: 1024, compute_slots: cores, shared_memory: true },
+        efficiency: Efficiency {
+            matmul: curve(&gemms, peak),
+            attention,
+            // The bandwidth was measured with an elementwise add (copies reach all of it); the
+            // other kinds as timed.
+            memory_bound: 1.0,
+            memory_bound_ops,
+        },
+        network,
+        provenance: Some(provenance(started)),
+    };
+    let text = Hardware::parse(&hw.to_toml()?, "calibration")?.to_toml()?;
+    let header = "# Written by `ulysses calibrate` (src/bin/ulysses/calibrate.rs): every number below was\n\
+                  # measured on the machine named in [provenance], one libtorch thread per rank. The f32\n\
+                  # \"peak\" is the best GEMM measured, not a datasheet figure; efficiencies are against it.\n\
+                  # workspace_gib and allocator_slack come from a reference step (tiny GPT, one device,\n\
+                  # N=4096): what the first step allocates and keeps, and peak RSS / peak live bytes.\n";
+    if let Some(dir) = args.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&args.out, format!("{header}{text}"))?;
+    println!("{text}");
+    println!("wrote {} in {:.0} s", args.out.display(), started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// The samples behind a link, for the record.
+fn show(backend: &str, samples: &[CommSample]) {
+    for s in samples {
+        eprintln!(
+            "  {backend:<6} {:<15} P={} {:>10.0} B sent {:>9.3} ms {:>7.3} GB/s",
+            s.op,
+            s.ranks,
+            s.bytes_sent,
+            s.seconds * 1e3,
+            s.bytes_sent / s.seconds / 1e9
+        );
+    }
+}
+
+fn say(what: &str, started: Instant) {
+    eprintln!("[calibrate {:>5.1} s] {what}", started.elapsed().as_secs_f64());
+}
+
+/// The MPI backend's samples: 2 processes of this binary (`calibrate-comm`), rank 0 printing.
+fn mpi_samples() -> Result<Vec<CommSample>> {
+    let me = std::env::current_exe()?;
+    let out = ulysses::comm::mpirun_command(2, &me, &["calibrate-comm".to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot start mpirun (install OpenMPI, or pass --no-mpi)")?;
+    let mut samples = Vec::new();
+    let output = out.wait_with_output()?;
+    for line in BufReader::new(&output.stdout[..]).lines().map_while(Result::ok) {
+        let (_, body) = ulysses::comm::untag(&line);
+        if let Some((_, json)) = body.split_once(MARK) {
+            samples.push(serde_json::from_str::<CommSample>(json)?);
+        }
+    }
+    if !output.status.success() || samples.is_empty() {
+        bail!(
+            "the MPI measurement failed ({}): {}\n(build with --features mpi, or pass --no-mpi)",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).lines().rev().take(8).collect::<Vec<_>>().join("\n")
+        );
+    }
+    Ok(samples)
+}
+
+/// This process as one rank of the MPI measurement: rank 0 prints every sample as JSON.
+#[cfg(feature = "mpi")]
+pub fn comm_rank() -> Result<()> {
+    let samples = ulysses::comm::MpiLaunch::new().timeout(Duration::from_secs(120)).threads_per_rank(1).run(
+        |ctx| -> Result<Option<Vec<CommSample>>> {
+            let s = measure_comm(ctx.world(), &COMM_SIZES, 11)?;
+            Ok((ctx.rank() == 0).then_some(s))
+        },
+    )?;
+    for s in samples.into_iter().flatten() {
+        println!("{MARK}{}", serde_json::to_string(&s)?);
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "mpi"))]
+pub fn comm_rank() -> Result<()> {
+    bail!("this ulysses was built without the `mpi` feature: cargo build --release --features mpi")
+}
+
+fn cpu_model() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    info.lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map_or("unknown CPU".into(), |(_, m)| m.trim().to_string())
+}
+
+fn meminfo_kib(field: &str) -> Option<f64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    text.lines().find(|l| l.starts_with(field))?.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// This process's resident memory once libtorch is loaded: what a rank holds before its model.
+fn meminfo_self_rss_gib() -> f64 {
+    let text = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib: f64 = text
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    kib / (1024.0 * 1024.0)
+}
+
+/// Date, command, host facts, versions: how the file was made.
+fn provenance(started: Instant) -> std::collections::BTreeMap<String, String> {
+    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let git = std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map_or("unknown".into(), |o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    let host = std::fs::read_to_string("/etc/hostname").map_or("unknown".into(), |h| h.trim().to_string());
+    [
+        ("date_utc", utc_date(secs)),
+        ("command", std::env::args().collect::<Vec<_>>().join(" ")),
+        ("host", host),
+        ("cpu", cpu_model()),
+        ("cores", std::thread::available_parallelism().map_or(0, |c| c.get()).to_string()),
+        ("memory_gib", format!("{:.1}", meminfo_kib("MemTotal:").unwrap_or(0.0) / (1024.0 * 1024.0))),
+        ("os", format!("{} {}", std::env::consts::OS, std::env::consts::ARCH)),
+        ("ulysses", format!("{} (git {git})", env!("CARGO_PKG_VERSION"))),
+        ("libtorch", "2.11.0".to_string()),
+        ("threads_per_rank", "1".to_string()),
+        ("seconds", format!("{:.0}", started.elapsed().as_secs_f64())),
+        // Other work on the machine slows every measurement: the load it ran under.
+        (
+            "load_average_after",
+            std::fs::read_to_string("/proc/loadavg")
+                .map_or("?".into(), |l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" ")),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+/// `YYYY-MM-DD HH:MM` from Unix seconds (proleptic Gregorian, UTC).
+fn utc_date(secs: u64) -> String {
+    let (days, rem) = ((secs / 86400) as i64, secs % 86400);
+    // Howard Hinnant's civil_from_days
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}", rem / 3600, rem % 3600 / 60)
+}

@@ -1,0 +1,95 @@
+//! Collectives that start now and complete later, so that communication overlaps computation:
+//! ring attention shifts the next K/V block while it attends to the current one, and Ulysses
+//! lets the all-to-alls of k and v proceed while q's is consumed (torchtitan and DeepSpeed do
+//! the same on a side stream).
+//!
+//! A `_start` method checks its arguments, starts the transfers ([`Group::transfer_start`]) and
+//! returns a [`Started`] handle; [`Started::wait`] completes them and returns the result. On
+//! MPI the payloads are non-blocking requests; on NCCL they run on a side stream, and waiting
+//! makes libtorch's stream wait for them on the device (the host does not block); threads
+//! complete at once. [`Group::with_overlap`]`(false)` makes every `_start` complete before it
+//! returns, for comparison: results and counted bytes are identical either way.
+//!
+//! Every rank must start the same collectives in the same order, as for blocking ones.
+
+use tch::Tensor;
+
+use super::backend::Pending;
+use super::collectives::{chunks, none, AllToAll};
+use super::group::Group;
+use super::OpKind;
+use crate::error::TorchResultExt;
+use crate::Result;
+
+/// A collective in flight: its result once [`wait`](Started::wait) returns. Dropping it still
+/// completes (or aborts) the transfers, but the result is lost.
+#[must_use = "a started collective must be waited for"]
+pub struct Started<T> {
+    group: Group,
+    op: OpKind,
+    pending: Box<dyn Pending>,
+    value: T,
+}
+
+impl<T> Started<T> {
+    /// Completes the transfers and returns the result.
+    pub fn wait(self) -> Result<T> {
+        self.pending.wait()?;
+        self.group.count_call(self.op);
+        Ok(self.value)
+    }
+}
+
+impl Group {
+    /// [`all_to_all_spec`](Group::all_to_all_spec), started.
+    ///
+    /// # Shapes
+    /// `[.., sum(scatter_split), .., gather_split[r], ..]` ->
+    /// `[.., scatter_split[r], .., sum(gather_split), ..]` on rank r.
+    pub fn all_to_all_spec_start(&self, x: &Tensor, spec: &AllToAll) -> Result<Started<Tensor>> {
+        let op = OpKind::AllToAll;
+        let (sd, gd) = (self.dim(op, x, spec.scatter_dim)?, self.dim(op, x, spec.gather_dim)?);
+        let shape = self.all_to_all_shape(
+            x,
+            spec.scatter_dim,
+            spec.gather_dim,
+            &spec.scatter_split,
+            &spec.gather_split,
+        )?;
+        let out = Tensor::f_empty(&shape, (x.kind(), x.device())).op(op.name())?;
+        let sends = chunks(x, sd, &spec.scatter_split).op(op.name())?;
+        let recvs = chunks(&out, gd, &spec.gather_split).op(op.name())?;
+        let pending = self.transfer_start(op, sends, recvs)?;
+        Ok(Started { group: self.clone(), op, pending, value: out })
+    }
+
+    /// [`shift`](Group::shift), started: sends `x` to rank `(r + offset) mod P`; the result is
+    /// what rank `(r - offset) mod P` sent.
+    pub fn shift_start(&self, x: &Tensor, offset: i64) -> Result<Started<Tensor>> {
+        let op = OpKind::Shift;
+        let p = self.size() as i64;
+        let me = self.rank() as i64;
+        let (dst, src) = ((me + offset).rem_euclid(p) as usize, (me - offset).rem_euclid(p) as usize);
+        let out = x.f_empty_like().op(op.name())?;
+        let (mut sends, mut recvs) = (none(self.size()), none(self.size()));
+        sends[dst] = Some(x.shallow_clone());
+        recvs[src] = Some(out.shallow_clone());
+        let pending = self.transfer_start(op, sends, recvs)?;
+        Ok(Started { group: self.clone(), op, pending, value: out })
+    }
+
+    /// Several all-to-alls of one step (Ulysses' q, k, v): all but the first are started, the
+    /// first runs to completion, then the others are waited for, so their transfers proceed
+    /// while the first's is consumed. Without overlap they run one after the other. Results in
+    /// the order given.
+    pub fn all_to_all_many(&self, items: &[(&Tensor, &AllToAll)]) -> Result<Vec<Tensor>> {
+        let Some(((first, spec), rest)) = items.split_first() else { return Ok(Vec::new()) };
+        let started: Vec<Started<Tensor>> =
+            rest.iter().map(|(x, s)| self.all_to_all_spec_start(x, s)).collect::<Result<_>>()?;
+        let mut out = vec![self.all_to_all_spec(first, spec)?];
+        for s in started {
+            out.push(s.wait()?);
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,183 @@
+//! Calibrating the host: the memory-bound op kinds of [`super::work::passes`] timed at the
+//! models' sizes, and the allocator on a reference training step (the libraries' first-step
+//! workspace, resident over live bytes at the peak). Part of `ulysses calibrate`.
+
+use tch::{Device, Kind, Tensor};
+
+use super::calibrate::time_median;
+use crate::error::TorchResultExt;
+use crate::{Error, Result};
+
+/// Bytes the allocator holds for live allocations (glibc: in-use arena bytes plus mmapped
+/// chunks), the host's counterpart of a device allocator's allocated bytes.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+pub fn live_bytes() -> f64 {
+    // SAFETY: mallinfo2 takes no pointer and only reads glibc's own counters.
+    let m = unsafe { libc::mallinfo2() };
+    (m.uordblks + m.hblkhd) as f64
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub fn live_bytes() -> f64 {
+    f64::NAN
+}
+
+fn status_bytes(field: &str) -> Option<f64> {
+    let text = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: f64 = text.lines().find(|l| l.starts_with(field))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024.0)
+}
+
+/// The host allocator on a reference training step, one thread: a 2-layer GPT (h = 64, the tiny
+/// preset) on one device, `n` tokens, f32. Returns (workspace bytes the first step allocates
+/// and keeps beyond the gradients, resident peak / live peak of a later step). The live peak
+/// is sampled every 20 us by a second thread.
+pub fn measure_step_memory(n: i64) -> Result<(f64, f64)> {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    use crate::attention::{AttentionConfig, SingleDevice};
+    use crate::model::{shift_labels, Gpt, GptConfig};
+
+    let cfg = GptConfig::tiny();
+    let attention = AttentionConfig::default();
+    let model = Gpt::new(
+        &cfg,
+        Box::new(SingleDevice::new(attention.build()?, n, cfg.n_head, cfg.n_kv_head)?),
+        Kind::Float,
+        Device::Cpu,
+    )?;
+    let tokens = Tensor::f_arange(n, (Kind::Int64, Device::Cpu))
+        .and_then(|t| t.f_remainder(cfg.vocab_size))
+        .and_then(|t| t.f_reshape([1, n]))
+        .op("calibrate")?;
+    let labels = shift_labels(&tokens)?;
+    let (peak, stop) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)));
+    let sampler = {
+        let (peak, stop) = (Arc::clone(&peak), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                peak.fetch_max(live_bytes() as u64, Ordering::Relaxed);
+                std::thread::sleep(std::time::Duration::from_micros(20));
+            }
+        })
+    };
+    let before = live_bytes();
+    model.forward_backward(&tokens, &labels)?;
+    let grads = (model.params().numel() * 4) as f64;
+    let workspace = (live_bytes() - before - grads).max(0.0);
+    // A later step: resident and live peaks above its start.
+    model.zero_grad();
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim takes no pointer and only walks glibc's own arenas.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+    let reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
+    let (live0, rss0) = (live_bytes(), status_bytes("VmRSS:").unwrap_or(f64::NAN));
+    peak.store(0, Ordering::Relaxed);
+    model.forward_backward(&tokens, &labels)?;
+    let rss_peak = status_bytes("VmHWM:").unwrap_or(f64::NAN);
+    stop.store(true, Ordering::Relaxed);
+    let _ = sampler.join();
+    let live_peak = peak.load(Ordering::Relaxed) as f64 - live0;
+    let slack = (rss_peak - rss0) / live_peak;
+    if !(reset && slack.is_finite() && live_peak > 0.0) {
+        return Err(Error::InvalidArgument {
+            op: "calibrate",
+            group: "memory".into(),
+            msg: format!("cannot read the allocator's peaks here (live peak {live_peak} B, slack {slack}); needs Linux with glibc"),
+        });
+    }
+    Ok((workspace, slack.max(1.0)))
+}
+
+/// Shapes the memory-bound ops are timed at: the toy models' (h = 128, 8 heads of 16, a byte
+/// vocabulary) over `tokens` tokens, f32.
+#[derive(Debug, Clone, Copy)]
+pub struct OpShapes {
+    pub tokens: i64,
+    pub h: i64,
+    pub heads: i64,
+    pub vocab: i64,
+}
+
+/// Each memory-bound op kind of [`super::work::passes`] timed forward and backward (libtorch's
+/// own ops, as the model calls them), turned into a fraction of `bandwidth` (bytes/s) with the
+/// cost model's pass counts: `passes x elements x 4 B / seconds / bandwidth`, capped at 1.
+pub fn measure_memory_bound_ops(
+    shapes: OpShapes,
+    bandwidth: f64,
+    runs: usize,
+) -> Result<std::collections::BTreeMap<String, f64>> {
+    use super::work::passes;
+    let OpShapes { tokens: t, h, heads, vocab } = shapes;
+    let d = h / heads;
+    let o = (Kind::Float, Device::Cpu);
+    let leaf = |shape: &[i64]| Tensor::f_randn(shape, o).map(|x| x.set_requires_grad(true)).op("calibrate");
+    let backward = |y: Tensor| y.f_sum(Kind::Float).and_then(|s| s.f_backward()).op("calibrate");
+    let no_sync = || {};
+    let mut out = std::collections::BTreeMap::new();
+    let mut put = |op: &str, elements: f64, passes: f64, seconds: f64| {
+        out.insert(op.to_string(), (passes * elements * 4.0 / seconds / bandwidth).min(1.0));
+    };
+    let (x, w, b) = (leaf(&[1, t, h])?, leaf(&[h])?, leaf(&[h])?);
+    let s = time_median(runs, &no_sync, || {
+        backward(x.f_layer_norm([h], Some(&w), Some(&b), 1e-5, true).op("calibrate")?)
+    })?;
+    put("layer_norm", (t * h) as f64, passes::LAYER_NORM, s);
+    let rope = crate::model::Rope::new(
+        &Tensor::f_arange(t, (Kind::Int64, Device::Cpu)).op("calibrate")?,
+        d,
+        1e4,
+        Kind::Float,
+    )?;
+    let q = leaf(&[1, t, heads, d])?;
+    let s = time_median(runs, &no_sync, || backward(rope.forward(&q)?))?;
+    put("rope", (t * h) as f64, passes::ROPE, s);
+    let y = leaf(&[1, t, h])?;
+    let s = time_median(runs, &no_sync, || backward(x.f_add(&y).op("calibrate")?))?;
+    put("add", (t * h) as f64, passes::ADD, s);
+    let m = leaf(&[1, t, 4 * h])?;
+    let s = time_median(runs, &no_sync, || backward(m.f_gelu("tanh").op("calibrate")?))?;
+    put("gelu", (t * 4 * h) as f64, passes::GELU, s);
+    let logits = leaf(&[t, vocab])?;
+    let labels = Tensor::f_randint(vocab, [t], (Kind::Int64, Device::Cpu)).op("calibrate")?;
+    let s = time_median(runs, &no_sync, || {
+        let l = logits
+            .f_cross_entropy_loss::<Tensor>(&labels, None, tch::Reduction::Sum, -100, 0.0)
+            .op("calibrate")?;
+        l.f_backward().op("calibrate")
+    })?;
+    put("cross_entropy", (t * vocab) as f64, passes::CROSS_ENTROPY, s);
+    // One ring step's elementwise work on [1, heads, t, d] (f32): the log-sum-exp merge of two
+    // partial outputs, then a dK/dV accumulator brought up to date.
+    let (oa, ob) = (
+        Tensor::f_randn([1, heads, t, d], o).op("calibrate")?,
+        Tensor::f_randn([1, heads, t, d], o).op("calibrate")?,
+    );
+    let (la, lb) = (
+        Tensor::f_randn([1, heads, t], o).op("calibrate")?,
+        Tensor::f_randn([1, heads, t], o).op("calibrate")?,
+    );
+    let part = Tensor::f_randn([1, heads, t, d], o).op("calibrate")?;
+    let s = time_median(runs, &no_sync, || {
+        let f = || -> std::result::Result<(), tch::TchError> {
+            let mx = la.f_maximum(&lb)?;
+            let (wa, wb) = (la.f_sub(&mx)?.f_exp()?, lb.f_sub(&mx)?.f_exp()?);
+            let sum = wa.f_add(&wb)?;
+            let _out = oa
+                .f_mul(&wa.f_unsqueeze(-1)?)?
+                .f_add(&ob.f_mul(&wb.f_unsqueeze(-1)?)?)?
+                .f_div(&sum.f_unsqueeze(-1)?)?;
+            let _lse = mx.f_add(&sum.f_log()?)?;
+            let mut acc = part.f_zeros_like()?;
+            let _ = acc.f_add_(&part)?;
+            let _ = part.f_add(&acc)?;
+            Ok(())
+        };
+        f().op("calibrate")
+    })?;
+    put("ring", (t * heads * d) as f64, passes::RING_OUT + passes::RING_KV, s);
+    Ok(out)
+}

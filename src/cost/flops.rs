@@ -1,0 +1,200 @@
+//! FLOPs: the two conventions a report must name, and the attention work each rank does.
+//!
+//! - *Model FLOPs* ([`GptConfig::train_flops`]): `6 x matmul parameters x tokens + 12 x L x h x
+//!   visible pairs`, what the GPT computes with an exact kernel (a causal mask halves attention,
+//!   a sliding window or block-sparse mask counts only its visible pairs). MFU uses these.
+//! - *The Megatron-DeepSpeed convention* ([`megatron_flops`]), which the paper's TFLOP/s use:
+//!   full `s^2` attention whatever the mask, and the recomputation of activation checkpointing
+//!   counted as work.
+//!
+//! [`GptConfig::train_flops`]: crate::model::GptConfig::train_flops
+
+use crate::attention::{HeadPlan, Kernel, Mask, SeqLayout, StrategyConfig};
+use crate::model::GptConfig;
+use crate::train::Checkpointing;
+use crate::Result;
+
+use super::hardware::DeviceKind;
+use super::Job;
+
+/// FLOPs of one iteration in the convention of Megatron-DeepSpeed's `throughput_calculator`
+/// (the one the Ulysses release reports, Jacobs et al. 2023, §4; Narayanan et al. 2021, §5.1):
+///
+/// `24 c B s L h^2 (1 + s / (6h) + V / (16 L h))`
+///
+/// with B the global batch (sequences), s the sequence, c = 4 with full activation
+/// checkpointing (the forward runs twice) and 3 otherwise. Attention is counted as full `s^2`
+/// (no causal halving); selective recomputation is counted as none.
+pub fn megatron_flops(cfg: &GptConfig, batch: i64, seq: i64, checkpointing: Checkpointing) -> f64 {
+    let c = if checkpointing == Checkpointing::Full { 4.0 } else { 3.0 };
+    let (s, l, h, v) = (seq as f64, cfg.n_layer as f64, cfg.n_embd as f64, cfg.vocab_size as f64);
+    24.0 * c * batch as f64 * s * l * h * h * (1.0 + s / (6.0 * h) + v / (16.0 * l * h))
+}
+
+/// Model FLOPs of one optimizer step of `job` (every rank, every micro-step).
+pub fn model_flops(job: &Job) -> f64 {
+    let tokens = job.global_batch() * job.seq;
+    job.model.train_flops(tokens, job.seq, &job.attention.mask)
+}
+
+/// How the local attention runs, which decides its time and whether it stores `s^2` scores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttnImpl {
+    /// Tiled (flash): visible pairs only, no score matrix kept (output and log-sum-exp instead).
+    Flash,
+    /// Every pair of the block computed through a mask; `stores_scores`: the softmax output is
+    /// kept for the backward (libtorch's math path on CPU), otherwise a fused kernel.
+    Dense { stores_scores: bool },
+    /// The blocked kernel: the visible key blocks of every query block, padded to the longest
+    /// list, scores of the gathered blocks kept.
+    Blocked,
+}
+
+/// The attention one rank computes in one layer, per sample.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttnWork {
+    pub implementation: AttnImpl,
+    /// Query heads this rank computes.
+    pub heads: i64,
+    pub head_dim: i64,
+    /// (query, key) pairs per head that the mask makes visible (model FLOPs count these).
+    pub visible: f64,
+    /// Of the visible pairs, those computed by causal kernel calls (diagonal blocks; the rest
+    /// by calls on blocks every query sees whole).
+    pub causal: f64,
+    /// Pairs per head the kernel computes (the padded blocks, the masked dense block).
+    pub computed: f64,
+    /// Query rows and keys of one kernel call (for the efficiency curves and `s^2` memory).
+    pub rows: f64,
+    pub keys: f64,
+    /// Kernel calls per layer and head group (ring steps that meet a visible block).
+    pub calls: f64,
+}
+
+/// Which implementation `job`'s strategy and kernel give on `device`.
+pub fn attention_impl(job: &Job, device: DeviceKind) -> AttnImpl {
+    let dense_mask = !matches!(job.attention.mask, Mask::None | Mask::Causal);
+    let masked = AttnImpl::Dense { stores_scores: device == DeviceKind::Cpu };
+    match job.strategy {
+        // Blockwise with libtorch's fused kernel on the visible runs.
+        StrategyConfig::Ring { .. } | StrategyConfig::Usp { .. } => AttnImpl::Flash,
+        StrategyConfig::AllGatherKv { .. } if job.attention.mask == Mask::None => AttnImpl::Flash,
+        StrategyConfig::AllGatherKv { .. } => masked,
+        _ => match job.attention.kernel {
+            Kernel::Math => AttnImpl::Dense { stores_scores: true },
+            Kernel::Blocked => AttnImpl::Blocked,
+            Kernel::Sdpa if dense_mask => masked,
+            Kernel::Sdpa => AttnImpl::Flash,
+        },
+    }
+}
+
+/// The attention work of rank `r` in one layer (per sample).
+pub fn attention_work(job: &Job, r: usize, device: DeviceKind) -> Result<AttnWork> {
+    let (m, n) = (&job.attention.mask, job.seq);
+    let (h, kv, d, p) = (job.model.n_head, job.model.n_kv_head, job.model.head_dim(), job.sp());
+    let implementation = attention_impl(job, device);
+    // Whole sequences for `heads` heads: (Ulysses, Megatron-SP, one device).
+    let whole = |heads: i64| -> AttnWork {
+        let visible = m.visible_pairs(n) as f64;
+        let nf = n as f64;
+        let computed = match implementation {
+            AttnImpl::Flash => visible,
+            AttnImpl::Dense { .. } => nf * nf,
+            AttnImpl::Blocked => padded_block_pairs(m, n),
+        };
+        let causal = if m.is_causal() { visible } else { 0.0 };
+        AttnWork {
+            implementation,
+            heads,
+            head_dim: d,
+            visible,
+            causal,
+            computed,
+            rows: nf,
+            keys: nf,
+            calls: 1.0,
+        }
+    };
+    // Rank `r`'s rows of a layout against the keys: run by run around a ring (`ring`), or in
+    // one call against the whole gathered sequence (all-gather KV).
+    let rows_of = |layout: &SeqLayout, r: usize, heads: i64, ring: bool| -> AttnWork {
+        let segs = layout.segments(r);
+        let visible: f64 = segs.iter().map(|&(s0, len)| m.visible_in_rows(s0, s0 + len, n) as f64).sum();
+        let rows: f64 = segs.iter().map(|&(_, len)| len as f64).sum();
+        let run = segs.first().map_or(0.0, |&(_, len)| len as f64);
+        let dense = implementation != AttnImpl::Flash;
+        // A ring meets its own runs with the causal kernel: each run's triangle.
+        let causal = if ring && m.is_causal() {
+            segs.iter().map(|&(_, len)| (len * (len + 1) / 2) as f64).sum()
+        } else {
+            0.0
+        };
+        let (computed, rows, keys, calls) = match (ring, dense) {
+            (true, _) => (visible, run, run, layout.ranks() as f64),
+            (false, true) => (rows * n as f64, rows, n as f64, 1.0),
+            (false, false) => (visible, rows, n as f64, 1.0),
+        };
+        AttnWork { implementation, heads, head_dim: d, visible, causal, computed, rows, keys, calls }
+    };
+    Ok(match job.strategy {
+        StrategyConfig::Single => whole(h),
+        StrategyConfig::Ulysses => whole(HeadPlan::new(h, kv, p)?.q_split()[r]),
+        StrategyConfig::MegatronSp => whole(h / p as i64),
+        StrategyConfig::Ring { zigzag } => {
+            let layout = if zigzag { SeqLayout::zigzag(n, p)? } else { SeqLayout::contiguous(n, p)? };
+            rows_of(&layout, r, h, true)
+        }
+        StrategyConfig::AllGatherKv { zigzag } => {
+            let layout = if zigzag { SeqLayout::zigzag(n, p)? } else { SeqLayout::contiguous(n, p)? };
+            rows_of(&layout, r, h, false)
+        }
+        StrategyConfig::Usp { ulysses, zigzag } => {
+            // After the Ulysses all-to-all the rank holds its ring chunk for H_u heads; the ring
+            // runs over the R ring chunks.
+            let ring = p / ulysses;
+            let layout = if zigzag { SeqLayout::zigzag(n, ring)? } else { SeqLayout::contiguous(n, ring)? };
+            rows_of(&layout, r / ulysses, HeadPlan::new(h, kv, ulysses)?.q_split()[r % ulysses], true)
+        }
+    })
+}
+
+/// Pairs the blocked kernel computes per head over `n` tokens: every query block times the
+/// longest list of visible key blocks (the lists are padded to one length), in block units.
+pub fn padded_block_pairs(mask: &Mask, n: i64) -> f64 {
+    let block = match *mask {
+        Mask::BlockSparse(b) => b.block,
+        Mask::SlidingWindow { window } => window,
+        Mask::None | Mask::Causal => return (n as f64) * (n as f64),
+    };
+    let nb = (n + block - 1) / block;
+    let longest = max_key_blocks(mask, nb);
+    (nb * block) as f64 * (longest * block) as f64
+}
+
+/// The longest list of key blocks any query block of `nb` blocks sees (the blocked kernel's M).
+fn max_key_blocks(mask: &Mask, nb: i64) -> i64 {
+    match *mask {
+        Mask::SlidingWindow { .. } => nb.min(2),
+        Mask::BlockSparse(b) => {
+            let (l, g) = (b.local_blocks, b.global_blocks);
+            let windows = (nb + l - 1) / l;
+            // query block qb in window w: its window's blocks (up to qb when causal) and the
+            // global blocks of the other windows (earlier ones only when causal)
+            let connected = |qb: i64| -> i64 {
+                let w = qb / l;
+                let own_end = ((w + 1) * l).min(nb);
+                if b.causal {
+                    (qb - w * l + 1) + w * g
+                } else {
+                    let globals_total: i64 =
+                        (0..windows).map(|v| ((v + 1) * l).min(nb) - (v * l + l - g).min(nb)).sum();
+                    let own_globals = own_end - (w * l + l - g).min(own_end);
+                    (own_end - w * l) + globals_total - own_globals
+                }
+            };
+            (0..windows).map(|w| connected(((w + 1) * l).min(nb) - 1)).max().unwrap_or(1)
+        }
+        Mask::None | Mask::Causal => nb,
+    }
+}

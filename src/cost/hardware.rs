@@ -1,0 +1,276 @@
+//! Hardware as data: one TOML file per machine (`hardware/*.toml`), every value with its public
+//! source in a comment, or measured by `ulysses calibrate` with its provenance.
+//!
+//! A file describes one *device* (a GPU, or one CPU core for ranks as threads), the *node* that
+//! holds several, how fast kernels run as a function of their size (*efficiency curves*), and
+//! one *network* per communication backend (`nccl`, `local`, `mpi`), each with an intra-node
+//! link and, for clusters, an inter-node link. Nothing here is fitted to the paper's results.
+//! Bad files are refused with the field and the number: a missing field, a negative or zero
+//! value, an efficiency above 1, a curve whose sizes do not increase.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::comm::OpKind;
+use crate::train::Precision;
+use crate::{Error, Result};
+
+/// The presets shipped in `hardware/` (compiled in, so they work from any directory).
+const PRESETS: [(&str, &str); 5] = [
+    ("dgx-a100-40gb", include_str!("../../hardware/dgx-a100-40gb.toml")),
+    ("dgx-a100-80gb", include_str!("../../hardware/dgx-a100-80gb.toml")),
+    ("dgx-h100", include_str!("../../hardware/dgx-h100.toml")),
+    ("h200", include_str!("../../hardware/h200.toml")),
+    ("cpu-2core", include_str!("../../hardware/cpu-2core.toml")),
+];
+
+/// A machine: devices, nodes, kernel efficiencies, networks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hardware {
+    /// Short name, used in result files ("dgx-a100-40gb").
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    pub device: Device,
+    pub node: Node,
+    pub efficiency: Efficiency,
+    /// Networks by backend name: "nccl" for GPUs, "local" (threads) and "mpi" on CPUs.
+    pub network: BTreeMap<String, Network>,
+    /// How a measured file was made (date, command, host); absent in datasheet presets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provenance: Option<BTreeMap<String, String>>,
+}
+
+/// Whether a device is a GPU or a CPU core (ranks as threads or processes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceKind {
+    Gpu,
+    Cpu,
+}
+
+/// One device: what one rank runs on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Device {
+    pub kind: DeviceKind,
+    /// "NVIDIA A100-SXM4-40GB", "x86-64 core".
+    pub model: String,
+    /// Peak dense TFLOP/s per dtype (a dtype the device cannot run is left out).
+    pub peak_tflops: BTreeMap<String, f64>,
+    /// Memory one device has (GiB, 2^30 bytes).
+    pub memory_gib: f64,
+    /// Memory held before the model exists (CUDA context, communicator buffers).
+    pub reserved_gib: f64,
+    /// Memory the kernel libraries allocate on a rank's first step and keep (cuBLAS workspace;
+    /// MKL's GEMM buffers on a CPU), GiB per rank.
+    pub workspace_gib: f64,
+    /// Resident memory per byte of live tensors at the peak: the allocator's slack (glibc's
+    /// arenas on a CPU; 1 where a caching allocator's slack is counted in `reserved_gib`).
+    pub allocator_slack: f64,
+    /// Memory bandwidth (GB/s, 1e9 bytes).
+    pub memory_bandwidth_gbs: f64,
+}
+
+/// A node: devices sharing a fast intra-node link.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Node {
+    pub devices_per_node: usize,
+    /// Ranks (of one thread each) that compute at full speed at once: the devices of a GPU
+    /// node, the cores of a CPU. More ranks than slots share them.
+    pub compute_slots: usize,
+    /// Whether the devices share one memory (a CPU's RAM): then the node's ranks together must
+    /// fit in `memory_gib`.
+    #[serde(default)]
+    pub shared_memory: bool,
+}
+
+/// How close kernels come to the peaks, as a function of their size.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Efficiency {
+    /// GEMMs: (FLOPs per call, fraction of the dtype's peak).
+    pub matmul: Vec<[f64; 2]>,
+    /// Fused attention (flash), per head size: (sequence length seen by the kernel, fraction of
+    /// the peak in model FLOPs: 12 d per visible pair and head for forward + backward).
+    pub attention: Vec<AttentionCurve>,
+    /// Fraction of the memory bandwidth that memory-bound ops (norms, activations, softmax,
+    /// casts, the optimizer) reach.
+    pub memory_bound: f64,
+    /// The same per kind of op where it differs (a CPU's LayerNorm and GELU are bound by their
+    /// arithmetic, not by memory): keys layer_norm, rope, add, gelu, cross_entropy, ring, copy.
+    /// Kinds left out use `memory_bound`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub memory_bound_ops: BTreeMap<String, f64>,
+}
+
+/// The attention curve of one head size, for causal kernel calls (a diagonal block) or for
+/// unmasked ones (a block every query sees whole).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttentionCurve {
+    pub head_dim: i64,
+    /// Whether the curve was measured with the causal mask. Default true.
+    #[serde(default = "yes")]
+    pub causal: bool,
+    pub points: Vec<[f64; 2]>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// The links one backend uses.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Network {
+    /// Between devices of one node.
+    pub intra: Link,
+    /// Between nodes, per device (a node's NIC bandwidth divided by its devices); absent for a
+    /// single-node machine.
+    #[serde(default)]
+    pub inter: Option<Link>,
+}
+
+/// One kind of link, priced with the alpha-beta model: `latency x steps + bytes / (bandwidth x
+/// efficiency of the collective)`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Link {
+    /// Per device and direction (GB/s, 1e9 bytes).
+    pub bandwidth_gbs: f64,
+    /// Per algorithm step (microseconds).
+    pub latency_us: f64,
+    /// Fraction of `bandwidth_gbs` each collective reaches on large messages (bus bandwidth, as
+    /// nccl-tests reports it): keys all_to_all, all_gather, reduce_scatter, all_reduce, shift.
+    pub efficiency: BTreeMap<String, f64>,
+}
+
+impl Link {
+    /// The efficiency of `op` on this link.
+    pub fn efficiency_of(&self, op: OpKind) -> Result<f64> {
+        self.efficiency.get(op.name()).copied().ok_or_else(|| Error::InvalidArgument {
+            op: "hardware",
+            group: "network".into(),
+            msg: format!("link has no efficiency for {}; give efficiency.{}", op.name(), op.name()),
+        })
+    }
+}
+
+/// Log-linear interpolation of a curve of (size, value) points at `size`, clamped at the ends.
+pub fn interpolate(points: &[[f64; 2]], size: f64) -> f64 {
+    let Some(first) = points.first() else { return f64::NAN };
+    if size <= first[0] {
+        return first[1];
+    }
+    for w in points.windows(2) {
+        let ([x0, y0], [x1, y1]) = (w[0], w[1]);
+        if size <= x1 {
+            let t = (size.ln() - x0.ln()) / (x1.ln() - x0.ln());
+            return y0 + t * (y1 - y0);
+        }
+    }
+    points[points.len() - 1][1]
+}
+
+impl Hardware {
+    /// Names of the compiled-in presets.
+    pub fn presets() -> Vec<&'static str> {
+        PRESETS.iter().map(|(name, _)| *name).collect()
+    }
+
+    /// A preset by name, or a file by path (anything ending in `.toml` or naming a file).
+    pub fn load(name_or_path: &str) -> Result<Hardware> {
+        if let Some((_, text)) = PRESETS.iter().find(|(name, _)| *name == name_or_path) {
+            return Hardware::parse(text, name_or_path);
+        }
+        let path = Path::new(name_or_path);
+        if path.is_file() || name_or_path.ends_with(".toml") {
+            let text =
+                std::fs::read_to_string(path).map_err(|e| bad(name_or_path, format!("cannot read: {e}")))?;
+            return Hardware::parse(&text, name_or_path);
+        }
+        Err(bad(name_or_path, format!("no such preset or file; presets: {}", Hardware::presets().join(", "))))
+    }
+
+    /// Parses and checks a hardware file; `source` names it in messages.
+    pub fn parse(text: &str, source: &str) -> Result<Hardware> {
+        let hw: Hardware =
+            toml::from_str(text).map_err(|e| bad(source, e.to_string().trim_end().to_string()))?;
+        hw.validate().map_err(|msg| bad(source, msg))?;
+        Ok(hw)
+    }
+
+    /// The file as TOML.
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string(self).map_err(|e| bad(&self.name, e.to_string()))
+    }
+
+    /// Peak dense FLOP/s of one device for `precision`'s matmul dtype.
+    pub fn peak_flops(&self, precision: Precision) -> Result<f64> {
+        let key = precision.name();
+        self.device.peak_tflops.get(key).map(|t| t * 1e12).ok_or_else(|| {
+            bad(&self.name, format!("device.peak_tflops has no {key}; this device cannot run that dtype"))
+        })
+    }
+
+    /// Matmul efficiency for a GEMM of `flops` FLOPs.
+    pub fn matmul_efficiency(&self, flops: f64) -> f64 {
+        interpolate(&self.efficiency.matmul, flops)
+    }
+
+    /// Memory-bound efficiency of op kind `op` (see [`super::work::passes`]).
+    pub fn memory_bound_efficiency(&self, op: &str) -> f64 {
+        self.efficiency.memory_bound_ops.get(op).copied().unwrap_or(self.efficiency.memory_bound)
+    }
+
+    /// Fused-attention efficiency for head size `head_dim` over `seq` keys, causal or not: the
+    /// curve of the nearest head size (in log distance) among those measured with that mask,
+    /// or among all when there are none.
+    pub fn attention_efficiency(&self, head_dim: i64, seq: f64, causal: bool) -> f64 {
+        let all = &self.efficiency.attention;
+        let same: Vec<&AttentionCurve> = all.iter().filter(|c| c.causal == causal).collect();
+        let pool: Vec<&AttentionCurve> = if same.is_empty() { all.iter().collect() } else { same };
+        let curve = pool.into_iter().min_by(|a, b| {
+            let da = ((a.head_dim as f64).ln() - (head_dim as f64).ln()).abs();
+            let db = ((b.head_dim as f64).ln() - (head_dim as f64).ln()).abs();
+            da.total_cmp(&db)
+        });
+        curve.map_or(f64::NAN, |c| interpolate(&c.points, seq))
+    }
+
+    /// The same machine with every kernel efficiency (matmul, attention, memory-bound) times
+    /// `factor`, capped at 1: how predictions move when the assumed efficiencies are off.
+    pub fn with_efficiency_scale(&self, factor: f64) -> Result<Hardware> {
+        if !(factor.is_finite() && factor > 0.0) {
+            return Err(bad(&self.name, format!("efficiency scale {factor} must be a positive number")));
+        }
+        let mut hw = self.clone();
+        let scale =
+            |points: &mut Vec<[f64; 2]>| points.iter_mut().for_each(|p| p[1] = (p[1] * factor).min(1.0));
+        scale(&mut hw.efficiency.matmul);
+        hw.efficiency.attention.iter_mut().for_each(|c| scale(&mut c.points));
+        hw.efficiency.memory_bound = (hw.efficiency.memory_bound * factor).min(1.0);
+        hw.efficiency.memory_bound_ops.values_mut().for_each(|v| *v = (*v * factor).min(1.0));
+        if factor != 1.0 {
+            hw.name = format!("{}@eff{factor}", self.name);
+        }
+        Ok(hw)
+    }
+
+    /// The network of `backend`.
+    pub fn network(&self, backend: &str) -> Result<&Network> {
+        self.network.get(backend).ok_or_else(|| {
+            let have: Vec<&str> = self.network.keys().map(String::as_str).collect();
+            bad(&self.name, format!("no network for backend {backend:?}; this file has {have:?}"))
+        })
+    }
+}
+
+fn bad(source: &str, msg: String) -> Error {
+    Error::InvalidArgument { op: "hardware", group: source.to_string(), msg }
+}

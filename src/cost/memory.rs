@@ -1,0 +1,298 @@
+//! Memory per rank: model states by ZeRO stage, the activations this toolkit's GPT keeps for the
+//! backward under each strategy, the loss, the buffers, as named terms.
+//!
+//! Activations follow Korthikanti et al. 2022 (§4: per layer `sbh(34 + 5as/h)` in 16-bit with
+//! dropout; sequence-parallel regions `/t`), written for what this code actually keeps: every
+//! tensor an autograd node or a tape record holds, in the activation dtype (statistics and
+//! log-sum-exps in f32), no dropout masks. Sequence-sharded parts hold `s/P` tokens; after
+//! Ulysses' all-to-all, `N` tokens for `H/P` heads (the same count); Megatron-SP here keeps its
+//! gathered `[N, h]` tensors and the reduce-scatter inputs on the tape, which Megatron-LM
+//! re-gathers instead. A flash kernel keeps no `s^2` term (its output and log-sum-exp instead);
+//! full checkpointing keeps only each block's input, and one block's activations come back
+//! during its recomputation. Peak = states + the larger of (activations + one backward's working
+//! set) and (the end-of-step reduction's buffers).
+
+use crate::attention::{HeadPlan, StrategyConfig};
+use crate::train::Checkpointing;
+use crate::Result;
+
+use super::flops::{attention_work, AttnImpl};
+use super::hardware::{DeviceKind, Hardware};
+pub use super::zero::{params_on_rank, ParamCount};
+use super::Job;
+
+/// One named amount of memory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Term {
+    pub name: &'static str,
+    pub bytes: f64,
+}
+
+/// Memory of one rank at its peak, by component.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemoryReport {
+    /// Parameters, gradients, optimizer states (by ZeRO stage).
+    pub states: Vec<Term>,
+    /// What the forward keeps for the backward, all layers (under checkpointing: block inputs).
+    pub activations: Vec<Term>,
+    /// The transient on top at the peak: the loss, one block's recomputation, one backward's
+    /// working set, ZeRO-3's gathered block, or the end-of-step reduction; and the kernel
+    /// libraries' workspace.
+    pub transient: Vec<Term>,
+    /// Bytes of live tensors at the peak (as a device allocator's peak counts them).
+    pub peak_bytes: f64,
+    /// Resident memory at the peak: the parameters, and everything allocated after them times
+    /// the allocator's slack. What must fit, and what a host's peak RSS measures.
+    pub resident_bytes: f64,
+    /// What one rank may use: the device's memory less what the framework reserves (shared by
+    /// the node's ranks on a CPU).
+    pub capacity_bytes: f64,
+    pub fits: bool,
+}
+
+impl MemoryReport {
+    fn sum(terms: &[Term]) -> f64 {
+        terms.iter().map(|t| t.bytes).sum()
+    }
+
+    /// The resident peak above the parameters: what a run measures as its step's memory once
+    /// the model is built (peak RSS above the RSS after the build).
+    pub fn above_parameters(&self) -> f64 {
+        self.resident_bytes - self.states.first().map_or(0.0, |t| t.bytes)
+    }
+
+    /// Every term, for tables.
+    pub fn all_terms(&self) -> Vec<&Term> {
+        self.states.iter().chain(&self.activations).chain(&self.transient).collect()
+    }
+}
+
+fn t(name: &'static str, elements: f64, bytes_per: f64) -> Term {
+    Term { name, bytes: elements * bytes_per }
+}
+
+/// Activations one layer keeps on rank `r` (SP rank) for one micro-batch, without checkpointing.
+pub fn layer_activations(job: &Job, r: usize, device: DeviceKind) -> Result<Vec<Term>> {
+    let c = &job.model;
+    let es = job.element_bytes();
+    let (b, n, p) = (job.micro_batch as f64, job.seq as f64, job.sp() as f64);
+    let (h, d) = (c.n_embd as f64, c.head_dim() as f64);
+    let (hq, hkv) = (c.n_head as f64, c.n_kv_head as f64);
+    let (kvd, f) = (hkv * d, (c.mlp_ratio * c.n_embd) as f64);
+    let tok = b * super::bytes::layout(job)?.len(r) as f64; // this rank's tokens
+    let big = b * n; // every token
+    let a = attention_work(job, r, device)?;
+    let scores = |heads: f64| match a.implementation {
+        AttnImpl::Dense { stores_scores: true } => {
+            t("attention probabilities (s^2)", heads * b * a.rows * a.keys, 4.0f64.max(es))
+        }
+        AttnImpl::Blocked => {
+            t("attention probabilities of the visible blocks", heads * b * a.computed, 4.0f64.max(es))
+        }
+        _ => t("attention log-sum-exp", heads * b * a.rows, 4.0),
+    };
+    let selective = job.checkpointing == Checkpointing::Selective;
+    let scores = |heads: f64| {
+        if selective && a.implementation != AttnImpl::Flash {
+            t("attention log-sum-exp", 0.0, 4.0)
+        } else {
+            scores(heads)
+        }
+    };
+    let mut v =
+        vec![t("block input (residual stream)", tok * h, es), t("layer norm statistics", 4.0 * tok, 4.0)];
+    let tp = job.strategy == StrategyConfig::MegatronSp;
+    if tp {
+        // Korthikanti's layout with t = P, but the gathered inputs and the partial sums kept.
+        v.extend([
+            t("layer norm outputs (all-gather inputs)", 2.0 * tok * h, es),
+            t("gathered layer norm outputs [N, h]", 2.0 * big * h, es),
+            t("qkv projection output", big * (h + 2.0 * kvd) / p, es),
+            t("RoPE'd q and k", big * (h + kvd) / p, es),
+            t("attention output and its reshaped copy", 2.0 * big * h / p, es),
+            scores(hq / p),
+            t("reduce-scatter inputs (partial sums) [N, h]", 2.0 * big * h, es),
+            t("reduce-scatter outputs", 2.0 * tok * h, es),
+            t("residual after attention", tok * h, es),
+            t("MLP in and GELU outputs", 2.0 * big * f / p, es),
+        ]);
+        if hq != hkv {
+            v.push(t("k, v expanded to the query heads", 2.0 * big * h / p, es));
+        }
+        return Ok(v);
+    }
+    v.extend([
+        t("layer norm 1 and 2 outputs", 2.0 * tok * h, es),
+        t("residual after attention", tok * h, es),
+        t("MLP in and GELU outputs", 2.0 * tok * f, es),
+        t("attention output (projection input)", tok * h, es),
+    ]);
+    // q, k, v before the strategy: the fused projection stays alive while v (a view of it) is
+    // kept; RoPE'd q and k are new tensors. GQA plans that replicate kv heads keep copies.
+    let replicate = |u: usize| -> Result<Option<f64>> {
+        let plan = HeadPlan::new(c.n_head, c.n_kv_head, u)?;
+        Ok(plan.replicates_kv().then(|| plan.kv_split().iter().sum::<i64>() as f64 * d))
+    };
+    let projected = |rep: Option<f64>| match rep {
+        None => vec![
+            t("qkv projection output", tok * (h + 2.0 * kvd), es),
+            t("RoPE'd q and k", tok * (h + kvd), es),
+        ],
+        Some(kv_rep) => {
+            vec![t("RoPE'd q", tok * h, es), t("k, v replicated for the all-to-all", 2.0 * tok * kv_rep, es)]
+        }
+    };
+    let heads = a.heads as f64;
+    match job.strategy {
+        StrategyConfig::Single => {
+            v.extend(projected(None));
+            v.push(t("attention output", big * h, es));
+            v.push(scores(hq));
+            if hq != hkv {
+                v.push(t("k, v expanded to the query heads", 2.0 * big * h, es));
+            }
+        }
+        StrategyConfig::Ulysses => {
+            let plan = HeadPlan::new(c.n_head, c.n_kv_head, job.sp())?;
+            let kv_r = plan.kv_split()[r] as f64;
+            v.extend(projected(replicate(job.sp())?));
+            v.push(t("q, k, v after the all-to-all", big * (heads + 2.0 * kv_r) * d, es));
+            v.push(t("attention output (before the all-to-all)", big * heads * d, es));
+            v.push(scores(heads));
+            if hq != hkv {
+                v.push(t("k, v expanded to the query heads", 2.0 * big * heads * d, es));
+            }
+        }
+        StrategyConfig::Ring { .. } | StrategyConfig::Usp { .. } => {
+            // Ring tokens: the rank's share (ring) or its ring chunk after the all-to-all (USP).
+            let ring_tok = b * n / a.calls;
+            if let StrategyConfig::Usp { ulysses, .. } = job.strategy {
+                let plan = HeadPlan::new(c.n_head, c.n_kv_head, ulysses)?;
+                let kv_u = plan.kv_split()[r % ulysses] as f64;
+                v.extend(projected(replicate(ulysses)?));
+                v.push(t("q, k, v after the all-to-all", ring_tok * (heads + 2.0 * kv_u) * d, es));
+            } else {
+                v.extend(projected(None));
+            }
+            v.push(t("ring output accumulator (f32)", ring_tok * heads * d, 4.0));
+            v.push(t("attention log-sum-exp", ring_tok * heads, 4.0));
+            if es < 4.0 {
+                v.push(t("ring output in the activation dtype", ring_tok * heads * d, es));
+            }
+        }
+        StrategyConfig::AllGatherKv { .. } => {
+            v.push(t("RoPE'd q", tok * h, es));
+            v.push(t("K, V stacked (all-gather input)", 2.0 * tok * kvd, es));
+            v.push(t("K, V gathered [N]", 2.0 * big * kvd, es));
+            v.push(t("k, v expanded to the query heads", 2.0 * big * h, es));
+            if matches!(a.implementation, AttnImpl::Dense { stores_scores: true }) {
+                // libtorch's math path keeps q and k scaled, the probabilities and v
+                v.push(t("scaled q and k", tok * h + big * h, es));
+            }
+            v.push(t("attention output", tok * h, es));
+            v.push(scores(hq));
+        }
+        StrategyConfig::MegatronSp => unreachable!("handled above"),
+    }
+    Ok(v)
+}
+
+/// The largest net growth over the saved activations while one layer runs backward: autograd
+/// frees each op's saved tensors right after the op, so the growth is about one gradient of the
+/// widest tensor plus the residual stream's gradient (MLP: one `[t, 4h]`; Ulysses' attention:
+/// the three q, k, v gradients before their all-to-all is inverted; Megatron-SP: the gathered
+/// `[N, h]` gradient; ring attention: its f32 dQ, dK, dV).
+fn backward_working_set(job: &Job, r: usize, device: DeviceKind) -> Result<f64> {
+    let c = &job.model;
+    let es = job.element_bytes();
+    let (b, n, p) = (job.micro_batch as f64, job.seq as f64, job.sp() as f64);
+    let (h, d, f) = (c.n_embd as f64, c.head_dim() as f64, (c.mlp_ratio * c.n_embd) as f64);
+    let tok = b * super::bytes::layout(job)?.len(r) as f64;
+    let a = attention_work(job, r, device)?;
+    let core = b * a.rows.max(tok) * a.heads as f64 * d; // one of q, k, v as the kernel sees it
+    Ok(match job.strategy {
+        StrategyConfig::MegatronSp => (b * n * f / p + b * n * h) * es,
+        StrategyConfig::Ring { .. } => ((tok * f + tok * h) * es).max(3.0 * tok * h * 4.0),
+        _ => ((tok * f + tok * h) * es).max(3.0 * core * es),
+    })
+}
+
+/// The memory report of global rank `r`.
+pub fn memory(job: &Job, r: usize, hw: &Hardware) -> Result<MemoryReport> {
+    let c = &job.model;
+    let es = job.element_bytes();
+    let sp_rank = r % job.sp();
+    let tok = job.micro_batch as f64 * super::bytes::layout(job)?.len(sp_rank) as f64;
+    let (h, v, l) = (c.n_embd as f64, c.vocab_size as f64, c.n_layer as f64);
+    let params = params_on_rank(job);
+    let (pb, gb, ob) = super::zero::model_states(job, &params);
+    let states = vec![
+        Term { name: "parameters", bytes: pb },
+        Term { name: "gradients", bytes: gb },
+        Term { name: "optimizer states", bytes: ob },
+    ];
+
+    let layer = layer_activations(job, sp_rank, hw.device.kind)?;
+    let layer_bytes: f64 = layer.iter().map(|t| t.bytes).sum();
+    let full = job.checkpointing == Checkpointing::Full;
+    let mut activations: Vec<Term> = if full {
+        vec![t("block inputs (checkpoints)", l * tok * h, es)]
+    } else {
+        layer.iter().map(|x| Term { name: x.name, bytes: x.bytes * l }).collect()
+    };
+    activations.push(t("final layer norm input and output", 2.0 * tok * h, es));
+    activations.push(t("log-softmax output (f32)", tok * v, 4.0));
+
+    // The transient at the activation peak: the loss's logits and gradients, or one block's
+    // recomputed activations plus its backward's working set.
+    let cast = if es < 4.0 { tok * v * 4.0 } else { 0.0 };
+    let loss = (tok * v * es + cast).max(2.0 * tok * v * 4.0 + if es < 4.0 { tok * v * es } else { 0.0 });
+    let block = if full { layer_bytes } else { 0.0 } + backward_working_set(job, sp_rank, hw.device.kind)?;
+    let mut transient = vec![if loss >= block {
+        Term { name: "logits and loss gradients", bytes: loss }
+    } else {
+        Term {
+            name: if full {
+                "one block recomputed + its backward"
+            } else {
+                "one block's backward working set"
+            },
+            bytes: block,
+        }
+    }];
+    if job.zero.partitions_parameters() {
+        let biggest = params.blocks.iter().copied().max().unwrap_or(0) as f64;
+        transient.push(Term {
+            name: "gathered block parameters and gradients (ZeRO-3)",
+            bytes: 2.0 * biggest * es,
+        });
+    }
+    // End of the step, activations freed: the reduction's f32 buffers (flat copy, the
+    // reduce-scatter's stack and result, the gathered output), bucketed.
+    let reduced = params.replicated.min(job.bucket_elems as f64);
+    let w = job.ranks as f64;
+    let reduction = if job.ranks > 1 { (2.0 + 1.0 / w) * reduced * 4.0 } else { 0.0 };
+    let act_peak = MemoryReport::sum(&activations) + MemoryReport::sum(&transient);
+    if reduction > act_peak {
+        activations.clear();
+        transient = vec![Term { name: "gradient reduction buffers (f32)", bytes: reduction }];
+    }
+    let gib = (1u64 << 30) as f64;
+    transient.push(Term { name: "kernel library workspace", bytes: hw.device.workspace_gib * gib });
+    let peak_bytes =
+        MemoryReport::sum(&states) + MemoryReport::sum(&activations) + MemoryReport::sum(&transient);
+    let resident_bytes = pb + (peak_bytes - pb) * hw.device.allocator_slack;
+    let mut capacity_bytes = (hw.device.memory_gib - hw.device.reserved_gib) * gib;
+    if hw.node.shared_memory {
+        capacity_bytes /= job.ranks.min(hw.node.devices_per_node) as f64;
+    }
+    Ok(MemoryReport {
+        states,
+        activations,
+        transient,
+        peak_bytes,
+        resident_bytes,
+        capacity_bytes,
+        fits: resident_bytes <= capacity_bytes,
+    })
+}

@@ -1,0 +1,232 @@
+//! One prediction: a [`Job`] on a [`Hardware`] -> step time with its breakdown, throughput in
+//! both FLOP conventions, MFU, memory by component, fits or not.
+//!
+//! Step time of a rank = its compute (each term at the efficiency of its size; memory-bound
+//! terms at the memory bandwidth) + its exposed communication (every collective of
+//! [`super::bytes`], priced on the link its group uses). Communication is exposed unless the
+//! job asks for overlap, and then only what the implementations can overlap (ZeRO's gathers
+//! and reduce-scatters, the gradient reduction, ring attention's passes) hides behind compute;
+//! Ulysses' all-to-alls and Megatron-SP's gathers sit on the critical path. The step is the
+//! slowest rank's. Ranks sharing a CPU's cores (more ranks x threads than cores) run slower by
+//! that ratio, communication included (copies are CPU work there).
+
+use std::collections::BTreeMap;
+
+use crate::comm::OpKind;
+use crate::Result;
+
+use super::bytes::{step_comm, GroupRole, Phase};
+use super::flops::{megatron_flops, model_flops};
+use super::hardware::{DeviceKind, Hardware};
+use super::memory::{memory, MemoryReport};
+use super::network::{price, LinkUse, Placement};
+use super::work::{rank_work, OpClass};
+use super::Job;
+
+/// The time of one kind of collective in one step of the slowest rank.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommTime {
+    pub what: &'static str,
+    pub group: GroupRole,
+    pub op: OpKind,
+    pub phase: Phase,
+    pub link: LinkUse,
+    pub calls: u64,
+    /// Bytes this rank sends in one optimizer step.
+    pub bytes: f64,
+    pub seconds: f64,
+    /// Seconds not hidden behind compute.
+    pub exposed: f64,
+}
+
+/// One rank's step: seconds, which rank, its compute terms, its collectives, bytes it sent.
+struct RankStep {
+    step: f64,
+    rank: usize,
+    compute: Vec<(&'static str, OpClass, f64)>,
+    comm: Vec<CommTime>,
+    sent: f64,
+}
+
+/// What the model predicts for one job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prediction {
+    pub job: Job,
+    pub hardware: String,
+    /// One optimizer step (all micro-steps), seconds.
+    pub step_s: f64,
+    /// Compute seconds per step of the slowest rank, by term name.
+    pub compute: Vec<(&'static str, OpClass, f64)>,
+    pub comm: Vec<CommTime>,
+    pub slowest_rank: usize,
+    /// Tokens of the whole job per second.
+    pub tokens_per_s: f64,
+    /// Model FLOPs (visible pairs) and Megatron-DeepSpeed FLOPs of one step, whole job.
+    pub model_flops: f64,
+    pub megatron_flops: f64,
+    /// TFLOP/s per device in each convention, and their fractions of the dtype's peak.
+    pub model_tflops_per_gpu: f64,
+    pub megatron_tflops_per_gpu: f64,
+    pub mfu: f64,
+    pub megatron_mfu: f64,
+    /// The rank with the largest peak.
+    pub memory: MemoryReport,
+    /// Largest bytes sent by one rank in one step.
+    pub bytes_sent_per_rank: f64,
+}
+
+impl Prediction {
+    pub fn compute_s(&self) -> f64 {
+        self.compute.iter().map(|c| c.2).sum()
+    }
+
+    pub fn compute_by_class(&self) -> BTreeMap<OpClass, f64> {
+        let mut m = BTreeMap::new();
+        for (_, class, s) in &self.compute {
+            *m.entry(*class).or_insert(0.0) += s;
+        }
+        m
+    }
+
+    pub fn comm_exposed_s(&self) -> f64 {
+        self.comm.iter().map(|c| c.exposed).sum()
+    }
+}
+
+/// Predicts `job` on `hw`.
+pub fn predict(job: &Job, hw: &Hardware) -> Result<Prediction> {
+    job.validate()?;
+    let peak = hw.peak_flops(job.precision)?;
+    let bw = hw.device.memory_bandwidth_gbs * 1e9;
+    let on_node = job.ranks.min(hw.node.devices_per_node) as f64;
+    let slots = hw.node.compute_slots as f64;
+    let threads = job.threads_per_rank as f64;
+    let cpu = hw.device.kind == DeviceKind::Cpu;
+    let comm_slowdown = if cpu { (on_node * threads / slots).max(1.0) } else { 1.0 };
+    let accum = job.grad_accum as f64;
+
+    // Each candidate rank's compute at one thread's full speed.
+    let ranks = candidate_ranks(job);
+    let mut per_rank = Vec::with_capacity(ranks.len());
+    for &r in &ranks {
+        let mut compute = Vec::new();
+        for term in rank_work(job, r, hw.device.kind)? {
+            let s = match term.class {
+                OpClass::Matmul => term.flops / (peak * hw.matmul_efficiency(term.size)),
+                OpClass::Attention => {
+                    term.flops
+                        / (peak * hw.attention_efficiency(term.head_dim, term.size, term.op == "causal"))
+                }
+                OpClass::MemoryBound => term.bytes / (bw * hw.memory_bound_efficiency(term.op)),
+            };
+            compute.push((term.name, term.class, if term.per_step { s } else { s * accum }));
+        }
+        per_rank.push(compute);
+    }
+    // Ranks sharing a node's compute slots: a rank runs at most `threads` slots fast, and the
+    // node runs at most `slots` slots of work at once. With ranks waiting on one another (a
+    // contiguous ring's idle ranks) the busy ones get the freed slots.
+    let total = |c: &Vec<(&'static str, OpClass, f64)>| c.iter().map(|x| x.2).sum::<f64>();
+    let mean = per_rank.iter().map(total).sum::<f64>() / per_rank.len().max(1) as f64;
+    let node_bound = mean * on_node / slots;
+
+    let mut best: Option<RankStep> = None;
+    for (&r, compute) in ranks.iter().zip(per_rank) {
+        let own = total(&compute) / threads;
+        let stretch = if own > 0.0 { own.max(node_bound) / total(&compute) } else { 1.0 };
+        let compute: Vec<(&'static str, OpClass, f64)> =
+            compute.into_iter().map(|(n, c, s)| (n, c, s * stretch)).collect();
+        let compute_s: f64 = compute.iter().map(|c| c.2).sum();
+        let mut comm = Vec::new();
+        let mut sent = 0.0;
+        for c in step_comm(job, r)? {
+            let times = if c.phase == Phase::Step { 1.0 } else { accum };
+            let (size, stride) = c.group.shape(job);
+            let at = Placement::new(size, stride, hw.node.devices_per_node);
+            let bytes = c.sent as f64 * times;
+            let (s, link) = price(hw, &job.backend, c.op, at, c.calls * times as u64, bytes)?;
+            sent += bytes;
+            comm.push(CommTime {
+                what: c.what,
+                group: c.group,
+                op: c.op,
+                phase: c.phase,
+                link,
+                calls: c.calls * times as u64,
+                bytes,
+                seconds: s * comm_slowdown,
+                exposed: s * comm_slowdown,
+            });
+        }
+        if job.overlap {
+            // What can overlap hides behind compute, first come first served.
+            let mut budget = compute_s;
+            for c in comm.iter_mut().filter(|c| overlappable(c)) {
+                let hidden = c.seconds.min(budget);
+                c.exposed = c.seconds - hidden;
+                budget -= hidden;
+            }
+        }
+        let step = compute_s + comm.iter().map(|c| c.exposed).sum::<f64>();
+        if best.as_ref().is_none_or(|b| step > b.step) {
+            best = Some(RankStep { step, rank: r, compute, comm, sent });
+        }
+    }
+    let RankStep { step: step_s, rank: slowest_rank, compute, comm, sent: bytes_sent_per_rank } = best
+        .ok_or_else(|| crate::Error::InvalidArgument {
+            op: "cost",
+            group: job.describe(),
+            msg: "no ranks".into(),
+        })?;
+    let mut worst: Option<MemoryReport> = None;
+    for r in candidate_ranks(job) {
+        let m = memory(job, r, hw)?;
+        if worst.as_ref().is_none_or(|w| m.resident_bytes > w.resident_bytes) {
+            worst = Some(m);
+        }
+    }
+    let memory = worst.ok_or_else(|| crate::Error::InvalidArgument {
+        op: "cost",
+        group: job.describe(),
+        msg: "no ranks".into(),
+    })?;
+    let tokens = (job.global_batch() * job.seq) as f64;
+    let (mf, meg) =
+        (model_flops(job), megatron_flops(&job.model, job.global_batch(), job.seq, job.checkpointing));
+    let per_gpu = |flops: f64| flops / step_s / job.ranks as f64;
+    Ok(Prediction {
+        job: job.clone(),
+        hardware: hw.name.clone(),
+        step_s,
+        compute,
+        comm,
+        slowest_rank,
+        tokens_per_s: tokens / step_s,
+        model_flops: mf,
+        megatron_flops: meg,
+        model_tflops_per_gpu: per_gpu(mf) / 1e12,
+        megatron_tflops_per_gpu: per_gpu(meg) / 1e12,
+        mfu: per_gpu(mf) / peak,
+        megatron_mfu: per_gpu(meg) / peak,
+        memory,
+        bytes_sent_per_rank,
+    })
+}
+
+/// The SP ranks whose time and memory are evaluated: every rank of small groups, else the first
+/// two, the middle and the last (the extremes of every layout here: the first ranks hold the
+/// extra token and head of uneven shares, the last the most causal work of a contiguous ring).
+pub fn candidate_ranks(job: &Job) -> Vec<usize> {
+    let p = job.sp();
+    if p <= 8 {
+        return (0..p).collect();
+    }
+    vec![0, 1, p / 2, p - 1]
+}
+
+/// Collectives the implementations can run behind compute when overlap is on.
+fn overlappable(c: &CommTime) -> bool {
+    matches!(c.group, GroupRole::World | GroupRole::Dp | GroupRole::Ring)
+        || (c.op == OpKind::Shift && c.group == GroupRole::Sp)
+        || c.what.contains("gradient")
+}

@@ -1,0 +1,125 @@
+//! Devices: making libtorch's CUDA half available to tch, the calling thread's current GPU, the
+//! CUDA caching allocator's statistics, device synchronisation, and the libtorch this process
+//! loaded against the one it was built for.
+//!
+//! tch links libtorch_cpu and never loads libtorch_cuda by itself, so on a GPU machine CUDA stays
+//! unavailable unless something loads it. [`load_cuda`] does, once; on a CPU-only libtorch (or a
+//! machine without the CUDA libraries) the load fails harmlessly and CUDA stays unavailable, so
+//! one binary serves both. The rest goes through libtorch's device-generic accelerator API
+//! (`csrc/cuda.cpp`), so nothing here needs a CUDA toolkit to build.
+
+mod ffi;
+mod libtorch;
+
+use std::sync::OnceLock;
+
+use tch::Device;
+
+pub use libtorch::{
+    check_libtorch, check_libtorch_info, loaded_libtorch, version_of_libtorch_dir, LibtorchInfo,
+    BUILT_LIBTORCH,
+};
+
+use crate::{Error, Result};
+
+/// Loads libtorch's CUDA library if there is one (once per process) and says whether a CUDA
+/// device is usable.
+pub fn load_cuda() -> bool {
+    static LOADED: OnceLock<bool> = OnceLock::new();
+    *LOADED.get_or_init(|| {
+        for name in [c"libtorch_cuda.so", c"libtorch_cuda.dylib"] {
+            // SAFETY: dlopen gets a valid NUL-terminated name; the handle is deliberately never
+            // closed, so the library stays loaded (and its CUDA hooks registered) for the process.
+            let handle = unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
+            if !handle.is_null() {
+                break;
+            }
+        }
+        tch::Cuda::is_available()
+    })
+}
+
+/// `cuda:i` when CUDA is usable and asked for, the CPU otherwise.
+pub fn pick(cuda: bool, index: usize) -> Device {
+    if cuda && load_cuda() {
+        Device::Cuda(index)
+    } else {
+        Device::Cpu
+    }
+}
+
+/// CUDA devices this process sees (0 without CUDA). Creates no CUDA context.
+pub fn cuda_device_count() -> usize {
+    if load_cuda() {
+        tch::Cuda::device_count().max(0) as usize
+    } else {
+        0
+    }
+}
+
+fn cuda_index(op: &str, device: Device) -> Result<Option<i32>> {
+    match device {
+        Device::Cpu => Ok(None),
+        Device::Cuda(i) => {
+            if !load_cuda() {
+                return Err(Error::Backend {
+                    backend: "cuda",
+                    msg: format!("{op} on cuda:{i}: no CUDA device is usable in this process"),
+                });
+            }
+            Ok(Some(i as i32))
+        }
+        other => Err(Error::Backend { backend: "cuda", msg: format!("{op}: unsupported device {other:?}") }),
+    }
+}
+
+/// Makes `device` the calling thread's current CUDA device (`cudaSetDevice`), so that NCCL
+/// communicators, streams and events made afterwards belong to it. A no-op for the CPU.
+pub fn set_current(device: Device) -> Result<()> {
+    match cuda_index("set_current", device)? {
+        Some(i) => ffi::set_device(i),
+        None => Ok(()),
+    }
+}
+
+/// Waits until everything queued on `device` has run (a no-op for the CPU): what a timer must
+/// do before it reads the clock.
+pub fn synchronize(device: Device) -> Result<()> {
+    match cuda_index("synchronize", device)? {
+        Some(i) => ffi::synchronize(i),
+        None => Ok(()),
+    }
+}
+
+/// The handle (`cudaStream_t`) of libtorch's current stream on `cuda:index`.
+#[cfg_attr(not(feature = "nccl"), allow(dead_code))]
+pub(crate) fn current_stream(index: usize) -> Result<*mut std::ffi::c_void> {
+    cuda_index("current_stream", Device::Cuda(index))?;
+    ffi::current_stream(index as i32)
+}
+
+/// The CUDA caching allocator's bytes on one device (libtorch's `memory_stats`, all pools).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CudaMemory {
+    /// Bytes held by live tensors now.
+    pub allocated: u64,
+    /// The most bytes held by live tensors since the last [`reset_cuda_peak`].
+    pub peak_allocated: u64,
+    /// Bytes the allocator holds from the driver now (live tensors and its cache).
+    pub reserved: u64,
+    /// The most bytes reserved since the last [`reset_cuda_peak`].
+    pub peak_reserved: u64,
+}
+
+/// The caching allocator's statistics on `cuda:index`.
+pub fn cuda_memory(index: usize) -> Result<CudaMemory> {
+    cuda_index("cuda_memory", Device::Cuda(index))?;
+    let [allocated, peak_allocated, reserved, peak_reserved] = ffi::memory(index as i32)?;
+    Ok(CudaMemory { allocated, peak_allocated, reserved, peak_reserved })
+}
+
+/// Sets the allocator's peaks on `cuda:index` back to its current values.
+pub fn reset_cuda_peak(index: usize) -> Result<()> {
+    cuda_index("reset_cuda_peak", Device::Cuda(index))?;
+    ffi::reset_peak(index as i32)
+}

@@ -1,0 +1,254 @@
+//! The cost model's exact parts: visible pairs and FLOPs against brute-force counts and the
+//! published formula, ZeRO's model states against the spec, alpha-beta prices against hand
+//! computations, hardware files refused with the field and the number, and predictions that
+//! are finite, ordered as the paper argues, and searchable.
+
+use anyhow::{ensure, Result};
+use ulysses::attention::{AttentionConfig, BlockSparse, Kernel, Mask, StrategyConfig};
+use ulysses::comm::OpKind;
+use ulysses::cost::network::{price, Placement};
+use ulysses::cost::zero::{model_states, padded};
+use ulysses::cost::{best, max_seq, megatron_flops, predict, Hardware, Job, SearchSpace};
+use ulysses::model::GptConfig;
+use ulysses::train::{Checkpointing, Precision, ZeroStage};
+
+fn masks() -> Vec<Mask> {
+    let sparse =
+        |causal| Mask::BlockSparse(BlockSparse { block: 4, local_blocks: 3, global_blocks: 1, causal });
+    vec![
+        Mask::None,
+        Mask::Causal,
+        Mask::SlidingWindow { window: 5 },
+        Mask::SlidingWindow { window: 64 },
+        sparse(true),
+        sparse(false),
+    ]
+}
+
+#[test]
+fn visible_pairs_equal_a_brute_force_count() -> Result<()> {
+    for mask in masks() {
+        for n in [1i64, 7, 30, 37, 50] {
+            for (q0, q1) in [(0, n), (3.min(n), n), (0, n / 2), (n / 3, 2 * n / 3)] {
+                let brute =
+                    (q0..q1).map(|i| (0..n).filter(|&j| mask.allows(i, j)).count() as u64).sum::<u64>();
+                let got = mask.visible_in_rows(q0, q1, n);
+                ensure!(got == brute, "{mask:?} n={n} rows [{q0}, {q1}): {got} vs brute force {brute}");
+            }
+        }
+    }
+    // Closed forms: n^2, n(n+1)/2, and the window's.
+    let n = 1 << 20;
+    ensure!(Mask::None.visible_pairs(n) == (n * n) as u64, "none");
+    ensure!(Mask::Causal.visible_pairs(n) == (n * (n + 1) / 2) as u64, "causal");
+    let w = 4096;
+    ensure!(
+        Mask::SlidingWindow { window: w }.visible_pairs(n) == (w * (w + 1) / 2 + (n - w) * w) as u64,
+        "window"
+    );
+    Ok(())
+}
+
+#[test]
+fn model_flops_count_visible_pairs_and_megatrons_convention_is_the_papers() -> Result<()> {
+    let cfg = GptConfig::gpt_1_3b();
+    let (n, tokens) = (8192i64, 2 * 8192i64);
+    let dense = 6.0 * cfg.matmul_params() as f64 * tokens as f64;
+    let attention = |pairs: f64| 12.0 * (cfg.n_layer * cfg.n_embd) as f64 * pairs * 2.0;
+    for mask in masks().into_iter().chain([Mask::SlidingWindow { window: 1024 }]) {
+        let want = dense + attention(mask.visible_pairs(n) as f64);
+        let got = cfg.train_flops(tokens, n, &mask);
+        ensure!((got - want).abs() <= 1e-9 * want, "{mask:?}: {got} vs {want}");
+    }
+    // A window is far less than half of dense (issue 11: it used to count as causal).
+    let window = cfg.train_flops(tokens, n, &Mask::SlidingWindow { window: 512 }) - dense;
+    let causal = cfg.train_flops(tokens, n, &Mask::Causal) - dense;
+    ensure!(window < causal / 8.0, "window {window:.3e} vs causal {causal:.3e}");
+    // Megatron-DeepSpeed: 24 c B s L h^2 (1 + s/(6h) + V/(16 L h)), by hand for the 1.3B model.
+    let (b, s, l, h, v) = (8.0, 32768.0, 24.0, 2048.0, 50304.0);
+    let by_hand = 24.0 * 4.0 * b * s * l * h * h * (1.0 + s / (6.0 * h) + v / (16.0 * l * h));
+    let got = megatron_flops(&cfg, 8, 32768, Checkpointing::Full);
+    ensure!((got - by_hand).abs() <= 1e-12 * by_hand, "megatron {got} vs {by_hand}");
+    ensure!(
+        megatron_flops(&cfg, 8, 32768, Checkpointing::None) * 4.0 == got * 3.0,
+        "c = 3 without checkpointing"
+    );
+    Ok(())
+}
+
+#[test]
+fn zero_model_states_follow_the_spec() -> Result<()> {
+    // Psi replicated parameters, W ranks: stage 0 16 Psi, 1: 4 Psi + 12 Psi/W, 2: 2 Psi + 14 Psi/W,
+    // 3: 16 Psi/W (mixed precision, Adam), with the padded size.
+    let cfg = GptConfig { n_layer: 3, ..GptConfig::gpt_125m() };
+    for w in [1usize, 3, 8] {
+        let job = Job { zero: ZeroStage::NONE, ..Job::new(cfg.clone(), StrategyConfig::Ulysses, w, 4096) };
+        let params = ulysses::cost::memory::params_on_rank(&job);
+        let psi = params.replicated;
+        let pad = padded(psi as i64, w) as f64;
+        let pad3: f64 = params.blocks.iter().map(|&m| padded(m, w) as f64).sum();
+        for (stage, want) in [
+            (0, 16.0 * psi),
+            (1, 4.0 * psi + 12.0 * pad / w as f64),
+            (2, 2.0 * psi + 14.0 * pad / w as f64),
+            (3, 16.0 * pad3 / w as f64),
+        ] {
+            let j = Job { zero: ZeroStage::new(stage)?, ..job.clone() };
+            let (p, g, o) = model_states(&j, &params);
+            ensure!((p + g + o - want).abs() < 1e-6, "stage {stage} W={w}: {} vs {want}", p + g + o);
+        }
+        // f32 without an optimizer: 4 + 4 bytes, nothing else.
+        let f32_job = Job { precision: Precision::F32, optimizer: false, ..job.clone() };
+        let (p, g, o) = model_states(&f32_job, &params);
+        ensure!(p == 4.0 * psi && g == 4.0 * psi && o == 0.0, "f32: {p} {g} {o}");
+    }
+    Ok(())
+}
+
+#[test]
+fn alpha_beta_prices_by_hand() -> Result<()> {
+    let hw = Hardware::load("dgx-a100-40gb")?;
+    let gb = 1e9;
+    // Inside a node: 8 ranks, ring all-gather of 7 GB sent: 7 steps x 5 us + 7 GB / (300 GB/s x 0.75).
+    let (s, _) = price(&hw, "nccl", OpKind::AllGather, Placement::new(8, 1, 8), 1, 7.0 * gb)?;
+    let want = 7.0 * 5e-6 + 7.0 / (300.0 * 0.75);
+    ensure!((s - want).abs() < 1e-12, "all-gather {s} vs {want}");
+    // An all-to-all of 16 ranks over 2 nodes: 7/15 of the bytes inside, 8/15 across (25 GB/s x 0.8).
+    let (s, _) = price(&hw, "nccl", OpKind::AllToAll, Placement::new(16, 1, 8), 1, 15.0 * gb)?;
+    let want = 15.0 * 10e-6 + (7.0f64 / (300.0 * 0.65)).max(8.0 / (25.0 * 0.8));
+    ensure!((s - want).abs() < 1e-12, "all-to-all {s} vs {want}");
+    // A DP group of stride 8 has one member per node.
+    ensure!(Placement::new(4, 8, 8).per_node == 1 && Placement::new(4, 2, 8).per_node == 4, "placements");
+    ensure!(Placement::new(8, 2, 8).per_node == 4, "stride 2 over nodes of 8");
+    Ok(())
+}
+
+/// The preset's file as written, with its comments.
+fn preset_text() -> Result<String> {
+    Ok(std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/hardware/dgx-a100-40gb.toml"))?)
+}
+
+#[test]
+fn bad_hardware_files_name_the_field_and_the_number() -> Result<()> {
+    for name in Hardware::presets() {
+        Hardware::load(name)?;
+    }
+    let good = preset_text()?;
+    // Written back as TOML, a preset reads back the same.
+    let hw = Hardware::load("dgx-a100-40gb")?;
+    ensure!(Hardware::parse(&hw.to_toml()?, "round trip")? == hw, "round trip");
+    let without = good.lines().filter(|l| !l.starts_with("memory_gib")).collect::<Vec<_>>().join("\n");
+    let cases = [
+        (without, "missing field `memory_gib`"),
+        (
+            good.replace("memory_bandwidth_gbs = 1555.0", "memory_bandwidth_gbs = -1555.0"),
+            "memory_bandwidth_gbs = -1555 must be a positive",
+        ),
+        (
+            good.replace("memory_bound = 0.80", "memory_bound = 1.5"),
+            "efficiency.memory_bound = 1.5 must lie in (0, 1]",
+        ),
+        (
+            good.replace("bandwidth_gbs = 25.0", "bandwidth_gbs = 0.0"),
+            "network.nccl.inter.bandwidth_gbs = 0 must be a positive",
+        ),
+        (good.replace("devices_per_node = 8", "devices_per_node = 0"), "node.devices_per_node = 0"),
+        (good.replace("[1.0e9, 0.55]", "[1.0e7, 0.55]"), "sizes must increase"),
+        (good.replace("bf16 = 312.0", "bf16 = nan"), "device.peak_tflops.bf16 = NaN must be a positive"),
+    ];
+    for (text, want) in cases {
+        let err = Hardware::parse(&text, "test.toml").err().map(|e| e.to_string()).unwrap_or_default();
+        ensure!(err.contains(want) && err.contains("test.toml"), "{err:?} lacks {want:?}");
+    }
+    let err = Hardware::load("dgx-a200").err().map(|e| e.to_string()).unwrap_or_default();
+    ensure!(err.contains("no such preset or file") && err.contains("dgx-a100-40gb"), "{err}");
+    Ok(())
+}
+
+fn paper_job(model: GptConfig, strategy: StrategyConfig, ranks: usize, seq: i64) -> Job {
+    Job { zero: ZeroStage::new(3).unwrap_or_default(), ..Job::new(model, strategy, ranks, seq) }
+}
+
+#[test]
+fn predictions_are_finite_and_ordered_as_the_paper_argues() -> Result<()> {
+    let hw = Hardware::load("dgx-a100-40gb")?;
+    let model = GptConfig::gpt_6_7b();
+    for s in ["ulysses", "megatron_sp", "ring_zigzag", "allgather_kv", "usp_zigzag:8"] {
+        let p = predict(&paper_job(model.clone(), s.parse().map_err(anyhow::Error::msg)?, 32, 65536), &hw)?;
+        let numbers =
+            [p.step_s, p.tokens_per_s, p.mfu, p.megatron_mfu, p.memory.peak_bytes, p.bytes_sent_per_rank];
+        ensure!(numbers.iter().all(|x| x.is_finite() && *x > 0.0), "{s}: {numbers:?}");
+        ensure!(p.mfu < 1.0 && p.megatron_tflops_per_gpu > p.model_tflops_per_gpu, "{s}: conventions {p:?}");
+    }
+    // Per-rank bytes: Ulysses' fall as P grows at a fixed N, Megatron-SP's do not (§3.2).
+    let bytes = |s: StrategyConfig, p: usize| -> Result<f64> {
+        Ok(predict(&paper_job(GptConfig::gpt_1_3b(), s, p, 65536), &hw)?.bytes_sent_per_rank)
+    };
+    ensure!(bytes(StrategyConfig::Ulysses, 16)? < bytes(StrategyConfig::Ulysses, 4)?, "ulysses bytes");
+    ensure!(
+        bytes(StrategyConfig::MegatronSp, 16)? >= bytes(StrategyConfig::MegatronSp, 4)?,
+        "megatron bytes"
+    );
+    // Bad jobs: heads that do not split, a length ring cannot shard.
+    let err = |j: Job| predict(&j, &hw).err().map(|e| e.to_string()).unwrap_or_default();
+    let e = err(paper_job(GptConfig::gpt_1_3b(), StrategyConfig::Ulysses, 32, 65536));
+    ensure!(e.contains("H=16 < P=32"), "{e}");
+    let e = err(paper_job(GptConfig::gpt_1_3b(), StrategyConfig::Ring { zigzag: true }, 8, 1000));
+    ensure!(e.contains("N=1000, 2P=16"), "{e}");
+    let e = err(Job {
+        precision: Precision::F64,
+        ..paper_job(GptConfig::gpt_1_3b(), StrategyConfig::Ulysses, 8, 8192)
+    });
+    ensure!(e.is_empty() || e.contains("f64") || e.contains("no setting"), "{e}");
+    Ok(())
+}
+
+#[test]
+fn search_finds_a_fitting_setting_and_the_longest_sequence_grows_with_gpus() -> Result<()> {
+    let hw = Hardware::load("dgx-a100-40gb")?;
+    let space = SearchSpace { sp: Vec::new(), micro_batch: vec![1, 2], ..SearchSpace::everything() };
+    let base = paper_job(GptConfig::gpt_1_3b(), StrategyConfig::Ulysses, 16, 131072);
+    let p = best(&base, &hw, &space)?;
+    ensure!(p.memory.fits && p.memory.resident_bytes <= p.memory.capacity_bytes, "{:?}", p.memory);
+    let only = SearchSpace {
+        zero: vec![ZeroStage::new(3)?],
+        checkpointing: vec![Checkpointing::Full],
+        micro_batch: vec![1],
+        ..SearchSpace::default()
+    };
+    let (a, b) = (
+        max_seq(&Job { ranks: 4, ..base.clone() }, &hw, &only)?.job.seq,
+        max_seq(&Job { ranks: 16, ..base.clone() }, &hw, &only)?.job.seq,
+    );
+    ensure!(b > 2 * a, "max sequence on 16 GPUs {b} vs 4 GPUs {a}");
+    // Over every strategy: the best is at least as fast as Ulysses' best.
+    let any = SearchSpace { strategies: ulysses::cost::every_strategy(), ..space.clone() };
+    let overall = best(&base, &hw, &any)?;
+    ensure!(overall.tokens_per_s >= p.tokens_per_s, "{} vs {}", overall.tokens_per_s, p.tokens_per_s);
+    // A model that fits nowhere: a clear error with the numbers.
+    let huge = GptConfig { n_layer: 400, n_embd: 16384, n_head: 128, n_kv_head: 128, ..GptConfig::gpt_30b() };
+    let e = best(&paper_job(huge, StrategyConfig::Ulysses, 8, 8192), &hw, &space)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    ensure!(e.contains("no setting fits") && e.contains("GiB"), "{e}");
+    Ok(())
+}
+
+#[test]
+fn attention_kernels_change_time_and_memory_as_they_should() -> Result<()> {
+    let hw = Hardware::load("dgx-a100-40gb")?;
+    let job = |kernel, mask| Job {
+        attention: AttentionConfig::new(kernel, mask),
+        checkpointing: Checkpointing::None,
+        ..paper_job(GptConfig::gpt_1_3b(), StrategyConfig::Ulysses, 8, 16384)
+    };
+    let flash = predict(&job(Kernel::Sdpa, Mask::Causal), &hw)?;
+    let math = predict(&job(Kernel::Math, Mask::Causal), &hw)?;
+    ensure!(math.memory.peak_bytes > flash.memory.peak_bytes, "the math kernel keeps s^2 scores");
+    let sparse =
+        Mask::BlockSparse(BlockSparse { block: 64, local_blocks: 4, global_blocks: 1, causal: true });
+    let blocked = predict(&job(Kernel::Blocked, sparse), &hw)?;
+    ensure!(blocked.model_flops < flash.model_flops, "block-sparse counts fewer pairs");
+    Ok(())
+}

@@ -1,0 +1,110 @@
+//! The cost model's memory terms against the tensors the code allocates: the bytes a forward
+//! pass keeps for the backward, read from the allocator (glibc's in-use bytes, the host's
+//! counterpart of a device allocator's allocated bytes), against the model's activation terms,
+//! for several strategies and world sizes; and the calibration helpers on known inputs. The
+//! allocator counts the whole process: keep the tests of this file small in what they allocate
+//! besides the measured forward.
+
+use anyhow::{ensure, Result};
+use tch::{Device, Kind, Tensor};
+use ulysses::attention::{AttentionConfig, StrategyConfig};
+use ulysses::autograd::Tape;
+use ulysses::comm::{launch, MeshShape};
+use ulysses::cost::calibrate::{curve, fit_alpha_beta, live_bytes, CommSample, KernelSample};
+use ulysses::cost::hardware::DeviceKind;
+use ulysses::cost::memory::layer_activations;
+use ulysses::cost::Job;
+use ulysses::model::{shift_labels, Gpt, GptConfig};
+use ulysses::train::{Checkpointing, Precision};
+
+/// Bytes per rank that one forward keeps (measured), and what the model says it keeps.
+fn forward_bytes(strategy: StrategyConfig, p: usize, n: i64) -> Result<(f64, f64)> {
+    let cfg = GptConfig { n_layer: 2, n_head: 4, n_kv_head: 4, n_embd: 64, ..GptConfig::tiny() };
+    let job = Job {
+        precision: Precision::F32,
+        checkpointing: Checkpointing::None,
+        optimizer: false,
+        backend: "local".into(),
+        ..Job::new(cfg.clone(), strategy, p, n)
+    };
+    let measured = launch(p, |ctx| -> Result<f64> {
+        let mesh = ctx.mesh(MeshShape::dp_sp(1, p)?)?;
+        let s =
+            strategy.build(mesh.group("sp")?, AttentionConfig::default(), n, cfg.n_head, cfg.n_kv_head)?;
+        let layout = s.layout().clone();
+        let model = Gpt::new(&cfg, s, Kind::Float, Device::Cpu)?;
+        let toks =
+            (Tensor::arange(n, (Kind::Int64, Device::Cpu)) * 7 + 3).remainder(cfg.vocab_size).reshape([1, n]);
+        let labels = shift_labels(&toks)?;
+        let (t, l) = (layout.shard(&toks, 1, ctx.rank())?, layout.shard(&labels, 1, ctx.rank())?);
+        // A first step allocates the gradients and the libraries' buffers.
+        model.forward_backward(&t, &l)?;
+        model.zero_grad();
+        let w = ctx.world();
+        w.barrier()?;
+        let before = live_bytes();
+        w.barrier()?;
+        let tape = Tape::new();
+        let loss = model.loss(&tape, &t, &l)?;
+        w.barrier()?;
+        let after = live_bytes();
+        w.barrier()?;
+        tape.backward(&loss.local)?;
+        Ok((after - before) / p as f64)
+    })?;
+    let layer: f64 = layer_activations(&job, 0, DeviceKind::Cpu)?.iter().map(|t| t.bytes).sum();
+    let tokens = n as f64 / p as f64;
+    // All layers, the final norm's input and output, the f32 log-softmax.
+    let modelled = 2.0 * layer + 2.0 * tokens * 64.0 * 4.0 + tokens * 256.0 * 4.0;
+    Ok((measured[0], modelled))
+}
+
+#[test]
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn activation_terms_are_the_bytes_a_forward_keeps() -> Result<()> {
+    for (strategy, p) in [
+        (StrategyConfig::Ulysses, 1),
+        (StrategyConfig::Ulysses, 2),
+        (StrategyConfig::MegatronSp, 2),
+        (StrategyConfig::Ring { zigzag: true }, 2),
+        (StrategyConfig::Ulysses, 4),
+    ] {
+        let (measured, modelled) = forward_bytes(strategy, p, 8192)?;
+        let ratio = modelled / measured;
+        // Allocation granularity and small tensors the model does not list (statistics of
+        // 1-element losses, index tensors): a few percent.
+        ensure!(
+            (0.93..=1.07).contains(&ratio),
+            "{} P={p}: the forward keeps {:.2} MiB per rank, the model says {:.2} MiB (ratio {ratio:.3})",
+            strategy.label(),
+            measured / 1048576.0,
+            modelled / 1048576.0
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn calibration_fits_recover_known_numbers() -> Result<()> {
+    // seconds = 20 us x steps + bytes / 5 GB/s, exactly: the fit gives both back.
+    let samples: Vec<CommSample> = [1e4, 1e5, 1e6, 1e7]
+        .iter()
+        .map(|&b| CommSample {
+            op: "all_gather".into(),
+            ranks: 4,
+            bytes_sent: b,
+            seconds: 3.0 * 20e-6 + b / 5e9,
+        })
+        .collect();
+    let (latency, bandwidth) = fit_alpha_beta(&samples, 3.0)?;
+    ensure!((latency - 20e-6).abs() < 1e-9 && (bandwidth / 5e9 - 1.0).abs() < 1e-9, "{latency} {bandwidth}");
+    // Flat samples are refused with a message, not fitted to a negative bandwidth.
+    let flat: Vec<CommSample> = samples.iter().map(|s| CommSample { seconds: 1e-3, ..s.clone() }).collect();
+    ensure!(fit_alpha_beta(&flat, 3.0).is_err(), "a flat fit was accepted");
+    // Curves: one point per factor-of-two bin, sizes increasing, efficiencies capped at 1.
+    let k = |size: f64, eff: f64| KernelSample { size, flops: size, seconds: size / (eff * 100.0) };
+    let c = curve(&[k(1000.0, 0.2), k(1100.0, 0.4), k(4000.0, 0.5), k(1e6, 2.0)], 100.0);
+    ensure!(c.len() == 3 && c.windows(2).all(|w| w[0][0] < w[1][0]), "{c:?}");
+    ensure!((c[0][1] - 0.3).abs() < 1e-12 && c[2][1] == 1.0, "{c:?}");
+    Ok(())
+}
