@@ -370,8 +370,11 @@ fn notebook_displays_render_tables_and_charts() -> Result<()> {
     Ok(())
 }
 
+/// Rank 0's loss curve of each point.
+type Curves = std::collections::BTreeMap<u64, Vec<f64>>;
+
 /// Losses by (point, step) of rank 0, and the points' strategy labels.
-fn curves(dir: &Path) -> Result<(std::collections::BTreeMap<u64, Vec<f64>>, Vec<String>)> {
+fn curves(dir: &Path) -> Result<(Curves, Vec<String>)> {
     let steps = read_table(dir, "steps")?;
     let (point, rank, loss) =
         (column_u64(&steps, "point")?, column_u64(&steps, "rank")?, steps.column("loss")?.f64()?.clone());

@@ -18,7 +18,7 @@ use ulysses::train::{Checkpointing, Precision};
 const LAYOUTS: [(usize, usize); 4] = [(1, 1), (2, 1), (4, 1), (4, 2)];
 
 /// Losses and parameters of rank 0.
-fn rank0(p: usize, run: &Run) -> Result<(Vec<f64>, Vec<(String, Tensor)>)> {
+fn rank0(p: usize, run: &Run) -> Result<(Vec<f64>, training::Named)> {
     let mut out = launch(p, |ctx| training::train(ctx.world(), run))?;
     Ok(out.swap_remove(0))
 }

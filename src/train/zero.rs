@@ -26,6 +26,10 @@ use crate::error::TorchResultExt;
 use crate::model::{BlockHooks, Gpt, Placement, Unit};
 use crate::{Error, Result};
 
+/// Where a model unit's parameters lie: (index in `units`, start, end) of each range of flat
+/// buffer, and the parameters' indices.
+type UnitRanges = (Vec<(usize, i64, i64)>, Vec<usize>);
+
 /// The flat buffers of a model and how they are reduced and partitioned.
 pub struct Zero {
     pub stage: ZeroStage,
@@ -39,7 +43,7 @@ pub struct Zero {
     /// The tensor-parallel shards (Megatron-SP), not partitioned.
     pub tp: Option<FlatUnit>,
     /// Per model unit: (index in `units`, range) of its parameters, and the parameters.
-    ranges: BTreeMap<Unit, (Vec<(usize, i64, i64)>, Vec<usize>)>,
+    ranges: BTreeMap<Unit, UnitRanges>,
     /// Stages 2-3: this rank's partition of each unit's gradient, in the parameter dtype.
     pub grads: Vec<Option<Tensor>>,
     /// Stage 3: this rank's partition of each unit's parameters (the buffers are freed).
@@ -59,7 +63,7 @@ impl Zero {
         let sharded: Vec<usize> =
             (0..all.len()).filter(|&i| all[i].placement != Placement::Replicated).collect();
         let mut units = Vec::new();
-        let mut ranges: BTreeMap<Unit, (Vec<(usize, i64, i64)>, Vec<usize>)> = BTreeMap::new();
+        let mut ranges: BTreeMap<Unit, UnitRanges> = BTreeMap::new();
         if stage.partitions_parameters() {
             let mut by_unit: BTreeMap<Unit, Vec<usize>> = BTreeMap::new();
             for &i in &replicated {

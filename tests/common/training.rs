@@ -100,9 +100,12 @@ pub fn steps(t: &mut Trainer, run: &Run, from: usize, to: usize) -> Result<Vec<f
     (from..to).map(|s| Ok(t.step(&batches(t, run, s)?)?.loss)).collect()
 }
 
+/// Named parameters, as `Trainer::parameters` gives them.
+pub type Named = Vec<(String, Tensor)>;
+
 /// Trains `run` on this rank of `world`: the losses (averaged over the data-parallel
 /// replicas), and the parameters at the end.
-pub fn train(world: &Group, run: &Run) -> Result<(Vec<f64>, Vec<(String, Tensor)>)> {
+pub fn train(world: &Group, run: &Run) -> Result<(Vec<f64>, Named)> {
     let mut t = trainer(world, run)?;
     let losses = steps(&mut t, run, 0, run.steps)?;
     let mean = t.groups().dp.all_reduce(&Tensor::from_slice(&losses), ReduceOp::Avg)?;

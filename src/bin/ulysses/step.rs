@@ -104,7 +104,7 @@ pub fn run(a: &StepArgs) -> Result<()> {
     cfg.validate()?;
     let kind = a.dtype.kind();
     ensure!(a.steps >= 1, "--steps must be at least 1");
-    ensure!(a.dp >= 1 && a.ranks % a.dp == 0, "--dp {} must divide --ranks {}", a.dp, a.ranks);
+    ensure!(a.dp >= 1 && a.ranks.is_multiple_of(a.dp), "--dp {} must divide --ranks {}", a.dp, a.ranks);
     let zero = ZeroStage::new(a.zero)?;
     let lr = a.lr.or(zero.partitions_optimizer().then_some(1e-4));
     let plan = TrainConfig {
