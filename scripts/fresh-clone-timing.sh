@@ -9,6 +9,7 @@
 #   scripts/fresh-clone-timing.sh --ref e997839        # another revision (the "before")
 #   scripts/fresh-clone-timing.sh --fresh-toolchain    # also an empty rustup home: rustup installs Rust
 #   scripts/fresh-clone-timing.sh --no-notebooks       # the test command without the notebooks
+#   scripts/fresh-clone-timing.sh --main-only          # only the main command, fresh then warm
 #   scripts/fresh-clone-timing.sh --work DIR           # where it all goes (default /tmp/ulysses-fresh-<time>)
 #   scripts/fresh-clone-timing.sh --dry-run            # clone, print the environment and the commands, stop
 #
@@ -24,6 +25,7 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 ref=HEAD
 fresh_toolchain=0
 notebooks=1
+main_only=0
 dry_run=0
 work=/tmp/ulysses-fresh-$(date +%Y%m%dT%H%M%S)
 while [ $# -gt 0 ]; do
@@ -31,6 +33,7 @@ while [ $# -gt 0 ]; do
     --ref) ref=$2; shift ;;
     --fresh-toolchain) fresh_toolchain=1 ;;
     --no-notebooks) notebooks=0 ;;
+    --main-only) main_only=1 ;;
     --work) work=$2; shift ;;
     --dry-run) dry_run=1 ;;
     -h | --help) sed -n '2,25p' "${BASH_SOURCE[0]}"; exit 0 ;;
@@ -91,16 +94,17 @@ if [ "$dry_run" = 1 ]; then
   exit 0
 fi
 timed main_fresh ./scripts/ulysses run experiments/quickstart.toml --report
-timed test_fresh ./scripts/test.sh "${test_args[@]}"
+[ "$main_only" = 1 ] || timed test_fresh ./scripts/test.sh "${test_args[@]}"
 timed main_warm ./scripts/ulysses run experiments/quickstart.toml --report
-timed test_warm ./scripts/test.sh "${test_args[@]}"
+[ "$main_only" = 1 ] || timed test_warm ./scripts/test.sh "${test_args[@]}"
 
 # Where the first command's time went: the set-up's and the build's own last lines.
 for log in main_fresh; do
   grep -E '^\s*[0-9]+  \[setup\] .*done in|^\s*[0-9]+  \[build\] (built|FAILED)|points in' "$work/logs/$log.log" |
     sed "s/^/$log: /" || true
 done
-grep -E '^\s*[0-9]+  === .* ===|took' "$work/logs/test_fresh.log" | sed 's/^/test_fresh: /' || true
+[ "$main_only" = 1 ] ||
+  grep -E '^\s*[0-9]+  === .* ===|took' "$work/logs/test_fresh.log" | sed 's/^/test_fresh: /' || true
 echo
 column -t "$times"
 echo "logs in $work/logs, cargo's timing reports in $work/cargo-timings"

@@ -62,25 +62,32 @@ fn forward_bytes(strategy: StrategyConfig, p: usize, n: i64) -> Result<(f64, f64
 #[test]
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn activation_terms_are_the_bytes_a_forward_keeps() -> Result<()> {
+    let mut misses = Vec::new();
     for (strategy, p) in [
         (StrategyConfig::Ulysses, 1),
         (StrategyConfig::Ulysses, 2),
         (StrategyConfig::MegatronSp, 2),
         (StrategyConfig::Ring { zigzag: true }, 2),
         (StrategyConfig::Ulysses, 4),
+        (StrategyConfig::AllGatherKv { zigzag: true }, 2),
+        (StrategyConfig::Usp { ulysses: 2, zigzag: true }, 4),
     ] {
         let (measured, modelled) = forward_bytes(strategy, p, 8192)?;
         let ratio = modelled / measured;
-        // Allocation granularity and small tensors the model does not list (statistics of
-        // 1-element losses, index tensors): a few percent.
-        ensure!(
-            (0.93..=1.07).contains(&ratio),
+        let line = format!(
             "{} P={p}: the forward keeps {:.2} MiB per rank, the model says {:.2} MiB (ratio {ratio:.3})",
             strategy.label(),
             measured / 1048576.0,
             modelled / 1048576.0
         );
+        println!("{line}");
+        // Allocation granularity and small tensors the model does not list (statistics of
+        // 1-element losses, index tensors): a few percent.
+        if !(0.93..=1.07).contains(&ratio) {
+            misses.push(line);
+        }
     }
+    ensure!(misses.is_empty(), "outside 0.93-1.07:\n{}", misses.join("\n"));
     Ok(())
 }
 

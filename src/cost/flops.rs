@@ -43,7 +43,8 @@ pub enum AttnImpl {
     /// Tiled (flash): visible pairs only, no score matrix kept (output and log-sum-exp instead).
     Flash,
     /// Every pair of the block computed through a mask; `stores_scores`: the softmax output is
-    /// kept for the backward (libtorch's math path on CPU), otherwise a fused kernel.
+    /// kept for the backward (libtorch's math kernel), otherwise a fused kernel (which keeps the
+    /// additive mask and the log-sum-exp).
     Dense { stores_scores: bool },
     /// The blocked kernel: the visible key blocks of every query block, padded to the longest
     /// list, scores of the gathered blocks kept.
@@ -72,9 +73,11 @@ pub struct AttnWork {
 }
 
 /// Which implementation `job`'s strategy and kernel give on `device`.
-pub fn attention_impl(job: &Job, device: DeviceKind) -> AttnImpl {
+pub fn attention_impl(job: &Job, _device: DeviceKind) -> AttnImpl {
     let dense_mask = !matches!(job.attention.mask, Mask::None | Mask::Causal);
-    let masked = AttnImpl::Dense { stores_scores: device == DeviceKind::Cpu };
+    // libtorch 2.11's SDPA with an explicit mask runs a fused kernel on CPU (flash, the mask made
+    // additive) and on CUDA (memory-efficient): every pair computed, no probabilities kept.
+    let masked = AttnImpl::Dense { stores_scores: false };
     match job.strategy {
         // Blockwise with libtorch's fused kernel on the visible runs.
         StrategyConfig::Ring { .. } | StrategyConfig::Usp { .. } => AttnImpl::Flash,

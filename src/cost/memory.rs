@@ -89,6 +89,9 @@ pub fn layer_activations(job: &Job, r: usize, device: DeviceKind) -> Result<Vec<
         AttnImpl::Blocked => {
             t("attention probabilities of the visible blocks", heads * b * a.computed, 4.0f64.max(es))
         }
+        // libtorch's fused kernels take a boolean mask as an additive one in the activation dtype,
+        // [rows, keys] shared by the batch and the heads, and keep it for the backward.
+        AttnImpl::Dense { stores_scores: false } => t("additive mask [rows, keys]", a.rows * a.keys, es),
         _ => t("attention log-sum-exp", heads * b * a.rows, 4.0),
     };
     let selective = job.checkpointing == Checkpointing::Selective;
@@ -103,15 +106,15 @@ pub fn layer_activations(job: &Job, r: usize, device: DeviceKind) -> Result<Vec<
         vec![t("block input (residual stream)", tok * h, es), t("layer norm statistics", 4.0 * tok, 4.0)];
     let tp = job.strategy == StrategyConfig::MegatronSp;
     if tp {
-        // Korthikanti's layout with t = P, but the gathered inputs and the partial sums kept.
+        // Korthikanti's layout with t = P: the column-parallel linears keep their input's shard
+        // and gather it again in the backward (as Megatron-LM); the tape keeps no collective's
+        // input, so neither the gathered [N, h] inputs nor the reduce-scatters' partial sums stay.
         v.extend([
-            t("layer norm outputs (all-gather inputs)", 2.0 * tok * h, es),
-            t("gathered layer norm outputs [N, h]", 2.0 * big * h, es),
+            t("layer norm outputs (all-gather inputs, re-gathered in the backward)", 2.0 * tok * h, es),
             t("qkv projection output", big * (h + 2.0 * kvd) / p, es),
             t("RoPE'd q and k", big * (h + kvd) / p, es),
             t("attention output and its reshaped copy", 2.0 * big * h / p, es),
             scores(hq / p),
-            t("reduce-scatter inputs (partial sums) [N, h]", 2.0 * big * h, es),
             t("reduce-scatter outputs", 2.0 * tok * h, es),
             t("residual after attention", tok * h, es),
             t("MLP in and GELU outputs", 2.0 * big * f / p, es),
@@ -127,25 +130,16 @@ pub fn layer_activations(job: &Job, r: usize, device: DeviceKind) -> Result<Vec<
         t("MLP in and GELU outputs", 2.0 * tok * f, es),
         t("attention output (projection input)", tok * h, es),
     ]);
-    // q, k, v before the strategy: the fused projection stays alive while v (a view of it) is
-    // kept; RoPE'd q and k are new tensors. GQA plans that replicate kv heads keep copies.
-    let replicate = |u: usize| -> Result<Option<f64>> {
-        let plan = HeadPlan::new(c.n_head, c.n_kv_head, u)?;
-        Ok(plan.replicates_kv().then(|| plan.kv_split().iter().sum::<i64>() as f64 * d))
-    };
-    let projected = |rep: Option<f64>| match rep {
-        None => vec![
-            t("qkv projection output", tok * (h + 2.0 * kvd), es),
-            t("RoPE'd q and k", tok * (h + kvd), es),
-        ],
-        Some(kv_rep) => {
-            vec![t("RoPE'd q", tok * h, es), t("k, v replicated for the all-to-all", 2.0 * tok * kv_rep, es)]
-        }
-    };
+    // q, k, v before the strategy. A kernel that keeps its inputs (one device) keeps the RoPE'd
+    // q and k and, through v (a view of it), the fused projection. The tape keeps no collective's
+    // input (gradient edges only): behind an all-to-all only its outputs stay, kept by the
+    // kernel; ring attention keeps q, k and a compact copy of v.
+    let projected =
+        vec![t("qkv projection output", tok * (h + 2.0 * kvd), es), t("RoPE'd q and k", tok * (h + kvd), es)];
     let heads = a.heads as f64;
     match job.strategy {
         StrategyConfig::Single => {
-            v.extend(projected(None));
+            v.extend(projected);
             v.push(t("attention output", big * h, es));
             v.push(scores(hq));
             if hq != hkv {
@@ -155,7 +149,6 @@ pub fn layer_activations(job: &Job, r: usize, device: DeviceKind) -> Result<Vec<
         StrategyConfig::Ulysses => {
             let plan = HeadPlan::new(c.n_head, c.n_kv_head, job.sp())?;
             let kv_r = plan.kv_split()[r] as f64;
-            v.extend(projected(replicate(job.sp())?));
             v.push(t("q, k, v after the all-to-all", big * (heads + 2.0 * kv_r) * d, es));
             v.push(t("attention output (before the all-to-all)", big * heads * d, es));
             v.push(scores(heads));
@@ -169,10 +162,9 @@ pub fn layer_activations(job: &Job, r: usize, device: DeviceKind) -> Result<Vec<
             if let StrategyConfig::Usp { ulysses, .. } = job.strategy {
                 let plan = HeadPlan::new(c.n_head, c.n_kv_head, ulysses)?;
                 let kv_u = plan.kv_split()[r % ulysses] as f64;
-                v.extend(projected(replicate(ulysses)?));
                 v.push(t("q, k, v after the all-to-all", ring_tok * (heads + 2.0 * kv_u) * d, es));
             } else {
-                v.extend(projected(None));
+                v.push(t("RoPE'd q and k, a compact copy of v", tok * (h + 2.0 * kvd), es));
             }
             v.push(t("ring output accumulator (f32)", ring_tok * heads * d, 4.0));
             v.push(t("attention log-sum-exp", ring_tok * heads, 4.0));
@@ -182,9 +174,10 @@ pub fn layer_activations(job: &Job, r: usize, device: DeviceKind) -> Result<Vec<
         }
         StrategyConfig::AllGatherKv { .. } => {
             v.push(t("RoPE'd q", tok * h, es));
-            v.push(t("K, V stacked (all-gather input)", 2.0 * tok * kvd, es));
             v.push(t("K, V gathered [N]", 2.0 * big * kvd, es));
-            v.push(t("k, v expanded to the query heads", 2.0 * big * h, es));
+            if hq != hkv {
+                v.push(t("k, v expanded to the query heads", 2.0 * big * h, es));
+            }
             if matches!(a.implementation, AttnImpl::Dense { stores_scores: true }) {
                 // libtorch's math path keeps q and k scaled, the probabilities and v
                 v.push(t("scaled q and k", tok * h + big * h, es));
