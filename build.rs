@@ -1,8 +1,9 @@
 //! 1. Writes libtorch's library folder into the rpath of every binary, test and bench of this
 //!    package, so they run without LD_LIBRARY_PATH (tch's own build gives them none).
-//! 2. Compiles csrc/backward.cpp (the tape's autograd from gradient edges with given gradients)
-//!    and csrc/cuda.cpp (current device and stream, allocator statistics, through libtorch's
-//!    accelerator API) against the same libtorch headers and ABI as torch-sys.
+//! 2. Compiles csrc/backward.cpp (the tape's autograd from gradient edges with given gradients),
+//!    csrc/cuda.cpp (current device and stream, allocator statistics, through libtorch's
+//!    accelerator API) and csrc/storage.cpp (freeing and re-allocating a storage in place,
+//!    dropping a gradient, for ZeRO-3) against the same libtorch headers and ABI as torch-sys.
 //! 3. Records the version of the libtorch it built against (ULYSSES_LIBTORCH_VERSION), which a
 //!    process compares with the libtorch it loads (`ulysses::device::check_libtorch`).
 
@@ -11,6 +12,7 @@ use std::path::PathBuf;
 fn main() {
     println!("cargo:rerun-if-changed=csrc/backward.cpp");
     println!("cargo:rerun-if-changed=csrc/cuda.cpp");
+    println!("cargo:rerun-if-changed=csrc/storage.cpp");
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     // torch-sys declares `links = "tch"` and prints `cargo:libtorch_lib=...`, which cargo hands
@@ -33,6 +35,7 @@ fn main() {
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
         .file("csrc/backward.cpp")
         .file("csrc/cuda.cpp")
+        .file("csrc/storage.cpp")
         .compile("ulysses_backward");
 }
 

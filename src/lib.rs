@@ -11,7 +11,8 @@
 //!   the baselines);
 //! - [`model`]: the GPT, generic over the strategy;
 //! - [`data`]: synthetic and file datasets, global label shift and sharding;
-//! - [`train`]: the optimizer and the training plan's vocabulary;
+//! - [`train`]: the step loop ([`train::Trainer`]): mixed precision, ZeRO 0-3 over all SP x DP
+//!   ranks, activation checkpointing, accumulation, clipping, schedule, checkpoints;
 //! - [`cost`]: the analytical model of step time and memory per strategy, on hardware files;
 //! - [`experiment`]: configs, the runner, results as DataFrames, reports and plots;
 //! - [`device`]: loading libtorch's CUDA half where there is one.

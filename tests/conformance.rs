@@ -10,7 +10,7 @@ use ulysses::comm::launch;
 fn the_conformance_checks_pass_on_threads() -> Result<()> {
     for p in [1usize, 2, 3, 4] {
         let ran = launch(p, |ctx| common::checks::all(ctx.world()))?;
-        anyhow::ensure!(ran.iter().all(|&n| n == 7), "P={p}: {ran:?} checks ran");
+        anyhow::ensure!(ran.iter().all(|&n| n == 12), "P={p}: {ran:?} checks ran");
     }
     Ok(())
 }

@@ -91,6 +91,12 @@ fn bad_configs_name_the_field_and_the_fix() -> Result<()> {
             "ring attention needs N divisible by P (N=63, P=2)",
         ),
         (base.replace("steps = 1", "steps = 1\ndtype = \"f8\""), "train.dtype: \"f8\" is not a dtype"),
+        (
+            base.replace("steps = 1", "steps = 1\nzero = [0, 2]"),
+            "train.zero: ZeRO stage 2 partitions the optimizer states; it needs [train.adamw]",
+        ),
+        (base.replace("steps = 1", "steps = 1\nzero = 5"), "ZeRO stage 5 does not exist; use 0, 1, 2 or 3"),
+        (base.replace("steps = 1", "steps = 1\ncheckpointing = \"half\""), "unknown variant `half`"),
         (base.replace("seq = [64]", "seq = []"), "train.seq: [] must list sequence lengths"),
         (format!("{base}[attention]\nmask = \"diagonal\"\n"), "attention.mask: unknown mask \"diagonal\""),
         (
@@ -371,6 +377,120 @@ fn notebook_displays_render_tables_and_charts() -> Result<()> {
         let err = chart.svg((320, 200)).err().map(|e| e.to_string()).unwrap_or_default();
         ensure!(err.contains("fonts-dejavu-core"), "{err}");
     }
+    Ok(())
+}
+
+/// Rank 0's loss curve of each point.
+type Curves = std::collections::BTreeMap<u64, Vec<f64>>;
+
+/// Losses by (point, step) of rank 0, and the points' strategy labels.
+fn curves(dir: &Path) -> Result<(Curves, Vec<String>)> {
+    let steps = read_table(dir, "steps")?;
+    let (point, rank, loss) =
+        (column_u64(&steps, "point")?, column_u64(&steps, "rank")?, steps.column("loss")?.f64()?.clone());
+    let mut by_point: std::collections::BTreeMap<u64, Vec<f64>> = std::collections::BTreeMap::new();
+    for (i, l) in loss.into_no_null_iter().enumerate() {
+        if rank[i] == 0 {
+            by_point.entry(point[i]).or_default().push(l);
+        }
+    }
+    let labels = column_str(&read_table(dir, "points")?, "strategy")?;
+    Ok((by_point, labels))
+}
+
+#[test]
+fn e5_curves_of_zero_1_2_3_and_megatron_sp_overlap_one_device() -> Result<()> {
+    // The shipped toy config, 40 steps instead of 300: bf16 with f32 master weights, DP 2 x SP 2,
+    // every point within 2% of the one-device reference at every step.
+    let dir = scratch("e5");
+    let text = std::fs::read_to_string(repo().join("experiments/e5_convergence_toy.toml"))?
+        .replace("steps = 300", "steps = 40")
+        .replace("path = \"datasets/", &format!("path = \"{}/datasets/", repo().display()));
+    let cfg = ExperimentConfig::parse(&text, "e5")?;
+    run(&cfg, &RunOptions { resume: false, base_dir: dir.clone(), program: None })?;
+    let (by_point, labels) = curves(&dir.join("results/e5_convergence_toy"))?;
+    ensure!(labels.len() == 7 && labels[0] == "single", "points {labels:?}");
+    let reference = &by_point[&0];
+    ensure!(
+        reference.len() == 40 && reference[39] < reference[0] - 0.5,
+        "one device does not learn: {reference:?}"
+    );
+    for (p, curve) in by_point.iter().skip(1) {
+        let worst = curve.iter().zip(reference).map(|(a, b)| (a - b).abs() / b).fold(0.0, f64::max);
+        ensure!(
+            worst <= 2e-2,
+            "{}: {worst:.2e} from one device; {curve:?} vs {reference:?}",
+            labels[*p as usize]
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+#[test]
+fn a_killed_training_run_resumes_from_its_checkpoint_and_continues_its_loss_curve() -> Result<()> {
+    let dir = scratch("ckpt-kill");
+    let text = |name: &str| {
+        format!(
+            "name = \"{name}\"\n[model]\npreset = \"tiny\"\nn_layer = 1\n[parallel]\nranks = [2]\n\
+             strategies = [\"ulysses\"]\n[train]\nseq = [128]\nsteps = 60\nwarmup = 0\nzero = 2\ndtype = \"bf16\"\n\
+             checkpoint_every = 5\n[train.adamw]\nlr = 1e-3\n[dataset]\nkind = \"text\"\n\
+             path = \"{}/datasets/sequence_parallelism.txt\"\ntokenizer = \"byte\"\n",
+            repo().display()
+        )
+    };
+    // Uninterrupted.
+    let whole = ExperimentConfig::parse(&text("whole"), "whole")?;
+    run(&whole, &RunOptions { resume: false, base_dir: dir.clone(), program: None })?;
+    // Killed (-9) once a few checkpoints exist, then resumed.
+    std::fs::write(dir.join("killed.toml"), text("killed"))?;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ulysses"))
+        .args(["run", "killed.toml"])
+        .current_dir(&dir)
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    let (out, start) = (dir.join("results/killed"), Instant::now());
+    while lines(&out.join("steps.csv")) < 1 + 2 * 23 && start.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.kill()?;
+    child.wait()?;
+    // The ranks may have saved checkpoints of steps the results writer had not written yet:
+    // the run continues from the newest checkpoint of a step whose rows are all on disk.
+    let written = u64::from(ulysses::experiment::complete_steps(&out)?.get(&0).copied().unwrap_or(0));
+    let (saved, _) = ulysses::train::checkpoints(&out.join("checkpoints/point-0"))
+        .into_iter()
+        .rfind(|(s, _)| *s <= written)
+        .context("no usable checkpoint")?;
+    let before = read_table(&out, "steps")?;
+    ensure!(
+        saved >= 15 && (before.height() as u64) < 2 * 60,
+        "killed at {} rows, checkpoint {saved}",
+        before.height()
+    );
+    let status = Command::new(env!("CARGO_BIN_EXE_ulysses"))
+        .args(["run", "killed.toml", "--resume"])
+        .current_dir(&dir)
+        .output()?;
+    ensure!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    // The same losses at every step and rank, bit for bit; the steps before the checkpoint
+    // are the killed run's own rows (kept, not rerun).
+    let (got, want) = (read_table(&out, "steps")?, read_table(&dir.join("results/whole"), "steps")?);
+    ensure!(got.height() == 2 * 60, "{} rows after resume", got.height());
+    let losses =
+        |df: &DataFrame| -> Result<Vec<f64>> { Ok(df.column("loss")?.f64()?.into_no_null_iter().collect()) };
+    ensure!(
+        losses(&got)? == losses(&want)?,
+        "the resumed curve differs:\n{:?}\n{:?}",
+        losses(&got)?,
+        losses(&want)?
+    );
+    let ms = |df: &DataFrame| -> Result<Vec<f64>> {
+        Ok(df.column("step_ms")?.f64()?.into_no_null_iter().collect())
+    };
+    let kept = 2 * saved as usize;
+    ensure!(ms(&got)?[..kept] == ms(&before)?[..kept], "the rows before the checkpoint were not kept");
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
 

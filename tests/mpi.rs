@@ -23,7 +23,7 @@ fn conformance(mode: &str, sizes: &[usize]) -> Result<()> {
     for &n in sizes {
         let (ok, text, _) = mpirun(n, mode)?;
         let passed =
-            text.lines().filter(|l| l.contains(&format!("7 checks passed on {n} ranks (mpi)"))).count();
+            text.lines().filter(|l| l.contains(&format!("12 checks passed on {n} ranks (mpi)"))).count();
         ensure!(ok && passed == n, "{mode} P={n}: {passed} ranks passed:\n{text}");
     }
     Ok(())

@@ -108,18 +108,26 @@ impl SequenceParallel for AllGatherKv {
         let expand =
             |t: &Tensor| t.f_index_select(2, &map).and_then(|t| t.f_transpose(1, 2)).op("allgather_kv");
         let visible = self.visible.as_ref().map(|m| m.f_to(q.device())).transpose().op("allgather_kv")?;
-        // libtorch's fused attention with the mask of global positions (autograd through it).
-        let o = Tensor::f_scaled_dot_product_attention(
-            &q.f_transpose(1, 2).op("allgather_kv")?,
-            &expand(&k)?,
-            &expand(&v)?,
-            visible.as_ref(),
-            0.0,
-            false,
-            None,
-            false,
-        )
-        .op("allgather_kv")?;
+        // libtorch's fused attention with the mask of global positions (autograd through it);
+        // the attention core, recomputed in the backward under selective recomputation.
+        let sdpa = move |x: &[Tensor]| {
+            Tensor::f_scaled_dot_product_attention(
+                &x[0],
+                &x[1],
+                &x[2],
+                visible.as_ref(),
+                0.0,
+                false,
+                None,
+                false,
+            )
+            .op("allgather_kv")
+        };
+        let o = tape.recomputable(
+            "attention_core",
+            &[&q.f_transpose(1, 2).op("allgather_kv")?, &expand(&k)?, &expand(&v)?],
+            sdpa,
+        )?;
         // [b, H, s_r, d] -> [b, s_r, H, d]
         o.f_transpose(1, 2).and_then(|o| o.f_to_kind(q.kind())).op("allgather_kv")
     }

@@ -24,6 +24,8 @@
 //! against it (the paper counts 4 N h per pass). Parameters of the blocks are 1/P per rank.
 //! Requires H and H_kv divisible by P (no kv head replication, as in Megatron-LM's default).
 
+use std::sync::Arc;
+
 use tch::{Device, Kind, Tensor};
 
 use super::{LocalAttention, SeqLayout, SequenceParallel, Sharding};
@@ -35,7 +37,7 @@ use crate::{Error, Result};
 /// The attention of Megatron-SP: local heads, whole sequence, no communication of its own.
 pub struct MegatronSp {
     group: Group,
-    local: Box<dyn LocalAttention>,
+    local: Arc<dyn LocalAttention>,
     layout: SeqLayout,
     heads: i64,
     kv_heads: i64,
@@ -51,7 +53,7 @@ impl MegatronSp {
         kv_heads: i64,
     ) -> Result<MegatronSp> {
         let layout = MegatronSp::check(n, group.size(), heads, kv_heads)?;
-        Ok(MegatronSp { group, local, layout, heads, kv_heads })
+        Ok(MegatronSp { group, local: Arc::from(local), layout, heads, kv_heads })
     }
 
     /// Whether Megatron-SP can run on `p` ranks: its layout if so.
@@ -104,9 +106,11 @@ impl SequenceParallel for MegatronSp {
 
     /// # Shapes
     /// `q`: `[b, N, H/P, d]`, `k`, `v`: `[b, N, H_kv/P, d]` -> `[b, N, H/P, d]`.
-    fn forward(&self, _tape: &Tape, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    fn forward(&self, tape: &Tape, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let (k, v) = self.local_kv(q, k, v)?;
-        self.local.forward(q, &k, &v)
+        // The attention core: recomputed in the backward under selective recomputation.
+        let local = Arc::clone(&self.local);
+        tape.recomputable("attention_core", &[q, &k, &v], move |x| local.forward(&x[0], &x[1], &x[2]))
     }
 
     /// # Shapes

@@ -1,6 +1,8 @@
 //! The single-device strategy: the whole sequence on one rank, no communication. The reference
 //! every sequence-parallel strategy is checked against, and the plain model's attention.
 
+use std::sync::Arc;
+
 use tch::Tensor;
 
 use super::{HeadPlan, LocalAttention, SeqLayout, SequenceParallel};
@@ -10,7 +12,7 @@ use crate::{Error, Result};
 
 /// Attention on one device: GQA expansion, then the kernel.
 pub struct SingleDevice {
-    local: Box<dyn LocalAttention>,
+    local: Arc<dyn LocalAttention>,
     layout: SeqLayout,
     heads: HeadPlan,
 }
@@ -19,7 +21,7 @@ impl SingleDevice {
     /// For sequences of `n` tokens, `heads` query heads and `kv_heads` key/value heads.
     pub fn new(local: Box<dyn LocalAttention>, n: i64, heads: i64, kv_heads: i64) -> Result<SingleDevice> {
         Ok(SingleDevice {
-            local,
+            local: Arc::from(local),
             layout: SeqLayout::contiguous(n, 1)?,
             heads: HeadPlan::new(heads, kv_heads, 1)?,
         })
@@ -45,11 +47,13 @@ impl SequenceParallel for SingleDevice {
 
     /// # Shapes
     /// `q`: `[b, N, H, d]`, `k`, `v`: `[b, N, H_kv, d]` -> `[b, N, H, d]`.
-    fn forward(&self, _tape: &Tape, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    fn forward(&self, tape: &Tape, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         check_shapes("single", &self.layout, &self.heads, 0, q, k, v)?;
         // [b, N, H_kv, d] -> [b, N, H, d]
         let (k, v) = (self.heads.expand_kv(0, k)?, self.heads.expand_kv(0, v)?);
-        self.local.forward(q, &k, &v)
+        // The attention core: recomputed in the backward under selective recomputation.
+        let local = Arc::clone(&self.local);
+        tape.recomputable("attention_core", &[q, &k, &v], move |x| local.forward(&x[0], &x[1], &x[2]))
     }
 
     fn forward_lse(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {

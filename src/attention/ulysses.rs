@@ -23,6 +23,8 @@
 //! [`SeqLayout`]); H not divisible by P is exact (uneven heads, see [`HeadPlan`]); H < P is an
 //! error (every rank needs a head; the Ulysses x ring hybrid lifts this).
 
+use std::sync::Arc;
+
 use tch::Tensor;
 
 use super::single::check_shapes;
@@ -34,7 +36,7 @@ use crate::Result;
 /// Ulysses attention over a sequence-parallel group.
 pub struct UlyssesAttention {
     group: Group,
-    local: Box<dyn LocalAttention>,
+    local: Arc<dyn LocalAttention>,
     layout: SeqLayout,
     heads: HeadPlan,
     /// q: scatter heads, gather sequence.
@@ -58,7 +60,7 @@ impl UlyssesAttention {
         let heads = HeadPlan::new(heads, kv_heads, p)?;
         let q_a2a = AllToAll::new(2, 1, heads.q_split().to_vec(), layout.lens().to_vec());
         let kv_a2a = AllToAll::new(2, 1, heads.kv_split(), layout.lens().to_vec());
-        Ok(UlyssesAttention { group, local, layout, heads, q_a2a, kv_a2a })
+        Ok(UlyssesAttention { group, local: Arc::from(local), layout, heads, q_a2a, kv_a2a })
     }
 
     /// The head assignment.
@@ -103,7 +105,10 @@ impl SequenceParallel for UlyssesAttention {
         let [q, k, v] = [&full[0], &full[1], &full[2]];
         // [b, N, KV_r, d] -> [b, N, H_r, d]
         let (k, v) = (self.heads.expand_kv(r, k)?, self.heads.expand_kv(r, v)?);
-        let o = self.local.forward(q, &k, &v)?;
+        // The attention core: recomputed in the backward under selective recomputation.
+        let local = Arc::clone(&self.local);
+        let o =
+            tape.recomputable("attention_core", &[q, &k, &v], move |x| local.forward(&x[0], &x[1], &x[2]))?;
         // [b, N, H_r, d] -> [b, s_r, H, d]
         tape.all_to_all_v(&self.group, &o, 1, 2, self.layout.lens(), self.heads.q_split())
     }

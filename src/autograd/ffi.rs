@@ -1,4 +1,5 @@
-//! The crate's FFI into libtorch's autograd (csrc/backward.cpp), for what tch 0.24 lacks:
+//! The crate's FFI into its C++ shims, for what tch 0.24 lacks: libtorch's autograd
+//! (csrc/backward.cpp) and a storage resized in place (csrc/storage.cpp, for ZeRO-3):
 //!
 //! - [`GradEdge`]: where a tensor's gradient enters the graph (its grad_fn and input slot, or
 //!   its gradient accumulator for a leaf), kept without the tensor itself, so that a record
@@ -6,7 +7,9 @@
 //! - [`backward_from_edges`]: autograd from several such edges with given gradients (tch can
 //!   only start from a scalar with an implicit gradient of one);
 //! - [`fail_in_backward`]: a grad_fn whose backward fails with a message, for the outputs of
-//!   collectives that ran without a recording tape.
+//!   collectives that ran without a recording tape;
+//! - [`resize_storage`], [`storage_nbytes`], [`clear_grad`]: a storage freed and re-allocated in
+//!   place, and a gradient dropped (ZeRO-3's per-block gather and free).
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 
@@ -23,6 +26,9 @@ extern "C" {
     ) -> *mut c_char;
     fn ulysses_failing_grad_fn(out: *const C_tensor, msg: *const c_char) -> *mut c_char;
     fn ulysses_free_error(message: *mut c_char);
+    fn ulysses_storage_resize(t: *const C_tensor, nbytes: usize) -> *mut c_char;
+    fn ulysses_storage_nbytes(t: *const C_tensor) -> usize;
+    fn ulysses_clear_grad(t: *const C_tensor) -> *mut c_char;
 }
 
 /// The shim's error message, if any, released after reading.
@@ -88,4 +94,27 @@ pub(crate) fn fail_in_backward(out: &Tensor, msg: &str) -> Result<(), String> {
     // SAFETY: `out.as_ptr()` is tch's handle of a live tensor borrowed for the call and `msg` a
     // NUL-terminated string that outlives it; the shim copies the message.
     take_message(unsafe { ulysses_failing_grad_fn(out.as_ptr(), msg.as_ptr()) })
+}
+
+/// Sets the byte size of `t`'s storage in place (csrc/storage.cpp): 0 frees the memory of `t`
+/// and of every view of it; a size allocates that many uninitialised bytes, which the views see.
+/// Reading the tensor while its storage is freed is undefined: callers (ZeRO-3) re-allocate and
+/// fill it before any use.
+pub(crate) fn resize_storage(t: &Tensor, nbytes: usize) -> Result<(), String> {
+    // SAFETY: `t.as_ptr()` is tch's valid `torch::Tensor*`, borrowed for the call; the shim only
+    // touches the tensor's StorageImpl and catches every C++ exception.
+    take_message(unsafe { ulysses_storage_resize(t.as_ptr(), nbytes) })
+}
+
+/// Bytes held by `t`'s storage (0 once freed by [`resize_storage`]).
+pub(crate) fn storage_nbytes(t: &Tensor) -> usize {
+    // SAFETY: a read of the storage's size through tch's valid handle, borrowed for the call.
+    unsafe { ulysses_storage_nbytes(t.as_ptr()) }
+}
+
+/// Drops `t`'s gradient (`t.grad = None`), freeing it if nothing else holds it.
+pub(crate) fn clear_grad(t: &Tensor) -> Result<(), String> {
+    // SAFETY: tch's valid handle, borrowed for the call; the shim resets the gradient slot of
+    // the tensor's autograd metadata and catches every C++ exception.
+    take_message(unsafe { ulysses_clear_grad(t.as_ptr()) })
 }

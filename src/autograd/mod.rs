@@ -41,6 +41,8 @@ mod collectives;
 mod ffi;
 mod gathered;
 
+pub(crate) use ffi::{clear_grad, resize_storage, storage_nbytes};
+
 use std::cell::{Cell, RefCell};
 
 use tch::Tensor;
@@ -83,6 +85,9 @@ struct Record {
 pub struct Tape {
     records: RefCell<Vec<Record>>,
     recording: Cell<bool>,
+    /// Whether [`recomputable`](Tape::recomputable) ops keep only their inputs (selective
+    /// activation recomputation).
+    recompute: Cell<bool>,
 }
 
 impl Default for Tape {
@@ -94,7 +99,7 @@ impl Default for Tape {
 impl Tape {
     /// A tape that records (for training steps).
     pub fn new() -> Tape {
-        Tape { records: RefCell::new(Vec::new()), recording: Cell::new(true) }
+        Tape { records: RefCell::new(Vec::new()), recording: Cell::new(true), recompute: Cell::new(false) }
     }
 
     /// A tape that records nothing, for evaluation and for single-device code trained with an
@@ -103,7 +108,7 @@ impl Tape {
     /// one is an error naming the op, not a gradient silently missing upstream of it);
     /// [`backward`](Tape::backward) is an error.
     pub fn disabled() -> Tape {
-        Tape { records: RefCell::new(Vec::new()), recording: Cell::new(false) }
+        Tape { records: RefCell::new(Vec::new()), recording: Cell::new(false), recompute: Cell::new(false) }
     }
 
     /// Whether ops are recorded.
@@ -176,39 +181,108 @@ impl Tape {
         single("cut", out)
     }
 
+    /// Sets whether [`recomputable`](Tape::recomputable) ops (the attention cores of the
+    /// strategies) keep only their inputs and run again in the backward: selective activation
+    /// recomputation (Korthikanti et al. 2022, §5). Returns the previous setting.
+    pub fn set_recompute(&self, on: bool) -> bool {
+        self.recompute.replace(on)
+    }
+
+    /// Whether [`recomputable`](Tape::recomputable) ops are recomputed in the backward.
+    pub fn recomputes(&self) -> bool {
+        self.recompute.get()
+    }
+
+    /// `f(inputs)` as an ordinary differentiable computation, or, when the tape
+    /// [recomputes](Tape::set_recompute), as a record that keeps only `inputs`: its forward
+    /// runs `f` and drops the activations, its backward runs `f` again under autograd and
+    /// back-propagates through it. `f` must be deterministic and must not communicate (the
+    /// strategies' attention cores). Both runs have grad mode on, so they pick the same kernels
+    /// and the recomputed output is the forward's, bit for bit.
+    pub fn recomputable(
+        &self,
+        op: &'static str,
+        inputs: &[&Tensor],
+        f: impl Fn(&[Tensor]) -> Result<Tensor> + 'static,
+    ) -> Result<Tensor> {
+        if !self.recording.get() || !self.recompute.get() {
+            let xs: Vec<Tensor> = inputs.iter().map(|x| x.shallow_clone()).collect();
+            return f(&xs);
+        }
+        let f = std::rc::Rc::new(f);
+        let (run, saved) = (std::rc::Rc::clone(&f), inputs.iter().map(|x| x.detach()).collect::<Vec<_>>());
+        let out = self.record(
+            op,
+            inputs,
+            |xs| Ok(vec![tch::with_grad(|| run(xs))?.detach()]),
+            move |gs| {
+                let xs: Vec<Tensor> = saved.iter().map(|x| x.set_requires_grad(true)).collect();
+                let y = tch::with_grad(|| f(&xs))?;
+                continue_from_tensors(op, &[y], gs)?;
+                xs.iter().map(|x| grad_or_zeros(op, x)).collect()
+            },
+        )?;
+        single(op, out)
+    }
+
     /// Back-propagates `loss` through the graph and every record, in reverse order, then empties
     /// the tape. Parameter gradients accumulate in their `.grad()` as with `loss.backward()`.
     /// Every rank of every group used must call it (the adjoints communicate).
     pub fn backward(&self, loss: &Tensor) -> Result<()> {
-        if !self.recording.get() {
-            return Err(Error::Tape {
-                op: "backward",
-                msg: "this tape was made with Tape::disabled() and recorded nothing".into(),
-            });
-        }
+        self.check_recording()?;
         let records = self.records.take();
         if loss.requires_grad() {
             loss.f_backward().map_err(|e| traversal_error("loss", e.to_string()))?;
         }
-        for rec in records.into_iter().rev() {
-            let grads: Vec<Tensor> = rec
-                .outputs
-                .iter()
-                .map(|y| {
-                    let g = y.grad();
-                    if g.defined() {
-                        Ok(g)
-                    } else {
-                        y.f_zeros_like() // unused on this rank: the adjoint must still run
-                    }
-                })
-                .collect::<Result<_, _>>()
-                .op(rec.op)?;
-            let input_grads = (rec.adjoint)(&grads)?;
-            continue_from(rec.op, &rec.inputs, &input_grads)?;
-        }
-        Ok(())
+        walk(records)
     }
+
+    /// As [`backward`](Tape::backward), starting from `outputs` with gradients `grads` instead
+    /// of from a scalar loss (a recomputed block inside an outer tape's backward).
+    pub fn backward_from(&self, outputs: &[Tensor], grads: &[Tensor]) -> Result<()> {
+        self.check_recording()?;
+        let records = self.records.take();
+        continue_from_tensors("backward_from", outputs, grads)?;
+        walk(records)
+    }
+
+    fn check_recording(&self) -> Result<()> {
+        if self.recording.get() {
+            return Ok(());
+        }
+        Err(Error::Tape {
+            op: "backward",
+            msg: "this tape was made with Tape::disabled() and recorded nothing".into(),
+        })
+    }
+}
+
+/// Every record, last first: its adjoint, then autograd from its inputs.
+fn walk(records: Vec<Record>) -> Result<()> {
+    for rec in records.into_iter().rev() {
+        // An output unused on this rank gets zeros: its adjoint must still run (it communicates).
+        let grads: Vec<Tensor> =
+            rec.outputs.iter().map(|y| grad_or_zeros(rec.op, y)).collect::<Result<_>>()?;
+        let input_grads = (rec.adjoint)(&grads)?;
+        continue_from(rec.op, &rec.inputs, &input_grads)?;
+    }
+    Ok(())
+}
+
+/// `x`'s accumulated gradient, or zeros where nothing reached it.
+fn grad_or_zeros(op: &'static str, x: &Tensor) -> Result<Tensor> {
+    let g = x.grad();
+    if g.defined() {
+        Ok(g)
+    } else {
+        x.f_zeros_like().op(op)
+    }
+}
+
+/// As [`continue_from`], from tensors at hand (a recomputed output, a nested tape's outputs).
+fn continue_from_tensors(op: &'static str, xs: &[Tensor], grads: &[Tensor]) -> Result<()> {
+    let inputs: Vec<Input> = xs.iter().map(|x| Input::of(op, x)).collect::<Result<_>>()?;
+    continue_from(op, &inputs, grads)
 }
 
 /// Continues autograd from `inputs` with the gradients `grads`, in one pass (libtorch's engine

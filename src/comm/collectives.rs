@@ -111,19 +111,7 @@ impl Group {
     ) -> Result<()> {
         let op = OpKind::AllToAll;
         let shape = self.all_to_all_shape(x, scatter_dim, gather_dim, scatter_split, gather_split)?;
-        if out.size() != shape || out.kind() != x.kind() || out.device() != x.device() {
-            return Err(self.invalid(
-                op,
-                format!(
-                    "out is {:?}{:?} on {:?}; this all-to-all writes {:?}{shape:?} on {:?}",
-                    out.kind(),
-                    out.size(),
-                    out.device(),
-                    x.kind(),
-                    x.device()
-                ),
-            ));
-        }
+        self.check_out(op, x, out, &shape)?;
         let (sd, gd) = (self.dim(op, x, scatter_dim)?, self.dim(op, x, gather_dim)?);
         let sends = chunks(x, sd, scatter_split).op(op.name())?;
         let recvs = chunks(out, gd, gather_split).op(op.name())?;
@@ -174,6 +162,23 @@ impl Group {
         let out = self.gather_parts(OpKind::AllGather, x, dim, sizes)?;
         self.count_call(OpKind::AllGather);
         Ok(out)
+    }
+
+    /// [`all_gather_v`](Group::all_gather_v) into a caller's `out`. `x` may be the view of `out`
+    /// at this rank's place (ZeRO gathers a partition into the flat buffer that holds it).
+    ///
+    /// # Shapes
+    /// `x`: `[.., sizes[r], ..]`, `out`: `[.., sum(sizes), ..]`.
+    pub fn all_gather_into(&self, x: &Tensor, out: &Tensor, dim: i64, sizes: &[i64]) -> Result<()> {
+        let op = OpKind::AllGather;
+        let d = self.dim(op, x, dim)?;
+        let mut shape = x.size();
+        self.check_own_part(op, "sizes", sizes, &shape, d)?;
+        shape[d] = sizes.iter().sum();
+        self.check_out(op, x, out, &shape)?;
+        self.gather_into(op, x, out, d, sizes)?;
+        self.count_call(op);
+        Ok(())
     }
 
     /// Reduce-scatter: reduces every rank's `x` elementwise and hands rank j the j-th of P equal
@@ -325,10 +330,15 @@ impl Group {
         self.check_own_part(op, "sizes", sizes, &shape, d)?;
         shape[d] = sizes.iter().sum();
         let out = Tensor::f_empty(&shape, (x.kind(), x.device())).op(op.name())?;
-        let sends = (0..self.size()).map(|_| Some(x.shallow_clone())).collect();
-        let recvs = chunks(&out, d, sizes).op(op.name())?;
-        self.transfer(op, sends, recvs)?;
+        self.gather_into(op, x, &out, d, sizes)?;
         Ok(out)
+    }
+
+    /// Sends `x` to every rank and receives rank j's part into its place in `out` (checked).
+    fn gather_into(&self, op: OpKind, x: &Tensor, out: &Tensor, d: usize, sizes: &[i64]) -> Result<()> {
+        let sends = (0..self.size()).map(|_| Some(x.shallow_clone())).collect();
+        let recvs = chunks(out, d, sizes).op(op.name())?;
+        self.transfer(op, sends, recvs)
     }
 
     /// Sends chunk j of `x` (along `dim`, sizes `split`) to rank j and reduces what arrives.
@@ -412,6 +422,24 @@ impl Group {
                 .invalid(op, format!("{what} {split:?} sums to {sum} but dim {dim} has {total} elements")));
         }
         Ok(())
+    }
+
+    /// A caller's output must have the shape the op writes, and `x`'s dtype and device.
+    fn check_out(&self, op: OpKind, x: &Tensor, out: &Tensor, shape: &[i64]) -> Result<()> {
+        if out.size() == shape && out.kind() == x.kind() && out.device() == x.device() {
+            return Ok(());
+        }
+        Err(self.invalid(
+            op,
+            format!(
+                "out is {:?}{:?} on {:?}; this {op} writes {:?}{shape:?} on {:?}",
+                out.kind(),
+                out.size(),
+                out.device(),
+                x.kind(),
+                x.device()
+            ),
+        ))
     }
 
     /// A split of a gathered dim: one entry per rank, this rank's entry its own extent.

@@ -19,6 +19,7 @@
 //! with the `nccl` feature, NCCL for CUDA tensors on top of either (`nccl_group`).
 
 mod backend;
+mod buckets;
 mod collectives;
 mod group;
 mod launch;
@@ -36,6 +37,7 @@ mod placement;
 mod stats;
 
 pub use backend::{Backend, Done, Envelope, Pending};
+pub use buckets::{pieces, reduction_kind, Piece, DEFAULT_BUCKET_ELEMS};
 pub use collectives::AllToAll;
 pub use group::{Group, GroupInfo};
 pub use launch::{launch, LocalLaunch, RankCtx};

@@ -254,10 +254,13 @@ pub fn memory(job: &Job, r: usize, hw: &Hardware) -> Result<MemoryReport> {
         }
     }];
     if job.zero.partitions_parameters() {
-        let biggest = params.blocks.iter().copied().max().unwrap_or(0) as f64;
+        // The trainer gathers each block in turn, but the embedding/head unit (the last) stays
+        // gathered, with its gradients, from the head's backward to the embedding's.
+        let (rest, blocks) = params.blocks.split_last().map_or((0, &[][..]), |(r, b)| (*r, b));
+        let biggest = blocks.iter().copied().max().unwrap_or(0) as f64;
         transient.push(Term {
-            name: "gathered block parameters and gradients (ZeRO-3)",
-            bytes: 2.0 * biggest * es,
+            name: "gathered parameters and gradients: embedding/head and one block (ZeRO-3)",
+            bytes: 2.0 * (rest as f64 + biggest) * es,
         });
     }
     // End of the step, activations freed: the reduction's f32 buffers (flat copy, the

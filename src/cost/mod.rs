@@ -84,7 +84,7 @@ pub struct Job {
     /// K/V passes with compute. Never assumed: off unless asked for.
     pub overlap: bool,
     /// Elements per gradient-reduction bucket (ZeRO stages 0-3), which bounds the extra memory
-    /// of the reduction. Default 25M (25e6 elements, 100 MB in f32).
+    /// of the reduction. Default the trainer's, 2^22 (16 MiB in f32).
     pub bucket_elems: i64,
 }
 
@@ -108,7 +108,7 @@ impl Job {
             backend: "nccl".into(),
             threads_per_rank: 1,
             overlap: false,
-            bucket_elems: 25_000_000,
+            bucket_elems: crate::comm::DEFAULT_BUCKET_ELEMS,
         }
     }
 

@@ -19,8 +19,10 @@
 //!   stage 0 16 Psi, stage 1 4 Psi + 12 Psi/W, stage 2 2 Psi + 14 Psi/W, stage 3 16 Psi/W (plus
 //!   one gathered block and the buckets); in f32 the same with 4 + 4 + 8.
 //!
-//! Stage 0 with dp = 1 is exactly what `Gpt::sync_gradients` does today: one f32 all-reduce of
-//! the replicated gradients over the SP group, unpadded.
+//! Stage 0 all-reduces the trainer's flat buffer, padded like the other stages' (the trainer's
+//! counters, `tests/train.rs`, match these bytes at P = 3 where padding shows). `Gpt::forward_backward`
+//! without a trainer reduces the replicated gradients unpadded over the SP group: the same bytes
+//! whenever W divides them (every model of `tests/cost_bytes.rs`).
 
 use crate::attention::StrategyConfig;
 use crate::comm::OpKind;
@@ -129,7 +131,7 @@ pub fn gradient_comm(job: &Job, r: usize, params: &ParamCount) -> Result<Vec<Com
             OpKind::AllReduce,
             Phase::Step,
             1,
-            all_reduce(rep, w, r),
+            all_reduce(padded(rep, w), w, r),
             4,
         )),
         1 => {

@@ -12,7 +12,7 @@ use super::slurm::SlurmSpec;
 use crate::attention::{AttentionConfig, Kernel, Mask, StrategyConfig};
 use crate::data::DatasetConfig;
 use crate::model::GptConfig;
-use crate::train::AdamWConfig;
+use crate::train::{AdamWConfig, Checkpointing, LossScaleConfig, Precision, Schedule, ZeroStage};
 use crate::{Error, Result};
 
 /// A whole experiment: a model, the parallel set-ups and sequence lengths to sweep, how long to
@@ -115,6 +115,10 @@ pub struct ParallelSpec {
     /// A hostfile for mpirun, to run on several nodes without Slurm. Default none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hostfile: Option<PathBuf>,
+    /// Also run the single-device reference, first: one rank that sees the same global batch
+    /// (the data-parallel replicas' sequences as micro-batches), ZeRO 0. Default false.
+    #[serde(default)]
+    pub reference: bool,
 }
 
 /// `[attention]`: the local kernel and the mask.
@@ -139,7 +143,8 @@ impl Default for AttentionSpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainSpec {
-    /// f32, bf16 or f64. Default f32.
+    /// f32, bf16, f16 or f64. bf16 and f16 keep f32 master weights and Adam moments and
+    /// reduce gradients in f32; f16 scales the loss (`loss_scale`). Default f32.
     #[serde(default = "f32")]
     pub dtype: String,
     /// Sequences per data-parallel replica and step. Default 1.
@@ -156,9 +161,47 @@ pub struct TrainSpec {
     #[serde(default = "seed")]
     pub seed: u64,
     /// Update the weights with AdamW after each step (convergence runs); without it, steps are
-    /// forward and backward only (throughput runs). Default none.
+    /// forward, backward and the gradient reduction only (throughput runs). Default none.
     #[serde(default)]
     pub adamw: Option<AdamWConfig>,
+    /// ZeRO stage over all SP x DP ranks (0-3), or a list of stages to sweep. Stages 1-3 need
+    /// `adamw`. Default 0.
+    #[serde(default = "stage_0", deserialize_with = "super::plan::stages")]
+    pub zero: Vec<ZeroStage>,
+    /// Activation checkpointing per block: none, full or selective. Default none.
+    #[serde(default)]
+    pub checkpointing: Checkpointing,
+    /// Micro-batches per optimizer step (each of `batch` sequences per replica). Default 1.
+    #[serde(default = "one")]
+    pub grad_accum: usize,
+    /// Clip the global gradient norm to this. Default none.
+    #[serde(default)]
+    pub clip: Option<f64>,
+    /// Learning-rate schedule: `warmup` steps, then `decay` (constant, cosine or linear) to
+    /// `min_lr_ratio` of `adamw.lr` at step `total` (default: warmup + steps of the point).
+    /// Default constant.
+    #[serde(default)]
+    pub schedule: Schedule,
+    /// Save the model state every this many steps (and after the last) under
+    /// `<output>/checkpoints/point-<i>/step-<s>`; `ulysses run --resume` continues an unfinished
+    /// point from its newest one. Default none.
+    #[serde(default)]
+    pub checkpoint_every: Option<usize>,
+    /// Start every point from this checkpoint (a `step-*` folder, relative to the directory
+    /// `ulysses run` starts in), at its step. Default none.
+    #[serde(default)]
+    pub resume_from: Option<PathBuf>,
+    /// Compute the loss this many tokens at a time (tiled loss). Default none.
+    #[serde(default)]
+    pub loss_tile: Option<i64>,
+    /// Dynamic loss scaling for f16. Default: initial scale 2^16, halved on overflow, doubled
+    /// after 1000 good steps.
+    #[serde(default)]
+    pub loss_scale: LossScaleConfig,
+}
+
+fn stage_0() -> Vec<ZeroStage> {
+    vec![ZeroStage::NONE]
 }
 
 fn one() -> usize {
@@ -204,12 +247,26 @@ pub struct Point {
     /// World size.
     pub ranks: usize,
     pub seq: i64,
+    /// Data-parallel replicas (the SP degree is ranks / dp).
+    pub dp: usize,
+    pub zero: ZeroStage,
+    /// Micro-batches per step.
+    pub grad_accum: usize,
 }
 
 impl Point {
-    /// "ulysses P=4 N=2048".
+    /// "ulysses P=4 N=2048", "ulysses_zero3 P=4 N=2048".
     pub fn describe(&self) -> String {
-        format!("{} P={} N={}", self.strategy.label(), self.ranks, self.seq)
+        format!("{} P={} N={}", self.label(), self.ranks, self.seq)
+    }
+
+    /// The strategy's label, with the ZeRO stage when there is one: what result tables call
+    /// the point's strategy.
+    pub fn label(&self) -> String {
+        match self.zero.stage() {
+            0 => self.strategy.label(),
+            z => format!("{}_zero{z}", self.strategy.label()),
+        }
     }
 }
 
@@ -280,14 +337,12 @@ impl ExperimentConfig {
 
     /// The dtype of parameters and activations.
     pub fn kind(&self) -> Result<Kind> {
-        match self.train.dtype.as_str() {
-            "f32" => Ok(Kind::Float),
-            "bf16" => Ok(Kind::BFloat16),
-            "f64" => Ok(Kind::Double),
-            other => {
-                Err(field_error("train.dtype", format!("{other:?} is not a dtype; use f32, bf16 or f64")))
-            }
-        }
+        Ok(self.precision()?.kind())
+    }
+
+    /// The numeric precision (`train.dtype`).
+    pub fn precision(&self) -> Result<Precision> {
+        self.train.dtype.parse().map_err(|e| field_error("train.dtype", e))
     }
 
     /// Where results go.
@@ -295,14 +350,40 @@ impl ExperimentConfig {
         self.output.clone().unwrap_or_else(|| PathBuf::from("results").join(&self.name))
     }
 
-    /// Every point of the sweep, in order: world sizes, then strategies, then lengths.
+    /// Every point of the sweep, in order: the single-device reference (if asked for), then
+    /// world sizes, strategies, ZeRO stages and lengths.
     pub fn points(&self) -> Result<Vec<Point>> {
         let strategies = self.strategies()?;
+        let (dp, k) = (self.parallel.dp, self.train.grad_accum);
         let mut points = Vec::new();
+        if self.parallel.reference {
+            for &seq in &self.train.seq {
+                let (strategy, zero) = (StrategyConfig::Single, ZeroStage::NONE);
+                points.push(Point {
+                    index: points.len(),
+                    strategy,
+                    ranks: 1,
+                    seq,
+                    dp: 1,
+                    zero,
+                    grad_accum: dp * k,
+                });
+            }
+        }
         for &ranks in &self.parallel.ranks {
             for &strategy in &strategies {
-                for &seq in &self.train.seq {
-                    points.push(Point { index: points.len(), strategy, ranks, seq });
+                for &zero in &self.train.zero {
+                    for &seq in &self.train.seq {
+                        points.push(Point {
+                            index: points.len(),
+                            strategy,
+                            ranks,
+                            seq,
+                            dp,
+                            zero,
+                            grad_accum: k,
+                        });
+                    }
                 }
             }
         }
@@ -371,8 +452,9 @@ impl ExperimentConfig {
                 ));
             }
         }
+        self.validate_training()?;
         for point in self.points()? {
-            let sp = point.ranks / p.dp;
+            let sp = point.ranks / point.dp;
             point.strategy.check(point.seq, sp, gpt.n_head, gpt.n_kv_head).map_err(|e| {
                 field_error(
                     "parallel.strategies",

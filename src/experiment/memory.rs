@@ -16,7 +16,7 @@ pub const HOST_RSS: &str = "host_rss_above_base";
 pub const CUDA_PEAK: &str = "cuda_peak_allocated";
 
 /// Memory of this process from /proc (Linux); `None` elsewhere.
-pub(crate) mod rss {
+pub mod rss {
     /// A field of /proc/self/status (VmRSS, VmHWM) in MiB.
     pub fn status_mib(field: &str) -> Option<f64> {
         let text = std::fs::read_to_string("/proc/self/status").ok()?;

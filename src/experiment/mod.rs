@@ -9,6 +9,7 @@ mod config;
 pub mod format;
 mod launch;
 mod memory;
+mod plan;
 mod plot;
 mod predict;
 mod progress;
@@ -20,7 +21,7 @@ pub mod slurm;
 pub use compare::{side_by_side, SUMMARY_COLUMNS};
 pub use config::{AttentionSpec, Backend, ExperimentConfig, ModelSpec, ParallelSpec, Point, TrainSpec};
 pub use launch::{LaunchPlan, Launcher};
-pub use memory::{CUDA_PEAK, HOST_RSS};
+pub use memory::{rss, CUDA_PEAK, HOST_RSS};
 pub use plot::{
     font_ready, series_style, strategy_of, strategy_style, Axis, BarChart, Bars, Chart, Collective, Figure,
     Marker, Scale, Series, Style, Svg, Unit,
@@ -28,7 +29,7 @@ pub use plot::{
 pub use predict::{hardware_for, job_for, predict_experiment, predict_points, PredictSpec, Predicted};
 pub use progress::Progress;
 pub use report::{report, HtmlTable, Report};
-pub use results::{read_table, CommRow, PointRow, Results, StepRow};
+pub use results::{complete_steps, read_table, CommRow, PointRow, Results, StepRow};
 #[cfg(feature = "mpi")]
 pub use run::run_point_rank;
 pub use run::{run, RunOptions, RunSummary};

@@ -66,6 +66,14 @@ pub struct StepRow {
     pub memory: String,
     pub bytes_sent: u64,
     pub bytes_received: u64,
+    /// The global gradient norm before clipping (unscaled).
+    pub grad_norm: f64,
+    /// The learning rate of the update (0 without an optimizer).
+    pub lr: f64,
+    /// The loss scale (1 unless f16).
+    pub loss_scale: f64,
+    /// The step was skipped (f16 overflow).
+    pub skipped: bool,
 }
 
 /// One group and op kind of one step of one rank.
@@ -145,7 +153,8 @@ impl Row for StepRow {
             "peak_mib_per_rank" => col!(r, peak_mib_per_rank),
             "peak_reserved_mib_per_rank" => col!(r, peak_reserved_mib_per_rank), "memory" => col!(r, memory),
             "bytes_sent" => col!(r, bytes_sent),
-            "bytes_received" => col!(r, bytes_received),
+            "bytes_received" => col!(r, bytes_received), "grad_norm" => col!(r, grad_norm), "lr" => col!(r, lr),
+            "loss_scale" => col!(r, loss_scale), "skipped" => col!(r, skipped),
         )
     }
 }
@@ -235,6 +244,31 @@ impl Table {
     }
 }
 
+/// Per point, how many steps from step 0 on the `steps` table of `dir` holds whole (a row of
+/// every rank); empty when there is no table.
+pub fn complete_steps(dir: &Path) -> Result<std::collections::BTreeMap<u32, u32>> {
+    let mut out = std::collections::BTreeMap::new();
+    if !dir.join("steps.parquet").exists() {
+        return Ok(out);
+    }
+    let df = read_table(dir, "steps")?;
+    let column = |c: &str| df.column(c).and_then(|c| c.u32().cloned()).map_err(|e| polars_error("steps", e));
+    let (points, steps, ranks) = (column("point")?, column("step")?, column("ranks")?);
+    let mut rows: std::collections::BTreeMap<(u32, u32), (u32, u32)> = std::collections::BTreeMap::new();
+    for ((p, s), r) in
+        points.into_no_null_iter().zip(steps.into_no_null_iter()).zip(ranks.into_no_null_iter())
+    {
+        rows.entry((p, s)).or_insert((0, r)).0 += 1;
+    }
+    for (&(p, s), &(seen, ranks)) in &rows {
+        let next = out.entry(p).or_insert(0);
+        if s == *next && seen == ranks {
+            *next += 1;
+        }
+    }
+    Ok(out)
+}
+
 /// Takes the exclusive lock of the output folder `dir`, or says that another run holds it.
 fn lock(dir: &Path) -> Result<File> {
     let path = dir.join(".lock");
@@ -286,6 +320,18 @@ impl Results {
     /// Opens `dir` for a run of the config `config_toml`: a new folder (or one without a run),
     /// or, with `resume`, the same config's earlier run, keeping its finished points.
     pub fn open(dir: &Path, config_toml: &str, meta_toml: &str, resume: bool) -> Result<Results> {
+        Results::open_resuming(dir, config_toml, meta_toml, resume, &std::collections::BTreeMap::new())
+    }
+
+    /// As [`open`](Results::open), also keeping the rows of unfinished points `p` with steps
+    /// below `partial[p]` (points that continue from a checkpoint of that step).
+    pub fn open_resuming(
+        dir: &Path,
+        config_toml: &str,
+        meta_toml: &str,
+        resume: bool,
+        partial: &std::collections::BTreeMap<u32, u32>,
+    ) -> Result<Results> {
         std::fs::create_dir_all(dir).map_err(|e| io_error(dir, e))?;
         let lock = lock(dir)?;
         let config_path = dir.join("config.toml");
@@ -314,17 +360,25 @@ impl Results {
                     .map_err(|e| polars_error("points", e))?;
                 completed = ids.into_no_null_iter().collect();
                 kept[2] = points;
-                for (i, name) in ["steps", "comm"].iter().enumerate() {
-                    if dir.join(format!("{name}.parquet")).exists() {
-                        let df = read_table(dir, name)?;
-                        let ids = df
-                            .column("point")
-                            .and_then(|c| c.u32().cloned())
-                            .map_err(|e| polars_error(name, e))?;
-                        let mask: BooleanChunked =
-                            ids.iter().map(|p| p.is_some_and(|p| completed.contains(&p))).collect();
-                        kept[i] = df.filter(&mask).map_err(|e| polars_error(name, e))?;
-                    }
+            }
+            for (i, name) in ["steps", "comm"].iter().enumerate() {
+                if dir.join(format!("{name}.parquet")).exists() {
+                    let df = read_table(dir, name)?;
+                    let column = |c: &str| {
+                        df.column(c).and_then(|c| c.u32().cloned()).map_err(|e| polars_error(name, e))
+                    };
+                    let (ids, steps) = (column("point")?, column("step")?);
+                    let mask: BooleanChunked = ids
+                        .iter()
+                        .zip(steps.iter())
+                        .map(|(p, s)| match (p, s) {
+                            (Some(p), Some(s)) => {
+                                completed.contains(&p) || partial.get(&p).is_some_and(|&k| s < k)
+                            }
+                            _ => false,
+                        })
+                        .collect();
+                    kept[i] = df.filter(&mask).map_err(|e| polars_error(name, e))?;
                 }
             }
         } else {

@@ -14,13 +14,13 @@ use super::config::{Backend, ExperimentConfig, Point};
 use super::launch::LaunchPlan;
 use super::memory::MemoryProbe;
 use super::progress::Progress;
-use super::results::{CommRow, PointRow, Results, StepRow};
+use super::results::{complete_steps, CommRow, PointRow, Results, StepRow};
 use crate::attention::AttentionConfig;
 use crate::comm::{LauncherEnv, LocalLaunch, Mesh, MeshShape, RankCtx, ReduceOp};
 use crate::data::{shard, Dataset};
 use crate::error::TorchResultExt;
 use crate::model::{Gpt, GptConfig};
-use crate::train::AdamW;
+use crate::train::{checkpoints, TrainGroups, Trainer};
 use crate::{Error, Result};
 
 /// How to run.
@@ -118,8 +118,24 @@ pub fn run(cfg: &ExperimentConfig, opts: &RunOptions) -> Result<RunSummary> {
     // A folder holding a run is never overwritten: resume continues it; otherwise the run goes
     // to the first free `<folder>-2`, `-3`, ... and says so.
     let dir = if opts.resume { asked.clone() } else { free_dir(&asked) };
-    let mut results = Results::open(&dir, &cfg.to_toml()?, &meta(cfg, opts.resume)?, opts.resume)?;
     let points = cfg.points()?;
+    // Where each point starts: when resuming, its newest checkpoint of a step whose rows are
+    // all written (the ranks may have saved later ones than the results writer wrote when the
+    // run was killed; the rows from that step on are dropped), else `train.resume_from`, else
+    // the initialisation.
+    let own: BTreeMap<u32, (u64, PathBuf)> = if opts.resume {
+        let written = complete_steps(&dir)?;
+        let usable = |p: &Point| {
+            let done = u64::from(written.get(&(p.index as u32)).copied().unwrap_or(0));
+            checkpoints(&checkpoints_dir(&dir, p)).into_iter().rfind(|(s, _)| *s <= done)
+        };
+        points.iter().filter_map(|p| Some((p.index as u32, usable(p)?))).collect()
+    } else {
+        BTreeMap::new()
+    };
+    let keep = own.iter().map(|(&p, (step, _))| (p, *step as u32)).collect();
+    let mut results =
+        Results::open_resuming(&dir, &cfg.to_toml()?, &meta(cfg, opts.resume)?, opts.resume, &keep)?;
     let per_point = (cfg.train.warmup + cfg.train.steps) as u64;
     let mut progress = Progress::new(per_point * points.len() as u64);
     let dataset = cfg.dataset.open(&opts.base_dir)?;
@@ -150,11 +166,25 @@ pub fn run(cfg: &ExperimentConfig, opts: &RunOptions) -> Result<RunSummary> {
             ));
             continue;
         }
+        let start = match own.get(&(point.index as u32)) {
+            Some((step, path)) => {
+                progress.skip(*step);
+                progress
+                    .say(&format!("point {} continues from its checkpoint at step {step}", point.index + 1));
+                Some(path.clone())
+            }
+            None => cfg.train.resume_from.as_ref().map(|p| opts.base_dir.join(p)),
+        };
         progress.say(&format!("point {}/{} {}", point.index + 1, points.len(), point.describe()));
-        run_point(cfg, point, dataset.as_ref(), opts, &mut results, &mut progress)?;
+        run_point(cfg, point, dataset.as_ref(), opts, start, &mut results, &mut progress)?;
     }
     progress.finish();
     Ok(RunSummary { dir, points: results.points_frame().clone(), elapsed: started.elapsed() })
+}
+
+/// The checkpoints of `point` in a run's folder `dir`.
+fn checkpoints_dir(dir: &Path, point: &Point) -> PathBuf {
+    dir.join("checkpoints").join(format!("point-{}", point.index))
 }
 
 /// `dir` if it holds no run, else the first `<dir>-N` (N = 2, 3, ...) that holds none.
@@ -184,6 +214,7 @@ fn run_point(
     point: &Point,
     dataset: &dyn Dataset,
     opts: &RunOptions,
+    start: Option<PathBuf>,
     results: &mut Results,
     progress: &mut Progress,
 ) -> Result<()> {
@@ -195,8 +226,8 @@ fn run_point(
     let outcome = std::thread::scope(|s| -> Result<()> {
         let gpt = &gpt;
         let ranks = s.spawn(move || match cfg.parallel.backend {
-            Backend::Local => local_ranks(cfg, point, gpt, dataset, &tx),
-            Backend::Mpi | Backend::Nccl => process_ranks(cfg, point, &dir, opts, &tx),
+            Backend::Local => local_ranks(cfg, point, gpt, dataset, (&dir, start), &tx),
+            Backend::Mpi | Backend::Nccl => process_ranks(cfg, point, &dir, opts, start, &tx),
         });
         // Every rank reports each step; a step is written once all have.
         let mut pending: BTreeMap<u32, Vec<Report>> = BTreeMap::new();
@@ -249,10 +280,11 @@ fn local_ranks(
     point: &Point,
     gpt: &GptConfig,
     dataset: &dyn Dataset,
+    (dir, start): (&Path, Option<PathBuf>),
     tx: &mpsc::Sender<Event>,
 ) -> Result<()> {
     let device = if cfg.parallel.device == "cuda" { Device::Cuda(0) } else { Device::Cpu };
-    let spec = RankSpec::new(cfg, point, gpt, dataset, point.ranks, device)?;
+    let spec = RankSpec::new(cfg, point, gpt, dataset, point.ranks, device)?.checkpoints(dir, start);
     let send = |r: Report| tx.send(Event::Report(Box::new(r))).map_err(|_| writer_gone());
     LocalLaunch::new(point.ranks)
         .timeout(Duration::from_secs(cfg.parallel.timeout_s))
@@ -289,6 +321,7 @@ fn process_ranks(
     point: &Point,
     dir: &Path,
     opts: &RunOptions,
+    start: Option<PathBuf>,
     tx: &mpsc::Sender<Event>,
 ) -> Result<()> {
     use std::io::{BufRead, BufReader, Read};
@@ -298,6 +331,7 @@ fn process_ranks(
         .map(|a| a.to_string())
         .chain([dir.display().to_string(), "--point".into(), point.index.to_string()])
         .chain(["--base".into(), opts.base_dir.display().to_string()])
+        .chain(start.into_iter().flat_map(|s| ["--from".to_string(), s.display().to_string()]))
         .collect();
     let p = &cfg.parallel;
     let env = LauncherEnv::from_process();
@@ -350,7 +384,7 @@ fn process_ranks(
 /// before any CUDA or NCCL call, two ranks on one GPU refused), then its world, and every
 /// group split from it, becomes an NCCL communicator over the MPI world.
 #[cfg(feature = "mpi")]
-pub fn run_point_rank(dir: &Path, index: usize, base: &Path) -> Result<()> {
+pub fn run_point_rank(dir: &Path, index: usize, base: &Path, from: Option<&Path>) -> Result<()> {
     use std::io::Write;
     let cfg = ExperimentConfig::load(&dir.join("config.toml"))?;
     let point = cfg.points()?.into_iter().nth(index).ok_or_else(|| Error::InvalidArgument {
@@ -373,11 +407,13 @@ pub fn run_point_rank(dir: &Path, index: usize, base: &Path) -> Result<()> {
     crate::comm::MpiLaunch::new().timeout(timeout).threads_per_rank(cfg.parallel.threads_per_rank).run(
         |ctx| {
             if cfg.parallel.backend != Backend::Nccl {
-                let spec = RankSpec::new(&cfg, &point, &gpt, dataset.as_ref(), 1, Device::Cpu)?;
+                let spec = RankSpec::new(&cfg, &point, &gpt, dataset.as_ref(), 1, Device::Cpu)?
+                    .checkpoints(dir, from.map(Path::to_path_buf));
                 return rank_main(ctx, &spec, &send);
             }
             let (world, device) = nccl_world(&ctx, timeout)?;
-            let spec = RankSpec::new(&cfg, &point, &gpt, dataset.as_ref(), 1, device)?;
+            let spec = RankSpec::new(&cfg, &point, &gpt, dataset.as_ref(), 1, device)?
+                .checkpoints(dir, from.map(Path::to_path_buf));
             rank_main(RankCtx::new(world), &spec, &send)
         },
     )
@@ -426,6 +462,10 @@ struct RankSpec<'a> {
     ranks_in_process: usize,
     /// This rank's device (its own GPU with NCCL; threads share cuda:0).
     device: Device,
+    /// Where the point's checkpoints go (with `train.checkpoint_every`).
+    checkpoints: Option<PathBuf>,
+    /// The checkpoint the point starts from.
+    start: Option<PathBuf>,
 }
 
 impl<'a> RankSpec<'a> {
@@ -446,14 +486,23 @@ impl<'a> RankSpec<'a> {
             dataset,
             ranks_in_process,
             device,
+            checkpoints: None,
+            start: None,
         })
+    }
+
+    /// Checkpoints under the run's folder `dir`, and the one to start from.
+    fn checkpoints(mut self, dir: &Path, start: Option<PathBuf>) -> RankSpec<'a> {
+        self.checkpoints = self.cfg.train.checkpoint_every.map(|_| checkpoints_dir(dir, self.point));
+        self.start = start;
+        self
     }
 }
 
 /// One rank of one point: build, then step, measuring and reporting each step.
 fn rank_main(ctx: RankCtx, spec: &RankSpec<'_>, send: &(dyn Fn(Report) -> Result<()> + Sync)) -> Result<()> {
     let (cfg, point, gpt) = (spec.cfg, spec.point, spec.gpt);
-    let dp = cfg.parallel.dp;
+    let (dp, k) = (point.dp, point.grad_accum);
     let sp = point.ranks / dp;
     let world = ctx.world().clone().with_overlap(cfg.parallel.overlap);
     let mesh = Mesh::new(&world, MeshShape::dp_sp(dp, sp)?)?;
@@ -462,7 +511,10 @@ fn rank_main(ctx: RankCtx, spec: &RankSpec<'_>, send: &(dyn Fn(Report) -> Result
     let strategy = point.strategy.build(sp_group, spec.attention, point.seq, gpt.n_head, gpt.n_kv_head)?;
     let layout = strategy.layout().clone();
     let model = Gpt::new(gpt, strategy, spec.kind, device)?;
-    let mut optimizer = cfg.train.adamw.map(|c| AdamW::new(model.params(), c)).transpose()?;
+    let mut trainer = Trainer::new(model, TrainGroups::new(&mesh)?, cfg.train_config(point)?)?;
+    if let Some(from) = &spec.start {
+        trainer.load(from)?;
+    }
     let world = &world;
 
     // Memory once every rank has built its model, and its peak from then (one reset per
@@ -475,23 +527,24 @@ fn rank_main(ctx: RankCtx, spec: &RankSpec<'_>, send: &(dyn Fn(Report) -> Result
     let memory = MemoryProbe::new(device, spec.ranks_in_process);
     world.barrier()?;
 
-    let (b, n) = (cfg.train.batch, point.seq);
-    let tokens = (b * n) as f64 * dp as f64;
-    let flops = gpt.train_flops(b * n * dp as i64, n, &spec.attention.mask);
-    for step in 0..cfg.train.warmup + cfg.train.steps {
-        let global = spec.dataset.batch(cfg.train.seed, step as u64, mesh.coord("dp")? as u64, b, n)?;
-        let data = shard(&global.f_to(device).op("experiment")?, &layout, sp_group.rank())?;
+    let (b, n, total) = (cfg.train.batch, point.seq, cfg.train.warmup + cfg.train.steps);
+    let tokens = (b * n) as f64 * (dp * k) as f64;
+    let flops = gpt.train_flops(b * n * (dp * k) as i64, n, &spec.attention.mask);
+    for step in trainer.steps_taken() as usize..total {
+        // Micro-batch m of replica d draws the dataset's replica d k + m, so that one device
+        // accumulating dp x k micro-batches sees the global batch of dp replicas.
+        let replica = mesh.coord("dp")? * k;
+        let micro = |m: usize| -> Result<crate::data::Shard> {
+            let global = spec.dataset.batch(cfg.train.seed, step as u64, (replica + m) as u64, b, n)?;
+            shard(&global.f_to(device).op("experiment")?, &layout, sp_group.rank())
+        };
+        let batches = (0..k).map(micro).collect::<Result<Vec<_>>>()?;
         // The clock reads a device with nothing queued (GPU-true step times).
         crate::device::synchronize(device)?;
         world.barrier()?;
         world.reset_rank_stats();
         let t0 = Instant::now();
-        model.zero_grad();
-        let loss = model.forward_backward(&data.tokens, &data.labels)?;
-        model.average_gradients(dp_group)?;
-        if let Some(opt) = optimizer.as_mut() {
-            opt.step(model.params())?;
-        }
+        let report = trainer.step(&batches)?;
         world.synchronize()?;
         crate::device::synchronize(device)?;
         world.barrier()?;
@@ -499,16 +552,16 @@ fn rank_main(ctx: RankCtx, spec: &RankSpec<'_>, send: &(dyn Fn(Report) -> Result
         let by_group = world.rank_stats_by_group();
         // The loss over data-parallel replicas, outside the timed step and its counters.
         let loss_value = if dp > 1 {
-            dp_group.all_reduce(&Tensor::from_slice(&[loss.value]), ReduceOp::Avg)?.double_value(&[0])
+            dp_group.all_reduce(&Tensor::from_slice(&[report.loss]), ReduceOp::Avg)?.double_value(&[0])
         } else {
-            loss.value
+            report.loss
         };
         let (peak, reserved, measure) = memory.read()?;
         let sent: u64 = by_group.iter().map(|(_, s)| s.bytes_sent()).sum();
         let received: u64 = by_group.iter().map(|(_, s)| s.bytes_received()).sum();
         let row = StepRow {
             point: point.index as u32,
-            strategy: point.strategy.label(),
+            strategy: point.label(),
             ranks: point.ranks as u32,
             sp: sp as u32,
             dp: dp as u32,
@@ -526,6 +579,10 @@ fn rank_main(ctx: RankCtx, spec: &RankSpec<'_>, send: &(dyn Fn(Report) -> Result
             memory: measure.to_string(),
             bytes_sent: sent,
             bytes_received: received,
+            grad_norm: report.grad_norm,
+            lr: report.lr,
+            loss_scale: report.loss_scale,
+            skipped: report.skipped.is_some(),
         };
         let comm = by_group
             .into_iter()
@@ -546,6 +603,16 @@ fn rank_main(ctx: RankCtx, spec: &RankSpec<'_>, send: &(dyn Fn(Report) -> Result
             })
             .collect();
         send((row, comm))?;
+        // The model state, after the step's measurements.
+        if let (Some(dir), Some(every)) = (&spec.checkpoints, cfg.train.checkpoint_every) {
+            if (step + 1) % every == 0 || step + 1 == total {
+                let data = serde_json::json!({
+                    "dataset": spec.dataset.describe(), "seed": cfg.train.seed, "next_step": step + 1,
+                    "micro_batch": "the dataset's replica dp_rank x grad_accum + m of step next_step",
+                });
+                trainer.save(dir, data)?;
+            }
+        }
     }
     Ok(())
 }
@@ -566,15 +633,15 @@ fn summarize(point: &Point, cfg: &ExperimentConfig, gpt: &GptConfig, rows: &[Ste
     };
     let step_ms = median(per_step(&|r| r.step_ms));
     let seconds = step_ms / 1e3;
-    let (b, n, dp) = (cfg.train.batch, point.seq, cfg.parallel.dp as i64);
+    let (b, n, dp) = (cfg.train.batch, point.seq, (point.dp * point.grad_accum) as i64);
     let flops = gpt.train_flops(b * n * dp, n, &cfg.attention()?.mask);
     let last = measured.iter().filter(|r| r.rank == 0).max_by_key(|r| r.step);
     Ok(PointRow {
         point: point.index as u32,
-        strategy: point.strategy.label(),
+        strategy: point.label(),
         ranks: point.ranks as u32,
-        sp: (point.ranks as i64 / dp) as u32,
-        dp: dp as u32,
+        sp: (point.ranks / point.dp) as u32,
+        dp: point.dp as u32,
         seq: n,
         batch: b,
         steps: by_step.len() as u32,

@@ -1,13 +1,15 @@
 //! The GPT, generic over the sequence-parallel strategy (Jacobs et al. 2023, §3.1: everything
 //! but attention is token-local, so each rank runs it unchanged on its own tokens).
 
-use tch::{Device, Kind, Reduction, Tensor};
+use std::rc::Rc;
 
-use super::layers::{LayerNorm, Linear, Param, Params, Placement, Rope, Split};
+use tch::{Device, Kind, Tensor};
+
+use super::layers::{LayerNorm, Linear, Params, Placement, Rope, Split};
+use super::recompute::{BlockHooks, ForwardOptions, Unit};
 use super::GptConfig;
 use crate::attention::SequenceParallel;
 use crate::autograd::Tape;
-use crate::comm::{Group, ReduceOp};
 use crate::error::TorchResultExt;
 use crate::{Error, Result};
 
@@ -15,7 +17,7 @@ use crate::{Error, Result};
 pub const IGNORE: i64 = -100;
 
 /// One pre-norm transformer block.
-struct Block {
+pub(super) struct Block {
     ln1: LayerNorm,
     qkv: Linear,
     proj: Linear,
@@ -24,27 +26,26 @@ struct Block {
     fc_out: Linear,
 }
 
-/// The loss of one forward pass, reduced over the sequence-parallel group.
-pub struct Loss {
-    /// This rank's term of the global mean: the sum of its tokens' losses divided by the
-    /// number of labelled tokens in the whole group. The terms of all ranks add up to the
-    /// global mean, so back-propagating each rank's term gives each its share of the gradient.
-    pub local: Tensor,
-    /// The global mean loss (every rank's terms, summed), as a number.
-    pub value: f64,
-    /// Labelled tokens in the group.
-    pub tokens: i64,
-}
-
 /// A GPT whose attention runs through a [`SequenceParallel`] strategy.
 pub struct Gpt {
+    pub(super) cfg: GptConfig,
+    pub(super) params: Params,
+    /// The ZeRO unit of each parameter, in the order of `params`.
+    pub(super) units: Vec<Unit>,
+    pub(super) wte: Tensor,
+    pub(super) blocks: Vec<Rc<Block>>,
+    pub(super) ln_f: LayerNorm,
+    pub(super) lm_head: Option<Linear>,
+    /// What every block shares (shared with the records that recompute blocks).
+    pub(super) core: Rc<Core>,
+    pub(super) options: ForwardOptions,
+    pub(super) hooks: Option<Rc<dyn BlockHooks>>,
+}
+
+/// What a block's forward needs besides its own parameters.
+pub(super) struct Core {
     cfg: GptConfig,
-    params: Params,
-    wte: Tensor,
-    blocks: Vec<Block>,
-    ln_f: LayerNorm,
-    lm_head: Option<Linear>,
-    strategy: Box<dyn SequenceParallel>,
+    pub(super) strategy: Box<dyn SequenceParallel>,
     /// RoPE for the tokens the strategy attends over, at their global positions.
     rope: Rope,
     /// Query and kv heads this rank projects (all of them unless tensor-parallel).
@@ -116,11 +117,12 @@ impl Gpt {
         // GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2L).
         let (std, resid_std) = (0.02, 0.02 / ((2 * l) as f64).sqrt());
         let wte = p.normal("wte", &[cfg.vocab_size, h], std, Placement::Replicated)?;
+        let mut units = vec![Unit::Outer; p.len()];
         let mut blocks = Vec::new();
         for i in 0..l {
             let n = |part: &str| format!("h.{i}.{part}");
             let (qkv_out, mlp) = ((cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim(), cfg.mlp_ratio * h);
-            blocks.push(Block {
+            blocks.push(Rc::new(Block {
                 ln1: LayerNorm::new(&mut p, &n("ln1"), h, cfg.norm_eps)?,
                 qkv: Linear::new(&mut p, &n("attn.qkv"), (h, qkv_out), cfg.bias, std, splits.qkv.clone())?,
                 proj: Linear::new(&mut p, &n("attn.proj"), (h, h), cfg.bias, resid_std, splits.proj.clone())?,
@@ -134,7 +136,8 @@ impl Gpt {
                     resid_std,
                     splits.fc_out.clone(),
                 )?,
-            });
+            }));
+            units.resize(p.len(), Unit::Block(i as usize));
         }
         let ln_f = LayerNorm::new(&mut p, "ln_f", h, cfg.norm_eps)?;
         let lm_head = if cfg.tie_embeddings {
@@ -142,17 +145,19 @@ impl Gpt {
         } else {
             Some(Linear::new(&mut p, "lm_head", (h, cfg.vocab_size), false, std, Split::None)?)
         };
+        units.resize(p.len(), Unit::Outer);
         let rope = Rope::new(&strategy.input_positions(device)?, cfg.head_dim(), cfg.rope_theta, kind)?;
         Ok(Gpt {
             cfg: cfg.clone(),
             params: p,
+            units,
             wte,
             blocks,
             ln_f,
             lm_head,
-            strategy,
-            rope,
-            heads: splits.heads,
+            core: Rc::new(Core { cfg: cfg.clone(), strategy, rope, heads: splits.heads }),
+            options: ForwardOptions::default(),
+            hooks: None,
         })
     }
 
@@ -165,21 +170,42 @@ impl Gpt {
         &self.params
     }
 
-    pub fn strategy(&self) -> &dyn SequenceParallel {
-        self.strategy.as_ref()
+    /// The unit (a block, or the embedding, final norm and head) that parameter `index` of
+    /// [`params`](Gpt::params) belongs to: what ZeRO-3 gathers and frees together.
+    pub fn unit(&self, index: usize) -> Unit {
+        self.units[index]
     }
 
-    /// Logits for this rank's tokens.
-    ///
-    /// With a tensor-parallel strategy (Megatron-SP) every block is wrapped as in Korthikanti
-    /// et al. 2022, Fig. 5: all-gather the sequence after the LayerNorm, column-parallel then
-    /// row-parallel linears, reduce-scatter the sequence before the residual add.
+    pub fn strategy(&self) -> &dyn SequenceParallel {
+        self.core.strategy.as_ref()
+    }
+
+    /// Logits for this rank's tokens: the embedding, every block
+    /// ([`block_forward`](Core::block_forward)), the final LayerNorm and the output projection.
     ///
     /// # Shapes
     /// `tokens`: `[b, s_r]` (i64, this rank's share of the sequence) -> `[b, s_r, V]`.
     pub fn forward(&self, tape: &Tape, tokens: &Tensor) -> Result<Tensor> {
-        let layout = self.strategy.layout();
-        let s = layout.len(self.strategy.rank());
+        let x = self.hidden(tape, tokens)?;
+        // [b, s, h] -> [b, s, V]
+        let logits = x.f_linear::<Tensor>(self.head_weight(), None).op("gpt")?;
+        self.hook(|h| h.after_forward(Unit::Outer))?;
+        Ok(logits)
+    }
+
+    /// The output projection's weight `[V, h]` (the token embedding when tied).
+    pub(super) fn head_weight(&self) -> &Tensor {
+        self.lm_head.as_ref().map_or(&self.wte, |head| head.weight())
+    }
+
+    /// The final hidden states: embedding, blocks, final LayerNorm, with the activations kept
+    /// or recomputed as the [`ForwardOptions`] say and the hooks called at block boundaries.
+    ///
+    /// # Shapes
+    /// `tokens`: `[b, s_r]` -> `[b, s_r, h]`.
+    pub(super) fn hidden(&self, tape: &Tape, tokens: &Tensor) -> Result<Tensor> {
+        let layout = self.strategy().layout();
+        let s = layout.len(self.strategy().rank());
         let size = tokens.size();
         if size.len() != 2 || size[1] != s || tokens.kind() != Kind::Int64 {
             return Err(Error::Shape {
@@ -205,7 +231,65 @@ impl Gpt {
                 });
             }
         }
-        let (b, d) = (size[0], self.cfg.head_dim());
+        if self.hooks.is_some() && !tape.is_recording() {
+            return Err(Error::Tape {
+                op: "gpt",
+                msg: "a model with block hooks (ZeRO-2/3) needs a recording tape: the hooks run in \
+                      its backward"
+                    .into(),
+            });
+        }
+        let previous = tape.set_recompute(self.options.recompute_attention);
+        let x = self.stack(tape, tokens);
+        tape.set_recompute(previous);
+        self.ln_f.forward(&x?)
+    }
+
+    /// Embedding and blocks.
+    fn stack(&self, tape: &Tape, tokens: &Tensor) -> Result<Tensor> {
+        self.hook(|h| h.before_forward(Unit::Outer))?;
+        // [b, s] -> [b, s, h]
+        let mut x = Tensor::f_embedding(&self.wte, tokens, -1, false, false).op("gpt")?;
+        let last = self.blocks.len().checked_sub(1);
+        for (i, block) in self.blocks.iter().enumerate() {
+            // A cut on the residual stream: the backward visits each block once. In the backward
+            // it is where block i is finished and block i - 1 begins.
+            x = self.boundary(tape, &x, Some(i), i.checked_sub(1))?;
+            self.hook(|h| h.before_forward(Unit::Block(i)))?;
+            x = if self.options.recompute_blocks {
+                self.checkpointed_block(tape, i, &x)?
+            } else {
+                self.core.block_forward(tape, block, &x)?
+            };
+            self.hook(|h| h.after_forward(Unit::Block(i)))?;
+        }
+        if self.hooks.is_some() {
+            x = self.boundary(tape, &x, None, last)?;
+        }
+        Ok(x)
+    }
+
+    /// Calls `f` on the hooks, if any.
+    pub(super) fn hook(&self, f: impl FnOnce(&dyn BlockHooks) -> Result<()>) -> Result<()> {
+        match &self.hooks {
+            Some(h) => f(h.as_ref()),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Core {
+    /// One pre-norm block on the residual stream: `x + attn(ln1(x))`, then `x + mlp(ln2(x))`.
+    ///
+    /// With a tensor-parallel strategy (Megatron-SP) the block is wrapped as in Korthikanti et
+    /// al. 2022, Fig. 5: all-gather the sequence after each LayerNorm, column-parallel then
+    /// row-parallel linears, reduce-scatter the sequence before each residual add.
+    ///
+    /// # Shapes
+    /// `x`: `[b, s_r, h]` -> `[b, s_r, h]`.
+    pub(super) fn block_forward(&self, tape: &Tape, block: &Block, x: &Tensor) -> Result<Tensor> {
+        let layout = self.strategy.layout();
+        let (b, d) = (x.size()[0], self.cfg.head_dim());
         let (hq, hkv) = self.heads; // this rank's heads
         let tp = self.strategy.tensor_parallel();
         // Megatron-SP's all-gather of the sequence into a column-parallel linear (the shard kept,
@@ -220,160 +304,20 @@ impl Gpt {
             Some(g) => tape.reduce_scatter_v(g, &y, 1, layout.lens()),
             None => Ok(y),
         };
-        // [b, s] -> [b, s, h]
-        let mut x = Tensor::f_embedding(&self.wte, tokens, -1, false, false).op("gpt")?;
-        for block in &self.blocks {
-            // A cut on the residual stream: the backward visits each block once.
-            x = tape.cut(&x)?;
-            let qkv = gathered(&block.qkv, block.ln1.forward(&x)?)?; // [b, t, (hq + 2 hkv) d]
-            let t = qkv.size()[1];
-            let part = |start: i64, heads: i64| -> Result<Tensor> {
-                // [b, t, (hq + 2 hkv) d] -> [b, t, heads, d]
-                qkv.f_narrow(2, start * d, heads * d).and_then(|t_| t_.f_reshape([b, t, heads, d])).op("gpt")
-            };
-            let q = self.rope.forward(&part(0, hq)?)?;
-            let k = self.rope.forward(&part(hq, hkv)?)?;
-            let v = part(hq + hkv, hkv)?;
-            // [b, t, hq, d] -> [b, t, hq d]
-            let o = self.strategy.forward(tape, &q, &k, &v)?.f_reshape([b, t, hq * d]).op("gpt")?;
-            x = x.f_add(&block.proj.forward_reduced(&o, scatter)?).op("gpt")?;
-            let m = gathered(&block.fc, block.ln2.forward(&x)?)?.f_gelu("tanh").op("gpt")?;
-            x = x.f_add(&block.fc_out.forward_reduced(&m, scatter)?).op("gpt")?;
-        }
-        let x = self.ln_f.forward(&x)?;
-        // [b, s, h] -> [b, s, V]
-        match &self.lm_head {
-            Some(head) => head.forward(&x),
-            None => x.f_linear::<Tensor>(&self.wte, None).op("gpt"),
-        }
-    }
-
-    /// Cross-entropy of this rank's tokens against `labels` (already shifted over the *global*
-    /// sequence, [`IGNORE`] where there is no target), as a token-weighted mean over the group.
-    ///
-    /// # Shapes
-    /// `tokens`, `labels`: `[b, s_r]` i64.
-    pub fn loss(&self, tape: &Tape, tokens: &Tensor, labels: &Tensor) -> Result<Loss> {
-        if labels.size() != tokens.size() {
-            return Err(Error::Shape {
-                op: "gpt_loss",
-                shapes: vec![tokens.size(), labels.size()],
-                msg: "tokens and labels must have one shape".into(),
-            });
-        }
-        let logits = self.forward(tape, tokens)?;
-        let v = self.cfg.vocab_size;
-        let f = || -> Result<(Tensor, Tensor), tch::TchError> {
-            // [b, s, V] -> [b*s, V], in f32 so that half precision does not round the loss
-            let flat = logits.f_reshape([-1, v])?.f_to_kind(Kind::Float)?;
-            let sum = flat.f_cross_entropy_loss::<Tensor>(
-                &labels.f_reshape([-1])?,
-                None,
-                Reduction::Sum,
-                IGNORE,
-                0.0,
-            )?;
-            let counted = labels.f_ne(IGNORE)?.f_sum(Kind::Double)?;
-            Ok((sum, counted))
+        let qkv = gathered(&block.qkv, block.ln1.forward(x)?)?; // [b, t, (hq + 2 hkv) d]
+        let t = qkv.size()[1];
+        let part = |start: i64, heads: i64| -> Result<Tensor> {
+            // [b, t, (hq + 2 hkv) d] -> [b, t, heads, d]
+            qkv.f_narrow(2, start * d, heads * d).and_then(|t_| t_.f_reshape([b, t, heads, d])).op("gpt")
         };
-        let (sum, counted) = f().op("gpt_loss")?;
-        // [tokens, loss sum] of this rank, then of the group.
-        let mine = Tensor::f_stack(&[counted, sum.detach().f_to_kind(Kind::Double).op("gpt_loss")?], 0)
-            .op("gpt_loss")?;
-        let totals = match self.strategy.group() {
-            Some(g) => g.all_reduce(&mine, ReduceOp::Sum)?,
-            None => mine,
-        };
-        let totals = Vec::<f64>::try_from(&totals).op("gpt_loss")?;
-        let (tokens_total, sum_total) = (totals[0], totals[1]);
-        if tokens_total < 1.0 {
-            return Err(Error::Shape {
-                op: "gpt_loss",
-                shapes: vec![labels.size()],
-                msg: "no labelled token in the whole group".into(),
-            });
-        }
-        let local = sum.f_div_scalar(tokens_total).op("gpt_loss")?;
-        Ok(Loss { local, value: sum_total / tokens_total, tokens: tokens_total as i64 })
-    }
-
-    /// One forward and backward pass of the loss, gradients synced over the group (no
-    /// optimizer update). A strategy that communicates runs through a [`Tape`]; the single
-    /// device runs plain autograd (its tape records nothing).
-    pub fn forward_backward(&self, tokens: &Tensor, labels: &Tensor) -> Result<Loss> {
-        if self.strategy.group().is_none() {
-            let loss = self.loss(&Tape::disabled(), tokens, labels)?;
-            loss.local.f_backward().op("gpt_backward")?;
-            return Ok(loss);
-        }
-        let tape = Tape::new();
-        let loss = self.loss(&tape, tokens, labels)?;
-        tape.backward(&loss.local)?;
-        self.sync_gradients()?;
-        Ok(loss)
-    }
-
-    /// Sums every parameter's gradient over the sequence-parallel group, in f32, in one
-    /// all-reduce (each rank's gradient of a replicated parameter is only its tokens' share).
-    /// Sharded parameters already hold their whole gradient (computed on the whole sequence
-    /// after the all-gather) and are left alone.
-    pub fn sync_gradients(&self) -> Result<()> {
-        match self.strategy.group() {
-            Some(group) if group.size() > 1 => {
-                self.reduce_gradients(group, ReduceOp::Sum, |p| p.placement == Placement::Replicated)
-            }
-            _ => Ok(()),
-        }
-    }
-
-    /// Averages every gradient over a data-parallel group (replicas that saw different data),
-    /// in f32, in one all-reduce.
-    pub fn average_gradients(&self, dp: &Group) -> Result<()> {
-        if dp.size() == 1 {
-            return Ok(());
-        }
-        self.reduce_gradients(dp, ReduceOp::Avg, |_| true)
-    }
-
-    /// All-reduces the gradients of the parameters `which` selects as one flat f32 buffer.
-    fn reduce_gradients(&self, group: &Group, op: ReduceOp, which: impl Fn(&Param) -> bool) -> Result<()> {
-        let mut grads = Vec::with_capacity(self.params.len());
-        for p in self.params.all().iter().filter(|p| which(p)) {
-            let g = p.tensor.grad();
-            if !g.defined() {
-                return Err(Error::Tape {
-                    op: "sync_gradients",
-                    msg: format!("parameter {} has no gradient", p.name),
-                });
-            }
-            grads.push(g);
-        }
-        let flat: Vec<Tensor> = grads
-            .iter()
-            .map(|g| g.f_to_kind(Kind::Float).and_then(|g| g.f_reshape([-1])))
-            .collect::<Result<_, _>>()
-            .op("sync_gradients")?;
-        let reduced = group.all_reduce(&Tensor::f_cat(&flat, 0).op("sync_gradients")?, op)?;
-        let _no_grad = tch::no_grad_guard();
-        let mut offset = 0;
-        for g in &mut grads {
-            let n = g.numel() as i64;
-            let part =
-                reduced.f_narrow(0, offset, n).and_then(|t| t.f_reshape(g.size())).op("sync_gradients")?;
-            g.f_copy_(&part).op("sync_gradients")?;
-            offset += n;
-        }
-        Ok(())
-    }
-
-    /// Sets every gradient to zero.
-    pub fn zero_grad(&self) {
-        for (_, p) in self.params.iter() {
-            let mut g = p.grad();
-            if g.defined() {
-                let _ = g.zero_();
-            }
-        }
+        let q = self.rope.forward(&part(0, hq)?)?;
+        let k = self.rope.forward(&part(hq, hkv)?)?;
+        let v = part(hq + hkv, hkv)?;
+        // [b, t, hq, d] -> [b, t, hq d]
+        let o = self.strategy.forward(tape, &q, &k, &v)?.f_reshape([b, t, hq * d]).op("gpt")?;
+        let x = x.f_add(&block.proj.forward_reduced(&o, scatter)?).op("gpt")?;
+        let m = gathered(&block.fc, block.ln2.forward(&x)?)?.f_gelu("tanh").op("gpt")?;
+        x.f_add(&block.fc_out.forward_reduced(&m, scatter)?).op("gpt")
     }
 }
 

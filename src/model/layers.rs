@@ -74,6 +74,20 @@ impl Params {
         self.add(name, full, placement)
     }
 
+    /// The same parameters through other handles (shallow clones: one storage, one gradient).
+    pub fn shallow(&self) -> Params {
+        let entries = self
+            .entries
+            .iter()
+            .map(|p| Param {
+                name: p.name.clone(),
+                tensor: p.tensor.shallow_clone(),
+                placement: p.placement.clone(),
+            })
+            .collect();
+        Params { entries, seed: self.seed, kind: self.kind, device: self.device }
+    }
+
     /// (name, tensor) of every parameter, in creation order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Tensor)> {
         self.entries.iter().map(|p| (p.name.as_str(), &p.tensor))
@@ -142,6 +156,11 @@ impl Linear {
         let bias =
             if bias { Some(p.constant(&format!("{name}.bias"), &[output], 0.0, b_place)?) } else { None };
         Ok(Linear { weight, bias, row_parallel: matches!(split, Split::Rows(_)) })
+    }
+
+    /// The weight `[out, in]` (this rank's part of it).
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
     }
 
     /// The whole layer (or, column-parallel, this rank's output features).

@@ -3,9 +3,14 @@
 
 mod config;
 mod gpt;
+mod grads;
 pub mod init;
 mod layers;
+mod loss;
+mod recompute;
 
 pub use config::GptConfig;
-pub use gpt::{shift_labels, Gpt, Loss, IGNORE};
+pub use gpt::{shift_labels, Gpt, IGNORE};
 pub use layers::{LayerNorm, Linear, Param, Params, Placement, Rope, Split};
+pub use loss::{tiled_cross_entropy, Loss};
+pub use recompute::{BlockHooks, ForwardOptions, Unit};

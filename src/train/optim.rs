@@ -1,5 +1,5 @@
 //! AdamW (Loshchilov and Hutter 2019): Adam with decoupled weight decay, the optimizer of GPT
-//! training. States in f32; weight decay on matrices only (not biases, LayerNorms).
+//! training. Weight decay on matrices only (not biases, LayerNorms).
 
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
@@ -30,7 +30,49 @@ impl Default for AdamWConfig {
     }
 }
 
-/// AdamW over a model's parameters (each rank updates the parameters it holds).
+/// Checks AdamW's hyper-parameters.
+pub(crate) fn check(cfg: &AdamWConfig) -> Result<()> {
+    if cfg.lr > 0.0 && (0.0..1.0).contains(&cfg.beta1) && (0.0..1.0).contains(&cfg.beta2) && cfg.eps > 0.0 {
+        return Ok(());
+    }
+    Err(Error::InvalidArgument {
+        op: "adamw",
+        group: "-".into(),
+        msg: format!("lr {} and eps {} must be positive and the betas in [0, 1): {cfg:?}", cfg.lr, cfg.eps),
+    })
+}
+
+/// One AdamW update of `w` in place from the gradient `g`, with moments `m` and `v` (all of one
+/// dtype and shape), at step `t` (from 1) and learning rate `lr`:
+///
+/// `m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;
+///  w -= lr (m / (1 - b1^t) / (sqrt(v / (1 - b2^t)) + eps) + decay w)`
+///
+/// with `decay` the weight decay, or 0 for parameters without it. Elementwise, so an update of
+/// a flat buffer in pieces gives the same bits as one of the whole.
+pub(crate) fn update(
+    w: &mut Tensor,
+    g: &Tensor,
+    (m, v): (&mut Tensor, &mut Tensor),
+    c: &AdamWConfig,
+    (t, lr): (i32, f64),
+    decay: bool,
+) -> Result<(), tch::TchError> {
+    let (bias1, bias2) = (1.0 - c.beta1.powi(t), 1.0 - c.beta2.powi(t));
+    let _ = m.f_mul_scalar_(c.beta1)?.f_add_(&g.f_mul_scalar(1.0 - c.beta1)?)?;
+    let _ = v.f_mul_scalar_(c.beta2)?.f_add_(&g.f_square()?.f_mul_scalar(1.0 - c.beta2)?)?;
+    let denom = v.f_div_scalar(bias2)?.f_sqrt()?.f_add_scalar(c.eps)?;
+    let mut step = m.f_div_scalar(bias1)?.f_div(&denom)?;
+    if decay && c.weight_decay > 0.0 {
+        step = step.f_add(&w.f_mul_scalar(c.weight_decay)?)?;
+    }
+    let _ = w.f_sub_(&step.f_mul_scalar(lr)?)?;
+    Ok(())
+}
+
+/// AdamW over a model's parameters, each rank updating the parameters it holds (the simple
+/// per-parameter form; [`Trainer`](super::Trainer) updates flat ZeRO partitions with the same
+/// [`update`]).
 pub struct AdamW {
     cfg: AdamWConfig,
     step: i32,
@@ -40,51 +82,34 @@ pub struct AdamW {
 
 impl AdamW {
     pub fn new(params: &Params, cfg: AdamWConfig) -> Result<AdamW> {
-        if !(cfg.lr > 0.0
-            && (0.0..1.0).contains(&cfg.beta1)
-            && (0.0..1.0).contains(&cfg.beta2)
-            && cfg.eps > 0.0)
-        {
-            return Err(Error::InvalidArgument {
-                op: "adamw",
-                group: "-".into(),
-                msg: format!(
-                    "lr {} and eps {} must be positive and the betas in [0, 1): {cfg:?}",
-                    cfg.lr, cfg.eps
-                ),
-            });
-        }
+        check(&cfg)?;
         let zeros = |t: &Tensor| t.f_zeros_like().and_then(|z| z.f_to_kind(Kind::Float)).op("adamw");
         let moments = params.iter().map(|(_, p)| Ok((zeros(p)?, zeros(p)?))).collect::<Result<_>>()?;
         Ok(AdamW { cfg, step: 0, moments })
     }
 
-    /// One update from the parameters' current gradients.
+    /// One update from the parameters' current gradients (weight decay on matrices only).
     pub fn step(&mut self, params: &Params) -> Result<()> {
         let _no_grad = tch::no_grad_guard();
         self.step += 1;
-        let c = self.cfg;
-        let (bias1, bias2) = (1.0 - c.beta1.powi(self.step), 1.0 - c.beta2.powi(self.step));
         for ((name, p), (m, v)) in params.iter().zip(&mut self.moments) {
             let g = p.grad();
             if !g.defined() {
                 return Err(Error::Tape { op: "adamw", msg: format!("parameter {name} has no gradient") });
             }
-            let mut update = || -> Result<(), tch::TchError> {
-                let g = g.f_to_kind(Kind::Float)?;
-                // m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2
-                let _ = m.f_mul_scalar_(c.beta1)?.f_add_(&g.f_mul_scalar(1.0 - c.beta1)?)?;
-                let _ = v.f_mul_scalar_(c.beta2)?.f_add_(&g.f_square()?.f_mul_scalar(1.0 - c.beta2)?)?;
-                let denom = v.f_div_scalar(bias2)?.f_sqrt()?.f_add_scalar(c.eps)?;
-                let mut step = m.f_div_scalar(bias1)?.f_div(&denom)?;
+            let mut run = || -> Result<(), tch::TchError> {
                 let mut w = p.f_to_kind(Kind::Float)?;
-                if p.dim() >= 2 && c.weight_decay > 0.0 {
-                    step = step.f_add(&w.f_mul_scalar(c.weight_decay)?)?;
-                }
-                w = w.f_sub(&step.f_mul_scalar(c.lr)?)?;
+                update(
+                    &mut w,
+                    &g.f_to_kind(Kind::Float)?,
+                    (m, v),
+                    &self.cfg,
+                    (self.step, self.cfg.lr),
+                    p.dim() >= 2,
+                )?;
                 p.shallow_clone().f_copy_(&w)
             };
-            update().op("adamw")?;
+            run().op("adamw")?;
         }
         Ok(())
     }

@@ -18,13 +18,18 @@ type Check = fn(&Group) -> Result<()>;
 
 /// Every check, in order; returns how many ran.
 pub fn all(world: &Group) -> Result<usize> {
-    let checks: [(&str, Check); 7] = [
+    let checks: [(&str, Check); 12] = [
         ("collectives", collectives),
         ("round_trip", round_trip),
         ("adjoints", adjoints),
         ("errors", bad_arguments),
         ("strategies", strategies),
         ("gpt", gpt),
+        ("zero", super::train_checks::zero),
+        ("checkpointing", super::train_checks::checkpointing),
+        ("resume", super::train_checks::resume),
+        ("reshard", super::train_checks::reshard),
+        ("bad_checkpoints", super::train_checks::bad_checkpoints),
         ("overlap", overlap),
     ];
     for (name, check) in &checks {

@@ -4,6 +4,8 @@
 
 pub mod checks;
 pub mod parity;
+pub mod train_checks;
+pub mod training;
 
 use tch::{Device, Kind, Tensor};
 

@@ -10,7 +10,7 @@ mod screen;
 mod step;
 mod submit;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -117,6 +117,9 @@ enum Command {
         /// Where relative dataset paths start.
         #[arg(long)]
         base: PathBuf,
+        /// The checkpoint the point starts from.
+        #[arg(long)]
+        from: Option<PathBuf>,
     },
     /// Time the all-to-all of a backend (threads or MPI processes) for sizes per rank, medians.
     BenchA2a {
@@ -163,12 +166,12 @@ fn experiment(config: &std::path::Path, resume: bool, report: bool, output: Opti
 }
 
 #[cfg(feature = "mpi")]
-fn run_point(dir: &std::path::Path, point: usize, base: &std::path::Path) -> Result<()> {
-    Ok(ulysses::experiment::run_point_rank(dir, point, base)?)
+fn run_point(dir: &Path, point: usize, base: &Path, from: Option<&Path>) -> Result<()> {
+    Ok(ulysses::experiment::run_point_rank(dir, point, base, from)?)
 }
 
 #[cfg(not(feature = "mpi"))]
-fn run_point(_dir: &std::path::Path, _point: usize, _base: &std::path::Path) -> Result<()> {
+fn run_point(_dir: &Path, _point: usize, _base: &Path, _from: Option<&Path>) -> Result<()> {
     anyhow::bail!("this ulysses was built without the `mpi` feature: cargo build --release --features mpi")
 }
 
@@ -237,6 +240,6 @@ fn main() -> Result<()> {
         Command::CalibrateComm => calibrate::comm_rank(),
         Command::Launch { ranks, program, args } => mpi_launch(ranks, program, &args),
         Command::BenchA2a { ranks, backend, mib, runs } => bench_a2a::run(backend, ranks, &mib, runs),
-        Command::RunPoint { dir, point, base } => run_point(&dir, point, &base),
+        Command::RunPoint { dir, point, base, from } => run_point(&dir, point, &base, from.as_deref()),
     }
 }

@@ -1,19 +1,37 @@
-//! `ulysses step`: timed forward + backward (+ gradient sync) steps of the GPT on P ranks.
+//! `ulysses step`: timed training steps of the GPT on P ranks (forward, backward, gradient
+//! reduction, and with `--lr` or ZeRO an AdamW update), with the trainer's plan: precision,
+//! ZeRO stage, activation checkpointing, accumulation, tiled loss.
 
 use std::time::Instant;
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{ensure, Result};
 use tch::{Device, Kind, Tensor};
 use ulysses::attention::{AttentionConfig, Kernel, Mask, StrategyConfig};
+use ulysses::comm::{Mesh, MeshShape};
+use ulysses::data::shard;
+use ulysses::train::{AdamWConfig, Checkpointing, Precision, TrainConfig, TrainGroups, Trainer, ZeroStage};
 
 use crate::ranks::{on_ranks, BackendArg};
-use ulysses::model::{shift_labels, Gpt, GptConfig};
+use ulysses::experiment::rss::{reset_peak, status_mib};
+use ulysses::model::{Gpt, GptConfig};
 
 #[derive(clap::Args)]
 pub struct StepArgs {
     /// Model preset: tiny, 125m, 350m, 1.3b, 6.7b, 30b.
     #[arg(long, default_value = "tiny")]
     preset: String,
+    /// Override the preset's blocks.
+    #[arg(long)]
+    n_layer: Option<i64>,
+    /// Override the preset's hidden size.
+    #[arg(long)]
+    n_embd: Option<i64>,
+    /// Override the preset's heads (query and kv).
+    #[arg(long)]
+    n_head: Option<i64>,
+    /// Override the preset's vocabulary.
+    #[arg(long)]
+    vocab: Option<i64>,
     /// Global sequence length N.
     #[arg(long, default_value_t = 256)]
     seq: i64,
@@ -36,9 +54,27 @@ pub struct StepArgs {
     /// Timed steps, after one untimed warm-up step.
     #[arg(long, default_value_t = 3)]
     steps: usize,
-    /// Parameter and activation dtype: f32, bf16 or f64.
+    /// Precision: f32, bf16 or f16 (f32 master weights), f64.
     #[arg(long, default_value = "f32")]
-    dtype: String,
+    dtype: Precision,
+    /// Data-parallel replicas (the SP degree is ranks / dp).
+    #[arg(long, default_value_t = 1)]
+    dp: usize,
+    /// ZeRO stage over all ranks (1-3 imply an optimizer).
+    #[arg(long, default_value_t = 0)]
+    zero: u8,
+    /// Activation checkpointing: none, full or selective.
+    #[arg(long, default_value = "none")]
+    checkpointing: Checkpointing,
+    /// Update with AdamW at this learning rate (default: no update, or 1e-4 with ZeRO 1-3).
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Micro-batches per step.
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    /// Compute the loss this many tokens at a time.
+    #[arg(long)]
+    loss_tile: Option<i64>,
     /// libtorch intra-op threads per rank.
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -51,60 +87,84 @@ pub struct StepArgs {
     no_overlap: bool,
 }
 
-/// A field of /proc/self/status in MiB (VmRSS, VmHWM), where Linux provides it.
-fn status_mib(field: &str) -> Option<f64> {
-    let text = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = text.lines().find(|l| l.starts_with(field))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
-}
-
-/// What each rank reports: its step times, the last loss, and (base, peak) RSS in MiB.
+/// The median of `v`.
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
 
 pub fn run(a: &StepArgs) -> Result<()> {
-    let cfg = GptConfig::preset(&a.preset)?;
+    let mut cfg = GptConfig::preset(&a.preset)?;
+    cfg.n_layer = a.n_layer.unwrap_or(cfg.n_layer);
+    cfg.n_embd = a.n_embd.unwrap_or(cfg.n_embd);
+    cfg.vocab_size = a.vocab.unwrap_or(cfg.vocab_size);
+    if let Some(h) = a.n_head {
+        (cfg.n_head, cfg.n_kv_head) = (h, h);
+    }
     cfg.validate()?;
-    let kind = match a.dtype.as_str() {
-        "f32" => Kind::Float,
-        "bf16" => Kind::BFloat16,
-        "f64" => Kind::Double,
-        other => bail!("--dtype {other:?}: use f32, bf16 or f64"),
-    };
+    let kind = a.dtype.kind();
     ensure!(a.steps >= 1, "--steps must be at least 1");
+    ensure!(a.dp >= 1 && a.ranks.is_multiple_of(a.dp), "--dp {} must divide --ranks {}", a.dp, a.ranks);
+    let zero = ZeroStage::new(a.zero)?;
+    let lr = a.lr.or(zero.partitions_optimizer().then_some(1e-4));
+    let plan = TrainConfig {
+        precision: a.dtype,
+        zero,
+        checkpointing: a.checkpointing,
+        grad_accum: a.grad_accum,
+        adamw: lr.map(|lr| AdamWConfig { lr, ..AdamWConfig::default() }),
+        loss_tile: a.loss_tile,
+        ..TrainConfig::default()
+    };
+    plan.validate()?;
     let attention = AttentionConfig::new(a.kernel, a.mask);
     let (n, b) = (a.seq, a.batch);
     println!(
-        "{} ({:.1}M parameters), {} on {} rank(s) ({:?}), b={b} N={n}, {:?}, kernel {:?}, mask {:?}",
+        "{} ({:.1}M parameters), {} on {} rank(s) ({:?}, dp {}), b={b} N={n}, {} ZeRO-{} checkpointing {}, \
+         AdamW {}, kernel {:?}, mask {:?}",
         a.preset,
         cfg.num_params() as f64 / 1e6,
         a.strategy.label(),
         a.ranks,
         a.backend,
-        kind,
+        a.dp,
+        a.dtype.name(),
+        a.zero,
+        a.checkpointing.name(),
+        lr.map_or("off".into(), |lr| format!("lr {lr}")),
         a.kernel,
         a.mask
     );
 
     let per_rank = on_ranks(a.backend, a.ranks, a.threads, |ctx| -> Result<Vec<f64>> {
         let world = &ctx.world().clone().with_overlap(!a.no_overlap);
-        let strategy = a.strategy.build(world, attention, n, cfg.n_head, cfg.n_kv_head)?;
+        // The process's memory before any rank builds its model.
+        world.barrier()?;
+        let start = status_mib("VmRSS:").unwrap_or(f64::NAN);
+        world.barrier()?;
+        let mesh = Mesh::new(world, MeshShape::dp_sp(a.dp, a.ranks / a.dp)?)?;
+        let strategy = a.strategy.build(mesh.group("sp")?, attention, n, cfg.n_head, cfg.n_kv_head)?;
         let layout = strategy.layout().clone();
         let model = Gpt::new(&cfg, strategy, kind, Device::Cpu)?;
-        // Deterministic tokens, labels shifted over the global sequence, then this rank's share.
-        let i = Tensor::arange(b * n, (Kind::Int64, Device::Cpu));
-        let tokens = (&i * 7919 + 17).remainder(cfg.vocab_size).reshape([b, n]);
-        let labels = shift_labels(&tokens)?;
-        let (tokens, labels) = (layout.shard(&tokens, 1, ctx.rank())?, layout.shard(&labels, 1, ctx.rank())?);
-
-        let step = || -> Result<f64> {
-            model.zero_grad();
-            Ok(model.forward_backward(&tokens, &labels)?.value)
-        };
-        // The process's memory once every rank has built its model: parameters and data.
+        let mut trainer = Trainer::new(model, TrainGroups::new(&mesh)?, plan.clone())?;
+        // Deterministic tokens (rank-dependent over replicas and micro-batches), labels shifted
+        // over the global sequence, then this rank's share.
+        let sp_rank = mesh.coord("sp")?;
+        let batches = (0..a.grad_accum)
+            .map(|m| {
+                let index = (mesh.coord("dp")? * a.grad_accum + m) as i64;
+                let i = Tensor::arange(b * n, (Kind::Int64, Device::Cpu));
+                let tokens = (&i * 7919 + 17 + index * 1009).remainder(cfg.vocab_size).reshape([b, n]);
+                Ok(shard(&tokens, &layout, sp_rank)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut step = || -> Result<f64> { Ok(trainer.step(&batches)?.loss) };
+        // The process's memory once every rank has built its model: parameters, optimizer
+        // state and data; the peak counts from here (building holds transient copies).
+        world.barrier()?;
+        if a.backend == BackendArg::Mpi || ctx.rank() == 0 {
+            reset_peak();
+        }
         world.barrier()?;
         let base = status_mib("VmRSS:").unwrap_or(f64::NAN);
         world.barrier()?;
@@ -122,7 +182,8 @@ pub fn run(a: &StepArgs) -> Result<()> {
         let sent = world.rank_stats().bytes_sent() / a.steps as u64;
         world.barrier()?;
         let peak = status_mib("VmHWM:").unwrap_or(f64::NAN);
-        let mut out = vec![loss, base, peak, sent as f64, model.params().numel() as f64];
+        let params = trainer.model().params().numel() as f64;
+        let mut out = vec![loss, base, peak, sent as f64, params, start];
         out.extend(times);
         Ok(out)
     })?;
@@ -133,22 +194,27 @@ pub fn run(a: &StepArgs) -> Result<()> {
     let max = |i: usize| per_rank.iter().map(|v| v[i]).fold(f64::MIN, f64::max);
     let (max_sent, params) = (max(3) as u64, max(4));
     // The step time is the slowest rank's.
-    let steps: Vec<f64> = (0..a.steps).map(|s| max(5 + s)).collect();
+    let steps: Vec<f64> = (0..a.steps).map(|s| max(6 + s)).collect();
     for (i, t) in steps.iter().enumerate() {
         println!("step {i}: {t:.1} ms");
     }
     let med = median(steps);
     let tokens_per_s = (b * n) as f64 / (med / 1e3);
     let param_mib = params * kind.elt_size_in_bytes() as f64 / (1 << 20) as f64;
-    // Peak RSS above the RSS after the models were built: activations, gradients and buffers.
-    // Threads share one process (divide by the ranks); an MPI rank is a process (take the max).
-    let step_peak = match a.backend {
-        BackendArg::Local => (peak - base) / ranks as f64,
-        BackendArg::Mpi => per_rank.iter().map(|v| v[2] - v[1]).fold(f64::MIN, f64::max),
+    // Peak RSS above the RSS after the models were built: activations, gradients and buffers;
+    // and above the RSS before: the model states too. Threads share one process (divide by the
+    // ranks); an MPI rank is a process (take the max over ranks).
+    let per = |f: &dyn Fn(&Vec<f64>) -> f64| match a.backend {
+        BackendArg::Local => f(r0) / ranks as f64,
+        BackendArg::Mpi => per_rank.iter().map(f).fold(f64::MIN, f64::max),
     };
+    let step_peak = per(&|v| v[2] - v[1]);
+    let total_peak = per(&|v| v[2] - v[5]);
+    let states = per(&|v| v[1] - v[5]);
     println!(
         "summary: strategy={} ranks={ranks} seq={n} batch={b} overlap={} median_step_ms={med:.3} tokens_per_s={tokens_per_s:.1} \
          loss={loss:.5} base_rss_mib={base:.1} peak_rss_mib={peak:.1} step_peak_mib_per_rank={step_peak:.1} \
+         built_mib_per_rank={states:.1} peak_above_start_mib_per_rank={total_peak:.1} \
          params_mib_per_rank={param_mib:.1} bytes_sent_per_rank={max_sent}",
         a.strategy.label(),
         !a.no_overlap,

@@ -1,0 +1,89 @@
+//! The `[train]` fields that configure the step loop: from a config and a point to the
+//! trainer's [`TrainConfig`], and their checks.
+
+use serde::{de::Error as _, Deserialize, Deserializer};
+
+use super::config::{ExperimentConfig, Point};
+use crate::train::{TrainConfig, ZeroStage};
+use crate::{Error, Result};
+
+fn field_error(field: &str, msg: String) -> Error {
+    Error::InvalidArgument { op: "experiment config", group: field.to_string(), msg }
+}
+
+/// `zero = 1` or `zero = [1, 2, 3]`.
+pub(super) fn stages<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Vec<ZeroStage>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(u8),
+        Many(Vec<u8>),
+    }
+    let list = match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    };
+    list.into_iter().map(|s| ZeroStage::new(s).map_err(|e| D::Error::custom(e.to_string()))).collect()
+}
+
+impl ExperimentConfig {
+    /// The trainer's plan for `point`.
+    pub fn train_config(&self, point: &Point) -> Result<TrainConfig> {
+        let t = &self.train;
+        let mut schedule = t.schedule;
+        schedule.total = schedule.total.or(Some((t.warmup + t.steps) as u64));
+        let cfg = TrainConfig {
+            precision: self.precision()?,
+            zero: point.zero,
+            checkpointing: t.checkpointing,
+            grad_accum: point.grad_accum,
+            clip: t.clip,
+            adamw: t.adamw,
+            schedule,
+            loss_scale: t.loss_scale,
+            loss_tile: t.loss_tile,
+            ..TrainConfig::default()
+        };
+        cfg.validate().map_err(|e| field_error("train", e.to_string()))?;
+        Ok(cfg)
+    }
+
+    /// Checks the step-loop fields of `[train]`, naming the field.
+    pub(super) fn validate_training(&self) -> Result<()> {
+        let t = &self.train;
+        if t.zero.is_empty() {
+            return Err(field_error("train.zero", "list at least one ZeRO stage, e.g. [1, 2, 3]".into()));
+        }
+        if let Some(z) = t.zero.iter().find(|z| z.partitions_optimizer()) {
+            if t.adamw.is_none() {
+                return Err(field_error(
+                    "train.zero",
+                    format!(
+                        "ZeRO stage {} partitions the optimizer states; it needs [train.adamw]",
+                        z.stage()
+                    ),
+                ));
+            }
+        }
+        if t.grad_accum == 0 {
+            return Err(field_error("train.grad_accum", "must be at least 1".into()));
+        }
+        if t.checkpoint_every == Some(0) {
+            return Err(field_error("train.checkpoint_every", "must be at least 1 (or left out)".into()));
+        }
+        if let Some(c) = t.clip {
+            if !(c > 0.0 && c.is_finite()) {
+                return Err(field_error("train.clip", format!("{c} must be a positive number")));
+            }
+        }
+        if let Some(tile) = t.loss_tile {
+            if tile < 1 {
+                return Err(field_error("train.loss_tile", format!("{tile} must be at least 1")));
+            }
+        }
+        for point in self.points()? {
+            self.train_config(&point)?;
+        }
+        Ok(())
+    }
+}
