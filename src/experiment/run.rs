@@ -351,19 +351,43 @@ fn process_ranks(
         }
         text
     });
+    // srun passes a long line on in pieces (about 1 KiB each), each with its rank's label: a
+    // report whose JSON stops short continues in that rank's next lines.
+    let mut partial: std::collections::HashMap<usize, String> = Default::default();
     for line in child.stdout.take().into_iter().flat_map(|s| BufReader::new(s).lines().map_while(|l| l.ok()))
     {
-        let (_, body) = plan.untag(&line);
-        let event = match body.split_once(ROW) {
-            Some((_, json)) => {
-                Event::Report(Box::new(serde_json::from_str(json).map_err(|e| Error::Backend {
-                    backend: "mpi",
-                    msg: format!("a rank sent an unreadable report ({e}): {json}"),
-                })?))
+        let (rank, body) = plan.untag(&line);
+        let json = match (rank.and_then(|r| partial.remove(&r)), body.split_once(ROW)) {
+            (Some(head), _) => {
+                let label = format!("[rank {}] ", rank.unwrap_or_default());
+                Some(head + body.strip_prefix(&label).unwrap_or(&body))
             }
+            (None, Some((_, json))) => Some(json.to_string()),
+            (None, None) => None,
+        };
+        let event = match json {
             None => Event::Line(body),
+            Some(json) => match serde_json::from_str(&json) {
+                Ok(report) => Event::Report(Box::new(report)),
+                Err(e) if e.is_eof() && rank.is_some() => {
+                    partial.insert(rank.unwrap_or_default(), json);
+                    continue;
+                }
+                Err(e) => {
+                    return Err(Error::Backend {
+                        backend: "mpi",
+                        msg: format!("a rank sent an unreadable report ({e}): {json}"),
+                    })
+                }
+            },
         };
         tx.send(event).map_err(|_| writer_gone())?;
+    }
+    if let Some((rank, json)) = partial.into_iter().next() {
+        return Err(Error::Backend {
+            backend: "mpi",
+            msg: format!("rank {rank}'s last report stopped short: {json}"),
+        });
     }
     let status = child.wait().map_err(|e| Error::Backend { backend: "mpi", msg: e.to_string() })?;
     let errors = errors.join().unwrap_or_default();
