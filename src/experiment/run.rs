@@ -15,6 +15,7 @@ use super::launch::LaunchPlan;
 use super::memory::MemoryProbe;
 use super::progress::Progress;
 use super::results::{complete_steps, CommRow, PointRow, Results, StepRow};
+use super::rows::{Line, Reassembler};
 use crate::attention::AttentionConfig;
 use crate::comm::{LauncherEnv, LocalLaunch, Mesh, MeshShape, RankCtx, ReduceOp};
 use crate::data::{shard, Dataset};
@@ -311,9 +312,6 @@ fn no_program() -> Error {
     }
 }
 
-/// The marker of a report line that an MPI rank prints.
-const ROW: &str = "ULYSSES_ROW ";
-
 /// The point's ranks as processes (one per GPU with NCCL): `mpirun` or `srun` of
 /// `ulysses run-point` (see [`LaunchPlan`]), whose reports come back as JSON lines on stdout.
 fn process_ranks(
@@ -351,17 +349,19 @@ fn process_ranks(
         }
         text
     });
+    let mut reports = Reassembler::default();
     for line in child.stdout.take().into_iter().flat_map(|s| BufReader::new(s).lines().map_while(|l| l.ok()))
     {
-        let (_, body) = plan.untag(&line);
-        let event = match body.split_once(ROW) {
-            Some((_, json)) => {
-                Event::Report(Box::new(serde_json::from_str(json).map_err(|e| Error::Backend {
+        let (rank, body) = plan.untag(&line);
+        let event = match reports.push(rank, &body) {
+            Line::Report(json) => {
+                Event::Report(Box::new(serde_json::from_str(&json).map_err(|e| Error::Backend {
                     backend: "mpi",
                     msg: format!("a rank sent an unreadable report ({e}): {json}"),
                 })?))
             }
-            None => Event::Line(body),
+            Line::Piece => continue,
+            Line::Text => Event::Line(body),
         };
         tx.send(event).map_err(|_| writer_gone())?;
     }
@@ -399,10 +399,12 @@ pub fn run_point_rank(dir: &Path, index: usize, base: &Path, from: Option<&Path>
         let json =
             serde_json::to_string(&r).map_err(|e| Error::Backend { backend: "mpi", msg: e.to_string() })?;
         let mut out = std::io::stdout().lock();
-        // One write per line, so that mpirun's rank tags stay whole.
-        out.write_all(format!("{ROW}{json}\n").as_bytes())
-            .and_then(|()| out.flush())
-            .map_err(|_| writer_gone())
+        // One write per line, so that the launchers' rank tags stay whole; short lines
+        // (`rows.rs`), which srun does not cut.
+        for line in super::rows::lines(&json) {
+            out.write_all(line.as_bytes()).map_err(|_| writer_gone())?;
+        }
+        out.flush().map_err(|_| writer_gone())
     };
     crate::comm::MpiLaunch::new().timeout(timeout).threads_per_rank(cfg.parallel.threads_per_rank).run(
         |ctx| {
