@@ -52,9 +52,10 @@ impl Tape {
             OP,
             &inputs,
             |xs| {
-                let full = group.all_gather_v(&xs[0], dim, sizes)?; // [.., N, .., in]
-                let y = full.f_linear(&xs[1], xs.get(2)).op(OP)?; // [.., N, .., out]
-                                                                  // The shard and the weight, not `full`: it is gathered again in the backward.
+                // [.., s_r, .., in] -> [.., N, .., in] -> [.., N, .., out]
+                let full = group.all_gather_v(&xs[0], dim, sizes)?;
+                let y = full.f_linear(&xs[1], xs.get(2)).op(OP)?;
+                // The shard and the weight, not `full`: it is gathered again in the backward.
                 saved.set(Some((xs[0].shallow_clone(), xs[1].shallow_clone())));
                 Ok(vec![y])
             },
@@ -64,8 +65,8 @@ impl Tape {
                     msg: "the forward saved nothing for the backward".into(),
                 })?;
                 let _no_grad = tch::no_grad_guard();
-                let dy = &gs[0]; // [.., N, .., out]
-                                 // [.., N, .., out] x [out, in] -> [.., N, .., in] -> [.., s_r, .., in]
+                let dy = &gs[0];
+                // dy [.., N, .., out] x [out, in] -> [.., N, .., in] -> [.., s_r, .., in]
                 let dx_full = dy.f_matmul(&w).op(OP)?;
                 let dx = g.reduce_scatter_v(&dx_full, dim, &s, ReduceOp::Sum)?;
                 drop(dx_full);

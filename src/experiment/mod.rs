@@ -15,6 +15,7 @@ mod predict;
 mod progress;
 mod report;
 mod results;
+mod rows;
 mod run;
 pub mod slurm;
 

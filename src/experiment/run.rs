@@ -15,6 +15,7 @@ use super::launch::LaunchPlan;
 use super::memory::MemoryProbe;
 use super::progress::Progress;
 use super::results::{complete_steps, CommRow, PointRow, Results, StepRow};
+use super::rows::{Line, Reassembler};
 use crate::attention::AttentionConfig;
 use crate::comm::{LauncherEnv, LocalLaunch, Mesh, MeshShape, RankCtx, ReduceOp};
 use crate::data::{shard, Dataset};
@@ -311,9 +312,6 @@ fn no_program() -> Error {
     }
 }
 
-/// The marker of a report line that an MPI rank prints.
-const ROW: &str = "ULYSSES_ROW ";
-
 /// The point's ranks as processes (one per GPU with NCCL): `mpirun` or `srun` of
 /// `ulysses run-point` (see [`LaunchPlan`]), whose reports come back as JSON lines on stdout.
 fn process_ranks(
@@ -351,43 +349,21 @@ fn process_ranks(
         }
         text
     });
-    // srun passes a long line on in pieces (about 1 KiB each), each with its rank's label: a
-    // report whose JSON stops short continues in that rank's next lines.
-    let mut partial: std::collections::HashMap<usize, String> = Default::default();
+    let mut reports = Reassembler::default();
     for line in child.stdout.take().into_iter().flat_map(|s| BufReader::new(s).lines().map_while(|l| l.ok()))
     {
         let (rank, body) = plan.untag(&line);
-        let json = match (rank.and_then(|r| partial.remove(&r)), body.split_once(ROW)) {
-            (Some(head), _) => {
-                let label = format!("[rank {}] ", rank.unwrap_or_default());
-                Some(head + body.strip_prefix(&label).unwrap_or(&body))
+        let event = match reports.push(rank, &body) {
+            Line::Report(json) => {
+                Event::Report(Box::new(serde_json::from_str(&json).map_err(|e| Error::Backend {
+                    backend: "mpi",
+                    msg: format!("a rank sent an unreadable report ({e}): {json}"),
+                })?))
             }
-            (None, Some((_, json))) => Some(json.to_string()),
-            (None, None) => None,
-        };
-        let event = match json {
-            None => Event::Line(body),
-            Some(json) => match serde_json::from_str(&json) {
-                Ok(report) => Event::Report(Box::new(report)),
-                Err(e) if e.is_eof() && rank.is_some() => {
-                    partial.insert(rank.unwrap_or_default(), json);
-                    continue;
-                }
-                Err(e) => {
-                    return Err(Error::Backend {
-                        backend: "mpi",
-                        msg: format!("a rank sent an unreadable report ({e}): {json}"),
-                    })
-                }
-            },
+            Line::Piece => continue,
+            Line::Text => Event::Line(body),
         };
         tx.send(event).map_err(|_| writer_gone())?;
-    }
-    if let Some((rank, json)) = partial.into_iter().next() {
-        return Err(Error::Backend {
-            backend: "mpi",
-            msg: format!("rank {rank}'s last report stopped short: {json}"),
-        });
     }
     let status = child.wait().map_err(|e| Error::Backend { backend: "mpi", msg: e.to_string() })?;
     let errors = errors.join().unwrap_or_default();
@@ -423,10 +399,12 @@ pub fn run_point_rank(dir: &Path, index: usize, base: &Path, from: Option<&Path>
         let json =
             serde_json::to_string(&r).map_err(|e| Error::Backend { backend: "mpi", msg: e.to_string() })?;
         let mut out = std::io::stdout().lock();
-        // One write per line, so that mpirun's rank tags stay whole.
-        out.write_all(format!("{ROW}{json}\n").as_bytes())
-            .and_then(|()| out.flush())
-            .map_err(|_| writer_gone())
+        // One write per line, so that the launchers' rank tags stay whole; short lines
+        // (`rows.rs`), which srun does not cut.
+        for line in super::rows::lines(&json) {
+            out.write_all(line.as_bytes()).map_err(|_| writer_gone())?;
+        }
+        out.flush().map_err(|_| writer_gone())
     };
     crate::comm::MpiLaunch::new().timeout(timeout).threads_per_rank(cfg.parallel.threads_per_rank).run(
         |ctx| {
