@@ -11,9 +11,11 @@ pub(crate) const ROW: &str = "ULYSSES_ROW ";
 /// The marker of a line that the next line of the same rank continues.
 pub(crate) const ROW_CONTINUED: &str = "ULYSSES_ROW+ ";
 /// Bytes of JSON per line: with a marker and srun's label, well under its 1024.
+#[cfg_attr(not(feature = "mpi"), allow(dead_code))] // written by MPI ranks only
 pub(crate) const PIECE: usize = 900;
 
 /// The lines (each ending in a newline) that carry `json`.
+#[cfg_attr(not(feature = "mpi"), allow(dead_code))] // written by MPI ranks only
 pub(crate) fn lines(json: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut rest = json;
