@@ -24,7 +24,7 @@ fn main() -> anyhow::Result<()> {
     let h = 4096.0 * 2.0;
     let n = 65536.0;
     let bytes = Chart::new(
-        "Bytes per rank, one layer, N = 64K, h = 4096 (bf16)",
+        "Made-up data: bytes per rank, one layer, N = 64K, h = 4096 (bf16)",
         Axis::log("ranks P", Unit::Count),
         Axis::log("sent per rank", Unit::Bytes),
         vec![
@@ -43,7 +43,7 @@ fn main() -> anyhow::Result<()> {
         points: seqs.iter().map(|&s| (s, top / (1.0 + s / fall))).collect(),
     };
     let throughput = Chart::new(
-        "7B GPT on 32 A100-40GB: TFLOP/s per GPU against N (predicted)",
+        "Made-up data: TFLOP/s per GPU against N",
         Axis::log("sequence length N", Unit::Tokens),
         Axis::linear("TFLOP/s per GPU", Unit::Number).from_zero(),
         vec![tput("ulysses", 190.0, 4e6), tput("megatron_sp", 150.0, 3e5), tput("ring_zigzag", 120.0, 1e6)],
@@ -57,7 +57,7 @@ fn main() -> anyhow::Result<()> {
         points: steps.iter().map(|&s| (s, 5.5 * (-s / a).exp() + 2.0)).collect(),
     };
     let curves = Chart::new(
-        "Tiny GPT on 4 thread ranks: loss",
+        "Made-up data: loss",
         Axis::linear("step", Unit::Count),
         Axis::linear("loss (nats per token)", Unit::Number),
         vec![
@@ -72,7 +72,7 @@ fn main() -> anyhow::Result<()> {
     // Grouped bars: memory per rank by ZeRO stage, measured beside the formula.
     let mib = |v: f64| v * 1048576.0;
     let grouped = BarChart::grouped(
-        "Tiny GPT, 4 ranks: model states per rank by ZeRO stage",
+        "Made-up data: model states per rank by ZeRO stage",
         "ZeRO stage",
         ["0", "1", "2", "3"].map(String::from).to_vec(),
         Axis::linear("per rank", Unit::Bytes),
@@ -85,7 +85,7 @@ fn main() -> anyhow::Result<()> {
 
     // Stacked bars: where a step's time goes, per strategy.
     let stacked = BarChart::stacked(
-        "7B GPT, 32 A100-40GB, N = 256K: where a step's time goes (predicted)",
+        "Made-up data: where a step's time goes",
         "strategy",
         ["ulysses", "megatron_sp", "ring_zigzag"].map(String::from).to_vec(),
         Axis::linear("time per step", Unit::Seconds),
