@@ -6,8 +6,7 @@ use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, VPos};
 
 use super::{
-    draw_legend, legend_width, plot_error, series_style, text, Axis, Figure, Swatch, AXIS_PX, LABEL_PX,
-    TITLE_PX,
+    draw_legend, plot_error, series_style, text, titled_with_legend, Axis, Figure, Swatch, AXIS_PX, LABEL_PX,
 };
 use crate::Result;
 
@@ -83,11 +82,8 @@ impl Figure for BarChart {
         DB::ErrorType: 'static,
     {
         let e = |e: DrawingAreaErrorKind<DB::ErrorType>| plot_error(&self.title, e);
-        root.fill(&WHITE).map_err(e)?;
-        let area = root.titled(&self.title, ("sans-serif", TITLE_PX)).map_err(e)?;
         let names: Vec<&str> = self.bars.iter().map(|b| b.name.as_str()).collect();
-        let (w, _) = area.dim_in_pixel();
-        let (plot, legend) = area.split_horizontally(w - legend_width(&names, w));
+        let (plot, legend) = titled_with_legend(root, &self.title, &names)?;
         let tops = self.tops();
         // Headroom for the value printed above each bar.
         let mut axis = self.y.clone();

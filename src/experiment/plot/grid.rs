@@ -5,7 +5,7 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, VPos};
 
-use super::{plot_error, text, Figure, LABEL_PX, TITLE_PX};
+use super::{plot_error, text, Figure, LABEL_PX};
 use crate::Result;
 
 /// A collective drawn: `before[r]` and `after[r]` are rank r's elements in order;
@@ -113,8 +113,7 @@ impl Figure for Collective {
         DB::ErrorType: 'static,
     {
         let e = |e: DrawingAreaErrorKind<DB::ErrorType>| plot_error(&self.title, e);
-        root.fill(&WHITE).map_err(e)?;
-        let area = root.titled(&self.title, ("sans-serif", TITLE_PX)).map_err(e)?;
+        let area = super::titled(root, &self.title)?;
         let (w, _) = area.dim_in_pixel();
         let arrow_w = 110u32.min(w / 5);
         let side = (w - arrow_w) / 2;

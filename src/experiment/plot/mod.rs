@@ -145,9 +145,40 @@ pub(crate) enum Swatch {
 }
 
 /// The legend's width for these names: the longest name plus the swatch.
-pub(crate) fn legend_width(names: &[&str], total: u32) -> u32 {
+fn legend_width(names: &[&str], total: u32) -> u32 {
     let chars = names.iter().map(|n| n.chars().count()).max().unwrap_or(0) as u32;
     (chars * 8 + 48).clamp(90, total / 3)
+}
+
+/// A white figure with `title` on top: the area under the title.
+pub(crate) fn titled<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    title: &str,
+) -> Result<DrawingArea<DB, Shift>>
+where
+    DB::ErrorType: 'static,
+{
+    let e = |e: DrawingAreaErrorKind<DB::ErrorType>| plot_error(title, e);
+    root.fill(&WHITE).map_err(e)?;
+    root.titled(title, ("sans-serif", TITLE_PX)).map_err(e)
+}
+
+/// The data's area and the legend's, side by side.
+pub(crate) type Split<DB> = (DrawingArea<DB, Shift>, DrawingArea<DB, Shift>);
+
+/// A titled figure split into the data's area and, on its right, a legend wide enough for
+/// `names`.
+pub(crate) fn titled_with_legend<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    title: &str,
+    names: &[&str],
+) -> Result<Split<DB>>
+where
+    DB::ErrorType: 'static,
+{
+    let area = titled(root, title)?;
+    let (w, _) = area.dim_in_pixel();
+    Ok(area.split_horizontally(w - legend_width(names, w)))
 }
 
 /// Draws the legend into its own area, beside the data: one entry per row from the top.
@@ -243,11 +274,8 @@ impl Figure for Chart {
         DB::ErrorType: 'static,
     {
         let e = |e: DrawingAreaErrorKind<DB::ErrorType>| plot_error(&self.title, e);
-        root.fill(&WHITE).map_err(e)?;
-        let area = root.titled(&self.title, ("sans-serif", TITLE_PX)).map_err(e)?;
         let names: Vec<&str> = self.series.iter().map(|s| s.name.as_str()).collect();
-        let (w, _) = area.dim_in_pixel();
-        let (plot, legend) = area.split_horizontally(w - legend_width(&names, w));
+        let (plot, legend) = titled_with_legend(root, &self.title, &names)?;
         let keep = |a: &Axis, v: f64| v.is_finite() && (a.scale == Scale::Linear || v > 0.0);
         let xs: Vec<f64> = self.series.iter().flat_map(|s| s.points.iter().map(|p| p.0)).collect();
         let ys: Vec<f64> = self.series.iter().flat_map(|s| s.points.iter().map(|p| p.1)).collect();
