@@ -1,7 +1,7 @@
 //! Memory per rank of one GPT training step, each strategy on P=4 thread ranks: what the forward
 //! leaves alive for the backward (activations, the tape's records) and the peak of the whole
 //! step. The measurement behind the tape's "keep only what the adjoint needs" and Megatron-SP's
-//! re-gather in the backward (README, "Memory").
+//! re-gather in the backward (docs/strategies.md, "Memory").
 //!
 //! Convention: host RSS of the process (Linux /proc/self/status), divided by the P ranks that
 //! share it; each configuration runs in its own child process (this bench re-run with `--one`),

@@ -9,7 +9,7 @@
 # the first time it installs evcxr).
 #   ./scripts/test.sh                  # everything
 #   ./scripts/test.sh --no-notebooks   # everything but the notebooks
-# Each stage prints its time, and the end a table of them (README: what the time goes to).
+# Each stage prints its time, and the end a table of them (docs/testing.md: what the time goes to).
 # ULYSSES_CARGO_ARGS adds arguments to every cargo build here (`--timings`, for instance).
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

@@ -1,4 +1,4 @@
-//! Byte counters equal the formulas of DESIGN.md §2.2 exactly: one all-to-all of a tensor of
+//! Byte counters equal the formulas of docs/design.md §2.2 exactly: one all-to-all of a tensor of
 //! global size M sends M(P-1)/P^2 per rank, an all-gather or reduce-scatter M(P-1)/P, an
 //! all-reduce 2M(P-1)/P; data that stays on a rank is never counted. The formulas are the
 //! library's own (`cost::bytes`), the ones the cost model prices: one source of truth.

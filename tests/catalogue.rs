@@ -1,4 +1,4 @@
-//! The bad-input catalogue of the README ("Bad input"): the rows that no other test file
+//! The bad-input catalogue (docs/bad-input.md): the rows that no other test file
 //! covers, each asserting the error text a user sees. No hang, no panic, no silent wrong
 //! number, no lost result.
 

@@ -193,7 +193,7 @@ fn layer_bytes(
 #[test]
 fn bytes_follow_each_strategys_formula() -> Result<()> {
     // The library's byte formulas (`cost::bytes`, what the cost model prices) against the
-    // counters, and, for even shares, against DESIGN.md §2.2's closed forms.
+    // counters, and, for even shares, against docs/design.md §2.2's closed forms.
     let (b, d) = (2i64, 4i64);
     for p in [2usize, 4, 8] {
         let (n, hq, hkv) = (64i64, 8i64, 4i64);

@@ -127,7 +127,7 @@ fn f32_and_bf16() -> Result<()> {
 #[test]
 fn bytes_per_layer_equal_the_formulas() -> Result<()> {
     use ulysses::comm::OpKind;
-    // (P, H, H_kv, N): even cases follow DESIGN.md §2.2 exactly; the others the general count.
+    // (P, H, H_kv, N): even cases follow docs/design.md §2.2 exactly; the others the general count.
     for (p, heads, kv_heads, n) in
         [(2usize, 8, 8, 32), (4, 8, 4, 32), (8, 16, 8, 64), (4, 8, 1, 32), (3, 7, 7, 20), (4, 12, 2, 30)]
     {
@@ -167,7 +167,7 @@ fn bytes_per_layer_equal_the_formulas() -> Result<()> {
             );
             let pi = p as i64;
             if heads % pi == 0 && kv_heads % pi == 0 && n % pi == 0 {
-                // DESIGN.md §2.2: (2Nh + 2N H_kv d)(P-1)/P^2 elements per sample.
+                // docs/design.md §2.2: (2Nh + 2N H_kv d)(P-1)/P^2 elements per sample.
                 let paper = bytes::closed_form(StrategyConfig::Ulysses, n, h, kv_heads * d, p, 4);
                 let formula = paper.map_or(0, |(f, _)| (f * b as f64) as u64);
                 ensure!(*fwd == formula, "{label}: {fwd} B vs the paper's formula {formula} B");

@@ -13,7 +13,7 @@
 //! o [b, s_r, H, d]
 //! ```
 //!
-//! Communication per layer and rank, forward (paper §3.2; DESIGN.md §2.2), for P dividing N and
+//! Communication per layer and rank, forward (paper §3.2; docs/design.md §2.2), for P dividing N and
 //! the heads: q, k, v and o each cross one all-to-all, `(2Nh + 2N H_kv d)(P-1)/P^2` elements
 //! times b; the backward runs the same four all-to-alls in reverse (the adjoint of an all-to-all
 //! swaps its dims), so forward and backward move twice that. When kv heads must be replicated

@@ -1,4 +1,4 @@
-//! Differentiable communication: an explicit tape (DESIGN.md §3.2, design A).
+//! Differentiable communication: an explicit tape (docs/design.md §3.2).
 //!
 //! tch has no custom autograd functions, so a collective cannot sit inside libtorch's graph.
 //! Instead each rank keeps a [`Tape`] for one training step:

@@ -211,7 +211,7 @@ impl Group {
     }
 
     /// Runs one batch of transfers and counts its bytes under `op`. The entries for this rank
-    /// itself are copied here, uncounted (DESIGN.md §2.2: data that stays on a rank is not sent).
+    /// itself are copied here, uncounted (docs/design.md §2.2: data that stays on a rank is not sent).
     pub(crate) fn transfer(
         &self,
         op: OpKind,

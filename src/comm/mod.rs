@@ -12,7 +12,7 @@
 //!   naming both sides instead of a silent wrong answer;
 //! - waiting is bounded by a timeout, and a failed or exited peer releases every waiting rank;
 //! - bytes are counted where the transfers are listed: data that stays on a rank is never counted
-//!   as sent (DESIGN.md §2.2).
+//!   as sent (docs/design.md §2.2).
 //!
 //! Backends: [`local`] (P ranks as P threads of one process, the embedded default) and, with
 //! the `mpi` cargo feature, MPI (one process per rank under mpirun or srun, `MpiLaunch`), and

@@ -1,6 +1,6 @@
 //! Byte accounting: what one rank sent and received in one group, per kind of op.
 //!
-//! Definitions (DESIGN.md §2.2): a rank's `bytes_sent` counts the elements it hands to *other*
+//! Definitions (docs/design.md §2.2): a rank's `bytes_sent` counts the elements it hands to *other*
 //! ranks, times the dtype size; the part of a tensor that stays on the rank is never counted.
 //! `bytes_received` is the same from the receiving side. Over a group, the sums of the two agree.
 

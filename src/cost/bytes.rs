@@ -2,7 +2,7 @@
 //! truth for communication volume. The tests run every strategy and compare these numbers with
 //! the counters bit for bit; the cost model prices exactly these.
 //!
-//! Definitions (DESIGN.md §2.2): a rank *sends* the elements it hands to other ranks; the part
+//! Definitions (docs/design.md §2.2): a rank *sends* the elements it hands to other ranks; the part
 //! of a tensor that stays on the rank is never counted. For a tensor of global size M on P
 //! ranks: all-to-all M(P-1)/P^2, all-gather and reduce-scatter M(P-1)/P, all-reduce 2M(P-1)/P.
 //! The functions below give the exact per-rank counts, uneven shares included.

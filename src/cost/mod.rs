@@ -1,5 +1,5 @@
 //! The cost model: step time and memory per GPU for every strategy, from the model's shapes
-//! and a hardware description (DESIGN.md §5.1).
+//! and a hardware description (docs/design.md §5.1).
 //!
 //! No multi-GPU machine is available to this project, so paper-scale numbers come from an
 //! analytical model whose inputs are either measured here (`ulysses calibrate`) or public
@@ -20,7 +20,7 @@
 //! - [`hardware`]: machines as data, checked field by field;
 //! - [`calibrate`]: measuring this machine's kernels and links into a hardware file.
 //!
-//! What the model leaves out is listed in the README ("The cost model").
+//! What the model leaves out is listed in docs/cost-model.md ("The paper at paper scale").
 
 pub mod bytes;
 pub mod calibrate;

@@ -1,5 +1,5 @@
 //! Each strategy's collectives in one transformer layer, per rank, exactly as the counters
-//! count them (DESIGN.md §2.2): Ulysses' four all-to-alls, Megatron-SP's all-gathers and
+//! count them (docs/design.md §2.2): Ulysses' four all-to-alls, Megatron-SP's all-gathers and
 //! reduce-scatters of the sequence, ring attention's K/V passes, all-gather KV, USP's two.
 
 use crate::attention::{HeadPlan, StrategyConfig};
@@ -150,7 +150,7 @@ pub fn layer_bytes(job: &Job, r: usize) -> Result<(u64, u64)> {
     Ok((sum(Phase::Forward), sum(Phase::Backward)))
 }
 
-/// DESIGN.md §2.2's closed forms for even shares (P divides N and the heads): bytes one rank
+/// docs/design.md §2.2's closed forms for even shares (P divides N and the heads): bytes one rank
 /// sends per layer and sample, (forward, backward), with `es` bytes per element and the ring's
 /// dK/dV accumulators in f32. `None` for strategies without one (USP, one device). The exact
 /// counts above equal these whenever the shares are even (the tests check it).

@@ -1,6 +1,6 @@
 //! Throughput and memory on the GPU: the bf16 matmul peak, and the 1.3B GPT's layer stack with
 //! Ulysses at P=1 on NCCL (the path a multi-GPU run takes, with one rank), its CUDA allocator
-//! peak against the activation formula of DESIGN.md §2.4.
+//! peak against the activation formula of docs/design.md §2.4.
 
 use std::time::Duration;
 

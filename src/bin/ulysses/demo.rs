@@ -48,7 +48,7 @@ pub fn run(backend: BackendArg, p: usize, n: i64, h: i64, d: i64, b: i64) -> Res
             if exact { "bit-exact" } else { "DIFFERS" }
         );
     }
-    // DESIGN.md §2.2: one all-to-all of a tensor of M elements sends M(P-1)/P^2 per rank.
+    // docs/design.md §2.2: one all-to-all of a tensor of M elements sends M(P-1)/P^2 per rank.
     let (m, pp) = (b * n * h * d, ranks as i64);
     println!(
         "formula for even heads: M(P-1)/P^2 x 4 B = {} B per rank (M = b*N*H*d = {})",
