@@ -2,8 +2,9 @@
 //!    package, so they run without LD_LIBRARY_PATH (tch's own build gives them none).
 //! 2. Compiles csrc/backward.cpp (the tape's autograd from gradient edges with given gradients),
 //!    csrc/cuda.cpp (current device and stream, allocator statistics, through libtorch's
-//!    accelerator API) and csrc/storage.cpp (freeing and re-allocating a storage in place,
-//!    dropping a gradient, for ZeRO-3) against the same libtorch headers and ABI as torch-sys.
+//!    accelerator API), csrc/cpu.cpp (which CPU kernels libtorch chose) and csrc/storage.cpp
+//!    (freeing and re-allocating a storage in place, dropping a gradient, for ZeRO-3) against
+//!    the same libtorch headers and ABI as torch-sys.
 //! 3. Records the version of the libtorch it built against (ULYSSES_LIBTORCH_VERSION), which a
 //!    process compares with the libtorch it loads (`ulysses::device::check_libtorch`).
 
@@ -12,6 +13,7 @@ use std::path::PathBuf;
 fn main() {
     println!("cargo:rerun-if-changed=csrc/backward.cpp");
     println!("cargo:rerun-if-changed=csrc/cuda.cpp");
+    println!("cargo:rerun-if-changed=csrc/cpu.cpp");
     println!("cargo:rerun-if-changed=csrc/storage.cpp");
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
@@ -35,6 +37,7 @@ fn main() {
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
         .file("csrc/backward.cpp")
         .file("csrc/cuda.cpp")
+        .file("csrc/cpu.cpp")
         .file("csrc/storage.cpp")
         .compile("ulysses_backward");
 }

@@ -3,7 +3,8 @@
 # without the optional backends, every test in release mode (libtorch kernels are optimised
 # either way; release keeps one build for tests and benches) with the MPI backend (OpenMPI from
 # the set-up; its tests start real processes with mpirun) and the NCCL backend (built and
-# checked for its error without a GPU; scripts/gpu-check.sh runs it on one), `ulysses submit` on
+# checked for its error without a GPU; scripts/gpu-check.sh runs it on one), the float-comparing
+# tests again with libtorch's kernels held to older instruction sets, `ulysses submit` on
 # a single-node Slurm cluster that scripts/slurm.sh installs and starts, a build of the
 # benchmarks, and every notebook executed on the evcxr Rust kernel (scripts/notebooks.sh --check;
 # the first time it installs evcxr).
@@ -62,6 +63,10 @@ cargo bench "${extra[@]}" --no-run --features mpi,nccl
 # time (as many as cores), the longest first: cargo would run them one after another.
 step "tests (features: mpi, nccl)"
 python3 "$repo/scripts/run_tests.py" -- --release --features mpi,nccl
+# The float-comparing tests again with libtorch's, MKL's and oneDNN's kernels held to AVX2 and
+# to SSE4.2: what another CPU model computes (each setting checked to have taken first).
+step "tests on other CPUs: kernels held to AVX2, then SSE4.2 (scripts/isa_check.py)"
+python3 "$repo/scripts/isa_check.py" -- --release --features mpi,nccl
 step "Slurm: a single-node cluster (scripts/slurm.sh start), ulysses submit for real"
 "$repo/scripts/slurm.sh" start
 cargo test "${extra[@]}" --release --features mpi,nccl --test slurm -- --ignored

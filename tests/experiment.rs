@@ -2,6 +2,8 @@
 //! field and the fix, a toy run writes the tables with the right schema and values, a run never
 //! overwrites another, resumes, survives being killed mid-sweep, and reports with plots.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -248,10 +250,13 @@ fn a_toy_run_writes_every_table_and_counts_bytes_exactly() -> Result<()> {
     ensure!(points.height() == 4, "{} points", points.height());
     let final_loss = points.column("final_loss")?.f64()?.clone();
     let l: Vec<f64> = final_loss.into_no_null_iter().collect();
-    ensure!(
-        (l[0] - l[2]).abs() < 1e-4 && (l[1] - l[3]).abs() < 1e-4,
-        "ulysses and megatron_sp losses differ: {l:?}"
-    );
+    // No optimizer: the same parameters through two strategies, which differ by the forward's
+    // rounding only (tests/common/tolerance.rs; the longer N = 128 sets the bound).
+    let model = ulysses::model::GptConfig { n_layer: 1, ..ulysses::model::GptConfig::tiny() };
+    let bound = common::tolerance::gpt(&model, 128, 128, tch::Kind::Float).loss;
+    for (a, b) in [(l[0], l[2]), (l[1], l[3])] {
+        common::tolerance::check("ulysses vs megatron_sp final loss", (a - b).abs(), bound * b.abs())?;
+    }
 
     // Never overwrite: a second run goes to a fresh folder, the first is untouched, the library
     // refuses to open a folder holding a run unless resuming; resume skips the finished points.
@@ -415,13 +420,15 @@ fn e5_curves_of_zero_1_2_3_and_megatron_sp_overlap_one_device() -> Result<()> {
         reference.len() == 40 && reference[39] < reference[0] - 0.5,
         "one device does not learn: {reference:?}"
     );
+    // The paper's claim, not a rounding bound: the curves overlap, here within 2% of one
+    // device at every step. No bound can be derived: bf16 rounds differently at another world
+    // size (and on another CPU), and AdamW turns the noise of gradients near zero into whole
+    // steps, which the next 40 steps carry on. Seen at most 0.46% here on AVX-512 kernels;
+    // scripts/isa_check.py does not run it (bf16 below AVX-512 takes minutes).
     for (p, curve) in by_point.iter().skip(1) {
         let worst = curve.iter().zip(reference).map(|(a, b)| (a - b).abs() / b).fold(0.0, f64::max);
-        ensure!(
-            worst <= 2e-2,
-            "{}: {worst:.2e} from one device; {curve:?} vs {reference:?}",
-            labels[*p as usize]
-        );
+        common::tolerance::check(&format!("{}: largest gap to one device", labels[*p as usize]), worst, 2e-2)
+            .with_context(|| format!("{curve:?} vs {reference:?}"))?;
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())

@@ -4,6 +4,8 @@
 //! a message that names them.
 #![cfg(feature = "mpi")]
 
+mod common;
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -130,7 +132,13 @@ fn an_experiment_runs_on_mpi_processes_like_on_threads() -> Result<()> {
     };
     ensure!(col(&m, "bytes_sent")? == col(&l, "bytes_sent")?, "bytes differ between MPI and threads");
     let (lm, ll) = (col(&m, "loss")?, col(&l, "loss")?);
-    ensure!(lm.iter().zip(&ll).all(|(a, b)| (a - b).abs() < 1e-5), "losses differ: {lm:?} vs {ll:?}");
+    // No optimizer: each loss is one forward of the same parameters, whose reductions over
+    // ranks MPI may order differently (tests/common/tolerance.rs).
+    let cfg = ulysses::model::GptConfig { n_layer: 1, ..ulysses::model::GptConfig::tiny() };
+    let bound = common::tolerance::gpt(&cfg, 256, 256, tch::Kind::Float).loss;
+    for (a, b) in lm.iter().zip(&ll) {
+        common::tolerance::check("loss on MPI vs threads", (a - b).abs(), bound * b.abs())?;
+    }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

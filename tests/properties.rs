@@ -122,7 +122,7 @@ proptest! {
                 prop_assert!(runnable(&c), "{label}: ran although its check refuses it");
                 let want = reference(&c.spec, c.mask).map_err(|e| TestCaseError::fail(e.to_string()))?;
                 for (i, name) in ["out", "dq", "dk", "dv", "lse"].iter().enumerate() {
-                    allclose(&format!("{label} {name}"), &got[i], &want[i], tol(c.spec.kind))
+                    allclose(&format!("{label} {name}"), &got[i], &want[i], tol(&c.spec, c.p))
                         .map_err(|e| TestCaseError::fail(e.to_string()))?;
                 }
             }

@@ -1,6 +1,6 @@
 //! Devices: making libtorch's CUDA half available to tch, the calling thread's current GPU, the
-//! CUDA caching allocator's statistics, device synchronisation, and the libtorch this process
-//! loaded against the one it was built for.
+//! CUDA caching allocator's statistics, device synchronisation, the libtorch this process
+//! loaded against the one it was built for, and which CPU kernels it chose.
 //!
 //! tch links libtorch_cpu and never loads libtorch_cuda by itself, so on a GPU machine CUDA stays
 //! unavailable unless something loads it. [`load_cuda`] does, once; on a CPU-only libtorch (or a
@@ -8,6 +8,7 @@
 //! one binary serves both. The rest goes through libtorch's device-generic accelerator API
 //! (`csrc/cuda.cpp`), so nothing here needs a CUDA toolkit to build.
 
+mod cpu;
 mod ffi;
 mod libtorch;
 
@@ -15,6 +16,7 @@ use std::sync::OnceLock;
 
 use tch::Device;
 
+pub use cpu::{cpu_capability, libtorch_config};
 pub use libtorch::{
     check_libtorch, check_libtorch_info, loaded_libtorch, version_of_libtorch_dir, LibtorchInfo,
     BUILT_LIBTORCH,

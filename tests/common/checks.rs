@@ -242,13 +242,15 @@ pub fn gpt(g: &Group) -> Result<()> {
         let model = Gpt::new(&cfg, s, Kind::Float, Device::Cpu)?;
         let loss = model
             .forward_backward(&layout.shard(&toks, 1, g.rank())?, &layout.shard(&labels, 1, g.rank())?)?;
-        ensure!(
-            (loss.value - want.value).abs() <= 1e-6 * want.value,
-            "{} P={p}: loss {} vs {}",
-            strategy.label(),
-            loss.value,
-            want.value
-        );
+        // Rounding in another order: the bounds of the model's chain of sums in f32
+        // (tests/common/tolerance.rs).
+        let bounds = super::tolerance::gpt(&cfg, n, b * n, Kind::Float);
+        let label = format!("{} P={p}", strategy.label());
+        super::tolerance::check(
+            &format!("{label}: loss"),
+            (loss.value - want.value).abs(),
+            bounds.loss * want.value,
+        )?;
         for (mine, full) in model.params().all().iter().zip(reference.params().all()) {
             let w = match &mine.placement {
                 Placement::Replicated => full.tensor.grad(),
@@ -256,8 +258,12 @@ pub fn gpt(g: &Group) -> Result<()> {
                     full.tensor.grad().index_select(*dim, &Tensor::from_slice(index))
                 }
             };
-            let d = max_diff(&mine.tensor.grad(), &w) / w.abs().max().double_value(&[]).max(1e-6);
-            ensure!(d <= 1e-5, "{} P={p}: d{} relative diff {d:.2e}", strategy.label(), mine.name);
+            let bound = bounds.grad * w.abs().max().double_value(&[]);
+            super::tolerance::check(
+                &format!("{label}: d{}", mine.name),
+                max_diff(&mine.tensor.grad(), &w),
+                bound,
+            )?;
         }
     }
     Ok(())

@@ -4,6 +4,7 @@
 
 pub mod checks;
 pub mod parity;
+pub mod tolerance;
 pub mod train_checks;
 pub mod training;
 
