@@ -17,7 +17,7 @@
 #     cache through JUPYTER_PATH (nothing is written to ~/.local/share/jupyter); it adds only the
 #     speed settings below. libtorch reaches evcxr as it does for any user of the standard
 #     kernel: through notebooks/evcxr.toml, which scripts/setup.sh writes.
-# Speed (see shared notes in the README): evcxr compiles the library's dependencies again (it
+# Speed (see docs/notebooks.md): evcxr compiles the library's dependencies again (it
 # ignores cargo's target dir); `:opt 0` and `:cache` in its init file, one build folder reused by
 # the notebooks run one after another, and a warm-up notebook (00_warmup, no cell timeout) that
 # pays the first build make the rest take minutes.
@@ -92,6 +92,18 @@ if [ "$mode" != lab ]; then
   mkdir -p "$build_dir"
   tmpdir_env=$(printf ',\n    "EVCXR_TMPDIR": "%s"' "$build_dir")
 fi
+# evcxr_jupyter looks at its own kernelspec folder (kernels/rust under JUPYTER_PATH) each time a
+# kernel starts, and when the folder's version.txt is missing or not its own it installs its
+# spec there again: its kernel.json, without an "env". Every later kernel would then build in a
+# fresh temporary folder without the init file, rebuilding every dependency for each notebook.
+# So evcxr installs itself first (its version.txt, logos and kernel.js, whatever its version),
+# and then our kernel.json replaces its own; `spec_in_use` checks after each notebook that it
+# is still ours.
+JUPYTER_PATH=$jupyter_dir "$evcxr" --install >"$jupyter_dir/evcxr-install.log" 2>&1 || {
+  cat "$jupyter_dir/evcxr-install.log" >&2
+  echo "[notebooks] $evcxr --install failed (its output is above)" >&2
+  exit 1
+}
 cat >"$spec_dir/kernel.json" <<EOF
 {
   "argv": ["$evcxr", "--control_file", "{connection_file}"],
@@ -103,6 +115,26 @@ cat >"$spec_dir/kernel.json" <<EOF
   }
 }
 EOF
+# The kernelspec in use still carries the settings written above (evcxr did not replace it).
+want_env=(EVCXR_CONFIG_DIR)
+[ -n "$tmpdir_env" ] && want_env+=(EVCXR_TMPDIR)
+spec_in_use() {
+  python3 - "$spec_dir/kernel.json" "${want_env[@]}" <<'PY'
+import json, sys
+path, want = sys.argv[1], sys.argv[2:]
+try:
+    env = json.load(open(path)).get("env", {})
+except (OSError, ValueError) as e:
+    sys.exit(f"[notebooks] cannot read {path}: {e}")
+lost = [k for k in want if k not in env]
+if lost:
+    sys.exit(f"[notebooks] {path} lost {', '.join(lost)} from its env (evcxr installed its own spec over it?)")
+PY
+}
+# What a kernel start does first, without a kernel: evcxr checks its kernelspec folder (and
+# would install its own spec there), then stops at the connection file that does not exist.
+JUPYTER_PATH=$jupyter_dir "$evcxr" --control_file "$jupyter_dir/no-such-connection-file" >/dev/null 2>&1 || true
+spec_in_use
 export JUPYTER_PATH=$jupyter_dir
 cd "$repo/notebooks"
 
@@ -156,6 +188,10 @@ sys.exit(1 if bad else 0)
 PY
   then
     say "$name.ipynb: passed in $(($(date +%s) - started)) s"
+    if ! spec_in_use; then
+      say "after $name.ipynb the kernelspec is not ours any more: the next notebooks would rebuild everything"
+      failed+=("$name (kernelspec)")
+    fi
   else
     say "$name.ipynb: FAILED after $(($(date +%s) - started)) s"
     failed+=("$name")
