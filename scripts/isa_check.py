@@ -5,7 +5,8 @@ fails here, and not on a machine that happens to land a CI run.
 
     isa_check.py [--jobs N] [--isa NAME ...] -- CARGO_TEST_ARGS...   # e.g. -- --release --features mpi,nccl
 
-For each instruction set (default: `avx2` and `default`, ATen's two below AVX-512), three
+For each instruction set (default: `avx2` and `default`, ATen's two below AVX-512; `--isa native`
+runs the same with the CPU's own kernels, for the margins alone), three
 libraries are told to stay at or below it when the process starts, and all three honour it in
 the pinned libtorch 2.11.0 (checked by `tests/kernels.rs` at the start of each set, from their
 own words):
@@ -36,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from run_tests import test_binaries  # noqa: E402
 
 ISAS = {
+    "native": {},
     "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "DNNL_MAX_CPU_ISA": "AVX2"},
     "default": {"ATEN_CPU_CAPABILITY": "default", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2", "DNNL_MAX_CPU_ISA": "SSE41"},
 }
@@ -69,8 +71,10 @@ def run(exe, args, env, cwd):
 
 def kernels_took(exe, isa, env, cwd):
     """Runs tests/kernels.rs under the setting with the libraries' verbose modes; the problems."""
-    want_aten, want_mkl, want_dnnl = EXPECT[isa]
-    env = dict(env, ULYSSES_EXPECT_CPU_CAPABILITY=want_aten, MKL_VERBOSE="1", DNNL_VERBOSE="1")
+    want_aten, want_mkl, want_dnnl = EXPECT.get(isa, (None, "", ""))
+    env = dict(env, MKL_VERBOSE="1", DNNL_VERBOSE="1")
+    if want_aten:
+        env["ULYSSES_EXPECT_CPU_CAPABILITY"] = want_aten
     proc, _ = run(exe, [], env, cwd)
     out = proc.stdout
     problems = []
@@ -98,7 +102,7 @@ def main():
     missing = [name for name, _ in TESTS + [("kernels", [])] if name not in exes]
     if missing:
         sys.exit(f"[isa] no test binary for {', '.join(missing)} in this build")
-    isas = args.isa or list(ISAS)
+    isas = args.isa or [isa for isa in ISAS if isa != "native"]
     failed = []
     for isa in isas:
         env = dict(os.environ, **ISAS[isa])
