@@ -1,4 +1,7 @@
-//! The collectives, each a batch of transfers ([`Group::transfer`]) plus local tensor work.
+//! The collectives, each a batch of transfers ([`Group::transfer`]) plus local tensor work: here
+//! those that split a tensor along a dim (all-to-all, all-gather, reduce-scatter, all-reduce) and
+//! the helpers that list their transfers; the collectives on whole tensors are in `whole.rs`, the
+//! argument checks in `checks.rs`.
 //!
 //! Written once for every backend. Inputs may be non-contiguous (chunks are strided views that
 //! the backend reads in place); outputs are fresh tensors on the input's device. Every collective
@@ -222,105 +225,6 @@ impl Group {
         full.f_reshape(x.size()).op(op.name())
     }
 
-    /// Broadcast: every rank gets the root's `x`. On the other ranks `x` only gives the shape
-    /// and dtype to receive (as in `torch.distributed.broadcast`). On the root the result shares
-    /// storage with `x`. Adjoint: [`reduce`](Group::reduce) to the root.
-    pub fn broadcast(&self, x: &Tensor, root: usize) -> Result<Tensor> {
-        let op = OpKind::Broadcast;
-        self.check_rank(op, "root", root)?;
-        let p = self.size();
-        let (sends, recvs, out) = if self.rank() == root {
-            let sends = (0..p).map(|j| (j != root).then(|| x.shallow_clone())).collect();
-            (sends, none(p), x.shallow_clone())
-        } else {
-            let out = x.f_empty_like().op(op.name())?;
-            let recvs = (0..p).map(|j| (j == root).then(|| out.shallow_clone())).collect();
-            (none(p), recvs, out)
-        };
-        self.transfer(op, sends, recvs)?;
-        self.count_call(op);
-        Ok(out)
-    }
-
-    /// Reduce to a root: the root gets the reduction of every rank's `x` (`Some`), the others
-    /// `None`. Half precision is reduced in f32. Adjoint of the sum: broadcast from the root.
-    pub fn reduce(&self, x: &Tensor, root: usize, reduce: ReduceOp) -> Result<Option<Tensor>> {
-        let op = OpKind::Reduce;
-        self.check_rank(op, "root", root)?;
-        self.check_reduce(op, x.kind(), reduce)?;
-        let p = self.size();
-        let out = if self.rank() == root {
-            // [P, ..]: one slot per rank, reduced over dim 0.
-            let mut shape = vec![p as i64];
-            shape.extend(x.size());
-            let stack = Tensor::f_empty(&shape, (x.kind(), x.device())).op(op.name())?;
-            let recvs = (0..p).map(|j| Some(stack.select(0, j as i64))).collect();
-            let mut sends = none(p);
-            sends[root] = Some(x.shallow_clone());
-            self.transfer(op, sends, recvs)?;
-            Some(reduce_stack(&stack, reduce, p).op(op.name())?)
-        } else {
-            let sends = (0..p).map(|j| (j == root).then(|| x.shallow_clone())).collect();
-            self.transfer(op, sends, none(p))?;
-            None
-        };
-        self.count_call(op);
-        Ok(out)
-    }
-
-    /// Sends `x` to rank `dst`; returns once `dst` has received it. Pairs with [`Group::recv`].
-    pub fn send(&self, x: &Tensor, dst: usize) -> Result<()> {
-        let op = OpKind::Send;
-        self.check_peer(op, "dst", dst)?;
-        let mut sends = none(self.size());
-        sends[dst] = Some(x.shallow_clone());
-        self.transfer(op, sends, none(self.size()))?;
-        self.count_call(op);
-        Ok(())
-    }
-
-    /// Receives from rank `src` a tensor of the shape and dtype of `like`, on `like`'s device.
-    pub fn recv(&self, like: &Tensor, src: usize) -> Result<Tensor> {
-        let op = OpKind::Recv;
-        self.check_peer(op, "src", src)?;
-        let out = like.f_empty_like().op(op.name())?;
-        let mut recvs = none(self.size());
-        recvs[src] = Some(out.shallow_clone());
-        self.transfer(op, none(self.size()), recvs)?;
-        self.count_call(op);
-        Ok(out)
-    }
-
-    /// Ring shift: sends `x` to rank `(r + offset) mod P` and returns what rank
-    /// `(r - offset) mod P` sent. Every rank passes the same shape. Adjoint: shift by `-offset`.
-    pub fn shift(&self, x: &Tensor, offset: i64) -> Result<Tensor> {
-        let op = OpKind::Shift;
-        let p = self.size() as i64;
-        let me = self.rank() as i64;
-        let dst = (me + offset).rem_euclid(p) as usize;
-        let src = (me - offset).rem_euclid(p) as usize;
-        let out = x.f_empty_like().op(op.name())?;
-        let mut sends = none(self.size());
-        let mut recvs = none(self.size());
-        sends[dst] = Some(x.shallow_clone());
-        recvs[src] = Some(out.shallow_clone());
-        self.transfer(op, sends, recvs)?;
-        self.count_call(op);
-        Ok(out)
-    }
-
-    /// Returns once every rank of the group has entered it.
-    pub fn barrier(&self) -> Result<()> {
-        let op = OpKind::Barrier;
-        let token = || Tensor::empty([0], (Kind::Uint8, tch::Device::Cpu));
-        let others = |me: usize| (0..self.size()).map(move |j| j != me);
-        let sends = others(self.rank()).map(|o| o.then(token)).collect();
-        let recvs = others(self.rank()).map(|o| o.then(token)).collect();
-        self.transfer(op, sends, recvs)?;
-        self.count_call(op);
-        Ok(())
-    }
-
     // ----- the two halves shared by all-gather, reduce-scatter and all-reduce -----
 
     /// Sends `x` to every rank and places rank j's part at its offset along `dim`.
@@ -364,126 +268,6 @@ impl Group {
         self.transfer(op, sends, recvs)?;
         reduce_stack(&stack, reduce, p).op(op.name())
     }
-
-    // ----- argument checks -----
-
-    /// `dim` as an index into `x`'s shape (negative counts from the end).
-    pub(super) fn dim(&self, op: OpKind, x: &Tensor, dim: i64) -> Result<usize> {
-        let n = x.dim() as i64;
-        if dim < -n || dim >= n {
-            return Err(
-                self.invalid(op, format!("dim {dim} is out of range for a tensor of shape {:?}", x.size()))
-            );
-        }
-        Ok(dim.rem_euclid(n.max(1)) as usize)
-    }
-
-    /// P chunks of `x`'s extent along `dim`, equal, or an error saying how to split unevenly.
-    pub(crate) fn even_chunks(&self, op: OpKind, x: &Tensor, dim: i64) -> Result<Vec<i64>> {
-        let d = self.dim(op, x, dim)?;
-        self.even_split(op, x.size()[d], d)
-    }
-
-    /// `x`'s extent along `dim`, once per rank (every rank contributes as much as this one).
-    pub(crate) fn equal_parts(&self, op: OpKind, x: &Tensor, dim: i64) -> Result<Vec<i64>> {
-        let d = self.dim(op, x, dim)?;
-        Ok(vec![x.size()[d]; self.size()])
-    }
-
-    /// The P equal parts of an extent, or an error saying how to split unevenly.
-    fn even_split(&self, op: OpKind, extent: i64, dim: usize) -> Result<Vec<i64>> {
-        let p = self.size() as i64;
-        if extent % p != 0 {
-            return Err(self.invalid(
-                op,
-                format!(
-                    "dim {dim} has {extent} elements, not divisible by the group size {p}; \
-                     use the `_v` variant with explicit uneven splits"
-                ),
-            ));
-        }
-        Ok(vec![extent / p; p as usize])
-    }
-
-    /// A split has one non-negative entry per rank and, unless `total` is -1, sums to `total`.
-    fn check_split(&self, op: OpKind, what: &str, split: &[i64], total: i64, dim: usize) -> Result<()> {
-        if split.len() != self.size() {
-            return Err(self.invalid(
-                op,
-                format!("{what} has {} entries {split:?} for {} ranks", split.len(), self.size()),
-            ));
-        }
-        if split.iter().any(|&s| s < 0) {
-            return Err(self.invalid(op, format!("{what} {split:?} has a negative entry")));
-        }
-        let sum: i64 = split.iter().sum();
-        if total >= 0 && sum != total {
-            return Err(self
-                .invalid(op, format!("{what} {split:?} sums to {sum} but dim {dim} has {total} elements")));
-        }
-        Ok(())
-    }
-
-    /// A caller's output must have the shape the op writes, and `x`'s dtype and device.
-    fn check_out(&self, op: OpKind, x: &Tensor, out: &Tensor, shape: &[i64]) -> Result<()> {
-        if out.size() == shape && out.kind() == x.kind() && out.device() == x.device() {
-            return Ok(());
-        }
-        Err(self.invalid(
-            op,
-            format!(
-                "out is {:?}{:?} on {:?}; this {op} writes {:?}{shape:?} on {:?}",
-                out.kind(),
-                out.size(),
-                out.device(),
-                x.kind(),
-                x.device()
-            ),
-        ))
-    }
-
-    /// A split of a gathered dim: one entry per rank, this rank's entry its own extent.
-    fn check_own_part(&self, op: OpKind, what: &str, split: &[i64], shape: &[i64], d: usize) -> Result<()> {
-        self.check_split(op, what, split, -1, d)?;
-        let r = self.rank();
-        if split[r] != shape[d] {
-            return Err(self.invalid(
-                op,
-                format!(
-                    "{what}[{r}] = {} but this rank's input has {} along dim {d} (shape {shape:?})",
-                    split[r], shape[d]
-                ),
-            ));
-        }
-        Ok(())
-    }
-
-    fn check_rank(&self, op: OpKind, what: &str, r: usize) -> Result<()> {
-        if r >= self.size() {
-            return Err(self.invalid(op, format!("{what} {r} is not a rank of a group of {}", self.size())));
-        }
-        Ok(())
-    }
-
-    fn check_peer(&self, op: OpKind, what: &str, r: usize) -> Result<()> {
-        self.check_rank(op, what, r)?;
-        if r == self.rank() {
-            return Err(self.invalid(op, format!("{what} {r} is this rank itself")));
-        }
-        Ok(())
-    }
-
-    fn check_reduce(&self, op: OpKind, kind: Kind, reduce: ReduceOp) -> Result<()> {
-        if reduce == ReduceOp::Avg && !is_float(kind) {
-            return Err(self.invalid(op, format!("Avg needs a floating-point dtype, got {kind:?}")));
-        }
-        Ok(())
-    }
-}
-
-/// Whether a dtype is a real floating-point type.
-pub(crate) fn is_float(kind: Kind) -> bool {
-    matches!(kind, Kind::Half | Kind::BFloat16 | Kind::Float | Kind::Double)
 }
 
 /// P empty slots: no transfer with any rank.
@@ -505,7 +289,7 @@ pub(super) fn chunks(x: &Tensor, dim: usize, sizes: &[i64]) -> Result<Vec<Option
 }
 
 /// Reduces `[P, ..]` over dim 0, accumulating half precision in f32, and returns `x`'s dtype.
-fn reduce_stack(stack: &Tensor, reduce: ReduceOp, p: usize) -> Result<Tensor, tch::TchError> {
+pub(super) fn reduce_stack(stack: &Tensor, reduce: ReduceOp, p: usize) -> Result<Tensor, tch::TchError> {
     let kind = stack.kind();
     let acc = match kind {
         Kind::Half | Kind::BFloat16 => Kind::Float,

@@ -3,9 +3,9 @@
 //! The layer is built from one primitive. A backend ([`Backend`]) moves tensors between the ranks
 //! of a group in a batch of point-to-point transfers, [`Backend::exchange`]: "send `sends[j]` to
 //! rank j, receive `recvs[j]` from rank j". Every collective of [`Group`] is a batch of such
-//! transfers plus local tensor work (slicing, summing), written once in `collectives.rs` for every
-//! backend. That is what keeps the semantics, the accounting and the error behaviour identical
-//! across backends:
+//! transfers plus local tensor work (slicing, summing), written once in `collectives.rs` and
+//! `whole.rs` for every backend. That is what keeps the semantics, the accounting and the error
+//! behaviour identical across backends:
 //!
 //! - each transfer carries an [`Envelope`] (op, dtype, shape), and the receiver checks it against
 //!   what it expects, so ranks that disagree get [`Error::Mismatch`](crate::Error::Mismatch)
@@ -20,6 +20,7 @@
 
 mod backend;
 mod buckets;
+mod checks;
 mod collectives;
 mod group;
 mod launch;
@@ -35,6 +36,7 @@ mod nccl;
 mod overlap;
 mod placement;
 mod stats;
+mod whole;
 
 pub use backend::{Backend, Done, Envelope, Pending};
 pub use buckets::{pieces, reduction_kind, Piece, DEFAULT_BUCKET_ELEMS};

@@ -1,18 +1,17 @@
 //! An experiment as data: a TOML file whose every field is documented here, checked in full
-//! before anything runs.
+//! before anything runs. What the fields stand for (the model, the points of the sweep) is in
+//! `sweep.rs`, their checks in `validate.rs`.
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use tch::Kind;
 
 use super::launch::Launcher;
 use super::predict::PredictSpec;
 use super::slurm::SlurmSpec;
-use crate::attention::{AttentionConfig, Kernel, Mask, StrategyConfig};
+use crate::attention::StrategyConfig;
 use crate::data::DatasetConfig;
-use crate::model::GptConfig;
-use crate::train::{AdamWConfig, Checkpointing, LossScaleConfig, Precision, Schedule, ZeroStage};
+use crate::train::{AdamWConfig, Checkpointing, LossScaleConfig, Schedule, ZeroStage};
 use crate::{Error, Result};
 
 /// A whole experiment: a model, the parallel set-ups and sequence lengths to sweep, how long to
@@ -45,7 +44,7 @@ pub struct ExperimentConfig {
     pub predict: Option<PredictSpec>,
 }
 
-/// `[model]`: a preset, and any field of [`GptConfig`] to override in it.
+/// `[model]`: a preset, and any field of [`GptConfig`](crate::model::GptConfig) to override in it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSpec {
@@ -271,7 +270,7 @@ impl Point {
 }
 
 /// An error about one field of the config, saying how to fix it.
-fn field_error(field: &str, msg: String) -> Error {
+pub(super) fn field_error(field: &str, msg: String) -> Error {
     Error::InvalidArgument { op: "experiment config", group: field.to_string(), msg }
 }
 
@@ -297,246 +296,5 @@ impl ExperimentConfig {
     /// The config as TOML (what a run records next to its results).
     pub fn to_toml(&self) -> Result<String> {
         toml::to_string_pretty(self).map_err(|e| field_error("-", format!("cannot write the config: {e}")))
-    }
-
-    /// The model: the preset with the overrides applied.
-    pub fn gpt(&self) -> Result<GptConfig> {
-        let m = &self.model;
-        let mut c = GptConfig::preset(&m.preset).map_err(|e| field_error("model.preset", e.to_string()))?;
-        c.vocab_size = m.vocab_size.unwrap_or(c.vocab_size);
-        c.n_layer = m.n_layer.unwrap_or(c.n_layer);
-        c.n_head = m.n_head.unwrap_or(c.n_head);
-        c.n_kv_head = m.n_kv_head.unwrap_or(c.n_kv_head);
-        c.n_embd = m.n_embd.unwrap_or(c.n_embd);
-        c.mlp_ratio = m.mlp_ratio.unwrap_or(c.mlp_ratio);
-        c.tie_embeddings = m.tie_embeddings.unwrap_or(c.tie_embeddings);
-        c.bias = m.bias.unwrap_or(c.bias);
-        c.seed = m.seed.unwrap_or(c.seed);
-        c.validate().map_err(|e| field_error("model", e.to_string()))?;
-        Ok(c)
-    }
-
-    /// The strategies, parsed.
-    pub fn strategies(&self) -> Result<Vec<StrategyConfig>> {
-        self.parallel
-            .strategies
-            .iter()
-            .enumerate()
-            .map(|(i, s)| s.parse().map_err(|e: String| field_error(&format!("parallel.strategies[{i}]"), e)))
-            .collect()
-    }
-
-    /// The kernel and mask.
-    pub fn attention(&self) -> Result<AttentionConfig> {
-        let kernel: Kernel = self.attention.kernel.parse().map_err(|e| field_error("attention.kernel", e))?;
-        let mask: Mask = self.attention.mask.parse().map_err(|e| field_error("attention.mask", e))?;
-        let cfg = AttentionConfig::new(kernel, mask);
-        cfg.build().map_err(|e| field_error("attention", e.to_string()))?;
-        Ok(cfg)
-    }
-
-    /// The dtype of parameters and activations.
-    pub fn kind(&self) -> Result<Kind> {
-        Ok(self.precision()?.kind())
-    }
-
-    /// The numeric precision (`train.dtype`).
-    pub fn precision(&self) -> Result<Precision> {
-        self.train.dtype.parse().map_err(|e| field_error("train.dtype", e))
-    }
-
-    /// Where results go.
-    pub fn output_dir(&self) -> PathBuf {
-        self.output.clone().unwrap_or_else(|| PathBuf::from("results").join(&self.name))
-    }
-
-    /// Every point of the sweep, in order: the single-device reference (if asked for), then
-    /// world sizes, strategies, ZeRO stages and lengths.
-    pub fn points(&self) -> Result<Vec<Point>> {
-        let strategies = self.strategies()?;
-        let (dp, k) = (self.parallel.dp, self.train.grad_accum);
-        let mut points = Vec::new();
-        if self.parallel.reference {
-            for &seq in &self.train.seq {
-                let (strategy, zero) = (StrategyConfig::Single, ZeroStage::NONE);
-                points.push(Point {
-                    index: points.len(),
-                    strategy,
-                    ranks: 1,
-                    seq,
-                    dp: 1,
-                    zero,
-                    grad_accum: dp * k,
-                });
-            }
-        }
-        for &ranks in &self.parallel.ranks {
-            for &strategy in &strategies {
-                for &zero in &self.train.zero {
-                    for &seq in &self.train.seq {
-                        points.push(Point {
-                            index: points.len(),
-                            strategy,
-                            ranks,
-                            seq,
-                            dp,
-                            zero,
-                            grad_accum: k,
-                        });
-                    }
-                }
-            }
-        }
-        Ok(points)
-    }
-
-    /// Checks every field and every point, naming the field and the fix.
-    pub fn validate(&self) -> Result<()> {
-        if self.name.trim().is_empty() || self.name.contains(['/', '\\']) {
-            return Err(field_error(
-                "name",
-                format!("{:?} must be a non-empty name without slashes", self.name),
-            ));
-        }
-        let gpt = self.gpt()?;
-        self.attention()?;
-        self.kind()?;
-        let p = &self.parallel;
-        if p.ranks.is_empty() || p.ranks.contains(&0) {
-            return Err(field_error(
-                "parallel.ranks",
-                format!("{:?} must list world sizes of at least 1", p.ranks),
-            ));
-        }
-        if p.dp == 0 {
-            return Err(field_error("parallel.dp", "must be at least 1".into()));
-        }
-        if let Some(&bad) = p.ranks.iter().find(|&&r| r % p.dp != 0) {
-            return Err(field_error(
-                "parallel.ranks",
-                format!("{bad} ranks cannot hold dp = {} replicas; use a multiple of {}", p.dp, p.dp),
-            ));
-        }
-        if p.strategies.is_empty() {
-            return Err(field_error(
-                "parallel.strategies",
-                "list at least one strategy, e.g. [\"ulysses\"]".into(),
-            ));
-        }
-        if !matches!(p.device.as_str(), "cpu" | "cuda") {
-            return Err(field_error("parallel.device", format!("{:?}: use cpu or cuda", p.device)));
-        }
-        if p.threads_per_rank == 0 || p.timeout_s == 0 {
-            return Err(field_error("parallel", "threads_per_rank and timeout_s must be at least 1".into()));
-        }
-        self.validate_processes()?;
-        let t = &self.train;
-        if t.seq.is_empty() || t.seq.iter().any(|&n| n < 2) {
-            return Err(field_error(
-                "train.seq",
-                format!("{:?} must list sequence lengths of at least 2", t.seq),
-            ));
-        }
-        if t.batch < 1 || t.steps < 1 {
-            return Err(field_error(
-                "train",
-                format!("batch {} and steps {} must be at least 1", t.batch, t.steps),
-            ));
-        }
-        if let Some(a) = &t.adamw {
-            if !(a.lr > 0.0 && a.eps > 0.0 && (0.0..1.0).contains(&a.beta1) && (0.0..1.0).contains(&a.beta2))
-            {
-                return Err(field_error(
-                    "train.adamw",
-                    format!("lr and eps must be positive, betas in [0, 1): {a:?}"),
-                ));
-            }
-        }
-        self.validate_training()?;
-        for point in self.points()? {
-            let sp = point.ranks / point.dp;
-            point.strategy.check(point.seq, sp, gpt.n_head, gpt.n_kv_head).map_err(|e| {
-                field_error(
-                    "parallel.strategies",
-                    format!("{} (SP degree {sp}) cannot run: {e}", point.describe()),
-                )
-            })?;
-        }
-        Ok(())
-    }
-
-    /// The backend, device and placement fields agree: CPU tensors on MPI, CUDA on NCCL,
-    /// placement only where processes are launched.
-    fn validate_processes(&self) -> Result<()> {
-        let p = &self.parallel;
-        match (p.backend, p.device.as_str()) {
-            (Backend::Mpi, "cuda") => {
-                return Err(field_error(
-                    "parallel.device",
-                    "cuda with backend = \"mpi\": the mpi backend moves CPU tensors; use backend = \"nccl\" \
-                     for GPUs (one process per GPU)"
-                        .into(),
-                ))
-            }
-            (Backend::Nccl, "cpu") => {
-                return Err(field_error(
-                    "parallel.device",
-                    "backend = \"nccl\" moves CUDA tensors: set device = \"cuda\" (or use backend = \"mpi\" on CPUs)"
-                        .into(),
-                ))
-            }
-            _ => {}
-        }
-        if p.backend == Backend::Local
-            && (p.launcher != Launcher::Auto || p.ranks_per_node.is_some() || p.hostfile.is_some())
-        {
-            return Err(field_error(
-                "parallel.launcher",
-                "launcher, ranks_per_node and hostfile place processes: they need backend = \"mpi\" or \"nccl\"".into(),
-            ));
-        }
-        if p.ranks_per_node == Some(0) {
-            return Err(field_error("parallel.ranks_per_node", "must be at least 1".into()));
-        }
-        if let Some(s) = &self.slurm {
-            s.validate().map_err(|e| field_error("slurm", e))?;
-        }
-        Ok(())
-    }
-
-    /// Checks what validation cannot know in advance: the dataset, and that this build and
-    /// machine can run the backend and device. `base` resolves dataset paths.
-    pub fn check_runnable(&self, base: &Path) -> Result<()> {
-        let dataset = self.dataset.open(base).map_err(|e| field_error("dataset", e.to_string()))?;
-        let vocab = self.gpt()?.vocab_size;
-        if dataset.vocab_size() > vocab {
-            return Err(field_error(
-                "dataset",
-                format!(
-                    "{} has a vocabulary of {}, more than model.vocab_size {vocab}",
-                    dataset.describe(),
-                    dataset.vocab_size()
-                ),
-            ));
-        }
-        // The data must fill one sequence of the longest length (an empty or short file).
-        if let Some(&n) = self.train.seq.iter().max() {
-            dataset
-                .batch(self.train.seed, 0, 0, 1, n)
-                .map(drop)
-                .map_err(|e| field_error("dataset", e.to_string()))?;
-        }
-        // The driver only starts mpirun or srun; the ranks are processes of
-        // `RunOptions::program`, which must be built with `--features mpi` (and `nccl`).
-        if self.parallel.backend != Backend::Local {
-            super::launch::check_runnable(self)?;
-        }
-        if self.parallel.device == "cuda" && !crate::device::load_cuda() {
-            return Err(field_error(
-                "parallel.device",
-                "cuda was asked for but no CUDA device is available".into(),
-            ));
-        }
-        Ok(())
     }
 }

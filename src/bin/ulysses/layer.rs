@@ -5,9 +5,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
 use tch::{Kind, Tensor};
-use ulysses::attention::{check_finite, AttentionConfig, Kernel, Mask, Sharding, StrategyConfig};
+use ulysses::attention::{check_finite, Sharding};
 use ulysses::autograd::Tape;
 use ulysses::comm::launch;
+
+use crate::args::AttentionArgs;
 
 #[derive(clap::Args)]
 pub struct LayerArgs {
@@ -20,17 +22,8 @@ pub struct LayerArgs {
     /// Ranks (threads).
     #[arg(long, default_value_t = 4)]
     ranks: usize,
-    /// single, ulysses, megatron_sp, ring, ring_zigzag, allgather_kv, allgather_kv_zigzag,
-    /// usp:U or usp_zigzag:U (U = Ulysses degree).
-    #[arg(long, default_value = "ulysses")]
-    strategy: StrategyConfig,
-    /// Attention kernel of ulysses, megatron_sp and single: math, sdpa or blocked (the others
-    /// compute attention blockwise with the mask).
-    #[arg(long, default_value = "sdpa")]
-    kernel: Kernel,
-    /// Mask: none, causal, window:W, sparse:B,L,G or sparse-causal:B,L,G.
-    #[arg(long, default_value = "causal")]
-    mask: Mask,
+    #[command(flatten)]
+    attention: AttentionArgs,
     /// Also write `lse` [b, N, H]: the log-sum-exp of every attention row, in f32 (f64 for f64).
     #[arg(long)]
     lse: bool,
@@ -126,24 +119,24 @@ pub fn run(a: &LayerArgs) -> Result<()> {
     let x = read(&a.input)?;
     let (qs, ks) = (x.q.size(), x.k.size());
     let (n, heads, kv_heads) = (qs[1], qs[2], ks[2]);
-    let attention = AttentionConfig::new(a.kernel, a.mask);
+    let attention = a.attention.config();
     // Every refusal (layout, heads, kernel and mask) before any rank starts.
-    a.strategy.check(n, a.ranks, heads, kv_heads)?;
+    a.attention.strategy.check(n, a.ranks, heads, kv_heads)?;
     attention.build()?;
     println!(
         "{} on {} ranks: q {qs:?}, k/v {ks:?}, {:?}, kernel {:?}, mask {:?}",
-        a.strategy.label(),
+        a.attention.strategy.label(),
         a.ranks,
         x.q.kind(),
-        a.kernel,
-        a.mask
+        a.attention.kernel,
+        a.attention.mask
     );
 
     let per_rank = launch(a.ranks, |ctx| -> Result<(Vec<Tensor>, u64, Sharding)> {
         let r = ctx.rank();
         // Each rank reads the file and keeps its own share, as ranks of a real job would.
         let x = read(&a.input)?;
-        let s = a.strategy.build(ctx.world(), attention, n, heads, kv_heads)?;
+        let s = a.attention.strategy.build(ctx.world(), attention, n, heads, kv_heads)?;
         let sharding = s.sharding();
         let mine =
             |t: &Tensor| -> Result<Tensor> { Ok(sharding.shard(t, r)?.copy().set_requires_grad(true)) };
@@ -180,7 +173,10 @@ pub fn run(a: &LayerArgs) -> Result<()> {
     // Never a silently wrong file: finite inputs whose scores overflow the dtype, or a bug.
     for (name, t) in &gathered {
         check_finite("layer", &[(name, t)]).with_context(|| {
-            format!("{} computed a non-finite {name} from finite inputs; nothing written", a.strategy.label())
+            format!(
+                "{} computed a non-finite {name} from finite inputs; nothing written",
+                a.attention.strategy.label()
+            )
         })?;
     }
     Tensor::write_safetensors(&gathered, &a.output)

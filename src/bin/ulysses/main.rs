@@ -1,5 +1,6 @@
 //! The `ulysses` command line: thin wrappers that parse arguments and call the library.
 
+mod args;
 mod bench_a2a;
 mod calibrate;
 mod demo;

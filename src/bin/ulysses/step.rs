@@ -6,11 +6,11 @@ use std::time::Instant;
 
 use anyhow::{ensure, Result};
 use tch::{Device, Kind, Tensor};
-use ulysses::attention::{AttentionConfig, Kernel, Mask, StrategyConfig};
 use ulysses::comm::{Mesh, MeshShape};
 use ulysses::data::shard;
 use ulysses::train::{AdamWConfig, Checkpointing, Precision, TrainConfig, TrainGroups, Trainer, ZeroStage};
 
+use crate::args::AttentionArgs;
 use crate::ranks::{on_ranks, BackendArg};
 use ulysses::experiment::rss::{reset_peak, status_mib};
 use ulysses::model::{Gpt, GptConfig};
@@ -41,16 +41,8 @@ pub struct StepArgs {
     /// Sequence-parallel ranks (threads).
     #[arg(long, default_value_t = 1)]
     ranks: usize,
-    /// single (one device, plain autograd), ulysses, megatron_sp, ring, ring_zigzag,
-    /// allgather_kv, allgather_kv_zigzag, usp:U or usp_zigzag:U (U = Ulysses degree).
-    #[arg(long, default_value = "ulysses")]
-    strategy: StrategyConfig,
-    /// Attention kernel: math, sdpa or blocked.
-    #[arg(long, default_value = "sdpa")]
-    kernel: Kernel,
-    /// Mask: none, causal, window:W, sparse:B,L,G or sparse-causal:B,L,G.
-    #[arg(long, default_value = "causal")]
-    mask: Mask,
+    #[command(flatten)]
+    attention: AttentionArgs,
     /// Timed steps, after one untimed warm-up step.
     #[arg(long, default_value_t = 3)]
     steps: usize,
@@ -117,14 +109,14 @@ pub fn run(a: &StepArgs) -> Result<()> {
         ..TrainConfig::default()
     };
     plan.validate()?;
-    let attention = AttentionConfig::new(a.kernel, a.mask);
+    let attention = a.attention.config();
     let (n, b) = (a.seq, a.batch);
     println!(
         "{} ({:.1}M parameters), {} on {} rank(s) ({:?}, dp {}), b={b} N={n}, {} ZeRO-{} checkpointing {}, \
          AdamW {}, kernel {:?}, mask {:?}",
         a.preset,
         cfg.num_params() as f64 / 1e6,
-        a.strategy.label(),
+        a.attention.strategy.label(),
         a.ranks,
         a.backend,
         a.dp,
@@ -132,8 +124,8 @@ pub fn run(a: &StepArgs) -> Result<()> {
         a.zero,
         a.checkpointing.name(),
         lr.map_or("off".into(), |lr| format!("lr {lr}")),
-        a.kernel,
-        a.mask
+        a.attention.kernel,
+        a.attention.mask
     );
 
     let per_rank = on_ranks(a.backend, a.ranks, a.threads, |ctx| -> Result<Vec<f64>> {
@@ -143,7 +135,8 @@ pub fn run(a: &StepArgs) -> Result<()> {
         let start = status_mib("VmRSS:").unwrap_or(f64::NAN);
         world.barrier()?;
         let mesh = Mesh::new(world, MeshShape::dp_sp(a.dp, a.ranks / a.dp)?)?;
-        let strategy = a.strategy.build(mesh.group("sp")?, attention, n, cfg.n_head, cfg.n_kv_head)?;
+        let strategy =
+            a.attention.strategy.build(mesh.group("sp")?, attention, n, cfg.n_head, cfg.n_kv_head)?;
         let layout = strategy.layout().clone();
         let model = Gpt::new(&cfg, strategy, kind, Device::Cpu)?;
         let mut trainer = Trainer::new(model, TrainGroups::new(&mesh)?, plan.clone())?;
@@ -216,7 +209,7 @@ pub fn run(a: &StepArgs) -> Result<()> {
          loss={loss:.5} base_rss_mib={base:.1} peak_rss_mib={peak:.1} step_peak_mib_per_rank={step_peak:.1} \
          built_mib_per_rank={states:.1} peak_above_start_mib_per_rank={total_peak:.1} \
          params_mib_per_rank={param_mib:.1} bytes_sent_per_rank={max_sent}",
-        a.strategy.label(),
+        a.attention.strategy.label(),
         !a.no_overlap,
     );
     Ok(())

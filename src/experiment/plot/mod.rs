@@ -13,6 +13,8 @@ mod axis;
 mod bars;
 mod grid;
 mod style;
+mod ticks;
+mod unit;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -23,10 +25,11 @@ use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use crate::{Error, Result};
 
-pub use axis::{Axis, Scale, Unit};
+pub use axis::{Axis, Scale};
 pub use bars::{BarChart, Bars};
 pub use grid::Collective;
 pub use style::{series_style, shade, strategy_of, strategy_style, Marker, Style};
+pub use unit::Unit;
 
 /// One line of a chart.
 #[derive(Debug, Clone)]
