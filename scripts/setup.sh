@@ -69,11 +69,15 @@ step() {
   say "$label: done in $(clock $((SECONDS - start)))"
 }
 
-# apt's progress: packages fetched and set up out of those it installs.
+# apt's progress: packages fetched and set up out of those it installs (upgraded + newly
+# installed, from "2 upgraded, 53 newly installed, ..."). Only the `Get:` lines of packages count,
+# `Get:12 http://... bookworm/main amd64 libfoo-dev amd64 1.2-3 [123 kB]` (seven words before the
+# size), not those of `apt-get update`'s index files (`Get:1 http://... bookworm InRelease [151 kB]`,
+# `... bookworm/main amd64 Packages [8792 kB]`). scripts/build_progress.py --self-test checks it.
 apt_detail() {
   local total got set
-  total=$(grep -o '[0-9]* newly installed' "$1" | grep -o '^[0-9]*' || true)
-  got=$(grep -c '^Get:' "$1" || true)
+  total=$(grep -oE '^[0-9]+ upgraded, [0-9]+ newly installed' "$1" | tail -n 1 | awk '{print $1 + $3}' || true)
+  got=$(grep -cE '^Get:[0-9]+ +([^ ]+ +){6}\[' "$1" || true)
   set=$(grep -c '^Setting up' "$1" || true)
   [ -n "$total" ] && echo "|fetched $got/$total packages, set up $set/$total"
 }
