@@ -1186,7 +1186,15 @@ def main():
     if sys.stderr.isatty() and not any(a.startswith("--color") for a in cmd):
         cmd.append("--color=always")
     build = Build(args, time.monotonic())
-    recorder = Recorder(args.record, cmd) if args.record else None
+    # ULYSSES_BUILD_RECORD_DIR records every build that runs through here into that folder
+    # (scripts/fresh-clone-timing.sh sets it, to replay a newcomer's builds on a quiet machine).
+    record = args.record
+    record_dir = os.environ.get("ULYSSES_BUILD_RECORD_DIR")
+    if not record and record_dir:
+        os.makedirs(record_dir, exist_ok=True)
+        slug = re.sub(r"[^a-z0-9]+", "-", (args.times or "build").rsplit("/", 1)[-1].lower()).strip("-")
+        record = os.path.join(record_dir, f"{slug}-{time.strftime('%Y%m%dT%H%M%S')}.log")
+    recorder = Recorder(record, cmd) if record else None
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
 
     def read_stdout():

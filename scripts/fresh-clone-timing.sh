@@ -16,7 +16,8 @@
 # Writes into the work folder: clone/ (the checkout, its target/ and results/), home/ (HOME,
 # CARGO_HOME, the caches), logs/*.log (each command's output, every line prefixed with the
 # seconds since that command started), cargo-timings/ (cargo's --timings reports of the builds,
-# for what costs most), and times.tsv (stage, seconds), which it also prints. With the toolchain
+# for what costs most), build-records/ (every build shown with its progress, recorded for
+# `scripts/build_progress.py --replay`), and times.tsv (stage, seconds), which it also prints. With the toolchain
 # kept, what differs from a clean container is only the Debian packages already installed
 # (shared/SETUP.md: about 45 s for OpenMPI and libclang) and the toolchain (13 s with rustup).
 set -euo pipefail
@@ -60,8 +61,10 @@ else
   # rustup's proxies (cargo, rustc) from the machine, its toolchains where they are; registry empty.
   export RUSTUP_HOME=${RUSTUP_HOME:-$orig_home/.rustup} PATH=$orig_home/.cargo/bin:$path_without_cargo
 fi
-# cargo --timings for every build the commands run (scripts/ulysses and scripts/test.sh pass it).
-export ULYSSES_CARGO_ARGS=--timings
+# cargo --timings for every build the commands run (scripts/ulysses and scripts/test.sh pass it),
+# and a recording of every build that shows its progress (scripts/build_progress.py), to replay
+# through the time-left estimate (`build_progress.py --replay`).
+export ULYSSES_CARGO_ARGS=--timings ULYSSES_BUILD_RECORD_DIR=$work/build-records
 cd "$work/clone"
 
 times=$work/times.tsv
@@ -87,7 +90,7 @@ timed() {
 test_args=()
 [ "$notebooks" = 1 ] || test_args=(--no-notebooks)
 if [ "$dry_run" = 1 ]; then
-  env | grep -E '^(HOME|CARGO_HOME|RUSTUP_HOME|PATH|ULYSSES_CARGO_ARGS)=' | sort
+  env | grep -E '^(HOME|CARGO_HOME|RUSTUP_HOME|PATH|ULYSSES_CARGO_ARGS|ULYSSES_BUILD_RECORD_DIR)=' | sort
   echo "cargo: $(command -v cargo || echo 'none: the set-up will install Rust')"
   echo "would run, in $work/clone: ./scripts/ulysses run experiments/quickstart.toml --report;" \
     "./scripts/test.sh ${test_args[*]}; both again"
@@ -107,4 +110,4 @@ done
   grep -E '^\s*[0-9]+  === .* ===|took' "$work/logs/test_fresh.log" | sed 's/^/test_fresh: /' || true
 echo
 column -t "$times"
-echo "logs in $work/logs, cargo's timing reports in $work/cargo-timings"
+echo "logs in $work/logs, cargo's timing reports in $work/cargo-timings, build recordings in $work/build-records"
