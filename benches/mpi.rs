@@ -4,7 +4,10 @@
 //!    `ulysses bench-a2a` loop once as threads and once as MPI processes (mpirun), medians;
 //! 2. communication/computation overlap: training steps of ring attention (and Ulysses) on 4 MPI
 //!    processes with overlap on and off (`ulysses step --no-overlap`), alternated, medians of
-//!    the per-run median step times.
+//!    the per-run median step times;
+//! 3. envelope comparisons: microseconds per small all-to-all on 2 and 4 MPI processes with the
+//!    envelope of every transfer compared against the default (new envelopes and every 64th),
+//!    runs alternated, medians.
 //!
 //! Run: `cargo bench --features mpi --bench mpi` (`-- --quick` for fewer runs).
 
@@ -74,6 +77,39 @@ fn overlap(exe: &str, quick: bool) -> Result<()> {
     Ok(())
 }
 
+/// Median µs per small all-to-all of one `ulysses-checks latency` job (rank 0's).
+fn latency_us(n: usize, checks: &str) -> Result<f64> {
+    let exe = std::path::Path::new(env!("CARGO_BIN_EXE_ulysses-checks"));
+    let out = ulysses::comm::mpirun_command(n, exe, &["latency".into(), checks.into()]).output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line =
+        text.lines().find(|l| l.contains("latency checks=") && l.contains("rank=0 ")).with_context(|| {
+            format!("ulysses-checks latency failed:\n{text}{}", String::from_utf8_lossy(&out.stderr))
+        })?;
+    common::field(line, "median_us")
+}
+
+fn envelopes(quick: bool) -> Result<()> {
+    let runs = if quick { 1 } else { 7 };
+    println!();
+    println!(
+        "== envelope comparisons: µs per all-to-all of [2, 4, P, 4] f32 per rank, each run the median of 5 \
+              rounds of 400 calls, every/default alternated, median of {runs} runs =="
+    );
+    println!("{:>6} {:>14} {:>14} {:>16}", "ranks", "every µs", "default µs", "every/default");
+    for n in [2usize, 4] {
+        let (mut every, mut new) = (Vec::new(), Vec::new());
+        for _ in 0..runs {
+            every.push(latency_us(n, "every")?);
+            new.push(latency_us(n, "new")?);
+        }
+        let (e, d) = (median(every), median(new));
+        println!("{n:>6} {e:>14.1} {d:>14.1} {:>15.2}x", e / d);
+    }
+    println!("(every: a header and its echo before each payload; default: only for envelopes new to a pair and every 64th)");
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
     let exe = env!("CARGO_BIN_EXE_ulysses");
@@ -97,5 +133,6 @@ fn main() -> Result<()> {
         "(local: 4 threads of one process; mpi: 4 OpenMPI processes on this machine's {} cores)",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    overlap(exe, quick)
+    overlap(exe, quick)?;
+    envelopes(quick)
 }

@@ -142,3 +142,29 @@ fn an_experiment_runs_on_mpi_processes_like_on_threads() -> Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
+
+#[test]
+fn conformance_checks_pass_comparing_every_envelope() -> Result<()> {
+    // The default compares new envelopes and every 64th; this compares all of them.
+    conformance("conformance-every", &[2, 3])
+}
+
+#[test]
+fn ranks_that_diverge_on_envelopes_they_had_seen_are_caught() -> Result<()> {
+    // The same bytes in another shape: not compared when it happens (each rank had compared its
+    // envelope before), caught on both ranks at the next comparison (at most 4 transfers on).
+    let (ok, text, took) = mpirun(2, "diverged")?;
+    for r in 0..2 {
+        let line = text.lines().find(|l| l.contains(&format!("rank {r} caught:"))).unwrap_or_default();
+        ensure!(
+            line.contains("ranks disagree") && line.contains("not on the transfers between them"),
+            "rank {r}: {line:?} in\n{text}"
+        );
+    }
+    ensure!(ok && took < Duration::from_secs(30), "took {took:?}:\n{text}");
+    // Fewer bytes than the receiver expects: it says so at once.
+    let (ok, text, _) = mpirun(2, "diverged-size")?;
+    let line = text.lines().find(|l| l.contains("rank 1 caught:")).unwrap_or_default();
+    ensure!(ok && line.contains("received 16 bytes from rank 0 where it expected 20"), "{line:?} in\n{text}");
+    Ok(())
+}

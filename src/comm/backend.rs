@@ -124,6 +124,11 @@ pub(crate) fn receive_buffer(op: OpKind, dst: &Tensor) -> Result<Tensor> {
 /// contents here): for payload paths that cannot check them themselves (started MPI payloads,
 /// NCCL), and with no device round trip. `out` and `inc` list (group rank, tensor); `me` is
 /// this rank's global rank, for the message.
+///
+/// With a peer it exchanges anything with, a rank sends both what it sends and what it expects
+/// (each as a ledger proof: the envelope and the pair's history since the last comparison), so
+/// both ranks of a transfer that disagree report it. Which peers it compares with is
+/// `control`'s [`EnvelopeLedger`]'s decision (every batch without one): the same on both sides.
 #[cfg(any(feature = "mpi", feature = "nccl"))]
 pub(crate) fn check_envelopes(
     control: &dyn Backend,
@@ -133,36 +138,94 @@ pub(crate) fn check_envelopes(
     inc: &[(usize, Tensor)],
     me: usize,
 ) -> Result<()> {
+    use super::envelopes::{disagreement, Direction, Entry, PROOF_LEN};
+    let every = EnvelopeLedger::new(super::EnvelopeChecks::Every);
+    let ledger = control.envelope_ledger().unwrap_or(&every);
     let p = group.ranks.len();
+    // Per peer: (what I send it, what I expect from it), each a header with its proof.
+    type Side = Option<([i64; HEADER_LEN], Entry)>;
+    let mut with: Vec<[Side; 2]> = vec![[None, None]; p];
+    for (j, t) in out {
+        let h = header(&Envelope::of(op, t));
+        with[*j][0] = Some((h, ledger.0.entry(*j, Direction::Out, &h)));
+    }
+    for (j, t) in inc {
+        let h = header(&Envelope::of(op.peer_kind(), t));
+        with[*j][1] = Some((h, ledger.0.entry(*j, Direction::In, &h)));
+    }
+    let compare: Vec<bool> = with.iter().map(|w| w.iter().flatten().any(|(_, e)| e.compare)).collect();
+    const ABSENT: [i64; PROOF_LEN] = [i64::MIN; PROOF_LEN];
     let mut sends: Vec<Option<Tensor>> = (0..p).map(|_| None).collect();
     let mut recvs: Vec<Option<Tensor>> = (0..p).map(|_| None).collect();
-    for (j, t) in out {
-        sends[*j] = Some(Tensor::from_slice(&header(&Envelope::of(op, t))));
-    }
-    for (j, _) in inc {
-        recvs[*j] = Some(Tensor::zeros([HEADER_LEN as i64], (Kind::Int64, Device::Cpu)));
+    for j in (0..p).filter(|&j| compare[j]) {
+        let mut both = Vec::with_capacity(2 * PROOF_LEN);
+        for slot in &with[j] {
+            both.extend_from_slice(&slot.map_or(ABSENT, |(_, e)| e.proof));
+        }
+        sends[j] = Some(Tensor::from_slice(&both));
+        recvs[j] = Some(Tensor::zeros([2 * PROOF_LEN as i64], (Kind::Int64, Device::Cpu)));
     }
     let got: Vec<Option<Tensor>> = recvs.iter().map(|t| t.as_ref().map(Tensor::shallow_clone)).collect();
-    control.exchange(group, op, sends, recvs)?;
-    for (j, dst) in inc {
-        let expected = Envelope::of(op.peer_kind(), dst);
-        let mut theirs = [0i64; HEADER_LEN];
-        if let Some(t) = &got[*j] {
-            t.f_copy_data(&mut theirs, HEADER_LEN).op(op.name())?;
+    if compare.iter().any(|&c| c) {
+        control.exchange(group, op, sends, recvs)?;
+    }
+    let mismatch =
+        |detail: String| crate::Error::Mismatch { op: op.name(), group: group.to_string(), detail };
+    for j in (0..p).filter(|&j| compare[j]) {
+        let mut theirs = [0i64; 2 * PROOF_LEN];
+        if let Some(t) = &got[j] {
+            t.f_copy_data(&mut theirs, 2 * PROOF_LEN).op(op.name())?;
         }
-        if theirs != header(&expected) {
-            return Err(crate::Error::Mismatch {
-                op: op.name(),
-                group: group.to_string(),
-                detail: format!(
-                    "rank {} sent {} but rank {me} expected {expected}",
-                    group.ranks[*j],
-                    describe(&theirs)
-                ),
-            });
+        let slot = |i: usize| -> [i64; PROOF_LEN] {
+            let mut a = [0; PROOF_LEN];
+            a.copy_from_slice(&theirs[i * PROOF_LEN..(i + 1) * PROOF_LEN]);
+            a
+        };
+        // Mine out against theirs in, mine in against theirs out.
+        let (their_in, their_out) = (slot(1), slot(0));
+        let peer = group.ranks[j];
+        let mine_out = with[j][0].map_or(ABSENT, |(_, e)| e.proof);
+        let mine_in = with[j][1].map_or(ABSENT, |(_, e)| e.proof);
+        let one_sided = |what: &str| mismatch(format!("rank {me} {what} rank {peer}, which does not"));
+        match (mine_out == ABSENT, their_in == ABSENT) {
+            (false, true) => return Err(one_sided("sends to")),
+            (true, false) => return Err(one_sided("receives nothing from")),
+            _ => {}
+        }
+        match (mine_in == ABSENT, their_out == ABSENT) {
+            (false, true) => return Err(one_sided("expects data from")),
+            (true, false) => return Err(one_sided("expects nothing from")),
+            _ => {}
+        }
+        if let Some(d) = (mine_out != ABSENT).then(|| disagreement(&mine_out, &their_in, me, peer)).flatten()
+        {
+            return Err(mismatch(d));
+        }
+        if let Some(d) = (mine_in != ABSENT).then(|| disagreement(&their_out, &mine_in, peer, me)).flatten() {
+            return Err(mismatch(d));
+        }
+    }
+    // Agreed: both directions of every compared peer count as compared, on both sides.
+    for (j, slots) in with.iter().enumerate() {
+        for (slot, dir) in slots.iter().zip([Direction::Out, Direction::In]) {
+            if let Some((h, _)) = slot {
+                ledger.0.commit(j, dir, h, compare[j]);
+            }
         }
     }
     Ok(())
+}
+
+/// A rank's history of envelopes with the other ranks of one group, which decides which
+/// transfers compare their envelopes (see [`EnvelopeChecks`](super::EnvelopeChecks)); kept by
+/// backends for which a comparison costs a message.
+#[cfg_attr(not(any(feature = "mpi", feature = "nccl")), allow(dead_code))]
+pub struct EnvelopeLedger(pub(crate) super::envelopes::Ledger);
+
+impl EnvelopeLedger {
+    pub fn new(checks: super::EnvelopeChecks) -> EnvelopeLedger {
+        EnvelopeLedger(super::envelopes::Ledger::new(checks))
+    }
 }
 
 /// One rank's connection to the other ranks, as a backend provides it.
@@ -178,6 +241,13 @@ pub(crate) fn check_envelopes(
 pub trait Backend: Send + Sync {
     /// "local", "mpi", "nccl".
     fn name(&self) -> &'static str;
+
+    /// This rank's envelope history in the group, for backends that compare envelopes by
+    /// message and so compare only some of them ([`EnvelopeChecks`](super::EnvelopeChecks));
+    /// `None`: every transfer is compared.
+    fn envelope_ledger(&self) -> Option<&EnvelopeLedger> {
+        None
+    }
 
     /// Runs one batch of transfers in `group` (indices are ranks of the group).
     fn exchange(

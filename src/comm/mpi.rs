@@ -1,12 +1,15 @@
 //! The MPI backend (cargo feature `mpi`): one process per rank, started by `mpirun` or Slurm's
 //! `srun` (or `ulysses launch`), collectives on CPU tensors through OpenMPI (rsmpi).
 //!
-//! Every transfer of a batch is a header exchange, then the payload, on the group's own
+//! A transfer of a batch is a header exchange, then the payload, on the group's own
 //! communicator (made with `MPI_Comm_split` when the group is split). The sender sends its
 //! header (op, dtype, shape) and the receiver sends back the header it expects, in the same
 //! round, so both sides compare the two and a disagreement is `Error::Mismatch` on both, naming
 //! both sides, before a byte of payload moves (a one-way check left the sender waiting for a
-//! payload receive that never came, and reporting a timeout). The payload is sent from and
+//! payload receive that never came, and reporting a timeout). By default only transfers whose
+//! envelope the two ranks have not compared before, and every 64th, exchange headers (with the
+//! history in between: `comm::envelopes`); the others go straight to their payload, whose size
+//! the receiver checks. The payload is sent from and
 //! received into the tensors' memory directly when they are contiguous (a strided destination
 //! is received into a contiguous buffer and copied), in messages of at most
 //! [`MpiLaunch::max_message_bytes`] (1 GiB by default: MPI counts are 32-bit, so one message
@@ -23,12 +26,14 @@ use std::sync::Arc;
 use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
+use mpi::point_to_point::Status;
 use mpi::request::{scope, Request, Scope};
 use mpi::topology::{Color, Communicator, SimpleCommunicator};
 use mpi::traits::*;
 use tch::{Device, Tensor};
 
-use super::backend::{describe, header, Backend, Envelope, HEADER_LEN};
+use super::backend::{header, Backend, Envelope, EnvelopeLedger, HEADER_LEN};
+use super::envelopes::{disagreement, Direction, EnvelopeChecks, PROOF_LEN};
 use super::group::{Group, GroupInfo};
 use super::launch::{error_chain, panic_message, RankCtx, DEFAULT_TIMEOUT};
 use super::OpKind;
@@ -52,6 +57,9 @@ pub(super) struct MpiEndpoint {
     pub(super) max_message: usize,
     /// The thread that initialised MPI; no other may call it.
     owner: ThreadId,
+    /// Which transfers compare their envelopes (module docs), and this endpoint's history.
+    checks: EnvelopeChecks,
+    pub(super) ledger: EnvelopeLedger,
 }
 
 // SAFETY: an MpiEndpoint holds an MPI communicator handle, a plain value that may be moved or
@@ -71,9 +79,7 @@ pub(super) fn report(msg: &str) {
 /// A transfer this rank receives.
 struct Incoming {
     peer: usize,
-    expected: Envelope,
     header: [i64; HEADER_LEN],
-    got: [i64; HEADER_LEN],
     /// Contiguous memory the payload lands in (`dst` itself when contiguous).
     buf: Tensor,
     dst: Tensor,
@@ -88,6 +94,22 @@ fn bytes(t: &Tensor) -> &[u8] {
     // SAFETY: callers pass contiguous CPU tensors, whose `len` bytes start at data_ptr and are
     // owned by `t`, which outlives the returned slice; nothing writes them while it lives.
     unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, len) }
+}
+
+/// The messages a payload travels in: pieces of at most `max` bytes, and one empty message for
+/// an empty payload, so that every transfer is a message (a barrier's transfers are empty, and
+/// must still make each rank wait for the others when no header goes before them).
+pub(super) fn pieces(data: &[u8], max: usize) -> impl Iterator<Item = &[u8]> {
+    let empty: &[u8] = &[];
+    data.chunks(max).chain(data.is_empty().then_some(empty))
+}
+
+/// [`pieces`], to receive into.
+pub(super) fn pieces_mut(data: &mut [u8], max: usize) -> Vec<&mut [u8]> {
+    if data.is_empty() {
+        return vec![data];
+    }
+    data.chunks_mut(max).collect()
 }
 
 /// A contiguous CPU tensor's bytes, to receive into.
@@ -116,25 +138,30 @@ impl MpiEndpoint {
     }
 
     /// Polls `requests` until all complete; past the deadline, reports and aborts the job.
+    /// Returns each request's status, in the order given.
     fn wait_all<'a, D: ?Sized, S: Scope<'a>>(
         &self,
-        mut requests: Vec<(usize, Request<'a, D, S>)>,
+        requests: Vec<(usize, Request<'a, D, S>)>,
         deadline: Instant,
         what: &dyn Fn(&[usize]) -> Error,
-    ) {
-        while !requests.is_empty() {
-            let mut pending = Vec::with_capacity(requests.len());
-            for (peer, r) in requests {
-                if let Err(r) = r.test() {
-                    pending.push((peer, r));
+    ) -> Vec<Status> {
+        let mut done: Vec<Option<Status>> = requests.iter().map(|_| None).collect();
+        let mut pending: Vec<(usize, usize, Request<'a, D, S>)> =
+            requests.into_iter().enumerate().map(|(i, (peer, r))| (i, peer, r)).collect();
+        while !pending.is_empty() {
+            let mut left = Vec::with_capacity(pending.len());
+            for (i, peer, r) in pending {
+                match r.test() {
+                    Ok(status) => done[i] = Some(status),
+                    Err(r) => left.push((i, peer, r)),
                 }
             }
-            requests = pending;
-            if requests.is_empty() {
+            pending = left;
+            if pending.is_empty() {
                 break;
             }
             if Instant::now() > deadline {
-                let mut peers: Vec<usize> = requests.iter().map(|(p, _)| *p).collect();
+                let mut peers: Vec<usize> = pending.iter().map(|(_, p, _)| *p).collect();
                 peers.sort_unstable();
                 peers.dedup();
                 report(&format!("rank {}: {}; aborting the MPI job", self.comm.rank(), what(&peers)));
@@ -142,12 +169,17 @@ impl MpiEndpoint {
             }
             std::thread::yield_now();
         }
+        done.into_iter().flatten().collect()
     }
 }
 
 impl Backend for MpiEndpoint {
     fn name(&self) -> &'static str {
         "mpi"
+    }
+
+    fn envelope_ledger(&self) -> Option<&EnvelopeLedger> {
+        Some(&self.ledger)
     }
 
     fn exchange(
@@ -185,21 +217,14 @@ impl Backend for MpiEndpoint {
         for (j, t) in recvs.into_iter().enumerate() {
             if let Some(dst) = t {
                 cpu(&dst)?;
-                let expected = Envelope::of(op.peer_kind(), &dst);
+                let expected = header(&Envelope::of(op.peer_kind(), &dst));
                 let buf = if dst.is_contiguous() {
                     dst.shallow_clone()
                 } else {
                     // Row-major, as the sender's contiguous bytes are (empty_like would keep strides).
                     Tensor::f_empty(dst.size(), (dst.kind(), dst.device())).op(op.name())?
                 };
-                inc.push(Incoming {
-                    peer: j,
-                    header: header(&expected),
-                    expected,
-                    got: [0; HEADER_LEN],
-                    buf,
-                    dst,
-                });
+                inc.push(Incoming { peer: j, header: expected, buf, dst });
             }
         }
         let timeout = |what: &'static str| {
@@ -213,61 +238,87 @@ impl Backend for MpiEndpoint {
             }
         };
 
-        // 1. Headers: each sender's to its receiver, each receiver's expected one back.
-        let mut expected_by_peer = vec![[0i64; HEADER_LEN]; out.len()];
+        // 1. Envelopes of the transfers the ledger compares now (all of them with
+        // `EnvelopeChecks::Every`): each sender's proof to its receiver, each receiver's own
+        // back, so that both sides compare both and report the same disagreement.
+        let ledger = &self.ledger.0;
+        let out_entries: Vec<_> = out.iter().map(|(j, h, _)| ledger.entry(*j, Direction::Out, h)).collect();
+        let inc_entries: Vec<_> =
+            inc.iter().map(|x| ledger.entry(x.peer, Direction::In, &x.header)).collect();
+        let mut back = vec![[0i64; PROOF_LEN]; out.len()];
+        let mut got = vec![[0i64; PROOF_LEN]; inc.len()];
         scope(|sc| {
             let mut reqs = Vec::new();
-            for ((j, h, _), back) in out.iter().zip(expected_by_peer.iter_mut()) {
-                let peer = self.comm.process_at_rank(*j as i32);
-                reqs.push((*j, peer.immediate_send_with_tag(sc, &h[..], HEADER)));
-                reqs.push((*j, peer.immediate_receive_into_with_tag(sc, &mut back[..], EXPECTED)));
+            for (((j, _, _), e), back) in out.iter().zip(&out_entries).zip(back.iter_mut()) {
+                if e.compare {
+                    let peer = self.comm.process_at_rank(*j as i32);
+                    reqs.push((*j, peer.immediate_send_with_tag(sc, &e.proof[..], HEADER)));
+                    reqs.push((*j, peer.immediate_receive_into_with_tag(sc, &mut back[..], EXPECTED)));
+                }
             }
-            for Incoming { peer, header, got, .. } in inc.iter_mut() {
-                let p = self.comm.process_at_rank(*peer as i32);
-                reqs.push((*peer, p.immediate_receive_into_with_tag(sc, &mut got[..], HEADER)));
-                reqs.push((*peer, p.immediate_send_with_tag(sc, &header[..], EXPECTED)));
+            for ((x, e), got) in inc.iter().zip(&inc_entries).zip(got.iter_mut()) {
+                if e.compare {
+                    let p = self.comm.process_at_rank(x.peer as i32);
+                    reqs.push((x.peer, p.immediate_receive_into_with_tag(sc, &mut got[..], HEADER)));
+                    reqs.push((x.peer, p.immediate_send_with_tag(sc, &e.proof[..], EXPECTED)));
+                }
             }
             self.wait_all(reqs, deadline, &timeout("headers"));
         });
-        // Both sides of a transfer see both headers, so both report the same disagreement.
         let mismatch = |detail: String| Error::Mismatch { op: op.name(), group: group.to_string(), detail };
-        if let Some(x) = inc.iter().find(|x| x.got != x.header) {
-            let peer = group.ranks[x.peer];
-            return Err(mismatch(format!(
-                "rank {peer} sent {} but rank {me} expected {}",
-                describe(&x.got),
-                x.expected
-            )));
+        for ((x, e), got) in inc.iter().zip(&inc_entries).zip(&got) {
+            if let Some(d) = e.compare.then(|| disagreement(got, &e.proof, group.ranks[x.peer], me)).flatten()
+            {
+                return Err(mismatch(d));
+            }
         }
-        if let Some(((j, h, _), back)) =
-            out.iter().zip(&expected_by_peer).find(|((_, h, _), back)| h != *back)
-        {
-            let peer = group.ranks[*j];
-            return Err(mismatch(format!(
-                "rank {me} sent {} but rank {peer} expected {}",
-                describe(h),
-                describe(back)
-            )));
+        for (((j, _, _), e), back) in out.iter().zip(&out_entries).zip(&back) {
+            if let Some(d) = e.compare.then(|| disagreement(&e.proof, back, me, group.ranks[*j])).flatten() {
+                return Err(mismatch(d));
+            }
+        }
+        for ((j, h, _), e) in out.iter().zip(&out_entries) {
+            ledger.commit(*j, Direction::Out, h, e.compare);
+        }
+        for (x, e) in inc.iter().zip(&inc_entries) {
+            ledger.commit(x.peer, Direction::In, &x.header, e.compare);
         }
 
         // 2. Payloads, straight from and into tensor memory, in messages of at most
-        // `max_message` bytes (in order: one source, one tag).
+        // `max_message` bytes (in order: one source, one tag). Every message received must be
+        // the size expected: a transfer whose envelope was not compared this time is checked by
+        // its size now, and by its history at the next comparison.
+        let mut short = None;
         scope(|sc| {
             let mut reqs = Vec::new();
+            let mut sizes = Vec::new();
             for (j, _, t) in &out {
                 let peer = self.comm.process_at_rank(*j as i32);
-                for chunk in bytes(t).chunks(self.max_message) {
+                for chunk in pieces(bytes(t), self.max_message) {
                     reqs.push((*j, peer.immediate_send_with_tag(sc, chunk, PAYLOAD)));
+                    sizes.push(None);
                 }
             }
             for x in &inc {
                 let peer = self.comm.process_at_rank(x.peer as i32);
-                for chunk in bytes_mut(&x.buf).chunks_mut(self.max_message) {
+                for chunk in pieces_mut(bytes_mut(&x.buf), self.max_message) {
+                    sizes.push(Some((x.peer, chunk.len())));
                     reqs.push((x.peer, peer.immediate_receive_into_with_tag(sc, chunk, PAYLOAD)));
                 }
             }
-            self.wait_all(reqs, deadline, &timeout("data"));
+            let statuses = self.wait_all(reqs, deadline, &timeout("data"));
+            short = statuses.iter().zip(&sizes).find_map(|(status, size)| {
+                let (peer, want) = (*size)?;
+                let got = status.count(u8::equivalent_datatype()) as usize;
+                (got != want).then_some((peer, got, want))
+            });
         });
+        if let Some((peer, got, want)) = short {
+            return Err(mismatch(format!(
+                "rank {me} received {got} bytes from rank {} where it expected {want}",
+                group.ranks[peer]
+            )));
+        }
         for mut x in inc {
             if !x.dst.is_contiguous() {
                 x.dst.f_copy_(&x.buf).op(op.name())?;
@@ -305,6 +356,8 @@ impl Backend for MpiEndpoint {
                 timeout: self.timeout,
                 max_message: self.max_message,
                 owner: self.owner,
+                checks: self.checks,
+                ledger: EnvelopeLedger::new(self.checks),
             }) as Arc<dyn Backend>
         }))
     }
@@ -316,11 +369,17 @@ pub struct MpiLaunch {
     timeout: Duration,
     threads_per_rank: usize,
     max_message_bytes: usize,
+    envelope_checks: EnvelopeChecks,
 }
 
 impl Default for MpiLaunch {
     fn default() -> Self {
-        MpiLaunch { timeout: DEFAULT_TIMEOUT, threads_per_rank: 1, max_message_bytes: MAX_MESSAGE_BYTES }
+        MpiLaunch {
+            timeout: DEFAULT_TIMEOUT,
+            threads_per_rank: 1,
+            max_message_bytes: MAX_MESSAGE_BYTES,
+            envelope_checks: EnvelopeChecks::default(),
+        }
     }
 }
 
@@ -349,6 +408,15 @@ impl MpiLaunch {
         self
     }
 
+    /// Which transfers compare their envelopes by message before their payload moves: by
+    /// default those whose envelope the two ranks have not compared before and every 64th
+    /// (`EnvelopeChecks::NewAndEvery { audit: 64 }`), `EnvelopeChecks::Every` to compare every
+    /// one (a rank that diverges is then named at its first differing transfer).
+    pub fn envelope_checks(mut self, checks: EnvelopeChecks) -> MpiLaunch {
+        self.envelope_checks = checks;
+        self
+    }
+
     /// Initialises MPI (the rank and world size come from mpirun or srun; a process started
     /// alone is a world of one), runs `f` as this rank, and finalises MPI. If `f` fails or
     /// panics, prints the rank and the error and aborts the whole job. Once per process.
@@ -370,6 +438,8 @@ impl MpiLaunch {
             timeout: self.timeout,
             max_message: self.max_message_bytes,
             owner: std::thread::current().id(),
+            checks: self.envelope_checks,
+            ledger: EnvelopeLedger::new(self.envelope_checks),
         };
         let world = Group::new(info, rank, Arc::new(endpoint))?;
         let outcome =

@@ -21,7 +21,7 @@ use tch::{Device, Tensor};
 
 use super::backend::{batch_lists, check_envelopes, receive_buffer, Pending};
 use super::group::GroupInfo;
-use super::mpi::{report, MpiEndpoint};
+use super::mpi::{pieces, pieces_mut, report, MpiEndpoint};
 use super::OpKind;
 use crate::{Error, Result};
 
@@ -85,6 +85,7 @@ pub(super) fn start(
         me,
         timeout: ep.timeout,
         requests: Vec::new(),
+        short: None,
         keep: Vec::new(),
         copies: Vec::new(),
     };
@@ -93,9 +94,9 @@ pub(super) fn start(
         // (unwritten: a fresh contiguous copy or the caller's input, which the caller must not
         // write until waiting) until every request is complete.
         let data = unsafe { bytes_static(&t) };
-        for piece in data.chunks(ep.max_message) {
+        for piece in pieces(data, ep.max_message) {
             let to = ep.comm.process_at_rank(j as i32);
-            pending.requests.push((j, to.immediate_send_with_tag(StaticScope, piece, ASYNC)));
+            pending.requests.push((j, None, to.immediate_send_with_tag(StaticScope, piece, ASYNC)));
         }
         pending.keep.push(t);
     }
@@ -104,9 +105,14 @@ pub(super) fn start(
         // SAFETY: `buf` is contiguous on the CPU, owned by `pending` until the requests complete,
         // and only MPI writes it meanwhile (the caller does not read a started receive).
         let data = unsafe { bytes_static_mut(&buf) };
-        for piece in data.chunks_mut(ep.max_message) {
+        for piece in pieces_mut(data, ep.max_message) {
             let from = ep.comm.process_at_rank(j as i32);
-            pending.requests.push((j, from.immediate_receive_into_with_tag(StaticScope, piece, ASYNC)));
+            let want = piece.len();
+            pending.requests.push((
+                j,
+                Some(want),
+                from.immediate_receive_into_with_tag(StaticScope, piece, ASYNC),
+            ));
         }
         if !dst.is_contiguous() {
             pending.copies.push((dst, buf.shallow_clone()));
@@ -116,13 +122,19 @@ pub(super) fn start(
     Ok(Box::new(pending))
 }
 
+/// One payload message in flight.
+type Payload = Request<'static, [u8], StaticScope>;
+
 /// Payload requests in flight, with the tensors they read and write.
 struct MpiPending {
     op: OpKind,
     group: String,
     me: usize,
     timeout: std::time::Duration,
-    requests: Vec<(usize, Request<'static, [u8], StaticScope>)>,
+    /// (group rank, bytes expected for a receive, request).
+    requests: Vec<(usize, Option<usize>, Payload)>,
+    /// A receive that brought another number of bytes than expected: (peer, got, expected).
+    short: Option<(usize, usize, usize)>,
     /// Every tensor a request reads or writes, alive until the requests complete.
     keep: Vec<Tensor>,
     /// Strided destinations and the contiguous buffers they are received into.
@@ -136,9 +148,15 @@ impl MpiPending {
         let start = std::time::Instant::now();
         while !self.requests.is_empty() {
             let mut left = Vec::with_capacity(self.requests.len());
-            for (peer, r) in self.requests.drain(..) {
-                if let Err(r) = r.test() {
-                    left.push((peer, r));
+            for (peer, want, r) in self.requests.drain(..) {
+                match r.test() {
+                    Ok(status) => {
+                        let got = status.count(u8::equivalent_datatype()) as usize;
+                        if want.is_some_and(|w| w != got) && self.short.is_none() {
+                            self.short = want.map(|w| (peer, got, w));
+                        }
+                    }
+                    Err(r) => left.push((peer, want, r)),
                 }
             }
             self.requests = left;
@@ -146,7 +164,7 @@ impl MpiPending {
                 break;
             }
             if std::time::Instant::now() > deadline {
-                let mut peers: Vec<usize> = self.requests.iter().map(|(p, _)| *p).collect();
+                let mut peers: Vec<usize> = self.requests.iter().map(|(p, _, _)| *p).collect();
                 peers.dedup();
                 let err = Error::Timeout {
                     op: self.op.name(),
@@ -167,6 +185,16 @@ impl MpiPending {
 impl Pending for MpiPending {
     fn wait(mut self: Box<Self>) -> Result<()> {
         self.complete();
+        if let Some((peer, got, want)) = self.short {
+            return Err(Error::Mismatch {
+                op: self.op.name(),
+                group: self.group.clone(),
+                detail: format!(
+                    "rank {} received {got} bytes from group rank {peer} where it expected {want}",
+                    self.me
+                ),
+            });
+        }
         for (mut dst, buf) in std::mem::take(&mut self.copies) {
             dst.f_copy_(&buf).map_err(|source| Error::Torch { op: self.op.name(), source })?;
         }
