@@ -46,8 +46,14 @@ char* guarded(F f) {
 
 extern "C" {
 
-// Makes `index` the calling thread's current CUDA device (cudaSetDevice): NCCL communicators,
-// streams and events made afterwards belong to it.
+// Makes `index` the calling thread's current CUDA device for libtorch: its kernels, allocations
+// and streams on this thread go to it. It does not bind a CUDA context for certain: in torch 2.11
+// setDeviceIndex goes to c10::cuda::SetDevice(i, force = false), which skips cudaSetDevice when
+// cudaGetDevice() already returns i (0 on a fresh thread, with no context bound), and the runtime
+// binds its context lazily, at its first call that needs one. c10::cuda::set_device(i, true)
+// would force it, but its header needs the CUDA toolkit, which this file builds without; so code
+// that calls the driver API itself (the NCCL backend: communicators, side streams, events) binds
+// the device's primary context through the driver (src/comm/nccl/cuda.rs, bind_primary_context).
 char* ulysses_cuda_set_device(int index) {
   return guarded([&] { at::accelerator::setDeviceIndex(static_cast<c10::DeviceIndex>(index)); });
 }

@@ -16,8 +16,11 @@ fn nccl_works_with_a_gpu_and_says_what_is_missing_without() -> Result<()> {
         Ok(nccl_group(ctx.world(), Device::Cuda(0), Duration::from_secs(5)).err().map(|e| e.to_string()))
     })?;
     if gpu {
-        // A GPU machine: the driver and NCCL load and a world of one forms.
+        // A GPU machine: the driver and NCCL load (at or above the floor) and a world of one
+        // forms on a fresh thread (launch's), which no CUDA call has bound a context to.
         nccl_available()?;
+        let lib = ulysses::device::nccl_library()?;
+        ensure!(lib.version >= ulysses::device::NCCL_FLOOR, "{lib:?}");
         ensure!(made[0].is_none(), "NCCL failed on a GPU machine: {:?}", made[0]);
     } else {
         let err = nccl_available().err().map(|e| e.to_string()).unwrap_or_default();

@@ -6,11 +6,14 @@
 //! unavailable unless something loads it. [`load_cuda`] does, once; on a CPU-only libtorch (or a
 //! machine without the CUDA libraries) the load fails harmlessly and CUDA stays unavailable, so
 //! one binary serves both. The rest goes through libtorch's device-generic accelerator API
-//! (`csrc/cuda.cpp`), so nothing here needs a CUDA toolkit to build.
+//! (`csrc/cuda.cpp`), so nothing here needs a CUDA toolkit to build. With the `nccl` feature,
+//! also which NCCL the process uses (`nccl_library`: found where users have it, loaded once).
 
 mod cpu;
 mod ffi;
 mod libtorch;
+#[cfg(feature = "nccl")]
+mod nccl;
 
 use std::sync::OnceLock;
 
@@ -20,6 +23,11 @@ pub use cpu::{cpu_capability, libtorch_config};
 pub use libtorch::{
     check_libtorch, check_libtorch_info, loaded_libtorch, version_of_libtorch_dir, LibtorchInfo,
     BUILT_LIBTORCH,
+};
+#[cfg(feature = "nccl")]
+pub use nccl::{
+    find_nccl, nccl_candidates, nccl_homes_from_env, nccl_library, nccl_version_string, result_name, NcclApi,
+    NcclCandidate, NcclCode, NcclLibrary, NCCL_FLOOR, NCCL_IN_PROGRESS, NCCL_SUCCESS, NCCL_SYMBOLS,
 };
 
 use crate::{Error, Result};
@@ -75,8 +83,15 @@ fn cuda_index(op: &str, device: Device) -> Result<Option<i32>> {
     }
 }
 
-/// Makes `device` the calling thread's current CUDA device (`cudaSetDevice`), so that NCCL
-/// communicators, streams and events made afterwards belong to it. A no-op for the CPU.
+/// Makes `device` the calling thread's current CUDA device for libtorch (its runtime's device
+/// index), so that libtorch's kernels, allocations and streams on this thread go to it. A no-op
+/// for the CPU.
+///
+/// This does not make a CUDA *context* current: the CUDA runtime binds the device's primary
+/// context to a thread lazily, at its first call that needs one, and when the runtime already
+/// reports this index (0 on a fresh thread) libtorch skips `cudaSetDevice` altogether. Code that
+/// calls the driver API itself (the NCCL backend's communicators, streams and events) makes the
+/// primary context current through the driver first (`comm::nccl`'s `bind_primary_context`).
 pub fn set_current(device: Device) -> Result<()> {
     match cuda_index("set_current", device)? {
         Some(i) => ffi::set_device(i),

@@ -1,8 +1,9 @@
 //! `ulysses-gpu --calibrate FILE`: this GPU measured for the cost model (bf16 GEMMs of the 1.3B
 //! model's shapes and squares, flash attention forward + backward at head sizes 64 and 128 from
 //! 1K to 32K tokens, HBM bandwidth) into a hardware file: the h200 preset's datasheet peaks and
-//! links, the measured efficiencies, its provenance. And the cost model's step time for the
-//! layer stacks [`crate::perf::gpt_stack`] measures, to print beside the measurement.
+//! links, the measured efficiencies, its provenance. And the cost model's step time and peak
+//! memory for the layer stacks [`crate::perf::gpt_stack`] measures, to print beside the
+//! measurement.
 
 use std::path::Path;
 
@@ -69,10 +70,17 @@ pub fn calibrate(out: &Path) -> Result<Hardware> {
     Ok(hw)
 }
 
-/// The cost model's seconds for one forward + backward of the 1.3B layer stack that
-/// [`crate::perf::gpt_stack`] measures (one device, bf16, flash attention, no checkpointing, no
-/// optimizer).
-pub fn predicted_stack(hw: &Hardware, layers: i64, n: i64) -> Result<f64> {
+/// What the cost model predicts for one forward + backward of a layer stack.
+pub struct Predicted {
+    pub seconds: f64,
+    /// The peak bytes of live tensors (as the CUDA allocator's peak counts them), in MiB.
+    pub peak_mib: f64,
+}
+
+/// The cost model's time and peak memory for one forward + backward of the 1.3B layer stack
+/// that [`crate::perf::gpt_stack`] measures (one device, bf16, flash attention, no
+/// checkpointing, no optimizer).
+pub fn predicted_stack(hw: &Hardware, layers: i64, n: i64) -> Result<Predicted> {
     let cfg = GptConfig { n_layer: layers, ..GptConfig::gpt_1_3b() };
     let job = Job {
         attention: AttentionConfig::new(Kernel::Sdpa, Mask::Causal),
@@ -81,5 +89,6 @@ pub fn predicted_stack(hw: &Hardware, layers: i64, n: i64) -> Result<f64> {
         optimizer: false,
         ..Job::new(cfg, StrategyConfig::Single, 1, n)
     };
-    Ok(predict(&job, hw)?.step_s)
+    let p = predict(&job, hw)?;
+    Ok(Predicted { seconds: p.step_s, peak_mib: p.memory.peak_bytes / (1024.0 * 1024.0) })
 }

@@ -1,26 +1,28 @@
-//! The CUDA driver and NCCL as loaded libraries (cudarc, dynamic loading): every symbol this
-//! backend calls is looked up once before the first call, since cudarc panics at a missing
-//! symbol (an older driver or NCCL) instead of returning an error; then the GPU's PCI bus id,
-//! a side stream, and events.
+//! The CUDA driver as a loaded library (cudarc, dynamic loading: `libcuda.so.1` is in cudarc's
+//! list), with NCCL found by our own loader (`crate::device::nccl_library`: cudarc never tries
+//! `libnccl.so.2`). Every driver symbol this backend calls is looked up once before the first
+//! call, since cudarc panics at a missing symbol (an older driver) instead of returning an
+//! error. Then the GPU's PCI bus id, its primary context, side streams and events.
 //!
-//! Streams and events belong to the context current on the calling thread: callers make their
-//! GPU current first (`crate::device::set_current`).
+//! Streams and events belong to the context current on the calling thread: callers bind the
+//! GPU's primary context first ([`bind_primary_context`]).
 
 use std::ffi::{c_char, CStr};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock, PoisonError};
 
 use cudarc::driver::sys as cu;
-use cudarc::nccl::sys as nccl_sys;
 
+use crate::device::NcclLibrary;
 use crate::{Error, Result};
 
 /// Every driver function this backend calls (the names cudarc loads).
-const DRIVER_SYMBOLS: [&str; 15] = [
+const DRIVER_SYMBOLS: [&str; 16] = [
     "cuInit",
     "cuDriverGetVersion",
     "cuGetErrorString",
     "cuDeviceGet",
     "cuDeviceGetPCIBusId",
+    "cuDevicePrimaryCtxRetain",
     "cuCtxGetCurrent",
     "cuCtxSetCurrent",
     "cuStreamCreate",
@@ -33,68 +35,36 @@ const DRIVER_SYMBOLS: [&str; 15] = [
     "cuDeviceGetCount",
 ];
 
-/// Every NCCL function this backend calls.
-const NCCL_SYMBOLS: [&str; 13] = [
-    "ncclGetVersion",
-    "ncclGetErrorString",
-    "ncclGetLastError",
-    "ncclGetUniqueId",
-    "ncclCommInitRankConfig",
-    "ncclCommGetAsyncError",
-    "ncclCommAbort",
-    "ncclCommFinalize",
-    "ncclCommDestroy",
-    "ncclGroupStart",
-    "ncclGroupEnd",
-    "ncclSend",
-    "ncclRecv",
-];
-
-/// The NCCL release whose API (`ncclConfig_t`) this build binds: cudarc's `nccl-02028`,
-/// matching the NCCL 2.28 that torch 2.11 ships.
-pub(super) const NCCL_BUILT: i32 = 22800;
-
 pub(super) fn failure(msg: String) -> Error {
     Error::Backend { backend: "nccl", msg }
 }
 
-/// The driver and NCCL are loadable, complete and recent enough; checked once per process.
-pub(super) fn libraries() -> Result<()> {
-    static CHECKED: OnceLock<std::result::Result<(), String>> = OnceLock::new();
-    CHECKED.get_or_init(check_libraries).clone().map_err(failure)
+/// The driver loads, has every symbol of [`DRIVER_SYMBOLS`] and initialises; checked once per
+/// process.
+fn driver() -> Result<()> {
+    static DRIVER: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    DRIVER.get_or_init(check_driver).clone().map_err(failure)
 }
 
-fn check_libraries() -> std::result::Result<(), String> {
+/// The driver (first: without it no NCCL can run, whatever its version), then NCCL: found,
+/// complete, and at least `crate::device::NCCL_FLOOR`.
+pub(super) fn libraries() -> Result<&'static NcclLibrary> {
+    driver()?;
+    crate::device::nccl_library()
+}
+
+fn check_driver() -> std::result::Result<(), String> {
     // SAFETY: is_culib_present only tries to load the shared library and reports whether it could.
     if !unsafe { cu::is_culib_present() } {
         return Err("the NVIDIA driver (libcuda.so) cannot be loaded: NCCL needs a GPU machine".into());
     }
-    // SAFETY: as above, for NCCL.
-    if !unsafe { nccl_sys::is_culib_present() } {
-        return Err("libnccl.so cannot be loaded: put a directory holding libnccl.so (a link to pip's \
-                    nvidia/nccl/lib/libnccl.so.2 will do) on LD_LIBRARY_PATH"
-            .into());
-    }
-    // SAFETY: both libraries load (checked above), so culib() returns them without panicking.
-    let (driver, nccl) = unsafe { (cu::culib(), nccl_sys::culib()) };
+    // SAFETY: the library loads (checked above), so culib() returns it without panicking.
+    let driver = unsafe { cu::culib() };
     // SAFETY: `get` only looks a name up; the symbol is not called here.
     let lacking = absent(&DRIVER_SYMBOLS, |n| unsafe { driver.get::<*const ()>(n.as_bytes()) }.is_ok());
     if !lacking.is_empty() {
         return Err(format!(
             "the NVIDIA driver lacks {lacking:?}: it is older than this build needs; update it"
-        ));
-    }
-    // SAFETY: as above.
-    let lacking = absent(&NCCL_SYMBOLS, |n| unsafe { nccl.get::<*const ()>(n.as_bytes()) }.is_ok());
-    if !lacking.is_empty() {
-        return Err(format!("libnccl lacks {lacking:?}: use NCCL 2.28 or newer (pip's nvidia-nccl-cu13)"));
-    }
-    let mut version = 0;
-    // SAFETY: the symbol exists (checked); `version` is a valid place for one int.
-    let r = unsafe { nccl_sys::ncclGetVersion(&mut version) };
-    if r != nccl_sys::ncclResult_t::ncclSuccess || version < NCCL_BUILT {
-        return Err(format!(
-            "libnccl reports version {version} ({r:?}); this build uses the API of NCCL 2.28 ({NCCL_BUILT}) or newer"
         ));
     }
     // SAFETY: the symbol exists; cuInit takes flags only.
@@ -130,20 +100,29 @@ pub(super) fn check(what: &str, r: cu::CUresult) -> Result<()> {
 
 /// The CUDA version the driver supports (12040 for 12.4).
 pub fn driver_version() -> Result<i32> {
-    libraries()?;
+    driver()?;
     let mut v = 0;
-    // SAFETY: the symbol exists (libraries()); `v` is a valid place for one int.
+    // SAFETY: the symbol exists (driver()); `v` is a valid place for one int.
     check("cuDriverGetVersion", unsafe { cu::cuDriverGetVersion(&mut v) })?;
     Ok(v)
+}
+
+/// The driver's handle of CUDA device `index` (as this process numbers them).
+fn device(index: usize) -> Result<cu::CUdevice> {
+    let ordinal = i32::try_from(index)
+        .map_err(|_| failure(format!("CUDA device index {index} does not fit a C int")))?;
+    let mut dev: cu::CUdevice = 0;
+    // SAFETY: the symbol exists (driver()); `dev` is a valid place for the handle.
+    check("cuDeviceGet", unsafe { cu::cuDeviceGet(&mut dev, ordinal) })
+        .map_err(|e| failure(format!("cuda:{index}: {e}")))?;
+    Ok(dev)
 }
 
 /// The PCI bus id of CUDA device `index` as this process numbers it ("0000:3B:00.0"): what
 /// tells two processes whether they drive the same GPU. Creates no context.
 pub fn pci_bus_id(index: usize) -> Result<String> {
-    libraries()?;
-    let mut dev: cu::CUdevice = 0;
-    // SAFETY: the symbol exists; `dev` is a valid place for the handle.
-    check("cuDeviceGet", unsafe { cu::cuDeviceGet(&mut dev, index as i32) })?;
+    driver()?;
+    let dev = device(index)?;
     let mut buf = [0 as c_char; 32];
     // SAFETY: `buf` has the 32 bytes passed as its length; the driver writes a NUL-terminated id.
     check("cuDeviceGetPCIBusId", unsafe { cu::cuDeviceGetPCIBusId(buf.as_mut_ptr(), 32, dev) })?;
@@ -151,21 +130,45 @@ pub fn pci_bus_id(index: usize) -> Result<String> {
     Ok(unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned())
 }
 
-/// The calling thread's current context (its GPU's primary context once libtorch made the GPU
-/// current), to make current on another thread that queries this GPU's events.
-pub(super) fn current_context() -> Result<cu::CUcontext> {
-    let mut ctx = std::ptr::null_mut();
-    // SAFETY: `ctx` is a valid place for the handle.
-    check("cuCtxGetCurrent", unsafe { cu::cuCtxGetCurrent(&mut ctx) })?;
-    if ctx.is_null() {
-        return Err(failure("no CUDA context is current: make the GPU current first".into()));
-    }
+/// Retains CUDA device `index`'s primary context (once per process) and makes it current on the
+/// calling thread; returns it, for other threads that use this GPU (the watchdog).
+///
+/// Needed because `crate::device::set_current` does not bind a context: libtorch's
+/// `at::accelerator::setDeviceIndex` skips `cudaSetDevice` when the runtime already reports
+/// that index (0 on a fresh thread), and the runtime binds its context lazily, so a driver call
+/// (a stream, an event, NCCL's initialisation) on a thread that has run no CUDA kernel finds
+/// none. The primary context is the one the CUDA runtime, and so libtorch and NCCL, use for the
+/// device: one per device and process, shared by all of them.
+///
+/// The retain is kept for the process, never released: the runtime holds its own for the
+/// process's life too, and a release of ours could only matter if it were the last one, which
+/// would destroy the context under libtorch's tensors and under streams and events still in
+/// flight. The driver tears the context down at process exit.
+pub(super) fn bind_primary_context(index: usize) -> Result<cu::CUcontext> {
+    static RETAINED: Mutex<Vec<(usize, usize)>> = Mutex::new(Vec::new());
+    driver()?;
+    let ctx = {
+        let mut retained = RETAINED.lock().unwrap_or_else(PoisonError::into_inner);
+        match retained.iter().find(|(i, _)| *i == index) {
+            Some(&(_, ctx)) => ctx as cu::CUcontext,
+            None => {
+                let dev = device(index)?;
+                let mut ctx = std::ptr::null_mut();
+                // SAFETY: `dev` is a valid device handle and `ctx` a valid place for the context.
+                check("cuDevicePrimaryCtxRetain", unsafe { cu::cuDevicePrimaryCtxRetain(&mut ctx, dev) })
+                    .map_err(|e| failure(format!("cuda:{index}: {e}")))?;
+                retained.push((index, ctx as usize));
+                ctx
+            }
+        }
+    };
+    set_context(ctx)?;
     Ok(ctx)
 }
 
 /// Makes `ctx` current on the calling thread.
 pub(super) fn set_context(ctx: cu::CUcontext) -> Result<()> {
-    // SAFETY: `ctx` is a live primary context (libtorch never releases it while the process runs).
+    // SAFETY: `ctx` is a primary context retained for the process (bind_primary_context).
     check("cuCtxSetCurrent", unsafe { cu::cuCtxSetCurrent(ctx) })
 }
 

@@ -1,33 +1,41 @@
 //! The NCCL backend (cargo feature `nccl`): collectives on CUDA tensors through NCCL loaded at
-//! run time (cudarc's dynamic loading), so the crate builds on machines without CUDA and fails
-//! at run time with a clear error when the driver or NCCL is missing or too old.
+//! run time, so the crate builds on machines without CUDA and fails at run time with a clear
+//! error when the driver or NCCL is missing or too old. NCCL is found by our own loader
+//! (`crate::device::nccl_library`: torch's own `libnccl.so.2` first) and called through its
+//! function table; the driver through cudarc.
 //!
 //! NCCL sits on top of another backend, the *control* group: the same ranks on the CPU (MPI
-//! processes, or threads that each own a GPU). The control group broadcasts NCCL's unique id,
-//! makes subgroups, carries every CPU tensor, and checks every batch's envelopes (op, dtype,
+//! processes, or threads that each own a GPU). The control group broadcasts NCCL's unique id
+//! for the world, carries every CPU tensor, and checks every batch's envelopes (op, dtype,
 //! shape) before a byte of payload moves, so a mismatch is an error naming both sides with no
-//! device round trip. CUDA tensors then go through NCCL as grouped sends and receives of bytes:
+//! device round trip. Subgroups are `ncclCommSplit`s of their parent's communicator (the
+//! control group splits alongside). CUDA tensors go through NCCL as grouped sends and receives
+//! of bytes:
 //!
 //! ```text
 //! libtorch's stream:  ... kernels ... [E0] ....................... wait(E1) ... kernels using the data
 //! side stream:                          wait(E0) -> NCCL send/recv -> [E1]
 //! ```
 //!
-//! The side stream (non-blocking, so it runs beside libtorch's) waits for the work that
-//! produced the inputs (event E0); waiting for a batch makes libtorch's stream wait for its end
-//! (event E1) on the device, so the host never blocks and a step does not synchronise the GPU
-//! for every collective. With overlap the wait comes later (ring attention's next K/V block
-//! travels while the current one computes). One side stream per rank keeps every communicator's
-//! operations in the order the ranks issued them. A watchdog thread (`watchdog.rs`) turns a
-//! batch that never completes into `Error::Timeout` naming this rank, aborting the
+//! Each communicator has its own side stream (non-blocking, so it runs beside libtorch's),
+//! which waits for the work that produced the inputs (event E0); waiting for a batch makes
+//! libtorch's stream wait for its end (event E1) on the device, so the host never blocks and a
+//! step does not synchronise the GPU for every collective. With overlap the wait comes later
+//! (ring attention's next K/V block travels while the current one computes). A stream per
+//! communicator keeps each communicator's operations in the order the rank issued them, and
+//! lets independent groups (sequence parallel and data parallel) run beside each other, as
+//! PyTorch's NCCL process groups do; every rank issues the same groups' operations in the same
+//! program order, so no cross-communicator order is needed. A watchdog thread (`watchdog.rs`)
+//! turns a batch that never completes into `Error::Timeout` naming this rank, aborting the
 //! communicators; communicators are non-blocking, so no NCCL call blocks the host (`comm.rs`).
-//! The GPU is made current before any communicator, stream or event is made.
+//! The GPU's primary context is made current (`cuda::bind_primary_context`) before any
+//! communicator, stream or event is made, on the rank's thread and on the watchdog's.
 
 mod comm;
 mod cuda;
 mod watchdog;
 
-use std::ffi::c_void;
+use std::ffi::{c_int, c_void};
 use std::sync::Arc;
 use std::thread::ThreadId;
 use std::time::Duration;
@@ -36,34 +44,42 @@ use cudarc::driver::sys as cu;
 use cudarc::nccl::sys as nccl_sys;
 use tch::{Device, Kind, Tensor};
 
-use self::comm::{Comm, Who};
+use self::comm::{ok_or_pending, Comm, Who};
 use self::cuda::{Event, Stream};
 use self::watchdog::Watchdog;
 use super::backend::{batch_lists, check_envelopes, receive_buffer, Backend, Pending};
 use super::group::{Group, GroupInfo};
 use super::OpKind;
+use crate::device::{NcclApi, NcclCode};
 use crate::error::TorchResultExt;
 use crate::{Error, Result};
 
 pub use self::cuda::{driver_version, pci_bus_id};
 
-/// Whether the NVIDIA driver and NCCL can be loaded and have every function this backend calls;
-/// the error says which is missing and how to provide it.
+/// NCCL's color for a rank that takes no part in a split (`NCCL_SPLIT_NOCOLOR`).
+const NCCL_SPLIT_NOCOLOR: i32 = -1;
+
+/// Whether the NVIDIA driver and NCCL can be loaded and have every function this backend calls,
+/// and NCCL is at least `crate::device::NCCL_FLOOR`; the error says which is missing and how to
+/// provide it (for NCCL: every place tried). `crate::device::nccl_library` says where NCCL was
+/// found and its version.
 pub fn nccl_available() -> Result<()> {
-    cuda::libraries()
+    cuda::libraries().map(|_| ())
 }
 
-/// What every endpoint of one rank shares: its GPU, the side stream, the watchdog.
+/// What every endpoint of one rank shares: its GPU and the watchdog.
 struct Gpu {
     index: usize,
-    side: Stream,
     watchdog: Watchdog,
 }
 
-/// One rank's NCCL connection for one group, with the group's control connection.
+/// One rank's NCCL connection for one group, with the group's control connection and the
+/// communicator's own side stream.
 struct NcclEndpoint {
     control: Arc<dyn Backend>,
     comm: Arc<Comm>,
+    /// This communicator's side stream (dropped after the communicator: declared after it).
+    side: Stream,
     /// This rank's index in the group.
     rank: usize,
     gpu: Arc<Gpu>,
@@ -71,9 +87,48 @@ struct NcclEndpoint {
     owner: ThreadId,
 }
 
-/// Makes an NCCL communicator for the `control` group's ranks on the current GPU: its rank 0
-/// draws the unique id and the control group broadcasts it. Collective over `control`.
-fn communicator(
+/// NCCL's arguments for one rank's part of a split of a group: `color` and `key` for
+/// `ncclCommSplit`, and the size the new communicator must have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SplitPlan {
+    color: i32,
+    key: i32,
+    size: usize,
+}
+
+/// The [`SplitPlan`] of the rank with global rank `me`, given its color (`None`: no part) and
+/// its subgroup as the control group computed it (`sub.ranks` in the subgroup's rank order, the
+/// same list on every member). The color is the subgroup's lowest global rank: the same on
+/// every member, different between subgroups (they are disjoint), and a small non-negative
+/// int whatever the caller's colors were. The key is this rank's index in `sub.ranks`, so
+/// NCCL, which orders a color's ranks by key, gives every rank the index the group gave it.
+fn split_plan(me: usize, color: Option<usize>, sub: Option<&GroupInfo>) -> Result<SplitPlan> {
+    let bad = |msg: String| Error::Backend { backend: "nccl", msg };
+    match (color, sub) {
+        (None, None) => Ok(SplitPlan { color: NCCL_SPLIT_NOCOLOR, key: 0, size: 0 }),
+        (Some(_), Some(info)) => {
+            let key = info
+                .ranks
+                .iter()
+                .position(|&r| r == me)
+                .ok_or_else(|| bad(format!("rank {me} is not in its own subgroup {info}")))?;
+            let lowest = info.ranks.iter().copied().min().unwrap_or(me);
+            let color = i32::try_from(lowest).map_err(|_| {
+                bad(format!("subgroup {info}: global rank {lowest} does not fit NCCL's int color"))
+            })?;
+            let key = i32::try_from(key)
+                .map_err(|_| bad(format!("subgroup {info}: rank index {key} does not fit NCCL's int key")))?;
+            Ok(SplitPlan { color, key, size: info.ranks.len() })
+        }
+        (Some(c), None) => Err(bad(format!("rank {me} has color {c} but no subgroup"))),
+        (None, Some(info)) => Err(bad(format!("rank {me} has no color but a subgroup {info}"))),
+    }
+}
+
+/// Makes the world's NCCL communicator for the `control` group's ranks on the current GPU: its
+/// rank 0 draws the unique id and the control group broadcasts it. Collective over `control`.
+fn world_communicator(
+    api: &'static NcclApi,
     control: &Arc<dyn Backend>,
     info: &GroupInfo,
     rank: usize,
@@ -84,8 +139,12 @@ fn communicator(
     let who = Who { op: "nccl_init", group: info.to_string(), rank: info.ranks[rank] };
     let mut id = Tensor::zeros([128], (Kind::Uint8, Device::Cpu));
     if rank == 0 {
-        let unique = cudarc::nccl::result::get_uniqueid()
-            .map_err(|e| cuda::failure(format!("ncclGetUniqueId: {}", comm::nccl_message(e.0, None))))?;
+        let mut unique = nccl_sys::ncclUniqueId { internal: [0; 128] };
+        // SAFETY: `unique` is a valid place for the id NCCL writes.
+        let r = unsafe { (api.get_unique_id)(&mut unique) };
+        if r != crate::device::NCCL_SUCCESS {
+            return Err(cuda::failure(format!("ncclGetUniqueId: {}", comm::nccl_message(api, r, None))));
+        }
         let bytes: Vec<u8> = unique.internal.iter().map(|&c| c as u8).collect();
         id = Tensor::from_slice(&bytes);
     }
@@ -100,8 +159,8 @@ fn communicator(
     for (slot, b) in unique.internal.iter_mut().zip(bytes) {
         *slot = b as std::ffi::c_char;
     }
-    crate::device::set_current(Device::Cuda(gpu.index))?;
-    let comm = Arc::new(Comm::init(size, unique, rank, timeout, &who)?);
+    cuda::bind_primary_context(gpu.index)?;
+    let comm = Arc::new(Comm::init(api, size, unique, rank, timeout, &who)?);
     gpu.watchdog.adopt(&comm);
     Ok(comm)
 }
@@ -178,35 +237,30 @@ impl Backend for NcclEndpoint {
         }
         // The side stream starts after everything queued so far on libtorch's stream.
         let compute = self.compute_stream()?;
-        Event::record(compute)?.wait_on(self.gpu.side.raw())?;
-        let side = self.gpu.side.raw() as nccl_sys::cudaStream_t;
+        Event::record(compute)?.wait_on(self.side.raw())?;
+        let side = self.side.raw() as nccl_sys::cudaStream_t;
         let bytes = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
         let u8 = nccl_sys::ncclDataType_t::ncclUint8;
         let who = self.who(op, group);
-        self.comm.grouped(&who, |comm| {
-            let ok = |r| {
-                if r == nccl_sys::ncclResult_t::ncclSuccess || r == nccl_sys::ncclResult_t::ncclInProgress {
-                    Ok(())
-                } else {
-                    Err(r)
-                }
-            };
+        self.comm.grouped(&who, |api, comm| {
+            let ok = |r: NcclCode| if ok_or_pending(r) { Ok(()) } else { Err(r) };
             for (peer, t) in out.iter().filter(|(_, t)| bytes(t) > 0) {
                 // SAFETY: `t` is a contiguous CUDA tensor on this GPU that the pending batch keeps
                 // alive, unwritten, until libtorch's stream has waited for the batch's end; NCCL
                 // reads `bytes(t)` bytes from its data on the side stream.
                 ok(unsafe {
-                    nccl_sys::ncclSend(t.data_ptr() as *const c_void, bytes(t), u8, *peer as i32, comm, side)
+                    (api.send)(t.data_ptr() as *const c_void, bytes(t), u8, *peer as c_int, comm, side)
                 })?;
             }
             for (peer, t) in bufs.iter().filter(|(_, t)| bytes(t) > 0) {
                 // SAFETY: `t` is a contiguous CUDA buffer of `bytes(t)` bytes that only NCCL writes
                 // until libtorch's stream has waited for the batch's end (the batch keeps it).
-                ok(unsafe { nccl_sys::ncclRecv(t.data_ptr(), bytes(t), u8, *peer as i32, comm, side) })?;
+                ok(unsafe { (api.recv)(t.data_ptr(), bytes(t), u8, *peer as c_int, comm, side) })?;
             }
             Ok(())
         })?;
-        let done = Arc::new(Event::record(self.gpu.side.raw())?);
+        // Recorded after the enqueue settled (Comm::grouped), so it follows NCCL's kernels.
+        let done = Arc::new(Event::record(self.side.raw())?);
         self.gpu.watchdog.watch(Arc::clone(&done), who, self.timeout);
         let mut keep: Vec<Tensor> = out.into_iter().map(|(_, t)| t).collect();
         keep.extend(bufs.into_iter().map(|(_, t)| t));
@@ -227,6 +281,9 @@ impl Backend for NcclEndpoint {
         self.gpu.watchdog.flush()
     }
 
+    /// `ncclCommSplit` of this endpoint's communicator: every rank of `parent` takes part,
+    /// those without a color with `NCCL_SPLIT_NOCOLOR` ([`split_plan`]); the control group
+    /// splits first, alongside. The subgroup's endpoint gets its own side stream.
     fn split(
         &self,
         parent: &GroupInfo,
@@ -235,23 +292,38 @@ impl Backend for NcclEndpoint {
         sub: Option<&GroupInfo>,
     ) -> Result<Option<Arc<dyn Backend>>> {
         self.check(OpKind::Split, parent)?;
-        let Some(control) = self.control.split(parent, color, key, sub)? else { return Ok(None) };
-        let Some(info) = sub else { return Ok(None) };
-        let my_global = parent.ranks[self.rank];
-        let rank = info.ranks.iter().position(|&r| r == my_global).ok_or_else(|| Error::Backend {
-            backend: "nccl",
-            msg: format!("rank {my_global} is not in its own subgroup {info}"),
-        })?;
-        let comm = communicator(&control, info, rank, &self.gpu, self.timeout)?;
-        let e = NcclEndpoint {
-            control,
-            comm,
-            rank,
-            gpu: Arc::clone(&self.gpu),
-            timeout: self.timeout,
-            owner: self.owner,
-        };
-        Ok(Some(Arc::new(e)))
+        let me = parent.ranks[self.rank];
+        let plan = split_plan(me, color, sub)?;
+        let control = self.control.split(parent, color, key, sub)?;
+        cuda::bind_primary_context(self.gpu.index)?;
+        let who = Who { op: "nccl_split", group: parent.to_string(), rank: me };
+        let child = self.comm.split(plan.color, plan.key, plan.size, &who)?;
+        match (control, sub, child) {
+            (None, None, None) => Ok(None),
+            (Some(control), Some(info), Some(comm)) => {
+                let comm = Arc::new(comm);
+                self.gpu.watchdog.adopt(&comm);
+                let e = NcclEndpoint {
+                    control,
+                    comm,
+                    side: Stream::non_blocking()?,
+                    rank: plan.key as usize,
+                    gpu: Arc::clone(&self.gpu),
+                    timeout: self.timeout,
+                    owner: self.owner,
+                };
+                debug_assert_eq!(info.ranks[e.rank], me);
+                Ok(Some(Arc::new(e)))
+            }
+            (control, _, child) => Err(Error::Backend {
+                backend: "nccl",
+                msg: format!(
+                    "split of group {parent} on rank {me}: the control group {} a subgroup but NCCL {} one",
+                    if control.is_some() { "gave" } else { "gave no" },
+                    if child.is_some() { "gave" } else { "gave no" }
+                ),
+            }),
+        }
     }
 }
 
@@ -308,10 +380,12 @@ impl Drop for NcclPending {
 
 /// The world group on NCCL for CUDA tensors on `device`, with `control` (the same ranks on a
 /// CPU backend: MPI processes, or threads that each own a GPU) carrying CPU tensors, the
-/// envelope checks and the set-up. Makes `device` this thread's current GPU first. Collective
-/// over `control`. A batch that does not complete within `timeout` fails with `Error::Timeout`.
+/// envelope checks and the set-up. Makes `device` this thread's current GPU first, for libtorch
+/// and, through the driver, its primary context for NCCL, streams and events (libtorch's
+/// `set_current` alone may leave no context current). Collective over `control`. A batch that
+/// does not complete within `timeout` fails with `Error::Timeout`.
 pub fn nccl_group(control: &Group, device: Device, timeout: Duration) -> Result<Group> {
-    nccl_available()?;
+    let lib = cuda::libraries()?;
     let Device::Cuda(index) = device else {
         return Err(Error::Backend {
             backend: "nccl",
@@ -319,12 +393,85 @@ pub fn nccl_group(control: &Group, device: Device, timeout: Duration) -> Result<
         });
     };
     crate::device::set_current(device)?;
-    let ctx = cuda::current_context()?;
-    let gpu = Arc::new(Gpu { index, side: Stream::non_blocking()?, watchdog: Watchdog::start(ctx)? });
+    let ctx = cuda::bind_primary_context(index)?;
+    let gpu = Arc::new(Gpu { index, watchdog: Watchdog::start(ctx)? });
     let info = control.info().clone();
     let control_backend = control.backend_handle();
-    let comm = communicator(&control_backend, &info, control.rank(), &gpu, timeout)?;
+    let api = lib.api();
+    let comm = world_communicator(api, &control_backend, &info, control.rank(), &gpu, timeout)?;
     let owner = std::thread::current().id();
-    let endpoint = NcclEndpoint { control: control_backend, comm, rank: control.rank(), gpu, timeout, owner };
+    let endpoint = NcclEndpoint {
+        control: control_backend,
+        comm,
+        side: Stream::non_blocking()?,
+        rank: control.rank(),
+        gpu,
+        timeout,
+        owner,
+    };
     Ok(Group::new(info, control.rank(), Arc::new(endpoint))?.with_overlap(control.overlap()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(ranks: &[usize]) -> GroupInfo {
+        GroupInfo { id: "world/0.0".into(), name: "sub".into(), ranks: ranks.to_vec() }
+    }
+
+    /// A 2 x 4 mesh of 8 ranks split into its rows (SP) and its columns (DP): every member of a
+    /// subgroup gets the same color, the subgroups different ones, and each rank the key that
+    /// is its index in the subgroup as the control group ordered it.
+    #[test]
+    fn split_plans_follow_the_group_layout() {
+        let rows = [info(&[0, 1, 2, 3]), info(&[4, 5, 6, 7])];
+        let cols = [info(&[0, 4]), info(&[1, 5]), info(&[2, 6]), info(&[3, 7])];
+        for groups in [&rows[..], &cols[..]] {
+            let mut colors = Vec::new();
+            for g in groups {
+                let plans: Vec<SplitPlan> =
+                    g.ranks.iter().map(|&r| split_plan(r, Some(9), Some(g)).unwrap()).collect();
+                assert!(plans.iter().all(|p| p.color == plans[0].color && p.size == g.ranks.len()));
+                assert_eq!(
+                    plans.iter().map(|p| p.key).collect::<Vec<_>>(),
+                    (0..g.ranks.len() as i32).collect::<Vec<_>>()
+                );
+                colors.push(plans[0].color);
+            }
+            colors.dedup();
+            assert_eq!(colors.len(), groups.len(), "subgroups share a color: {colors:?}");
+        }
+    }
+
+    /// The subgroup's order is the group's (by the caller's keys), not the global ranks' order:
+    /// the key follows it.
+    #[test]
+    fn split_keys_follow_the_subgroup_order() {
+        let g = info(&[6, 2, 4]);
+        let keys: Vec<i32> =
+            [6, 2, 4].iter().map(|&r| split_plan(r, Some(1), Some(&g)).unwrap().key).collect();
+        assert_eq!(keys, [0, 1, 2]);
+        assert_eq!(split_plan(4, Some(1), Some(&g)).unwrap().color, 2);
+    }
+
+    /// Ranks without a color take part as NCCL_SPLIT_NOCOLOR; inconsistent input is an error
+    /// naming the rank.
+    #[test]
+    fn split_plan_without_color_and_errors() {
+        assert_eq!(
+            split_plan(3, None, None).unwrap(),
+            SplitPlan { color: NCCL_SPLIT_NOCOLOR, key: 0, size: 0 }
+        );
+        let g = info(&[0, 1]);
+        let e = split_plan(5, Some(0), Some(&g)).unwrap_err().to_string();
+        assert!(e.contains("rank 5 is not in its own subgroup sub[0, 1]"), "{e}");
+        let e = split_plan(1, Some(0), None).unwrap_err().to_string();
+        assert!(e.contains("rank 1 has color 0 but no subgroup"), "{e}");
+        let e = split_plan(1, None, Some(&g)).unwrap_err().to_string();
+        assert!(e.contains("rank 1 has no color but a subgroup"), "{e}");
+        let huge = info(&[1 << 40]);
+        let e = split_plan(1 << 40, Some(0), Some(&huge)).unwrap_err().to_string();
+        assert!(e.contains("does not fit NCCL's int color"), "{e}");
+    }
 }

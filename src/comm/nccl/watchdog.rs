@@ -6,6 +6,12 @@
 //! waiting for a peer, and so a host blocked in a device synchronisation) and is kept as the
 //! rank's failure: every later collective, wait or flush on the rank returns it, naming this
 //! rank, the op and the group.
+//!
+//! The watchdog never releases a communicator: it holds `Weak<Handle>`s (`comm.rs`), whose
+//! drop frees nothing, so a communicator's finalize and destroy (`Comm`'s drop, which may wait
+//! up to the timeout) always run on a rank's thread, never here under this thread's lock. This
+//! thread takes a communicator's lock (a poll, an abort) while holding its own; no
+//! communicator call takes the watchdog's lock, so the order is fixed and cannot deadlock.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
 use std::thread::JoinHandle;
@@ -13,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use cudarc::driver::sys as cu;
 
-use super::comm::{Comm, Who};
+use super::comm::{Comm, Handle, Who};
 use super::cuda::{self, Event};
 use crate::{Error, Result};
 
@@ -52,7 +58,7 @@ impl Failure {
 #[derive(Default)]
 struct State {
     watches: Vec<Watch>,
-    comms: Vec<Weak<Comm>>,
+    comms: Vec<Weak<Handle>>,
     failure: Option<Failure>,
     stop: bool,
 }
@@ -75,7 +81,8 @@ pub(super) struct Watchdog {
 }
 
 impl Watchdog {
-    /// Starts the thread, which makes `ctx` (the GPU's context) current to query its events.
+    /// Starts the thread, which makes `ctx` (the GPU's primary context, retained for the
+    /// process: `cuda::bind_primary_context`) current to query its events.
     pub(super) fn start(ctx: cu::CUcontext) -> Result<Watchdog> {
         let shared = Arc::new(Shared { state: Mutex::default(), changed: Condvar::new() });
         let theirs = Arc::clone(&shared);
@@ -88,8 +95,9 @@ impl Watchdog {
     }
 
     /// Watches a communicator for asynchronous errors, and aborts it with the others on failure.
-    pub(super) fn adopt(&self, comm: &Arc<Comm>) {
-        self.shared.lock().comms.push(Arc::downgrade(comm));
+    /// Keeps only a weak reference to its handle: the watchdog never releases a communicator.
+    pub(super) fn adopt(&self, comm: &Comm) {
+        self.shared.lock().comms.push(Arc::downgrade(comm.handle()));
     }
 
     /// The rank's failure, if its communication has ended.
@@ -153,8 +161,9 @@ fn run(shared: &Shared, ctx: cu::CUcontext) {
             let failure = scan(&mut st);
             if let Some(f) = failure {
                 // Abort every communicator of the rank: kernels waiting for a dead peer exit.
-                for comm in st.comms.iter().filter_map(Weak::upgrade) {
-                    comm.abort();
+                // (An upgraded handle dropped here frees nothing: see the module doc.)
+                for handle in st.comms.iter().filter_map(Weak::upgrade) {
+                    handle.abort();
                 }
                 st.watches.clear();
                 st.failure = Some(f);
@@ -195,12 +204,10 @@ fn scan(st: &mut State) -> Option<Failure> {
         }
     });
     if failure.is_none() {
-        for comm in st.comms.iter().filter_map(Weak::upgrade) {
-            if let Err(msg) = comm.poll() {
-                if !comm.aborted() {
-                    failure = Some(Failure::Error(format!("NCCL reported an asynchronous error: {msg}")));
-                    break;
-                }
+        for handle in st.comms.iter().filter_map(Weak::upgrade) {
+            if let Some(msg) = handle.live_error() {
+                failure = Some(Failure::Error(format!("NCCL reported an asynchronous error: {msg}")));
+                break;
             }
         }
     }
