@@ -2,14 +2,22 @@
 //! GPU it drives from each launcher's variables (mpirun, mpirun inside a Slurm job, srun, a
 //! PMIx launcher inside a job), the refusals made before anything starts (ranks sharing a GPU,
 //! more ranks per node than GPUs, MPI with CUDA, NCCL without a driver or with another
-//! libtorch), the launch commands, and the sbatch script of a 2-node x 8-GPU config.
+//! libtorch), the launch commands, srun's MPI plugin chosen from `srun --mpi=list` texts of
+//! several Slurm versions, the sbatch script of a 2-node x 8-GPU config (with its CPUs per rank
+//! from `sinfo` texts or the default), and, for following a job politely, the backing-off
+//! schedule, a job's record saved and loaded, and the job states `scontrol` and `sacct` write.
 
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::{ensure, Result};
 use ulysses::comm::{check_distinct_gpus, choose_gpu, process_place, LauncherEnv};
 use ulysses::device::{check_libtorch_info, loaded_libtorch, version_of_libtorch_dir, BUILT_LIBTORCH};
-use ulysses::experiment::slurm::{allocation, sbatch_script, JobPaths};
+use ulysses::experiment::slurm::{
+    allocation, allocation_on, choose_srun_mpi, node_shapes, sbatch_script, sbatch_script_for,
+    srun_mpi_plugins, Backoff, JobOutcome, JobPaths, JobStatus, NodeShape, Polling, SubmittedJob,
+    CPUS_PER_GPU_RANK,
+};
 use ulysses::experiment::{ExperimentConfig, LaunchPlan, Launcher, SlurmSpec};
 
 fn env(pairs: &[(&str, &str)]) -> LauncherEnv {
@@ -137,21 +145,31 @@ fn launch_plans_place_ranks_and_refuse_what_cannot_start() -> Result<()> {
         "{a:?}"
     );
 
-    // Inside a 4-node allocation of 8 tasks per node: srun, ranks packed 8 per node.
+    // Inside a 4-node allocation of 8 tasks per node: srun, ranks packed 8 per node, with the
+    // MPI plugin chosen (`LaunchPlan::new` asks this machine's srun; `placed` asks nothing).
     let job = env(&[("SLURM_JOB_ID", "42"), ("SLURM_JOB_NUM_NODES", "4"), ("SLURM_NTASKS_PER_NODE", "8")]);
-    let plan = LaunchPlan::new(32, Launcher::Auto, None, None, &job)?;
+    let plan = LaunchPlan::placed(32, Launcher::Auto, None, None, &job)?;
     ensure!(
         plan.launcher == Launcher::Srun && plan.ranks_per_node == Some(8) && plan.nodes() == Some(4),
         "{plan:?}"
     );
     let a = args(&plan.command(program, &rest));
-    for w in [["--mpi=pmix", "--label"], ["-n", "32"], ["--ntasks-per-node", "8"], ["-N", "4"]] {
+    ensure!(!a.iter().any(|x| x.starts_with("--mpi")), "no plugin chosen: the cluster's default {a:?}");
+    let plan = plan.with_srun_mpi("pmi2".into());
+    let a = args(&plan.command(program, &rest));
+    for w in [
+        ["srun", "--mpi=pmi2"],
+        ["--mpi=pmi2", "--label"],
+        ["-n", "32"],
+        ["--ntasks-per-node", "8"],
+        ["-N", "4"],
+    ] {
         ensure!(a.windows(2).any(|x| x == w), "{w:?} missing from {a:?}");
     }
     plan.check_gpus(8)?;
-    let small = LaunchPlan::new(8, Launcher::Auto, None, None, &job)?;
+    let small = LaunchPlan::placed(8, Launcher::Auto, None, None, &job)?;
     ensure!(small.nodes() == Some(1), "8 ranks fit one node: {small:?}");
-    let err = LaunchPlan::new(32, Launcher::Auto, Some(4), None, &job).expect_err("8 nodes").to_string();
+    let err = LaunchPlan::placed(32, Launcher::Auto, Some(4), None, &job).expect_err("8 nodes").to_string();
     ensure!(err.contains("32 ranks at 4 per node need 8 nodes; the Slurm allocation has 4"), "{err}");
     let a = args(&LaunchPlan::new(16, Launcher::Mpirun, None, None, &job)?.command(program, &rest));
     ensure!(a[0] == "mpirun" && a.windows(2).any(|w| w == ["--map-by", "ppr:8:node"]), "{a:?}");
@@ -302,5 +320,279 @@ fn the_loaded_libtorch_is_the_one_built_against_and_another_is_refused() -> Resu
     let zip = version_of_libtorch_dir(&dir).expect("a version");
     ensure!(zip.version == "2.11.0+cu130" && zip.cuda.as_deref() == Some("13.0"), "{zip:?}");
     let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// `srun --mpi=list` as Slurm 22.05 prints it (this machine's single-node Slurm).
+const LIST_22_05: &str = "MPI plugin types are...\n\tpmix\n\tnone\n\tcray_shasta\n\tpmi2\n\
+                          specific pmix plugin versions available: pmix_v4\n";
+
+#[test]
+fn srun_mpi_plugin_is_chosen_from_what_srun_lists() -> Result<()> {
+    // As printed by Slurm 22.05 (above), 23.x-24.x (pmix_v5, with the error lines of a broken
+    // PMIx library after it), 19.05 (Ubuntu 20.04: `srun: ` prefixes, on stderr), and older
+    // `mpi/` names (read defensively): pmix first, as OpenMPI builds have it.
+    let newer = "MPI plugin types are...\n\tnone\n\tpmix\n\tcray_shasta\n\tpmi2\n\
+                 specific pmix plugin versions available: pmix_v5\n\
+                 srun: error:  mpi/pmix_v5: init: (null) [0]: mpi_pmix.c:193: pmi/pmix: can not load PMIx library\n\
+                 srun: error: Couldn't load specified plugin name for mpi/pmix: Plugin init() callback failed\n";
+    let v20 = "srun: MPI types are...\nsrun: pmix_v3\nsrun: pmi2\nsrun: none\nsrun: openmpi\nsrun: pmix\n";
+    let v17 = "srun: MPI types are...\nsrun: mpi/none\nsrun: mpi/openmpi\nsrun: mpi/pmi2\nsrun: mpi/pmix\n";
+    ensure!(
+        srun_mpi_plugins(newer) == ["none", "pmix", "cray_shasta", "pmi2", "pmix_v5"],
+        "{:?}",
+        srun_mpi_plugins(newer)
+    );
+    ensure!(srun_mpi_plugins(v20) == ["pmix_v3", "pmi2", "none", "openmpi", "pmix"], "19.05");
+    let several = "MPI plugin types are...\n\tpmix\nspecific pmix plugin versions available: pmix_v3,pmix_v4, pmix_v5\n";
+    ensure!(srun_mpi_plugins(several) == ["pmix", "pmix_v3", "pmix_v4", "pmix_v5"], "commas");
+    ensure!(srun_mpi_plugins(LIST_22_05) == ["pmix", "none", "cray_shasta", "pmi2", "pmix_v4"], "22.05");
+    ensure!(srun_mpi_plugins(v17) == ["none", "openmpi", "pmi2", "pmix"], "{:?}", srun_mpi_plugins(v17));
+    for listing in [LIST_22_05, newer, v20, v17] {
+        ensure!(choose_srun_mpi(listing, None)? == "pmix", "{listing}");
+        ensure!(choose_srun_mpi(listing, Some("auto"))? == "pmix", "{listing}");
+        ensure!(choose_srun_mpi(listing, Some("pmi2"))? == "pmi2", "{listing}");
+    }
+    // Only versioned PMIx: the newest; only PMI-2: PMI-2.
+    let versioned =
+        "MPI plugin types are...\n\tnone\nspecific pmix plugin versions available: pmix_v3, pmix_v4\n";
+    ensure!(choose_srun_mpi(versioned, None)? == "pmix_v4", "newest pmix_vN");
+    ensure!(choose_srun_mpi(versioned, Some("pmix"))? == "pmix_v4", "pmix takes a pmix_vN");
+    let pmi2_only = "MPI plugin types are...\n\tnone\n\tpmi2\n\tcray_shasta\n";
+    ensure!(choose_srun_mpi(pmi2_only, None)? == "pmi2", "pmi2 where no pmix");
+    let cray = "srun: MPI types are...\nsrun: cray_shasta\nsrun: none\nsrun: pmi2\n";
+    ensure!(choose_srun_mpi(cray, None)? == "pmi2", "a Slurm built without PMIx");
+    // Asked-for plugins, spelled as users do, are checked against the list.
+    ensure!(choose_srun_mpi(LIST_22_05, Some("PMIx"))? == "pmix", "case");
+    ensure!(choose_srun_mpi(LIST_22_05, Some("mpi/pmi2"))? == "pmi2", "mpi/ prefix");
+    ensure!(choose_srun_mpi(LIST_22_05, Some("pmix_v4"))? == "pmix_v4", "a version");
+    ensure!(choose_srun_mpi(LIST_22_05, Some("none"))? == "none", "what the user asked, when listed");
+    let err = choose_srun_mpi(LIST_22_05, Some("pmix_v3")).expect_err("not listed").to_string();
+    ensure!(
+        err.contains("slurm.mpi")
+            && err.contains("\"pmix_v3\" is not one this Slurm has")
+            && err.contains("pmix, none, cray_shasta, pmi2, pmix_v4"),
+        "{err}"
+    );
+    let err = choose_srun_mpi(pmi2_only, Some("pmix")).expect_err("no pmix").to_string();
+    ensure!(err.contains("\"pmix\"") && err.contains("offers none, pmi2, cray_shasta"), "{err}");
+    // Nothing OpenMPI can start with: refused, naming what there is and the ways out.
+    let err = choose_srun_mpi("MPI plugin types are...\n\tnone\n\tcray_shasta\n", None)
+        .expect_err("neither")
+        .to_string();
+    ensure!(
+        err.contains("offers none, cray_shasta: none of pmix or pmi2")
+            && err.contains("ULYSSES_SRUN_MPI")
+            && err.contains("mpirun"),
+        "{err}"
+    );
+    // An unreadable listing (an error line, a format to come): the user's word, else refused.
+    let odd = "srun: error: plugin_load_from_file: dlopen(/usr/lib/slurm/mpi_pmix.so): no such file\n";
+    ensure!(srun_mpi_plugins(odd).is_empty(), "{:?}", srun_mpi_plugins(odd));
+    ensure!(choose_srun_mpi(odd, Some("pmi2"))? == "pmi2", "the preference at its word");
+    let err = choose_srun_mpi(odd, None).expect_err("nothing readable").to_string();
+    ensure!(err.contains("offers none that can be read"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn cpus_per_rank_default_from_sinfo_or_eight_and_the_script_says_so() -> Result<()> {
+    let sinfo = "gpu*|256|gpu:a100:8(S:0-7)\nsmall|48|gpu:4,nvme:1\nsmall|128|gpu:h100:8\ncpu|96+|(null)\n";
+    ensure!(node_shapes(sinfo, None) == [NodeShape { cpus: 256, gpus: 8 }], "the default partition");
+    ensure!(
+        node_shapes(sinfo, Some("small"))
+            == [NodeShape { cpus: 48, gpus: 4 }, NodeShape { cpus: 128, gpus: 8 }],
+        "{:?}",
+        node_shapes(sinfo, Some("small"))
+    );
+    ensure!(node_shapes(sinfo, Some("cpu")) == [NodeShape { cpus: 96, gpus: 0 }], "96+");
+    ensure!(node_shapes("vm|2|(null)\n", None) == [NodeShape { cpus: 2, gpus: 0 }], "no default marked");
+    ensure!(node_shapes("garbage\n", None).is_empty(), "unreadable");
+
+    let cfg = ExperimentConfig::parse(&config("nccl", "cuda", "[8, 16]"), "e2.toml")?;
+    let spec = SlurmSpec { gpus_per_node: Some(8), ..SlurmSpec::default() };
+    // Nothing known of the nodes: 8 per GPU rank.
+    let a = allocation(&cfg, &spec)?;
+    ensure!(
+        a.cpus_per_task == CPUS_PER_GPU_RANK && CPUS_PER_GPU_RANK == 8 && a.threads_per_rank == 1,
+        "{a:?}"
+    );
+    // A DGX A100 (256 CPUs, 8 GPUs): 32 each.
+    let a = allocation_on(&cfg, &spec, &node_shapes(sinfo, None))?;
+    ensure!(a.cpus_per_task == 32 && a.cpus_reason.contains("256 CPUs over its 8 GPUs"), "{a:?}");
+    // Two kinds of node: only those with 8 GPUs can hold the job; 128 / 8.
+    let a = allocation_on(&cfg, &spec, &node_shapes(sinfo, Some("small")))?;
+    ensure!(a.cpus_per_task == 16, "{a:?}");
+    // Four GPUs per node: both fit; the job must fit the smaller share (48 / 4 = 12 < 128 / 8).
+    let four = SlurmSpec { gpus_per_node: Some(4), ..SlurmSpec::default() };
+    let a = allocation_on(&cfg, &four, &node_shapes(sinfo, Some("small")))?;
+    ensure!(a.cpus_per_task == 12 && a.tasks_per_node == 4, "{a:?}");
+    // The config's number wins.
+    let a = allocation_on(
+        &cfg,
+        &SlurmSpec { cpus_per_task: Some(6), ..spec.clone() },
+        &node_shapes(sinfo, None),
+    )?;
+    ensure!(a.cpus_per_task == 6, "{a:?}");
+
+    let paths = JobPaths {
+        program: "/u/ulysses".into(),
+        base: "/u".into(),
+        dir: "/u/results/e2".into(),
+        config: "/u/results/e2/slurm/config.toml".into(),
+    };
+    let script = sbatch_script(&cfg, &SlurmSpec { mpi: Some("pmi2".into()), ..spec.clone() }, &paths, false)?;
+    for line in [
+        "# 8 CPUs per rank: 8 per GPU rank by default",
+        "NCCL's proxy thread",
+        "#SBATCH --cpus-per-task=8\n",
+        "export SRUN_CPUS_PER_TASK=8\n",
+        "export OMP_NUM_THREADS=1\n",
+        "export ULYSSES_SRUN_MPI='pmi2'\n",
+    ] {
+        ensure!(script.contains(line), "{line:?} missing from:\n{script}");
+    }
+    let a = allocation_on(&cfg, &spec, &node_shapes(sinfo, None))?;
+    let script = sbatch_script_for(&cfg, &spec, &a, &paths, false)?;
+    ensure!(
+        script.contains("# 32 CPUs per rank: a node's 256 CPUs over its 8 GPUs (sinfo)")
+            && script.contains("#SBATCH --cpus-per-task=32\n")
+            && !script.contains("ULYSSES_SRUN_MPI"),
+        "{script}"
+    );
+    // CPU ranks: one CPU per intra-op thread, and OMP_NUM_THREADS the same.
+    let cpu = ExperimentConfig::parse(
+        &config("mpi", "cpu", "[4]").replace("backend = ", "threads_per_rank = 3\nbackend = "),
+        "cpu.toml",
+    )?;
+    let script = sbatch_script(&cpu, &SlurmSpec::default(), &paths, false)?;
+    ensure!(
+        script.contains("#SBATCH --cpus-per-task=3\n")
+            && script.contains("export OMP_NUM_THREADS=3\n")
+            && script.contains("one per intra-op thread (parallel.threads_per_rank = 3)")
+            && !script.contains("NCCL"),
+        "{script}"
+    );
+    let err = allocation(&cfg, &SlurmSpec { mpi: Some("pmi 2".into()), ..spec })
+        .expect_err("two words")
+        .to_string();
+    ensure!(err.contains("mpi Some(\"pmi 2\") must be one word"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn following_a_job_backs_off_and_starts_again_at_a_change() -> Result<()> {
+    let s = Duration::from_secs_f64;
+    let p = Polling::default();
+    ensure!((p.first, p.max, p.tail) == (s(2.0), s(30.0), s(1.0)), "{p:?}");
+    let waits: Vec<f64> = (0..9).map(|n| p.delay(n).as_secs_f64()).collect();
+    let want = [2.0, 3.0, 4.5, 6.75, 10.125, 15.1875, 22.78125, 30.0, 30.0];
+    ensure!(waits.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-6), "{waits:?}");
+    ensure!(p.delay(u32::MAX) == s(30.0), "capped");
+    // After each answer: the first counts as a change; a change starts again at 2 s.
+    let mut b = Backoff::new(p);
+    let seen: Vec<f64> =
+        [true, false, false, false, true, false].iter().map(|&c| b.after(c).as_secs_f64()).collect();
+    ensure!(seen == [2.0, 3.0, 4.5, 6.75, 2.0, 3.0], "{seen:?}");
+    // A Duration is the first wait (what the tests and notebooks pass); never below 100 ms.
+    let quick = Polling::from(Duration::from_millis(200));
+    ensure!((quick.first, quick.max, quick.tail) == (s(0.2), s(30.0), s(0.2)), "{quick:?}");
+    ensure!(Polling::from(Duration::ZERO).delay(0) == s(0.1), "a floor");
+    ensure!(Polling::from(s(60.0)).delay(3) == s(60.0) && Polling::from(s(60.0)).tail == s(1.0), "slow");
+    Ok(())
+}
+
+#[test]
+fn a_jobs_record_is_saved_at_submit_and_loaded_later_even_from_a_moved_folder() -> Result<()> {
+    let root = std::env::temp_dir().join(format!("ulysses-jobrecord-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let dir = root.join("results/e2");
+    std::fs::create_dir_all(dir.join("slurm"))?;
+    let dir = std::fs::canonicalize(&dir)?;
+    let job = SubmittedJob {
+        id: "4242".into(),
+        paths: JobPaths {
+            program: "/opt/ulysses".into(),
+            base: root.clone(),
+            dir: dir.clone(),
+            config: dir.join("slurm/config.toml"),
+        },
+        script: dir.join("slurm/submit-2.sbatch"),
+        log: dir.join("slurm/4242.out"),
+    };
+    job.save()?;
+    let text = std::fs::read_to_string(dir.join("slurm/job.toml"))?;
+    ensure!(text.contains("id = \"4242\"") && text.contains("program = \"/opt/ulysses\""), "{text}");
+    ensure!(SubmittedJob::load(&dir)? == job, "round trip");
+    // Copied elsewhere (from a cluster's scratch to home): the folder's files are found there.
+    let moved = root.join("moved");
+    std::fs::rename(&dir, &moved)?;
+    let back = SubmittedJob::load(&moved)?;
+    let moved = std::fs::canonicalize(&moved)?;
+    ensure!(
+        back.id == "4242"
+            && back.paths.dir == moved
+            && back.log == moved.join("slurm/4242.out")
+            && back.script == moved.join("slurm/submit-2.sbatch")
+            && back.paths.config == moved.join("slurm/config.toml")
+            && back.paths.program == Path::new("/opt/ulysses"),
+        "{back:?}"
+    );
+    // The older form (job id and folder) still names a job without a record.
+    let at = SubmittedJob::at("77", &moved)?;
+    ensure!(at.log == moved.join("slurm/77.out"), "{at:?}");
+    let err = SubmittedJob::load(&root).expect_err("no record").to_string();
+    ensure!(err.contains("job.toml") && err.contains("ulysses follow <job id>"), "{err}");
+    let _ = std::fs::remove_dir_all(&root);
+    Ok(())
+}
+
+#[test]
+fn job_states_are_read_from_scontrol_and_sacct() -> Result<()> {
+    let line = |state: &str, reason: &str, exit: &str| {
+        format!(
+            "JobId=12 JobName=ulysses-e2 UserId=me(1000) Priority=1 JobState={state} Reason={reason} \
+             Dependency=(null) Requeue=1 Restarts=0 BatchFlag=1 ExitCode={exit} RunTime=00:00:07"
+        )
+    };
+    let read = |s: &str, r: &str, e: &str| JobStatus::from_scontrol(&line(s, r, e)).expect("a state");
+    let pending = read("PENDING", "Resources", "0:0");
+    ensure!(
+        pending == JobStatus::Queued { state: "PENDING".into(), reason: "Resources".into() }
+            && pending.to_string() == "PENDING (Resources)"
+            && !pending.is_done(),
+        "{pending:?}"
+    );
+    ensure!(read("CONFIGURING", "None", "0:0").to_string() == "CONFIGURING", "queued, no reason shown");
+    for running in ["RUNNING", "COMPLETING", "SUSPENDED"] {
+        ensure!(read(running, "None", "0:0") == JobStatus::Running { state: running.into() }, "{running}");
+    }
+    let failed = read("FAILED", "NonZeroExitCode", "1:0");
+    ensure!(
+        failed == JobStatus::Done(JobOutcome { state: "FAILED".into(), exit_code: "1:0".into() })
+            && failed.to_string() == "FAILED (exit code 1:0)",
+        "{failed:?}"
+    );
+    for ended in ["COMPLETED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL"] {
+        ensure!(
+            read(ended, "None", "0:15").is_done() && read(ended, "None", "0:15").state() == ended,
+            "{ended}"
+        );
+    }
+    ensure!(
+        JobStatus::from_scontrol("").is_none() && JobStatus::from_scontrol("JobId=1").is_none(),
+        "no state"
+    );
+    // sacct, after scontrol has forgotten the job.
+    let cancelled = JobStatus::from_sacct("CANCELLED by 1000|0:15\n").expect("a line");
+    ensure!(
+        cancelled == JobStatus::Done(JobOutcome { state: "CANCELLED".into(), exit_code: "0:15".into() }),
+        "{cancelled:?}"
+    );
+    ensure!(
+        JobStatus::from_sacct("RUNNING|0:0") == Some(JobStatus::Running { state: "RUNNING".into() }),
+        "running"
+    );
+    ensure!(JobStatus::from_sacct("").is_none(), "accounting off");
     Ok(())
 }

@@ -2,7 +2,8 @@
 //! `srun` inside a Slurm allocation, with how many ranks go on each node, and the checks of that
 //! placement made before anything starts (ranks per node against the GPUs a node has, the
 //! allocation's nodes and tasks). Multi-node runs follow from the same plan: Slurm's nodes, or
-//! mpirun's hostfile.
+//! mpirun's hostfile. srun's MPI plugin is chosen where srun runs (the driver, inside the
+//! allocation), from what `srun --mpi=list` offers there (`slurm::choose_srun_mpi`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -21,7 +22,8 @@ pub enum Launcher {
     Auto,
     /// OpenMPI's `mpirun` (inside an allocation it places ranks on the allocation's nodes).
     Mpirun,
-    /// Slurm's `srun --mpi=pmix`.
+    /// Slurm's `srun --mpi=<plugin>`: pmix, else pmi2, as `srun --mpi=list` offers, or the one
+    /// asked for (`[slurm] mpi`).
     Srun,
 }
 
@@ -37,6 +39,8 @@ pub struct LaunchPlan {
     pub hostfile: Option<PathBuf>,
     /// Whether the plan runs inside a Slurm allocation.
     pub in_allocation: bool,
+    /// srun's MPI plugin (`--mpi=`), for `Srun`; `None` leaves it to the cluster's `MpiDefault`.
+    pub srun_mpi: Option<String>,
 }
 
 fn refuse(field: &str, msg: String) -> Error {
@@ -44,10 +48,30 @@ fn refuse(field: &str, msg: String) -> Error {
 }
 
 impl LaunchPlan {
-    /// The plan for `ranks` processes: `launcher` as asked (`Auto` resolved from `env`),
-    /// `ranks_per_node` as asked or else all on this node (mpirun without a hostfile) or spread
-    /// evenly over the allocation's nodes (Slurm). Refuses placements that cannot start.
+    /// The plan for `ranks` processes: [`placed`](LaunchPlan::placed), and for srun the MPI
+    /// plugin this machine's srun offers (`srun --mpi=list`, run once per process) that OpenMPI
+    /// can start with, or the one the environment asks for (`ULYSSES_SRUN_MPI`, written by the
+    /// sbatch script from `[slurm] mpi`; else `SLURM_MPI_TYPE`), refused when srun lacks it.
     pub fn new(
+        ranks: usize,
+        launcher: Launcher,
+        ranks_per_node: Option<usize>,
+        hostfile: Option<&Path>,
+        env: &LauncherEnv,
+    ) -> Result<LaunchPlan> {
+        let plan = LaunchPlan::placed(ranks, launcher, ranks_per_node, hostfile, env)?;
+        match plan.launcher {
+            Launcher::Srun => Ok(plan.with_srun_mpi(super::slurm::srun_mpi()?)),
+            _ => Ok(plan),
+        }
+    }
+
+    /// The plan's placement alone, from `env` only (no command runs): `launcher` as asked
+    /// (`Auto` resolved from `env`), `ranks_per_node` as asked or else all on this node (mpirun
+    /// without a hostfile) or spread evenly over the allocation's nodes (Slurm). Refuses
+    /// placements that cannot start. srun's plugin is left to the cluster until
+    /// [`with_srun_mpi`](LaunchPlan::with_srun_mpi).
+    pub fn placed(
         ranks: usize,
         launcher: Launcher,
         ranks_per_node: Option<usize>,
@@ -105,7 +129,14 @@ impl LaunchPlan {
             ranks_per_node,
             hostfile: hostfile.map(Path::to_path_buf),
             in_allocation,
+            srun_mpi: None,
         })
+    }
+
+    /// This plan with srun's MPI plugin (`srun --mpi=<plugin>`), as `slurm::choose_srun_mpi`
+    /// picks it.
+    pub fn with_srun_mpi(self, plugin: String) -> LaunchPlan {
+        LaunchPlan { srun_mpi: Some(plugin), ..self }
     }
 
     /// Nodes the plan occupies, when it knows.
@@ -135,7 +166,10 @@ impl LaunchPlan {
         match self.launcher {
             Launcher::Srun => {
                 let mut cmd = Command::new("srun");
-                cmd.args(["--mpi=pmix", "--label", "--kill-on-bad-exit=1", "-n", &self.ranks.to_string()]);
+                if let Some(mpi) = &self.srun_mpi {
+                    cmd.arg(format!("--mpi={mpi}"));
+                }
+                cmd.args(["--label", "--kill-on-bad-exit=1", "-n", &self.ranks.to_string()]);
                 if let Some(k) = self.ranks_per_node {
                     cmd.args(["--ntasks-per-node", &k.to_string()]);
                     cmd.args(["-N", &self.ranks.div_ceil(k).to_string()]);
@@ -173,9 +207,10 @@ impl LaunchPlan {
 }
 
 /// What only this machine can tell about running `cfg`'s processes, checked before anything
-/// starts: the launcher is installed, every point's placement fits the allocation, and for
-/// NCCL, that this process loads the libtorch it was built for, with CUDA, a driver that runs
-/// it, and NCCL, and that no node gets more ranks than it has GPUs.
+/// starts: the launcher is installed, every point's placement fits the allocation, srun has an
+/// MPI plugin OpenMPI can start with (or the one asked for), and for NCCL, that this process
+/// loads the libtorch it was built for, with CUDA, a driver that runs it, and NCCL, and that no
+/// node gets more ranks than it has GPUs.
 pub(crate) fn check_runnable(cfg: &super::ExperimentConfig) -> Result<()> {
     use super::config::Backend;
     let p = &cfg.parallel;
@@ -183,7 +218,7 @@ pub(crate) fn check_runnable(cfg: &super::ExperimentConfig) -> Result<()> {
     let plans: Vec<LaunchPlan> = p
         .ranks
         .iter()
-        .map(|&ranks| LaunchPlan::new(ranks, p.launcher, p.ranks_per_node, p.hostfile.as_deref(), &env))
+        .map(|&ranks| LaunchPlan::placed(ranks, p.launcher, p.ranks_per_node, p.hostfile.as_deref(), &env))
         .collect::<Result<_>>()?;
     let launcher = plans.first().map_or(Launcher::Mpirun, |plan| plan.launcher);
     let (program, hint) = match launcher {
@@ -193,6 +228,9 @@ pub(crate) fn check_runnable(cfg: &super::ExperimentConfig) -> Result<()> {
     let found = Command::new(program).arg("--version").output().is_ok_and(|o| o.status.success());
     if !found {
         return Err(refuse("parallel.backend", format!("{:?} needs {hint}", p.backend).to_lowercase()));
+    }
+    if launcher == Launcher::Srun {
+        super::slurm::srun_mpi()?;
     }
     if p.backend != Backend::Nccl {
         return Ok(());

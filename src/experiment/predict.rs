@@ -12,31 +12,40 @@ use serde::{Deserialize, Serialize};
 
 use super::config::{Backend, ExperimentConfig, Point};
 use super::plot::{Axis, Chart, Series, Unit};
-use crate::cost::{self, Hardware, Job, Prediction, SearchSpace};
-use crate::train::{Checkpointing, Precision, ZeroStage};
+use crate::attention::StrategyConfig;
+use crate::cost::{self, Hardware, Job, MemoryReport, Prediction, SearchSpace};
+use crate::train::{Checkpointing, ZeroStage};
 use crate::{Error, Result};
 
-/// `[predict]`: how `ulysses predict` models this experiment. Every field is optional.
+/// `[predict]`: how `ulysses predict` models this experiment, and the hardware whose memory
+/// `ulysses run` and `ulysses submit` check every point against before starting. Every field is
+/// optional.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PredictSpec {
-    /// Hardware preset or file. Default: "dgx-a100-40gb" for `backend = "nccl"`, "cpu-2core"
-    /// (this machine, calibrated) otherwise.
+    /// Hardware preset or file. `ulysses predict` defaults to "dgx-a100-40gb" for `backend =
+    /// "nccl"` and "cpu-2core" (this machine, calibrated) otherwise; `ulysses run` and `ulysses
+    /// submit` check memory only when hardware is named, here or by `ulysses run --hardware`
+    /// (`ExperimentConfig::check_memory`). Default none.
     pub hardware: Option<String>,
-    /// ZeRO stage over all ranks (0-3). Default 0.
+    /// ZeRO stage over all ranks (0-3), in place of the run's. Default: the point's
+    /// `[train] zero`.
     pub zero: Option<u8>,
-    /// Activation checkpointing: none, selective or full. Default none.
+    /// Activation checkpointing (none, selective or full), in place of the run's. Default:
+    /// `[train] checkpointing`.
     pub checkpointing: Option<Checkpointing>,
-    /// Micro-steps per optimizer step. Default 1.
+    /// Micro-steps per optimizer step, in place of the run's. Default: `[train] grad_accum`.
     pub grad_accum: Option<i64>,
     /// Overlap ZeRO/gradient communication and ring passes with compute. Default false.
     #[serde(default)]
     pub overlap: bool,
     /// Run each point at its best SP degree, micro-batch, ZeRO stage and checkpointing that
-    /// fits (the paper ran each system "at its best"). Default false.
+    /// fits (the paper ran each system "at its best"); `ulysses predict --write-config` writes
+    /// what it finds as configs `ulysses run` runs. Default false.
     #[serde(default)]
     pub search: bool,
-    /// With `search`: micro-batches to try (default 1, 2, 4, 8) and ZeRO stages (default all).
+    /// With `search`: micro-batches to try (default 1, 2, 4, 8) and ZeRO stages (default all;
+    /// stage 0 only without an optimizer, as the trainer needs one for stages 1-3).
     pub micro_batches: Option<Vec<i64>>,
     pub zero_stages: Option<Vec<u8>>,
     /// With `search`: sequences per optimizer step, fixed (gradient accumulation fills it).
@@ -51,51 +60,91 @@ pub struct PredictSpec {
     /// What the paper reports for this experiment, printed beside the predictions.
     #[serde(default)]
     pub paper: String,
+    /// Run points the cost model predicts not to fit `hardware` anyway: `ulysses run` and
+    /// `ulysses submit` refuse such a config otherwise (`ulysses run --force` sets this; a point
+    /// that does run out of memory stops the run there). Default false.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub force: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 fn bad(field: &str, msg: String) -> Error {
     Error::InvalidArgument { op: "predict", group: field.to_string(), msg }
 }
 
+impl ExperimentConfig {
+    /// Where `ulysses predict` loads this config's hardware from: `over` if given, else
+    /// `[predict] hardware`, else the default for its backend (a preset name or a file).
+    pub fn hardware_source(&self, over: Option<&str>) -> String {
+        let named = self.predict.as_ref().and_then(|p| p.hardware.as_deref());
+        let default = if self.parallel.backend == Backend::Nccl { "dgx-a100-40gb" } else { "cpu-2core" };
+        over.or(named).unwrap_or(default).to_string()
+    }
+}
+
 /// The hardware a config predicts on: `over` if given, else its `[predict] hardware`, else the
 /// default for its backend.
 pub fn hardware_for(cfg: &ExperimentConfig, over: Option<&str>) -> Result<Hardware> {
-    let spec = cfg.predict.clone().unwrap_or_default();
-    let default = if cfg.parallel.backend == Backend::Nccl { "dgx-a100-40gb" } else { "cpu-2core" };
-    Hardware::load(over.or(spec.hardware.as_deref()).unwrap_or(default))
+    Hardware::load(&cfg.hardware_source(over))
 }
 
-/// The cost model's job for one point of `cfg`.
-pub fn job_for(cfg: &ExperimentConfig, point: &Point) -> Result<Job> {
-    let spec = cfg.predict.clone().unwrap_or_default();
-    let precision: Precision = cfg.train.dtype.parse().map_err(|e: String| bad("train.dtype", e))?;
-    let backend = match cfg.parallel.backend {
+fn backend_name(backend: Backend) -> &'static str {
+    match backend {
         Backend::Local => "local",
         Backend::Mpi => "mpi",
         Backend::Nccl => "nccl",
-    };
-    Ok(Job {
-        model: cfg.gpt()?,
-        strategy: point.strategy,
-        attention: cfg.attention()?,
-        ranks: point.ranks,
-        dp: cfg.parallel.dp,
-        micro_batch: cfg.train.batch,
-        grad_accum: spec.grad_accum.unwrap_or(1),
-        seq: point.seq,
-        precision,
-        checkpointing: spec.checkpointing.unwrap_or_default(),
-        zero: ZeroStage::new(spec.zero.unwrap_or(0)).map_err(|e| bad("predict.zero", e.to_string()))?,
-        optimizer: spec.optimizer.unwrap_or(cfg.train.adamw.is_some()),
-        backend: backend.into(),
-        threads_per_rank: cfg.parallel.threads_per_rank,
-        overlap: spec.overlap,
-        bucket_elems: 25_000_000,
-    })
+    }
 }
 
-/// The search space `[predict]` allows.
-fn space(spec: &PredictSpec) -> Result<SearchSpace> {
+impl ExperimentConfig {
+    /// The cost model's job for `point` as `ulysses run` runs it: `[parallel]` and `[train]`
+    /// only (micro-batch, accumulation, ZeRO stage, checkpointing, the optimizer if
+    /// `[train.adamw]` is set, the trainer's reduction buckets), no overlap assumed. What the
+    /// memory check predicts; `[predict]`'s overrides apply on top in [`job_for`].
+    pub fn run_job(&self, point: &Point) -> Result<Job> {
+        let train = self.train_config(point)?;
+        Ok(Job {
+            model: self.gpt()?,
+            strategy: point.strategy,
+            attention: self.attention()?,
+            ranks: point.ranks,
+            dp: point.dp,
+            micro_batch: self.train.batch,
+            grad_accum: point.grad_accum as i64,
+            seq: point.seq,
+            precision: train.precision,
+            checkpointing: train.checkpointing,
+            zero: point.zero,
+            optimizer: train.adamw.is_some(),
+            backend: backend_name(self.parallel.backend).into(),
+            threads_per_rank: self.parallel.threads_per_rank,
+            overlap: false,
+            bucket_elems: train.bucket_elems,
+        })
+    }
+}
+
+/// The cost model's job for one point of `cfg`: the run's ([`ExperimentConfig::run_job`]) with
+/// `[predict]`'s `zero`, `checkpointing`, `grad_accum`, `optimizer` and `overlap` where given.
+pub fn job_for(cfg: &ExperimentConfig, point: &Point) -> Result<Job> {
+    let spec = cfg.predict.clone().unwrap_or_default();
+    let mut job = cfg.run_job(point)?;
+    if let Some(z) = spec.zero {
+        job.zero = ZeroStage::new(z).map_err(|e| bad("predict.zero", e.to_string()))?;
+    }
+    job.checkpointing = spec.checkpointing.unwrap_or(job.checkpointing);
+    job.grad_accum = spec.grad_accum.unwrap_or(job.grad_accum);
+    job.optimizer = spec.optimizer.unwrap_or(job.optimizer);
+    job.overlap = spec.overlap;
+    Ok(job)
+}
+
+/// The search space `[predict]` allows around `job`. Without an optimizer only ZeRO stage 0:
+/// stages 1-3 partition the optimizer's states, and the trainer runs them only with one.
+fn space(spec: &PredictSpec, job: &Job) -> Result<SearchSpace> {
     let mut s = SearchSpace::everything();
     if let Some(b) = &spec.micro_batches {
         s.micro_batch = b.clone();
@@ -103,8 +152,82 @@ fn space(spec: &PredictSpec) -> Result<SearchSpace> {
     if let Some(z) = &spec.zero_stages {
         s.zero = z.iter().map(|&z| ZeroStage::new(z)).collect::<Result<_>>()?;
     }
+    if !job.optimizer {
+        s.zero.retain(|z| !z.partitions_optimizer());
+        if s.zero.is_empty() {
+            s.zero.push(ZeroStage::NONE);
+        }
+    }
     s.global_batch = spec.global_batch;
     Ok(s)
+}
+
+/// The memory of `job`'s rank with the largest resident peak (what a prediction reports).
+pub(super) fn peak_memory(job: &Job, hw: &Hardware) -> Result<MemoryReport> {
+    job.validate()?;
+    let mut worst: Option<MemoryReport> = None;
+    for r in cost::step::candidate_ranks(job) {
+        let m = cost::memory::memory(job, r, hw)?;
+        if worst.as_ref().is_none_or(|w| m.resident_bytes > w.resident_bytes) {
+            worst = Some(m);
+        }
+    }
+    worst.ok_or_else(|| bad("memory", format!("{}: no ranks", job.describe())))
+}
+
+/// A job's setting in words: "SP 32 x DP 1, micro-batch 1, 1 micro-step per step, ZeRO 3,
+/// checkpointing full, bf16".
+pub(super) fn setting(job: &Job) -> String {
+    format!(
+        "SP {} x DP {}, micro-batch {}, {} micro-step{} per step, ZeRO {}, checkpointing {}, {}",
+        job.sp(),
+        job.dp,
+        job.micro_batch,
+        job.grad_accum,
+        if job.grad_accum == 1 { "" } else { "s" },
+        job.zero.stage(),
+        job.checkpointing.name(),
+        job.precision.name()
+    )
+}
+
+/// What would fit of `job` (a point predicted not to): the fastest setting of `[predict]`'s
+/// search space at the same sequence and global batch, else the longest sequence that fits at
+/// some setting, in words.
+pub(super) fn what_fits(cfg: &ExperimentConfig, job: &Job, hw: &Hardware) -> String {
+    let gib = (1u64 << 30) as f64;
+    let spec = cfg.predict.clone().unwrap_or_default();
+    let space = match space(&spec, job) {
+        Ok(s) => SearchSpace { global_batch: Some(job.global_batch()), ..s },
+        Err(e) => return format!("no search: {e}"),
+    };
+    let strategy = |p: &Prediction| {
+        if p.job.strategy == job.strategy {
+            String::new()
+        } else {
+            format!("{} ", p.job.strategy.label())
+        }
+    };
+    match cost::best(job, hw, &space) {
+        Ok(p) => format!(
+            "fits as {}{} (peak {:.2} GiB, {:.3} s per step)",
+            strategy(&p),
+            setting(&p.job),
+            p.memory.resident_bytes / gib,
+            p.step_s
+        ),
+        Err(_) => match cost::max_seq(job, hw, &SearchSpace { micro_batch: vec![1], ..space }) {
+            Ok(p) => format!(
+                "no setting fits N = {}; the longest sequence that fits is N = {} as {}{} (peak {:.2} GiB)",
+                job.seq,
+                p.job.seq,
+                strategy(&p),
+                setting(&p.job),
+                p.memory.resident_bytes / gib
+            ),
+            Err(e) => format!("nothing fits: {e}"),
+        },
+    }
 }
 
 /// One predicted point, or why there is none.
@@ -117,7 +240,6 @@ pub struct Predicted {
 /// size, at the longest sequence that fits). A point that cannot run keeps its reason.
 pub fn predict_points(cfg: &ExperimentConfig, hw: &Hardware) -> Result<Vec<Predicted>> {
     let spec = cfg.predict.clone().unwrap_or_default();
-    let space = space(&spec)?;
     let mut out = Vec::new();
     for point in cfg.points()? {
         if spec.max_seq
@@ -128,6 +250,7 @@ pub fn predict_points(cfg: &ExperimentConfig, hw: &Hardware) -> Result<Vec<Predi
             continue;
         }
         let job = job_for(cfg, &point)?;
+        let space = space(&spec, &job)?;
         let outcome = if spec.max_seq {
             let fixed = SearchSpace { micro_batch: vec![1], ..space.clone() };
             cost::max_seq(&job, hw, &fixed)
@@ -290,4 +413,210 @@ fn plots(dir: &Path, rows: &[Predicted], setting: &str) -> Result<Vec<PathBuf>> 
         }
     }
     Ok(files)
+}
+
+/// How `[parallel] strategies` spells a strategy (`usp_zigzag:8`, where `label` says
+/// `usp_u8_zigzag`).
+fn spelled(s: StrategyConfig) -> String {
+    match s {
+        StrategyConfig::Usp { ulysses, zigzag: false } => format!("usp:{ulysses}"),
+        StrategyConfig::Usp { ulysses, zigzag: true } => format!("usp_zigzag:{ulysses}"),
+        other => other.label(),
+    }
+}
+
+/// What one written config fixes: everything of a job but the strategy, the world size and the
+/// sequence, which the config sweeps.
+#[derive(Debug, Clone, PartialEq)]
+struct Setting {
+    dp: usize,
+    micro_batch: i64,
+    grad_accum: i64,
+    zero: ZeroStage,
+    checkpointing: Checkpointing,
+    optimizer: bool,
+    overlap: bool,
+}
+
+/// Points that one config can sweep: every strategy x world size x sequence at one setting.
+#[derive(Debug, Clone, PartialEq)]
+struct Sweep {
+    strategies: Vec<StrategyConfig>,
+    ranks: Vec<usize>,
+    seqs: Vec<i64>,
+    setting: Setting,
+    /// The predictions it holds, for the header.
+    found: Vec<Prediction>,
+}
+
+/// The predicted points grouped into sweeps a config can express: per strategy and world size
+/// the lengths that share a setting, then strategies, then world sizes, merged where the rest
+/// is equal.
+fn sweeps(found: &[Prediction]) -> Vec<Sweep> {
+    let mut out: Vec<Sweep> = Vec::new();
+    for p in found {
+        let j = &p.job;
+        let setting = Setting {
+            dp: j.dp,
+            micro_batch: j.micro_batch,
+            grad_accum: j.grad_accum,
+            zero: j.zero,
+            checkpointing: j.checkpointing,
+            optimizer: j.optimizer,
+            overlap: j.overlap,
+        };
+        let same =
+            |s: &&mut Sweep| s.strategies == [j.strategy] && s.ranks == [j.ranks] && s.setting == setting;
+        match out.iter_mut().find(|s| same(s)) {
+            Some(s) if !s.seqs.contains(&j.seq) => {
+                s.seqs.push(j.seq);
+                s.found.push(p.clone());
+            }
+            Some(_) => {} // the same job twice (max_seq's lengths): one is enough
+            None => out.push(Sweep {
+                strategies: vec![j.strategy],
+                ranks: vec![j.ranks],
+                seqs: vec![j.seq],
+                setting,
+                found: vec![p.clone()],
+            }),
+        }
+    }
+    let merge = |list: Vec<Sweep>, by_strategy: bool| {
+        let mut merged: Vec<Sweep> = Vec::new();
+        for s in list {
+            let fits = |m: &&mut Sweep| {
+                m.setting == s.setting
+                    && m.seqs == s.seqs
+                    && if by_strategy { m.ranks == s.ranks } else { m.strategies == s.strategies }
+            };
+            match merged.iter_mut().find(|m| fits(m)) {
+                Some(m) if by_strategy => {
+                    m.strategies.extend(s.strategies);
+                    m.found.extend(s.found);
+                }
+                Some(m) => {
+                    m.ranks.extend(s.ranks);
+                    m.found.extend(s.found);
+                }
+                None => merged.push(s),
+            }
+        }
+        merged
+    };
+    merge(merge(out, true), false)
+}
+
+impl ExperimentConfig {
+    /// This config with the sweep and setting of `sweep`: `[parallel]` and `[train]` set to it
+    /// (AdamW at its defaults added where the setting has an optimizer and the config none, as
+    /// the trainer needs one for ZeRO 1-3; removed where it has none), `[predict]` naming `hardware` and the optimizer and
+    /// searching nothing, so that `ulysses predict` predicts every point as it was found.
+    fn with_sweep(&self, name: String, sweep: &Sweep, hardware: &str) -> Result<ExperimentConfig> {
+        let s = &sweep.setting;
+        let mut c = self.clone();
+        c.description = format!(
+            "{}, at the setting ulysses predict found on {hardware}: {}",
+            self.name,
+            setting(&sweep.found[0].job)
+        );
+        c.name = name;
+        c.output = None;
+        c.parallel.ranks = sweep.ranks.clone();
+        c.parallel.dp = s.dp;
+        c.parallel.strategies = sweep.strategies.iter().map(|&x| spelled(x)).collect();
+        c.parallel.reference = false;
+        c.train.seq = sweep.seqs.clone();
+        c.train.batch = s.micro_batch;
+        c.train.grad_accum = s.grad_accum as usize;
+        c.train.zero = vec![s.zero];
+        c.train.checkpointing = s.checkpointing;
+        // The run updates the weights exactly when the prediction counts Adam.
+        if s.optimizer && c.train.adamw.is_none() {
+            c.train.adamw = Some(Default::default());
+        } else if !s.optimizer {
+            c.train.adamw = None;
+        }
+        let paper = self.predict.as_ref().map(|p| p.paper.clone()).unwrap_or_default();
+        c.predict = Some(PredictSpec {
+            hardware: Some(hardware.to_string()),
+            optimizer: Some(s.optimizer),
+            overlap: s.overlap,
+            paper,
+            ..PredictSpec::default()
+        });
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Writes the setting each point of `rows` was predicted at (with `[predict] search`: the
+    /// best the search found; with `max_seq`: at the longest sequence) as configs that `ulysses
+    /// run` and `ulysses submit` accept unchanged and `ulysses predict` predicts to the same
+    /// numbers. A config fixes one DP degree, micro-batch, accumulation, ZeRO stage and
+    /// checkpointing for all its points, so points found at different settings go to different
+    /// configs: `path` if one config holds them all, else `<path stem>-1.toml`, `-2`, ... beside
+    /// it. `hardware` is the preset or file they were predicted on; points without a prediction
+    /// are left out. Returns the files written, in order.
+    pub fn write_settings(&self, rows: &[Predicted], hardware: &str, path: &Path) -> Result<Vec<PathBuf>> {
+        let found: Vec<Prediction> = rows.iter().filter_map(|r| r.outcome.as_ref().ok().cloned()).collect();
+        if found.is_empty() {
+            return Err(bad(
+                &path.display().to_string(),
+                format!("no point of {} has a setting that fits: nothing to write", self.name),
+            ));
+        }
+        let sweeps = sweeps(&found);
+        let many = sweeps.len() > 1;
+        let stem = path.file_stem().map_or_else(|| "settings".into(), |s| s.to_string_lossy().into_owned());
+        let gib = (1u64 << 30) as f64;
+        let mut written = Vec::new();
+        for (i, sweep) in sweeps.iter().enumerate() {
+            let (name, file) = if many {
+                (
+                    format!("{}_best_{}", self.name, i + 1),
+                    path.with_file_name(format!("{stem}-{}.toml", i + 1)),
+                )
+            } else {
+                (format!("{}_best", self.name), path.to_path_buf())
+            };
+            let cfg = self.with_sweep(name, sweep, hardware)?;
+            // The config must predict what was found, point for point.
+            for point in cfg.points()? {
+                let job = job_for(&cfg, &point)?;
+                if !sweep.found.iter().any(|p| p.job == job) {
+                    return Err(bad(
+                        &file.display().to_string(),
+                        format!("the written config would predict {} differently", job.describe()),
+                    ));
+                }
+            }
+            let found_at = setting(&sweep.found[0].job);
+            let mut text = format!(
+                "# Written by `ulysses predict --write-config` from {:?} on {hardware}.\n\
+                 # The setting found for these points: {found_at}.\n\
+                 # `ulysses run` and `ulysses submit` run it as it is; `ulysses predict` predicts the same:\n",
+                self.name,
+            );
+            for p in &sweep.found {
+                text += &format!(
+                    "#   {} P={} N={}: {:.3} s per step, {:.0} tokens/s, peak {:.2} of {:.2} GiB per GPU\n",
+                    p.job.strategy.label(),
+                    p.job.ranks,
+                    p.job.seq,
+                    p.step_s,
+                    p.tokens_per_s,
+                    p.memory.resident_bytes / gib,
+                    p.memory.capacity_bytes / gib
+                );
+            }
+            text += &cfg.to_toml()?;
+            ExperimentConfig::parse(&text, &file.display().to_string())?;
+            if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).map_err(|e| bad(&dir.display().to_string(), e.to_string()))?;
+            }
+            std::fs::write(&file, text).map_err(|e| bad(&file.display().to_string(), e.to_string()))?;
+            written.push(file);
+        }
+        Ok(written)
+    }
 }

@@ -47,6 +47,8 @@ pub struct RunSummary {
 pub fn run(cfg: &ExperimentConfig, opts: &RunOptions) -> Result<RunSummary> {
     let started = Instant::now();
     cfg.validate()?;
+    // Every point against the memory of the hardware the config names, before anything starts.
+    cfg.check_memory()?;
     cfg.check_runnable(&opts.base_dir)?;
     if cfg.parallel.backend != Backend::Local && opts.program.is_none() {
         return Err(no_program());

@@ -1,12 +1,95 @@
 //! The checks of a config: every field and every point, before anything runs (`validate`, which
-//! `parse` calls), and what only this build and machine can tell: the dataset, the backend and
-//! the device (`check_runnable`). The `[train]` fields of the step loop are checked in `plan.rs`.
+//! `parse` calls), what only this build and machine can tell: the dataset, the backend and the
+//! device (`check_runnable`), and whether every point fits the memory of the hardware the config
+//! names, by the cost model (`check_memory`). The `[train]` fields of the step loop are checked
+//! in `plan.rs`.
 
+use std::fmt;
 use std::path::Path;
 
-use super::config::{field_error, Backend, ExperimentConfig};
+use super::config::{field_error, Backend, ExperimentConfig, Point};
 use super::launch::Launcher;
-use crate::Result;
+use super::predict::{peak_memory, setting, what_fits};
+use crate::cost::Hardware;
+use crate::{Error, Result};
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// One point's predicted memory, as `ulysses run` would run it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PointMemory {
+    pub point: Point,
+    /// The resident peak per GPU the cost model predicts (the largest over the ranks), bytes.
+    pub peak_bytes: f64,
+    /// What one GPU may use (the device's memory less the hardware file's reserve), bytes.
+    pub capacity_bytes: f64,
+}
+
+impl PointMemory {
+    /// Whether the predicted peak is within the capacity.
+    pub fn fits(&self) -> bool {
+        self.peak_bytes <= self.capacity_bytes
+    }
+}
+
+/// What the memory check found: every point's predicted peak on the named hardware.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemoryCheck {
+    /// The hardware as named (`[predict] hardware`: a preset or a file).
+    pub hardware: String,
+    /// Its device ("NVIDIA A100-SXM4-40GB").
+    pub device: String,
+    pub points: Vec<PointMemory>,
+    /// Points predicted not to fit were let through (`[predict] force`, `--force`).
+    pub forced: bool,
+}
+
+impl MemoryCheck {
+    /// The points predicted not to fit.
+    pub fn over(&self) -> Vec<&PointMemory> {
+        self.points.iter().filter(|p| !p.fits()).collect()
+    }
+}
+
+impl fmt::Display for MemoryCheck {
+    /// One line: every point fits (with the largest peak), or which do not and were forced.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let cap = self.points.first().map_or(0.0, |p| p.capacity_bytes) / GIB;
+        let head =
+            format!("memory check on {} ({}, {cap:.2} GiB usable per GPU)", self.hardware, self.device);
+        let over = self.over();
+        if over.is_empty() {
+            let top = self.points.iter().max_by(|a, b| a.peak_bytes.total_cmp(&b.peak_bytes));
+            return match top {
+                Some(p) => write!(
+                    f,
+                    "{head}: all {} points fit, the largest predicted peak {:.2} GiB per GPU (point {} {})",
+                    self.points.len(),
+                    p.peak_bytes / GIB,
+                    p.point.index + 1,
+                    p.point.describe()
+                ),
+                None => write!(f, "{head}: no points"),
+            };
+        }
+        write!(
+            f,
+            "{head}: {} of {} points predicted not to fit, run anyway (forced):",
+            over.len(),
+            self.points.len()
+        )?;
+        for p in over {
+            write!(
+                f,
+                " point {} {} peak {:.2} GiB;",
+                p.point.index + 1,
+                p.point.describe(),
+                p.peak_bytes / GIB
+            )?;
+        }
+        Ok(())
+    }
+}
 
 impl ExperimentConfig {
     /// Checks every field and every point, naming the field and the fix.
@@ -157,5 +240,71 @@ impl ExperimentConfig {
             ));
         }
         Ok(())
+    }
+}
+
+impl ExperimentConfig {
+    /// Checks every point against the memory of the hardware the config names (`[predict]
+    /// hardware`, which `ulysses run --hardware` sets), by the cost model, as `ulysses run` would
+    /// run it (`run_job`: `[parallel]` and `[train]`, not `[predict]`'s overrides or search).
+    /// `ulysses run` calls it before anything starts, and so must `ulysses submit`. A config that
+    /// names no hardware is not checked (`Ok(None)`): runs on CPU thread ranks, and GPU runs
+    /// whose hardware is unknown. A point predicted not to fit refuses the whole config, naming
+    /// each such point's predicted peak per GPU, the capacity, and what would fit (the fastest
+    /// setting the search finds at the same length and global batch, or else the longest
+    /// sequence that fits), unless `[predict] force` is set (`--force`): then the check passes
+    /// and says which points were forced.
+    pub fn check_memory(&self) -> Result<Option<MemoryCheck>> {
+        let Some(spec) = self.predict.as_ref().filter(|p| p.hardware.is_some()) else {
+            return Ok(None);
+        };
+        let named = spec.hardware.clone().unwrap_or_default();
+        let hw = Hardware::load(&named).map_err(|e| field_error("predict.hardware", e.to_string()))?;
+        let mut points = Vec::new();
+        for point in self.points()? {
+            let m = peak_memory(&self.run_job(&point)?, &hw)?;
+            points.push(PointMemory {
+                point,
+                peak_bytes: m.resident_bytes,
+                capacity_bytes: m.capacity_bytes,
+            });
+        }
+        let check =
+            MemoryCheck { hardware: named, device: hw.device.model.clone(), points, forced: spec.force };
+        if check.forced || check.over().is_empty() {
+            return Ok(Some(check));
+        }
+        Err(self.refusal(&check, &hw)?)
+    }
+
+    /// The error of a check that found points predicted not to fit.
+    fn refusal(&self, check: &MemoryCheck, hw: &Hardware) -> Result<Error> {
+        let over = check.over();
+        let cap = over.first().map_or(0.0, |p| p.capacity_bytes) / GIB;
+        let mut msg = format!(
+            "{} of the {} points of {} are predicted not to fit one {} ({cap:.2} GiB usable per GPU), \
+             so nothing was started:",
+            over.len(),
+            check.points.len(),
+            self.name,
+            hw.device.model
+        );
+        for p in over {
+            let job = self.run_job(&p.point)?;
+            msg += &format!(
+                "\n  point {} {} ({}): predicted peak {:.2} GiB per GPU, capacity {cap:.2} GiB; {}",
+                p.point.index + 1,
+                p.point.describe(),
+                setting(&job),
+                p.peak_bytes / GIB,
+                what_fits(self, &job, hw)
+            );
+        }
+        msg +=
+            "\nSet what fits in [parallel] and [train] (`ulysses predict <config> --search --write-config \
+                <file>` writes such configs), name the hardware it will run on ([predict] hardware, or \
+                `ulysses run --hardware`), or run it anyway with --force ([predict] force = true): a point \
+                that runs out of memory stops the run there.";
+        Ok(Error::InvalidArgument { op: "memory check", group: check.hardware.clone(), msg })
     }
 }

@@ -79,16 +79,29 @@ enum Command {
         /// The output folder (instead of the config's `output`, or results/<name>).
         #[arg(long)]
         output: Option<PathBuf>,
+        /// Check every point's predicted memory against this hardware (a preset or file) before
+        /// starting; sets the config's `[predict] hardware`, which is checked when named.
+        #[arg(long)]
+        hardware: Option<String>,
+        /// Run points the cost model predicts not to fit the hardware's memory (sets `[predict]
+        /// force`; like --hardware, recorded in the run's config.toml, so --resume needs it too).
+        #[arg(long)]
+        force: bool,
     },
     /// Run an experiment config as a Slurm job: write an sbatch script into its results folder,
     /// submit it and follow the job (its state, its ranks' progress, the results folder).
     Submit(submit::SubmitArgs),
-    /// Follow a submitted job until it ends: its state and its output (the ranks' progress).
+    /// Follow a submitted job until it ends: its state (asked of Slurm every few seconds, backing
+    /// off to 30 s) and its output (the ranks' progress); or with --status, look once and return.
     Follow {
-        /// The job id sbatch gave.
-        job: String,
-        /// The results folder the job writes (its output is in slurm/<job>.out there).
-        dir: PathBuf,
+        /// The results folder (its slurm/job.toml names its latest job); or the job id sbatch
+        /// gave, followed by the folder.
+        target: String,
+        /// The results folder, after a job id (its output is in slurm/<job>.out there).
+        dir: Option<PathBuf>,
+        /// Look once: print the job's state (and its results once it is done) and return.
+        #[arg(long)]
+        status: bool,
     },
     /// Predict an experiment config with the cost model (tables, Parquet and plots beside the
     /// run's, in <output>/predicted-<hardware>/), or one job given by flags with its breakdown.
@@ -153,10 +166,26 @@ enum Command {
     },
 }
 
-fn experiment(config: &std::path::Path, resume: bool, report: bool, output: Option<PathBuf>) -> Result<()> {
+fn experiment(
+    config: &std::path::Path,
+    resume: bool,
+    report: bool,
+    output: Option<PathBuf>,
+    hardware: Option<String>,
+    force: bool,
+) -> Result<()> {
     let mut cfg = ExperimentConfig::load(config)?;
     if output.is_some() {
         cfg.output = output;
+    }
+    if hardware.is_some() || force {
+        let spec = cfg.predict.get_or_insert_with(Default::default);
+        spec.hardware = hardware.or(spec.hardware.take());
+        spec.force |= force;
+    }
+    // `run` checks memory again before it starts; this says what the check found.
+    if let Some(check) = cfg.check_memory()? {
+        println!("{check}");
     }
     submit::check_build(&cfg, config)?;
     let opts =
@@ -232,9 +261,11 @@ fn main() -> Result<()> {
         }
         Command::Layer(args) => layer::run(&args),
         Command::Step(args) => step::run(&args),
-        Command::Run { config, resume, report, output } => experiment(&config, resume, report, output),
+        Command::Run { config, resume, report, output, hardware, force } => {
+            experiment(&config, resume, report, output, hardware, force)
+        }
         Command::Submit(args) => submit::run(&args),
-        Command::Follow { job, dir } => submit::follow(&job, &dir),
+        Command::Follow { target, dir, status } => submit::follow(&target, dir.as_deref(), status),
         Command::Report { dir } => print_report(&dir),
         Command::Predict(args) => predict::run(&args),
         Command::Calibrate(args) => calibrate::run(&args),
