@@ -358,6 +358,7 @@ class LoadSampler:
         self.tick_s = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
         self.units = {}  # pid of a process cargo started -> (unit, CPU seconds so far)
         self.ended = []  # (unit, CPU seconds) of those that ended since the last take()
+        self.total = None  # CPU seconds of cargo and everything it started, ended or not
 
     @staticmethod
     def children(pid):
@@ -426,6 +427,11 @@ class LoadSampler:
                     pass
                 stack.extend(self.children(pid))
             self.samples.append((max(running - 1, ours), ours))
+            # The whole build's CPU: cargo's own, its ended children's (it waits for each, so
+            # the kernel adds them to its cutime/cstime, however short they were) and the
+            # running ones'. Units shorter than a sample, which the per-unit readings below
+            # never see, are in it.
+            self.total = self.cpu(self.root)
             now = set(self.children(self.root))
             for pid in list(self.units):
                 if pid not in now:
@@ -439,14 +445,15 @@ class LoadSampler:
 
     def take(self):
         """(the build's runnable threads, others', means since the last take; {unit: CPU seconds}
-        of those running; [(unit, CPU seconds)] of those that ended since), or None."""
+        of those running; [(unit, CPU seconds)] of those that ended since; the whole build's CPU
+        seconds so far), or None."""
         if not self.samples:
             return None
         n = len(self.samples)
         ours = sum(o for _, o in self.samples) / n
         others = sum(a - o for a, o in self.samples) / n
         ended, self.samples, self.ended = self.ended, [], []
-        return ours, others, dict(self.units.values()), ended
+        return ours, others, dict(self.units.values()), ended, self.total
 
 
 # ---- recorded builds ---------------------------------------------------------------------------
@@ -474,7 +481,7 @@ class Recorder:
     the seconds since cargo started, and every LOAD_EVERY_S the threads that wanted a core (see
     LoadSampler) and the 1-minute load average (`seconds<TAB>l<TAB>build's others' load`) and
     the CPU seconds of the units running and of those that ended since (`seconds<TAB>c<TAB>
-    {"run": [[package, version, target, seconds], ...], "end": [...]}`); `#` lines first say what
+    {"run": [[package, version, target, seconds], ...], "end": [...], "total": seconds}`); `#` lines first say what
     was run, where and under what load."""
 
     def __init__(self, path, cmd):
@@ -683,18 +690,21 @@ class Build:
             self.add_share(now, self.share(ours, others))
             self.threads = ours
 
-    def on_cpu(self, running, ended, now):
+    def on_cpu(self, running, ended, now, total=None):
         """The CPU seconds of every unit running now ((package, version, target) -> seconds) and
         of those that ended since the last call ([(unit, seconds)]). With the threads of the
         build that wanted a core meanwhile (on_load, just before) they say the share it got: the
         CPU seconds per second that its threads got, over the threads (on an idle machine each
         has a core, up to the cores), which replaces the share that on_load reckoned. It is what
         the cores gave the build whatever the others are (runnable threads of other users'
-        cgroups, of a lower priority, waiting on the disk: the reckoning goes wrong on each)."""
+        cgroups, of a lower priority, waiting on the disk: the reckoning goes wrong on each).
+        `total`: the whole build's CPU seconds so far (LoadSampler.total), which also holds the
+        units too short for any sample to see; the sum of the units' readings undercounts a
+        build of many small crates by up to a half (recordings made before it lack it)."""
         with self.lock:
             self.cpu = (now, running)
             self.cpu_ended += sum(seconds for _, seconds in ended)
-            used = self.cpu_ended + sum(running.values())
+            used = total if total is not None else self.cpu_ended + sum(running.values())
             if self.cpu_used and self.loads and self.loads[-1][0] == now and self.threads >= 0.5:
                 rate = (used - self.cpu_used[1]) / max(1e-9, now - self.cpu_used[0])
                 self.add_share(now, max(0.05, min(1.0, rate / self.threads)), replace=True)
@@ -979,7 +989,8 @@ def replay(log, times, jobs=None, step=1.0):
                 build.on_load(ours, others, when)
             elif stream == "c":
                 cpu = json.loads(text)
-                build.on_cpu({tuple(r[:3]): r[3] for r in cpu["run"]}, [(tuple(r[:3]), r[3]) for r in cpu["end"]], when)
+                build.on_cpu({tuple(r[:3]): r[3] for r in cpu["run"]}, [(tuple(r[:3]), r[3]) for r in cpu["end"]], when,
+                             cpu.get("total"))
             else:
                 build.on_stderr(text, when)
             i += 1
@@ -1223,13 +1234,16 @@ def main():
     def take(now):
         taken = sampler.take()
         if taken:
-            ours, others, cpu, ended = taken
+            ours, others, cpu, ended, total = taken
             build.on_load(ours, others, now)
-            build.on_cpu(cpu, ended, now)
+            build.on_cpu(cpu, ended, now, total)
             if recorder:
                 recorder.write("l", f"{ours:.2f} {others:.2f} {os.getloadavg()[0]:.2f}")
-                recorder.write("c", json.dumps({"run": [[*k, round(c, 2)] for k, c in cpu.items()],
-                                                "end": [[*k, round(c, 2)] for k, c in ended]}, separators=(",", ":")))
+                record = {"run": [[*k, round(c, 2)] for k, c in cpu.items()],
+                          "end": [[*k, round(c, 2)] for k, c in ended]}
+                if total is not None:
+                    record["total"] = round(total, 2)
+                recorder.write("c", json.dumps(record, separators=(",", ":")))
 
     try:
         while proc.poll() is None:
