@@ -218,6 +218,7 @@ fn zero_bytes_of_the_cost_model(run: &Run, p: usize, r: usize) -> Result<[(u64, 
         optimizer: run.plan.adamw.is_some(),
         backend: "local".into(),
         bucket_elems: run.plan.bucket_elems,
+        reduce_dtype: run.plan.reduce_dtype,
         ..Job::new(run.model.clone(), run.strategy, p, run.n)
     };
     let mut out = [(0, 0); 3];
@@ -244,11 +245,16 @@ fn zero_bytes_equal_the_cost_models() -> Result<()> {
         (StrategyConfig::MegatronSp, 2, 1),
         (StrategyConfig::MegatronSp, 4, 2),
     ];
-    for (strategy, p, dp) in cases {
+    // Gradients reduced in bf16 (`reduce_dtype`): half the reduction's bytes, on a few cases.
+    let bf16_reduction = [(StrategyConfig::Ulysses, 3usize, 1usize), (StrategyConfig::MegatronSp, 4, 2)];
+    let all =
+        cases.iter().map(|&c| (c, None)).chain(bf16_reduction.iter().map(|&c| (c, Some(Precision::Bf16))));
+    for ((strategy, p, dp), reduce_dtype) in all {
         for stage in 0..=3u8 {
             for mode in [Checkpointing::None, Checkpointing::Full] {
-                let run =
+                let mut run =
                     Run { steps: 1, ..Run::tiny(strategy, dp, Precision::Bf16, stage) }.checkpointing(mode);
+                run.plan.reduce_dtype = reduce_dtype;
                 let counted = launch(p, |ctx| -> Result<[(u64, u64); 3]> {
                     let mut t = training::trainer(ctx.world(), &run)?;
                     t.groups().zero.reset_stats();
@@ -261,8 +267,8 @@ fn zero_bytes_equal_the_cost_models() -> Result<()> {
                     let want = zero_bytes_of_the_cost_model(&run, p, r)?;
                     ensure!(
                         *got == want,
-                        "{} P={p} dp={dp} ZeRO-{stage} {mode:?} rank {r}: (sent, received) of [all-reduce, \
-                         all-gather, reduce-scatter] {got:?}, cost model {want:?}",
+                        "{} P={p} dp={dp} ZeRO-{stage} {mode:?} reduce {reduce_dtype:?} rank {r}: (sent, \
+                         received) of [all-reduce, all-gather, reduce-scatter] {got:?}, cost model {want:?}",
                         strategy.label()
                     );
                 }

@@ -5,7 +5,9 @@
 //! chunking of large payloads, at small sizes); `large` sends 2 GiB + 8 bytes from rank 0 to
 //! rank 1 (over MPI's 32-bit count, so it needs the chunking; about 6 GiB of memory);
 //! `conformance-every` compares every transfer's envelope (the default compares new ones and
-//! every 64th); `latency [every]` times small all-to-alls. Modes for
+//! every 64th); `conformance-native` runs them with MPI's own all-reduce, reduce-scatter and
+//! all-gather (the path NCCL's collectives take on a GPU); `latency [every]` times small
+//! all-to-alls. Modes for
 //! the failure tests: `mismatch`, `mismatch-p2p` (a send and a recv that disagree: both ranks
 //! must report it), `timeout`, `panic`, `exit` (rank 1's process ends in the middle of a step,
 //! without a word, as a killed or crashed process does), `diverged` and `diverged-size` (two
@@ -31,6 +33,7 @@ fn main() -> Result<()> {
     match mode.as_str() {
         "conformance-chunked" => launch = launch.max_message_bytes(61),
         "conformance-every" => launch = launch.envelope_checks(EnvelopeChecks::Every),
+        "conformance-native" => launch = launch.native_collectives(true),
         "diverged" | "diverged-size" => {
             launch = launch.envelope_checks(EnvelopeChecks::NewAndEvery { audit: 4 })
         }
@@ -42,7 +45,8 @@ fn main() -> Result<()> {
     let ran = launch.run(|ctx| -> Result<String> {
         let (w, r) = (ctx.world(), ctx.rank());
         match mode.as_str() {
-            "conformance" | "conformance-chunked" | "conformance-every" => {
+            "conformance" | "conformance-chunked" | "conformance-every" | "conformance-native" => {
+                common::checks::native(w, mode == "conformance-native")?;
                 Ok(format!("{} checks passed on {} ranks (mpi)", common::checks::all(w)?, w.size()))
             }
             "large" => {
@@ -164,7 +168,7 @@ fn main() -> Result<()> {
                 Ok("no panic".into())
             }
             other => bail!(
-                "unknown mode {other:?}: conformance, conformance-chunked, conformance-every, large, \
+                "unknown mode {other:?}: conformance, conformance-chunked, conformance-every, conformance-native, large, \
                  mismatch, mismatch-p2p, diverged, diverged-size, latency [every], timeout, panic or exit"
             ),
         }

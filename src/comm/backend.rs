@@ -10,7 +10,7 @@ use tch::Device;
 use tch::{Kind, Tensor};
 
 use super::group::GroupInfo;
-use super::OpKind;
+use super::{OpKind, ReduceOp};
 #[cfg(any(feature = "mpi", feature = "nccl"))]
 use crate::error::TorchResultExt;
 use crate::Result;
@@ -38,6 +38,96 @@ impl fmt::Display for Envelope {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} {:?}{:?}", self.op, self.kind, self.shape)
     }
+}
+
+/// A whole collective that a backend may run as one call of its own library (NCCL's
+/// `ncclAllReduce`, `ncclReduceScatter`, `ncclAllGather`; MPI's `MPI_Iallreduce`,
+/// `MPI_Ireduce_scatter_block`, `MPI_Iallgather`) instead of the transfers the group composes it
+/// of. Every tensor is contiguous and on the backend's device; the parts of a reduce-scatter and
+/// an all-gather are equal, an all-reduce's are the library's business.
+///
+/// The result is the library's: every rank gets the same values, but a reduction sums in the
+/// library's order (NCCL's ring or tree, MPI's algorithm) and in the tensors' dtype, so it may
+/// differ in the last bits from the group's own reduction (rank order, half precision in f32).
+///
+/// # Shapes
+/// `AllReduce`: `buf` `[n]`, in place. `ReduceScatter`: `input` `[P*m]` -> `output` `[m]`.
+/// `AllGather`: `input` `[m]` -> `output` `[P*m]` (`input` may be the view of `output` at this
+/// rank's place).
+pub enum Collective<'a> {
+    AllReduce { buf: &'a Tensor, reduce: ReduceOp },
+    ReduceScatter { input: &'a Tensor, output: &'a Tensor, reduce: ReduceOp },
+    AllGather { input: &'a Tensor, output: &'a Tensor },
+}
+
+impl Collective<'_> {
+    /// Every tensor the call reads or writes.
+    pub fn tensors(&self) -> Vec<&Tensor> {
+        match self {
+            Collective::AllReduce { buf, .. } => vec![buf],
+            Collective::ReduceScatter { input, output, .. } | Collective::AllGather { input, output } => {
+                vec![input, output]
+            }
+        }
+    }
+
+    /// The reduction, for the reducing collectives.
+    pub fn reduce(&self) -> Option<ReduceOp> {
+        match self {
+            Collective::AllReduce { reduce, .. } | Collective::ReduceScatter { reduce, .. } => Some(*reduce),
+            Collective::AllGather { .. } => None,
+        }
+    }
+}
+
+/// The near-equal parts of `n` elements over `p` ranks that an all-reduce splits into (the first
+/// `n mod p` ranks one more), as the group's own all-reduce and its byte count use them.
+pub(crate) fn near_equal_parts(n: i64, p: i64) -> Vec<i64> {
+    (0..p).map(|j| n / p + i64::from(j < n % p)).collect()
+}
+
+/// The transfers `call` stands for, as the lists of (group rank, tensor) that go out and come
+/// in (views: nothing is copied), so that its envelopes are checked as theirs would be. An
+/// all-reduce stands for its reduce-scatter half (which fixes the size and dtype on every rank).
+#[cfg(any(feature = "mpi", feature = "nccl"))]
+#[allow(clippy::type_complexity)]
+pub(crate) fn collective_lists(
+    op: OpKind,
+    call: &Collective<'_>,
+    p: usize,
+    me: usize,
+) -> Result<(Vec<(usize, Tensor)>, Vec<(usize, Tensor)>)> {
+    let others = || (0..p).filter(move |&j| j != me);
+    let slice = |t: &Tensor, start: i64, len: i64| t.f_view([-1])?.f_narrow(0, start, len);
+    let lists = || -> std::result::Result<_, tch::TchError> {
+        let (mut out, mut inc) = (Vec::new(), Vec::new());
+        match call {
+            Collective::AllReduce { buf, .. } => {
+                let parts = near_equal_parts(buf.numel() as i64, p as i64);
+                let offset = |j: usize| parts[..j].iter().sum::<i64>();
+                for j in others() {
+                    out.push((j, slice(buf, offset(j), parts[j])?));
+                    inc.push((j, slice(buf, offset(me), parts[me])?));
+                }
+            }
+            Collective::ReduceScatter { input, output, .. } => {
+                let m = output.numel() as i64;
+                for j in others() {
+                    out.push((j, slice(input, j as i64 * m, m)?));
+                    inc.push((j, output.f_view([-1])?));
+                }
+            }
+            Collective::AllGather { input, output } => {
+                let m = input.numel() as i64;
+                for j in others() {
+                    out.push((j, input.f_view([-1])?));
+                    inc.push((j, slice(output, j as i64 * m, m)?));
+                }
+            }
+        }
+        Ok((out, inc))
+    };
+    lists().op(op.name())
 }
 
 /// A transfer's envelope as fixed-size integers, for backends that must send it as a message:
@@ -273,6 +363,30 @@ pub trait Backend: Send + Sync {
     ) -> Result<Box<dyn Pending>> {
         self.exchange(group, op, sends, recvs)?;
         Ok(Box::new(Done))
+    }
+
+    /// Whether this backend runs `call` as one collective of its library ([`Collective`]);
+    /// `false` (the default): the group composes it of transfers. The answer may depend on the
+    /// tensors' device and dtype and the backend's settings, never on the rank, so that every
+    /// rank of a group takes the same path.
+    fn runs_natively(&self, _call: &Collective<'_>) -> bool {
+        false
+    }
+
+    /// Starts `call`, which [`runs_natively`](Backend::runs_natively) accepted: envelopes
+    /// checked first as for the transfers it stands for, the result in place once the handle
+    /// is waited for (the handle holds the tensors, as [`exchange_start`](Backend::exchange_start)'s
+    /// does). Every rank of the group makes the same call in the same order.
+    fn collective_start(
+        &self,
+        group: &GroupInfo,
+        op: OpKind,
+        _call: Collective<'_>,
+    ) -> Result<Box<dyn Pending>> {
+        Err(crate::Error::Backend {
+            backend: self.name(),
+            msg: format!("{op} on group {group}: this backend has no collectives of its own"),
+        })
     }
 
     /// Waits until everything this rank started on this backend (and the backends split from

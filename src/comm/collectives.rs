@@ -14,6 +14,7 @@
 
 use tch::{Kind, Tensor};
 
+use super::backend::{near_equal_parts, Collective};
 use super::group::Group;
 use super::{OpKind, ReduceOp};
 use crate::error::TorchResultExt;
@@ -214,10 +215,20 @@ impl Group {
     pub fn all_reduce(&self, x: &Tensor, reduce: ReduceOp) -> Result<Tensor> {
         let op = OpKind::AllReduce;
         let n = x.numel() as i64;
-        let p = self.size() as i64;
-        let parts: Vec<i64> = (0..p).map(|j| n / p + i64::from(j < n % p)).collect();
+        let parts = near_equal_parts(n, self.size() as i64);
         // [..] -> [n]: flat, so that any shape splits into P near-equal parts.
         let flat = x.f_reshape([n]).op(op.name())?;
+        self.check_reduce(op, x.kind(), reduce)?;
+        if self.runs_natively(&Collective::AllReduce { buf: &flat, reduce }) {
+            // The backend's own all-reduce, in place on a copy.
+            let buf = Tensor::f_empty([n], (x.kind(), x.device())).op(op.name())?;
+            buf.shallow_clone().f_copy_(&flat).op(op.name())?;
+            let moved = self.all_reduce_bytes(n, x.kind().elt_size_in_bytes());
+            self.native_start(op, Collective::AllReduce { buf: &buf, reduce }, moved)?.wait()?;
+            self.count_call(op);
+            // [n] -> [..]
+            return buf.f_reshape(x.size()).op(op.name());
+        }
         let mine = self.scatter_reduced(op, &flat, 0, &parts, reduce)?;
         let full = self.gather_parts(op, &mine, 0, &parts)?;
         self.count_call(op);
@@ -238,8 +249,35 @@ impl Group {
         Ok(out)
     }
 
-    /// Sends `x` to every rank and receives rank j's part into its place in `out` (checked).
+    /// The second half of a bucketed all-reduce under `op`: this rank's reduced `mine` into its
+    /// place in the flat `out`, every other rank's into theirs (sizes `parts`). Not counted as
+    /// a call.
+    ///
+    /// # Shapes
+    /// `mine`: `[parts[r]]`, `out`: `[sum(parts)]`.
+    pub(crate) fn gather_into_flat(
+        &self,
+        op: OpKind,
+        mine: &Tensor,
+        out: &Tensor,
+        parts: &[i64],
+    ) -> Result<()> {
+        self.check_own_part(op, "sizes", parts, &mine.size(), 0)?;
+        self.gather_into(op, mine, out, 0, parts)
+    }
+
+    /// Sends `x` to every rank and receives rank j's part into its place in `out` (checked):
+    /// as the backend's own all-gather where it has one for these tensors (equal parts that
+    /// are contiguous slabs of `out`).
     fn gather_into(&self, op: OpKind, x: &Tensor, out: &Tensor, d: usize, sizes: &[i64]) -> Result<()> {
+        if slabs(out, d, sizes) && x.is_contiguous() {
+            let call = Collective::AllGather { input: x, output: out };
+            if self.runs_natively(&call) {
+                let parts: Vec<i64> = sizes.iter().map(|&n| n * inner(out, d)).collect();
+                let (sent, received) = self.scatter_bytes(&parts, x.kind().elt_size_in_bytes());
+                return self.native_start(op, call, (received, sent))?.wait();
+            }
+        }
         let sends = (0..self.size()).map(|_| Some(x.shallow_clone())).collect();
         let recvs = chunks(out, d, sizes).op(op.name())?;
         self.transfer(op, sends, recvs)
@@ -258,6 +296,19 @@ impl Group {
         self.check_split(op, "split", split, x.size()[d], d)?;
         self.check_reduce(op, x.kind(), reduce)?;
         let p = self.size();
+        if slabs(x, d, split) {
+            // The backend's own reduce-scatter, where it has one for these tensors.
+            let mut shape = x.size();
+            shape[d] = split[self.rank()];
+            let out = Tensor::f_empty(&shape, (x.kind(), x.device())).op(op.name())?;
+            let call = Collective::ReduceScatter { input: x, output: &out, reduce };
+            if self.runs_natively(&call) {
+                let parts: Vec<i64> = split.iter().map(|&n| n * inner(x, d)).collect();
+                let moved = self.scatter_bytes(&parts, x.kind().elt_size_in_bytes());
+                self.native_start(op, call, moved)?.wait()?;
+                return Ok(out);
+            }
+        }
         // [P, .., split[r], ..]: slot j holds rank j's chunk for this rank.
         let mut shape = vec![p as i64];
         shape.extend(x.size());
@@ -268,6 +319,17 @@ impl Group {
         self.transfer(op, sends, recvs)?;
         reduce_stack(&stack, reduce, p).op(op.name())
     }
+}
+
+/// Whether the parts `sizes` along `d` are equal, contiguous slabs of `t` (every dim before `d`
+/// of size 1), as a library's reduce-scatter and all-gather take them.
+fn slabs(t: &Tensor, d: usize, sizes: &[i64]) -> bool {
+    t.is_contiguous() && t.size()[..d].iter().all(|&n| n == 1) && sizes.windows(2).all(|w| w[0] == w[1])
+}
+
+/// The elements of `t` per index of dim `d` (the product of the dims after it).
+fn inner(t: &Tensor, d: usize) -> i64 {
+    t.size()[d + 1..].iter().product()
 }
 
 /// P empty slots: no transfer with any rank.
@@ -289,7 +351,7 @@ pub(super) fn chunks(x: &Tensor, dim: usize, sizes: &[i64]) -> Result<Vec<Option
 }
 
 /// Reduces `[P, ..]` over dim 0, accumulating half precision in f32, and returns `x`'s dtype.
-pub(super) fn reduce_stack(stack: &Tensor, reduce: ReduceOp, p: usize) -> Result<Tensor, tch::TchError> {
+pub(crate) fn reduce_stack(stack: &Tensor, reduce: ReduceOp, p: usize) -> Result<Tensor, tch::TchError> {
     let kind = stack.kind();
     let acc = match kind {
         Kind::Half | Kind::BFloat16 => Kind::Float,

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use tch::{Device, Kind, Tensor};
 
-use super::backend::{Backend, Done, Pending};
+use super::backend::{near_equal_parts, Backend, Collective, Done, Pending};
 use super::stats::CommStats;
 use super::OpKind;
 use crate::error::TorchResultExt;
@@ -246,6 +246,53 @@ impl Group {
         };
         self.count_bytes(op, bytes);
         Ok(pending)
+    }
+
+    /// Whether the backend runs `call` as a collective of its own library
+    /// ([`Backend::runs_natively`]: NCCL on GPU tensors, MPI when launched with
+    /// `native_collectives`); the same answer on every rank. The group's all-reduce always
+    /// asks; its reduce-scatter and all-gather ask when the parts are equal, contiguous slabs.
+    pub fn runs_natively(&self, call: &Collective<'_>) -> bool {
+        self.backend.runs_natively(call)
+    }
+
+    /// Starts `call` as the backend's own collective (the caller asked
+    /// [`runs_natively`](Group::runs_natively)) and counts `moved` (sent, received): the bytes of
+    /// the transfers it stands for, so that the counters are the same on every backend. With
+    /// overlap off it is complete when this returns.
+    pub(crate) fn native_start(
+        &self,
+        op: OpKind,
+        call: Collective<'_>,
+        moved: (u64, u64),
+    ) -> Result<Box<dyn Pending>> {
+        let _no_grad = tch::no_grad_guard();
+        let pending = self.backend.collective_start(&self.info, op, call)?;
+        let pending: Box<dyn Pending> = if self.overlap {
+            pending
+        } else {
+            pending.wait()?;
+            Box::new(Done)
+        };
+        self.count_bytes(op, moved);
+        Ok(pending)
+    }
+
+    /// The bytes (sent, received) of a reduce-scatter's transfers for this rank, with `parts[j]`
+    /// elements of `elem` bytes for rank j: every other rank's chunk out, this rank's from each
+    /// other rank in (docs/design.md §2.2). An all-gather's are the same, reversed.
+    pub(crate) fn scatter_bytes(&self, parts: &[i64], elem: usize) -> (u64, u64) {
+        let me = self.rank;
+        let others: i64 = parts.iter().enumerate().filter(|&(j, _)| j != me).map(|(_, &n)| n).sum();
+        let mine = parts[me] * (parts.len() as i64 - 1);
+        ((others as u64) * elem as u64, (mine as u64) * elem as u64)
+    }
+
+    /// The bytes (sent, received) of an all-reduce of `n` elements: its reduce-scatter and its
+    /// all-gather over the near-equal parts.
+    pub(crate) fn all_reduce_bytes(&self, n: i64, elem: usize) -> (u64, u64) {
+        let (s, r) = self.scatter_bytes(&near_equal_parts(n, self.size() as i64), elem);
+        (s + r, r + s)
     }
 
     /// Copies the part this rank sends to itself and takes it out of the batch; returns the rest

@@ -31,6 +31,8 @@ mod mesh;
 mod mpi;
 #[cfg(feature = "mpi")]
 mod mpi_async;
+#[cfg(feature = "mpi")]
+mod mpi_native;
 mod mpirun;
 #[cfg(feature = "nccl")]
 mod nccl;
@@ -39,8 +41,8 @@ mod placement;
 mod stats;
 mod whole;
 
-pub use backend::{Backend, Done, Envelope, EnvelopeLedger, Pending};
-pub use buckets::{pieces, reduction_kind, Piece, DEFAULT_BUCKET_ELEMS};
+pub use backend::{Backend, Collective, Done, Envelope, EnvelopeLedger, Pending};
+pub use buckets::{pieces, reduction_kind, BucketedAllReduce, Piece, DEFAULT_BUCKET_ELEMS};
 pub use collectives::AllToAll;
 pub use envelopes::EnvelopeChecks;
 pub use group::{Group, GroupInfo};

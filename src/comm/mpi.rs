@@ -32,7 +32,7 @@ use mpi::topology::{Color, Communicator, SimpleCommunicator};
 use mpi::traits::*;
 use tch::{Device, Tensor};
 
-use super::backend::{header, Backend, Envelope, EnvelopeLedger, HEADER_LEN};
+use super::backend::{header, Backend, Collective, Envelope, EnvelopeLedger, HEADER_LEN};
 use super::envelopes::{disagreement, Direction, EnvelopeChecks, PROOF_LEN};
 use super::group::{Group, GroupInfo};
 use super::launch::{error_chain, panic_message, RankCtx, DEFAULT_TIMEOUT};
@@ -60,6 +60,8 @@ pub(super) struct MpiEndpoint {
     /// Which transfers compare their envelopes (module docs), and this endpoint's history.
     checks: EnvelopeChecks,
     pub(super) ledger: EnvelopeLedger,
+    /// Whether whole collectives run as MPI's own (`comm::mpi_native`).
+    pub(super) native: bool,
 }
 
 // SAFETY: an MpiEndpoint holds an MPI communicator handle, a plain value that may be moved or
@@ -139,7 +141,7 @@ impl MpiEndpoint {
 
     /// Polls `requests` until all complete; past the deadline, reports and aborts the job.
     /// Returns each request's status, in the order given.
-    fn wait_all<'a, D: ?Sized, S: Scope<'a>>(
+    pub(super) fn wait_all<'a, D: ?Sized, S: Scope<'a>>(
         &self,
         requests: Vec<(usize, Request<'a, D, S>)>,
         deadline: Instant,
@@ -180,6 +182,19 @@ impl Backend for MpiEndpoint {
 
     fn envelope_ledger(&self) -> Option<&EnvelopeLedger> {
         Some(&self.ledger)
+    }
+
+    fn runs_natively(&self, call: &Collective<'_>) -> bool {
+        super::mpi_native::runs_natively(self, call)
+    }
+
+    fn collective_start(
+        &self,
+        group: &GroupInfo,
+        op: OpKind,
+        call: Collective<'_>,
+    ) -> Result<Box<dyn super::Pending>> {
+        super::mpi_native::start(self, group, op, call)
     }
 
     fn exchange(
@@ -358,6 +373,7 @@ impl Backend for MpiEndpoint {
                 owner: self.owner,
                 checks: self.checks,
                 ledger: EnvelopeLedger::new(self.checks),
+                native: self.native,
             }) as Arc<dyn Backend>
         }))
     }
@@ -370,6 +386,7 @@ pub struct MpiLaunch {
     threads_per_rank: usize,
     max_message_bytes: usize,
     envelope_checks: EnvelopeChecks,
+    native_collectives: bool,
 }
 
 impl Default for MpiLaunch {
@@ -379,6 +396,7 @@ impl Default for MpiLaunch {
             threads_per_rank: 1,
             max_message_bytes: MAX_MESSAGE_BYTES,
             envelope_checks: EnvelopeChecks::default(),
+            native_collectives: false,
         }
     }
 }
@@ -417,6 +435,15 @@ impl MpiLaunch {
         self
     }
 
+    /// Whether all-reduce, reduce-scatter and all-gather (equal parts, f32/f64/i64/i32) run as
+    /// MPI's own collectives (`MPI_Iallreduce`, ...) rather than the group's transfers: off by
+    /// default, so that reductions sum in rank order and match a run on threads bit for bit;
+    /// on, the path NCCL's collectives take on a GPU (module `comm::mpi_native`).
+    pub fn native_collectives(mut self, on: bool) -> MpiLaunch {
+        self.native_collectives = on;
+        self
+    }
+
     /// Initialises MPI (the rank and world size come from mpirun or srun; a process started
     /// alone is a world of one), runs `f` as this rank, and finalises MPI. If `f` fails or
     /// panics, prints the rank and the error and aborts the whole job. Once per process.
@@ -440,6 +467,7 @@ impl MpiLaunch {
             owner: std::thread::current().id(),
             checks: self.envelope_checks,
             ledger: EnvelopeLedger::new(self.envelope_checks),
+            native: self.native_collectives,
         };
         let world = Group::new(info, rank, Arc::new(endpoint))?;
         let outcome =

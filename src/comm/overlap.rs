@@ -29,18 +29,39 @@ pub struct Started<T> {
     op: OpKind,
     pending: Box<dyn Pending>,
     value: T,
+    /// Whether waiting counts a call of `op` (not for a part of a larger collective).
+    counted: bool,
 }
 
 impl<T> Started<T> {
     /// Completes the transfers and returns the result.
     pub fn wait(self) -> Result<T> {
         self.pending.wait()?;
-        self.group.count_call(self.op);
+        if self.counted {
+            self.group.count_call(self.op);
+        }
         Ok(self.value)
     }
 }
 
 impl Group {
+    /// The first half of a reduce-scatter under `op`, started: chunk j of the flat `x` (sizes
+    /// `split`) goes to rank j, and this rank's `[P, split[r]]` slots, one per rank, are the
+    /// result once waited for (reduce them with `reduce_stack`). Not counted as a call: the
+    /// caller counts the collective it is part of.
+    ///
+    /// # Shapes
+    /// `x`: `[sum(split)]` -> `[P, split[r]]`.
+    pub(crate) fn scatter_start(&self, op: OpKind, x: &Tensor, split: &[i64]) -> Result<Started<Tensor>> {
+        self.check_split(op, "split", split, x.numel() as i64, 0)?;
+        let p = self.size();
+        let stack = Tensor::f_empty([p as i64, split[self.rank()]], (x.kind(), x.device())).op(op.name())?;
+        let sends = chunks(x, 0, split).op(op.name())?;
+        let recvs = (0..p).map(|j| Some(stack.select(0, j as i64))).collect();
+        let pending = self.transfer_start(op, sends, recvs)?;
+        Ok(Started { group: self.clone(), op, pending, value: stack, counted: false })
+    }
+
     /// [`all_to_all_spec`](Group::all_to_all_spec), started.
     ///
     /// # Shapes
@@ -60,7 +81,7 @@ impl Group {
         let sends = chunks(x, sd, &spec.scatter_split).op(op.name())?;
         let recvs = chunks(&out, gd, &spec.gather_split).op(op.name())?;
         let pending = self.transfer_start(op, sends, recvs)?;
-        Ok(Started { group: self.clone(), op, pending, value: out })
+        Ok(Started { group: self.clone(), op, pending, value: out, counted: true })
     }
 
     /// [`shift`](Group::shift), started: sends `x` to rank `(r + offset) mod P`; the result is
@@ -75,7 +96,7 @@ impl Group {
         sends[dst] = Some(x.shallow_clone());
         recvs[src] = Some(out.shallow_clone());
         let pending = self.transfer_start(op, sends, recvs)?;
-        Ok(Started { group: self.clone(), op, pending, value: out })
+        Ok(Started { group: self.clone(), op, pending, value: out, counted: true })
     }
 
     /// Several all-to-alls of one step (Ulysses' q, k, v): all but the first are started, the

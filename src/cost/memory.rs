@@ -263,15 +263,15 @@ pub fn memory(job: &Job, r: usize, hw: &Hardware) -> Result<MemoryReport> {
             bytes: 2.0 * (rest as f64 + biggest) * es,
         });
     }
-    // End of the step, activations freed: the reduction's f32 buffers (flat copy, the
+    // End of the step, activations freed: the reduction's buffers (flat copy, the
     // reduce-scatter's stack and result, the gathered output), bucketed.
     let reduced = params.replicated.min(job.bucket_elems as f64);
     let w = job.ranks as f64;
-    let reduction = if job.ranks > 1 { (2.0 + 1.0 / w) * reduced * 4.0 } else { 0.0 };
+    let reduction = if job.ranks > 1 { (2.0 + 1.0 / w) * reduced * job.reduce_bytes() as f64 } else { 0.0 };
     let act_peak = MemoryReport::sum(&activations) + MemoryReport::sum(&transient);
     if reduction > act_peak {
         activations.clear();
-        transient = vec![Term { name: "gradient reduction buffers (f32)", bytes: reduction }];
+        transient = vec![Term { name: "gradient reduction buffers", bytes: reduction }];
     }
     let gib = (1u64 << 30) as f64;
     transient.push(Term { name: "kernel library workspace", bytes: hw.device.workspace_gib * gib });

@@ -86,6 +86,8 @@ pub struct Job {
     /// Elements per gradient-reduction bucket (ZeRO stages 0-3), which bounds the extra memory
     /// of the reduction. Default the trainer's, 2^22 (16 MiB in f32).
     pub bucket_elems: i64,
+    /// The dtype gradients are reduced in (the trainer's `reduce_dtype`); `None`: f32.
+    pub reduce_dtype: Option<Precision>,
 }
 
 impl Job {
@@ -109,7 +111,13 @@ impl Job {
             threads_per_rank: 1,
             overlap: false,
             bucket_elems: crate::comm::DEFAULT_BUCKET_ELEMS,
+            reduce_dtype: None,
         }
+    }
+
+    /// Bytes per element of the gradient reduction: 4 (f32) unless `reduce_dtype` names another.
+    pub fn reduce_bytes(&self) -> i64 {
+        self.reduce_dtype.map_or(4, |p| p.kind().elt_size_in_bytes() as i64)
     }
 
     /// The sequence-parallel degree.

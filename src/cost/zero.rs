@@ -6,7 +6,8 @@
 //! - only replicated parameters join ZeRO; Megatron-SP's tensor-parallel shards stay sharded,
 //!   their gradients complete per rank and averaged over DP only;
 //! - gradients of replicated parameters are summed over SP and averaged over DP in one
-//!   reduction over all W ranks, in f32 (also when training in bf16/f16);
+//!   reduction over all W ranks, in f32 (also when training in bf16/f16) unless the run names
+//!   another `reduce_dtype` (bf16 halves these bytes);
 //! - stage 0: all-reduce of the gradients; stage 1: the same all-reduce, each rank updates its
 //!   partition, then all-gathers the parameters (parameter dtype); stage 2: reduce-scatter
 //!   instead of the all-reduce; stage 3: each block's parameters all-gathered before its
@@ -112,6 +113,7 @@ pub fn gradient_comm(job: &Job, r: usize, params: &ParamCount) -> Result<Vec<Com
     let mut out = Vec::new();
     let w = job.ranks;
     let pb = job.element_bytes() as i64;
+    let gb = job.reduce_bytes();
     let rep = params.replicated as i64;
     let mk = |what, group, op, phase, calls, (s, rc): (i64, i64), es: i64| CommCall {
         what,
@@ -132,7 +134,7 @@ pub fn gradient_comm(job: &Job, r: usize, params: &ParamCount) -> Result<Vec<Com
             Phase::Step,
             1,
             all_reduce(padded(rep, w), w, r),
-            4,
+            gb,
         )),
         1 => {
             let m = padded(rep, w);
@@ -143,7 +145,7 @@ pub fn gradient_comm(job: &Job, r: usize, params: &ParamCount) -> Result<Vec<Com
                 Phase::Step,
                 1,
                 all_reduce(m, w, r),
-                4,
+                gb,
             ));
             out.push(mk(
                 "parameter all-gather",
@@ -165,7 +167,7 @@ pub fn gradient_comm(job: &Job, r: usize, params: &ParamCount) -> Result<Vec<Com
                 Phase::Backward,
                 1,
                 reduce_scatter(1, &parts, r),
-                4,
+                gb,
             ));
             out.push(mk(
                 "parameter all-gather",
@@ -207,7 +209,7 @@ pub fn gradient_comm(job: &Job, r: usize, params: &ParamCount) -> Result<Vec<Com
                     Phase::Backward,
                     1,
                     reduce_scatter(1, &parts, r),
-                    4,
+                    gb,
                 ));
             }
         }
@@ -223,7 +225,7 @@ pub fn gradient_comm(job: &Job, r: usize, params: &ParamCount) -> Result<Vec<Com
             Phase::Step,
             1,
             all_reduce(params.sharded as i64, job.dp, dp_rank),
-            4,
+            gb,
         ));
     }
     Ok(merge_calls(out))

@@ -123,6 +123,7 @@ impl ExperimentConfig {
             threads_per_rank: self.parallel.threads_per_rank,
             overlap: false,
             bucket_elems: train.bucket_elems,
+            reduce_dtype: train.reduce_dtype,
         })
     }
 }

@@ -32,6 +32,12 @@ pub struct TrainConfig {
     pub loss_scale: LossScaleConfig,
     /// Elements per gradient-reduction bucket. Default 2^22 (16 MiB in f32).
     pub bucket_elems: i64,
+    /// The dtype gradients are reduced in across ranks (what travels and what is summed).
+    /// Default none: f32 for half-precision gradients (converted first, as DeepSpeed reduces
+    /// them under sequence parallelism), else the gradients' own dtype. `bf16` halves the bytes
+    /// of a mixed-precision run's reduction at the cost of bf16 rounding in the sum; on NCCL
+    /// the sum then runs in bf16 too.
+    pub reduce_dtype: Option<Precision>,
     /// Compute the loss this many tokens at a time (tiled loss). Default none (all at once).
     pub loss_tile: Option<i64>,
 }
@@ -48,6 +54,7 @@ impl Default for TrainConfig {
             schedule: Schedule::default(),
             loss_scale: LossScaleConfig::default(),
             bucket_elems: DEFAULT_BUCKET_ELEMS,
+            reduce_dtype: None,
             loss_tile: None,
         }
     }

@@ -106,7 +106,8 @@ impl Trainer {
             recompute_attention: cfg.checkpointing == Checkpointing::Selective,
             loss_tile: cfg.loss_tile,
         });
-        let zero = Rc::new(Zero::new(&model, cfg.zero, &groups.zero, &groups.dp, cfg.bucket_elems)?);
+        let reduce = cfg.reduce_dtype.map(Precision::kind);
+        let zero = Rc::new(Zero::new(&model, cfg.zero, &groups.zero, &groups.dp, cfg.bucket_elems, reduce)?);
         if zero.needs_hooks() {
             model.set_hooks(Some(Rc::clone(&zero) as Rc<dyn BlockHooks>));
         }
@@ -174,12 +175,17 @@ impl Trainer {
         self.zero_grads()?;
         let scale = self.scaler.map_or(1.0, |s| s.scale);
         let mut loss = 0.0;
-        for b in batches {
+        for (m, b) in batches.iter().enumerate() {
             let tape = Tape::new();
             let l = self.model.loss(&tape, &b.tokens, &b.labels)?;
             loss += l.value / batches.len() as f64;
             let scaled =
                 Loss { local: l.local.f_mul_scalar(scale).op("trainer")?, value: l.value, tokens: l.tokens };
+            if m + 1 == batches.len() {
+                // Stages 0-1 with overlap: this backward starts each gradient bucket's reduction
+                // as soon as its gradients are final.
+                self.zero.start_overlap()?;
+            }
             self.model.backward(&tape, &scaled)?;
         }
         if self.cfg.zero.partitions_gradients() {

@@ -14,14 +14,15 @@
 //! (Mp: elements padded to a multiple of W; p: bytes of the parameter dtype.) Bytes are what the
 //! group's counters record, padding included.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 use super::flat::FlatUnit;
 use super::ZeroStage;
 use crate::autograd::clear_grad;
-use crate::comm::{Group, ReduceOp};
+use crate::comm::{BucketedAllReduce, Group, ReduceOp};
 use crate::error::TorchResultExt;
 use crate::model::{BlockHooks, Gpt, Placement, Unit};
 use crate::{Error, Result};
@@ -51,11 +52,29 @@ pub struct Zero {
     /// Every parameter (shallow clones), for their gradients.
     params: crate::model::Params,
     bucket: i64,
+    /// The dtype gradients are reduced in (`None`: `comm::reduction_kind` of theirs).
+    reduce: Option<Kind>,
+    /// Stages 0-1 with overlap, during a step's last micro-batch: the reduction of the
+    /// replicated gradients, each bucket started as soon as the backward has finished every
+    /// unit it holds ([`Zero::start_overlap`]).
+    pending: RefCell<Option<BucketedAllReduce>>,
+    /// The buckets of the last overlapped reduction that started during the backward, in the
+    /// order they started (the rest start in [`Zero::all_reduce`]).
+    pub started_in_backward: RefCell<Vec<usize>>,
 }
 
 impl Zero {
     /// Lays the model's parameters out for `stage` over `group` (all SP x DP ranks).
-    pub fn new(model: &Gpt, stage: ZeroStage, group: &Group, dp: &Group, bucket: i64) -> Result<Zero> {
+    /// `reduce`: the dtype gradients are reduced in (`None`: f32 for half precision, else their
+    /// own; `TrainConfig::reduce_dtype`).
+    pub fn new(
+        model: &Gpt,
+        stage: ZeroStage,
+        group: &Group,
+        dp: &Group,
+        bucket: i64,
+        reduce: Option<Kind>,
+    ) -> Result<Zero> {
         let all = model.params().all();
         let w = group.size() as i64;
         let replicated: Vec<usize> =
@@ -104,6 +123,9 @@ impl Zero {
             ranges,
             params: model.params().shallow(),
             bucket,
+            reduce,
+            pending: RefCell::new(None),
+            started_in_backward: RefCell::new(Vec::new()),
         };
         for (k, u) in zero.units.iter().enumerate() {
             let (a, b) = u.part(r);
@@ -121,9 +143,53 @@ impl Zero {
         Ok(zero)
     }
 
-    /// Whether the model needs hooks (stages 2-3 act at block boundaries).
+    /// Whether the model needs hooks: stages 2-3 act at block boundaries, and stages 0-1 start
+    /// their buckets there when the group overlaps communication.
     pub fn needs_hooks(&self) -> bool {
-        self.stage.partitions_gradients()
+        self.stage.partitions_gradients() || self.group.overlap()
+    }
+
+    /// Stages 0-1 with overlap: the next backward is the step's last, so each bucket of the
+    /// replicated gradients starts its reduction as soon as that backward has finished every
+    /// model unit it holds (the last blocks' first); [`all_reduce`](Zero::all_reduce) completes
+    /// them. Results and bytes are those of the blocking reduction, bit for bit.
+    pub fn start_overlap(&self) -> Result<()> {
+        if self.stage.partitions_gradients() || !self.group.overlap() {
+            return Ok(());
+        }
+        let u = &self.units[0];
+        let (lens, kinds) = self.layout_of(u);
+        let b = BucketedAllReduce::new(&self.group, &lens, &kinds, ReduceOp::Sum, self.bucket, self.reduce)?;
+        *self.pending.borrow_mut() = Some(b);
+        Ok(())
+    }
+
+    /// The sizes and dtypes of a unit's gradients as [`grads_of`](Zero::grads_of) lists them.
+    fn layout_of(&self, u: &FlatUnit) -> (Vec<i64>, Vec<Kind>) {
+        let mut lens: Vec<i64> = u.entries.iter().map(|e| e.numel).collect();
+        let mut kinds = vec![u.flat.kind(); lens.len()];
+        if u.padded > u.numel {
+            lens.push(u.padded - u.numel);
+            kinds.push(u.flat.kind());
+        }
+        (lens, kinds)
+    }
+
+    /// The `i`-th tensor of a unit's gradients as [`grads_of`](Zero::grads_of) lists them.
+    fn grad_of(&self, u: &FlatUnit, i: usize) -> Result<Tensor> {
+        match u.entries.get(i) {
+            Some(e) => {
+                let g = self.params.all()[e.param].tensor.grad();
+                if !g.defined() {
+                    return Err(Error::Tape {
+                        op: "zero",
+                        msg: format!("parameter {} has no gradient", e.name),
+                    });
+                }
+                Ok(g)
+            }
+            None => Tensor::f_zeros([u.padded - u.numel], (u.flat.kind(), u.flat.device())).op("zero"),
+        }
     }
 
     /// Stage 3: allocates unit `k`'s buffer and all-gathers the partitions into it.
@@ -148,9 +214,17 @@ impl Zero {
     /// Stages 0-1: all-reduces the replicated gradients over every rank (and the shards'
     /// over DP), in buckets, into the parameters' gradients.
     pub fn all_reduce(&self) -> Result<()> {
+        if let Some(b) = self.pending.borrow_mut().take() {
+            // Stages 0-1 with overlap: one unit, some buckets already in flight.
+            *self.started_in_backward.borrow_mut() = b.order().to_vec();
+            let u = &self.units[0];
+            let get = |i: usize| self.grad_of(u, i);
+            b.finish(&get)?;
+            return self.reduce_tp();
+        }
         for u in &self.units {
             let grads = self.grads_of(u)?;
-            self.group.all_reduce_buckets(&grads, ReduceOp::Sum, self.bucket)?;
+            self.group.all_reduce_buckets_in(&grads, ReduceOp::Sum, self.bucket, self.reduce)?;
         }
         self.reduce_tp()
     }
@@ -159,7 +233,7 @@ impl Zero {
     pub fn reduce_tp(&self) -> Result<()> {
         match &self.tp {
             Some(tp) if self.dp.size() > 1 => {
-                self.dp.all_reduce_buckets(&self.grads_of(tp)?, ReduceOp::Sum, self.bucket)
+                self.dp.all_reduce_buckets_in(&self.grads_of(tp)?, ReduceOp::Sum, self.bucket, self.reduce)
             }
             _ => Ok(()),
         }
@@ -196,6 +270,10 @@ impl Zero {
             let y = (x + step).min(b);
             let split = u.split(x, y);
             let bucket = u.gradients(&self.params, x, y)?;
+            let bucket = match self.reduce {
+                Some(kind) if kind != bucket.kind() => bucket.f_to_kind(kind).op("zero")?,
+                _ => bucket,
+            };
             let mine = self.group.reduce_scatter_v(&bucket, 0, &split, ReduceOp::Sum)?;
             if split[me] > 0 {
                 let at = x.max(start) - start;
@@ -252,6 +330,18 @@ impl BlockHooks for Zero {
     }
 
     fn after_backward(&self, unit: Unit) -> Result<()> {
-        self.finish_backward(unit)
+        if self.stage.partitions_gradients() {
+            return self.finish_backward(unit);
+        }
+        // Stages 0-1: in the step's last backward, this unit's gradients are final.
+        let mut pending = self.pending.borrow_mut();
+        if let (Some(b), Some((spans, _))) = (pending.as_mut(), self.ranges.get(&unit)) {
+            let u = &self.units[0];
+            let get = |i: usize| self.grad_of(u, i);
+            for &(_, a, end) in spans {
+                b.ready(a, end, &get)?;
+            }
+        }
+        Ok(())
     }
 }

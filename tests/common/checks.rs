@@ -8,7 +8,7 @@ use anyhow::{ensure, Result};
 use tch::{Device, Kind, Tensor};
 use ulysses::attention::{AttentionConfig, Kernel, Mask, StrategyConfig};
 use ulysses::autograd::Tape;
-use ulysses::comm::{AllToAll, Group, ReduceOp};
+use ulysses::comm::{AllToAll, Collective, Group, OpKind, ReduceOp};
 use ulysses::model::{shift_labels, Gpt, GptConfig, Placement};
 
 use super::{data, det, dot, max_diff};
@@ -18,7 +18,7 @@ type Check = fn(&Group) -> Result<()>;
 
 /// Every check, in order; returns how many ran.
 pub fn all(world: &Group) -> Result<usize> {
-    let checks: [(&str, Check); 12] = [
+    let checks: [(&str, Check); 13] = [
         ("collectives", collectives),
         ("round_trip", round_trip),
         ("adjoints", adjoints),
@@ -30,6 +30,7 @@ pub fn all(world: &Group) -> Result<usize> {
         ("resume", super::train_checks::resume),
         ("reshard", super::train_checks::reshard),
         ("bad_checkpoints", super::train_checks::bad_checkpoints),
+        ("gradient_buckets", super::train_checks::gradient_buckets),
         ("overlap", overlap),
     ];
     for (name, check) in &checks {
@@ -341,5 +342,108 @@ pub fn overlap(world: &Group) -> Result<()> {
             runs[1].1
         );
     }
+    Ok(())
+}
+
+/// The backend's own collectives (`on`: the world was launched with them, as NCCL runs on a
+/// GPU; MPI's `native_collectives`): the group takes them exactly where it should (all-reduce;
+/// reduce-scatter and all-gather over equal contiguous slabs; dtypes the backend has), and
+/// their byte counts are the formula of the transfers they stand for. Integer-valued data give
+/// exact sums in any order; rank-dependent fractions give every rank the same bits, within
+/// `γ(P)·Σ|x|` of the f64 sum (P - 1 additions in some order, each rounding by at most u).
+pub fn native(g: &Group, on: bool) -> Result<()> {
+    let (p, r) = (g.size(), g.rank());
+    let pi = p as i64;
+    for kind in [Kind::Float, Kind::Double, Kind::Int64, Kind::Int, Kind::BFloat16] {
+        let x = data(r, &[2 * pi + 1, 3], kind, true);
+        let native = on && kind != Kind::BFloat16; // MPI has no bfloat16: the group's transfers
+        let asked = g.runs_natively(&Collective::AllReduce { buf: &x, reduce: ReduceOp::Sum });
+        ensure!(asked == native, "{kind:?}: runs natively {asked}, expected {native}");
+        // A strided tensor is not one the library takes.
+        let t = data(r, &[3, 4], kind, false);
+        ensure!(
+            !g.runs_natively(&Collective::AllReduce { buf: &t, reduce: ReduceOp::Sum }),
+            "{kind:?} strided"
+        );
+        // all-reduce of 3(2P+1) elements: exact (integers), bytes of its two halves.
+        g.reset_stats();
+        let got = g.all_reduce(&x, ReduceOp::Sum)?;
+        let all: Vec<Tensor> =
+            (0..p).map(|j| data(j, &[2 * pi + 1, 3], kind, true).to_kind(Kind::Double)).collect();
+        let want = Tensor::stack(&all, 0).sum_dim_intlist([0i64].as_slice(), false, Kind::Double);
+        exact(&format!("all_reduce {kind:?}"), &got, &want.to_kind(kind))?;
+        let n = x.numel() as i64;
+        let mine = n / pi + i64::from((r as i64) < n % pi);
+        let elems = (n - mine) + (pi - 1) * mine;
+        let e = kind.elt_size_in_bytes() as u64;
+        let c = g.stats().op(OpKind::AllReduce);
+        ensure!(
+            c.calls == 1 && c.bytes_sent == elems as u64 * e && c.bytes_received == elems as u64 * e,
+            "all_reduce {kind:?} P={p}: {c:?}, expected {elems} elements each way"
+        );
+        if kind == Kind::BFloat16 {
+            continue;
+        }
+        // reduce-scatter and all-gather over dim 0 (equal slabs): exact, bytes as formula.
+        g.reset_stats();
+        let xs = data(r, &[2 * pi, 3], kind, true);
+        let rs = g.reduce_scatter(&xs, 0, ReduceOp::Sum)?;
+        let alls: Vec<Tensor> =
+            (0..p).map(|j| data(j, &[2 * pi, 3], kind, true).to_kind(Kind::Double)).collect();
+        let sum = Tensor::stack(&alls, 0).sum_dim_intlist([0i64].as_slice(), false, Kind::Double);
+        exact(&format!("reduce_scatter {kind:?}"), &rs, &sum.narrow(0, 2 * r as i64, 2).to_kind(kind))?;
+        let gathered = g.all_gather(&rs, 0)?;
+        exact(&format!("all_gather {kind:?}"), &gathered, &sum.to_kind(kind))?;
+        let (rsc, agc) = (g.stats().op(OpKind::ReduceScatter), g.stats().op(OpKind::AllGather));
+        let part = 6 * e * (p as u64 - 1); // 2 rows of 3 from or to each other rank
+        ensure!(
+            rsc.bytes_sent == part
+                && rsc.bytes_received == part
+                && agc.bytes_sent == part
+                && agc.bytes_received == part,
+            "{kind:?} P={p}: reduce-scatter {rsc:?}, all-gather {agc:?}, expected {part} bytes each way"
+        );
+        // ZeRO's all-gather into the buffer whose view at this rank's place is the input.
+        let flat = Tensor::zeros([4 * pi], (kind, Device::Cpu));
+        let part_view = flat.narrow(0, 4 * r as i64, 4);
+        part_view.shallow_clone().copy_(&data(r, &[4], kind, true));
+        g.all_gather_into(&part_view, &flat, 0, &vec![4; p])?;
+        let each: Vec<Tensor> = (0..p).map(|j| data(j, &[4], kind, true)).collect();
+        exact(&format!("all_gather_into in place {kind:?}"), &flat, &Tensor::cat(&each, 0))?;
+        if matches!(kind, Kind::Float | Kind::Double) {
+            // Avg and Max.
+            let avg = g.all_reduce(&x, ReduceOp::Avg)?;
+            let max = g.all_reduce(&x, ReduceOp::Max)?;
+            let want_max = Tensor::stack(&all, 0).amax([0i64].as_slice(), false).to_kind(kind);
+            exact(&format!("all_reduce max {kind:?}"), &max, &want_max)?;
+            let want_avg = (want.shallow_clone() / p as f64).to_kind(kind);
+            // Sum exact, one division: correctly rounded on both paths.
+            exact(&format!("all_reduce avg {kind:?}"), &avg, &want_avg)?;
+            // Fractions: every rank the same bits, within gamma(P) sum|x| of the f64 sum.
+            let frac = |j: usize| {
+                (Tensor::arange(97, (Kind::Double, Device::Cpu)) * (0.37 + j as f64) / 7.0)
+                    .sin()
+                    .to_kind(kind)
+            };
+            let got = g.all_reduce(&frac(r), ReduceOp::Sum)?;
+            let every = g.all_gather(&got.unsqueeze(0), 0)?;
+            for j in 0..p {
+                ensure!(
+                    every.get(j as i64).equal(&got),
+                    "{kind:?}: rank {j}'s all-reduce differs from rank {r}'s"
+                );
+            }
+            let fs: Vec<Tensor> = (0..p).map(|j| frac(j).to_kind(Kind::Double)).collect();
+            let stack = Tensor::stack(&fs, 0);
+            let exact_sum = stack.sum_dim_intlist([0i64].as_slice(), false, Kind::Double);
+            let abs_sum = stack.abs().sum_dim_intlist([0i64].as_slice(), false, Kind::Double);
+            let u = if kind == Kind::Float { f64::from(f32::EPSILON) / 2.0 } else { f64::EPSILON / 2.0 };
+            let gamma = (p as f64 * u) / (1.0 - p as f64 * u);
+            let err = (got.to_kind(Kind::Double) - &exact_sum).abs() - abs_sum * gamma;
+            let worst = err.max().double_value(&[]);
+            ensure!(worst <= 0.0, "{kind:?} P={p}: all-reduce beyond gamma(P) sum|x| by {worst:.3e}");
+        }
+    }
+    g.barrier()?;
     Ok(())
 }

@@ -229,3 +229,44 @@ pub fn bad_checkpoints(g: &Group) -> Result<()> {
     ensure!(err.contains("saved in f32, this run is bf16"), "{err}");
     remove(g, &root)
 }
+
+/// Stages 0-1: with overlap each gradient bucket's reduction starts as soon as the backward has
+/// finished the model units it holds, the last blocks' first; the parameters after 2 AdamW steps
+/// equal those of the blocking reduction (overlap off) bit for bit. 4 blocks and buckets of 997
+/// elements (a prime: they straddle parameters and units), so that many start in the backward;
+/// the bucket holding the embedding (first in the flat order, final only when the backward
+/// ends) starts last.
+pub fn gradient_buckets(g: &Group) -> Result<()> {
+    for stage in [0u8, 1] {
+        let mut run = Run { steps: 2, ..Run::tiny(StrategyConfig::Ulysses, 1, Precision::F32, stage) };
+        run.model.n_layer = 4;
+        run.plan.bucket_elems = 997;
+        let label = format!("P={} ZeRO-{stage}", g.size());
+        let mut on = training::trainer(g, &run)?;
+        let losses = training::steps(&mut on, &run, 0, run.steps)?;
+        let early = on.zero().started_in_backward.borrow().clone();
+        let w = g.size() as i64;
+        let bucket = if 997 >= w { 997 - 997 % w } else { 997 };
+        let total = (on.zero().units[0].padded + bucket - 1) / bucket;
+        let blocking = g.clone().with_overlap(false);
+        let mut off = training::trainer(&blocking, &run)?;
+        let want = training::steps(&mut off, &run, 0, run.steps)?;
+        ensure!(losses == want, "{label}: losses {losses:?} with overlap, {want:?} without");
+        exact(&label, &on.parameters()?, &off.parameters()?)?;
+        ensure!(
+            off.zero().started_in_backward.borrow().is_empty(),
+            "{label}: buckets started in the backward without overlap"
+        );
+        // Most buckets start in the backward; those of the blocks in the order the blocks
+        // finish (the last first). The first bucket (the embedding's) and the last (the final
+        // norm's, with the padding) are final only when the backward ends.
+        ensure!(
+            early.len() as i64 > total / 2 && early.len() as i64 <= total,
+            "{label}: {} of {total} buckets started in the backward",
+            early.len()
+        );
+        let blocks: Vec<usize> = early.iter().copied().filter(|&i| i != 0 && i as i64 != total - 1).collect();
+        ensure!(blocks.windows(2).all(|p| p[0] > p[1]), "{label}: buckets started in the order {early:?}");
+    }
+    Ok(())
+}

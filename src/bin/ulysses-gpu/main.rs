@@ -44,7 +44,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use tch::{Device, Kind, Tensor};
-use ulysses::comm::{launch, nccl_group, LocalLaunch, OpKind, ReduceOp};
+use ulysses::comm::{launch, nccl_group, Collective, LocalLaunch, OpKind, ReduceOp};
 
 const GPU: Device = Device::Cuda(0);
 
@@ -109,7 +109,17 @@ fn nccl_world_of_one() -> Result<String> {
         let g = nccl_group(ctx.world(), GPU, Duration::from_secs(60))?;
         let x = Tensor::randn([2, 8, 4, 16], (Kind::BFloat16, GPU));
         ensure!(g.all_to_all(&x, 2, 1)?.equal(&x), "all_to_all at P=1 is not the identity");
+        ensure!(
+            g.runs_natively(&Collective::AllReduce { buf: &x, reduce: ReduceOp::Sum }),
+            "NCCL does not take a contiguous bf16 CUDA all-reduce as its own"
+        );
+        // NCCL's own collectives: ncclAllReduce, ncclReduceScatter, ncclAllGather (in place).
         ensure!(g.all_reduce(&x, ReduceOp::Sum)?.equal(&x), "all_reduce at P=1 is not the identity");
+        ensure!(g.reduce_scatter(&x, 0, ReduceOp::Sum)?.equal(&x), "ncclReduceScatter at P=1 is not the identity");
+        let flat = Tensor::zeros([4096], (Kind::Float, GPU));
+        let mine = flat.narrow(0, 0, 4096);
+        g.all_gather_into(&mine, &flat, 0, &[4096])?;
+        ensure!(flat.equal(&mine), "ncclAllGather in place at P=1");
         let sub = g.split("sub", Some(0), 0)?.context("ncclCommSplit gave no subgroup")?;
         ensure!(sub.all_gather(&x, 1)?.equal(&x), "split communicator");
         ensure!(g.split("none", None, 0)?.is_none(), "a split without a color gave a group");
@@ -187,10 +197,24 @@ fn nccl_latency() -> Result<String> {
         let total = t0.elapsed().as_secs_f64() * 1e6 / f64::from(CALLS);
         ensure!(y.equal(&x), "the last small transfer's data differs");
         ensure!(host < 1000.0, "{host:.1} µs of host time per batch: something sleeps on the data path");
+        // The same count of small all-reduces (256 f32) through ncclAllReduce.
+        let v = Tensor::randn([256], (Kind::Float, GPU));
+        for _ in 0..200 {
+            let _ = g.all_reduce(&v, ReduceOp::Sum)?;
+        }
+        g.synchronize()?;
+        sync();
+        let t1 = Instant::now();
+        for _ in 0..CALLS {
+            let _ = g.all_reduce(&v, ReduceOp::Sum)?;
+        }
+        let reduce_host = t1.elapsed().as_secs_f64() * 1e6 / f64::from(CALLS);
+        g.synchronize()?;
+        sync();
         let nccl = ulysses::device::nccl_library()?;
         Ok(format!(
             "{CALLS} batches of 512 B: {host:.1} µs per batch on the host, {total:.1} µs per batch until the GPU \
-             finished (NCCL {})",
+             finished; {CALLS} ncclAllReduce of 1 KiB: {reduce_host:.1} µs each on the host (NCCL {})",
             nccl.version_string()
         ))
     })?;

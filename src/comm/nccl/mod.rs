@@ -10,7 +10,9 @@
 //! shape) before a byte of payload moves, so a mismatch is an error naming both sides with no
 //! device round trip. Subgroups are `ncclCommSplit`s of their parent's communicator (the
 //! control group splits alongside). CUDA tensors go through NCCL as grouped sends and receives
-//! of bytes:
+//! of bytes, and whole all-reduces, reduce-scatters and all-gathers over equal parts as NCCL's
+//! own collectives (`Backend::runs_natively`: any dtype NCCL has, bfloat16 included, reduced in
+//! that dtype in NCCL's order), on the same stream:
 //!
 //! ```text
 //! libtorch's stream:  ... kernels ... [E0] ....................... wait(E1) ... kernels using the data
@@ -47,9 +49,11 @@ use tch::{Device, Kind, Tensor};
 use self::comm::{ok_or_pending, Comm, Who};
 use self::cuda::{Event, Stream};
 use self::watchdog::Watchdog;
-use super::backend::{batch_lists, check_envelopes, receive_buffer, Backend, Pending};
+use super::backend::{
+    batch_lists, check_envelopes, collective_lists, receive_buffer, Backend, Collective, Pending,
+};
 use super::group::{Group, GroupInfo};
-use super::OpKind;
+use super::{OpKind, ReduceOp};
 use crate::device::{NcclApi, NcclCode};
 use crate::error::TorchResultExt;
 use crate::{Error, Result};
@@ -180,6 +184,43 @@ impl NcclEndpoint {
         self.gpu.watchdog.check()
     }
 
+    /// Queues `body` (NCCL calls on the raw communicator and the side stream) after everything
+    /// queued so far on libtorch's stream, and returns the handle that makes libtorch's stream
+    /// wait for its end; the watchdog times it. `keep`: the tensors NCCL reads and writes,
+    /// alive until then; `copies`: (destination, buffer) pairs copied when it is waited for.
+    fn launch(
+        &self,
+        group: &GroupInfo,
+        op: OpKind,
+        keep: Vec<Tensor>,
+        copies: Vec<(Tensor, Tensor)>,
+        body: impl FnOnce(
+            &NcclApi,
+            nccl_sys::ncclComm_t,
+            nccl_sys::cudaStream_t,
+        ) -> std::result::Result<(), NcclCode>,
+    ) -> Result<Box<dyn Pending>> {
+        // The side stream starts after everything queued so far on libtorch's stream.
+        let compute = self.compute_stream()?;
+        Event::record(compute)?.wait_on(self.side.raw())?;
+        let side = self.side.raw() as nccl_sys::cudaStream_t;
+        let who = self.who(op, group);
+        self.comm.grouped(&who, |api, comm| body(api, comm, side))?;
+        // Recorded after the enqueue settled (Comm::grouped), so it follows NCCL's kernels.
+        let done = Arc::new(Event::record(self.side.raw())?);
+        self.gpu.watchdog.watch(Arc::clone(&done), who, self.timeout);
+        Ok(Box::new(NcclPending {
+            gpu: Arc::clone(&self.gpu),
+            comm: Arc::clone(&self.comm),
+            compute,
+            done,
+            keep,
+            copies,
+            op,
+            waited: false,
+        }))
+    }
+
     /// libtorch's current stream on this rank's GPU.
     fn compute_stream(&self) -> Result<cu::CUstream> {
         Ok(crate::device::current_stream(self.gpu.index)? as cu::CUstream)
@@ -235,14 +276,11 @@ impl Backend for NcclEndpoint {
             }
             bufs.push((j, buf));
         }
-        // The side stream starts after everything queued so far on libtorch's stream.
-        let compute = self.compute_stream()?;
-        Event::record(compute)?.wait_on(self.side.raw())?;
-        let side = self.side.raw() as nccl_sys::cudaStream_t;
         let bytes = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
         let u8 = nccl_sys::ncclDataType_t::ncclUint8;
-        let who = self.who(op, group);
-        self.comm.grouped(&who, |api, comm| {
+        let mut keep: Vec<Tensor> = out.iter().map(|(_, t)| t.shallow_clone()).collect();
+        keep.extend(bufs.iter().map(|(_, t)| t.shallow_clone()));
+        self.launch(group, op, keep, copies, |api, comm, side| {
             let ok = |r: NcclCode| if ok_or_pending(r) { Ok(()) } else { Err(r) };
             for (peer, t) in out.iter().filter(|(_, t)| bytes(t) > 0) {
                 // SAFETY: `t` is a contiguous CUDA tensor on this GPU that the pending batch keeps
@@ -258,22 +296,84 @@ impl Backend for NcclEndpoint {
                 ok(unsafe { (api.recv)(t.data_ptr(), bytes(t), u8, *peer as c_int, comm, side) })?;
             }
             Ok(())
-        })?;
-        // Recorded after the enqueue settled (Comm::grouped), so it follows NCCL's kernels.
-        let done = Arc::new(Event::record(self.side.raw())?);
-        self.gpu.watchdog.watch(Arc::clone(&done), who, self.timeout);
-        let mut keep: Vec<Tensor> = out.into_iter().map(|(_, t)| t).collect();
-        keep.extend(bufs.into_iter().map(|(_, t)| t));
-        Ok(Box::new(NcclPending {
-            gpu: Arc::clone(&self.gpu),
-            comm: Arc::clone(&self.comm),
-            compute,
-            done,
-            keep,
-            copies,
-            op,
-            waited: false,
-        }))
+        })
+    }
+
+    /// Whether NCCL runs `call` itself: every tensor contiguous, on this rank's GPU, of a
+    /// dtype NCCL reduces (all of them, bfloat16 included).
+    fn runs_natively(&self, call: &Collective<'_>) -> bool {
+        call.tensors().iter().all(|t| {
+            t.device() == Device::Cuda(self.gpu.index) && t.is_contiguous() && nccl_type(t.kind()).is_some()
+        })
+    }
+
+    /// `ncclAllReduce`, `ncclReduceScatter` or `ncclAllGather` on the side stream, after the
+    /// envelopes of the transfers it stands for are checked through the control group.
+    fn collective_start(
+        &self,
+        group: &GroupInfo,
+        op: OpKind,
+        call: Collective<'_>,
+    ) -> Result<Box<dyn Pending>> {
+        self.check(op, group)?;
+        let kind = call.tensors()[0].kind();
+        let (Some(dtype), true) = (nccl_type(kind), self.runs_natively(&call)) else {
+            return Err(Error::Backend {
+                backend: "nccl",
+                msg: format!(
+                    "{op} on group {group}: not a collective NCCL runs here ({kind:?}, or not on GPU {})",
+                    self.gpu.index
+                ),
+            });
+        };
+        let (out, inc) = collective_lists(op, &call, group.ranks.len(), self.rank)?;
+        check_envelopes(self.control.as_ref(), group, op, &out, &inc, group.ranks[self.rank])?;
+        let red = |r: ReduceOp| match r {
+            ReduceOp::Sum => nccl_sys::ncclRedOp_t::ncclSum,
+            ReduceOp::Avg => nccl_sys::ncclRedOp_t::ncclAvg,
+            ReduceOp::Max => nccl_sys::ncclRedOp_t::ncclMax,
+        };
+        let keep: Vec<Tensor> = call.tensors().into_iter().map(Tensor::shallow_clone).collect();
+        self.launch(group, op, keep, Vec::new(), |api, comm, side| {
+            // SAFETY (all three): contiguous CUDA tensors on this GPU of `dtype` (runs_natively),
+            // kept alive by the pending call until libtorch's stream has waited for its end, and
+            // neither read nor written by anyone else meanwhile; the counts are their element
+            // counts (NCCL's reduce-scatter takes the output's, its all-gather the input's), and
+            // an all-gather's input may be the view of its output at this rank's place, which
+            // NCCL allows (in place).
+            let r = match &call {
+                Collective::AllReduce { buf, reduce } => unsafe {
+                    (api.all_reduce)(
+                        buf.data_ptr(),
+                        buf.data_ptr(),
+                        buf.numel(),
+                        dtype,
+                        red(*reduce),
+                        comm,
+                        side,
+                    )
+                },
+                Collective::ReduceScatter { input, output, reduce } => unsafe {
+                    (api.reduce_scatter)(
+                        input.data_ptr(),
+                        output.data_ptr(),
+                        output.numel(),
+                        dtype,
+                        red(*reduce),
+                        comm,
+                        side,
+                    )
+                },
+                Collective::AllGather { input, output } => unsafe {
+                    (api.all_gather)(input.data_ptr(), output.data_ptr(), input.numel(), dtype, comm, side)
+                },
+            };
+            if ok_or_pending(r) {
+                Ok(())
+            } else {
+                Err(r)
+            }
+        })
     }
 
     fn flush(&self, group: &GroupInfo) -> Result<()> {
@@ -325,6 +425,22 @@ impl Backend for NcclEndpoint {
             }),
         }
     }
+}
+
+/// NCCL's dtype for a libtorch dtype, where it has one.
+fn nccl_type(kind: Kind) -> Option<nccl_sys::ncclDataType_t> {
+    use nccl_sys::ncclDataType_t as T;
+    Some(match kind {
+        Kind::Float => T::ncclFloat32,
+        Kind::Double => T::ncclFloat64,
+        Kind::Half => T::ncclFloat16,
+        Kind::BFloat16 => T::ncclBfloat16,
+        Kind::Int64 => T::ncclInt64,
+        Kind::Int => T::ncclInt32,
+        Kind::Int8 => T::ncclInt8,
+        Kind::Uint8 => T::ncclUint8,
+        _ => return None,
+    })
 }
 
 /// A batch on the side stream: the tensors it reads and writes, and its completion event.
