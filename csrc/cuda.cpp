@@ -76,6 +76,10 @@ char* ulysses_cuda_memory(int index, int64_t* out) {
     out[1] = stats.allocated_bytes[all].peak;
     out[2] = stats.reserved_bytes[all].current;
     out[3] = stats.reserved_bytes[all].peak;
+    // The driver's view of the whole device (cudaMemGetInfo): free and total bytes.
+    const auto [free, total] = at::accelerator::getMemoryInfo(static_cast<c10::DeviceIndex>(index));
+    out[4] = static_cast<int64_t>(free);
+    out[5] = static_cast<int64_t>(total);
   });
 }
 

@@ -39,9 +39,9 @@ pub(super) fn current_stream(index: c_int) -> Result<*mut c_void> {
     Ok(stream)
 }
 
-pub(super) fn memory(index: c_int) -> Result<[u64; 4]> {
-    let mut out = [0i64; 4];
-    // SAFETY: `out` holds the four i64 the shim writes.
+pub(super) fn memory(index: c_int) -> Result<[u64; 6]> {
+    let mut out = [0i64; 6];
+    // SAFETY: `out` holds the six i64 the shim writes.
     checked("memory_stats", index, unsafe { ulysses_cuda_memory(index, out.as_mut_ptr()) })?;
     Ok(out.map(|b| b.max(0) as u64))
 }

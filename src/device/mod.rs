@@ -126,17 +126,55 @@ pub struct CudaMemory {
     pub reserved: u64,
     /// The most bytes reserved since the last [`reset_cuda_peak`].
     pub peak_reserved: u64,
+    /// The device's free bytes, as the driver sees them (`cudaMemGetInfo`).
+    pub device_free: u64,
+    /// The device's total bytes.
+    pub device_total: u64,
+}
+
+impl CudaMemory {
+    /// Bytes in use on the device that the caching allocator does not hold: the CUDA context,
+    /// kernels loaded so far, NCCL's communicators and their buffers (which NCCL allocates
+    /// itself), and every other process's memory on the same GPU.
+    pub fn outside_allocator(&self) -> u64 {
+        (self.device_total.saturating_sub(self.device_free)).saturating_sub(self.reserved)
+    }
 }
 
 /// The caching allocator's statistics on `cuda:index`.
 pub fn cuda_memory(index: usize) -> Result<CudaMemory> {
     cuda_index("cuda_memory", Device::Cuda(index))?;
-    let [allocated, peak_allocated, reserved, peak_reserved] = ffi::memory(index as i32)?;
-    Ok(CudaMemory { allocated, peak_allocated, reserved, peak_reserved })
+    let [allocated, peak_allocated, reserved, peak_reserved, device_free, device_total] =
+        ffi::memory(index as i32)?;
+    Ok(CudaMemory { allocated, peak_allocated, reserved, peak_reserved, device_free, device_total })
 }
 
 /// Sets the allocator's peaks on `cuda:index` back to its current values.
 pub fn reset_cuda_peak(index: usize) -> Result<()> {
     cuda_index("reset_cuda_peak", Device::Cuda(index))?;
     ffi::reset_peak(index as i32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CudaMemory;
+
+    #[test]
+    fn memory_outside_the_allocator_is_what_the_driver_counts_less_what_the_allocator_holds() {
+        let gib = 1u64 << 30;
+        let m = CudaMemory {
+            allocated: 3 * gib,
+            peak_allocated: 5 * gib,
+            reserved: 4 * gib,
+            peak_reserved: 6 * gib,
+            device_free: 70 * gib,
+            device_total: 80 * gib,
+        };
+        // 10 GiB in use, 4 of them the allocator's: 6 GiB outside it.
+        assert_eq!(m.outside_allocator(), 6 * gib);
+        // A reading taken between the two calls may see the allocator hold more than the
+        // driver counted in use: none outside, never a wrapped-around count.
+        let racing = CudaMemory { reserved: 12 * gib, ..m };
+        assert_eq!(racing.outside_allocator(), 0);
+    }
 }

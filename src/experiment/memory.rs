@@ -44,8 +44,9 @@ pub(crate) struct MemoryProbe {
     ranks_sharing: f64,
 }
 
-/// A reading: (peak MiB per rank, reserved peak MiB per rank or NaN, the measure's name).
-pub(crate) type Reading = (f64, f64, &'static str);
+/// A reading: (peak MiB per rank, reserved peak MiB per rank or NaN, the measure's name, MiB per
+/// rank in use on the GPU outside the caching allocator now or NaN).
+pub(crate) type Reading = (f64, f64, &'static str, f64);
 
 impl MemoryProbe {
     /// Starts measuring after the model was built. `resets` says whether this rank resets the
@@ -73,14 +74,14 @@ impl MemoryProbe {
             Device::Cuda(i) => {
                 let m = crate::device::cuda_memory(i)?;
                 let mib = |b: u64| b as f64 / (1024.0 * 1024.0) / self.ranks_sharing;
-                Ok((mib(m.peak_allocated), mib(m.peak_reserved), CUDA_PEAK))
+                Ok((mib(m.peak_allocated), mib(m.peak_reserved), CUDA_PEAK, mib(m.outside_allocator())))
             }
             _ => {
                 let peak = match (self.base_rss, rss::status_mib("VmHWM:")) {
                     (Some(base), Some(peak)) => (peak - base).max(0.0) / self.ranks_sharing,
                     _ => f64::NAN,
                 };
-                Ok((peak, f64::NAN, HOST_RSS))
+                Ok((peak, f64::NAN, HOST_RSS, f64::NAN))
             }
         }
     }

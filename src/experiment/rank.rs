@@ -129,7 +129,7 @@ pub(super) fn rank_main(
         } else {
             report.loss
         };
-        let (peak, reserved, measure) = memory.read()?;
+        let (peak, reserved, measure, outside) = memory.read()?;
         let sent: u64 = by_group.iter().map(|(_, s)| s.bytes_sent()).sum();
         let received: u64 = by_group.iter().map(|(_, s)| s.bytes_received()).sum();
         let row = StepRow {
@@ -149,6 +149,7 @@ pub(super) fn rank_main(
             loss: loss_value,
             peak_mib_per_rank: peak,
             peak_reserved_mib_per_rank: reserved,
+            outside_allocator_mib_per_rank: outside,
             memory: measure.to_string(),
             bytes_sent: sent,
             bytes_received: received,

@@ -62,6 +62,11 @@ pub struct StepRow {
     /// The CUDA allocator's peak reserved (cache included) per rank; NaN on the CPU.
     #[serde(deserialize_with = "f64_or_nan")]
     pub peak_reserved_mib_per_rank: f64,
+    /// GPU memory in use outside the caching allocator at the step's end, per rank: the CUDA
+    /// context, loaded kernels, NCCL's communicators and buffers (`CudaMemory::outside_allocator`);
+    /// NaN on the CPU.
+    #[serde(deserialize_with = "f64_or_nan")]
+    pub outside_allocator_mib_per_rank: f64,
     /// Which measure `peak_mib_per_rank` holds: "host_rss_above_base" or "cuda_peak_allocated".
     pub memory: String,
     pub bytes_sent: u64,
@@ -107,6 +112,8 @@ pub struct PointRow {
     /// The largest peak over steps and ranks, in the measure `memory` names (see [`StepRow`]).
     pub peak_mib_per_rank: f64,
     pub peak_reserved_mib_per_rank: f64,
+    /// The largest over steps and ranks of the GPU memory outside the allocator (see [`StepRow`]).
+    pub outside_allocator_mib_per_rank: f64,
     pub memory: String,
     /// Median over steps of the largest per-rank volume.
     pub bytes_sent_per_rank: u64,
@@ -151,7 +158,8 @@ impl Row for StepRow {
             "step_ms" => col!(r, step_ms), "tokens_per_s" => col!(r, tokens_per_s),
             "model_tflops" => col!(r, model_tflops), "loss" => col!(r, loss),
             "peak_mib_per_rank" => col!(r, peak_mib_per_rank),
-            "peak_reserved_mib_per_rank" => col!(r, peak_reserved_mib_per_rank), "memory" => col!(r, memory),
+            "peak_reserved_mib_per_rank" => col!(r, peak_reserved_mib_per_rank),
+            "outside_allocator_mib_per_rank" => col!(r, outside_allocator_mib_per_rank), "memory" => col!(r, memory),
             "bytes_sent" => col!(r, bytes_sent),
             "bytes_received" => col!(r, bytes_received), "grad_norm" => col!(r, grad_norm), "lr" => col!(r, lr),
             "loss_scale" => col!(r, loss_scale), "skipped" => col!(r, skipped),
@@ -179,7 +187,8 @@ impl Row for PointRow {
             "steps" => col!(r, steps), "median_step_ms" => col!(r, median_step_ms),
             "tokens_per_s" => col!(r, tokens_per_s), "model_tflops" => col!(r, model_tflops),
             "peak_mib_per_rank" => col!(r, peak_mib_per_rank),
-            "peak_reserved_mib_per_rank" => col!(r, peak_reserved_mib_per_rank), "memory" => col!(r, memory),
+            "peak_reserved_mib_per_rank" => col!(r, peak_reserved_mib_per_rank),
+            "outside_allocator_mib_per_rank" => col!(r, outside_allocator_mib_per_rank), "memory" => col!(r, memory),
             "bytes_sent_per_rank" => col!(r, bytes_sent_per_rank),
             "bytes_received_per_rank" => col!(r, bytes_received_per_rank), "final_loss" => col!(r, final_loss),
         )

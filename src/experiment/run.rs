@@ -249,6 +249,10 @@ fn summarize(point: &Point, cfg: &ExperimentConfig, gpt: &GptConfig, rows: &[Ste
             .iter()
             .map(|r| r.peak_reserved_mib_per_rank)
             .fold(f64::NAN, f64::max),
+        outside_allocator_mib_per_rank: measured
+            .iter()
+            .map(|r| r.outside_allocator_mib_per_rank)
+            .fold(f64::NAN, f64::max),
         memory: measured.first().map_or_else(|| super::memory::HOST_RSS.to_string(), |r| r.memory.clone()),
         bytes_sent_per_rank: median(per_step(&|r| r.bytes_sent as f64)) as u64,
         bytes_received_per_rank: median(per_step(&|r| r.bytes_received as f64)) as u64,

@@ -45,6 +45,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use tch::{Device, Kind, Tensor};
 use ulysses::comm::{launch, nccl_group, Collective, LocalLaunch, OpKind, ReduceOp};
+use ulysses::device::cuda_memory;
 
 const GPU: Device = Device::Cuda(0);
 
@@ -106,6 +107,8 @@ fn preflight() -> Result<String> {
 /// On a fresh thread (LocalLaunch's), where nothing has bound a CUDA context yet.
 fn nccl_world_of_one() -> Result<String> {
     let out = LocalLaunch::new(1).run(|ctx| -> Result<String> {
+        let outside = || -> Result<f64> { Ok(cuda_memory(0)?.outside_allocator() as f64 / 1048576.0) };
+        let before = outside()?;
         let g = nccl_group(ctx.world(), GPU, Duration::from_secs(60))?;
         let x = Tensor::randn([2, 8, 4, 16], (Kind::BFloat16, GPU));
         ensure!(g.all_to_all(&x, 2, 1)?.equal(&x), "all_to_all at P=1 is not the identity");
@@ -160,10 +163,12 @@ fn nccl_world_of_one() -> Result<String> {
             vec![Some(strided.shallow_clone())],
         )?;
         ensure!(strided.equal(&big), "NCCL self transfer into a strided tensor: the data differs");
+        let nccl_mib = outside()? - before;
         Ok(format!(
             "world and ncclCommSplit communicators on a fresh thread, backend {}; 2 x 128 MiB to itself \
              bit-exact on two side streams with an 8192^3 matmul in flight in {took:.2} ms; strided destination \
-             bit-exact",
+             bit-exact; GPU memory outside the caching allocator grew {nccl_mib:.0} MiB with the two \
+             communicators and their use (NCCL's buffers, the kernels loaded meanwhile)",
             g.backend_name()
         ))
     })?;
