@@ -7,6 +7,12 @@
 #   - libtorch 2.11.0 (what tch 0.24 links against), the CPU-usable minimum of PyPI's torch wheel,
 #     in a venv under $ULYSSES_CACHE (default ~/.cache/ulysses), linked into the repo as .libtorch;
 #   - a Rust toolchain through rustup, only if cargo is missing.
+#
+#   scripts/setup.sh                    # the above (what the README's commands run)
+#   scripts/setup.sh --cuda             # on a GPU node: a CUDA build of torch 2.11 as libtorch instead,
+#                                       # the one the driver runs (see cuda_variant), in its own venv
+#   scripts/setup.sh --cuda-variant cu126   # that build by name (cu126, cu128, cu130)
+#   scripts/setup.sh --cuda-plan 575.57.08  # which build a driver version gets; nothing installed
 # Nothing needs exporting afterwards: .cargo/config.toml points LIBTORCH at .libtorch and build.rs
 # writes libtorch's folder into every binary's rpath.
 #
@@ -23,6 +29,67 @@ venv=$cache/torch-$torch_version
 stamp=$venv/.ulysses-complete
 
 say() { echo "[setup] $*"; }
+
+# The CUDA build of torch 2.11 a driver of version $1 runs. NVIDIA's CUDA Toolkit release notes
+# ("CUDA Toolkit and Corresponding Driver Versions", and minor version compatibility): CUDA 13.0
+# needs a driver 580.65.06 or newer; any CUDA 12.x build runs on 525.60.13 or newer. torch 2.11's
+# wheels: cu130 (PyPI's default, with pip's nvidia-nccl-cu13), cu128 and cu126 (PyTorch's index).
+cuda_variant() {
+  local v=$1
+  newer() { printf '%s\n%s\n' "$1" "$v" | sort -V -C; }
+  if ! printf '%s' "$v" | grep -qE '^[0-9]+(\.[0-9]+)*$'; then
+    echo "[setup] error: driver version '$v' is not a version number (nvidia-smi --query-gpu=driver_version)" >&2
+    return 2
+  fi
+  if newer 580.65.06; then
+    echo cu130
+  elif newer 525.60.13; then
+    echo cu128
+  else
+    echo "[setup] error: NVIDIA driver $v is older than any CUDA build of torch $torch_version runs on" \
+      "(CUDA 12.x needs 525.60.13 or newer, CUDA 13.0 580.65.06): update the driver" >&2
+    return 1
+  fi
+}
+
+cuda=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --cuda) cuda=auto ;;
+    --cuda-variant)
+      cuda=${2:-}
+      shift
+      case "$cuda" in cu126 | cu128 | cu130) ;; *) echo "[setup] error: --cuda-variant takes cu126, cu128 or cu130, not '$cuda'" >&2; exit 2 ;; esac
+      ;;
+    --cuda-plan)
+      cuda_variant "${2:-}"
+      exit $?
+      ;;
+    -h | --help) sed -n '2,20p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    *) echo "[setup] error: unknown option $1 (try --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+if [ "$cuda" = auto ]; then
+  driver=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -n 1 || true)
+  if [ -z "$driver" ]; then
+    echo "[setup] error: --cuda: nvidia-smi reports no driver on this machine (name a build with --cuda-variant)" >&2
+    exit 1
+  fi
+  cuda=$(cuda_variant "$driver") || exit 1
+  say "NVIDIA driver $driver: torch $torch_version's $cuda build"
+fi
+if [ -z "$cuda" ]; then
+  # A CUDA build that an earlier `--cuda` linked stays (the README's commands run this again).
+  linked=$(readlink "$repo/.libtorch" 2>/dev/null || true)
+  case "$linked" in
+    "$cache/torch-$torch_version-cu"*) cuda=${linked#"$cache/torch-$torch_version-"} cuda=${cuda%%/*} ;;
+  esac
+fi
+if [ -n "$cuda" ]; then
+  venv=$cache/torch-$torch_version-$cuda
+  stamp=$venv/.ulysses-complete
+fi
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 clock() { printf '%d:%02d' $(($1 / 60)) $(($1 % 60)); }
 
@@ -121,6 +188,18 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 
 # 3. libtorch from PyPI (CPU-usable minimum; see shared/SETUP.md for why these three wheels).
+if [ -n "$cuda" ] && [ ! -f "$stamp" ]; then
+  # The whole CUDA wheel with its NVIDIA libraries (CUDA runtime, cuBLAS, cuDNN, NCCL): about
+  # 3 GB. cu130 is PyPI's own torch; the others come from PyTorch's index.
+  index=()
+  [ "$cuda" = cu130 ] || index=(--index-url "https://download.pytorch.org/whl/$cuda")
+  rm -rf "$venv"
+  mkdir -p "$cache"
+  step "installing torch $torch_version ($cuda, with its NVIDIA libraries: about 3 GB) into $venv" 180 - \
+    sh -c 'python3 -m venv "$1" && shift && "$@"' sh "$venv" \
+    "$venv/bin/pip" install --progress-bar off --no-cache-dir --disable-pip-version-check "${index[@]}" "torch==$torch_version"
+  touch "$stamp"
+fi
 if [ ! -f "$stamp" ]; then
   rm -rf "$venv"
   mkdir -p "$cache"

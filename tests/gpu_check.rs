@@ -74,3 +74,28 @@ fn a_step_without_cuda_fails_in_one_line() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn the_set_up_picks_the_cuda_build_a_driver_runs() -> Result<()> {
+    // `scripts/setup.sh --cuda-plan DRIVER` (what `--cuda` decides from nvidia-smi): CUDA 13.0
+    // from 580.65.06, a CUDA 12.x build from 525.60.13, and an error naming both below that.
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/setup.sh");
+    let plan = |driver: &str| -> Result<(bool, String)> {
+        let out = Command::new("bash").arg(&script).args(["--cuda-plan", driver]).output()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        Ok((out.status.success(), text.trim().to_string()))
+    };
+    for (driver, want) in
+        [("580.65.06", "cu130"), ("590.44.01", "cu130"), ("580.65.05", "cu128"), ("525.60.13", "cu128")]
+    {
+        let (ok, text) = plan(driver)?;
+        ensure!(ok && text == want, "driver {driver}: {text}, expected {want}");
+    }
+    for driver in ["525.60.12", "470.239.06"] {
+        let (ok, text) = plan(driver)?;
+        ensure!(!ok && text.contains("525.60.13") && text.contains(driver), "driver {driver}: {text}");
+    }
+    let (ok, text) = plan("latest")?;
+    ensure!(!ok && text.contains("not a version number"), "{text}");
+    Ok(())
+}
