@@ -707,7 +707,7 @@ class Build:
             used = total if total is not None else self.cpu_ended + sum(running.values())
             if self.cpu_used and self.loads and self.loads[-1][0] == now and self.threads >= 0.5:
                 rate = (used - self.cpu_used[1]) / max(1e-9, now - self.cpu_used[0])
-                self.add_share(now, max(0.05, min(1.0, rate / self.threads)), replace=True)
+                self.add_share(now, max(0.05, min(1.0, rate / min(self.threads, self.cores))), replace=True)
             self.cpu_used = (now, used)
 
     def start_next(self, instance, after, now):
