@@ -16,6 +16,7 @@ use ulysses::autograd::Tape;
 use ulysses::comm::{launch, LocalLaunch};
 use ulysses::experiment::{read_table, run, ExperimentConfig, Results, RunOptions};
 use ulysses::model::{shift_labels, Gpt, GptConfig};
+use ulysses::train::{AdamWConfig, Decay, LossScaleConfig, Schedule, TrainConfig, ZeroStage};
 
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("ulysses-catalogue-{}-{name}", std::process::id()));
@@ -342,5 +343,62 @@ fn kernels_and_masks_that_do_not_fit_are_refused() -> Result<()> {
     ensure!(err.is_some_and(|e| e.contains("None is dense; use the sdpa or math kernel")), "blocked + none");
     let err = "window:-3".parse::<Mask>().map(drop).map_err(|e| anyhow!(e)).expect_err("negative window");
     ensure!(err.to_string().contains("sliding window -3 must be at least 1"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn training_plans_that_cannot_run_are_refused_naming_the_field_and_the_number() -> Result<()> {
+    let base = TrainConfig { adamw: Some(AdamWConfig::default()), ..TrainConfig::default() };
+    base.validate()?;
+    let adamw = |a: AdamWConfig| TrainConfig { adamw: Some(a), ..base.clone() };
+    let schedule = |s: Schedule| TrainConfig { schedule: s, ..base.clone() };
+    let scale = |l: LossScaleConfig| TrainConfig { loss_scale: l, ..base.clone() };
+    let cases = [
+        (TrainConfig { grad_accum: 0, ..base.clone() }, "grad_accum must be at least 1"),
+        (TrainConfig { clip: Some(0.0), ..base.clone() }, "clip 0 must be a positive number"),
+        (TrainConfig { clip: Some(f64::NAN), ..base.clone() }, "clip NaN must be a positive number"),
+        (
+            TrainConfig { zero: ZeroStage::new(2)?, adamw: None, ..base.clone() },
+            "ZeRO stage 2 partitions the optimizer: it needs an optimizer",
+        ),
+        (TrainConfig { bucket_elems: 0, ..base.clone() }, "bucket_elems 0 must be at least 1"),
+        (TrainConfig { loss_tile: Some(0), ..base.clone() }, "loss_tile 0 must be at least 1"),
+        (
+            adamw(AdamWConfig { lr: -1e-3, ..AdamWConfig::default() }),
+            "lr -0.001 and eps 0.00000001 must be positive",
+        ),
+        (adamw(AdamWConfig { lr: f64::INFINITY, ..AdamWConfig::default() }), "lr inf and eps"),
+        (adamw(AdamWConfig { beta2: 1.0, ..AdamWConfig::default() }), "the betas in [0, 1)"),
+        (
+            adamw(AdamWConfig { weight_decay: -0.1, ..AdamWConfig::default() }),
+            "weight_decay -0.1 must be zero or positive",
+        ),
+        (
+            schedule(Schedule { min_lr_ratio: 1.5, ..Schedule::default() }),
+            "schedule.min_lr_ratio 1.5 must be in [0, 1]",
+        ),
+        (
+            schedule(Schedule { warmup: 10, total: Some(10), decay: Decay::Cosine, ..Schedule::default() }),
+            "schedule.total 10 must be above schedule.warmup 10 for a decay",
+        ),
+        (scale(LossScaleConfig { backoff: 1.0, ..LossScaleConfig::default() }), "backoff: 1.0"),
+        (
+            scale(LossScaleConfig { min: 0.0, init: 0.0, ..LossScaleConfig::default() }),
+            "need init >= min > 0",
+        ),
+        (scale(LossScaleConfig { growth_interval: 0, ..LossScaleConfig::default() }), "growth_interval: 0"),
+    ];
+    for (cfg, want) in cases {
+        let err = cfg.validate().err().ok_or_else(|| anyhow!("accepted: {cfg:?}"))?.to_string();
+        ensure!(err.contains(want), "expected {want:?} in: {err}");
+    }
+    // The same rule through a config file: refused before any point runs, nothing written.
+    let dir = scratch("bad-train");
+    std::fs::write(dir.join("bad.toml"), toy("bad", 2, "grad_accum = 0\n"))?;
+    let out = ulysses(&["run", "bad.toml", "--output", "results"], &dir)?;
+    ensure!(!out.status.success(), "a plan with grad_accum = 0 ran");
+    let said = stderr(&out);
+    ensure!(said.contains("train.grad_accum") && said.contains("must be at least 1"), "{said}");
+    ensure!(!dir.join("results").exists(), "results written for a refused plan");
     Ok(())
 }

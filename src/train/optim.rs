@@ -32,14 +32,23 @@ impl Default for AdamWConfig {
 
 /// Checks AdamW's hyper-parameters.
 pub(crate) fn check(cfg: &AdamWConfig) -> Result<()> {
-    if cfg.lr > 0.0 && (0.0..1.0).contains(&cfg.beta1) && (0.0..1.0).contains(&cfg.beta2) && cfg.eps > 0.0 {
-        return Ok(());
+    let positive = |x: f64| x > 0.0 && x.is_finite();
+    let bad = |msg: String| Error::InvalidArgument { op: "adamw", group: "-".into(), msg };
+    if !(positive(cfg.lr)
+        && positive(cfg.eps)
+        && (0.0..1.0).contains(&cfg.beta1)
+        && (0.0..1.0).contains(&cfg.beta2))
+    {
+        return Err(bad(format!(
+            "lr {} and eps {} must be positive and finite and the betas in [0, 1): {cfg:?}",
+            cfg.lr, cfg.eps
+        )));
     }
-    Err(Error::InvalidArgument {
-        op: "adamw",
-        group: "-".into(),
-        msg: format!("lr {} and eps {} must be positive and the betas in [0, 1): {cfg:?}", cfg.lr, cfg.eps),
-    })
+    if !(cfg.weight_decay >= 0.0 && cfg.weight_decay.is_finite()) {
+        // A negative decay grows every matrix a little each step: a run that diverges slowly.
+        return Err(bad(format!("weight_decay {} must be zero or positive and finite", cfg.weight_decay)));
+    }
+    Ok(())
 }
 
 /// One AdamW update of `w` in place from the gradient `g`, with moments `m` and `v` (all of one
