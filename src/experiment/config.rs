@@ -11,7 +11,7 @@ use super::predict::PredictSpec;
 use super::slurm::SlurmSpec;
 use crate::attention::StrategyConfig;
 use crate::data::DatasetConfig;
-use crate::train::{AdamWConfig, Checkpointing, LossScaleConfig, Schedule, ZeroStage};
+use crate::train::{AdamWConfig, Checkpointing, LossScaleConfig, Precision, Schedule, ZeroStage};
 use crate::{Error, Result};
 
 /// A whole experiment: a model, the parallel set-ups and sequence lengths to sweep, how long to
@@ -193,6 +193,10 @@ pub struct TrainSpec {
     /// Compute the loss this many tokens at a time (tiled loss). Default none.
     #[serde(default)]
     pub loss_tile: Option<i64>,
+    /// The dtype gradients are reduced in across ranks ("f32", "bf16", ...). Default: f32 for
+    /// bf16/f16 gradients, else their own dtype; "bf16" halves the reduction's bytes.
+    #[serde(default)]
+    pub reduce_dtype: Option<Precision>,
     /// Dynamic loss scaling for f16. Default: initial scale 2^16, halved on overflow, doubled
     /// after 1000 good steps.
     #[serde(default)]

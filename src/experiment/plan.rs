@@ -42,6 +42,7 @@ impl ExperimentConfig {
             schedule,
             loss_scale: t.loss_scale,
             loss_tile: t.loss_tile,
+            reduce_dtype: t.reduce_dtype,
             ..TrainConfig::default()
         };
         cfg.validate().map_err(|e| field_error("train", e.to_string()))?;
