@@ -154,7 +154,6 @@ fn bad_configs_name_the_field_and_the_fix() -> Result<()> {
         ensure!(err.contains("RunOptions::program") && err.contains("--features mpi"), "{err}");
         ensure!(std::fs::read_dir(&base_dir)?.next().is_none(), "a refused run made a folder");
     }
-    ensure!(cases.len() + 2 >= 8, "at least 8 kinds of bad config");
     Ok(())
 }
 
