@@ -195,11 +195,20 @@ fn predictions_are_finite_and_ordered_as_the_paper_argues() -> Result<()> {
     ensure!(e.contains("H=16 < P=32"), "{e}");
     let e = err(paper_job(GptConfig::gpt_1_3b(), StrategyConfig::Ring { zigzag: true }, 8, 1000));
     ensure!(e.contains("N=1000, 2P=16"), "{e}");
-    let e = err(Job {
-        precision: Precision::F64,
-        ..paper_job(GptConfig::gpt_1_3b(), StrategyConfig::Ulysses, 8, 8192)
-    });
-    ensure!(e.is_empty() || e.contains("f64") || e.contains("no setting"), "{e}");
+    // f64 is predicted with 8-byte elements: every element-sized transfer (the all-to-alls,
+    // ZeRO-3's parameter gathers) 4x bf16's, the f32 gradient reduction the same, so the bytes
+    // grow by more than 2x and less than 4x (an f64 priced as bf16 gives 1x); memory grows.
+    let bf16 = paper_job(GptConfig::gpt_1_3b(), StrategyConfig::Ulysses, 8, 8192);
+    let (wide, narrow) =
+        (predict(&Job { precision: Precision::F64, ..bf16.clone() }, &hw)?, predict(&bf16, &hw)?);
+    let ratio = wide.bytes_sent_per_rank / narrow.bytes_sent_per_rank;
+    ensure!(ratio > 2.0 && ratio < 4.0, "f64 / bf16 bytes {ratio}");
+    ensure!(
+        wide.memory.peak_bytes > narrow.memory.peak_bytes,
+        "f64 peak {} vs bf16 {}",
+        wide.memory.peak_bytes,
+        narrow.memory.peak_bytes
+    );
     Ok(())
 }
 
@@ -250,5 +259,75 @@ fn attention_kernels_change_time_and_memory_as_they_should() -> Result<()> {
         Mask::BlockSparse(BlockSparse { block: 64, local_blocks: 4, global_blocks: 1, causal: true });
     let blocked = predict(&job(Kernel::Blocked, sparse), &hw)?;
     ensure!(blocked.model_flops < flash.model_flops, "block-sparse counts fewer pairs");
+    Ok(())
+}
+
+#[test]
+fn the_search_agrees_with_trying_every_setting_by_hand() -> Result<()> {
+    // A small space enumerated here, apart from the search's own enumeration: 1.3B on 8 GPUs at
+    // 64K, Ulysses and zigzag ring, every SP degree (DP the rest), micro-batch 1 and 2, ZeRO 0-3,
+    // no and full checkpointing. best() must return the fastest setting that fits, and the same
+    // tokens/s; max_seq() a length that fits at some setting where the next step fits at none.
+    let hw = Hardware::load("dgx-a100-40gb")?;
+    let base = paper_job(GptConfig::gpt_1_3b(), StrategyConfig::Ulysses, 8, 65536);
+    let strategies = vec![StrategyConfig::Ulysses, StrategyConfig::Ring { zigzag: true }];
+    let zeros: Vec<ZeroStage> = (0..=3).map(ZeroStage::new).collect::<Result<_, _>>()?;
+    let ckpts = vec![Checkpointing::None, Checkpointing::Full];
+    let space = SearchSpace {
+        strategies: strategies.clone(),
+        sp: Vec::new(),
+        micro_batch: vec![1, 2],
+        zero: zeros.clone(),
+        checkpointing: ckpts.clone(),
+        global_batch: None,
+    };
+    let settings = |seq: i64| {
+        let mut jobs = Vec::new();
+        for sp in [1usize, 2, 4, 8] {
+            for &strategy in &strategies {
+                for b in [1i64, 2] {
+                    for &zero in &zeros {
+                        for &checkpointing in &ckpts {
+                            jobs.push(Job {
+                                strategy,
+                                dp: 8 / sp,
+                                micro_batch: b,
+                                zero,
+                                checkpointing,
+                                seq,
+                                ..base.clone()
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        jobs
+    };
+    let (mut fastest, mut tried, mut fit) = (None::<(f64, String)>, 0, 0);
+    for job in settings(base.seq) {
+        let Ok(p) = predict(&job, &hw) else { continue };
+        tried += 1;
+        if p.memory.fits {
+            fit += 1;
+            if fastest.as_ref().is_none_or(|(t, _)| p.tokens_per_s > *t) {
+                fastest = Some((p.tokens_per_s, job.describe()));
+            }
+        }
+    }
+    let (want, how) = fastest.ok_or_else(|| anyhow::anyhow!("nothing fits of {tried} settings"))?;
+    let got = best(&base, &hw, &space)?;
+    ensure!(
+        got.tokens_per_s == want && got.job.describe() == how,
+        "best(): {} at {:.0} tokens/s; by hand ({fit} of {tried} fit): {how} at {want:.0}",
+        got.job.describe(),
+        got.tokens_per_s
+    );
+    // The longest sequence: fits at some setting, and one step longer fits at none.
+    let longest = max_seq(&base, &hw, &space)?.job.seq;
+    let step = 1024; // lcm(1024, 2 x 8 ranks)
+    let fits_at_some = |seq: i64| settings(seq).iter().any(|j| predict(j, &hw).is_ok_and(|p| p.memory.fits));
+    ensure!(fits_at_some(longest), "max_seq {longest} fits at no setting");
+    ensure!(!fits_at_some(longest + step), "max_seq {longest}, but {} fits at some setting", longest + step);
     Ok(())
 }
