@@ -54,7 +54,7 @@ fn payloads_cut_into_small_messages_arrive_whole() -> Result<()> {
 
 /// Needs about 6 GiB of memory and a minute: `cargo test --features mpi --test mpi -- --ignored`.
 #[test]
-#[ignore = "sends 2 GiB + 8 bytes between two processes (about 6 GiB of memory)"]
+#[ignore = "sends 2 GiB + 8 bytes between two processes (about 6 GiB of memory); scripts/test.sh runs it"]
 fn a_payload_over_2_gib_is_sent_in_chunks() -> Result<()> {
     let (ok, text, _) = mpirun(2, "large")?;
     ensure!(ok && text.matches("2147483656 bytes sent and checked").count() == 2, "{text}");
