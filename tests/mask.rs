@@ -86,3 +86,61 @@ fn the_blocked_kernel_refuses_dense_masks() -> Result<()> {
     }
     Ok(())
 }
+
+/// A mask written out by hand, a row per query ('1': the key is visible).
+fn by_hand(rows: &[&str]) -> Vec<Vec<bool>> {
+    rows.iter().map(|r| r.chars().map(|c| c == '1').collect()).collect()
+}
+
+#[test]
+fn each_mask_kind_equals_a_mask_written_out_by_hand() -> Result<()> {
+    // Written from the definitions (the fields' documentation; DeepSpeed's fixed sparsity
+    // pattern for block-sparse), not from the code: causal sees keys up
+    // to the query; a window of w the last w of those; block-sparse with blocks of 2, windows of
+    // 2 blocks and 1 global block sees its own window's blocks and the last block of every
+    // window (blocks 1 and 3 here), and with the causal rule only those at or before the query.
+    let sparse =
+        |causal| Mask::BlockSparse(BlockSparse { block: 2, local_blocks: 2, global_blocks: 1, causal });
+    let cases = [
+        (Mask::None, by_hand(&["111111", "111111", "111111", "111111", "111111", "111111"])),
+        (Mask::Causal, by_hand(&["100000", "110000", "111000", "111100", "111110", "111111"])),
+        (
+            Mask::SlidingWindow { window: 2 },
+            by_hand(&["100000", "110000", "011000", "001100", "000110", "000011"]),
+        ),
+        (
+            Mask::SlidingWindow { window: 1 },
+            by_hand(&["100000", "010000", "001000", "000100", "000010", "000001"]),
+        ),
+        (
+            sparse(false),
+            by_hand(&[
+                "11110011", "11110011", "11110011", "11110011", "00111111", "00111111", "00111111",
+                "00111111",
+            ]),
+        ),
+        (
+            sparse(true),
+            by_hand(&[
+                "10000000", "11000000", "11100000", "11110000", "00111000", "00111100", "00111110",
+                "00111111",
+            ]),
+        ),
+    ];
+    for (mask, want) in cases {
+        let n = want.len() as i64;
+        let pos = Tensor::arange(n, (Kind::Int64, Device::Cpu));
+        let dense = Vec::<i64>::try_from(mask.dense(&pos, &pos)?.to_kind(Kind::Int64).reshape([-1]))?;
+        for (i, row) in want.iter().enumerate() {
+            for (j, &visible) in row.iter().enumerate() {
+                let got = dense[i * n as usize + j] == 1;
+                ensure!(
+                    got == visible,
+                    "{mask:?}: query {i} key {j}: the mask says {got}, by hand {visible}"
+                );
+                ensure!(mask.allows(i as i64, j as i64) == visible, "{mask:?}: allows({i}, {j})");
+            }
+        }
+    }
+    Ok(())
+}
