@@ -585,3 +585,56 @@ fn a_save_that_crashed_leaves_the_previous_checkpoint_in_use() -> Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
+
+#[test]
+fn adamw_follows_its_formula_worked_by_hand() -> Result<()> {
+    // AdamW (Loshchilov and Hutter 2019) as DeepSpeed and PyTorch run it, worked here in f64 per
+    // element: m = b1 m + (1 - b1) g, v = b2 v + (1 - b2) g^2, both bias-corrected by
+    // 1 - b^t, w -= lr (m^ / (sqrt(v^) + eps) + wd w), the decay on matrices only (not on
+    // norms' and biases' vectors). Three steps of given gradients on a 2x2 matrix and a vector.
+    // The optimizer computes in f32: each step rounds its dozen operations by at most u each,
+    // relative to |w| + lr (the update is lr times a ratio of about 1), so 3 steps stay within
+    // 3 x 16 u (|w| + lr).
+    use ulysses::model::{Params, Placement};
+    use ulysses::train::AdamW;
+    let cfg = AdamWConfig { lr: 0.1, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
+    let mut params = Params::new(0, Kind::Float, tch::Device::Cpu);
+    let w = params.constant("w", &[2, 2], 0.5, Placement::Replicated)?;
+    let b = params.constant("b", &[2], -0.25, Placement::Replicated)?;
+    let gw = [[0.3, -1.2, 0.0, 2.5], [-0.1, -1.0, 0.4, 2.0], [0.2, 0.8, -0.4, -3.0]];
+    let gb = [[1.0, -0.5], [0.5, 0.5], [-2.0, 0.25]];
+    let mut opt = AdamW::new(&params, cfg)?;
+    // By hand: (w, m, v) per element.
+    let mut hand_w: Vec<(f64, f64, f64)> = vec![(0.5, 0.0, 0.0); 4];
+    let mut hand_b: Vec<(f64, f64, f64)> = vec![(-0.25, 0.0, 0.0); 2];
+    let by_hand = |s: &mut (f64, f64, f64), g: f64, t: i32, decay: bool| {
+        let (w, m, v) = *s;
+        let m = cfg.beta1 * m + (1.0 - cfg.beta1) * g;
+        let v = cfg.beta2 * v + (1.0 - cfg.beta2) * g * g;
+        let (mh, vh) = (m / (1.0 - cfg.beta1.powi(t)), v / (1.0 - cfg.beta2.powi(t)));
+        let step = mh / (vh.sqrt() + cfg.eps) + if decay { cfg.weight_decay * w } else { 0.0 };
+        *s = (w - cfg.lr * step, m, v);
+    };
+    for t in 0..3 {
+        for (p, g) in [(&w, Tensor::from_slice(&gw[t]).reshape([2, 2])), (&b, Tensor::from_slice(&gb[t]))] {
+            p.shallow_clone().zero_grad();
+            (p * g.to_kind(Kind::Float)).sum(Kind::Float).backward();
+        }
+        opt.step(&params)?;
+        for (s, &g) in hand_w.iter_mut().zip(&gw[t]) {
+            by_hand(s, g, t as i32 + 1, true);
+        }
+        for (s, &g) in hand_b.iter_mut().zip(&gb[t]) {
+            by_hand(s, g, t as i32 + 1, false);
+        }
+    }
+    let u = f64::from(f32::EPSILON) / 2.0;
+    for (name, p, hand) in [("w", &w, &hand_w), ("b", &b, &hand_b)] {
+        let got = Vec::<f64>::try_from(p.to_kind(Kind::Double).reshape([-1]))?;
+        for (i, (g, (want, _, _))) in got.iter().zip(hand.iter()).enumerate() {
+            let bound = 3.0 * 16.0 * u * (want.abs() + cfg.lr);
+            tolerance::check(&format!("AdamW {name}[{i}] after 3 steps"), (g - want).abs(), bound)?;
+        }
+    }
+    Ok(())
+}
