@@ -241,19 +241,8 @@ impl Zero {
 
     /// The gradients of a unit's parameters, and zeros for its padding.
     fn grads_of(&self, u: &FlatUnit) -> Result<Vec<Tensor>> {
-        let all = self.params.all();
-        let mut grads = Vec::with_capacity(u.entries.len() + 1);
-        for e in &u.entries {
-            let g = all[e.param].tensor.grad();
-            if !g.defined() {
-                return Err(Error::Tape { op: "zero", msg: format!("parameter {} has no gradient", e.name) });
-            }
-            grads.push(g);
-        }
-        if u.padded > u.numel {
-            grads.push(Tensor::f_zeros([u.padded - u.numel], (u.flat.kind(), u.flat.device())).op("zero")?);
-        }
-        Ok(grads)
+        let count = u.entries.len() + usize::from(u.padded > u.numel);
+        (0..count).map(|i| self.grad_of(u, i)).collect()
     }
 
     /// Stages 2-3: reduce-scatters the gradients of `[a, b)` of unit `k` in buckets of 1/W of
