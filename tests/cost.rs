@@ -6,9 +6,10 @@
 use anyhow::{ensure, Result};
 use ulysses::attention::{AttentionConfig, BlockSparse, Kernel, Mask, StrategyConfig};
 use ulysses::comm::OpKind;
+use ulysses::cost::memory::memory;
 use ulysses::cost::network::{price, Placement};
 use ulysses::cost::zero::{model_states, padded};
-use ulysses::cost::{best, max_seq, megatron_flops, predict, Hardware, Job, SearchSpace};
+use ulysses::cost::{best, max_seq, megatron_flops, predict, Band, Hardware, Job, SearchSpace, Software};
 use ulysses::model::GptConfig;
 use ulysses::train::{Checkpointing, Precision, ZeroStage};
 
@@ -153,7 +154,16 @@ fn bad_hardware_files_name_the_field_and_the_number() -> Result<()> {
             "network.nccl.inter.bandwidth_gbs = 0 must be a positive",
         ),
         (good.replace("devices_per_node = 8", "devices_per_node = 0"), "node.devices_per_node = 0"),
-        (good.replace("[1.0e9, 0.55]", "[1.0e7, 0.55]"), "sizes must increase"),
+        (good.replace("[1.0e9, 0.58]", "[1.0e7, 0.58]"), "sizes must increase"),
+        (
+            good.replace("matmul = [0.9412, 1.0588]", "matmul = [1.2, 1.0588]"),
+            "bands.matmul = [1.2, 1.0588] must be",
+        ),
+        (good.replace("latency = [2.0, 0.5]", "latency = [0.5, 2.0]"), "bands.latency = [0.5, 2] must be"),
+        (
+            good.replace("reserved_gib = [3.0, 0.5]", "reserved_gib = [0.5, 3.0]"),
+            "bands.reserved_gib = [0.5, 3] must hold device.reserved_gib = 2",
+        ),
         (good.replace("bf16 = 312.0", "bf16 = nan"), "device.peak_tflops.bf16 = NaN must be a positive"),
     ];
     for (text, want) in cases {
@@ -329,5 +339,212 @@ fn the_search_agrees_with_trying_every_setting_by_hand() -> Result<()> {
     let fits_at_some = |seq: i64| settings(seq).iter().any(|j| predict(j, &hw).is_ok_and(|p| p.memory.fits));
     ensure!(fits_at_some(longest), "max_seq {longest} fits at no setting");
     ensure!(!fits_at_some(longest + step), "max_seq {longest}, but {} fits at some setting", longest + step);
+    Ok(())
+}
+
+#[test]
+fn software_profiles_load_and_bad_ones_name_the_field() -> Result<()> {
+    for name in Software::presets() {
+        Software::load(name)?;
+    }
+    let a100 = "[[attention]]\ndevice = \"A100\"\nhead_dim = 128\n";
+    let cases = [
+        ("attention_band = [1.2, 1.5]\n".to_string(), "attention_band = [1.2, 1.5] must be"),
+        (format!("{a100}points = [[512, 1.3]]\n"), "efficiency in (0, 1]"),
+        (format!("{a100}points = [[2048, 0.3], [512, 0.2]]\n"), "sizes must increase (2048 then 512)"),
+        ("[baseline]\nkernel = \"math\"\nzero = [4]\ncheckpointing = [\"full\"]\n".into(), "stage 4"),
+        ("[zero3]\nprefetch_bucket_elems = -1.0\n".into(), "prefetch_bucket_elems = -1"),
+        ("speed = 3\n".into(), "unknown field `speed`"),
+    ];
+    for (body, want) in cases {
+        let text = format!("name = \"bad\"\n{body}");
+        let err = Software::parse(&text, "sw.toml").err().map(|e| e.to_string()).unwrap_or_default();
+        ensure!(err.contains(want) && err.contains("sw.toml"), "{err:?} lacks {want:?}");
+    }
+    let err = Software::load("flash-attention-9").err().map(|e| e.to_string()).unwrap_or_default();
+    ensure!(err.contains("no such software") && err.contains("megatron-deepspeed-2023"), "{err}");
+    // The paper's software ran on A100s only: on an H100 it says which devices it has.
+    let paper = Software::load("megatron-deepspeed-2023")?;
+    let err = Hardware::load("dgx-h100")?.with_software(&paper, Band::Central).err().map(|e| e.to_string());
+    let err = err.unwrap_or_default();
+    ensure!(err.contains("A100") && err.contains("H100-SXM5"), "{err}");
+    // A datasheet preset measured nothing: "measured" has no curves to keep there.
+    let measured = Software::load("measured")?;
+    let err = Hardware::load("dgx-a100-40gb")?.with_software(&measured, Band::Central).err();
+    let err = err.map(|e| e.to_string()).unwrap_or_default();
+    ensure!(err.contains("this file has none") && err.contains("flash-attention-2"), "{err}");
+    // The calibrated CPU file keeps its own curves under "measured", its default.
+    ensure!(Hardware::load("cpu-2core")?.software_name() == "measured");
+    Ok(())
+}
+
+#[test]
+fn attention_speed_is_the_softwares_and_bands_take_the_ends_of_each_range() -> Result<()> {
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-12 * b.abs().max(1.0);
+    let today = Hardware::load("dgx-a100-40gb")?;
+    ensure!(today.software_name() == "flash-attention-2" && today.band() == Band::Central);
+    let paper = today.with_software(&Software::load("megatron-deepspeed-2023")?, Band::Central)?;
+    // The tops of the curves (head size 128 from 8K keys) as the files write them: 0.53 and
+    // 0.294 (FlashAttention-2 over the middle of "1.3-2.5x").
+    let (fa2, fa1) =
+        (today.attention_efficiency(128, 65536.0, true), paper.attention_efficiency(128, 65536.0, true));
+    ensure!(close(fa2, 0.53) && close(fa1, 0.294), "{fa2} {fa1}");
+    ensure!((fa2 / fa1 - 1.80).abs() < 0.01, "FA2 / Triton FA1 = {}", fa2 / fa1);
+    // Head size 96 (the 30B) takes the nearest curve in log distance: 128.
+    ensure!(close(paper.attention_efficiency(96, 65536.0, true), 0.294));
+    // Bands: the software's range for attention, the hardware's for the rest.
+    let (lo, hi) = (paper.at_band(Band::Low), paper.at_band(Band::High));
+    ensure!(close(lo.attention_efficiency(128, 65536.0, true), 0.294 * 0.585));
+    ensure!(close(hi.attention_efficiency(128, 65536.0, true), 0.294 * 1.65));
+    ensure!(
+        close(lo.matmul_efficiency(1e12), 0.85 * 0.9412) && close(hi.matmul_efficiency(1e12), 0.85 * 1.0588)
+    );
+    ensure!(lo.reserved_gib() == 3.0 && paper.reserved_gib() == 2.0 && hi.reserved_gib() == 0.5);
+    // Capped at 1: memory-bound 0.80 x 1.1875 = 0.95; a link at 0.80 x 1.15 = 0.92.
+    ensure!(close(hi.memory_bound_efficiency("add"), 0.95));
+    let inter = &hi.network("nccl")?.inter.clone().ok_or_else(|| anyhow::anyhow!("no inter link"))?;
+    ensure!(close(hi.link_efficiency(inter, OpKind::AllToAll)?, 0.92));
+    ensure!(close(lo.link_latency_s(inter), 20e-6) && close(hi.link_latency_s(inter), 5e-6));
+    Ok(())
+}
+
+#[test]
+fn bands_bound_the_central_prediction() -> Result<()> {
+    let paper = Hardware::load("dgx-a100-40gb")?
+        .with_software(&Software::load("megatron-deepspeed-2023")?, Band::Central)?;
+    let mut n = 0;
+    for strategy in
+        [StrategyConfig::Ulysses, StrategyConfig::MegatronSp, StrategyConfig::Ring { zigzag: true }]
+    {
+        for (seq, zero, dp) in [(8192, 3, 4), (65536, 3, 1), (32768, 1, 2), (131072, 0, 1)] {
+            let job = Job {
+                zero: ZeroStage::new(zero)?,
+                dp,
+                ..Job::new(GptConfig::preset("6.7b")?, strategy, 32, seq)
+            };
+            let [lo, mid, hi] = Band::ALL.map(|b| predict(&job, &paper.at_band(b)));
+            let (lo, mid, hi) = (lo?, mid?, hi?);
+            ensure!(
+                lo.band == Band::Low && hi.band == Band::High && mid.software == "megatron-deepspeed-2023"
+            );
+            ensure!(
+                lo.step_s >= mid.step_s && mid.step_s >= hi.step_s,
+                "{}: steps {} / {} / {} s not ordered",
+                job.describe(),
+                lo.step_s,
+                mid.step_s,
+                hi.step_s
+            );
+            ensure!(lo.memory.capacity_bytes < mid.memory.capacity_bytes);
+            ensure!(mid.memory.capacity_bytes < hi.memory.capacity_bytes);
+            n += 1;
+        }
+    }
+    ensure!(n == 12);
+    Ok(())
+}
+
+/// Seconds of the ZeRO-3 collectives of `p` in one pass, and what of them is exposed.
+fn zero3_pass(p: &ulysses::cost::Prediction, forward: bool) -> (f64, f64) {
+    let in_pass = |c: &&ulysses::cost::step::CommTime| {
+        c.what.starts_with("block ") && (c.phase == ulysses::cost::Phase::Forward) == forward
+    };
+    let g = p.comm.iter().filter(in_pass).map(|c| c.seconds).sum();
+    let e = p.comm.iter().filter(in_pass).map(|c| c.exposed).sum();
+    (g, e)
+}
+
+#[test]
+fn deepspeeds_prefetch_hides_what_the_pipeline_formula_says() -> Result<()> {
+    let today = Hardware::load("dgx-a100-40gb")?;
+    let paper = today.with_software(&Software::load("megatron-deepspeed-2023")?, Band::Central)?;
+    for (seq, dp, ckpt) in
+        [(32768, 8, Checkpointing::Full), (8192, 16, Checkpointing::Full), (16384, 8, Checkpointing::None)]
+    {
+        let job = Job {
+            zero: ZeroStage::new(3)?,
+            dp,
+            checkpointing: ckpt,
+            ..Job::new(GptConfig::preset("6.7b")?, StrategyConfig::Ulysses, 32, seq)
+        };
+        let units = (job.model.n_layer + 1) as f64;
+        let p = predict(&job, &paper)?;
+        // Every micro-step's compute: all of it but the once-per-step terms.
+        let per_step: f64 = p
+            .compute
+            .iter()
+            .filter(|c| c.0 == "optimizer update" || c.0 == "gradient reduction copies")
+            .map(|c| c.2)
+            .sum();
+        let micro = p.compute_s() - per_step;
+        let share = if ckpt == Checkpointing::Full { 0.25 } else { 1.0 / 3.0 };
+        for (forward, c) in [(true, micro * share), (false, micro * (1.0 - share))] {
+            let (g, exposed) = zero3_pass(&p, forward);
+            let want = g / units + (units - 1.0) / units * (g - c).max(0.0);
+            ensure!(
+                g > 0.0 && (exposed - want).abs() <= 1e-12 * want,
+                "{}: {exposed} vs {want}",
+                job.describe()
+            );
+            ensure!(exposed < g, "{}: the prefetch hides nothing", job.describe());
+        }
+        // This toolkit's trainer (no prefetch in its software): every gather waits.
+        let own = predict(&job, &today)?;
+        for forward in [true, false] {
+            let (g, exposed) = zero3_pass(&own, forward);
+            ensure!(g > 0.0 && exposed == g);
+        }
+        // Pessimistic: nothing hidden, and one more gather per unit under full checkpointing,
+        // of the forward's bytes; optimistic: all of it up to the whole compute.
+        let lo = predict(&job, &paper.at_band(Band::Low))?;
+        let again: Vec<_> = lo.comm.iter().filter(|c| c.what.ends_with("(recomputed forward)")).collect();
+        let forward_bytes: f64 = lo
+            .comm
+            .iter()
+            .filter(|c| c.what == "block parameter all-gather" && c.phase == ulysses::cost::Phase::Forward)
+            .map(|c| c.bytes)
+            .sum();
+        if ckpt == Checkpointing::Full {
+            ensure!(again.len() == 1 && again[0].bytes == forward_bytes && again[0].calls == units as u64);
+        } else {
+            ensure!(again.is_empty());
+        }
+        ensure!(lo.comm.iter().filter(|c| c.what.starts_with("block ")).all(|c| c.exposed == c.seconds));
+        let hi = predict(&job, &paper.at_band(Band::High))?;
+        let per_step_hi: f64 = hi
+            .compute
+            .iter()
+            .filter(|c| c.0 == "optimizer update" || c.0 == "gradient reduction copies")
+            .map(|c| c.2)
+            .sum();
+        let total: f64 = hi.comm.iter().filter(|c| c.what.starts_with("block ")).map(|c| c.seconds).sum();
+        let exposed: f64 = hi.comm.iter().filter(|c| c.what.starts_with("block ")).map(|c| c.exposed).sum();
+        let want = (total - (hi.compute_s() - per_step_hi)).max(0.0);
+        ensure!((exposed - want).abs() <= 1e-9 * total, "{exposed} vs {want}");
+    }
+    Ok(())
+}
+
+#[test]
+fn megatron_lms_distributed_optimizer_shards_the_tensor_parallel_states_over_dp() -> Result<()> {
+    let today = Hardware::load("dgx-a100-40gb")?;
+    let megatron = today.with_software(&Software::load("megatron-lm-2023")?, Band::Central)?;
+    let optimizer = |m: &ulysses::cost::MemoryReport| {
+        m.states.iter().filter(|t| t.name == "optimizer states").map(|t| t.bytes).sum::<f64>()
+    };
+    for (dp, zero) in [(2, 1), (4, 1), (4, 0), (1, 1)] {
+        let job = Job {
+            dp,
+            zero: ZeroStage::new(zero)?,
+            attention: AttentionConfig::new(Kernel::Math, Mask::Causal),
+            ..Job::new(GptConfig::preset("6.7b")?, StrategyConfig::MegatronSp, 8 * dp, 8192)
+        };
+        let params = ulysses::cost::zero::params_on_rank(&job);
+        let (own, theirs) = (optimizer(&memory(&job, 0, &today)?), optimizer(&memory(&job, 0, &megatron)?));
+        // 12 bytes (f32 master weights and Adam's two moments) per tensor-parallel element,
+        // kept whole by this toolkit, 1/dp of it by Megatron-LM's distributed optimizer.
+        let want = if zero == 1 { 12.0 * params.sharded * (1.0 - 1.0 / dp as f64) } else { 0.0 };
+        ensure!((own - theirs - want).abs() <= 1e-6 * own, "dp {dp} zero {zero}: {own} - {theirs} vs {want}");
+    }
     Ok(())
 }

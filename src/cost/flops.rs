@@ -22,11 +22,12 @@ use super::Job;
 ///
 /// `24 c B s L h^2 (1 + s / (6h) + V / (16 L h))`
 ///
-/// with B the global batch (sequences), s the sequence, c = 4 with full activation
-/// checkpointing (the forward runs twice) and 3 otherwise. Attention is counted as full `s^2`
-/// (no causal halving); selective recomputation is counted as none.
+/// with B the global batch (sequences), s the sequence, c = 4 with activation checkpointing,
+/// full or selective (the calculator sets 4 for `--checkpoint-activations` and for either
+/// `--recompute-granularity`), and 3 without. Attention is counted as full `s^2` (no causal
+/// halving).
 pub fn megatron_flops(cfg: &GptConfig, batch: i64, seq: i64, checkpointing: Checkpointing) -> f64 {
-    let c = if checkpointing == Checkpointing::Full { 4.0 } else { 3.0 };
+    let c = if checkpointing == Checkpointing::None { 3.0 } else { 4.0 };
     let (s, l, h, v) = (seq as f64, cfg.n_layer as f64, cfg.n_embd as f64, cfg.vocab_size as f64);
     24.0 * c * batch as f64 * s * l * h * h * (1.0 + s / (6.0 * h) + v / (16.0 * l * h))
 }

@@ -17,6 +17,8 @@ use crate::comm::OpKind;
 use crate::train::Precision;
 use crate::{Error, Result};
 
+use super::software::{Band, Software, DEFAULT_GPU};
+
 /// The presets shipped in `hardware/` (compiled in, so they work from any directory).
 const PRESETS: [(&str, &str); 5] = [
     ("dgx-a100-40gb", include_str!("../../hardware/dgx-a100-40gb.toml")),
@@ -39,9 +41,61 @@ pub struct Hardware {
     pub efficiency: Efficiency,
     /// Networks by backend name: "nccl" for GPUs, "local" (threads) and "mpi" on CPUs.
     pub network: BTreeMap<String, Network>,
+    /// The range of each assumed input: multipliers at the pessimistic and optimistic ends.
+    #[serde(default, skip_serializing_if = "Bands::is_unit")]
+    pub bands: Bands,
     /// How a measured file was made (date, command, host); absent in datasheet presets.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub provenance: Option<BTreeMap<String, String>>,
+    /// The software running on it and the band predictions take ([`Hardware::with_software`]).
+    #[serde(skip)]
+    pub applied: Applied,
+}
+
+/// The software applied to a machine and the band its lookups take.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Applied {
+    pub software: Option<Software>,
+    /// The software's attention curves for this device (empty: the file's own).
+    pub attention: Vec<AttentionCurve>,
+    pub band: Band,
+}
+
+/// Ranges of the assumed inputs of a hardware file: `[pessimistic, optimistic]` multipliers of
+/// the central values (the file's own), and the reserved memory's range in GiB. Every range
+/// comes from the source named beside it in the file; absent ranges are [1, 1].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Bands {
+    #[serde(default = "unit")]
+    pub matmul: [f64; 2],
+    #[serde(default = "unit")]
+    pub memory_bound: [f64; 2],
+    /// Every link's collective efficiencies.
+    #[serde(default = "unit")]
+    pub network: [f64; 2],
+    /// Every link's latency (the pessimistic end is the larger).
+    #[serde(default = "unit")]
+    pub latency: [f64; 2],
+    /// `device.reserved_gib` at the pessimistic (larger) and optimistic ends, GiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reserved_gib: Option<[f64; 2]>,
+}
+
+impl Default for Bands {
+    fn default() -> Bands {
+        Bands { matmul: unit(), memory_bound: unit(), network: unit(), latency: unit(), reserved_gib: None }
+    }
+}
+
+impl Bands {
+    fn is_unit(&self) -> bool {
+        *self == Bands::default()
+    }
+}
+
+fn unit() -> [f64; 2] {
+    [1.0, 1.0]
 }
 
 /// Whether a device is a GPU or a CPU core (ranks as threads or processes).
@@ -96,7 +150,10 @@ pub struct Efficiency {
     /// GEMMs: (FLOPs per call, fraction of the dtype's peak).
     pub matmul: Vec<[f64; 2]>,
     /// Fused attention (flash), per head size: (sequence length seen by the kernel, fraction of
-    /// the peak in model FLOPs: 12 d per visible pair and head for forward + backward).
+    /// the peak in model FLOPs: 12 d per visible pair and head for forward + backward), as
+    /// measured on this machine by a calibration. Datasheet presets leave it out: the kernel's
+    /// speed is the software's (`software/*.toml`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub attention: Vec<AttentionCurve>,
     /// Fraction of the memory bandwidth that memory-bound ops (norms, activations, softmax,
     /// casts, the optimizer) reach.
@@ -197,12 +254,82 @@ impl Hardware {
         Err(bad(name_or_path, format!("no such preset or file; presets: {}", Hardware::presets().join(", "))))
     }
 
-    /// Parses and checks a hardware file; `source` names it in messages.
+    /// Parses and checks a hardware file; `source` names it in messages. A file without
+    /// attention curves of its own takes the default software ([`DEFAULT_GPU`]); a file with
+    /// them keeps them (the `measured` profile).
     pub fn parse(text: &str, source: &str) -> Result<Hardware> {
         let hw: Hardware =
             toml::from_str(text).map_err(|e| bad(source, e.to_string().trim_end().to_string()))?;
         hw.validate().map_err(|msg| bad(source, msg))?;
+        let default = if hw.efficiency.attention.is_empty() { DEFAULT_GPU } else { "measured" };
+        hw.with_software(&Software::load(default)?, Band::Central)
+    }
+
+    /// This machine running `software`, its lookups at `band` of every range (the hardware's
+    /// and the software's). A profile with attention curves replaces the file's for this
+    /// device; one without keeps the file's, which must then exist.
+    pub fn with_software(&self, software: &Software, band: Band) -> Result<Hardware> {
+        let attention = match software.curves_for(&self.device.model)? {
+            Some(curves) => curves,
+            // A baseline on the math kernel never runs a fused attention kernel.
+            None if self.efficiency.attention.is_empty()
+                && !software
+                    .baseline
+                    .as_ref()
+                    .is_some_and(|b| b.kernel == crate::attention::Kernel::Math) =>
+            {
+                return Err(bad(
+                    &self.name,
+                    format!(
+                        "software {:?} keeps the hardware's attention curves, and this file has none \
+                         (a datasheet preset); name a profile with curves for {:?}: {}",
+                        software.name,
+                        self.device.model,
+                        Software::presets().join(", ")
+                    ),
+                ))
+            }
+            None => Vec::new(),
+        };
+        let mut hw = self.clone();
+        hw.applied = Applied { software: Some(software.clone()), attention, band };
         Ok(hw)
+    }
+
+    /// The same machine and software with every lookup at `band`.
+    pub fn at_band(&self, band: Band) -> Hardware {
+        let mut hw = self.clone();
+        hw.applied.band = band;
+        hw
+    }
+
+    /// The software profile's name ("measured" for a file's own curves).
+    pub fn software_name(&self) -> &str {
+        self.applied.software.as_ref().map_or("measured", |s| s.name.as_str())
+    }
+
+    /// The band the lookups take.
+    pub fn band(&self) -> Band {
+        self.applied.band
+    }
+
+    /// Memory held before the model exists at this band (GiB).
+    pub fn reserved_gib(&self) -> f64 {
+        match (self.bands.reserved_gib, self.applied.band) {
+            (Some([lo, _]), Band::Low) => lo,
+            (Some([_, hi]), Band::High) => hi,
+            _ => self.device.reserved_gib,
+        }
+    }
+
+    /// Efficiency of `op` on `link` at this band (capped at 1).
+    pub fn link_efficiency(&self, link: &Link, op: OpKind) -> Result<f64> {
+        Ok((link.efficiency_of(op)? * self.applied.band.pick(self.bands.network)).min(1.0))
+    }
+
+    /// Latency per algorithm step of `link` at this band (seconds).
+    pub fn link_latency_s(&self, link: &Link) -> f64 {
+        link.latency_us * 1e-6 * self.applied.band.pick(self.bands.latency)
     }
 
     /// The file as TOML.
@@ -218,21 +345,32 @@ impl Hardware {
         })
     }
 
-    /// Matmul efficiency for a GEMM of `flops` FLOPs.
+    /// Matmul efficiency for a GEMM of `flops` FLOPs (at the band, capped at 1).
     pub fn matmul_efficiency(&self, flops: f64) -> f64 {
-        interpolate(&self.efficiency.matmul, flops)
+        (interpolate(&self.efficiency.matmul, flops) * self.applied.band.pick(self.bands.matmul)).min(1.0)
     }
 
-    /// Memory-bound efficiency of op kind `op` (see [`super::work::passes`]).
+    /// Memory-bound efficiency of op kind `op` (see [`super::work::passes`]), at the band.
     pub fn memory_bound_efficiency(&self, op: &str) -> f64 {
-        self.efficiency.memory_bound_ops.get(op).copied().unwrap_or(self.efficiency.memory_bound)
+        let e = self.efficiency.memory_bound_ops.get(op).copied().unwrap_or(self.efficiency.memory_bound);
+        (e * self.applied.band.pick(self.bands.memory_bound)).min(1.0)
     }
 
     /// Fused-attention efficiency for head size `head_dim` over `seq` keys, causal or not: the
     /// curve of the nearest head size (in log distance) among those measured with that mask,
-    /// or among all when there are none.
+    /// or among all when there are none; the software's curves where it has them, else the
+    /// file's; at the band of the software's range (capped at 1).
     pub fn attention_efficiency(&self, head_dim: i64, seq: f64, causal: bool) -> f64 {
-        let all = &self.efficiency.attention;
+        let scale = self.applied.software.as_ref().map_or(1.0, |s| self.applied.band.pick(s.attention_band));
+        (self.attention_curve_value(head_dim, seq, causal) * scale).min(1.0)
+    }
+
+    fn attention_curve_value(&self, head_dim: i64, seq: f64, causal: bool) -> f64 {
+        let all = if self.applied.attention.is_empty() {
+            &self.efficiency.attention
+        } else {
+            &self.applied.attention
+        };
         let same: Vec<&AttentionCurve> = all.iter().filter(|c| c.causal == causal).collect();
         let pool: Vec<&AttentionCurve> = if same.is_empty() { all.iter().collect() } else { same };
         let curve = pool.into_iter().min_by(|a, b| {
@@ -254,6 +392,7 @@ impl Hardware {
             |points: &mut Vec<[f64; 2]>| points.iter_mut().for_each(|p| p[1] = (p[1] * factor).min(1.0));
         scale(&mut hw.efficiency.matmul);
         hw.efficiency.attention.iter_mut().for_each(|c| scale(&mut c.points));
+        hw.applied.attention.iter_mut().for_each(|c| scale(&mut c.points));
         hw.efficiency.memory_bound = (hw.efficiency.memory_bound * factor).min(1.0);
         hw.efficiency.memory_bound_ops.values_mut().for_each(|v| *v = (*v * factor).min(1.0));
         if factor != 1.0 {

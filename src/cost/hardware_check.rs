@@ -52,14 +52,36 @@ impl Hardware {
             fraction(&format!("efficiency.memory_bound_ops.{op}"), *v)?;
         }
         curve("efficiency.matmul", &e.matmul)?;
-        if e.attention.is_empty() {
-            return Err("efficiency.attention needs at least one head_dim curve".into());
-        }
         for c in &e.attention {
             if c.head_dim < 1 {
                 return Err(format!("efficiency.attention head_dim = {} must be at least 1", c.head_dim));
             }
             curve(&format!("efficiency.attention (head_dim {})", c.head_dim), &c.points)?;
+        }
+        let b = &self.bands;
+        for (field, [lo, hi]) in
+            [("matmul", b.matmul), ("memory_bound", b.memory_bound), ("network", b.network)]
+        {
+            if !(lo.is_finite() && hi.is_finite() && lo > 0.0 && lo <= 1.0 && hi >= 1.0) {
+                return Err(format!(
+                    "bands.{field} = [{lo}, {hi}] must be [pessimistic <= 1, optimistic >= 1], both positive"
+                ));
+            }
+        }
+        let [lo, hi] = b.latency;
+        if !(lo.is_finite() && hi.is_finite() && lo >= 1.0 && hi > 0.0 && hi <= 1.0) {
+            return Err(format!(
+                "bands.latency = [{lo}, {hi}] must be [pessimistic >= 1, optimistic in (0, 1]]"
+            ));
+        }
+        if let Some([lo, hi]) = b.reserved_gib {
+            if !(hi >= 0.0 && hi <= d.reserved_gib && lo >= d.reserved_gib && lo < d.memory_gib) {
+                return Err(format!(
+                    "bands.reserved_gib = [{lo}, {hi}] must hold device.reserved_gib = {} between them \
+                     (pessimistic first) and stay below memory_gib = {}",
+                    d.reserved_gib, d.memory_gib
+                ));
+            }
         }
         if self.network.is_empty() {
             return Err("give at least one [network.<backend>] (nccl, local or mpi)".into());

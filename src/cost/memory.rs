@@ -218,7 +218,19 @@ pub fn memory(job: &Job, r: usize, hw: &Hardware) -> Result<MemoryReport> {
     let tok = job.micro_batch as f64 * super::bytes::layout(job)?.len(sp_rank) as f64;
     let (h, v, l) = (c.n_embd as f64, c.vocab_size as f64, c.n_layer as f64);
     let params = params_on_rank(job);
-    let (pb, gb, ob) = super::zero::model_states(job, &params);
+    let (pb, gb, mut ob) = super::zero::model_states(job, &params);
+    // A baseline whose optimizer shards its tensor-parallel slices' states over the data-parallel
+    // ranks too (Megatron-LM's distributed optimizer), where this toolkit keeps them whole.
+    let distributed = hw
+        .applied
+        .software
+        .as_ref()
+        .and_then(|s| s.baseline.as_ref())
+        .is_some_and(|b| b.distributed_optimizer);
+    if distributed && job.zero.partitions_optimizer() && job.dp > 1 {
+        let (_, _, per_param) = super::zero::state_bytes(job.precision, job.optimizer);
+        ob -= per_param * params.sharded * (1.0 - 1.0 / job.dp as f64);
+    }
     let states = vec![
         Term { name: "parameters", bytes: pb },
         Term { name: "gradients", bytes: gb },
@@ -278,7 +290,7 @@ pub fn memory(job: &Job, r: usize, hw: &Hardware) -> Result<MemoryReport> {
     let peak_bytes =
         MemoryReport::sum(&states) + MemoryReport::sum(&activations) + MemoryReport::sum(&transient);
     let resident_bytes = pb + (peak_bytes - pb) * hw.device.allocator_slack;
-    let mut capacity_bytes = (hw.device.memory_gib - hw.device.reserved_gib) * gib;
+    let mut capacity_bytes = (hw.device.memory_gib - hw.reserved_gib()) * gib;
     if hw.node.shared_memory {
         capacity_bytes /= job.ranks.min(hw.node.devices_per_node) as f64;
     }

@@ -32,6 +32,7 @@ mod hardware_check;
 pub mod memory;
 pub mod network;
 pub mod search;
+pub mod software;
 pub mod step;
 mod strategy_bytes;
 pub mod work;
@@ -42,6 +43,7 @@ pub use flops::megatron_flops;
 pub use hardware::Hardware;
 pub use memory::{MemoryReport, Term};
 pub use search::{best, every_strategy, max_seq, SearchSpace};
+pub use software::{Band, Software};
 pub use step::{predict, Prediction};
 
 use serde::{Deserialize, Serialize};

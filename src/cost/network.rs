@@ -100,9 +100,10 @@ pub fn price(
         OpKind::Shift | OpKind::Send | OpKind::Recv => 1,
         _ => p - 1,
     } as f64;
-    let transfer =
-        |link: &Link, b: f64| -> Result<f64> { Ok(b / (link.bandwidth_gbs * 1e9 * link.efficiency_of(op)?)) };
-    let latency = |link: &Link| link.latency_us * 1e-6 * steps * calls as f64;
+    let transfer = |link: &Link, b: f64| -> Result<f64> {
+        Ok(b / (link.bandwidth_gbs * 1e9 * hw.link_efficiency(link, op)?))
+    };
+    let latency = |link: &Link| hw.link_latency_s(link) * steps * calls as f64;
     Ok(match (op, inter) {
         (_, None) => (latency(&net.intra) + transfer(&net.intra, bytes)?, LinkUse::Intra),
         (OpKind::AllToAll, Some(x)) => {

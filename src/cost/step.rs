@@ -20,8 +20,10 @@ use super::flops::{megatron_flops, model_flops};
 use super::hardware::{DeviceKind, Hardware};
 use super::memory::{memory, MemoryReport};
 use super::network::{price, LinkUse, Placement};
+use super::software::{Band, Zero3Prefetch};
 use super::work::{rank_work, OpClass};
 use super::Job;
+use crate::train::Checkpointing;
 
 /// The time of one kind of collective in one step of the slowest rank.
 #[derive(Debug, Clone, PartialEq)]
@@ -53,6 +55,9 @@ struct RankStep {
 pub struct Prediction {
     pub job: Job,
     pub hardware: String,
+    /// The software profile and the band of the inputs the prediction took.
+    pub software: String,
+    pub band: Band,
     /// One optimizer step (all micro-steps), seconds.
     pub step_s: f64,
     /// Compute seconds per step of the slowest rank, by term name.
@@ -110,6 +115,7 @@ pub fn predict(job: &Job, hw: &Hardware) -> Result<Prediction> {
     let mut per_rank = Vec::with_capacity(ranks.len());
     for &r in &ranks {
         let mut compute = Vec::new();
+        let mut step_terms = 0.0;
         for term in rank_work(job, r, hw.device.kind)? {
             let s = match term.class {
                 OpClass::Matmul => term.flops / (peak * hw.matmul_efficiency(term.size)),
@@ -119,19 +125,22 @@ pub fn predict(job: &Job, hw: &Hardware) -> Result<Prediction> {
                 }
                 OpClass::MemoryBound => term.bytes / (bw * hw.memory_bound_efficiency(term.op)),
             };
+            if term.per_step {
+                step_terms += s;
+            }
             compute.push((term.name, term.class, if term.per_step { s } else { s * accum }));
         }
-        per_rank.push(compute);
+        per_rank.push((compute, step_terms));
     }
     // Ranks sharing a node's compute slots: a rank runs at most `threads` slots fast, and the
     // node runs at most `slots` slots of work at once. With ranks waiting on one another (a
     // contiguous ring's idle ranks) the busy ones get the freed slots.
     let total = |c: &Vec<(&'static str, OpClass, f64)>| c.iter().map(|x| x.2).sum::<f64>();
-    let mean = per_rank.iter().map(total).sum::<f64>() / per_rank.len().max(1) as f64;
+    let mean = per_rank.iter().map(|(c, _)| total(c)).sum::<f64>() / per_rank.len().max(1) as f64;
     let node_bound = mean * on_node / slots;
 
     let mut best: Option<RankStep> = None;
-    for (&r, compute) in ranks.iter().zip(per_rank) {
+    for (&r, (compute, step_terms)) in ranks.iter().zip(per_rank) {
         let own = total(&compute) / threads;
         let stretch = if own > 0.0 { own.max(node_bound) / total(&compute) } else { 1.0 };
         let compute: Vec<(&'static str, OpClass, f64)> =
@@ -157,6 +166,12 @@ pub fn predict(job: &Job, hw: &Hardware) -> Result<Prediction> {
                 seconds: s * comm_slowdown,
                 exposed: s * comm_slowdown,
             });
+        }
+        let prefetch = hw.applied.software.as_ref().and_then(|s| s.zero3.as_ref());
+        if let Some(z) = prefetch.filter(|_| job.zero.stage() == 3 && !job.overlap) {
+            // Every micro-step's compute, without the once-per-step update.
+            let micro_s = compute_s - step_terms * stretch;
+            zero3_prefetch(&mut comm, micro_s, job, z, hw.band());
         }
         if job.overlap {
             // What can overlap hides behind compute, first come first served.
@@ -197,6 +212,8 @@ pub fn predict(job: &Job, hw: &Hardware) -> Result<Prediction> {
     Ok(Prediction {
         job: job.clone(),
         hardware: hw.name.clone(),
+        software: hw.software_name().to_string(),
+        band: hw.band(),
         step_s,
         compute,
         comm,
@@ -229,4 +246,76 @@ fn overlappable(c: &CommTime) -> bool {
     matches!(c.group, GroupRole::World | GroupRole::Dp | GroupRole::Ring)
         || (c.op == OpKind::Shift && c.group == GroupRole::Sp)
         || c.what.contains("gradient")
+}
+
+/// ZeRO-3's parameter gathers and gradient reduce-scatters as DeepSpeed overlaps them
+/// (`overlap_comm`, a prefetch of `prefetch_bucket_elems` parameters ahead of use), on the
+/// slowest rank whose micro-steps compute `micro_s` seconds in all.
+///
+/// Central: a pipeline of ZeRO units (each block, and the embedding/head unit): while one unit
+/// computes, the next unit's parameters are gathered (forward), or the next unit's gathered and
+/// the previous one's gradients reduce-scattered (backward, sharing the link). The first
+/// gather of each pass waits in full; after it, a unit's communication waits only for what
+/// exceeds the compute of the unit before it. With `U` equal units, communication `g` and
+/// compute `c` per pass: exposed = g/U + (U-1)/U x max(0, g - c). The forward pass's share of
+/// a block's compute is 1/4 under full checkpointing (forward; recomputed forward and the
+/// two backward products) and 1/3 without. The model pipelines whole units; DeepSpeed's finer
+/// granularity (submodules within the prefetch window) is not modelled.
+///
+/// Low (pessimistic): nothing hidden, and under full checkpointing `recompute_gathers_low`
+/// more gathers of every unit (the recomputed forward gathering again). High: everything hidden
+/// up to the whole compute. A prefetch of 0 elements hides nothing at every band.
+fn zero3_prefetch(comm: &mut Vec<CommTime>, micro_s: f64, job: &Job, z: &Zero3Prefetch, band: Band) {
+    let zero3 = |c: &CommTime| c.what.starts_with("block parameter") || c.what.starts_with("block gradient");
+    let full = job.checkpointing == Checkpointing::Full;
+    match band {
+        Band::Low => {
+            if full && z.recompute_gathers_low > 0 {
+                let extra: Vec<CommTime> = comm
+                    .iter()
+                    .filter(|c| c.what == "block parameter all-gather" && c.phase == Phase::Forward)
+                    .map(|c| {
+                        let k = z.recompute_gathers_low as f64;
+                        CommTime {
+                            what: "block parameter all-gather (recomputed forward)",
+                            phase: Phase::Recompute,
+                            calls: c.calls * z.recompute_gathers_low as u64,
+                            bytes: c.bytes * k,
+                            seconds: c.seconds * k,
+                            exposed: c.seconds * k,
+                            ..c.clone()
+                        }
+                    })
+                    .collect();
+                comm.extend(extra);
+            }
+        }
+        _ if z.prefetch_bucket_elems <= 0.0 => {}
+        Band::High => {
+            let mut budget = micro_s;
+            for c in comm.iter_mut().filter(|c| zero3(c)) {
+                let hidden = c.seconds.min(budget);
+                c.exposed = c.seconds - hidden;
+                budget -= hidden;
+            }
+        }
+        Band::Central => {
+            let units = (job.model.n_layer + 1) as f64;
+            let forward_share = if full { 0.25 } else { 1.0 / 3.0 };
+            for (forward, c_pass) in
+                [(true, micro_s * forward_share), (false, micro_s * (1.0 - forward_share))]
+            {
+                let in_pass = |c: &CommTime| zero3(c) && (c.phase == Phase::Forward) == forward;
+                let g: f64 = comm.iter().filter(|c| in_pass(c)).map(|c| c.seconds).sum();
+                if g <= 0.0 {
+                    continue;
+                }
+                let exposed = g / units + (units - 1.0) / units * (g - c_pass).max(0.0);
+                // Shared out in proportion to each collective's time.
+                for c in comm.iter_mut().filter(|c| in_pass(c)) {
+                    c.exposed = c.seconds * exposed / g;
+                }
+            }
+        }
+    }
 }

@@ -36,7 +36,7 @@ pub use plot::{
     font_ready, series_style, strategy_of, strategy_style, Axis, BarChart, Bars, Chart, Collective, Figure,
     Marker, Scale, Series, Style, Svg, Unit,
 };
-pub use predict::{hardware_for, job_for, predict_experiment, predict_points, PredictSpec, Predicted};
+pub use predict::{hardware_for, job_for, predict_experiment, predict_points, Mode, PredictSpec, Predicted};
 pub use progress::Progress;
 pub use report::{report, HtmlTable, Report};
 pub use results::{complete_steps, read_table, CommRow, PointRow, Results, StepRow};

@@ -4,6 +4,7 @@
 //! (rewritten on every prediction: they are derived, never measured), so that `ulysses report`
 //! on the run's folder shows measured and predicted side by side when both exist.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -13,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::config::{Backend, ExperimentConfig, Point};
 use super::plot::{Axis, Chart, Series, Unit};
 use crate::attention::StrategyConfig;
-use crate::cost::{self, Hardware, Job, MemoryReport, Prediction, SearchSpace};
+use crate::cost::{self, Band, Hardware, Job, MemoryReport, Prediction, SearchSpace, Software};
 use crate::train::{Checkpointing, ZeroStage};
 use crate::{Error, Result};
 
@@ -57,6 +58,23 @@ pub struct PredictSpec {
     /// Whether steps update the weights with Adam (optimizer states in memory, the update in
     /// time). Default: whether `[train.adamw]` is set.
     pub optimizer: Option<bool>,
+    /// The software the points run (a preset of `software/` or a file), in place of the
+    /// hardware's default (`flash-attention-2` on a GPU preset, `measured` for a calibrated
+    /// file). The paper configs name what the paper's release scripts ran.
+    pub software: Option<String>,
+    /// `free` (default): predict or search as the fields above say - what would be best with
+    /// this toolkit today. `paper`: the paper's stated setup - the `[train]` ZeRO stage and
+    /// checkpointing for this toolkit's strategies, each baseline of `baselines` with the
+    /// settings its system offers, every point at its best sequence-parallel degree (at least 2)
+    /// and micro-batch.
+    #[serde(default)]
+    pub mode: Mode,
+    /// Baseline systems by strategy (as `[parallel] strategies` spells it), e.g. `megatron_sp =
+    /// "megatron-lm-2023"`: the software profile those points run in place of `software`
+    /// (its attention kernel; in paper mode also its ZeRO stages, checkpointing and group
+    /// placement).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub baselines: BTreeMap<String, String>,
     /// What the paper reports for this experiment, printed beside the predictions.
     #[serde(default)]
     pub paper: String,
@@ -69,6 +87,17 @@ pub struct PredictSpec {
 
 fn is_false(b: &bool) -> bool {
     !*b
+}
+
+/// How `ulysses predict` chooses each point's setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// As `[predict]` says: one setting, or the search it configures.
+    #[default]
+    Free,
+    /// The paper's stated setup (see [`PredictSpec::mode`]).
+    Paper,
 }
 
 fn bad(field: &str, msg: String) -> Error {
@@ -86,9 +115,77 @@ impl ExperimentConfig {
 }
 
 /// The hardware a config predicts on: `over` if given, else its `[predict] hardware`, else the
-/// default for its backend.
+/// default for its backend; running `[predict] software` where the config names one.
 pub fn hardware_for(cfg: &ExperimentConfig, over: Option<&str>) -> Result<Hardware> {
-    Hardware::load(&cfg.hardware_source(over))
+    let hw = Hardware::load(&cfg.hardware_source(over))?;
+    match cfg.predict.as_ref().and_then(|p| p.software.as_deref()) {
+        Some(name) => hw.with_software(&Software::load(name)?, Band::Central),
+        None => Ok(hw),
+    }
+}
+
+impl ExperimentConfig {
+    /// Whether `[predict] baselines` models `strategy` as another system.
+    pub fn is_baseline(&self, strategy: StrategyConfig) -> Result<bool> {
+        let spec = self.predict.clone().unwrap_or_default();
+        Ok(baseline_for(&spec, strategy)?.is_some())
+    }
+}
+
+/// The baseline software `[predict] baselines` names for `strategy`, if any.
+fn baseline_for(spec: &PredictSpec, strategy: StrategyConfig) -> Result<Option<Software>> {
+    for (spelled, name) in &spec.baselines {
+        let s: StrategyConfig = spelled.parse().map_err(|e: String| bad("predict.baselines", e))?;
+        if s == strategy {
+            return Software::load(name).map(Some);
+        }
+    }
+    Ok(None)
+}
+
+/// Divisors of `n`.
+fn divisors(n: usize) -> Vec<usize> {
+    (1..=n).filter(|d| n.is_multiple_of(*d)).collect()
+}
+
+/// The paper-setup search around `job` on `hw`: this toolkit's strategies keep the job's ZeRO
+/// stage and checkpointing; a baseline keeps to the stages, checkpointing, kernel and group
+/// placement its system offers. Every sequence-parallel strategy at a degree of at least 2 (a
+/// "ring" of one rank is no ring), micro-batches from `[predict] micro_batches` (default 1, 2,
+/// 4, 8). Returns the job (with the baseline's kernel) and the space.
+fn paper_space(
+    spec: &PredictSpec,
+    mut job: Job,
+    hw: &Hardware,
+    baseline: Option<&Software>,
+) -> Result<(Job, SearchSpace)> {
+    let mut s = space(spec, &job)?;
+    let mut sp: Vec<usize> = divisors(job.ranks);
+    if job.strategy != StrategyConfig::Single && job.ranks > 1 {
+        sp.retain(|&d| d >= 2);
+    }
+    match baseline.and_then(|b| b.baseline.as_ref()) {
+        Some(b) => {
+            job.attention.kernel = b.kernel;
+            s.zero = b.zero_stages()?;
+            s.checkpointing = b.checkpointing.clone();
+            if b.group_within_node {
+                sp.retain(|&d| d <= hw.node.devices_per_node);
+            }
+        }
+        None => {
+            s.zero = vec![job.zero];
+            s.checkpointing = vec![job.checkpointing];
+        }
+    }
+    if !job.optimizer {
+        s.zero.retain(|z| !z.partitions_optimizer());
+        if s.zero.is_empty() {
+            s.zero.push(crate::train::ZeroStage::NONE);
+        }
+    }
+    s.sp = sp;
+    Ok((job, s))
 }
 
 fn backend_name(backend: Backend) -> &'static str {
@@ -129,7 +226,8 @@ impl ExperimentConfig {
 }
 
 /// The cost model's job for one point of `cfg`: the run's ([`ExperimentConfig::run_job`]) with
-/// `[predict]`'s `zero`, `checkpointing`, `grad_accum`, `optimizer` and `overlap` where given.
+/// `[predict]`'s `zero`, `checkpointing`, `grad_accum`, `optimizer` and `overlap` where given,
+/// and the attention kernel of the point's baseline system where `[predict] baselines` names one.
 pub fn job_for(cfg: &ExperimentConfig, point: &Point) -> Result<Job> {
     let spec = cfg.predict.clone().unwrap_or_default();
     let mut job = cfg.run_job(point)?;
@@ -140,6 +238,9 @@ pub fn job_for(cfg: &ExperimentConfig, point: &Point) -> Result<Job> {
     job.grad_accum = spec.grad_accum.unwrap_or(job.grad_accum);
     job.optimizer = spec.optimizer.unwrap_or(job.optimizer);
     job.overlap = spec.overlap;
+    if let Some(b) = baseline_for(&spec, point.strategy)?.and_then(|b| b.baseline) {
+        job.attention.kernel = b.kernel;
+    }
     Ok(job)
 }
 
@@ -231,10 +332,25 @@ pub(super) fn what_fits(cfg: &ExperimentConfig, job: &Job, hw: &Hardware) -> Str
     }
 }
 
-/// One predicted point, or why there is none.
+/// One predicted point, or why there is none: the central prediction, and the same at the
+/// pessimistic (`low`) and optimistic (`high`) ends of every input's range (each band searched
+/// on its own where the config searches: a setting that fits only at one end is found there).
 pub struct Predicted {
     pub point: Point,
     pub outcome: std::result::Result<Prediction, String>,
+    pub low: std::result::Result<Prediction, String>,
+    pub high: std::result::Result<Prediction, String>,
+}
+
+impl Predicted {
+    /// The prediction at `band`.
+    pub fn at(&self, band: Band) -> &std::result::Result<Prediction, String> {
+        match band {
+            Band::Low => &self.low,
+            Band::Central => &self.outcome,
+            Band::High => &self.high,
+        }
+    }
 }
 
 /// Predicts every point of `cfg` on `hw` (with `[predict] max_seq`: one per strategy and world
@@ -251,16 +367,36 @@ pub fn predict_points(cfg: &ExperimentConfig, hw: &Hardware) -> Result<Vec<Predi
             continue;
         }
         let job = job_for(cfg, &point)?;
-        let space = space(&spec, &job)?;
-        let outcome = if spec.max_seq {
-            let fixed = SearchSpace { micro_batch: vec![1], ..space.clone() };
-            cost::max_seq(&job, hw, &fixed)
-        } else if spec.search {
-            cost::best(&job, hw, &space)
-        } else {
-            cost::predict(&job, hw)
+        let baseline = baseline_for(&spec, point.strategy)?;
+        let hw = match &baseline {
+            Some(b) => hw.with_software(b, Band::Central)?,
+            None => hw.clone(),
         };
-        out.push(Predicted { point, outcome: outcome.map_err(|e| e.to_string()) });
+        let (job, space) = match spec.mode {
+            Mode::Free => {
+                let space = space(&spec, &job)?;
+                (job, space)
+            }
+            Mode::Paper => paper_space(&spec, job, &hw, baseline.as_ref())?,
+        };
+        let run = |band: Band| -> std::result::Result<Prediction, String> {
+            let hw = hw.at_band(band);
+            let outcome = if spec.max_seq {
+                let fixed = SearchSpace { micro_batch: vec![1], ..space.clone() };
+                cost::max_seq(&job, &hw, &fixed)
+            } else if spec.search || spec.mode == Mode::Paper {
+                cost::best(&job, &hw, &space)
+            } else {
+                cost::predict(&job, &hw)
+            };
+            outcome.map_err(|e| e.to_string())
+        };
+        out.push(Predicted {
+            point,
+            outcome: run(Band::Central),
+            low: run(Band::Low),
+            high: run(Band::High),
+        });
     }
     Ok(out)
 }
@@ -274,6 +410,9 @@ pub fn frame(rows: &[Predicted], hw: &Hardware) -> Result<DataFrame> {
         rows.iter().map(|r| r.outcome.as_ref().ok().map(f)).collect()
     };
     let mib = (1u64 << 20) as f64;
+    let band = |b: Band, f: &dyn Fn(&Prediction) -> f64| -> Vec<Option<f64>> {
+        rows.iter().map(|r| r.at(b).as_ref().ok().map(f)).collect()
+    };
     let df = df!(
         "point" => rows.iter().map(|r| r.point.index as u32).collect::<Vec<_>>(),
         "strategy" => rows.iter().map(|r| r.outcome.as_ref().map_or(r.point.strategy.label(), |p| p.job.strategy.label())).collect::<Vec<_>>(),
@@ -299,6 +438,15 @@ pub fn frame(rows: &[Predicted], hw: &Hardware) -> Result<DataFrame> {
         "peak_mib_per_rank" => ok(&|p| p.memory.above_parameters() / mib),
         "bytes_sent_per_rank" => ok(&|p| p.bytes_sent_per_rank),
         "fits" => rows.iter().map(|r| r.outcome.as_ref().ok().map(|p| p.memory.fits)).collect::<Vec<_>>(),
+        "software" => rows.iter().map(|r| r.outcome.as_ref().map_or("-".to_string(), |p| p.software.clone())).collect::<Vec<_>>(),
+        "megatron_tflops_per_gpu_low" => band(Band::Low, &|p| p.megatron_tflops_per_gpu),
+        "megatron_tflops_per_gpu_high" => band(Band::High, &|p| p.megatron_tflops_per_gpu),
+        "tokens_per_s_low" => band(Band::Low, &|p| p.tokens_per_s),
+        "tokens_per_s_high" => band(Band::High, &|p| p.tokens_per_s),
+        "peak_gib_low" => band(Band::Low, &|p| p.memory.resident_bytes / (mib * 1024.0)),
+        "peak_gib_high" => band(Band::High, &|p| p.memory.resident_bytes / (mib * 1024.0)),
+        "seq_low" => rows.iter().map(|r| r.low.as_ref().ok().map(|p| p.job.seq)).collect::<Vec<_>>(),
+        "seq_high" => rows.iter().map(|r| r.high.as_ref().ok().map(|p| p.job.seq)).collect::<Vec<_>>(),
         "predicted" => vec![true; rows.len()],
         "hardware" => vec![hw.name.clone(); rows.len()],
         "status" => rows.iter().map(|r| r.outcome.as_ref().err().cloned().unwrap_or_else(|| "ok".into())).collect::<Vec<_>>(),
@@ -539,10 +687,15 @@ impl ExperimentConfig {
             c.train.adamw = None;
         }
         let paper = self.predict.as_ref().map(|p| p.paper.clone()).unwrap_or_default();
+        let (software, mut baselines) =
+            self.predict.as_ref().map(|p| (p.software.clone(), p.baselines.clone())).unwrap_or_default();
+        baselines.retain(|k, _| k.parse::<StrategyConfig>().is_ok_and(|s| sweep.strategies.contains(&s)));
         c.predict = Some(PredictSpec {
             hardware: Some(hardware.to_string()),
             optimizer: Some(s.optimizer),
             overlap: s.overlap,
+            software,
+            baselines,
             paper,
             ..PredictSpec::default()
         });
@@ -557,9 +710,16 @@ impl ExperimentConfig {
     /// checkpointing for all its points, so points found at different settings go to different
     /// configs: `path` if one config holds them all, else `<path stem>-1.toml`, `-2`, ... beside
     /// it. `hardware` is the preset or file they were predicted on; points without a prediction
-    /// are left out. Returns the files written, in order.
+    /// and points of a baseline system (`[predict] baselines`: its settings are another
+    /// system's) are left out. Returns the files written, in order.
     pub fn write_settings(&self, rows: &[Predicted], hardware: &str, path: &Path) -> Result<Vec<PathBuf>> {
-        let found: Vec<Prediction> = rows.iter().filter_map(|r| r.outcome.as_ref().ok().cloned()).collect();
+        // A baseline system's setting (Megatron-LM's) is not one this toolkit runs: left out.
+        let mut found = Vec::new();
+        for p in rows.iter().filter_map(|r| r.outcome.as_ref().ok()) {
+            if !self.is_baseline(p.job.strategy)? {
+                found.push(p.clone());
+            }
+        }
         if found.is_empty() {
             return Err(bad(
                 &path.display().to_string(),

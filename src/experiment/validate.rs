@@ -10,6 +10,7 @@ use std::path::Path;
 use super::config::{field_error, Backend, ExperimentConfig, Point};
 use super::launch::Launcher;
 use super::predict::{peak_memory, setting, what_fits};
+use crate::attention::StrategyConfig;
 use crate::cost::Hardware;
 use crate::{Error, Result};
 
@@ -155,6 +156,7 @@ impl ExperimentConfig {
             }
         }
         self.validate_training()?;
+        self.validate_software()?;
         for point in self.points()? {
             let sp = point.ranks / point.dp;
             point.strategy.check(point.seq, sp, gpt.n_head, gpt.n_kv_head).map_err(|e| {
@@ -163,6 +165,35 @@ impl ExperimentConfig {
                     format!("{} (SP degree {sp}) cannot run: {e}", point.describe()),
                 )
             })?;
+        }
+        Ok(())
+    }
+
+    /// `[predict] software` and every baseline load; a baseline names a strategy the config
+    /// sweeps.
+    fn validate_software(&self) -> Result<()> {
+        let Some(spec) = &self.predict else { return Ok(()) };
+        if let Some(name) = &spec.software {
+            crate::cost::Software::load(name).map_err(|e| field_error("predict.software", e.to_string()))?;
+        }
+        let swept: Vec<StrategyConfig> =
+            self.parallel.strategies.iter().filter_map(|s| s.parse().ok()).collect();
+        for (strategy, name) in &spec.baselines {
+            let field = format!("predict.baselines.{strategy}");
+            let s: StrategyConfig = strategy.parse().map_err(|e: String| field_error(&field, e))?;
+            if !swept.contains(&s) {
+                return Err(field_error(
+                    &field,
+                    format!("{strategy} is not among [parallel] strategies {:?}", self.parallel.strategies),
+                ));
+            }
+            let sw = crate::cost::Software::load(name).map_err(|e| field_error(&field, e.to_string()))?;
+            if sw.baseline.is_none() {
+                return Err(field_error(
+                    &field,
+                    format!("software {name:?} has no [baseline] section: it describes no other system"),
+                ));
+            }
         }
         Ok(())
     }

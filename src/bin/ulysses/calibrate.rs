@@ -132,7 +132,9 @@ pub fn run(args: &CalibrateArgs) -> Result<()> {
             memory_bound_ops,
         },
         network,
+        bands: Default::default(),
         provenance: Some(provenance(started)),
+        applied: Default::default(),
     };
     let text = Hardware::parse(&hw.to_toml()?, "calibration")?.to_toml()?;
     let header = "# Written by `ulysses calibrate` (src/bin/ulysses/calibrate.rs): every number below was\n\

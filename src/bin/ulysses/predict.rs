@@ -5,9 +5,12 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use ulysses::attention::StrategyConfig;
-use ulysses::cost::{best, every_strategy, max_seq, predict, Hardware, Prediction, SearchSpace};
+use ulysses::cost::{
+    best, every_strategy, max_seq, predict, Band, Hardware, Prediction, SearchSpace, Software,
+};
 use ulysses::experiment::{
-    hardware_for, job_for, predict_experiment, predict_points, ExperimentConfig, Predicted, SUMMARY_COLUMNS,
+    hardware_for, job_for, predict_experiment, predict_points, ExperimentConfig, Mode, Predicted,
+    SUMMARY_COLUMNS,
 };
 use ulysses::train::{Checkpointing, Precision, ZeroStage};
 
@@ -18,6 +21,13 @@ pub struct PredictArgs {
     /// Hardware preset (dgx-a100-40gb, dgx-a100-80gb, dgx-h100, h200, cpu-2core) or a file.
     #[arg(long)]
     hardware: Option<String>,
+    /// Software profile (flash-attention-2, megatron-deepspeed-2023, megatron-lm-2023,
+    /// flash-attention-3, measured) or a file; with a config, in place of `[predict] software`.
+    #[arg(long)]
+    software: Option<String>,
+    /// With a config: the paper's stated setup (as `[predict] mode = "paper"`).
+    #[arg(long)]
+    paper: bool,
     /// Multiply every kernel efficiency of the hardware by this (sensitivity of the assumptions).
     #[arg(long, default_value_t = 1.0)]
     efficiency_scale: f64,
@@ -94,8 +104,17 @@ fn write(cfg: &ExperimentConfig, rows: &[Predicted], hardware: &str, path: &Path
             written.train.seq
         );
     }
-    for r in rows.iter().filter(|r| r.outcome.is_err()) {
-        println!("left out: point {} {} (nothing fits)", r.point.index + 1, r.point.describe());
+    for r in rows {
+        match &r.outcome {
+            Err(_) => println!("left out: point {} {} (nothing fits)", r.point.index + 1, r.point.describe()),
+            Ok(p) if cfg.is_baseline(p.job.strategy)? => println!(
+                "left out: point {} {} (the baseline system {}: not this toolkit's to run)",
+                r.point.index + 1,
+                r.point.describe(),
+                p.software
+            ),
+            Ok(_) => {}
+        }
     }
     Ok(())
 }
@@ -137,16 +156,27 @@ fn flags_config(args: &PredictArgs, hardware: &str) -> Result<ExperimentConfig> 
 pub fn run(args: &PredictArgs) -> Result<()> {
     if let Some(path) = &args.config {
         let mut cfg = ExperimentConfig::load(path)?;
-        if args.search || args.max_seq {
+        if args.search || args.max_seq || args.paper || args.software.is_some() {
             let spec = cfg.predict.get_or_insert_with(Default::default);
             spec.search |= args.search;
             spec.max_seq |= args.max_seq;
+            if args.paper {
+                spec.mode = Mode::Paper;
+            }
+            if let Some(sw) = &args.software {
+                spec.software = Some(sw.clone());
+            }
         }
         let source = cfg.hardware_source(args.hardware.as_deref());
         let hw =
             hardware_for(&cfg, args.hardware.as_deref())?.with_efficiency_scale(args.efficiency_scale)?;
         let (dir, table) = predict_experiment(&cfg, &hw, &std::env::current_dir()?)?;
-        println!("{}", table.select(SUMMARY_COLUMNS)?);
+        let mut columns: Vec<&str> = SUMMARY_COLUMNS.to_vec();
+        columns.extend(["megatron_tflops_per_gpu_low", "megatron_tflops_per_gpu_high", "software"]);
+        println!("{}", table.select(columns)?);
+        println!(
+            "low / high: every input at the pessimistic / optimistic end of its source's range (hardware [bands], the software's attention_band)"
+        );
         if let Some(paper) = cfg.predict.as_ref().map(|p| p.paper.trim()).filter(|p| !p.is_empty()) {
             println!("the paper: {paper}");
         }
@@ -157,24 +187,49 @@ pub fn run(args: &PredictArgs) -> Result<()> {
         return Ok(());
     }
     let source = args.hardware.clone().unwrap_or_else(|| "dgx-a100-40gb".into());
-    let hw = Hardware::load(&source)?.with_efficiency_scale(args.efficiency_scale)?;
+    let mut hw = Hardware::load(&source)?.with_efficiency_scale(args.efficiency_scale)?;
+    if let Some(sw) = &args.software {
+        hw = hw.with_software(&Software::load(sw)?, Band::Central)?;
+    }
     let cfg = flags_config(args, &source)?;
     let point = cfg.points()?.remove(0);
     let job = job_for(&cfg, &point)?;
     let strategies = if args.any_strategy { every_strategy() } else { Vec::new() };
     let space = SearchSpace { strategies, ..SearchSpace::everything() };
-    let p: Prediction = match (args.search, args.max_seq) {
-        (_, true) => max_seq(&job, &hw, &SearchSpace { micro_batch: vec![1], ..space }),
-        (true, false) => best(&job, &hw, &space),
-        (false, false) => predict(&job, &hw),
-    }
-    .with_context(|| format!("predicting {}", job.describe()))?;
+    let at = |band: Band| -> Result<Prediction> {
+        let hw = hw.at_band(band);
+        match (args.search, args.max_seq) {
+            (_, true) => max_seq(&job, &hw, &SearchSpace { micro_batch: vec![1], ..space.clone() }),
+            (true, false) => best(&job, &hw, &space),
+            (false, false) => predict(&job, &hw),
+        }
+        .with_context(|| format!("predicting {} at the {} band", job.describe(), band.name()))
+    };
+    let p = at(Band::Central)?;
     print!("{p}");
+    let show = |band: Band| match at(band) {
+        Ok(q) => format!(
+            "{:.0} TFLOP/s per GPU (Megatron-DeepSpeed), {:.0} tokens/s, peak {:.2} GiB{}",
+            q.megatron_tflops_per_gpu,
+            q.tokens_per_s,
+            q.memory.resident_bytes / (1u64 << 30) as f64,
+            if q.memory.fits { "" } else { " (does not fit)" }
+        ),
+        Err(e) => format!("{e:#}"),
+    };
+    println!("band, every input at the pessimistic end of its range: {}", show(Band::Low));
+    println!("band, every input at the optimistic end of its range:  {}", show(Band::High));
+    println!("software: {}", hw.software_name());
     if !p.memory.fits && !args.search && !args.max_seq {
         bail!("{} does not fit on {}: try --search", job.describe(), hw.name);
     }
     if let Some(out) = &args.write_config {
-        write(&cfg, &[Predicted { point, outcome: Ok(p) }], &source, out)?;
+        write(
+            &cfg,
+            &[Predicted { point, outcome: Ok(p), low: Err("-".into()), high: Err("-".into()) }],
+            &source,
+            out,
+        )?;
     }
     Ok(())
 }
