@@ -548,3 +548,37 @@ fn megatron_lms_distributed_optimizer_shards_the_tensor_parallel_states_over_dp(
     }
     Ok(())
 }
+
+#[test]
+fn the_frameworks_time_per_layer_is_counted_once_per_layer_pass() -> Result<()> {
+    let here = Hardware::load("cpu-2core")?;
+    let per_layer = here.efficiency.layer_overhead_us * 1e-6;
+    ensure!(per_layer > 0.0, "cpu-2core.toml has no measured layer overhead");
+    let cfg = GptConfig { n_layer: 3, ..GptConfig::tiny() };
+    for (ckpt, passes) in [(Checkpointing::None, 1.0), (Checkpointing::Full, 4.0 / 3.0)] {
+        for accum in [1, 3] {
+            // One rank on one thread: no oversubscription stretches it.
+            let job = Job {
+                precision: Precision::F32,
+                checkpointing: ckpt,
+                grad_accum: accum,
+                backend: "local".into(),
+                ..Job::new(cfg.clone(), StrategyConfig::Single, 1, 1024)
+            };
+            let p = predict(&job, &here)?;
+            let got: f64 =
+                p.compute.iter().filter(|c| c.0 == "framework dispatch (per layer)").map(|c| c.2).sum();
+            let want = 3.0 * passes * per_layer * accum as f64;
+            ensure!((got - want).abs() <= 1e-12 * want, "{}: {got} s vs {want} s", job.describe());
+        }
+    }
+    // A GPU launches ahead of its kernels: no such term on the datasheet presets.
+    let a100 = Hardware::load("dgx-a100-40gb")?;
+    let p = predict(&Job::new(GptConfig::preset("1.3b")?, StrategyConfig::Ulysses, 8, 8192), &a100)?;
+    ensure!(p.compute.iter().filter(|c| c.0 == "framework dispatch (per layer)").all(|c| c.2 == 0.0));
+    // Measured on this machine: 2 and 6 layers at 8 tokens differ by a positive time per layer,
+    // well under the time of a layer at the toy models' sizes (tens of ms at N = 4096).
+    let measured = ulysses::cost::calibrate::measure_layer_overhead(11)?;
+    ensure!(measured > 0.0 && measured < 0.05, "{measured} s per layer");
+    Ok(())
+}

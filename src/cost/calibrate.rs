@@ -8,7 +8,9 @@ use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 
-pub use super::calibrate_host::{live_bytes, measure_memory_bound_ops, measure_step_memory, OpShapes};
+pub use super::calibrate_host::{
+    live_bytes, measure_layer_overhead, measure_memory_bound_ops, measure_step_memory, OpShapes,
+};
 use crate::comm::{Group, OpKind, ReduceOp};
 use crate::error::TorchResultExt;
 use crate::{Error, Result};

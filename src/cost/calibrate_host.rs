@@ -92,6 +92,53 @@ pub fn measure_step_memory(n: i64) -> Result<(f64, f64)> {
     Ok((workspace, slack.max(1.0)))
 }
 
+/// The framework's time per transformer layer per forward + backward at negligible size, one
+/// thread: the tiny GPT (h = 64) on one device over 8 tokens, with 2 and with 6 layers, each the
+/// median of `runs` steps after a warm-up step; the difference per layer, in seconds. What it
+/// measures is dispatch (libtorch's dispatcher, autograd's graph), not arithmetic: a layer at 8
+/// tokens is some 0.2 MFLOP forward and backward.
+pub fn measure_layer_overhead(runs: usize) -> Result<f64> {
+    use crate::attention::{AttentionConfig, SingleDevice};
+    use crate::model::{shift_labels, Gpt, GptConfig};
+
+    let n = 8;
+    let median_step = |layers: i64| -> Result<f64> {
+        let cfg = GptConfig { n_layer: layers, ..GptConfig::tiny() };
+        let attention = AttentionConfig::default();
+        let model = Gpt::new(
+            &cfg,
+            Box::new(SingleDevice::new(attention.build()?, n, cfg.n_head, cfg.n_kv_head)?),
+            Kind::Float,
+            Device::Cpu,
+        )?;
+        let tokens = Tensor::f_arange(n, (Kind::Int64, Device::Cpu))
+            .and_then(|t| t.f_remainder(cfg.vocab_size))
+            .and_then(|t| t.f_reshape([1, n]))
+            .op("calibrate")?;
+        let labels = shift_labels(&tokens)?;
+        model.forward_backward(&tokens, &labels)?;
+        let mut times = Vec::with_capacity(runs);
+        for _ in 0..runs.max(1) {
+            model.zero_grad();
+            let t = std::time::Instant::now();
+            model.forward_backward(&tokens, &labels)?;
+            times.push(t.elapsed().as_secs_f64());
+        }
+        times.sort_by(f64::total_cmp);
+        Ok(times[times.len() / 2])
+    };
+    let (two, six) = (median_step(2)?, median_step(6)?);
+    let per_layer = (six - two) / 4.0;
+    if !(per_layer.is_finite() && per_layer > 0.0) {
+        return Err(Error::InvalidArgument {
+            op: "calibrate",
+            group: "layer overhead".into(),
+            msg: format!("6 layers took {six} s and 2 layers {two} s: no time per layer to measure"),
+        });
+    }
+    Ok(per_layer)
+}
+
 /// Shapes the memory-bound ops are timed at: the toy models' (h = 128, 8 heads of 16, a byte
 /// vocabulary) over `tokens` tokens, f32.
 #[derive(Debug, Clone, Copy)]

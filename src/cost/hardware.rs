@@ -163,6 +163,16 @@ pub struct Efficiency {
     /// Kinds left out use `memory_bound`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub memory_bound_ops: BTreeMap<String, f64>,
+    /// The framework's own time per transformer layer per forward + backward, whatever the
+    /// size: dispatching the layer's hundred-odd ops (libtorch's dispatcher and autograd on a
+    /// CPU), in microseconds. Measured by `ulysses calibrate` on a reference step at negligible
+    /// size; 0 where not measured (a GPU launches asynchronously, ahead of its kernels).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub layer_overhead_us: f64,
+}
+
+fn is_zero(v: &f64) -> bool {
+    *v == 0.0
 }
 
 /// The attention curve of one head size, for causal kernel calls (a diagonal block) or for

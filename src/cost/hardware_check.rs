@@ -52,6 +52,12 @@ impl Hardware {
             fraction(&format!("efficiency.memory_bound_ops.{op}"), *v)?;
         }
         curve("efficiency.matmul", &e.matmul)?;
+        if !(e.layer_overhead_us.is_finite() && e.layer_overhead_us >= 0.0) {
+            return Err(format!(
+                "efficiency.layer_overhead_us = {} must be zero or positive",
+                e.layer_overhead_us
+            ));
+        }
         for c in &e.attention {
             if c.head_dim < 1 {
                 return Err(format!("efficiency.attention head_dim = {} must be at least 1", c.head_dim));

@@ -124,6 +124,7 @@ pub fn predict(job: &Job, hw: &Hardware) -> Result<Prediction> {
                         / (peak * hw.attention_efficiency(term.head_dim, term.size, term.op == "causal"))
                 }
                 OpClass::MemoryBound => term.bytes / (bw * hw.memory_bound_efficiency(term.op)),
+                OpClass::Overhead => term.size * hw.efficiency.layer_overhead_us * 1e-6,
             };
             if term.per_step {
                 step_terms += s;

@@ -26,6 +26,9 @@ pub enum OpClass {
     Attention,
     /// Bytes at the memory bandwidth.
     MemoryBound,
+    /// The framework's fixed time per layer pass (`size` layer passes, each at the hardware's
+    /// `layer_overhead_us`).
+    Overhead,
 }
 
 impl OpClass {
@@ -34,6 +37,7 @@ impl OpClass {
             OpClass::Matmul => "matmul",
             OpClass::Attention => "attention",
             OpClass::MemoryBound => "memory_bound",
+            OpClass::Overhead => "overhead",
         }
     }
 }
@@ -217,6 +221,18 @@ pub fn rank_work(job: &Job, r: usize, device: DeviceKind) -> Result<Vec<ComputeT
     for (name, op, bytes) in per_layer {
         terms.push(traffic(name, op, bytes * l));
     }
+    // The framework's dispatch, per layer: a forward and a backward, and the forward again
+    // under full checkpointing (a third of the ops again).
+    terms.push(ComputeTerm {
+        name: "framework dispatch (per layer)",
+        class: OpClass::Overhead,
+        flops: 0.0,
+        bytes: 0.0,
+        size: l * if recompute { 4.0 / 3.0 } else { 1.0 },
+        head_dim: 0,
+        op: "dispatch",
+        per_step: false,
+    });
     // Once per micro-step: loss over the vocabulary (f32 log-softmax, its backward, the cast),
     // the embedding and its gradient, gradient accumulation into .grad.
     let cast = if es < 4.0 { 2.0 * t * v * (es + 4.0) } else { 0.0 };

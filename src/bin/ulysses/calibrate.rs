@@ -88,6 +88,14 @@ pub fn run(args: &CalibrateArgs) -> Result<()> {
     })
     .join()
     .map_err(|_| anyhow::anyhow!("the memory measurement panicked"))??;
+    say("the framework's time per layer (tiny GPT, 8 tokens, 2 and 6 layers)", started);
+    let layer_overhead = std::thread::spawn(|| {
+        tch::set_num_threads(1);
+        ulysses::cost::calibrate::measure_layer_overhead(31)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the layer overhead measurement panicked"))??;
+    eprintln!("  {:.0} us per layer (forward + backward)", layer_overhead * 1e6);
     say("local backend collectives (2 thread ranks)", started);
     let local = LocalLaunch::new(2)
         .timeout(Duration::from_secs(120))
@@ -130,6 +138,7 @@ pub fn run(args: &CalibrateArgs) -> Result<()> {
             // other kinds as timed.
             memory_bound: 1.0,
             memory_bound_ops,
+            layer_overhead_us: layer_overhead * 1e6,
         },
         network,
         bands: Default::default(),
