@@ -582,3 +582,27 @@ fn the_frameworks_time_per_layer_is_counted_once_per_layer_pass() -> Result<()> 
     ensure!(measured > 0.0 && measured < 0.05, "{measured} s per layer");
     Ok(())
 }
+
+#[test]
+fn polling_mpi_ranks_hold_their_cores_while_they_wait() -> Result<()> {
+    // Four ranks on this machine's two cores: the local backend's waiting ranks sleep (the busy
+    // ones share the freed cores: the mean load sets the pace), the MPI backend's poll (the most
+    // loaded rank's work at its share of the cores sets it).
+    let here = Hardware::load("cpu-2core")?;
+    let step = |mask: Mask, backend: &str| -> Result<f64> {
+        let job = Job {
+            precision: Precision::F32,
+            attention: AttentionConfig::new(Kernel::Sdpa, mask),
+            backend: backend.into(),
+            ..Job::new(GptConfig::tiny(), StrategyConfig::Ring { zigzag: false }, 4, 8192)
+        };
+        Ok(predict(&job, &here)?.compute_s())
+    };
+    // Unmasked, every rank does the same work: the two agree.
+    let (local, mpi) = (step(Mask::None, "local")?, step(Mask::None, "mpi")?);
+    ensure!((mpi - local).abs() <= 1e-9 * local, "unmasked: local {local} s, mpi {mpi} s");
+    // Causal and contiguous, the last rank attends to 2P-1 times the first's pairs.
+    let (local, mpi) = (step(Mask::Causal, "local")?, step(Mask::Causal, "mpi")?);
+    ensure!(mpi > 1.1 * local, "causal: local {local} s, mpi {mpi} s");
+    Ok(())
+}

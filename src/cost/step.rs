@@ -8,7 +8,8 @@
 //! and reduce-scatters, the gradient reduction, ring attention's passes) hides behind compute;
 //! Ulysses' all-to-alls and Megatron-SP's gathers sit on the critical path. The step is the
 //! slowest rank's. Ranks sharing a CPU's cores (more ranks x threads than cores) run slower by
-//! that ratio, communication included (copies are CPU work there).
+//! that ratio, communication included (copies are CPU work there); where the backend's waiting
+//! ranks poll (MPI), the most loaded rank sets the node's pace, else the mean does.
 
 use std::collections::BTreeMap;
 
@@ -138,7 +139,13 @@ pub fn predict(job: &Job, hw: &Hardware) -> Result<Prediction> {
     // contiguous ring's idle ranks) the busy ones get the freed slots.
     let total = |c: &Vec<(&'static str, OpClass, f64)>| c.iter().map(|x| x.2).sum::<f64>();
     let mean = per_rank.iter().map(|(c, _)| total(c)).sum::<f64>() / per_rank.len().max(1) as f64;
-    let node_bound = mean * on_node / slots;
+    // This toolkit's MPI backend waits by polling (MPI_Test and a yield, src/comm/mpi.rs and
+    // mpi_async.rs): a waiting rank stays runnable and keeps its share of the cores, so the node
+    // finishes when the most loaded rank has had its share for all of its work. The local
+    // backend sleeps on a condition variable: its waiting ranks free their cores.
+    let polls = cpu && job.backend == "mpi";
+    let most = per_rank.iter().map(|(c, _)| total(c)).fold(0.0, f64::max);
+    let node_bound = if polls { most } else { mean } * on_node / slots;
 
     let mut best: Option<RankStep> = None;
     for (&r, (compute, step_terms)) in ranks.iter().zip(per_rank) {

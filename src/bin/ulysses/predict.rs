@@ -26,8 +26,13 @@ pub struct PredictArgs {
     #[arg(long)]
     software: Option<String>,
     /// With a config: the paper's stated setup (as `[predict] mode = "paper"`).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "free")]
     paper: bool,
+    /// With a config: the free search over this toolkit's strategies as they are (`[predict]
+    /// mode = "free"`, no baseline systems): with `--software flash-attention-2`, what this
+    /// toolkit would do today.
+    #[arg(long)]
+    free: bool,
     /// Multiply every kernel efficiency of the hardware by this (sensitivity of the assumptions).
     #[arg(long, default_value_t = 1.0)]
     efficiency_scale: f64,
@@ -156,12 +161,17 @@ fn flags_config(args: &PredictArgs, hardware: &str) -> Result<ExperimentConfig> 
 pub fn run(args: &PredictArgs) -> Result<()> {
     if let Some(path) = &args.config {
         let mut cfg = ExperimentConfig::load(path)?;
-        if args.search || args.max_seq || args.paper || args.software.is_some() {
+        if args.search || args.max_seq || args.paper || args.free || args.software.is_some() {
             let spec = cfg.predict.get_or_insert_with(Default::default);
             spec.search |= args.search;
             spec.max_seq |= args.max_seq;
             if args.paper {
                 spec.mode = Mode::Paper;
+            }
+            if args.free {
+                spec.mode = Mode::Free;
+                spec.search = !spec.max_seq;
+                spec.baselines.clear();
             }
             if let Some(sw) = &args.software {
                 spec.software = Some(sw.clone());
