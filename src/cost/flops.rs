@@ -73,14 +73,33 @@ pub struct AttnWork {
     pub calls: f64,
 }
 
-/// Which implementation `job`'s strategy and kernel give on `device`.
-pub fn attention_impl(job: &Job, _device: DeviceKind) -> AttnImpl {
+/// What runs the attention: the device, and whether a ring materialises its scores (ColossalAI's
+/// 2021 ring self-attention, a baseline system: `[rows, N]` scores per head computed whole and
+/// kept for the backward, where this toolkit's ring runs flash blocks merged by log-sum-exp).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Kernels {
+    pub device: DeviceKind,
+    pub ring_scores: bool,
+}
+
+impl From<DeviceKind> for Kernels {
+    fn from(device: DeviceKind) -> Kernels {
+        Kernels { device, ring_scores: false }
+    }
+}
+
+/// Which implementation `job`'s strategy and kernel give on `kernels`.
+pub fn attention_impl(job: &Job, kernels: impl Into<Kernels>) -> AttnImpl {
+    let k: Kernels = kernels.into();
     let dense_mask = !matches!(job.attention.mask, Mask::None | Mask::Causal);
     // libtorch 2.11's SDPA with an explicit mask runs a fused kernel on CPU (flash, the mask made
     // additive) and on CUDA (memory-efficient): every pair computed, no probabilities kept.
     let masked = AttnImpl::Dense { stores_scores: false };
     match job.strategy {
         // Blockwise with libtorch's fused kernel on the visible runs.
+        StrategyConfig::Ring { .. } | StrategyConfig::Usp { .. } if k.ring_scores => {
+            AttnImpl::Dense { stores_scores: true }
+        }
         StrategyConfig::Ring { .. } | StrategyConfig::Usp { .. } => AttnImpl::Flash,
         StrategyConfig::AllGatherKv { .. } if job.attention.mask == Mask::None => AttnImpl::Flash,
         StrategyConfig::AllGatherKv { .. } => masked,
@@ -94,7 +113,7 @@ pub fn attention_impl(job: &Job, _device: DeviceKind) -> AttnImpl {
 }
 
 /// The attention work of rank `r` in one layer (per sample).
-pub fn attention_work(job: &Job, r: usize, device: DeviceKind) -> Result<AttnWork> {
+pub fn attention_work(job: &Job, r: usize, device: impl Into<Kernels>) -> Result<AttnWork> {
     let (m, n) = (&job.attention.mask, job.seq);
     let (h, kv, d, p) = (job.model.n_head, job.model.n_kv_head, job.model.head_dim(), job.sp());
     let implementation = attention_impl(job, device);
@@ -135,7 +154,10 @@ pub fn attention_work(job: &Job, r: usize, device: DeviceKind) -> Result<AttnWor
             0.0
         };
         let (computed, rows, keys, calls) = match (ring, dense) {
-            (true, _) => (visible, run, run, layout.ranks() as f64),
+            (true, false) => (visible, run, run, layout.ranks() as f64),
+            // A ring that materialises its scores: every key of the sequence against the rank's
+            // rows, masked after.
+            (true, true) => (rows * n as f64, rows, n as f64, layout.ranks() as f64),
             (false, true) => (rows * n as f64, rows, n as f64, 1.0),
             (false, false) => (visible, rows, n as f64, 1.0),
         };

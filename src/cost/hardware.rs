@@ -318,6 +318,14 @@ impl Hardware {
         self.applied.software.as_ref().map_or("measured", |s| s.name.as_str())
     }
 
+    /// What runs the attention here: the device, and whether the software's ring materialises
+    /// its scores (a baseline).
+    pub fn kernels(&self) -> super::flops::Kernels {
+        let ring_scores =
+            self.applied.software.as_ref().and_then(|s| s.baseline.as_ref()).is_some_and(|b| b.ring_scores);
+        super::flops::Kernels { device: self.device.kind, ring_scores }
+    }
+
     /// The band the lookups take.
     pub fn band(&self) -> Band {
         self.applied.band

@@ -16,8 +16,8 @@ use crate::attention::{HeadPlan, StrategyConfig};
 use crate::train::Checkpointing;
 use crate::Result;
 
-use super::flops::{attention_work, AttnImpl};
-use super::hardware::{DeviceKind, Hardware};
+use super::flops::{attention_work, AttnImpl, Kernels};
+use super::hardware::Hardware;
 pub use super::zero::{params_on_rank, ParamCount};
 use super::Job;
 
@@ -72,7 +72,8 @@ fn t(name: &'static str, elements: f64, bytes_per: f64) -> Term {
 }
 
 /// Activations one layer keeps on rank `r` (SP rank) for one micro-batch, without checkpointing.
-pub fn layer_activations(job: &Job, r: usize, device: DeviceKind) -> Result<Vec<Term>> {
+pub fn layer_activations(job: &Job, r: usize, device: impl Into<Kernels>) -> Result<Vec<Term>> {
+    let device: Kernels = device.into();
     let c = &job.model;
     let es = job.element_bytes();
     let (b, n, p) = (job.micro_batch as f64, job.seq as f64, job.sp() as f64);
@@ -166,10 +167,17 @@ pub fn layer_activations(job: &Job, r: usize, device: DeviceKind) -> Result<Vec<
             } else {
                 v.push(t("RoPE'd q and k, a compact copy of v", tok * (h + 2.0 * kvd), es));
             }
-            v.push(t("ring output accumulator (f32)", ring_tok * heads * d, 4.0));
-            v.push(t("attention log-sum-exp", ring_tok * heads, 4.0));
-            if es < 4.0 {
-                v.push(t("ring output in the activation dtype", ring_tok * heads * d, es));
+            if matches!(a.implementation, AttnImpl::Dense { .. }) {
+                // A ring that materialises its scores (ColossalAI's, a baseline): the rank's rows
+                // against every key, kept for the backward, and its output.
+                v.push(scores(heads));
+                v.push(t("attention output", ring_tok * heads * d, es));
+            } else {
+                v.push(t("ring output accumulator (f32)", ring_tok * heads * d, 4.0));
+                v.push(t("attention log-sum-exp", ring_tok * heads, 4.0));
+                if es < 4.0 {
+                    v.push(t("ring output in the activation dtype", ring_tok * heads * d, es));
+                }
             }
         }
         StrategyConfig::AllGatherKv { .. } => {
@@ -195,7 +203,8 @@ pub fn layer_activations(job: &Job, r: usize, device: DeviceKind) -> Result<Vec<
 /// widest tensor plus the residual stream's gradient (MLP: one `[t, 4h]`; Ulysses' attention:
 /// the three q, k, v gradients before their all-to-all is inverted; Megatron-SP: the gathered
 /// `[N, h]` gradient; ring attention: its f32 dQ, dK, dV).
-fn backward_working_set(job: &Job, r: usize, device: DeviceKind) -> Result<f64> {
+fn backward_working_set(job: &Job, r: usize, device: impl Into<Kernels>) -> Result<f64> {
+    let device: Kernels = device.into();
     let c = &job.model;
     let es = job.element_bytes();
     let (b, n, p) = (job.micro_batch as f64, job.seq as f64, job.sp() as f64);
@@ -205,6 +214,10 @@ fn backward_working_set(job: &Job, r: usize, device: DeviceKind) -> Result<f64> 
     let core = b * a.rows.max(tok) * a.heads as f64 * d; // one of q, k, v as the kernel sees it
     Ok(match job.strategy {
         StrategyConfig::MegatronSp => (b * n * f / p + b * n * h) * es,
+        // The gradient of a materialised score matrix while the softmax's backward runs.
+        StrategyConfig::Ring { .. } if matches!(a.implementation, AttnImpl::Dense { .. }) => {
+            (b * a.heads as f64 * a.rows * a.keys * 4.0f64.max(es)).max((tok * f + tok * h) * es)
+        }
         StrategyConfig::Ring { .. } => ((tok * f + tok * h) * es).max(3.0 * tok * h * 4.0),
         _ => ((tok * f + tok * h) * es).max(3.0 * core * es),
     })
@@ -237,7 +250,7 @@ pub fn memory(job: &Job, r: usize, hw: &Hardware) -> Result<MemoryReport> {
         Term { name: "optimizer states", bytes: ob },
     ];
 
-    let layer = layer_activations(job, sp_rank, hw.device.kind)?;
+    let layer = layer_activations(job, sp_rank, hw.kernels())?;
     let layer_bytes: f64 = layer.iter().map(|t| t.bytes).sum();
     let full = job.checkpointing == Checkpointing::Full;
     let mut activations: Vec<Term> = if full {
@@ -252,7 +265,7 @@ pub fn memory(job: &Job, r: usize, hw: &Hardware) -> Result<MemoryReport> {
     // recomputed activations plus its backward's working set.
     let cast = if es < 4.0 { tok * v * 4.0 } else { 0.0 };
     let loss = (tok * v * es + cast).max(2.0 * tok * v * 4.0 + if es < 4.0 { tok * v * es } else { 0.0 });
-    let block = if full { layer_bytes } else { 0.0 } + backward_working_set(job, sp_rank, hw.device.kind)?;
+    let block = if full { layer_bytes } else { 0.0 } + backward_working_set(job, sp_rank, hw.kernels())?;
     let mut transient = vec![if loss >= block {
         Term { name: "logits and loss gradients", bytes: loss }
     } else {

@@ -33,10 +33,11 @@ use crate::{Error, Result};
 use super::hardware::AttentionCurve;
 
 /// The presets shipped in `software/` (compiled in, so they work from any directory).
-const PRESETS: [(&str, &str); 5] = [
+const PRESETS: [(&str, &str); 6] = [
     ("flash-attention-2", include_str!("../../software/flash-attention-2.toml")),
     ("megatron-deepspeed-2023", include_str!("../../software/megatron-deepspeed-2023.toml")),
     ("megatron-lm-2023", include_str!("../../software/megatron-lm-2023.toml")),
+    ("colossalai-2021", include_str!("../../software/colossalai-2021.toml")),
     ("flash-attention-3", include_str!("../../software/flash-attention-3.toml")),
     ("measured", include_str!("../../software/measured.toml")),
 ];
@@ -162,6 +163,11 @@ pub struct Baseline {
     /// toolkit's ZeRO partitions the replicated parameters only. Default false.
     #[serde(default)]
     pub distributed_optimizer: bool,
+    /// Whether its ring materialises the `[rows, N]` scores of every head and keeps them for the
+    /// backward (ColossalAI's 2021 ring self-attention), where this toolkit's ring runs flash
+    /// blocks. Default false.
+    #[serde(default)]
+    pub ring_scores: bool,
 }
 
 impl Baseline {

@@ -117,7 +117,7 @@ pub fn predict(job: &Job, hw: &Hardware) -> Result<Prediction> {
     for &r in &ranks {
         let mut compute = Vec::new();
         let mut step_terms = 0.0;
-        for term in rank_work(job, r, hw.device.kind)? {
+        for term in rank_work(job, r, hw.kernels())? {
             let s = match term.class {
                 OpClass::Matmul => term.flops / (peak * hw.matmul_efficiency(term.size)),
                 OpClass::Attention => {

@@ -12,8 +12,7 @@ use crate::attention::StrategyConfig;
 use crate::train::Checkpointing;
 use crate::Result;
 
-use super::flops::{attention_work, AttnImpl};
-use super::hardware::DeviceKind;
+use super::flops::{attention_work, AttnImpl, Kernels};
 use super::memory::params_on_rank;
 use super::Job;
 
@@ -113,7 +112,8 @@ fn traffic(name: &'static str, op: &'static str, bytes: f64) -> ComputeTerm {
 }
 
 /// Rank `r`'s compute for one micro-step of `job` (all layers), and the per-step terms.
-pub fn rank_work(job: &Job, r: usize, device: DeviceKind) -> Result<Vec<ComputeTerm>> {
+pub fn rank_work(job: &Job, r: usize, device: impl Into<Kernels>) -> Result<Vec<ComputeTerm>> {
+    let device: Kernels = device.into();
     let c = &job.model;
     let (b, l) = (job.micro_batch as f64, c.n_layer as f64);
     let (h, d, v) = (c.n_embd as f64, c.head_dim() as f64, c.vocab_size as f64);
