@@ -28,18 +28,12 @@ fn status_bytes(field: &str) -> Option<f64> {
     Some(kib * 1024.0)
 }
 
-/// The host allocator on a reference training step, one thread: a 2-layer GPT (h = 64, the tiny
-/// preset) on one device, `n` tokens, f32. Returns (workspace bytes the first step allocates
-/// and keeps beyond the gradients, resident peak / live peak of a later step). The live peak
-/// is sampled every 20 us by a second thread.
-pub fn measure_step_memory(n: i64) -> Result<(f64, f64)> {
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-    use std::sync::Arc;
-
+/// A reference training step's parts: the GPT of `cfg` on one device in f32, `n` tokens of one
+/// sequence, and their labels.
+fn reference_step(cfg: crate::model::GptConfig, n: i64) -> Result<(crate::model::Gpt, Tensor, Tensor)> {
     use crate::attention::{AttentionConfig, SingleDevice};
-    use crate::model::{shift_labels, Gpt, GptConfig};
+    use crate::model::{shift_labels, Gpt};
 
-    let cfg = GptConfig::tiny();
     let attention = AttentionConfig::default();
     let model = Gpt::new(
         &cfg,
@@ -52,6 +46,20 @@ pub fn measure_step_memory(n: i64) -> Result<(f64, f64)> {
         .and_then(|t| t.f_reshape([1, n]))
         .op("calibrate")?;
     let labels = shift_labels(&tokens)?;
+    Ok((model, tokens, labels))
+}
+
+/// The host allocator on a reference training step, one thread: a 2-layer GPT (h = 64, the tiny
+/// preset) on one device, `n` tokens, f32. Returns (workspace bytes the first step allocates
+/// and keeps beyond the gradients, resident peak / live peak of a later step). The live peak
+/// is sampled every 20 us by a second thread.
+pub fn measure_step_memory(n: i64) -> Result<(f64, f64)> {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    use crate::model::GptConfig;
+
+    let (model, tokens, labels) = reference_step(GptConfig::tiny(), n)?;
     let (peak, stop) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)));
     let sampler = {
         let (peak, stop) = (Arc::clone(&peak), Arc::clone(&stop));
@@ -98,24 +106,11 @@ pub fn measure_step_memory(n: i64) -> Result<(f64, f64)> {
 /// measures is dispatch (libtorch's dispatcher, autograd's graph), not arithmetic: a layer at 8
 /// tokens is some 0.2 MFLOP forward and backward.
 pub fn measure_layer_overhead(runs: usize) -> Result<f64> {
-    use crate::attention::{AttentionConfig, SingleDevice};
-    use crate::model::{shift_labels, Gpt, GptConfig};
+    use crate::model::GptConfig;
 
     let n = 8;
     let median_step = |layers: i64| -> Result<f64> {
-        let cfg = GptConfig { n_layer: layers, ..GptConfig::tiny() };
-        let attention = AttentionConfig::default();
-        let model = Gpt::new(
-            &cfg,
-            Box::new(SingleDevice::new(attention.build()?, n, cfg.n_head, cfg.n_kv_head)?),
-            Kind::Float,
-            Device::Cpu,
-        )?;
-        let tokens = Tensor::f_arange(n, (Kind::Int64, Device::Cpu))
-            .and_then(|t| t.f_remainder(cfg.vocab_size))
-            .and_then(|t| t.f_reshape([1, n]))
-            .op("calibrate")?;
-        let labels = shift_labels(&tokens)?;
+        let (model, tokens, labels) = reference_step(GptConfig { n_layer: layers, ..GptConfig::tiny() }, n)?;
         model.forward_backward(&tokens, &labels)?;
         let mut times = Vec::with_capacity(runs);
         for _ in 0..runs.max(1) {

@@ -180,6 +180,10 @@ fn is_zero(v: &f64) -> bool {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AttentionCurve {
+    /// The device family a software profile's curve is for (a part of `device.model`); absent in
+    /// a hardware file, whose curves are its own device's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
     pub head_dim: i64,
     /// Whether the curve was measured with the causal mask. Default true.
     #[serde(default = "yes")]

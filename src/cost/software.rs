@@ -88,9 +88,10 @@ pub struct Software {
     pub name: String,
     #[serde(default)]
     pub description: String,
-    /// The attention kernel's curves per device family; empty: the hardware file's own.
+    /// The attention kernel's curves per device family (each naming its `device`: a part of
+    /// the hardware's `device.model`, "A100", "H100"); empty: the hardware file's own.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub attention: Vec<KernelCurve>,
+    pub attention: Vec<AttentionCurve>,
     /// Multipliers of every attention curve at the pessimistic and optimistic ends of the
     /// source's range. Default [1, 1] (a measured curve).
     #[serde(default = "unit")]
@@ -106,24 +107,6 @@ pub struct Software {
 
 fn unit() -> [f64; 2] {
     [1.0, 1.0]
-}
-
-/// Attention efficiency on one device family.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KernelCurve {
-    /// A part of the hardware's `device.model` ("A100", "H100", "H200").
-    pub device: String,
-    pub head_dim: i64,
-    /// Whether the curve is for causal calls. Default true.
-    #[serde(default = "yes")]
-    pub causal: bool,
-    /// (keys per call, fraction of the peak in model FLOPs), central values.
-    pub points: Vec<[f64; 2]>,
-}
-
-fn yes() -> bool {
-    true
 }
 
 /// DeepSpeed's ZeRO-3 prefetch: while one block computes, the next block's parameters are
@@ -216,8 +199,9 @@ impl Software {
             ));
         }
         for c in &self.attention {
-            let field = format!("attention ({} head_dim {})", c.device, c.head_dim);
-            if c.device.trim().is_empty() || c.head_dim < 1 {
+            let device = c.device.as_deref().unwrap_or("");
+            let field = format!("attention ({device} head_dim {})", c.head_dim);
+            if device.trim().is_empty() || c.head_dim < 1 {
                 return Err(format!("{field}: device must be named and head_dim at least 1"));
             }
             for (i, [size, eff]) in c.points.iter().enumerate() {
@@ -263,11 +247,11 @@ impl Software {
         let mine: Vec<AttentionCurve> = self
             .attention
             .iter()
-            .filter(|c| model.contains(&c.device))
-            .map(|c| AttentionCurve { head_dim: c.head_dim, causal: c.causal, points: c.points.clone() })
+            .filter(|c| c.device.as_deref().is_some_and(|d| model.contains(d)))
+            .cloned()
             .collect();
         if mine.is_empty() {
-            let mut have: Vec<&str> = self.attention.iter().map(|c| c.device.as_str()).collect();
+            let mut have: Vec<&str> = self.attention.iter().filter_map(|c| c.device.as_deref()).collect();
             have.dedup();
             return Err(bad(
                 &self.name,

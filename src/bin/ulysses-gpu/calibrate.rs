@@ -38,6 +38,7 @@ pub fn calibrate(out: &Path) -> Result<Hardware> {
             let seqs = [1024, 2048, 4096, 8192, 16384, 32768];
             let samples = measure_attention(GPU, Kind::BFloat16, (heads, d), causal, &seqs, 5, &synced)?;
             hw.efficiency.attention.push(AttentionCurve {
+                device: None,
                 head_dim: d,
                 causal,
                 points: curve(&samples, peak),

@@ -71,7 +71,12 @@ pub fn run(args: &CalibrateArgs) -> Result<()> {
                     &no_sync,
                 )?);
             }
-            attention.push(AttentionCurve { head_dim: d, causal, points: curve(&samples, peak) });
+            attention.push(AttentionCurve {
+                device: None,
+                head_dim: d,
+                causal,
+                points: curve(&samples, peak),
+            });
         }
     }
     say("memory bandwidth", started);
