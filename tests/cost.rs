@@ -606,3 +606,42 @@ fn polling_mpi_ranks_hold_their_cores_while_they_wait() -> Result<()> {
     ensure!(mpi > 1.1 * local, "causal: local {local} s, mpi {mpi} s");
     Ok(())
 }
+
+#[test]
+fn a_sparse_kernel_without_padding_computes_the_visible_blocks_a_brute_force_count_finds() -> Result<()> {
+    use ulysses::cost::flops::{padded_block_pairs, visible_block_pairs};
+    let sparse = |block, local_blocks, global_blocks, causal| {
+        Mask::BlockSparse(BlockSparse { block, local_blocks, global_blocks, causal })
+    };
+    for mask in [
+        sparse(4, 3, 1, true),
+        sparse(4, 3, 1, false),
+        sparse(2, 4, 2, true),
+        sparse(2, 4, 2, false),
+        sparse(8, 1, 1, true),
+        Mask::SlidingWindow { window: 4 },
+    ] {
+        let block = match mask {
+            Mask::BlockSparse(b) => b.block,
+            Mask::SlidingWindow { window } => window,
+            _ => unreachable!(),
+        };
+        for n in [block, 5 * block, 12 * block, 12 * block + 3] {
+            let nb = (n + block - 1) / block;
+            // A key block counts for a query block when any of their pairs is visible.
+            let mut blocks = 0i64;
+            for qb in 0..nb {
+                for kb in 0..nb {
+                    let visible = (qb * block..((qb + 1) * block).min(n))
+                        .any(|i| (kb * block..((kb + 1) * block).min(n)).any(|j| mask.allows(i, j)));
+                    blocks += i64::from(visible);
+                }
+            }
+            let want = (blocks * block * block) as f64;
+            let got = visible_block_pairs(&mask, n);
+            ensure!(got == want, "{mask:?} n={n}: {got} pairs vs brute force {want}");
+            ensure!(padded_block_pairs(&mask, n) >= got, "{mask:?} n={n}: padding computes less");
+        }
+    }
+    Ok(())
+}

@@ -80,11 +80,14 @@ pub struct AttnWork {
 pub struct Kernels {
     pub device: DeviceKind,
     pub ring_scores: bool,
+    /// Whether the block-sparse kernel pads every query block to the longest key-block list
+    /// (this toolkit's blocked kernel) or computes the layout's blocks only (DeepSpeed's).
+    pub sparse_padding: bool,
 }
 
 impl From<DeviceKind> for Kernels {
     fn from(device: DeviceKind) -> Kernels {
-        Kernels { device, ring_scores: false }
+        Kernels { device, ring_scores: false, sparse_padding: true }
     }
 }
 
@@ -116,7 +119,8 @@ pub fn attention_impl(job: &Job, kernels: impl Into<Kernels>) -> AttnImpl {
 pub fn attention_work(job: &Job, r: usize, device: impl Into<Kernels>) -> Result<AttnWork> {
     let (m, n) = (&job.attention.mask, job.seq);
     let (h, kv, d, p) = (job.model.n_head, job.model.n_kv_head, job.model.head_dim(), job.sp());
-    let implementation = attention_impl(job, device);
+    let k: Kernels = device.into();
+    let implementation = attention_impl(job, k);
     // Whole sequences for `heads` heads: (Ulysses, Megatron-SP, one device).
     let whole = |heads: i64| -> AttnWork {
         let visible = m.visible_pairs(n) as f64;
@@ -124,7 +128,8 @@ pub fn attention_work(job: &Job, r: usize, device: impl Into<Kernels>) -> Result
         let computed = match implementation {
             AttnImpl::Flash => visible,
             AttnImpl::Dense { .. } => nf * nf,
-            AttnImpl::Blocked => padded_block_pairs(m, n),
+            AttnImpl::Blocked if k.sparse_padding => padded_block_pairs(m, n),
+            AttnImpl::Blocked => visible_block_pairs(m, n),
         };
         let causal = if m.is_causal() { visible } else { 0.0 };
         AttnWork {
@@ -198,28 +203,53 @@ pub fn padded_block_pairs(mask: &Mask, n: i64) -> f64 {
     (nb * block) as f64 * (longest * block) as f64
 }
 
-/// The longest list of key blocks any query block of `nb` blocks sees (the blocked kernel's M).
+/// Pairs a block-sparse kernel that computes only the layout's blocks (DeepSpeed's Triton sparse
+/// attention) computes per head over `n` tokens: every query block times its own list of
+/// visible key blocks, in block units.
+pub fn visible_block_pairs(mask: &Mask, n: i64) -> f64 {
+    let block = match *mask {
+        Mask::BlockSparse(b) => b.block,
+        Mask::SlidingWindow { window } => window,
+        Mask::None | Mask::Causal => return (n as f64) * (n as f64),
+    };
+    let nb = (n + block - 1) / block;
+    let blocks: i64 = (0..nb).map(|qb| key_blocks(mask, nb, qb)).sum();
+    blocks as f64 * (block * block) as f64
+}
+
+/// The key blocks query block `qb` of `nb` sees: its window's blocks (up to `qb` when causal)
+/// and the global blocks of the other windows (earlier ones only when causal); a sliding window
+/// of one block's length, its own block and the one before.
+fn key_blocks(mask: &Mask, nb: i64, qb: i64) -> i64 {
+    match *mask {
+        Mask::SlidingWindow { .. } => (qb + 1).min(2),
+        Mask::BlockSparse(b) => {
+            let (l, g) = (b.local_blocks, b.global_blocks);
+            let windows = (nb + l - 1) / l;
+            let w = qb / l;
+            let own_end = ((w + 1) * l).min(nb);
+            if b.causal {
+                (qb - w * l + 1) + w * g
+            } else {
+                let globals_total: i64 =
+                    (0..windows).map(|v| ((v + 1) * l).min(nb) - (v * l + l - g).min(nb)).sum();
+                let own_globals = own_end - (w * l + l - g).min(own_end);
+                (own_end - w * l) + globals_total - own_globals
+            }
+        }
+        Mask::None | Mask::Causal => nb,
+    }
+}
+
+/// The longest list of key blocks any query block of `nb` blocks sees (the blocked kernel's M):
+/// the last block of some window.
 fn max_key_blocks(mask: &Mask, nb: i64) -> i64 {
     match *mask {
         Mask::SlidingWindow { .. } => nb.min(2),
         Mask::BlockSparse(b) => {
-            let (l, g) = (b.local_blocks, b.global_blocks);
+            let l = b.local_blocks;
             let windows = (nb + l - 1) / l;
-            // query block qb in window w: its window's blocks (up to qb when causal) and the
-            // global blocks of the other windows (earlier ones only when causal)
-            let connected = |qb: i64| -> i64 {
-                let w = qb / l;
-                let own_end = ((w + 1) * l).min(nb);
-                if b.causal {
-                    (qb - w * l + 1) + w * g
-                } else {
-                    let globals_total: i64 =
-                        (0..windows).map(|v| ((v + 1) * l).min(nb) - (v * l + l - g).min(nb)).sum();
-                    let own_globals = own_end - (w * l + l - g).min(own_end);
-                    (own_end - w * l) + globals_total - own_globals
-                }
-            };
-            (0..windows).map(|w| connected(((w + 1) * l).min(nb) - 1)).max().unwrap_or(1)
+            (0..windows).map(|w| key_blocks(mask, nb, ((w + 1) * l).min(nb) - 1)).max().unwrap_or(1)
         }
         Mask::None | Mask::Causal => nb,
     }

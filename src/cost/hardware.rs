@@ -327,7 +327,8 @@ impl Hardware {
     pub fn kernels(&self) -> super::flops::Kernels {
         let ring_scores =
             self.applied.software.as_ref().and_then(|s| s.baseline.as_ref()).is_some_and(|b| b.ring_scores);
-        super::flops::Kernels { device: self.device.kind, ring_scores }
+        let sparse_padding = self.applied.software.as_ref().is_none_or(|s| s.sparse_padding);
+        super::flops::Kernels { device: self.device.kind, ring_scores, sparse_padding }
     }
 
     /// The band the lookups take.

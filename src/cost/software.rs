@@ -100,9 +100,18 @@ pub struct Software {
     /// (gathers on the critical path unless the job asks for overlap).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub zero3: Option<Zero3Prefetch>,
+    /// Whether its block-sparse kernel pads every query block to the longest list of key blocks
+    /// (this toolkit's blocked kernel: one batched product) or computes only the layout's blocks
+    /// (DeepSpeed's Triton sparse attention). Default true.
+    #[serde(default = "yes")]
+    pub sparse_padding: bool,
     /// What a baseline system runs differently; absent: this toolkit's strategies as they are.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub baseline: Option<Baseline>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn unit() -> [f64; 2] {
