@@ -638,3 +638,155 @@ fn adamw_follows_its_formula_worked_by_hand() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn damaged_checkpoints_are_refused_naming_the_file_and_the_damage() -> Result<()> {
+    // One good checkpoint of 2 ranks, then each damage on a copy of it; the load must fail on
+    // every rank with a message naming what is wrong (never load something else, never hang).
+    use ulysses::train::{Manifest, MANIFEST};
+    let root = std::env::temp_dir().join(format!("ulysses-damaged-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let run = Run { steps: 1, ..Run::tiny(StrategyConfig::Ulysses, 1, Precision::F32, 1) };
+    let plain = {
+        let mut r = run.clone();
+        r.plan.adamw = None;
+        r.plan.zero = ulysses::train::ZeroStage::NONE;
+        r
+    };
+    let save = |run: &Run, dir: &std::path::Path| -> Result<std::path::PathBuf> {
+        let saved = launch(2, |ctx| -> Result<std::path::PathBuf> {
+            let mut t = training::trainer(ctx.world(), run)?;
+            training::steps(&mut t, run, 0, 1)?;
+            Ok(t.save(dir, serde_json::json!({}))?)
+        })?;
+        Ok(saved[0].clone())
+    };
+    let good = save(&run, &root.join("good"))?;
+    let without_optimizer = save(&plain, &root.join("plain"))?;
+    let manifest = || -> Result<serde_json::Value> {
+        Ok(serde_json::from_str(&std::fs::read_to_string(good.join(MANIFEST))?)?)
+    };
+    let shard1 = good.join("rank-00001.safetensors");
+    let bytes1 = std::fs::read(&shard1)?;
+    // A shard's bytes replaced, with the manifest's size and CRC made to match them.
+    let replace_shard = |dir: &std::path::Path, bytes: &[u8]| -> Result<()> {
+        std::fs::write(dir.join("rank-00001.safetensors"), bytes)?;
+        let mut m = manifest()?;
+        m["shards"][1]["bytes"] = serde_json::json!(bytes.len());
+        m["shards"][1]["crc32"] = serde_json::json!(crc32fast::hash(bytes));
+        std::fs::write(dir.join(MANIFEST), serde_json::to_string(&m)?)?;
+        Ok(())
+    };
+    // The shard again without one of its tensors (a checkpoint of another layout).
+    let fewer = {
+        let st = safetensors::SafeTensors::deserialize(&bytes1)?;
+        let mut named: Vec<(String, Tensor)> =
+            st.tensors().into_iter().map(|(n, v)| Ok((n, Tensor::try_from(v)?))).collect::<Result<_>>()?;
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        let dropped = named.remove(0).0;
+        let file = root.join("fewer.safetensors");
+        Tensor::write_safetensors(&named, &file)?;
+        (std::fs::read(&file)?, dropped)
+    };
+    type Damage<'a> = (&'a str, Box<dyn Fn(&std::path::Path) -> Result<()> + 'a>, String);
+    let cases: Vec<Damage> = vec![
+        (
+            "not JSON",
+            Box::new(|d| Ok(std::fs::write(d.join(MANIFEST), "{ step: 1")?)),
+            "unreadable manifest".into(),
+        ),
+        (
+            "another format",
+            Box::new(|d| {
+                let mut m = manifest()?;
+                m["format"] = serde_json::json!(99);
+                Ok(std::fs::write(d.join(MANIFEST), serde_json::to_string(&m)?)?)
+            }),
+            "format 99 (this library reads".into(),
+        ),
+        (
+            "no shard listed for rank 1",
+            Box::new(|d| {
+                let mut m = manifest()?;
+                if let Some(s) = m["shards"].as_array_mut() {
+                    s.truncate(1);
+                }
+                Ok(std::fs::write(d.join(MANIFEST), serde_json::to_string(&m)?)?)
+            }),
+            "lists no shard for rank 1 (1 shards)".into(),
+        ),
+        (
+            "truncated shard",
+            Box::new(|d| Ok(std::fs::write(d.join("rank-00001.safetensors"), &bytes1[..bytes1.len() - 7])?)),
+            format!("truncated or resized: {} bytes, the manifest says {}", bytes1.len() - 7, bytes1.len()),
+        ),
+        (
+            "a flipped byte",
+            Box::new(|d| {
+                let mut b = bytes1.clone();
+                let last = b.len() - 1;
+                b[last] ^= 0x5a;
+                Ok(std::fs::write(d.join("rank-00001.safetensors"), b)?)
+            }),
+            "corrupted: CRC-32".into(),
+        ),
+        (
+            "not safetensors, valid CRC",
+            Box::new(|d| replace_shard(d, &vec![7u8; bytes1.len()])),
+            "not safetensors".into(),
+        ),
+        (
+            "a damaged header, valid CRC",
+            Box::new(|d| {
+                let mut b = bytes1.clone();
+                b[8] = b'#'; // the JSON header's first byte
+                replace_shard(d, &b)
+            }),
+            "not safetensors".into(),
+        ),
+        ("a missing tensor", Box::new(|d| replace_shard(d, &fewer.0)), format!("has no tensor {}", fewer.1)),
+    ];
+    let copy = |from: &std::path::Path, to: &std::path::Path| -> Result<()> {
+        std::fs::create_dir_all(to)?;
+        for e in std::fs::read_dir(from)? {
+            let e = e?;
+            std::fs::copy(e.path(), to.join(e.file_name()))?;
+        }
+        Ok(())
+    };
+    // The good copy loads: the damages are what fails below.
+    let steps = launch(2, |ctx| -> Result<u64> {
+        let mut t = training::trainer(ctx.world(), &run)?;
+        t.load(&good)?;
+        Ok(t.steps_taken())
+    })?;
+    ensure!(steps == [1, 1], "{steps:?}");
+    for (i, (what, damage, want)) in cases.iter().enumerate() {
+        let dir = root.join(format!("case-{i}"));
+        copy(&good, &dir)?;
+        damage(&dir)?;
+        let outcome = launch(2, |ctx| -> Result<()> {
+            let mut t = training::trainer(ctx.world(), &run)?;
+            t.load(&dir)?;
+            Ok(())
+        });
+        let err = outcome.err().map(|e| e.to_string()).unwrap_or_default();
+        ensure!(err.contains(want.as_str()), "{what}: {err:?} lacks {want:?}");
+        ensure!(
+            err.contains(&dir.display().to_string()),
+            "{what}: {err:?} names no file in {}",
+            dir.display()
+        );
+    }
+    // Saved without an optimizer, loaded by a run that has one.
+    let outcome = launch(2, |ctx| -> Result<()> {
+        let mut t = training::trainer(ctx.world(), &run)?;
+        t.load(&without_optimizer)?;
+        Ok(())
+    });
+    let err = outcome.err().map(|e| e.to_string()).unwrap_or_default();
+    ensure!(err.contains("saved without an optimizer, so it has no optimizer state"), "{err:?}");
+    let _ = Manifest::read(&good)?;
+    let _ = std::fs::remove_dir_all(&root);
+    Ok(())
+}

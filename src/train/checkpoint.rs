@@ -234,7 +234,7 @@ impl Trainer {
         } else {
             (0..m.world.size).map(|j| Ok(m.read_shard(dir, j)?.into_iter().collect())).collect()
         };
-        let saved = self.agree(read, dir, fast)?;
+        let saved = self.agree(read, &m, dir, fast)?;
         if fast {
             self.load_own(&saved[0], dir)?;
         } else {
@@ -249,11 +249,14 @@ impl Trainer {
         Ok(m)
     }
 
-    /// Every rank's outcome of reading the shards: an error on every rank if any failed (the
-    /// failing rank's own, or one naming its file).
+    /// Every rank's outcome of reading the shards: an error on every rank if any failed, each
+    /// saying what is wrong (the failing rank's own error; the others read the failing rank's
+    /// shard again to say the same, since whichever rank's error a launch reports first is the
+    /// one a user sees).
     fn agree(
         &self,
         read: Result<Vec<HashMap<String, Tensor>>>,
+        m: &Manifest,
         dir: &Path,
         fast: bool,
     ) -> Result<Vec<HashMap<String, Tensor>>> {
@@ -267,6 +270,9 @@ impl Trainer {
         match read {
             Err(e) => Err(e),
             Ok(_) if !bad.is_empty() => {
+                if let Some(e) = bad.iter().find_map(|&j| m.read_shard(dir, j).err()) {
+                    return Err(e);
+                }
                 let files: Vec<String> =
                     bad.iter().map(|&j| dir.join(shard_name(j)).display().to_string()).collect();
                 let what = if fast { format!("the shards {files:?}") } else { "the shards".to_string() };
