@@ -190,14 +190,20 @@ pub fn attention_work(job: &Job, r: usize, device: impl Into<Kernels>) -> Result
     })
 }
 
+/// The block size of a blocked rule (block-sparse: its blocks; a sliding window: its length);
+/// `None` for the dense rules, whose every pair a kernel computes.
+fn block_of(mask: &Mask) -> Option<i64> {
+    match *mask {
+        Mask::BlockSparse(b) => Some(b.block),
+        Mask::SlidingWindow { window } => Some(window),
+        Mask::None | Mask::Causal => None,
+    }
+}
+
 /// Pairs the blocked kernel computes per head over `n` tokens: every query block times the
 /// longest list of visible key blocks (the lists are padded to one length), in block units.
 pub fn padded_block_pairs(mask: &Mask, n: i64) -> f64 {
-    let block = match *mask {
-        Mask::BlockSparse(b) => b.block,
-        Mask::SlidingWindow { window } => window,
-        Mask::None | Mask::Causal => return (n as f64) * (n as f64),
-    };
+    let Some(block) = block_of(mask) else { return (n as f64) * (n as f64) };
     let nb = (n + block - 1) / block;
     let longest = max_key_blocks(mask, nb);
     (nb * block) as f64 * (longest * block) as f64
@@ -207,11 +213,7 @@ pub fn padded_block_pairs(mask: &Mask, n: i64) -> f64 {
 /// attention) computes per head over `n` tokens: every query block times its own list of
 /// visible key blocks, in block units.
 pub fn visible_block_pairs(mask: &Mask, n: i64) -> f64 {
-    let block = match *mask {
-        Mask::BlockSparse(b) => b.block,
-        Mask::SlidingWindow { window } => window,
-        Mask::None | Mask::Causal => return (n as f64) * (n as f64),
-    };
+    let Some(block) = block_of(mask) else { return (n as f64) * (n as f64) };
     let nb = (n + block - 1) / block;
     let blocks: i64 = (0..nb).map(|qb| key_blocks(mask, nb, qb)).sum();
     blocks as f64 * (block * block) as f64

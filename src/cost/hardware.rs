@@ -256,16 +256,13 @@ impl Hardware {
 
     /// A preset by name, or a file by path (anything ending in `.toml` or naming a file).
     pub fn load(name_or_path: &str) -> Result<Hardware> {
-        if let Some((_, text)) = PRESETS.iter().find(|(name, _)| *name == name_or_path) {
-            return Hardware::parse(text, name_or_path);
+        match preset_or_file(&PRESETS, name_or_path).map_err(|msg| bad(name_or_path, msg))? {
+            Some(text) => Hardware::parse(&text, name_or_path),
+            None => Err(bad(
+                name_or_path,
+                format!("no such preset or file; presets: {}", Hardware::presets().join(", ")),
+            )),
         }
-        let path = Path::new(name_or_path);
-        if path.is_file() || name_or_path.ends_with(".toml") {
-            let text =
-                std::fs::read_to_string(path).map_err(|e| bad(name_or_path, format!("cannot read: {e}")))?;
-            return Hardware::parse(&text, name_or_path);
-        }
-        Err(bad(name_or_path, format!("no such preset or file; presets: {}", Hardware::presets().join(", "))))
     }
 
     /// Parses and checks a hardware file; `source` names it in messages. A file without
@@ -322,11 +319,15 @@ impl Hardware {
         self.applied.software.as_ref().map_or("measured", |s| s.name.as_str())
     }
 
+    /// The baseline system the software describes, if any.
+    pub fn baseline(&self) -> Option<&super::software::Baseline> {
+        self.applied.software.as_ref().and_then(|s| s.baseline.as_ref())
+    }
+
     /// What runs the attention here: the device, and whether the software's ring materialises
     /// its scores (a baseline).
     pub fn kernels(&self) -> super::flops::Kernels {
-        let ring_scores =
-            self.applied.software.as_ref().and_then(|s| s.baseline.as_ref()).is_some_and(|b| b.ring_scores);
+        let ring_scores = self.baseline().is_some_and(|b| b.ring_scores);
         let sparse_padding = self.applied.software.as_ref().is_none_or(|s| s.sparse_padding);
         super::flops::Kernels { device: self.device.kind, ring_scores, sparse_padding }
     }
@@ -435,4 +436,21 @@ impl Hardware {
 
 fn bad(source: &str, msg: String) -> Error {
     Error::InvalidArgument { op: "hardware", group: source.to_string(), msg }
+}
+
+/// The text of the compiled-in preset `name_or_path` of `presets`, else of the file it names
+/// (anything ending in `.toml` or naming a file); `None` when it is neither, the error's
+/// message when the file cannot be read.
+pub(super) fn preset_or_file(
+    presets: &[(&str, &str)],
+    name_or_path: &str,
+) -> std::result::Result<Option<String>, String> {
+    if let Some((_, text)) = presets.iter().find(|(name, _)| *name == name_or_path) {
+        return Ok(Some(text.to_string()));
+    }
+    let path = Path::new(name_or_path);
+    if path.is_file() || name_or_path.ends_with(".toml") {
+        return std::fs::read_to_string(path).map(Some).map_err(|e| format!("cannot read: {e}"));
+    }
+    Ok(None)
 }

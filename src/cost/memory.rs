@@ -234,12 +234,7 @@ pub fn memory(job: &Job, r: usize, hw: &Hardware) -> Result<MemoryReport> {
     let (pb, gb, mut ob) = super::zero::model_states(job, &params);
     // A baseline whose optimizer shards its tensor-parallel slices' states over the data-parallel
     // ranks too (Megatron-LM's distributed optimizer), where this toolkit keeps them whole.
-    let distributed = hw
-        .applied
-        .software
-        .as_ref()
-        .and_then(|s| s.baseline.as_ref())
-        .is_some_and(|b| b.distributed_optimizer);
+    let distributed = hw.baseline().is_some_and(|b| b.distributed_optimizer);
     if distributed && job.zero.partitions_optimizer() && job.dp > 1 {
         let (_, _, per_param) = super::zero::state_bytes(job.precision, job.optimizer);
         ob -= per_param * params.sharded * (1.0 - 1.0 / job.dp as f64);

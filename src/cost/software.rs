@@ -22,15 +22,13 @@
 //! optimistic end. Step time is monotone in each input, so the two bound the prediction over
 //! the box of inputs; nothing here is fitted to a result.
 
-use std::path::Path;
-
 use serde::{Deserialize, Serialize};
 
 use crate::attention::Kernel;
 use crate::train::{Checkpointing, ZeroStage};
 use crate::{Error, Result};
 
-use super::hardware::AttentionCurve;
+use super::hardware::{preset_or_file, AttentionCurve};
 
 /// The presets shipped in `software/` (compiled in, so they work from any directory).
 const PRESETS: [(&str, &str); 6] = [
@@ -177,13 +175,7 @@ impl Software {
 
     /// A preset by name, or a file by path.
     pub fn load(name_or_path: &str) -> Result<Software> {
-        if let Some((_, text)) = PRESETS.iter().find(|(name, _)| *name == name_or_path) {
-            return Software::parse(text, name_or_path);
-        }
-        let path = Path::new(name_or_path);
-        if path.is_file() || name_or_path.ends_with(".toml") {
-            let text =
-                std::fs::read_to_string(path).map_err(|e| bad(name_or_path, format!("cannot read: {e}")))?;
+        if let Some(text) = preset_or_file(&PRESETS, name_or_path).map_err(|msg| bad(name_or_path, msg))? {
             return Software::parse(&text, name_or_path);
         }
         Err(bad(

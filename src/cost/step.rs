@@ -138,13 +138,14 @@ pub fn predict(job: &Job, hw: &Hardware) -> Result<Prediction> {
     // node runs at most `slots` slots of work at once. With ranks waiting on one another (a
     // contiguous ring's idle ranks) the busy ones get the freed slots.
     let total = |c: &Vec<(&'static str, OpClass, f64)>| c.iter().map(|x| x.2).sum::<f64>();
-    let mean = per_rank.iter().map(|(c, _)| total(c)).sum::<f64>() / per_rank.len().max(1) as f64;
+    let totals: Vec<f64> = per_rank.iter().map(|(c, _)| total(c)).collect();
+    let mean = totals.iter().sum::<f64>() / totals.len().max(1) as f64;
     // This toolkit's MPI backend waits by polling (MPI_Test and a yield, src/comm/mpi.rs and
     // mpi_async.rs): a waiting rank stays runnable and keeps its share of the cores, so the node
     // finishes when the most loaded rank has had its share for all of its work. The local
     // backend sleeps on a condition variable: its waiting ranks free their cores.
     let polls = cpu && job.backend == "mpi";
-    let most = per_rank.iter().map(|(c, _)| total(c)).fold(0.0, f64::max);
+    let most = totals.iter().cloned().fold(0.0, f64::max);
     let node_bound = if polls { most } else { mean } * on_node / slots;
 
     let mut best: Option<RankStep> = None;
