@@ -13,10 +13,16 @@ use crate::Result;
 
 /// The default bucket: 2^22 elements (16 MiB in f32, as PyTorch DDP's 25 MB bucket): each
 /// all-reduce still moves megabytes (bandwidth-bound), and a reduction holds about four buckets
-/// (the pieces in f32, their concatenation, the reduction's slots and its result), 64 MiB,
-/// whatever the model size. (DeepSpeed's GPU default, 5e8 elements, would hold a whole 125M
+/// (two in flight, each its buffer and the slots the ranks send it), 64 MiB, whatever the model
+/// size. (DeepSpeed's GPU default, 5e8 elements, would hold a whole 125M
 /// model's gradients several times over on a CPU rank.)
 pub const DEFAULT_BUCKET_ELEMS: i64 = 1 << 22;
+
+/// Buckets of one reduction in flight at a time: starting another first completes the oldest,
+/// so that one bucket's transfer overlaps the completion of the one before, and a reduction
+/// holds two buckets' buffers (each: its copy in the reduction dtype and the P slots of 1/P the
+/// ranks send it), plus the part being reduced, whatever the model size.
+pub const BUCKETS_IN_FLIGHT: usize = 2;
 
 /// One piece of a bucket: elements `start..start + len` of tensor `index` (flattened).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,8 +62,9 @@ impl Group {
     /// same sizes and dtypes, in the same order; each must be contiguous.
     ///
     /// Bytes per rank: those of one all-reduce of the total, 2 M (P-1)/P elements when P divides
-    /// every bucket; the extra memory is three buckets in the reduction dtype (the buffer, the
-    /// reduction's P slots of 1/P, its result).
+    /// every bucket; the extra memory is 4 + 1/P buckets in the reduction dtype at most (two
+    /// buckets in flight, [`BUCKETS_IN_FLIGHT`], each its buffer and the P slots of 1/P the ranks
+    /// send it; the reduced part of the one completing).
     pub fn all_reduce_buckets(&self, tensors: &[Tensor], reduce: ReduceOp, bucket: i64) -> Result<()> {
         self.all_reduce_buckets_in(tensors, reduce, bucket, None)
     }
@@ -111,6 +118,8 @@ pub struct BucketedAllReduce {
     /// Per bucket: elements not yet final.
     waiting: Vec<i64>,
     started: Vec<Option<InFlight>>,
+    /// Per bucket: completed (reduced and copied back).
+    done: Vec<bool>,
     /// Buckets in the order they started (for tests and reports).
     order: Vec<usize>,
 }
@@ -156,6 +165,7 @@ impl BucketedAllReduce {
             kind,
             waiting: ranges.iter().map(|(a, b)| b - a).collect(),
             started: ranges.iter().map(|_| None).collect(),
+            done: vec![false; ranges.len()],
             ranges,
             order: Vec::new(),
         })
@@ -193,9 +203,17 @@ impl BucketedAllReduce {
     }
 
     /// Starts bucket `i`: its pieces copied into one buffer, the reduce-scatter half in flight.
+    /// With [`BUCKETS_IN_FLIGHT`] buckets in flight already, the oldest completes first.
     fn start(&mut self, i: usize, get: &dyn Fn(usize) -> Result<Tensor>) -> Result<()> {
-        if self.started[i].is_some() {
+        if self.started[i].is_some() || self.done[i] {
             return Ok(());
+        }
+        while self.started.iter().filter(|s| s.is_some()).count() >= BUCKETS_IN_FLIGHT {
+            let oldest = self.order.iter().copied().find(|&k| self.started[k].is_some());
+            match oldest {
+                Some(k) => self.complete(k, get)?,
+                None => break,
+            }
         }
         let op = OpKind::AllReduce;
         let _no_grad = tch::no_grad_guard();
@@ -251,38 +269,47 @@ impl BucketedAllReduce {
         Ok(t)
     }
 
-    /// Starts the buckets not started yet, then completes every bucket in order: this rank's
-    /// part reduced, all-gathered, copied back into the tensors.
+    /// Starts the buckets not started yet and completes every bucket, in the order they
+    /// started (at most [`BUCKETS_IN_FLIGHT`] in flight at a time).
     pub fn finish(mut self, get: &dyn Fn(usize) -> Result<Tensor>) -> Result<()> {
-        let op = OpKind::AllReduce;
         for i in 0..self.ranges.len() {
             self.start(i, get)?;
         }
+        let left: Vec<usize> = self.order.iter().copied().filter(|&k| self.started[k].is_some()).collect();
+        for k in left {
+            self.complete(k, get)?;
+        }
+        Ok(())
+    }
+
+    /// Completes bucket `i`, in flight: this rank's part reduced, all-gathered, copied back
+    /// into the tensors (whichever tensors `get` gives now), the buffers freed.
+    fn complete(&mut self, i: usize, get: &dyn Fn(usize) -> Result<Tensor>) -> Result<()> {
+        let op = OpKind::AllReduce;
         let _no_grad = tch::no_grad_guard();
         let p = self.group.size();
-        for i in 0..self.ranges.len() {
-            let flat = match self.started[i].take() {
-                None => continue,
-                Some(InFlight::Native { flat, pending }) => {
-                    pending.wait()?;
-                    flat
-                }
-                Some(InFlight::Halves { flat, slots, parts }) => {
-                    let stack = slots.wait()?;
-                    let mine = reduce_stack(&stack, self.reduce, p).op(op.name())?;
-                    drop(stack);
-                    self.group.gather_into_flat(op, &mine, &flat, &parts)?;
-                    flat
-                }
-            };
-            self.group.count_call(op);
-            let mut offset = 0;
-            for c in pieces(&self.lens, self.ranges[i].0, self.ranges[i].1) {
-                let t = self.fetch(c.index, get)?;
-                let dst = t.f_view([-1]).and_then(|t| t.f_narrow(0, c.start, c.len));
-                dst.and_then(|mut d| d.f_copy_(&flat.f_narrow(0, offset, c.len)?)).op(op.name())?;
-                offset += c.len;
+        let flat = match self.started[i].take() {
+            None => return Ok(()),
+            Some(InFlight::Native { flat, pending }) => {
+                pending.wait()?;
+                flat
             }
+            Some(InFlight::Halves { flat, slots, parts }) => {
+                let stack = slots.wait()?;
+                let mine = reduce_stack(&stack, self.reduce, p).op(op.name())?;
+                drop(stack);
+                self.group.gather_into_flat(op, &mine, &flat, &parts)?;
+                flat
+            }
+        };
+        self.done[i] = true;
+        self.group.count_call(op);
+        let mut offset = 0;
+        for c in pieces(&self.lens, self.ranges[i].0, self.ranges[i].1) {
+            let t = self.fetch(c.index, get)?;
+            let dst = t.f_view([-1]).and_then(|t| t.f_narrow(0, c.start, c.len));
+            dst.and_then(|mut d| d.f_copy_(&flat.f_narrow(0, offset, c.len)?)).op(op.name())?;
+            offset += c.len;
         }
         Ok(())
     }

@@ -42,7 +42,9 @@ mod stats;
 mod whole;
 
 pub use backend::{Backend, Collective, Done, Envelope, EnvelopeLedger, Pending};
-pub use buckets::{pieces, reduction_kind, BucketedAllReduce, Piece, DEFAULT_BUCKET_ELEMS};
+pub use buckets::{
+    pieces, reduction_kind, BucketedAllReduce, Piece, BUCKETS_IN_FLIGHT, DEFAULT_BUCKET_ELEMS,
+};
 pub use collectives::AllToAll;
 pub use envelopes::EnvelopeChecks;
 pub use group::{Group, GroupInfo};

@@ -283,11 +283,18 @@ pub fn memory(job: &Job, r: usize, hw: &Hardware) -> Result<MemoryReport> {
             bytes: 2.0 * (rest as f64 + biggest) * es,
         });
     }
-    // End of the step, activations freed: the reduction's buffers (flat copy, the
-    // reduce-scatter's stack and result, the gathered output), bucketed.
-    let reduced = params.replicated.min(job.bucket_elems as f64);
+    // End of the step, activations freed: the reduction's buffers, bucketed. Stages 0-1
+    // all-reduce with two buckets in flight (each its copy in the reduction dtype and the slots
+    // the ranks send it) and the reduced part of the one completing; stages 2-3 reduce-scatter
+    // one bucket of 1/W at a time (its copy, the slots, this rank's part).
     let w = job.ranks as f64;
-    let reduction = if job.ranks > 1 { (2.0 + 1.0 / w) * reduced * job.reduce_bytes() as f64 } else { 0.0 };
+    let (r, bucket) = (params.replicated, job.bucket_elems as f64);
+    let elems = if job.zero.partitions_gradients() {
+        (2.0 + 1.0 / w) * r.min((bucket / w).max(1.0))
+    } else {
+        2.0 * r.min(crate::comm::BUCKETS_IN_FLIGHT as f64 * bucket) + r.min(bucket) / w
+    };
+    let reduction = if job.ranks > 1 { elems * job.reduce_bytes() as f64 } else { 0.0 };
     let act_peak = MemoryReport::sum(&activations) + MemoryReport::sum(&transient);
     if reduction > act_peak {
         activations.clear();

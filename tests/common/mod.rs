@@ -7,6 +7,7 @@ pub mod parity;
 pub mod tolerance;
 pub mod train_checks;
 pub mod training;
+pub mod zero_memory;
 
 use tch::{Device, Kind, Tensor};
 

@@ -175,8 +175,10 @@ pub fn run(a: &StepArgs) -> Result<()> {
         let sent = world.rank_stats().bytes_sent() / a.steps as u64;
         world.barrier()?;
         let peak = status_mib("VmHWM:").unwrap_or(f64::NAN);
+        // What stays between steps (ZeRO-3: the partitions only, every gathered unit freed).
+        let after = status_mib("VmRSS:").unwrap_or(f64::NAN);
         let params = trainer.model().params().numel() as f64;
-        let mut out = vec![loss, base, peak, sent as f64, params, start];
+        let mut out = vec![loss, base, peak, sent as f64, params, start, after];
         out.extend(times);
         Ok(out)
     })?;
@@ -187,7 +189,7 @@ pub fn run(a: &StepArgs) -> Result<()> {
     let max = |i: usize| per_rank.iter().map(|v| v[i]).fold(f64::MIN, f64::max);
     let (max_sent, params) = (max(3) as u64, max(4));
     // The step time is the slowest rank's.
-    let steps: Vec<f64> = (0..a.steps).map(|s| max(6 + s)).collect();
+    let steps: Vec<f64> = (0..a.steps).map(|s| max(7 + s)).collect();
     for (i, t) in steps.iter().enumerate() {
         println!("step {i}: {t:.1} ms");
     }
@@ -204,10 +206,12 @@ pub fn run(a: &StepArgs) -> Result<()> {
     let step_peak = per(&|v| v[2] - v[1]);
     let total_peak = per(&|v| v[2] - v[5]);
     let states = per(&|v| v[1] - v[5]);
+    let after = per(&|v| v[6] - v[5]);
     println!(
         "summary: strategy={} ranks={ranks} seq={n} batch={b} overlap={} median_step_ms={med:.3} tokens_per_s={tokens_per_s:.1} \
          loss={loss:.5} base_rss_mib={base:.1} peak_rss_mib={peak:.1} step_peak_mib_per_rank={step_peak:.1} \
          built_mib_per_rank={states:.1} peak_above_start_mib_per_rank={total_peak:.1} \
+         after_steps_mib_per_rank={after:.1} \
          params_mib_per_rank={param_mib:.1} bytes_sent_per_rank={max_sent}",
         a.attention.strategy.label(),
         !a.no_overlap,
