@@ -1,16 +1,20 @@
 //! The GPT with Ulysses on P ranks against the same GPT on one device: the loss and the gradient
-//! of every parameter, in f32. Also the presets' parameter counts and bad configurations.
+//! of every parameter, in f32; the one-device GPT against PyTorch's own modules, in f64. Also the
+//! presets' parameter counts and bad configurations.
 
 mod common;
 
-use anyhow::{ensure, Result};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use anyhow::{ensure, Context, Result};
 use common::{max_diff, tolerance};
 use tch::{Device, Kind, Tensor};
 use ulysses::attention::{AttentionConfig, Kernel, Mask, SingleDevice, StrategyConfig, UlyssesAttention};
 use ulysses::autograd::Tape;
 use ulysses::comm::{launch, OpKind};
 use ulysses::cost::Job;
-use ulysses::model::{shift_labels, Gpt, GptConfig, Placement};
+use ulysses::model::{shift_labels, ForwardOptions, Gpt, GptConfig, Placement};
 use ulysses::train::Precision;
 
 /// Deterministic token ids `[b, n]` below `vocab`.
@@ -271,5 +275,122 @@ fn megatron_sp_keeps_a_pth_of_the_blocks_and_its_volume_does_not_shrink() -> Res
         volumes.windows(2).all(|w| w[1].1 >= w[0].1),
         "Megatron-SP per-rank bytes fall with P: {volumes:?}"
     );
+    Ok(())
+}
+
+/// The reference of [`the_tiny_gpt_matches_pytorchs_own_modules_loss_and_every_gradient`],
+/// written by scripts/gpt_reference.py.
+const PYTORCH_REFERENCE: &str = "tests/data/gpt_reference.safetensors";
+
+#[test]
+fn the_tiny_gpt_matches_pytorchs_own_modules_loss_and_every_gradient() -> Result<()> {
+    // scripts/gpt_reference.py built the same GPT from torch.nn modules (nn.Embedding,
+    // nn.LayerNorm, nn.Linear, F.scaled_dot_product_attention with GQA, tanh GELU, tied head,
+    // F.cross_entropy over the labelled tokens) with non-trivial weights, and stored them, the
+    // tokens and targets, its loss and every parameter's gradient, all in f64, and the config in
+    // the metadata. Every other test of the model compares it with itself on one device: this
+    // one says the one-device model computes what its definition says.
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(PYTORCH_REFERENCE);
+    let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)?;
+    let config = header.metadata().as_ref().and_then(|m| m.get("config")).context("no config metadata")?;
+    let cfg: GptConfig = serde_json::from_str(config)?;
+    let file: BTreeMap<String, Tensor> = Tensor::read_safetensors(&path)?.into_iter().collect();
+    let get = |name: &str| file.get(name).with_context(|| format!("{PYTORCH_REFERENCE} has no {name}"));
+    let (toks, targets, want_loss) = (get("tokens")?, get("targets")?, get("loss")?.double_value(&[]));
+    let (b, n) = (toks.size()[0], toks.size()[1]);
+    // Ignored targets inside the sequences as well as at their ends: the mean is over the rest.
+    let labelled = targets.ne(ulysses::model::IGNORE).sum(Kind::Int64).int64_value(&[]);
+    ensure!(labelled < b * (n - 1), "the reference should have ignored targets inside the sequences");
+
+    // Rounding only (tests/common/tolerance.rs): both sides compute in f64, in other orders
+    // (another process, other kernels, another summation order in each GEMM, LayerNorm and
+    // softmax, RoPE's frequencies through exp(ln) here and a power there); each value goes
+    // through chains of sums no longer than max(mlp_ratio h, h, N, V, b N) = 64 terms, so the
+    // bounds of a model run twice in another order: (L + 2) gamma_64 of the loss, (2L + 3)
+    // gamma_64 of each gradient's largest element, about 3e-14 and 5e-14. Any difference in
+    // what is computed (an eps, a GELU variant, a bias, a head layout) is many orders larger.
+    let bounds = tolerance::gpt(&cfg, n, b * n, Kind::Double);
+    let runs = [
+        ("sdpa, plain autograd", Kernel::Sdpa, ForwardOptions::default()),
+        (
+            "math, tiled loss and full recomputation on the tape",
+            Kernel::Math,
+            ForwardOptions { recompute_blocks: true, recompute_attention: false, loss_tile: Some(5) },
+        ),
+    ];
+    for (label, kernel, options) in runs {
+        let attention = AttentionConfig::new(kernel, Mask::Causal).build()?;
+        let strategy = SingleDevice::new(attention, n, cfg.n_head, cfg.n_kv_head)?;
+        let mut model = Gpt::new(&cfg, Box::new(strategy), Kind::Double, Device::Cpu)?;
+        model.set_options(options);
+        // Every parameter of the model is in the file, with its gradient, and nothing else is.
+        let names: BTreeSet<&str> = model.params().iter().map(|(name, _)| name).collect();
+        let stored: BTreeSet<&str> = file
+            .keys()
+            .map(|k| k.strip_prefix("grad.").unwrap_or(k))
+            .filter(|k| !["tokens", "targets", "loss"].contains(k))
+            .collect();
+        ensure!(
+            names == stored,
+            "parameters of the model but not of the file: {:?}; of the file but not of the model: {:?}",
+            names.difference(&stored).collect::<Vec<_>>(),
+            stored.difference(&names).collect::<Vec<_>>()
+        );
+        tch::no_grad(|| -> Result<()> {
+            for (name, p) in model.params().iter() {
+                let w = get(name)?;
+                ensure!(
+                    w.size() == p.size(),
+                    "{name}: shape {:?} in the file, {:?} here",
+                    w.size(),
+                    p.size()
+                );
+                ensure!(w.kind() == Kind::Double, "{name}: {:?} in the file", w.kind());
+                p.shallow_clone().copy_(w);
+            }
+            Ok(())
+        })?;
+
+        let loss = model.forward_backward(toks, targets)?;
+        ensure!(loss.tokens == labelled, "{label}: {} labelled tokens, the file has {labelled}", loss.tokens);
+        // Every comparison of the run, then the ones out of bounds together.
+        let mut failed = Vec::new();
+        let got_local = loss.local.double_value(&[]);
+        let check = tolerance::check(
+            &format!("pytorch reference, {label}: loss {:.17} here, {want_loss:.17} in PyTorch", loss.value),
+            (loss.value - want_loss).abs().max((got_local - want_loss).abs()),
+            bounds.loss * want_loss.abs(),
+        );
+        failed.extend(check.err().map(|e| e.to_string()));
+        for (name, p) in model.params().iter() {
+            let (got, want) = (p.grad(), get(&format!("grad.{name}"))?);
+            ensure!(got.defined(), "{label}: {name} has no gradient");
+            ensure!(got.kind() == Kind::Double, "{label}: d{name} in {:?}", got.kind());
+            ensure!(got.size() == want.size(), "{label}: d{name} {:?} vs {:?}", got.size(), want.size());
+            let scale = want.abs().max().double_value(&[]);
+            // Where the largest difference is, to say which element is off.
+            let diff = (&got - want).abs();
+            let at = diff.flatten(0, -1).argmax(0, false).int64_value(&[]);
+            let (g, w) = (got.flatten(0, -1).double_value(&[at]), want.flatten(0, -1).double_value(&[at]));
+            let check = tolerance::check(
+                &format!(
+                    "pytorch reference, {label}: d{name} {:?} (max |grad| {scale:.3e}; worst at flat \
+                     index {at}: {g:.10e} here, {w:.10e} in PyTorch)",
+                    want.size()
+                ),
+                diff.max().double_value(&[]),
+                bounds.grad * scale,
+            );
+            failed.extend(check.err().map(|e| e.to_string()));
+        }
+        ensure!(
+            failed.is_empty(),
+            "{} of {} comparisons out of bounds:\n{}",
+            failed.len(),
+            names.len() + 1,
+            failed.join("\n")
+        );
+    }
     Ok(())
 }
