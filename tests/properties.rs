@@ -2,8 +2,10 @@
 //! heads (dividing H), head sizes, masks, kernels, strategies and dtypes. Every case either
 //! matches single-device f64 attention (output, dq, dk, dv and the log-sum-exp, element by
 //! element within the dtype's tolerance: tests/common/parity.rs) or is refused with an error
-//! that names the numbers involved, exactly when the strategy's own check (or the kernel's)
-//! says it cannot run; never a panic, never NaN.
+//! that says one of the case's faults and names its numbers, exactly when the strategy's own
+//! check (or the kernel's) says it cannot run. The faults come from each strategy's
+//! requirements written out in this file, and the library's checks must agree with them.
+//! Never a panic, never NaN.
 //!
 //! [`CASES`] cases per run (about half run, half are refused), which take about 20 s on the
 //! 2-core machine; `PROPTEST_CASES=N` runs more. The seed is random unless `PROPTEST_RNG_SEED`
@@ -111,12 +113,102 @@ fn runnable(c: &Case) -> bool {
         && (!kernel_used || AttentionConfig::new(c.kernel, c.mask).build().is_ok())
 }
 
+/// A reason a case cannot run: a word the refusal must say and the numbers it must name.
+#[derive(Debug)]
+struct Fault {
+    word: &'static str,
+    numbers: Vec<i64>,
+}
+
+/// Every reason the case cannot run, by each strategy's requirements written out here from its
+/// definition (not by the library's checks, which [`runnable`] calls): the test then holds the
+/// checks to these rules, and each refusal to one of them.
+fn faults(c: &Case) -> Vec<Fault> {
+    let (n, p, h) = (c.spec.n, c.p as i64, c.spec.heads);
+    let fault = |word, numbers: &[i64]| Fault { word, numbers: numbers.to_vec() };
+    let mut out = Vec::new();
+    // Every rank a token of a contiguous split; zigzag: 2P equal chunks.
+    let contiguous = |out: &mut Vec<Fault>, ranks: i64| {
+        if n < ranks {
+            out.push(fault("token", &[n, ranks]));
+        }
+    };
+    let zigzag = |out: &mut Vec<Fault>, ranks: i64| {
+        if n % (2 * ranks) != 0 {
+            out.push(fault("2P", &[n, 2 * ranks]));
+        }
+    };
+    match c.strategy {
+        StrategyConfig::Single if p != 1 => out.push(fault("1 rank", &[p])),
+        StrategyConfig::Single => {}
+        // All-to-all over heads: a query head per rank (H >= P; uneven splits are allowed).
+        StrategyConfig::Ulysses => {
+            if h < p {
+                out.push(fault("head", &[h, p]));
+            }
+            contiguous(&mut out, p);
+        }
+        // Tensor parallelism: P divides H and H_kv.
+        StrategyConfig::MegatronSp => {
+            if h % p != 0 || c.spec.kv_heads % p != 0 {
+                out.push(fault("divisible", &[p, h, c.spec.kv_heads]));
+            }
+            contiguous(&mut out, p);
+        }
+        // Ring passes equal blocks: P divides N.
+        StrategyConfig::Ring { zigzag: true } | StrategyConfig::AllGatherKv { zigzag: true } => {
+            zigzag(&mut out, p)
+        }
+        StrategyConfig::Ring { zigzag: false } => {
+            if n % p != 0 {
+                out.push(fault("divisible", &[n, p]));
+            }
+        }
+        StrategyConfig::AllGatherKv { zigzag: false } => contiguous(&mut out, p),
+        // A ring of P/U ranks of Ulysses groups of U: U divides P, a head per Ulysses rank,
+        // equal ring chunks (each rank's chunk, N/ring tokens, cut into U equal runs).
+        StrategyConfig::Usp { ulysses: u, zigzag: z } => {
+            let u = u as i64;
+            if p % u != 0 {
+                out.push(fault("Ulysses degree", &[u, p]));
+            } else {
+                if h < u {
+                    out.push(fault("head", &[h, u]));
+                }
+                let ring = p / u;
+                if z {
+                    zigzag(&mut out, ring);
+                } else if n % ring != 0 {
+                    out.push(fault("divisible", &[n, ring]));
+                }
+                if n % ring == 0 && (n / ring) % u != 0 {
+                    out.push(fault("evenly", &[u]));
+                }
+            }
+        }
+    }
+    // The blocked kernel computes a pattern's blocks: a dense rule has none to skip.
+    let kernel_used =
+        matches!(c.strategy, StrategyConfig::Single | StrategyConfig::Ulysses | StrategyConfig::MegatronSp);
+    if kernel_used && c.kernel == Kernel::Blocked && matches!(c.mask, Mask::None | Mask::Causal) {
+        out.push(fault("dense", &[]));
+    }
+    out
+}
+
 proptest! {
     #![proptest_config(config())]
 
     #[test]
     fn every_case_matches_one_device_or_is_refused_naming_the_numbers(c in cases()) {
         let label = format!("{} P={} kernel {:?} {:?} {:?}", c.strategy.label(), c.p, c.kernel, c.mask, c.spec);
+        // The library's checks agree with the rules written out here.
+        let faults = faults(&c);
+        prop_assert!(
+            faults.is_empty() == runnable(&c),
+            "{label}: by the rules {faults:?}, but the library's checks say runnable = {}",
+            runnable(&c)
+        );
         match run(c.strategy, c.kernel, c.p, &c.spec, c.mask) {
             Ok(got) => {
                 prop_assert!(runnable(&c), "{label}: ran although its check refuses it");
@@ -130,13 +222,13 @@ proptest! {
                 let text = e.to_string();
                 prop_assert!(!runnable(&c), "{label}: refused although its check accepts it: {text}");
                 prop_assert!(!text.contains("panicked"), "{label}: a rank panicked: {text}");
-                // The refusal names the numbers it is about (a length, a rank count, heads).
-                let numbers = [c.spec.n, c.p as i64, c.spec.heads, c.spec.kv_heads];
-                let words: Vec<&str> = text.split(|ch: char| !ch.is_ascii_digit()).collect();
-                prop_assert!(
-                    numbers.iter().any(|x| words.contains(&x.to_string().as_str())) || text.contains("dense"),
-                    "{label}: the refusal names none of N, P, H, H_kv: {text}"
-                );
+                // The refusal is one of the case's faults: it says that fault's word and names
+                // every number of it (as a whole number, not a digit of another).
+                let numbers: Vec<&str> = text.split(|ch: char| !ch.is_ascii_digit()).collect();
+                let names = |f: &Fault| {
+                    text.contains(f.word) && f.numbers.iter().all(|x| numbers.contains(&x.to_string().as_str()))
+                };
+                prop_assert!(faults.iter().any(names), "{label}: the refusal is none of {faults:?}: {text}");
             }
         }
     }

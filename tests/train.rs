@@ -459,6 +459,9 @@ fn f16_skips_overflowing_steps_and_says_so() -> Result<()> {
 
 #[test]
 fn zero_3_keeps_only_its_partition_between_steps() -> Result<()> {
+    // The buffers' own account of their storage; the process's memory says the same on MPI
+    // processes (tests/mpi.rs: after the steps ZeRO-3 holds less than ZeRO-2 by the other ranks'
+    // partitions of the parameters, measured as RSS).
     let run = Run::tiny(StrategyConfig::Ulysses, 1, Precision::Bf16, 3);
     let resident = launch(2, |ctx| -> Result<Vec<bool>> {
         let mut t = training::trainer(ctx.world(), &run)?;
