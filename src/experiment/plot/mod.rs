@@ -45,6 +45,12 @@ pub struct Chart {
     pub x: Axis,
     pub y: Axis,
     pub series: Vec<Series>,
+    /// Curves that predict some of the series (a formula, a model), each matched to the series
+    /// of the same name: the curve is drawn as that series' line, in its colour, and the series
+    /// as its points alone (markers, no line of their own), so that points off the curve show.
+    /// A curve with no series of its name is drawn as a line without markers. See
+    /// [`Chart::with_formulas`].
+    pub formulas: Vec<Series>,
 }
 
 /// DejaVu Sans (Debian's fonts-dejavu-core, installed by scripts/setup.sh), registered once
@@ -143,7 +149,10 @@ pub(crate) fn text(px: u32, h: HPos, v: VPos) -> TextStyle<'static> {
 
 /// A legend entry: the name and how its swatch is drawn.
 pub(crate) enum Swatch {
+    /// A line with its marker.
     Line(Style),
+    /// A line without a marker.
+    Stroke(RGBColor),
     Block(RGBColor),
 }
 
@@ -203,6 +212,9 @@ where
                 area.draw(&PathElement::new(vec![(6, y), (34, y)], c)).map_err(e)?;
                 draw_marker(area, s.marker, (20, y), s.color).map_err(e)?;
             }
+            Swatch::Stroke(c) => {
+                area.draw(&PathElement::new(vec![(6, y), (34, y)], c.stroke_width(2))).map_err(e)?;
+            }
             Swatch::Block(c) => {
                 area.draw(&Rectangle::new([(10, y - 7), (30, y + 7)], c.filled())).map_err(e)?;
             }
@@ -240,7 +252,14 @@ pub(crate) fn draw_marker<DB: DrawingBackend>(
 
 impl Chart {
     pub fn new(title: &str, x: Axis, y: Axis, series: Vec<Series>) -> Chart {
-        Chart { title: title.into(), x, y, series }
+        Chart { title: title.into(), x, y, series, formulas: Vec::new() }
+    }
+
+    /// This chart with `formulas`: curves drawn as lines, each beside the points of the series
+    /// of the same name (counted or measured values against the formula that predicts them).
+    pub fn with_formulas(mut self, formulas: Vec<Series>) -> Chart {
+        self.formulas = formulas;
+        self
     }
 
     /// Each series' style: its strategy's (shaded for a strategy's second, third ... line), or
@@ -277,11 +296,12 @@ impl Figure for Chart {
         DB::ErrorType: 'static,
     {
         let e = |e: DrawingAreaErrorKind<DB::ErrorType>| plot_error(&self.title, e);
-        let names: Vec<&str> = self.series.iter().map(|s| s.name.as_str()).collect();
+        let names: Vec<&str> = self.series.iter().chain(&self.formulas).map(|s| s.name.as_str()).collect();
         let (plot, legend) = titled_with_legend(root, &self.title, &names)?;
         let keep = |a: &Axis, v: f64| v.is_finite() && (a.scale == Scale::Linear || v > 0.0);
-        let xs: Vec<f64> = self.series.iter().flat_map(|s| s.points.iter().map(|p| p.0)).collect();
-        let ys: Vec<f64> = self.series.iter().flat_map(|s| s.points.iter().map(|p| p.1)).collect();
+        let all = || self.series.iter().chain(&self.formulas).flat_map(|s| s.points.iter());
+        let xs: Vec<f64> = all().map(|p| p.0).collect();
+        let ys: Vec<f64> = all().map(|p| p.1).collect();
         let xl = self.x.layout(&xs, false);
         let yl = self.y.layout(&ys, self.y.zero);
         let mut chart = ChartBuilder::on(&plot)
@@ -305,20 +325,24 @@ impl Figure for Chart {
             .draw()
             .map_err(e)?;
         let styles = self.styles();
-        let mut entries = Vec::new();
-        for (s, style) in self.series.iter().zip(&styles) {
-            let points: Vec<(f64, f64)> = s
-                .points
+        let drawn = |s: &Series| -> Vec<(f64, f64)> {
+            s.points
                 .iter()
                 .filter(|p| keep(&self.x, p.0) && keep(&self.y, p.1))
                 .map(|&(x, y)| (xl.t(x), yl.t(y)))
-                .collect();
-            chart
-                .draw_series(LineSeries::new(points.iter().copied(), style.color.stroke_width(2)))
-                .map_err(e)?;
+                .collect()
+        };
+        let mut entries = Vec::new();
+        for (s, style) in self.series.iter().zip(&styles) {
+            let points = drawn(s);
+            // The series' line: its formula's curve where it has one, else its own points joined.
+            let formula = self.formulas.iter().find(|f| f.name == s.name);
+            let line = formula.map_or_else(|| points.clone(), drawn);
+            chart.draw_series(LineSeries::new(line, style.color.stroke_width(2))).map_err(e)?;
             let area = chart.plotting_area();
-            // Markers on at most about 16 points of a long line (a loss curve).
-            let every = points.len().div_ceil(16).max(1);
+            // Markers on at most about 16 points of a long line (a loss curve); on every point
+            // of a series drawn beside its formula.
+            let every = if formula.is_some() { 1 } else { points.len().div_ceil(16).max(1) };
             for &p in points.iter().step_by(every) {
                 let px = area.map_coordinate(&p);
                 let (ox, oy) = area.get_base_pixel();
@@ -326,6 +350,13 @@ impl Figure for Chart {
                 draw_marker(&strip, style.marker, (px.0 - ox, px.1 - oy), style.color).map_err(e)?;
             }
             entries.push((s.name.clone(), Swatch::Line(*style)));
+        }
+        // Curves without a series of their name: lines alone.
+        let alone = self.formulas.iter().filter(|f| !self.series.iter().any(|s| s.name == f.name));
+        for (i, f) in alone.enumerate() {
+            let color = series_style(&f.name, styles.len() + i).color;
+            chart.draw_series(LineSeries::new(drawn(f), color.stroke_width(2))).map_err(e)?;
+            entries.push((f.name.clone(), Swatch::Stroke(color)));
         }
         draw_legend(&legend, &entries, 10)?;
         root.present().map_err(e)

@@ -60,9 +60,13 @@ pub fn strategy_of(name: &str) -> Option<&'static str> {
     }
     let head = lower.split([' ', '(', ':', ',']).next().unwrap_or("").replace('-', "_");
     STRATEGIES.iter().map(|(n, _)| *n).find(|n| *n == head).or_else(|| {
-        // "megatron" alone, as the paper writes it; USP by its label ("usp_u8_zigzag").
+        // "megatron" alone, as the paper writes it; ColossalAI's ring self-attention, the
+        // paper's ring baseline, as the ring the paper configs price it as (`ring_zigzag =
+        // "colossalai-2021"`); USP by its label ("usp_u8_zigzag").
         if head == "megatron" {
             Some("megatron_sp")
+        } else if head.starts_with("colossalai") {
+            Some("ring_zigzag")
         } else if head.starts_with("usp") {
             Some("usp")
         } else {
@@ -117,6 +121,7 @@ mod tests {
         assert_eq!(strategy_style("megatron_sp N=2048").map(|s| s.marker), Some(Marker::Square));
         assert_eq!(strategy_of("usp_zigzag:2"), Some("usp_zigzag"));
         assert_eq!(strategy_of("usp_u8_zigzag P=16"), Some("usp"));
+        assert_eq!(strategy_of("ColossalAI's ring (2021) (low)"), Some("ring_zigzag"));
         assert_ne!(strategy_style("ring").unwrap().color, u.color);
         assert_eq!(series_style("ulysses", 5), u);
         assert_ne!(series_style("zero 1", 0).color, series_style("zero 2", 1).color);
