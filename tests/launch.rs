@@ -242,6 +242,16 @@ fn the_sbatch_script_of_a_2_node_by_8_gpu_config() -> Result<()> {
         .expect_err("no GPUs")
         .to_string();
     ensure!(err.contains("ask for GPUs"), "{err}");
+    // Without GPUs per node, one per rank a node holds, at most 8: a 2-rank job asks for 2
+    // (not 8 with 6 idle), 16 ranks for 2 nodes of 8, 4 ranks per node for 4.
+    let two = ExperimentConfig::parse(&config("nccl", "cuda", "[2]"), "e2.toml")?;
+    let plain = SlurmSpec::default();
+    let a = allocation(&two, &plain)?;
+    ensure!((a.nodes, a.tasks_per_node, a.gpus_per_node) == (1, 2, 2), "2 ranks: {a:?}");
+    let a = allocation(&cfg, &plain)?;
+    ensure!((a.nodes, a.tasks_per_node, a.gpus_per_node) == (2, 8, 8), "16 ranks: {a:?}");
+    let a = allocation(&cfg, &SlurmSpec { tasks_per_node: Some(4), ..plain.clone() })?;
+    ensure!((a.nodes, a.tasks_per_node, a.gpus_per_node) == (4, 4, 4), "4 per node: {a:?}");
     // CPU ranks ask for no GPUs.
     let cpu = ExperimentConfig::parse(&config("mpi", "cpu", "[4]"), "cpu.toml")?;
     let script = sbatch_script(&cpu, &SlurmSpec { overcommit: true, ..SlurmSpec::default() }, &paths, false)?;

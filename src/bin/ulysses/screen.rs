@@ -132,7 +132,8 @@ fn findings(points: &DataFrame) -> Result<Vec<String>> {
             ratios(&sent, &bytes)
         ));
         lines.push(format!(
-            "Step time: ulysses {} ms; {}\n(ranks as threads share memory here: on a network the bytes weigh more).",
+            "Step time: ulysses {} ms; {}\n(times on this run's own links between ranks: `ulysses predict CONFIG --hardware \
+             dgx-a100-40gb` weighs the same bytes on a GPU cluster's).",
             format::ms(ms[u]),
             ratios(&ms, &|v| format!("{} ms", format::ms(v)))
         ));

@@ -42,7 +42,8 @@ pub const CPUS_PER_GPU_RANK: usize = 8;
 pub struct SlurmSpec {
     /// Nodes (`--nodes`). Default: as few as hold the largest point at `tasks_per_node`.
     pub nodes: Option<usize>,
-    /// GPUs per node (`--gpus-per-node`). Default 8 with backend nccl, none otherwise.
+    /// GPUs per node (`--gpus-per-node`). Default with backend nccl: one per rank a node holds
+    /// (`tasks_per_node`, else the largest point's ranks), at most 8; none otherwise.
     pub gpus_per_node: Option<usize>,
     /// Ranks per node (`--ntasks-per-node`). Default: `gpus_per_node` with NCCL (one rank per
     /// GPU), else the largest point's ranks spread over the nodes.
@@ -196,7 +197,9 @@ pub fn allocation_on(cfg: &ExperimentConfig, spec: &SlurmSpec, nodes: &[NodeShap
     spec.validate().map_err(bad)?;
     let nccl = cfg.parallel.backend == Backend::Nccl;
     let most = cfg.parallel.ranks.iter().copied().max().unwrap_or(1);
-    let gpus_per_node = spec.gpus_per_node.unwrap_or(if nccl { 8 } else { 0 });
+    // One GPU per rank on a node, up to 8 a node: a 2-rank job asks for 2, not 8 with 6 idle.
+    let gpus_per_node =
+        spec.gpus_per_node.unwrap_or(if nccl { spec.tasks_per_node.unwrap_or(most).min(8) } else { 0 });
     if nccl && gpus_per_node == 0 {
         return Err(bad("backend nccl runs one rank per GPU: ask for GPUs (--gpus-per-node)".into()));
     }
