@@ -83,7 +83,7 @@ pub fn print(
         ("ls experiments/".into(), "the paper's experiments E1-E6, at toy and paper scale"),
         (
             "./scripts/notebooks.sh --lab".into(),
-            "notebooks: collectives, the Ulysses layer step by step, volume",
+            "notebooks: a course from the primitives to a cluster (00_warmup is its map)",
         ),
     ] {
         println!("  {cmd:<66} {what}");
