@@ -169,7 +169,9 @@ pub fn report(dir: &Path) -> Result<Report> {
     charts.push(Chart::new(
         &format!("{name}: loss (rank 0)"),
         Axis::linear("step", Unit::Count),
-        Axis::linear("loss (nats per token)", Unit::Number),
+        // From zero: a few steps of a short run move the loss in its third decimal, which an
+        // axis fitted to the data would draw as large swings.
+        Axis::linear("loss (nats per token)", Unit::Number).from_zero(),
         series(loss, |k| format!("{} N={} (point {})", k.0, Unit::Tokens.format(k.1 as f64), k.2)),
     ));
 
