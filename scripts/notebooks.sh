@@ -4,11 +4,13 @@
 #   ./scripts/notebooks.sh              # execute every notebook, outputs written into the notebooks
 #   ./scripts/notebooks.sh --check      # execute every notebook into results/notebooks/ (what
 #                                       # scripts/test.sh and CI run); the committed ones stay as they are
-#   ./scripts/notebooks.sh 02_ulysses_layer ...   # only these notebooks (either mode)
+#   ./scripts/notebooks.sh 02_ulysses_layer ...   # only these notebooks (either mode); the
+#                                       # exercises' solutions as solutions/01_02_solutions
 #   ./scripts/notebooks.sh --lab        # open them in JupyterLab (installed on first use)
 #
 # A notebook fails the command when any cell errors, and each ends with a cell that asserts its
-# claims. Installs what is missing, once:
+# claims. The solutions of the exercises (notebooks/solutions/*.ipynb) run after the numbered
+# notebooks, as they do. Installs what is missing, once:
 #   - evcxr_jupyter 0.22.0 with `cargo install` (about 12 minutes on an idle 2-core machine: 702 s
 #     measured for issue 15; what it compiles and the time left are shown as it goes);
 #   - a Python venv under $ULYSSES_CACHE (default ~/.cache/ulysses) with nbclient, which gives
@@ -37,7 +39,7 @@ for arg in "$@"; do
   case "$arg" in
     --check) mode=check ;;
     --lab) mode=lab ;;
-    -h | --help) sed -n '2,8p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h | --help) sed -n '2,9p' "${BASH_SOURCE[0]}"; exit 0 ;;
     -*) echo "[notebooks] unknown option $arg (try --help)" >&2; exit 2 ;;
     *) names+=("${arg%.ipynb}") ;;
   esac
@@ -146,7 +148,9 @@ fi
 # 4. Execute: the warm-up first (it pays the dependencies' first build, so no cell timeout),
 # then each notebook with a per-cell timeout.
 if [ ${#names[@]} -eq 0 ]; then
-  for f in [0-9][0-9]_*.ipynb; do names+=("${f%.ipynb}"); done
+  for f in [0-9][0-9]_*.ipynb solutions/*.ipynb; do
+    [ -f "$f" ] && names+=("${f%.ipynb}")
+  done
 fi
 out_dir=$repo/results/notebooks
 mkdir -p "$out_dir"
@@ -157,8 +161,10 @@ for name in 00_warmup "${names[@]/00_warmup}"; do
   timeout=$cell_timeout
   [ "$name" = 00_warmup ] && timeout=-1
   if [ "$mode" = check ]; then
-    where=(--output="../results/notebooks/$name")
+    # An absolute path: jupyter execute takes --output relative to the notebook's folder.
+    where=(--output="$out_dir/$name")
     out=$out_dir/$name.ipynb
+    mkdir -p "$(dirname "$out")"
   else
     where=(--inplace)
     out=$name.ipynb

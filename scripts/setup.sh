@@ -224,7 +224,8 @@ fi
 # notebooks/evcxr.toml when it starts in notebooks/, and runs its prelude: where libtorch is for
 # evcxr's builds (the repo's .cargo/config.toml does not reach evcxr's build folder) and for the
 # process that runs the cells, which `:restart` starts again with it. This checkout's paths, so
-# git ignores the file.
+# git ignores the file. Jupyter starts a kernel in its notebook's folder, so the solutions of the
+# exercises (notebooks/solutions/) get the same file there.
 nb_toml=$repo/notebooks/evcxr.toml
 nb_want="# Written by scripts/setup.sh for this checkout (ignored by git): where libtorch is.
 [evcxr]
@@ -233,7 +234,9 @@ prelude = '''
 :env LD_LIBRARY_PATH=$torch_dir/lib
 :restart
 '''"
-if [ -d "$repo/notebooks" ] && [ "$(cat "$nb_toml" 2>/dev/null)" != "$nb_want" ]; then
-  printf '%s\n' "$nb_want" >"$nb_toml"
-fi
+for nb_toml in "$nb_toml" "$repo/notebooks/solutions/evcxr.toml"; do
+  if [ -d "$(dirname "$nb_toml")" ] && [ "$(cat "$nb_toml" 2>/dev/null)" != "$nb_want" ]; then
+    printf '%s\n' "$nb_want" >"$nb_toml"
+  fi
+done
 say "ready: libtorch $torch_version at $repo/.libtorch -> $torch_dir"

@@ -15,12 +15,14 @@
 //!   ranks, activation checkpointing, accumulation, clipping, schedule, checkpoints;
 //! - [`cost`]: the analytical model of step time and memory per strategy, on hardware files;
 //! - [`experiment`]: configs, the runner, results as DataFrames, reports and plots;
+//! - [`course`]: the checks of the notebooks' exercises (a learner's function against a reference);
 //! - [`device`]: loading libtorch's CUDA half where there is one.
 
 pub mod attention;
 pub mod autograd;
 pub mod comm;
 pub mod cost;
+pub mod course;
 pub mod data;
 pub mod device;
 mod error;
