@@ -67,6 +67,18 @@ impl Unit {
             return "0".into();
         }
         match self {
+            // Below a thousandth, as a power of ten (a difference of 3e-7 would read "0").
+            Unit::Number if b.abs() < 1e-3 => {
+                let e = b.abs().log10().floor() as i32;
+                let m = b / 10f64.powi(e);
+                // Rounding can carry the mantissa to 10 (9.999e-8 -> 10e-8): one power up.
+                let (m, e) = if trim(m, 2 + extra).trim_start_matches('-') == "10" {
+                    (m / 10.0, e + 1)
+                } else {
+                    (m, e)
+                };
+                format!("{}e{e}", trim(m, 2 + extra))
+            }
             Unit::Number => scaled(b, 1000.0, &["", "k", "M", "G", "T"], extra),
             Unit::Count => {
                 if (b - b.round()).abs() < 1e-9 {
@@ -171,5 +183,10 @@ mod tests {
         assert_eq!(Unit::Count.format(8.0), "8");
         assert_eq!(Unit::Percent.format(0.25), "25%");
         assert_eq!(Unit::Number.format(0.0), "0");
+        assert_eq!(Unit::Number.format(3e-7), "3e-7");
+        assert_eq!(Unit::Number.format(2.5e-8), "2.5e-8");
+        assert_eq!(Unit::Number.format(-4e-5), "-4e-5");
+        assert_eq!(Unit::Number.format(9.999e-8), "1e-7");
+        assert_eq!(Unit::Number.format(0.002), "0.002");
     }
 }
