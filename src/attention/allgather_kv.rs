@@ -10,12 +10,14 @@
 //! Communication per layer and rank: forward 2 b N H_kv d (P-1)/P elements (K and V); backward
 //! the same again as the reduce-scatter of dK and dV. Works with the contiguous and the zigzag
 //! layouts (the zigzag one balances causal work); the attention is libtorch's fused kernel with
-//! an explicit mask of global positions.
+//! an explicit mask of global positions (and, for packed documents, of same-document pairs:
+//! `[b, 1, s_r, N]`).
 
 use tch::{Kind, Tensor};
 
+use super::documents::same_document;
 use super::ring::check_local;
-use super::{lse, Mask, SeqLayout, SequenceParallel};
+use super::{lse, Documents, Mask, SeqLayout, SequenceParallel};
 use crate::autograd::Tape;
 use crate::comm::{Group, ReduceOp};
 use crate::error::TorchResultExt;
@@ -84,8 +86,16 @@ impl SequenceParallel for AllGatherKv {
 
     /// # Shapes
     /// `q`: `[b, s_r, H, d]`, `k`, `v`: `[b, s_r, H_kv, d]` -> `[b, s_r, H, d]`.
-    fn forward(&self, tape: &Tape, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    fn forward_docs(
+        &self,
+        tape: &Tape,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        docs: Option<&Documents>,
+    ) -> Result<Tensor> {
         check_local("allgather_kv", &self.layout, self.rank(), self.heads, self.kv_heads, q, k, v)?;
+        let visible = self.visible_for(q, docs)?;
         // K and V in one all-gather: [b, s_r, H_kv, d] x 2 -> [2, b, s_r, H_kv, d] -> [2, b, N, H_kv, d].
         // q passes through the same taped record unchanged: q, k and v come from one projection,
         // and a piece of graph must feed only one record (see Tape::cut).
@@ -107,7 +117,6 @@ impl SequenceParallel for AllGatherKv {
         // [b, N, H_kv, d] -> [b, H, N, d]: one kv head per query head; q [b, s_r, H, d] -> [b, H, s_r, d]
         let expand =
             |t: &Tensor| t.f_index_select(2, &map).and_then(|t| t.f_transpose(1, 2)).op("allgather_kv");
-        let visible = self.visible.as_ref().map(|m| m.f_to(q.device())).transpose().op("allgather_kv")?;
         // libtorch's fused attention with the mask of global positions (autograd through it);
         // the attention core, recomputed in the backward under selective recomputation.
         let sdpa = move |x: &[Tensor]| {
@@ -132,8 +141,17 @@ impl SequenceParallel for AllGatherKv {
         o.f_transpose(1, 2).and_then(|o| o.f_to_kind(q.kind())).op("allgather_kv")
     }
 
-    fn forward_lse(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+    fn forward_lse_docs(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        docs: Option<&Documents>,
+    ) -> Result<(Tensor, Tensor)> {
         check_local("allgather_kv", &self.layout, self.rank(), self.heads, self.kv_heads, q, k, v)?;
+        if let Some(d) = docs {
+            d.check("allgather_kv", q.size()[0], self.layout.global_len(), &self.mask)?;
+        }
         let _no_grad = tch::no_grad_guard();
         let lens = self.layout.lens();
         // [b, s_r, H_kv, d] -> [b, N, H_kv, d] (rank order) -> [b, N, H, d]
@@ -145,6 +163,31 @@ impl SequenceParallel for AllGatherKv {
         let (k, v) = (gather(k)?, gather(v)?);
         let keys: Vec<(i64, i64)> =
             (0..self.group.size()).flat_map(|r| self.layout.segments(r).to_vec()).collect();
-        lse::attention_lse(&self.mask, q, &k, &v, self.layout.segments(self.rank()), &keys)
+        lse::attention_lse(&self.mask, docs, q, &k, &v, self.layout.segments(self.rank()), &keys)
+    }
+}
+
+impl AllGatherKv {
+    /// The mask of gathered keys this rank's queries see, on q's device: the rule's `[s_r, N]`,
+    /// and with packed documents `[b, 1, s_r, N]` (the rule and the same document); `None` when
+    /// nothing is hidden.
+    fn visible_for(&self, q: &Tensor, docs: Option<&Documents>) -> Result<Option<Tensor>> {
+        let rule = self.visible.as_ref().map(|m| m.f_to(q.device())).transpose().op("allgather_kv")?;
+        let Some(d) = docs.filter(|d| !d.is_whole()) else {
+            if let Some(d) = docs {
+                d.check("allgather_kv", q.size()[0], self.layout.global_len(), &self.mask)?;
+            }
+            return Ok(rule);
+        };
+        d.check("allgather_kv", q.size()[0], self.layout.global_len(), &self.mask)?;
+        let keys: Vec<(i64, i64)> =
+            (0..self.group.size()).flat_map(|r| self.layout.segments(r).to_vec()).collect();
+        // [b, 1, s_r, N]
+        let same =
+            same_document(d, self.layout.segments(self.rank()), &keys, q.device()).op("allgather_kv")?;
+        Ok(Some(match rule {
+            Some(rule) => same.f_logical_and(&rule).op("allgather_kv")?,
+            None => same,
+        }))
     }
 }

@@ -13,7 +13,8 @@
 
 use tch::{Kind, Tensor};
 
-use super::{compute_kind, Mask};
+use super::documents::same_document;
+use super::{compute_kind, Documents, Mask};
 use crate::error::TorchResultExt;
 use crate::Result;
 
@@ -30,8 +31,13 @@ pub(crate) fn runs(segments: &[(i64, i64)]) -> Vec<(i64, i64, i64)> {
         .collect()
 }
 
-/// Whether any query in `[q0, q0 + nq)` sees any key in `[k0, k0 + nk)`.
-fn any_visible(mask: &Mask, (q0, nq): (i64, i64), (k0, nk): (i64, i64)) -> bool {
+/// Whether any query in `[q0, q0 + nq)` may see any key in `[k0, k0 + nk)`: the rule allows
+/// some pair, and (packed) some query and key share a document. (Both may hold for different
+/// pairs: a pair of runs that passes is computed and masked exactly; one that fails is empty.)
+fn any_visible(mask: &Mask, docs: Option<&Documents>, (q0, nq): (i64, i64), (k0, nk): (i64, i64)) -> bool {
+    if docs.is_some_and(|d| !d.runs_meet((q0, nq), (k0, nk))) {
+        return false;
+    }
     let (q1, k1) = (q0 + nq - 1, k0 + nk - 1);
     match *mask {
         Mask::None => true,
@@ -41,7 +47,8 @@ fn any_visible(mask: &Mask, (q0, nq): (i64, i64), (k0, nk): (i64, i64)) -> bool 
     }
 }
 
-/// Attention work of one rank, per head and sample.
+/// Attention work of one rank, per head and sample (per head, summed over the samples, for
+/// packed documents, whose work differs from sample to sample).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Work {
     /// (query, key) score elements computed (pairs of runs the mask hides are skipped).
@@ -60,6 +67,8 @@ impl std::ops::AddAssign for Work {
 /// One attention over explicit positions.
 pub(crate) struct Blockwise<'a> {
     pub mask: &'a Mask,
+    /// Packed documents: a query sees keys of its own document only.
+    pub docs: Option<&'a Documents>,
     /// 1/sqrt(d).
     pub scale: f64,
     /// Hand pairs of runs that are wholly visible, or plain causal on one run, to libtorch's
@@ -103,11 +112,19 @@ impl Blockwise<'_> {
             let qs = q.f_narrow(2, qoff, nq)?;
             let mut acc: Option<(Tensor, Tensor)> = None;
             for &(koff, k0, nk) in &kruns {
-                if !any_visible(self.mask, (q0, nq), (k0, nk)) {
+                if !any_visible(self.mask, self.docs, (q0, nq), (k0, nk)) {
                     continue;
                 }
-                work.computed += (nq * nk) as u64;
-                work.visible += visible_pairs(self.mask, (q0, nq), (k0, nk));
+                match self.docs {
+                    Some(d) => {
+                        work.computed += (d.samples() as i64 * nq * nk) as u64;
+                        work.visible += d.visible_in_block(self.mask, (q0, nq), (k0, nk));
+                    }
+                    None => {
+                        work.computed += (nq * nk) as u64;
+                        work.visible += visible_pairs(self.mask, (q0, nq), (k0, nk));
+                    }
+                }
                 let part = self.run_pair(
                     &qs,
                     &k.f_narrow(2, koff, nk)?,
@@ -135,6 +152,10 @@ impl Blockwise<'_> {
     /// the causal rule on one and the same run (the kernel's top-left causal alignment).
     fn fused_kernel(&self, q: &Tensor, (q0, nq): (i64, i64), (k0, nk): (i64, i64)) -> Option<bool> {
         if !self.fused || !(q.device() == tch::Device::Cpu || super::flash::usable(q)) {
+            return None;
+        }
+        // Packed: only where every query and key of the pair lie in one document.
+        if self.docs.is_some_and(|d| !d.within_one((q0, nq), (k0, nk))) {
             return None;
         }
         match *self.mask {
@@ -167,10 +188,10 @@ impl Blockwise<'_> {
     }
 
     /// Scaled scores of queries `q0..q0+nq` against keys `k0..k0+nk` (global positions), -inf
-    /// where the mask hides a pair.
+    /// where the mask hides a pair or (packed) query and key lie in different documents.
     ///
     /// # Shapes
-    /// `[b, h, nq, d]` x `[b, h, nk, d]` -> `[b, h, nq, nk]`.
+    /// `[b, h, nq, d]` x `[b, h, nk, d]` -> `[b, h, nq, nk]`; the document mask `[b, 1, nq, nk]`.
     fn masked_scores(
         &self,
         q: &Tensor,
@@ -180,14 +201,26 @@ impl Blockwise<'_> {
     ) -> Result<Tensor, tch::TchError> {
         // [b, h, nq, d] x [b, h, d, nk] -> [b, h, nq, nk]
         let scores = q.f_matmul(&k.f_transpose(-2, -1)?)?.f_mul_scalar(self.scale)?;
-        if *self.mask == Mask::None {
-            return Ok(scores);
+        let same = match self.docs {
+            Some(d) => Some(same_document(d, &[(q0, nq)], &[(k0, nk)], q.device())?),
+            None => None,
+        };
+        let allowed = if *self.mask == Mask::None {
+            same
+        } else {
+            let opts = (Kind::Int64, q.device());
+            let i = Tensor::f_arange_start(q0, q0 + nq, opts)?.f_unsqueeze(1)?;
+            let j = Tensor::f_arange_start(k0, k0 + nk, opts)?.f_unsqueeze(0)?;
+            let rule = self.mask.allowed(&i, &j)?; // [nq, nk]
+            Some(match same {
+                Some(same) => same.f_logical_and(&rule)?, // [b, 1, nq, nk]
+                None => rule,
+            })
+        };
+        match allowed {
+            Some(allowed) => scores.f_masked_fill(&allowed.f_logical_not()?, f64::NEG_INFINITY),
+            None => Ok(scores),
         }
-        let opts = (Kind::Int64, q.device());
-        let i = Tensor::f_arange_start(q0, q0 + nq, opts)?.f_unsqueeze(1)?;
-        let j = Tensor::f_arange_start(k0, k0 + nk, opts)?.f_unsqueeze(0)?;
-        let hidden = self.mask.allowed(&i, &j)?.f_logical_not()?;
-        scores.f_masked_fill(&hidden, f64::NEG_INFINITY)
     }
 
     /// The gradients of one pair of runs, given the output gradient `dout`, the final output
@@ -254,8 +287,8 @@ fn visible_pairs(mask: &Mask, (q0, nq): (i64, i64), (k0, nk): (i64, i64)) -> u64
 }
 
 /// Whether a pair of runs has a visible entry (the backward skips what the forward skipped).
-pub(crate) fn pair_visible(mask: &Mask, q: (i64, i64), k: (i64, i64)) -> bool {
-    any_visible(mask, q, k)
+pub(crate) fn pair_visible(mask: &Mask, docs: Option<&Documents>, q: (i64, i64), k: (i64, i64)) -> bool {
+    any_visible(mask, docs, q, k)
 }
 
 /// softmax(scores) @ v and the row log-sum-exp; rows with every score -inf give 0 and -inf.

@@ -29,7 +29,7 @@ pub struct SeqLayout {
 }
 
 impl SeqLayout {
-    fn from_segments(n: i64, segments: Vec<Vec<(i64, i64)>>, name: &'static str) -> SeqLayout {
+    pub(crate) fn from_segments(n: i64, segments: Vec<Vec<(i64, i64)>>, name: &'static str) -> SeqLayout {
         let lens = segments.iter().map(|s| s.iter().map(|&(_, len)| len).sum()).collect();
         SeqLayout { n, segments, lens, name }
     }

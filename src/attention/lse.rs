@@ -12,7 +12,7 @@
 use tch::Tensor;
 
 use super::blockwise::{heads_first, Blockwise};
-use super::Mask;
+use super::{Documents, Mask};
 use crate::error::TorchResultExt;
 use crate::Result;
 
@@ -29,13 +29,15 @@ fn pieces(segments: &[(i64, i64)]) -> Vec<(i64, i64)> {
 }
 
 /// Attention of `q` over `k`, `v` whose rows hold the global positions of `qseg` and `kseg`
-/// (segments: first position, length), with its log-sum-exp. Forward only.
+/// (segments: first position, length), with its log-sum-exp; packed `docs` keep each query to
+/// its document. Forward only.
 ///
 /// # Shapes
 /// `q`: `[b, s_q, h, d]`, `k`, `v`: `[b, s_k, h, d]` -> out `[b, s_q, h, d]` (q's dtype), lse
 /// `[b, s_q, h]` (the accumulation dtype).
 pub(crate) fn attention_lse(
     mask: &Mask,
+    docs: Option<&Documents>,
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -44,7 +46,7 @@ pub(crate) fn attention_lse(
 ) -> Result<(Tensor, Tensor)> {
     let _no_grad = tch::no_grad_guard();
     let scale = 1.0 / (q.size()[3] as f64).sqrt();
-    let attn = Blockwise { mask, scale, fused: true };
+    let attn = Blockwise { mask, docs, scale, fused: true };
     // [b, s, h, d] -> [b, h, s, d]
     let (qh, kh, vh) = (heads_first(q)?, heads_first(k)?, heads_first(v)?);
     let (out, lse, _) = attn.forward(&qh, &kh, &vh, &pieces(qseg), &pieces(kseg))?;

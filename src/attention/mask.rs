@@ -207,6 +207,12 @@ impl Mask {
         }
     }
 
+    /// Whether the rule depends only on the distance `i - j` (none, causal, a window), so that
+    /// it can restart at every packed document; block-sparse blocks are tied to positions.
+    pub fn is_shift_invariant(&self) -> bool {
+        !matches!(self, Mask::BlockSparse(_))
+    }
+
     /// Whether the rule is the plain causal one (SDPA and flash kernels take it as a flag).
     pub fn is_causal(&self) -> bool {
         matches!(self, Mask::Causal)

@@ -28,7 +28,8 @@ use std::sync::Arc;
 
 use tch::{Device, Kind, Tensor};
 
-use super::{LocalAttention, SeqLayout, SequenceParallel, Sharding};
+use super::single::check_docs;
+use super::{Documents, LocalAttention, SeqLayout, SequenceParallel, Sharding};
 use crate::autograd::Tape;
 use crate::comm::Group;
 use crate::error::TorchResultExt;
@@ -106,18 +107,36 @@ impl SequenceParallel for MegatronSp {
 
     /// # Shapes
     /// `q`: `[b, N, H/P, d]`, `k`, `v`: `[b, N, H_kv/P, d]` -> `[b, N, H/P, d]`.
-    fn forward(&self, tape: &Tape, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    fn forward_docs(
+        &self,
+        tape: &Tape,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        docs: Option<&Documents>,
+    ) -> Result<Tensor> {
         let (k, v) = self.local_kv(q, k, v)?;
-        // The attention core: recomputed in the backward under selective recomputation.
-        let local = Arc::clone(&self.local);
-        tape.recomputable("attention_core", &[q, &k, &v], move |x| local.forward(&x[0], &x[1], &x[2]))
+        check_docs("megatron_sp", docs, q, &self.layout, self.local.as_ref())?;
+        // The attention core (each packed document on its own): recomputed in the backward
+        // under selective recomputation.
+        let (local, docs) = (Arc::clone(&self.local), docs.cloned());
+        tape.recomputable("attention_core", &[q, &k, &v], move |x| {
+            local.forward_docs(&x[0], &x[1], &x[2], docs.as_ref())
+        })
     }
 
     /// # Shapes
     /// As `forward`; lse `[b, N, H/P]`.
-    fn forward_lse(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+    fn forward_lse_docs(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        docs: Option<&Documents>,
+    ) -> Result<(Tensor, Tensor)> {
         let (k, v) = self.local_kv(q, k, v)?;
-        self.local.forward_lse(q, &k, &v)
+        check_docs("megatron_sp", docs, q, &self.layout, self.local.as_ref())?;
+        self.local.forward_lse_docs(q, &k, &v, docs)
     }
 
     fn sharding(&self) -> Sharding {

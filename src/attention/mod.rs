@@ -9,6 +9,7 @@
 mod allgather_kv;
 mod blocked;
 mod blockwise;
+mod documents;
 mod flash;
 mod heads;
 mod layout;
@@ -26,6 +27,7 @@ mod usp;
 pub use allgather_kv::AllGatherKv;
 pub use blocked::BlockedAttention;
 pub use blockwise::Work;
+pub use documents::{imbalance, Documents};
 pub use heads::HeadPlan;
 pub use layout::{SeqLayout, Sharding};
 pub use mask::{BlockSparse, Mask};
@@ -66,7 +68,50 @@ pub trait LocalAttention: Send + Sync {
     fn forward_lse(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         check_qkv("attention_lse", q, k, v)?;
         let n = q.size()[1];
-        lse::attention_lse(&self.mask(), q, k, v, &[(0, n)], &[(0, n)])
+        lse::attention_lse(&self.mask(), None, q, k, v, &[(0, n)], &[(0, n)])
+    }
+
+    /// [`forward`](LocalAttention::forward) over packed documents: each document of each
+    /// sample on its own (see [`Documents`]); `None` is the plain forward.
+    ///
+    /// # Shapes
+    /// `q`, `k`, `v`: `[b, N, h, d]` -> `[b, N, h, d]`; `docs` of b samples of N tokens.
+    fn forward_docs(&self, q: &Tensor, k: &Tensor, v: &Tensor, docs: Option<&Documents>) -> Result<Tensor> {
+        check_qkv("attention", q, k, v)?;
+        match docs {
+            Some(d) => {
+                d.check("attention", q.size()[0], q.size()[1], &self.mask())?;
+                if d.is_whole() {
+                    return self.forward(q, k, v);
+                }
+                documents::per_document(d, q, k, v, |q, k, v| self.forward(q, k, v), documents::cat)
+            }
+            None => self.forward(q, k, v),
+        }
+    }
+
+    /// [`forward_lse`](LocalAttention::forward_lse) over packed documents.
+    ///
+    /// # Shapes
+    /// As [`forward_docs`](LocalAttention::forward_docs); lse `[b, N, h]`.
+    fn forward_lse_docs(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        docs: Option<&Documents>,
+    ) -> Result<(Tensor, Tensor)> {
+        check_qkv("attention_lse", q, k, v)?;
+        match docs {
+            Some(d) => {
+                d.check("attention_lse", q.size()[0], q.size()[1], &self.mask())?;
+                if d.is_whole() {
+                    return self.forward_lse(q, k, v);
+                }
+                documents::per_document(d, q, k, v, |q, k, v| self.forward_lse(q, k, v), documents::cat_pairs)
+            }
+            None => self.forward_lse(q, k, v),
+        }
     }
 }
 
@@ -146,7 +191,24 @@ pub trait SequenceParallel {
     /// # Shapes
     /// `q`: `[b, s_r, H, d]`, `k`, `v`: `[b, s_r, H_kv, d]` -> `[b, s_r, H, d]`, where `s_r` is
     /// this rank's share of the sequence (whole sequence and local heads when tensor-parallel).
-    fn forward(&self, tape: &Tape, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor>;
+    fn forward(&self, tape: &Tape, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        self.forward_docs(tape, q, k, v, None)
+    }
+
+    /// [`forward`](SequenceParallel::forward) over packed documents (`None`: one document per
+    /// sample): a query sees only keys of its own document, under the kernel's rule applied
+    /// within it. Every rank passes the same documents, those of the whole batch.
+    ///
+    /// # Shapes
+    /// As `forward`; `docs` of b samples of N tokens (the global length).
+    fn forward_docs(
+        &self,
+        tape: &Tape,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        docs: Option<&Documents>,
+    ) -> Result<Tensor>;
 
     /// The forward without autograd, with the log-sum-exp of every attention row (over the
     /// keys its query sees, in the whole sequence): what flash-attention and ring-attention test
@@ -155,7 +217,28 @@ pub trait SequenceParallel {
     ///
     /// # Shapes
     /// As `forward`; lse `[b, s_r, H]` (local heads when tensor-parallel), f32 (f64 for f64).
-    fn forward_lse(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)>;
+    fn forward_lse(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.forward_lse_docs(q, k, v, None)
+    }
+
+    /// [`forward_lse`](SequenceParallel::forward_lse) over packed documents.
+    fn forward_lse_docs(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        docs: Option<&Documents>,
+    ) -> Result<(Tensor, Tensor)>;
+
+    /// Positions within their documents of the tokens `forward` receives (what RoPE rotates
+    /// packed sequences by): [`input_positions`](SequenceParallel::input_positions) restarted
+    /// at every document.
+    ///
+    /// # Shapes
+    /// -> `[b, s_r]` i64 (`[b, N]` when tensor-parallel).
+    fn input_positions_docs(&self, docs: &Documents, device: tch::Device) -> Result<Tensor> {
+        docs.local_positions(&self.input_positions(device)?)
+    }
 
     /// Which part of the global `[b, N, heads, ..]` tensors each rank holds: its tokens, or (for
     /// a tensor-parallel strategy) its heads. For feeding a strategy global tensors and putting

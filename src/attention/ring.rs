@@ -30,7 +30,7 @@ use tch::Tensor;
 
 use super::blockwise::{heads_first, merge, pair_visible, runs, Blockwise, Work};
 use super::flash::block_layout;
-use super::{compute_kind, Mask, SeqLayout, SequenceParallel};
+use super::{compute_kind, Documents, Mask, SeqLayout, SequenceParallel};
 use crate::autograd::Tape;
 use crate::comm::{Group, Started};
 use crate::error::TorchResultExt;
@@ -72,8 +72,17 @@ impl RingCore {
     }
 
     /// # Shapes
-    /// `q`: `[b, s, Hq, d]`, `k`, `v`: `[b, s, Hkv, d]` (this rank's tokens) -> `[b, s, Hq, d]`.
-    pub fn forward(&self, tape: &Tape, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    /// `q`: `[b, s, Hq, d]`, `k`, `v`: `[b, s, Hkv, d]` (this rank's tokens) -> `[b, s, Hq, d]`;
+    /// `docs`: the batch's packed documents, if any.
+    pub fn forward(
+        &self,
+        tape: &Tape,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        docs: Option<&Documents>,
+    ) -> Result<Tensor> {
+        self.check_docs(q, docs)?;
         let scale = 1.0 / (q.size()[3] as f64).sqrt();
         // The forward leaves what the backward needs here.
         let saved: Rc<Cell<Option<Saved>>> = Rc::default();
@@ -82,7 +91,7 @@ impl RingCore {
             "ring_attention",
             &[q, k, v],
             |xs| {
-                let (out, lse, work) = self.ring_forward(&xs[0], &xs[1], &xs[2], scale)?;
+                let (out, lse, work) = self.ring_forward(&xs[0], &xs[1], &xs[2], scale, docs)?;
                 self.work.set(work);
                 let result =
                     out.f_transpose(1, 2).and_then(|o| o.f_to_kind(xs[0].kind())).op("ring_attention")?;
@@ -94,12 +103,13 @@ impl RingCore {
             },
             {
                 let ring = self.detached();
+                let docs = docs.cloned();
                 move |gs| {
                     let s = saved_for_backward.take().ok_or_else(|| Error::Tape {
                         op: "ring_attention",
                         msg: "the forward saved nothing for the backward".into(),
                     })?;
-                    ring.ring_backward(&s, &gs[0], scale)
+                    ring.ring_backward(&s, &gs[0], scale, docs.as_ref())
                 }
             },
         )?;
@@ -110,13 +120,32 @@ impl RingCore {
     ///
     /// # Shapes
     /// As [`forward`](RingCore::forward); lse `[b, s, Hq]` in f32 (f64 for f64).
-    pub fn forward_lse(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+    pub fn forward_lse(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        docs: Option<&Documents>,
+    ) -> Result<(Tensor, Tensor)> {
+        self.check_docs(q, docs)?;
         let _no_grad = tch::no_grad_guard();
-        let (out, lse, work) = self.ring_forward(q, k, v, 1.0 / (q.size()[3] as f64).sqrt())?;
+        let (out, lse, work) = self.ring_forward(q, k, v, 1.0 / (q.size()[3] as f64).sqrt(), docs)?;
         self.work.set(work);
         // [b, Hq, s, d] -> [b, s, Hq, d]; [b, Hq, s] -> [b, s, Hq]
         let out = out.f_transpose(1, 2).and_then(|o| o.f_to_kind(q.kind())).op("ring_attention")?;
         Ok((out, lse.f_transpose(1, 2).op("ring_attention")?))
+    }
+
+    /// Packed documents must describe this batch: b samples of the whole sequence (the ring's
+    /// segments cover it).
+    fn check_docs(&self, q: &Tensor, docs: Option<&Documents>) -> Result<()> {
+        match docs {
+            Some(d) => {
+                let n: i64 = self.segments.iter().flatten().map(|&(_, len)| len).sum();
+                d.check("ring_attention", q.size()[0], n, &self.mask)
+            }
+            None => Ok(()),
+        }
     }
 
     /// A copy without the work counter, for the backward closure.
@@ -157,9 +186,16 @@ impl RingCore {
     }
 
     /// The forward ring: (out `[b, Hq, s, d]`, lse `[b, Hq, s]`) in f32, and the work done.
-    fn ring_forward(&self, q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<(Tensor, Tensor, Work)> {
+    fn ring_forward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        scale: f64,
+        docs: Option<&Documents>,
+    ) -> Result<(Tensor, Tensor, Work)> {
         let (p, r) = (self.group.size(), self.group.rank());
-        let attn = Blockwise { mask: &self.mask, scale, fused: true };
+        let attn = Blockwise { mask: &self.mask, docs, scale, fused: true };
         let qh = block_layout(q)?;
         let (mut kb, mut vb) = (k.shallow_clone(), v.shallow_clone());
         let mut acc: Option<(Tensor, Tensor)> = None;
@@ -193,10 +229,16 @@ impl RingCore {
     }
 
     /// The backward ring: K/V go round again with their dK/dV accumulators.
-    fn ring_backward(&self, s: &Saved, dout: &Tensor, scale: f64) -> Result<Vec<Tensor>> {
+    fn ring_backward(
+        &self,
+        s: &Saved,
+        dout: &Tensor,
+        scale: f64,
+        docs: Option<&Documents>,
+    ) -> Result<Vec<Tensor>> {
         let _no_grad = tch::no_grad_guard();
         let (p, r) = (self.group.size(), self.group.rank());
-        let attn = Blockwise { mask: &self.mask, scale, fused: true };
+        let attn = Blockwise { mask: &self.mask, docs, scale, fused: true };
         let f = |e: tch::TchError| Error::Torch { op: "ring_attention", source: e };
         let qh = block_layout(&s.q)?;
         let doh = heads_first(dout)?;
@@ -227,7 +269,7 @@ impl RingCore {
             let (dk_full, dv_full) = (acc_zeros(&kh)?, acc_zeros(&vh)?);
             for &(qo, q0, nq) in &qruns {
                 for &(ko, k0, nk) in &runs(&self.segments[src]) {
-                    if !pair_visible(&self.mask, (q0, nq), (k0, nk)) {
+                    if !pair_visible(&self.mask, docs, (q0, nq), (k0, nk)) {
                         continue;
                     }
                     let narrow = |t: &Tensor, o: i64, n: i64| t.f_narrow(2, o, n).map_err(f);
@@ -299,8 +341,38 @@ impl RingAttention {
         kv_heads: i64,
         zigzag: bool,
     ) -> Result<RingAttention> {
+        let layout = RingAttention::check(n, group.size(), heads, kv_heads, zigzag)?;
+        RingAttention::with_layout(group, mask, layout, heads, kv_heads)
+    }
+
+    /// Ring attention on any layout whose ranks hold as many tokens, e.g. one that balances a
+    /// packed batch's work ([`Documents::balanced_layout`]).
+    pub fn with_layout(
+        group: Group,
+        mask: Mask,
+        layout: SeqLayout,
+        heads: i64,
+        kv_heads: i64,
+    ) -> Result<RingAttention> {
         let p = group.size();
-        let layout = RingAttention::check(n, p, heads, kv_heads, zigzag)?;
+        if kv_heads < 1 || heads % kv_heads != 0 {
+            return Err(Error::InvalidArgument {
+                op: "ring_attention",
+                group: group.info().to_string(),
+                msg: format!("{heads} query heads cannot be grouped over {kv_heads} key/value heads"),
+            });
+        }
+        if layout.ranks() != p {
+            return Err(Error::InvalidArgument {
+                op: "ring_attention",
+                group: group.info().to_string(),
+                msg: format!(
+                    "the {} layout is for {} ranks, the group has {p}",
+                    layout.name(),
+                    layout.ranks()
+                ),
+            });
+        }
         let segments = (0..p).map(|r| layout.segments(r).to_vec()).collect();
         let g = heads / kv_heads;
         let kv_map = (g > 1).then(|| (0..heads).map(|h| h / g).collect());
@@ -352,14 +424,27 @@ impl SequenceParallel for RingAttention {
 
     /// # Shapes
     /// `q`: `[b, s_r, H, d]`, `k`, `v`: `[b, s_r, H_kv, d]` -> `[b, s_r, H, d]`.
-    fn forward(&self, tape: &Tape, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    fn forward_docs(
+        &self,
+        tape: &Tape,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        docs: Option<&Documents>,
+    ) -> Result<Tensor> {
         check_local("ring", &self.layout, self.rank(), self.heads, self.kv_heads, q, k, v)?;
-        self.core.forward(tape, q, k, v)
+        self.core.forward(tape, q, k, v, docs)
     }
 
-    fn forward_lse(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+    fn forward_lse_docs(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        docs: Option<&Documents>,
+    ) -> Result<(Tensor, Tensor)> {
         check_local("ring", &self.layout, self.rank(), self.heads, self.kv_heads, q, k, v)?;
-        self.core.forward_lse(q, k, v)
+        self.core.forward_lse(q, k, v, docs)
     }
 }
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use tch::Tensor;
 
-use super::{HeadPlan, LocalAttention, SeqLayout, SequenceParallel};
+use super::{Documents, HeadPlan, LocalAttention, SeqLayout, SequenceParallel};
 use crate::autograd::Tape;
 use crate::comm::Group;
 use crate::{Error, Result};
@@ -47,19 +47,51 @@ impl SequenceParallel for SingleDevice {
 
     /// # Shapes
     /// `q`: `[b, N, H, d]`, `k`, `v`: `[b, N, H_kv, d]` -> `[b, N, H, d]`.
-    fn forward(&self, tape: &Tape, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    fn forward_docs(
+        &self,
+        tape: &Tape,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        docs: Option<&Documents>,
+    ) -> Result<Tensor> {
         check_shapes("single", &self.layout, &self.heads, 0, q, k, v)?;
+        check_docs("single", docs, q, &self.layout, self.local.as_ref())?;
         // [b, N, H_kv, d] -> [b, N, H, d]
         let (k, v) = (self.heads.expand_kv(0, k)?, self.heads.expand_kv(0, v)?);
         // The attention core: recomputed in the backward under selective recomputation.
-        let local = Arc::clone(&self.local);
-        tape.recomputable("attention_core", &[q, &k, &v], move |x| local.forward(&x[0], &x[1], &x[2]))
+        let (local, docs) = (Arc::clone(&self.local), docs.cloned());
+        tape.recomputable("attention_core", &[q, &k, &v], move |x| {
+            local.forward_docs(&x[0], &x[1], &x[2], docs.as_ref())
+        })
     }
 
-    fn forward_lse(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+    fn forward_lse_docs(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        docs: Option<&Documents>,
+    ) -> Result<(Tensor, Tensor)> {
         check_shapes("single", &self.layout, &self.heads, 0, q, k, v)?;
+        check_docs("single", docs, q, &self.layout, self.local.as_ref())?;
         let (k, v) = (self.heads.expand_kv(0, k)?, self.heads.expand_kv(0, v)?);
-        self.local.forward_lse(q, &k, &v)
+        self.local.forward_lse_docs(q, &k, &v, docs)
+    }
+}
+
+/// Packed documents, if any, must describe b samples of the layout's N tokens, under a rule
+/// that restarts with each document: checked before anything is communicated.
+pub(crate) fn check_docs(
+    op: &'static str,
+    docs: Option<&Documents>,
+    q: &Tensor,
+    layout: &SeqLayout,
+    local: &dyn LocalAttention,
+) -> Result<()> {
+    match docs {
+        Some(d) => d.check(op, q.size()[0], layout.global_len(), &local.mask()),
+        None => Ok(()),
     }
 }
 

@@ -27,8 +27,8 @@ use std::sync::Arc;
 
 use tch::Tensor;
 
-use super::single::check_shapes;
-use super::{HeadPlan, LocalAttention, SeqLayout, SequenceParallel};
+use super::single::{check_docs, check_shapes};
+use super::{Documents, HeadPlan, LocalAttention, SeqLayout, SequenceParallel};
 use crate::autograd::Tape;
 use crate::comm::{AllToAll, Group};
 use crate::Result;
@@ -93,9 +93,17 @@ impl SequenceParallel for UlyssesAttention {
 
     /// # Shapes
     /// `q`: `[b, s_r, H, d]`, `k`, `v`: `[b, s_r, H_kv, d]` -> `[b, s_r, H, d]`.
-    fn forward(&self, tape: &Tape, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    fn forward_docs(
+        &self,
+        tape: &Tape,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        docs: Option<&Documents>,
+    ) -> Result<Tensor> {
         let r = self.group.rank();
         check_shapes("ulysses", &self.layout, &self.heads, r, q, k, v)?;
+        check_docs("ulysses", docs, q, &self.layout, self.local.as_ref())?;
         // [b, s_r, H_kv, d] -> [b, s_r, sum(KV_r), d]: each kv head once per rank that needs it
         let (k, v) = (self.heads.replicate_kv(k)?, self.heads.replicate_kv(v)?);
         // [b, s_r, H, d] -> [b, N, H_r, d]; [b, s_r, sum(KV_r), d] -> [b, N, KV_r, d]
@@ -105,19 +113,28 @@ impl SequenceParallel for UlyssesAttention {
         let [q, k, v] = [&full[0], &full[1], &full[2]];
         // [b, N, KV_r, d] -> [b, N, H_r, d]
         let (k, v) = (self.heads.expand_kv(r, k)?, self.heads.expand_kv(r, v)?);
-        // The attention core: recomputed in the backward under selective recomputation.
-        let local = Arc::clone(&self.local);
-        let o =
-            tape.recomputable("attention_core", &[q, &k, &v], move |x| local.forward(&x[0], &x[1], &x[2]))?;
+        // The attention core on whole sequences (each packed document on its own): recomputed
+        // in the backward under selective recomputation.
+        let (local, docs) = (Arc::clone(&self.local), docs.cloned());
+        let o = tape.recomputable("attention_core", &[q, &k, &v], move |x| {
+            local.forward_docs(&x[0], &x[1], &x[2], docs.as_ref())
+        })?;
         // [b, N, H_r, d] -> [b, s_r, H, d]
         tape.all_to_all_v(&self.group, &o, 1, 2, self.layout.lens(), self.heads.q_split())
     }
 
     /// # Shapes
     /// As `forward`; lse `[b, N, H_r]` -> `[b, s_r, H]` by the same all-to-all as the output.
-    fn forward_lse(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+    fn forward_lse_docs(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        docs: Option<&Documents>,
+    ) -> Result<(Tensor, Tensor)> {
         let r = self.group.rank();
         check_shapes("ulysses", &self.layout, &self.heads, r, q, k, v)?;
+        check_docs("ulysses", docs, q, &self.layout, self.local.as_ref())?;
         let _no_grad = tch::no_grad_guard();
         let (k, v) = (self.heads.replicate_kv(k)?, self.heads.replicate_kv(v)?);
         let g = &self.group;
@@ -125,7 +142,7 @@ impl SequenceParallel for UlyssesAttention {
         let q = g.all_to_all_spec(q, &self.q_a2a)?;
         let k = self.heads.expand_kv(r, &g.all_to_all_spec(&k, &self.kv_a2a)?)?;
         let v = self.heads.expand_kv(r, &g.all_to_all_spec(&v, &self.kv_a2a)?)?;
-        let (o, lse) = self.local.forward_lse(&q, &k, &v)?;
+        let (o, lse) = self.local.forward_lse_docs(&q, &k, &v, docs)?;
         // [b, N, H_r, ..] -> [b, s_r, H, ..]
         let back = |t: &Tensor| g.all_to_all_v(t, 1, 2, self.layout.lens(), self.heads.q_split());
         Ok((back(&o)?, back(&lse)?))

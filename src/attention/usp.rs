@@ -17,7 +17,7 @@ use tch::Tensor;
 
 use super::ring::RingCore;
 use super::single::check_shapes;
-use super::{HeadPlan, Mask, SeqLayout, SequenceParallel, StrategyConfig};
+use super::{Documents, HeadPlan, Mask, SeqLayout, SequenceParallel, StrategyConfig};
 use crate::autograd::Tape;
 use crate::comm::{AllToAll, Group, Mesh, MeshShape};
 use crate::Result;
@@ -99,7 +99,14 @@ impl SequenceParallel for UspAttention {
 
     /// # Shapes
     /// `q`: `[b, s_r, H, d]`, `k`, `v`: `[b, s_r, H_kv, d]` -> `[b, s_r, H, d]`.
-    fn forward(&self, tape: &Tape, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    fn forward_docs(
+        &self,
+        tape: &Tape,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        docs: Option<&Documents>,
+    ) -> Result<Tensor> {
         let plan_all = HeadPlan::new(self.heads.heads(), self.heads.kv_heads(), 1)?;
         check_shapes("usp", &self.layout, &plan_all, self.rank(), q, k, v)?;
         // [b, s_r, H_kv, d] -> [b, s_r, sum(KV_u), d]: kv heads once per Ulysses rank that needs them
@@ -107,14 +114,20 @@ impl SequenceParallel for UspAttention {
         // [b, s_r, H, d] -> [b, N/R, H_u, d]; [b, s_r, sum(KV_u), d] -> [b, N/R, KV_u, d]
         let full =
             tape.all_to_all_many(&self.ulysses, &[(q, &self.q_a2a), (&k, &self.kv_a2a), (&v, &self.kv_a2a)])?;
-        let o = self.ring.forward(tape, &full[0], &full[1], &full[2])?;
+        let o = self.ring.forward(tape, &full[0], &full[1], &full[2], docs)?;
         // [b, N/R, H_u, d] -> [b, s_r, H, d]
         tape.all_to_all_v(&self.ulysses, &o, 1, 2, &self.chunk_split, self.heads.q_split())
     }
 
     /// # Shapes
     /// As `forward`; lse `[b, N/R, H_u]` -> `[b, s_r, H]` by the output's all-to-all.
-    fn forward_lse(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+    fn forward_lse_docs(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        docs: Option<&Documents>,
+    ) -> Result<(Tensor, Tensor)> {
         let plan_all = HeadPlan::new(self.heads.heads(), self.heads.kv_heads(), 1)?;
         check_shapes("usp", &self.layout, &plan_all, self.rank(), q, k, v)?;
         let _no_grad = tch::no_grad_guard();
@@ -126,7 +139,7 @@ impl SequenceParallel for UspAttention {
             u.all_to_all_spec(&k, &self.kv_a2a)?,
             u.all_to_all_spec(&v, &self.kv_a2a)?,
         );
-        let (o, lse) = self.ring.forward_lse(&q, &k, &v)?;
+        let (o, lse) = self.ring.forward_lse(&q, &k, &v, docs)?;
         // [b, N/R, H_u, ..] -> [b, s_r, H, ..]
         let back = |t: &Tensor| u.all_to_all_v(t, 1, 2, &self.chunk_split, self.heads.q_split());
         Ok((back(&o)?, back(&lse)?))

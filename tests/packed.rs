@@ -1,0 +1,431 @@
+//! Packed variable-length sequences through every strategy: documents of random lengths in each
+//! sample (length 1, documents crossing rank boundaries, one longer than a rank's share, all
+//! equal), forward, backward and log-sum-exp against single-device f64 attention whose mask is
+//! written out here from the offsets, pair by pair; the visible-pair counts against the same
+//! mask; the load balance of the layouts on packed batches; and the refusals of bad offsets.
+
+mod common;
+
+use anyhow::{ensure, Result};
+use common::parity::{allclose, tol, Grad, Spec};
+use common::reference_attention;
+use proptest::prelude::*;
+use tch::{Device, Kind, Tensor};
+use ulysses::attention::{
+    imbalance, AttentionConfig, BlockSparse, Documents, Kernel, Mask, RingAttention, SeqLayout,
+    SequenceParallel, StrategyConfig,
+};
+use ulysses::autograd::Tape;
+use ulysses::comm::launch;
+
+/// Every strategy that runs on `p` ranks.
+fn strategies_for(p: usize) -> Vec<StrategyConfig> {
+    let mut v = vec![
+        StrategyConfig::Ulysses,
+        StrategyConfig::MegatronSp,
+        StrategyConfig::Ring { zigzag: false },
+        StrategyConfig::Ring { zigzag: true },
+        StrategyConfig::AllGatherKv { zigzag: false },
+        StrategyConfig::AllGatherKv { zigzag: true },
+    ];
+    if p == 4 {
+        v.push(StrategyConfig::Usp { ulysses: 2, zigzag: false });
+        v.push(StrategyConfig::Usp { ulysses: 2, zigzag: true });
+    }
+    if p == 1 {
+        v.push(StrategyConfig::Single);
+    }
+    v
+}
+
+/// The document of every position of one sample, from its lengths.
+fn doc_index(lengths: &[i64]) -> Vec<(usize, i64)> {
+    // (document, its first position) per position
+    let mut out = Vec::new();
+    let mut start = 0;
+    for (d, &l) in lengths.iter().enumerate() {
+        for _ in 0..l {
+            out.push((d, start));
+        }
+        start += l;
+    }
+    out
+}
+
+/// The reference mask, written out pair by pair: query i sees key j when both lie in one
+/// document and the rule allows them at their positions within it. `[b, 1, N, N]`.
+fn allowed(lengths: &[Vec<i64>], mask: Mask) -> Tensor {
+    let n: i64 = lengths[0].iter().sum();
+    let mut flags = Vec::new();
+    for sample in lengths {
+        let at = doc_index(sample);
+        for i in 0..n as usize {
+            for j in 0..n as usize {
+                let ((di, si), (dj, _)) = (at[i], at[j]);
+                flags.push(di == dj && mask.allows(i as i64 - si, j as i64 - si));
+            }
+        }
+    }
+    Tensor::from_slice(&flags).reshape([lengths.len() as i64, 1, n, n])
+}
+
+/// The f64 reference: [out, dq, dk, dv, lse].
+fn reference(spec: &Spec, lengths: &[Vec<i64>], mask: Mask) -> [Tensor; 5] {
+    let [q, k, v, w] = spec.tensors();
+    let allowed = allowed(lengths, mask);
+    let [out, dq, dk, dv] = reference_attention(&allowed, &q, &k, &v, &w);
+    let map = Tensor::arange(spec.heads, (Kind::Int64, Device::Cpu))
+        .floor_divide_scalar(spec.heads / spec.kv_heads);
+    // [b, N, H, d] -> [b, H, N, d]; [b, H, N, N] -> logsumexp -> [b, H, N] -> [b, N, H]
+    let qd = q.to_kind(Kind::Double).transpose(1, 2);
+    let kd = k.to_kind(Kind::Double).index_select(2, &map).transpose(1, 2);
+    let scores = qd.matmul(&kd.transpose(-2, -1)) / (spec.d as f64).sqrt();
+    let lse =
+        scores.masked_fill(&allowed.logical_not(), f64::NEG_INFINITY).logsumexp([-1i64].as_slice(), false);
+    [out, dq, dk, dv, lse.transpose(1, 2)]
+}
+
+/// `strategy` on `p` thread ranks over the packed batch: forward, tape backward of
+/// `sum(out * grad_out)`, and the lse pass, put back together.
+fn run(
+    strategy: StrategyConfig,
+    kernel: Kernel,
+    p: usize,
+    spec: &Spec,
+    mask: Mask,
+    docs: &Documents,
+) -> ulysses::Result<[Tensor; 5]> {
+    let attention = AttentionConfig::new(kernel, mask);
+    let per_rank = launch(p, |ctx| -> ulysses::Result<(Vec<Tensor>, ulysses::attention::Sharding)> {
+        let r = ctx.rank();
+        let s = strategy.build(ctx.world(), attention, spec.n, spec.heads, spec.kv_heads)?;
+        let sharding = s.sharding();
+        let [q, k, v, w] = spec.tensors();
+        let mine = |t: &Tensor| -> ulysses::Result<Tensor> {
+            Ok(sharding.shard(t, r)?.copy().set_requires_grad(true))
+        };
+        let (q, k, v) = (mine(&q)?, mine(&k)?, mine(&v)?);
+        let tape = Tape::new();
+        let o = s.forward_docs(&tape, &q, &k, &v, Some(docs))?;
+        tape.backward(&(&o * sharding.shard(&w, r)?).sum(o.kind()))?;
+        let (_, lse) = s.forward_lse_docs(&q.detach(), &k.detach(), &v.detach(), Some(docs))?;
+        Ok((vec![o.detach(), q.grad(), k.grad(), v.grad(), lse], sharding))
+    })?;
+    let sharding = &per_rank[0].1;
+    let part =
+        |i: usize| sharding.unshard(&per_rank.iter().map(|(t, _)| t[i].shallow_clone()).collect::<Vec<_>>());
+    Ok([part(0)?, part(1)?, part(2)?, part(3)?, part(4)?])
+}
+
+/// `run` against `reference`, every tensor within the dtype's bound (tests/common/parity.rs:
+/// the worst case of rounding in any order for N keys, which bounds the shorter sums of a
+/// document too). A strategy that cannot take the shapes at all (Megatron-SP with heads that
+/// do not split, ring with N not splitting) must be refused by its own check, packed or not.
+fn check(
+    strategy: StrategyConfig,
+    kernel: Kernel,
+    p: usize,
+    spec: &Spec,
+    mask: Mask,
+    lengths: &[Vec<i64>],
+) -> Result<bool> {
+    if strategy.check(spec.n, p, spec.heads, spec.kv_heads).is_err() {
+        return Ok(false);
+    }
+    let docs = Documents::from_lengths(spec.n, lengths)?;
+    let got = run(strategy, kernel, p, spec, mask, &docs)?;
+    let want = reference(spec, lengths, mask);
+    for (i, name) in ["out", "dq", "dk", "dv", "lse"].iter().enumerate() {
+        let label = format!(
+            "{} {kernel:?} P={p} {:?} {mask:?} documents {lengths:?} {name}",
+            strategy.label(),
+            spec.kind
+        );
+        allclose(&label, &got[i], &want[i], tol(spec, p))?;
+    }
+    Ok(true)
+}
+
+/// Documents of a batch of 2 samples of N = 48, each case something a packer produces: one
+/// document per sample (nothing packed), length-1 documents, documents that cross every rank
+/// boundary, one longer than a rank's share (24 > 48/4), all equal.
+fn cases() -> Vec<Vec<Vec<i64>>> {
+    vec![
+        vec![vec![48], vec![48]],
+        vec![vec![1, 47], vec![1, 1, 1, 45]],
+        vec![vec![5, 7, 12, 24], vec![13, 1, 29, 5]],
+        vec![vec![16, 16, 16], vec![6, 6, 6, 6, 6, 6, 6, 6]],
+        vec![vec![30, 18], vec![2, 40, 6]],
+    ]
+}
+
+fn masks() -> Vec<Mask> {
+    vec![Mask::None, Mask::Causal, Mask::SlidingWindow { window: 5 }, Mask::SlidingWindow { window: 1 }]
+}
+
+#[test]
+fn every_strategy_on_packed_documents_matches_one_device_in_f64() -> Result<()> {
+    let mut ran = 0;
+    for p in [1usize, 2, 3, 4] {
+        for strategy in strategies_for(p) {
+            for lengths in cases() {
+                for mask in masks() {
+                    let spec = Spec::new(48, 4, 2);
+                    ran += usize::from(check(strategy, Kernel::Sdpa, p, &spec, mask, &lengths)?);
+                }
+            }
+        }
+    }
+    // Which strategies take N = 48, 4 heads over 2 kv heads: ring and zigzag need 48 to split
+    // in P or 2P chunks (P = 3: yes, 48 = 6 x 8), Megatron-SP needs P to divide the kv heads
+    // (P = 1, 2). Counted here so that a refusal that should not happen fails.
+    let expected_strategies = 7 + 6 + 5 + 7; // P = 1, 2, 3, 4
+    ensure!(ran == expected_strategies * cases().len() * masks().len(), "{ran} cases ran");
+    Ok(())
+}
+
+#[test]
+fn packed_documents_in_f32_and_with_every_kernel() -> Result<()> {
+    for kind in [Kind::Float, Kind::Double] {
+        for kernel in [Kernel::Math, Kernel::Sdpa, Kernel::Blocked] {
+            for strategy in strategies_for(4) {
+                for lengths in [&cases()[2], &cases()[4]] {
+                    for mask in [Mask::Causal, Mask::SlidingWindow { window: 5 }] {
+                        if kernel == Kernel::Blocked && mask == Mask::Causal {
+                            continue; // the blocked kernel is for sparse rules only (it refuses dense ones)
+                        }
+                        let spec = Spec { kind, logits: 3.0, grad: Grad::Random, ..Spec::new(48, 8, 4) };
+                        check(strategy, kernel, 4, &spec, mask, lengths)?;
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn one_document_per_sample_is_the_unpacked_batch_bit_for_bit() -> Result<()> {
+    // Documents::whole must take exactly the unpacked path: the same bits as forward().
+    let spec = Spec { kind: Kind::Float, ..Spec::new(48, 8, 4) };
+    for strategy in strategies_for(4) {
+        let docs = Documents::whole(48, 2)?;
+        let packed = run(strategy, Kernel::Sdpa, 4, &spec, Mask::Causal, &docs)?;
+        let plain = common::parity::run(strategy, Kernel::Sdpa, 4, &spec, Mask::Causal)?;
+        for (i, name) in ["out", "dq", "dk", "dv", "lse"].iter().enumerate() {
+            ensure!(packed[i].equal(&plain[i]), "{}: {name} differs from the unpacked run", strategy.label());
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn visible_pairs_and_rank_work_count_the_mask_written_out() -> Result<()> {
+    for lengths in cases() {
+        let docs = Documents::from_lengths(48, &lengths)?;
+        for mask in masks() {
+            let dense = allowed(&lengths, mask); // [b, 1, N, N]
+            let total = dense.sum(Kind::Int64).int64_value(&[]) as u64;
+            ensure!(
+                docs.visible_pairs(&mask) == total,
+                "{lengths:?} {mask:?}: {} != {total}",
+                docs.visible_pairs(&mask)
+            );
+            for layout in
+                [SeqLayout::contiguous(48, 4)?, SeqLayout::zigzag(48, 4)?, SeqLayout::contiguous(48, 5)?]
+            {
+                let work = docs.work_per_rank(&mask, &layout);
+                for (r, &w) in work.iter().enumerate() {
+                    let rows = layout.positions(r, Device::Cpu)?;
+                    // the rank's query rows of the written-out mask
+                    let mine = dense.index_select(2, &rows).sum(Kind::Int64).int64_value(&[]) as u64;
+                    ensure!(w == mine, "{lengths:?} {mask:?} {} rank {r}: {w} != {mine}", layout.name());
+                }
+                // and a block of queries against a block of keys
+                let (q, k) = ((7, 9), (3, 20));
+                let block =
+                    dense.narrow(2, q.0, q.1).narrow(3, k.0, k.1).sum(Kind::Int64).int64_value(&[]) as u64;
+                ensure!(docs.visible_in_block(&mask, q, k) == block, "{lengths:?} {mask:?} block");
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn ring_attention_reports_the_packed_work_each_rank_did() -> Result<()> {
+    // The ring's own count (what its blocks computed, visible pairs summed over the samples)
+    // must be what the documents say each rank's queries see.
+    let lengths = vec![vec![5, 7, 12, 24], vec![13, 1, 29, 5]];
+    let docs = Documents::from_lengths(48, &lengths)?;
+    for zigzag in [false, true] {
+        let spec = Spec::new(48, 2, 2);
+        let works = launch(4, |ctx| -> ulysses::Result<u64> {
+            let ring = RingAttention::new(ctx.world().clone(), Mask::Causal, 48, 2, 2, zigzag)?;
+            let [q, k, v, _] = spec.tensors();
+            let mine = |t: &Tensor| ring.layout().shard(t, 1, ctx.rank());
+            let _ = ring.forward_lse_docs(&mine(&q)?, &mine(&k)?, &mine(&v)?, Some(&docs))?;
+            Ok(ring.last_forward_work().visible)
+        })?;
+        let layout = if zigzag { SeqLayout::zigzag(48, 4)? } else { SeqLayout::contiguous(48, 4)? };
+        ensure!(works == docs.work_per_rank(&Mask::Causal, &layout), "zigzag {zigzag}: {works:?}");
+    }
+    Ok(())
+}
+
+#[test]
+fn packed_work_per_rank_by_layout_written_out_and_the_balanced_layout() -> Result<()> {
+    // Eight documents of 64 tokens, then one of 512: 1024 tokens on P = 8, causal. Worked out by
+    // hand: a 64-token document holds 64 x 65 / 2 = 2080 pairs, the 512-token one 512 x 513 / 2
+    // = 131328, so the mean is (8 x 2080 + 131328) / 8 = 18496 pairs per rank.
+    // - contiguous (128 tokens per rank): the last rank holds positions 384..512 of the long
+    //   document, 385 + .. + 512 = 57408 pairs: 3.104 x the mean;
+    // - zigzag (chunks of 64, rank r holds chunks r and 15 - r): chunk r is a short document
+    //   (2080), chunk 15 - r is part 7 - r of the long one (4096 (7 - r) + 2080 pairs), so rank 0
+    //   has 32832: 1.775 x the mean. Zigzag balances one causal sequence, not packed documents.
+    let lengths = vec![vec![64; 8].into_iter().chain([512]).collect::<Vec<_>>()];
+    let docs = Documents::from_lengths(1024, &lengths)?;
+    let mean = 18_496.0;
+    let contiguous = imbalance(&docs.work_per_rank(&Mask::Causal, &SeqLayout::contiguous(1024, 8)?));
+    let zigzag = imbalance(&docs.work_per_rank(&Mask::Causal, &SeqLayout::zigzag(1024, 8)?));
+    ensure!((contiguous - 57_408.0 / mean).abs() < 1e-12, "contiguous {contiguous}");
+    ensure!((zigzag - 32_832.0 / mean).abs() < 1e-12, "zigzag {zigzag}");
+    // The balanced layout: every rank as many tokens, the work within 5% of the mean.
+    let layout = docs.balanced_layout(&Mask::Causal, 8, 8)?;
+    let work = docs.work_per_rank(&Mask::Causal, &layout);
+    let balanced = imbalance(&work);
+    println!("max/mean causal work per rank, 8 x 64 + 512 tokens on 8 ranks: contiguous {contiguous:.3}, zigzag {zigzag:.3}, balanced {balanced:.3}");
+    ensure!(layout.lens().iter().all(|&l| l == 128), "{:?}", layout.lens());
+    ensure!(work.iter().sum::<u64>() == docs.visible_pairs(&Mask::Causal), "work lost: {work:?}");
+    ensure!(balanced < 1.05, "balanced {balanced}: {work:?}");
+    Ok(())
+}
+
+#[test]
+fn ring_attention_on_the_balanced_layout_matches_one_device() -> Result<()> {
+    // The ring takes any layout whose ranks hold as many tokens: the balanced one, cut per batch.
+    for lengths in [cases()[2].clone(), cases()[4].clone()] {
+        let docs = Documents::from_lengths(48, &lengths)?;
+        for mask in masks() {
+            let layout = docs.balanced_layout(&mask, 4, 3)?;
+            let spec = Spec::new(48, 4, 2);
+            let got = launch(4, |ctx| -> ulysses::Result<Vec<Tensor>> {
+                let r = ctx.rank();
+                let ring = RingAttention::with_layout(ctx.world().clone(), mask, layout.clone(), 4, 2)?;
+                let [q, k, v, w] = spec.tensors();
+                let mine = |t: &Tensor| -> ulysses::Result<Tensor> {
+                    Ok(layout.shard(t, 1, r)?.copy().set_requires_grad(true))
+                };
+                let (q, k, v) = (mine(&q)?, mine(&k)?, mine(&v)?);
+                let tape = Tape::new();
+                let o = ring.forward_docs(&tape, &q, &k, &v, Some(&docs))?;
+                tape.backward(&(&o * layout.shard(&w, 1, r)?).sum(o.kind()))?;
+                Ok(vec![o.detach(), q.grad(), k.grad(), v.grad()])
+            })?;
+            let want = reference(&spec, &lengths, mask);
+            for (i, name) in ["out", "dq", "dk", "dv"].iter().enumerate() {
+                let parts: Vec<Tensor> = got.iter().map(|t| t[i].shallow_clone()).collect();
+                let label = format!("ring on the balanced layout {lengths:?} {mask:?} {name}");
+                allclose(&label, &layout.unshard(&parts, 1)?, &want[i], tol(&spec, 4))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn bad_offsets_are_refused_naming_the_sample_and_the_offsets() -> Result<()> {
+    let err = |n: i64, cu: Vec<Vec<i64>>| match Documents::new(n, cu) {
+        Ok(_) => "accepted".to_string(),
+        Err(e) => e.to_string(),
+    };
+    let cases = [
+        (err(8, vec![vec![0, 8], vec![1, 8]]), vec!["sample 1", "[1, 8]", "start at 0, not 1"]),
+        (
+            err(8, vec![vec![0, 5, 3, 8]]),
+            vec!["sample 0", "[0, 5, 3, 8]", "offsets going back at index 2 (5 then 3)"],
+        ),
+        (err(8, vec![vec![0, 4, 4, 8]]), vec!["a document of length 0 at index 2 (4 then 4)"]),
+        (
+            err(8, vec![vec![0, 4, 8], vec![0, 4, 7]]),
+            vec!["sample 1", "[0, 4, 7]", "end at the sequence length 8, not 7"],
+        ),
+        (err(8, vec![vec![0]]), vec!["sample 0", "need at least [0, 8]"]),
+        (err(8, vec![]), vec!["no sample"]),
+    ];
+    for (got, wants) in cases {
+        for want in wants {
+            ensure!(got.contains(want), "{got:?} should say {want:?}");
+        }
+    }
+    // A batch the documents do not describe, and a rule tied to global positions.
+    let docs = Documents::from_lengths(48, &[vec![20, 28], vec![48]])?;
+    let spec = Spec::new(48, 4, 2);
+    let e = run(StrategyConfig::Ulysses, Kernel::Sdpa, 2, &Spec { b: 3, ..spec }, Mask::Causal, &docs)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    ensure!(e.contains("2 sample(s) of 48 tokens, the batch has 3 of 48"), "{e}");
+    let sparse = Mask::BlockSparse(BlockSparse { block: 4, local_blocks: 2, global_blocks: 1, causal: true });
+    for strategy in [
+        StrategyConfig::Ulysses,
+        StrategyConfig::Ring { zigzag: true },
+        StrategyConfig::AllGatherKv { zigzag: false },
+    ] {
+        let e = run(strategy, Kernel::Sdpa, 2, &spec, sparse, &docs)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        ensure!(
+            e.contains("packed documents need a rule that restarts with each document"),
+            "{}: {e}",
+            strategy.label()
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn positions_restart_at_every_document() -> Result<()> {
+    let docs = Documents::from_lengths(10, &[vec![3, 7], vec![1, 1, 8]])?;
+    let layout = SeqLayout::zigzag(10, 1)?;
+    let global = layout.positions(0, Device::Cpu)?;
+    let local = docs.local_positions(&global)?;
+    let got: Vec<Vec<i64>> = (0..2).map(|s| Vec::<i64>::try_from(local.get(s)).unwrap_or_default()).collect();
+    ensure!(got == vec![vec![0, 1, 2, 0, 1, 2, 3, 4, 5, 6], vec![0, 0, 0, 1, 2, 3, 4, 5, 6, 7]], "{got:?}");
+    Ok(())
+}
+
+/// Document lengths summing to `n`: cut points drawn at random (length 1 included).
+fn lengths(n: i64) -> impl Strategy<Value = Vec<i64>> {
+    proptest::collection::btree_set(1..n, 0..(n as usize).min(12)).prop_map(move |cuts| {
+        let mut points: Vec<i64> = std::iter::once(0).chain(cuts).chain(std::iter::once(n)).collect();
+        points.dedup();
+        points.windows(2).map(|w| w[1] - w[0]).collect()
+    })
+}
+
+proptest! {
+    // A fixed number of cases, each a few launches of a few milliseconds; the seed is random
+    // unless PROPTEST_RNG_SEED fixes it.
+    #![proptest_config(ProptestConfig { cases: 96, max_shrink_iters: 100, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_documents_match_one_device(
+        p in prop::sample::select(vec![1usize, 2, 3, 4]),
+        pick in 0usize..16,
+        window in 1i64..12,
+        mask_kind in 0usize..3,
+        a in lengths(24),
+        b in lengths(24),
+        f32 in any::<bool>(),
+    ) {
+        let strategies = strategies_for(p);
+        let strategy = strategies[pick % strategies.len()];
+        let mask = [Mask::None, Mask::Causal, Mask::SlidingWindow { window }][mask_kind];
+        let kind = if f32 { Kind::Float } else { Kind::Double };
+        let spec = Spec { kind, ..Spec::new(24, 4, 2) };
+        let r = check(strategy, Kernel::Sdpa, p, &spec, mask, &[a, b]);
+        prop_assert!(r.is_ok(), "{:?}", r.err());
+    }
+}
