@@ -11,6 +11,7 @@ must run without a full PyTorch.
     python3 scripts/compare_layer.py --ranks 4 --seq 1000 --heads 12 --kv-heads 4 --dtype float32
     python3 scripts/compare_layer.py --strategy ring_zigzag --mask window:100 --seq 1024
     python3 scripts/compare_layer.py --strategy megatron_sp --mask sparse-causal:16,4,1 --seq 512 --kv-heads 4
+    python3 scripts/compare_layer.py --strategy ring_zigzag --documents 7 --seq 1024   # packed: cu_seqlens
 """
 import argparse
 import os
@@ -56,6 +57,8 @@ def main() -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"])
     ap.add_argument("--mask", default="causal", help="none, causal, window:W, sparse:B,L,G or sparse-causal:B,L,G")
     ap.add_argument("--logits", type=float, default=1.0, help="standard deviation of the attention logits")
+    ap.add_argument("--documents", type=int, default=1,
+                    help="documents packed into each sample, of random lengths (cu_seqlens in the input file)")
     args = ap.parse_args()
 
     dtype = getattr(torch, args.dtype)
@@ -67,10 +70,23 @@ def main() -> int:
     k = (torch.randn(b, n, hkv, d, dtype=torch.float64) * s).to(dtype)
     v = torch.randn(b, n, hkv, d, dtype=dtype)
     grad_out = torch.randn(b, n, h, d, dtype=dtype)
+    # Packed documents: random cut points per sample, one flat cu_seqlens over the b x N tokens
+    # (FlashAttention's varlen convention), and each token's document for the reference's mask.
+    doc = torch.zeros(b, n, dtype=torch.long)
+    offsets = [0]
+    for i in range(b):
+        cuts = sorted(torch.randperm(n - 1)[: args.documents - 1].add(1).tolist())
+        for c in cuts:
+            doc[i, c:] += 1
+        offsets += [i * n + c for c in cuts] + [(i + 1) * n]
+    cu_seqlens = torch.tensor(offsets, dtype=torch.int32)
 
     with tempfile.TemporaryDirectory() as tmp:
         inp, out = os.path.join(tmp, "in.safetensors"), os.path.join(tmp, "out.safetensors")
-        save_file({"q": q, "k": k, "v": v, "grad_out": grad_out}, inp)
+        tensors = {"q": q, "k": k, "v": v, "grad_out": grad_out}
+        if args.documents > 1:
+            tensors["cu_seqlens"] = cu_seqlens
+        save_file(tensors, inp)
         cmd = [args.binary, "layer", "--strategy", args.strategy, "--ranks", str(args.ranks), "--mask", args.mask,
                "--lse", "--input", inp, "--output", out]
         subprocess.run(cmd, check=True)
@@ -81,7 +97,9 @@ def main() -> int:
     g = h // hkv
     ke = kr.repeat_interleave(g, dim=2).transpose(1, 2)
     ve = vr.repeat_interleave(g, dim=2).transpose(1, 2)
-    m = allowed(args.mask, n)
+    # The rule on global positions equals the rule within each document for none, causal and
+    # window (they depend on distances only), so a same-document mask on top is the packed rule.
+    m = allowed(args.mask, n) & (doc.unsqueeze(2) == doc.unsqueeze(1)).unsqueeze(1)  # [b, 1, N, N]
     o = F.scaled_dot_product_attention(qr.transpose(1, 2), ke, ve, attn_mask=m).transpose(1, 2)
     o.backward(grad_out.double())
     with torch.no_grad():

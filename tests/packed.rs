@@ -429,3 +429,68 @@ proptest! {
         prop_assert!(r.is_ok(), "{:?}", r.err());
     }
 }
+
+#[test]
+fn ulysses_layer_takes_cu_seqlens_from_its_input_file() -> Result<()> {
+    // FlashAttention's varlen convention: one flat list over the b x N tokens, i32.
+    let dir = std::env::temp_dir().join(format!("ulysses-packed-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let (input, output) = (dir.join("in.safetensors"), dir.join("out.safetensors"));
+    let lengths = vec![vec![5, 7, 12], vec![1, 22, 1]];
+    let spec = Spec { kind: Kind::Float, logits: 3.0, ..Spec::new(24, 8, 4) };
+    let flat = Documents::from_lengths(24, &lengths)?.flat();
+    ensure!(flat == vec![0, 5, 12, 24, 25, 47, 48], "{flat:?}");
+    let cu = Tensor::from_slice(&flat.iter().map(|&o| o as i32).collect::<Vec<_>>());
+    let [q, k, v, go] = spec.tensors();
+    Tensor::write_safetensors(
+        &[("q", &q), ("k", &k), ("v", &v), ("grad_out", &go), ("cu_seqlens", &cu)],
+        &input,
+    )?;
+    let want = reference(&spec, &lengths, Mask::SlidingWindow { window: 6 });
+    for (strategy, ranks) in
+        [("ulysses", "4"), ("ring_zigzag", "2"), ("usp_zigzag:2", "4"), ("megatron_sp", "4")]
+    {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ulysses"))
+            .args([
+                "layer",
+                "--strategy",
+                strategy,
+                "--ranks",
+                ranks,
+                "--mask",
+                "window:6",
+                "--lse",
+                "--input",
+            ])
+            .arg(&input)
+            .arg("--output")
+            .arg(&output)
+            .output()?;
+        let label = format!("ulysses layer {strategy} P={ranks}");
+        ensure!(out.status.success(), "{label}: {}", String::from_utf8_lossy(&out.stderr));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        ensure!(stdout.contains("packed documents per sample [3, 3]"), "{label}: {stdout}");
+        let got = Tensor::read_safetensors(&output)?;
+        for (name, w) in ["out", "grad_q", "grad_k", "grad_v", "lse"].iter().zip(&want) {
+            let t = &got.iter().find(|(n, _)| n == name).expect("every output tensor is written").1;
+            allclose(&format!("{label} {name}"), t, w, tol(&spec, ranks.parse()?))?;
+        }
+    }
+    // A document running on into the next sample: refused, naming the offsets and the boundary.
+    let cu = Tensor::from_slice(&[0i64, 5, 30, 48]);
+    Tensor::write_safetensors(&[("q", &q), ("k", &k), ("v", &v), ("cu_seqlens", &cu)], &input)?;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ulysses"))
+        .args(["layer", "--ranks", "2", "--input"])
+        .arg(&input)
+        .arg("--output")
+        .arg(&output)
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success(), "accepted a document across samples");
+    ensure!(
+        err.contains("cu_seqlens [0, 5, 30, 48] must hold every sample boundary: 24 is missing"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}

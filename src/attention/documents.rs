@@ -100,6 +100,53 @@ impl Documents {
         Documents::new(n, offsets)
     }
 
+    /// Documents from one flat `cu_seqlens` over the `b x n` tokens of the batch in order (the
+    /// convention of FlashAttention's varlen functions): `[0, .., b n]`, every sample boundary
+    /// `s n` among the offsets (a document does not run on into the next sample).
+    pub fn from_flat(n: i64, b: i64, cu_seqlens: &[i64]) -> Result<Documents> {
+        if n < 1 || b < 1 {
+            return Err(Self::error(format!("a batch of {b} sample(s) of {n} tokens holds no document")));
+        }
+        let shown = show(cu_seqlens);
+        if cu_seqlens.first() != Some(&0) || cu_seqlens.last() != Some(&(b * n)) {
+            return Err(Self::error(format!(
+                "cu_seqlens {shown} must run from 0 to the batch's {b} x {n} = {} tokens",
+                b * n
+            )));
+        }
+        let mut offsets = vec![Vec::new(); b as usize];
+        for s in 0..b {
+            let (lo, hi) = (s * n, (s + 1) * n);
+            if !cu_seqlens.contains(&lo) || !cu_seqlens.contains(&hi) {
+                return Err(Self::error(format!(
+                    "cu_seqlens {shown} must hold every sample boundary: {} is missing (sample {s} is tokens \
+                     {lo}..{hi}), so a document would run on into the next sample",
+                    if cu_seqlens.contains(&lo) { hi } else { lo }
+                )));
+            }
+            offsets[s as usize] =
+                cu_seqlens.iter().filter(|&&o| o >= lo && o <= hi).map(|&o| o - lo).collect();
+        }
+        // The per-sample checks (increasing, no empty document) name the sample.
+        if let Some(i) = (1..cu_seqlens.len()).find(|&i| cu_seqlens[i] <= cu_seqlens[i - 1]) {
+            return Err(Self::error(format!(
+                "cu_seqlens {shown} must increase: index {i} holds {} after {}",
+                cu_seqlens[i],
+                cu_seqlens[i - 1]
+            )));
+        }
+        Documents::new(n, offsets)
+    }
+
+    /// The flat `cu_seqlens` of [`from_flat`](Documents::from_flat).
+    pub fn flat(&self) -> Vec<i64> {
+        let mut out = vec![0];
+        for (s, cu) in self.offsets.iter().enumerate() {
+            out.extend(cu[1..].iter().map(|o| o + s as i64 * self.n));
+        }
+        out
+    }
+
     /// One document per sample: the plain (unpacked) batch of `b` sequences.
     pub fn whole(n: i64, b: usize) -> Result<Documents> {
         Documents::new(n, vec![vec![0, n]; b])

@@ -1,11 +1,13 @@
 //! `ulysses layer`: one attention layer of any strategy from and to safetensors files, so that
-//! any other implementation (a PyTorch script: scripts/compare_layer.py) can check it.
+//! any other implementation (a PyTorch script: scripts/compare_layer.py) can check it. Packed
+//! documents come as a `cu_seqlens` tensor in the input file (FlashAttention's varlen
+//! convention: one flat list of offsets over the b x N tokens).
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
 use tch::{Kind, Tensor};
-use ulysses::attention::{check_finite, Sharding};
+use ulysses::attention::{check_finite, Documents, Sharding};
 use ulysses::autograd::Tape;
 use ulysses::comm::launch;
 
@@ -13,7 +15,7 @@ use crate::args::AttentionArgs;
 
 #[derive(clap::Args)]
 pub struct LayerArgs {
-    /// The safetensors file with q, k, v (and grad_out).
+    /// The safetensors file with q, k, v (and grad_out; cu_seqlens for packed documents).
     #[arg(long)]
     input: PathBuf,
     /// Where to write out, grad_q, grad_k, grad_v (and lse).
@@ -35,6 +37,8 @@ struct Inputs {
     k: Tensor,
     v: Tensor,
     grad_out: Option<Tensor>,
+    /// Packed documents, from `cu_seqlens`.
+    docs: Option<Documents>,
 }
 
 /// Checks that a safetensors file holds all the bytes its header describes: an 8-byte header
@@ -82,11 +86,12 @@ fn read(path: &Path) -> Result<Inputs> {
     let named = Tensor::read_safetensors(path).with_context(|| format!("reading {}", path.display()))?;
     let take = |name: &str| named.iter().find(|(n, _)| n == name).map(|(_, t)| t.shallow_clone());
     let (q, k, v, grad_out) = (take("q"), take("k"), take("v"), take("grad_out"));
+    let cu_seqlens = take("cu_seqlens");
     let names: Vec<&str> = named.iter().map(|(n, _)| n.as_str()).collect();
-    let Inputs { q, k, v, grad_out } = match (q, k, v) {
-        (Some(q), Some(k), Some(v)) => Inputs { q, k, v, grad_out },
+    let (q, k, v) = match (q, k, v) {
+        (Some(q), Some(k), Some(v)) => (q, k, v),
         _ => bail!(
-            "{} must hold tensors q, k and v (and optionally grad_out); it holds {names:?}",
+            "{} must hold tensors q, k and v (and optionally grad_out, cu_seqlens); it holds {names:?}",
             path.display()
         ),
     };
@@ -112,7 +117,21 @@ fn read(path: &Path) -> Result<Inputs> {
         );
     }
     check_finite("layer", &named)?;
-    Ok(Inputs { q, k, v, grad_out })
+    // Packed documents: one flat cu_seqlens over the b x N tokens (i32 or i64, 1-D).
+    let docs = match cu_seqlens {
+        None => None,
+        Some(cu) => {
+            ensure!(
+                cu.dim() == 1 && matches!(cu.kind(), Kind::Int | Kind::Int64),
+                "cu_seqlens must be a 1-D i32 or i64 tensor of offsets over the b x N tokens, got {:?} {:?}",
+                cu.kind(),
+                cu.size()
+            );
+            let flat = Vec::<i64>::try_from(cu.to_kind(Kind::Int64))?;
+            Some(Documents::from_flat(qs[1], qs[0], &flat).with_context(|| format!("{}", path.display()))?)
+        }
+    };
+    Ok(Inputs { q, k, v, grad_out, docs })
 }
 
 pub fn run(a: &LayerArgs) -> Result<()> {
@@ -123,13 +142,20 @@ pub fn run(a: &LayerArgs) -> Result<()> {
     // Every refusal (layout, heads, kernel and mask) before any rank starts.
     a.attention.strategy.check(n, a.ranks, heads, kv_heads)?;
     attention.build()?;
+    if let Some(d) = &x.docs {
+        d.check("layer", qs[0], n, &a.attention.mask)?;
+    }
     println!(
-        "{} on {} ranks: q {qs:?}, k/v {ks:?}, {:?}, kernel {:?}, mask {:?}",
+        "{} on {} ranks: q {qs:?}, k/v {ks:?}, {:?}, kernel {:?}, mask {:?}{}",
         a.attention.strategy.label(),
         a.ranks,
         x.q.kind(),
         a.attention.kernel,
-        a.attention.mask
+        a.attention.mask,
+        x.docs.as_ref().map_or(String::new(), |d| {
+            let counts: Vec<usize> = (0..d.samples()).map(|s| d.lengths(s).len()).collect();
+            format!(", packed documents per sample {counts:?}")
+        })
     );
 
     let per_rank = launch(a.ranks, |ctx| -> Result<(Vec<Tensor>, u64, Sharding)> {
@@ -142,7 +168,7 @@ pub fn run(a: &LayerArgs) -> Result<()> {
             |t: &Tensor| -> Result<Tensor> { Ok(sharding.shard(t, r)?.copy().set_requires_grad(true)) };
         let (q, k, v) = (mine(&x.q)?, mine(&x.k)?, mine(&x.v)?);
         let tape = Tape::new();
-        let out = s.forward(&tape, &q, &k, &v)?;
+        let out = s.forward_docs(&tape, &q, &k, &v, x.docs.as_ref())?;
         // The gradient of sum(out * grad_out) with respect to out is grad_out (summed in f32
         // for half types, which f32 holds exactly, and in f64 for f64).
         let acc = if out.kind() == Kind::Double { Kind::Double } else { Kind::Float };
@@ -155,7 +181,7 @@ pub fn run(a: &LayerArgs) -> Result<()> {
         let mut tensors = vec![out.detach(), q.grad(), k.grad(), v.grad()];
         if a.lse {
             let (q, k, v) = (q.detach(), k.detach(), v.detach());
-            tensors.push(s.forward_lse(&q, &k, &v)?.1);
+            tensors.push(s.forward_lse_docs(&q, &k, &v, x.docs.as_ref())?.1);
         }
         Ok((tensors, sent, sharding))
     })?;
