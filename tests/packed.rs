@@ -8,15 +8,16 @@ mod common;
 
 use anyhow::{ensure, Result};
 use common::parity::{allclose, tol, Grad, Spec};
-use common::reference_attention;
+use common::{max_diff, reference_attention, tolerance};
 use proptest::prelude::*;
 use tch::{Device, Kind, Tensor};
 use ulysses::attention::{
     imbalance, AttentionConfig, BlockSparse, Documents, Kernel, Mask, RingAttention, SeqLayout,
-    SequenceParallel, StrategyConfig,
+    SequenceParallel, SingleDevice, StrategyConfig,
 };
 use ulysses::autograd::Tape;
 use ulysses::comm::launch;
+use ulysses::model::{shift_labels, shift_labels_packed, Gpt, GptConfig, Placement, IGNORE};
 
 /// Every strategy that runs on `p` ranks.
 fn strategies_for(p: usize) -> Vec<StrategyConfig> {
@@ -38,7 +39,8 @@ fn strategies_for(p: usize) -> Vec<StrategyConfig> {
     v
 }
 
-/// The document of every position of one sample, from its lengths.
+/// The document of every position of one sample, from its lengths (and the document's first
+/// position).
 fn doc_index(lengths: &[i64]) -> Vec<(usize, i64)> {
     // (document, its first position) per position
     let mut out = Vec::new();
@@ -492,5 +494,146 @@ fn ulysses_layer_takes_cu_seqlens_from_its_input_file() -> Result<()> {
         "{err}"
     );
     let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// Deterministic token ids `[b, n]` below `vocab`.
+fn tokens(b: i64, n: i64, vocab: i64) -> Tensor {
+    let i = Tensor::arange(b * n, (Kind::Int64, Device::Cpu));
+    ((&i * 7919 + (&i * &i) * 31 + 17).remainder(vocab)).reshape([b, n])
+}
+
+fn gpt_attention() -> AttentionConfig {
+    AttentionConfig::new(Kernel::Sdpa, Mask::Causal)
+}
+
+/// (loss, labelled tokens, gradient of every parameter) of the GPT on one device, plain
+/// autograd, for `tokens` `[b, n]`, packed as `docs` if given.
+fn one_device(
+    cfg: &GptConfig,
+    kind: Kind,
+    toks: &Tensor,
+    docs: Option<&Documents>,
+) -> Result<(f64, i64, Vec<Tensor>)> {
+    let n = toks.size()[1];
+    let strategy = SingleDevice::new(gpt_attention().build()?, n, cfg.n_head, cfg.n_kv_head)?;
+    let model = Gpt::new(cfg, Box::new(strategy), kind, Device::Cpu)?;
+    let labels = match docs {
+        Some(d) => shift_labels_packed(toks, d)?,
+        None => shift_labels(toks)?,
+    };
+    let loss = model.loss_packed(&Tape::disabled(), toks, &labels, docs)?;
+    loss.local.backward();
+    Ok((loss.value, loss.tokens, model.params().iter().map(|(_, p)| p.grad()).collect()))
+}
+
+#[test]
+fn a_packed_gpt_batch_is_its_documents_run_one_by_one() -> Result<()> {
+    // The reference needs no document code at all: each document through the GPT as a sequence
+    // of its own (its positions from 0, its last token without a label), the loss sums and the
+    // gradients weighted by labelled tokens. In f64, so the bound is the model's chain of sums
+    // in f64 (tests/common/tolerance.rs), whatever the CPU.
+    let cfg = GptConfig { n_head: 4, n_kv_head: 2, n_embd: 32, ..GptConfig::tiny() };
+    let lengths = vec![vec![5, 1, 12, 6], vec![24]];
+    let (b, n) = (2i64, 24i64);
+    let toks = tokens(b, n, cfg.vocab_size);
+    let docs = Documents::from_lengths(n, &lengths)?;
+    let (loss, counted, grads) = one_device(&cfg, Kind::Double, &toks, Some(&docs))?;
+    ensure!(counted == 2 * 24 - 5, "labelled tokens {counted}: one per token but each document's last");
+    let (mut sum, mut total) = (0.0, 0i64);
+    let mut want: Vec<Tensor> = grads.iter().map(Tensor::zeros_like).collect();
+    for (s, ls) in lengths.iter().enumerate() {
+        let mut start = 0;
+        for &l in ls {
+            let piece = toks.narrow(0, s as i64, 1).narrow(1, start, l);
+            start += l;
+            if l == 1 {
+                continue; // no label: nothing to learn from, and no gradient
+            }
+            let (value, t, g) = one_device(&cfg, Kind::Double, &piece, None)?;
+            sum += value * t as f64;
+            total += t;
+            for (w, g) in want.iter_mut().zip(&g) {
+                *w += g * t as f64;
+            }
+        }
+    }
+    ensure!(total == counted, "{total} labelled tokens in the documents, {counted} packed");
+    let bounds = tolerance::gpt(&cfg, n, b * n, Kind::Double);
+    tolerance::check(
+        "packed loss against its documents",
+        (loss - sum / total as f64).abs(),
+        bounds.loss * loss.abs(),
+    )?;
+    for (i, (g, w)) in grads.iter().zip(&want).enumerate() {
+        let w = w / total as f64;
+        let scale = w.abs().max().double_value(&[]);
+        tolerance::check(
+            &format!("packed gradient {i} against its documents"),
+            max_diff(g, &w),
+            bounds.grad * scale,
+        )?;
+    }
+    // The mutation the test must catch: the same tokens unpacked give another loss.
+    let (unpacked, ..) = one_device(&cfg, Kind::Double, &toks, None)?;
+    ensure!((unpacked - loss).abs() > 1e-6, "packing changed nothing: {unpacked} vs {loss}");
+    Ok(())
+}
+
+#[test]
+fn every_strategy_trains_a_packed_gpt_batch_like_one_device() -> Result<()> {
+    let cfg = GptConfig { n_head: 4, n_kv_head: 2, n_embd: 32, ..GptConfig::tiny() };
+    let lengths = vec![vec![3, 9, 1, 19], vec![13, 19]];
+    let (b, n) = (2i64, 32i64);
+    let toks = tokens(b, n, cfg.vocab_size);
+    let docs = Documents::from_lengths(n, &lengths)?;
+    let (want_loss, _, want) = one_device(&cfg, Kind::Float, &toks, Some(&docs))?;
+    let labels = shift_labels_packed(&toks, &docs)?;
+    ensure!(
+        labels.get(0).int64_value(&[2]) == IGNORE && labels.get(1).int64_value(&[12]) == IGNORE,
+        "labels"
+    );
+    for p in [2usize, 4] {
+        for strategy in strategies_for(p) {
+            if strategy.check(n, p, cfg.n_head, cfg.n_kv_head).is_err() {
+                continue;
+            }
+            let per_rank = launch(p, |ctx| -> Result<(f64, Vec<(Tensor, Placement)>)> {
+                let s = strategy.build(ctx.world(), gpt_attention(), n, cfg.n_head, cfg.n_kv_head)?;
+                let layout = s.layout().clone();
+                let model = Gpt::new(&cfg, s, Kind::Float, Device::Cpu)?;
+                let toks = tokens(b, n, cfg.vocab_size);
+                let labels = shift_labels_packed(&toks, &docs)?;
+                let (t, l) = (layout.shard(&toks, 1, ctx.rank())?, layout.shard(&labels, 1, ctx.rank())?);
+                let loss = model.forward_backward_packed(&t, &l, Some(&docs))?;
+                Ok((
+                    loss.value,
+                    model.params().all().iter().map(|p| (p.tensor.grad(), p.placement.clone())).collect(),
+                ))
+            })?;
+            // Rounding in another order: the model's chain of sums in f32 (tests/common/tolerance.rs).
+            let bounds = tolerance::gpt(&cfg, n, b * n, Kind::Float);
+            for (r, (loss, grads)) in per_rank.iter().enumerate() {
+                let label = format!("packed gpt {} P={p} rank {r}", strategy.label());
+                tolerance::check(
+                    &format!("{label}: loss"),
+                    (loss - want_loss).abs(),
+                    bounds.loss * want_loss.abs(),
+                )?;
+                for (i, (w, (g, placement))) in want.iter().zip(grads).enumerate() {
+                    let w = match placement {
+                        Placement::Replicated => w.shallow_clone(),
+                        Placement::Sharded { dim, index } => w.index_select(*dim, &Tensor::from_slice(index)),
+                    };
+                    let scale = w.abs().max().double_value(&[]);
+                    tolerance::check(
+                        &format!("{label}: gradient {i}"),
+                        max_diff(g, &w),
+                        bounds.grad * scale,
+                    )?;
+                }
+            }
+        }
+    }
     Ok(())
 }

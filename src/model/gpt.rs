@@ -8,7 +8,7 @@ use tch::{Device, Kind, Tensor};
 use super::layers::{LayerNorm, Linear, Params, Placement, Rope, Split};
 use super::recompute::{BlockHooks, ForwardOptions, Unit};
 use super::GptConfig;
-use crate::attention::SequenceParallel;
+use crate::attention::{Documents, SequenceParallel};
 use crate::autograd::Tape;
 use crate::error::TorchResultExt;
 use crate::{Error, Result};
@@ -186,7 +186,16 @@ impl Gpt {
     /// # Shapes
     /// `tokens`: `[b, s_r]` (i64, this rank's share of the sequence) -> `[b, s_r, V]`.
     pub fn forward(&self, tape: &Tape, tokens: &Tensor) -> Result<Tensor> {
-        let x = self.hidden(tape, tokens)?;
+        self.forward_packed(tape, tokens, None)
+    }
+
+    /// [`forward`](Gpt::forward) over a batch of packed documents (`None`: one per sample):
+    /// attention stays inside each document and RoPE positions restart at each.
+    ///
+    /// # Shapes
+    /// `tokens`: `[b, s_r]` -> `[b, s_r, V]`; `docs` of b samples of the global N.
+    pub fn forward_packed(&self, tape: &Tape, tokens: &Tensor, docs: Option<&Documents>) -> Result<Tensor> {
+        let x = self.hidden(tape, tokens, docs)?;
         // [b, s, h] -> [b, s, V]
         let logits = x.f_linear::<Tensor>(self.head_weight(), None).op("gpt")?;
         self.hook(|h| h.after_forward(Unit::Outer))?;
@@ -203,7 +212,7 @@ impl Gpt {
     ///
     /// # Shapes
     /// `tokens`: `[b, s_r]` -> `[b, s_r, h]`.
-    pub(super) fn hidden(&self, tape: &Tape, tokens: &Tensor) -> Result<Tensor> {
+    pub(super) fn hidden(&self, tape: &Tape, tokens: &Tensor, docs: Option<&Documents>) -> Result<Tensor> {
         let layout = self.strategy().layout();
         let s = layout.len(self.strategy().rank());
         let size = tokens.size();
@@ -239,14 +248,27 @@ impl Gpt {
                     .into(),
             });
         }
+        // Packed documents: the rotation of this batch's positions within its documents. (RoPE
+        // scores depend on i - j only, so inside a document this equals the global rotation in
+        // exact arithmetic; restarting keeps angles small, as Megatron's reset_position_ids and
+        // the peers' packed position ids do, and makes the rotation the same wherever a document
+        // was packed.)
+        let packed = match docs {
+            Some(d) if !d.is_whole() => {
+                let positions = self.strategy().input_positions_docs(d, tokens.device())?; // [b, s_r]
+                let rope = Rope::new(&positions, self.cfg.head_dim(), self.cfg.rope_theta, self.wte.kind())?;
+                Some(Rc::new(Packed { docs: d.clone(), rope }))
+            }
+            _ => None,
+        };
         let previous = tape.set_recompute(self.options.recompute_attention);
-        let x = self.stack(tape, tokens);
+        let x = self.stack(tape, tokens, packed.as_ref());
         tape.set_recompute(previous);
         self.ln_f.forward(&x?)
     }
 
     /// Embedding and blocks.
-    fn stack(&self, tape: &Tape, tokens: &Tensor) -> Result<Tensor> {
+    fn stack(&self, tape: &Tape, tokens: &Tensor, packed: Option<&Rc<Packed>>) -> Result<Tensor> {
         self.hook(|h| h.before_forward(Unit::Outer))?;
         // [b, s] -> [b, s, h]
         let mut x = Tensor::f_embedding(&self.wte, tokens, -1, false, false).op("gpt")?;
@@ -257,9 +279,9 @@ impl Gpt {
             x = self.boundary(tape, &x, Some(i), i.checked_sub(1))?;
             self.hook(|h| h.before_forward(Unit::Block(i)))?;
             x = if self.options.recompute_blocks {
-                self.checkpointed_block(tape, i, &x)?
+                self.checkpointed_block(tape, i, &x, packed.cloned())?
             } else {
-                self.core.block_forward(tape, block, &x)?
+                self.core.block_forward(tape, block, &x, packed.map(Rc::as_ref))?
             };
             self.hook(|h| h.after_forward(Unit::Block(i)))?;
         }
@@ -285,9 +307,18 @@ impl Core {
     /// al. 2022, Fig. 5: all-gather the sequence after each LayerNorm, column-parallel then
     /// row-parallel linears, reduce-scatter the sequence before each residual add.
     ///
+    /// With packed documents (`packed`), RoPE rotates by positions within each document and
+    /// attention stays inside each.
+    ///
     /// # Shapes
     /// `x`: `[b, s_r, h]` -> `[b, s_r, h]`.
-    pub(super) fn block_forward(&self, tape: &Tape, block: &Block, x: &Tensor) -> Result<Tensor> {
+    pub(super) fn block_forward(
+        &self,
+        tape: &Tape,
+        block: &Block,
+        x: &Tensor,
+        packed: Option<&Packed>,
+    ) -> Result<Tensor> {
         let layout = self.strategy.layout();
         let (b, d) = (x.size()[0], self.cfg.head_dim());
         let (hq, hkv) = self.heads; // this rank's heads
@@ -310,15 +341,54 @@ impl Core {
             // [b, t, (hq + 2 hkv) d] -> [b, t, heads, d]
             qkv.f_narrow(2, start * d, heads * d).and_then(|t_| t_.f_reshape([b, t, heads, d])).op("gpt")
         };
-        let q = self.rope.forward(&part(0, hq)?)?;
-        let k = self.rope.forward(&part(hq, hkv)?)?;
+        let rope = packed.map_or(&self.rope, |p| &p.rope);
+        let q = rope.forward(&part(0, hq)?)?;
+        let k = rope.forward(&part(hq, hkv)?)?;
         let v = part(hq + hkv, hkv)?;
+        let docs = packed.map(|p| &p.docs);
         // [b, t, hq, d] -> [b, t, hq d]
-        let o = self.strategy.forward(tape, &q, &k, &v)?.f_reshape([b, t, hq * d]).op("gpt")?;
+        let o = self.strategy.forward_docs(tape, &q, &k, &v, docs)?.f_reshape([b, t, hq * d]).op("gpt")?;
         let x = x.f_add(&block.proj.forward_reduced(&o, scatter)?).op("gpt")?;
         let m = gathered(&block.fc, block.ln2.forward(&x)?)?.f_gelu("tanh").op("gpt")?;
         x.f_add(&block.fc_out.forward_reduced(&m, scatter)?).op("gpt")
     }
+}
+
+/// A packed batch: its documents, and the rotation of its positions within them.
+pub(super) struct Packed {
+    pub docs: Documents,
+    pub rope: Rope,
+}
+
+/// [`shift_labels`] for packed documents: the last token of every document has no label (its
+/// next token starts another document), so no target crosses a document boundary.
+///
+/// # Shapes
+/// `[b, N]` -> `[b, N]`.
+pub fn shift_labels_packed(tokens: &Tensor, docs: &Documents) -> Result<Tensor> {
+    let labels = shift_labels(tokens)?;
+    let (b, n) = (tokens.size()[0], tokens.size()[1]);
+    if b != docs.samples() as i64 || n != docs.global_len() {
+        return Err(Error::Shape {
+            op: "shift_labels",
+            shapes: vec![tokens.size()],
+            msg: format!(
+                "the documents describe {} sample(s) of {} tokens",
+                docs.samples(),
+                docs.global_len()
+            ),
+        });
+    }
+    for s in 0..docs.samples() {
+        for &end in &docs.offsets(s)[1..] {
+            // the last token of the document ending at `end`
+            let _ = labels
+                .f_get(s as i64)
+                .and_then(|row| row.f_get(end - 1)?.f_fill_(IGNORE))
+                .op("shift_labels")?;
+        }
+    }
+    Ok(labels)
 }
 
 /// Labels for next-token prediction over the *global* sequence, before sharding: the label of

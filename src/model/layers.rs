@@ -228,15 +228,18 @@ impl LayerNorm {
 }
 
 /// Rotary position embedding (Su et al. 2021), rotate-half form, applied with *global*
-/// positions so that a rank's slice of the sequence is rotated as the whole sequence would be.
+/// positions so that a rank's slice of the sequence is rotated as the whole sequence would be
+/// (with packed documents, positions within each document: one row per sample).
 pub struct Rope {
-    /// cos and sin of position x frequency, `[1, s, 1, d/2]`, in the activations' dtype.
+    /// cos and sin of position x frequency, `[1, s, 1, d/2]` (`[b, s, 1, d/2]` per sample), in
+    /// the activations' dtype.
     cos: Tensor,
     sin: Tensor,
 }
 
 impl Rope {
-    /// The rotation for `positions` (`[s]` i64), head size `head_dim`, base `theta`.
+    /// The rotation for `positions` (`[s]` i64, or `[b, s]` when they differ per sample), head
+    /// size `head_dim`, base `theta`.
     pub fn new(positions: &Tensor, head_dim: i64, theta: f64, kind: Kind) -> Result<Rope> {
         let half = head_dim / 2;
         let device = positions.device();
@@ -244,10 +247,14 @@ impl Rope {
             // inv_freq[i] = theta^(-2i/d), in f64 so long contexts keep their precision.
             let i = Tensor::f_arange(half, (Kind::Double, device))?;
             let inv_freq = i.f_mul_scalar(-2.0 * theta.ln() / head_dim as f64)?.f_exp()?;
-            // [s, 1] x [1, d/2] -> [s, d/2] -> [1, s, 1, d/2]
+            // [.., s, 1] x [1, d/2] -> [.., s, d/2] -> [1 or b, s, 1, d/2]
             let angles =
-                positions.f_to_kind(Kind::Double)?.f_unsqueeze(1)?.f_mul(&inv_freq.f_unsqueeze(0)?)?;
-            let shape = [1, angles.size()[0], 1, half];
+                positions.f_to_kind(Kind::Double)?.f_unsqueeze(-1)?.f_mul(&inv_freq.f_unsqueeze(0)?)?;
+            let size = positions.size();
+            let shape = match size.as_slice() {
+                [b, s] => [*b, *s, 1, half],
+                _ => [1, angles.size()[0], 1, half],
+            };
             Ok((
                 angles.f_cos()?.f_reshape(shape)?.f_to_kind(kind)?,
                 angles.f_sin()?.f_reshape(shape)?.f_to_kind(kind)?,

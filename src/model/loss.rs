@@ -32,6 +32,21 @@ impl Gpt {
     /// # Shapes
     /// `tokens`, `labels`: `[b, s_r]` i64.
     pub fn loss(&self, tape: &Tape, tokens: &Tensor, labels: &Tensor) -> Result<Loss> {
+        self.loss_packed(tape, tokens, labels, None)
+    }
+
+    /// [`loss`](Gpt::loss) over packed documents (labels from
+    /// [`shift_labels_packed`](super::shift_labels_packed), so that none crosses a document).
+    ///
+    /// # Shapes
+    /// `tokens`, `labels`: `[b, s_r]` i64; `docs` of b samples of the global N.
+    pub fn loss_packed(
+        &self,
+        tape: &Tape,
+        tokens: &Tensor,
+        labels: &Tensor,
+        docs: Option<&crate::attention::Documents>,
+    ) -> Result<Loss> {
         if labels.size() != tokens.size() {
             return Err(Error::Shape {
                 op: "gpt_loss",
@@ -39,7 +54,7 @@ impl Gpt {
                 msg: "tokens and labels must have one shape".into(),
             });
         }
-        let x = self.hidden(tape, tokens)?;
+        let x = self.hidden(tape, tokens, docs)?;
         let sum = match self.options.loss_tile {
             Some(tile) => tiled_cross_entropy(tape, &x, self.head_weight(), labels, tile)?,
             None => {
@@ -89,14 +104,24 @@ impl Gpt {
     /// has hooks, runs through a [`Tape`]; the plain single device runs plain autograd (its
     /// tape records nothing).
     pub fn forward_backward(&self, tokens: &Tensor, labels: &Tensor) -> Result<Loss> {
+        self.forward_backward_packed(tokens, labels, None)
+    }
+
+    /// [`forward_backward`](Gpt::forward_backward) over packed documents.
+    pub fn forward_backward_packed(
+        &self,
+        tokens: &Tensor,
+        labels: &Tensor,
+        docs: Option<&crate::attention::Documents>,
+    ) -> Result<Loss> {
         let plain = self.options == super::ForwardOptions::default() && self.hooks.is_none();
         if self.strategy().group().is_none() && plain {
-            let loss = self.loss(&Tape::disabled(), tokens, labels)?;
+            let loss = self.loss_packed(&Tape::disabled(), tokens, labels, docs)?;
             loss.local.f_backward().op("gpt_backward")?;
             return Ok(loss);
         }
         let tape = Tape::new();
-        let loss = self.loss(&tape, tokens, labels)?;
+        let loss = self.loss_packed(&tape, tokens, labels, docs)?;
         self.backward(&tape, &loss)?;
         self.sync_gradients()?;
         Ok(loss)

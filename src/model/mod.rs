@@ -10,7 +10,7 @@ mod loss;
 mod recompute;
 
 pub use config::GptConfig;
-pub use gpt::{shift_labels, Gpt, IGNORE};
+pub use gpt::{shift_labels, shift_labels_packed, Gpt, IGNORE};
 pub use layers::{LayerNorm, Linear, Param, Params, Placement, Rope, Split};
 pub use loss::{tiled_cross_entropy, Loss};
 pub use recompute::{BlockHooks, ForwardOptions, Unit};

@@ -113,22 +113,30 @@ impl Gpt {
     ///
     /// # Shapes
     /// `x`: `[b, s_r, h]` -> `[b, s_r, h]`.
-    pub(super) fn checkpointed_block(&self, tape: &Tape, i: usize, x: &Tensor) -> Result<Tensor> {
+    pub(super) fn checkpointed_block(
+        &self,
+        tape: &Tape,
+        i: usize,
+        x: &Tensor,
+        packed: Option<Rc<super::gpt::Packed>>,
+    ) -> Result<Tensor> {
         let (core, block) = (Rc::clone(&self.core), Rc::clone(&self.blocks[i]));
         let (first, saved) = ((Rc::clone(&core), Rc::clone(&block)), x.detach());
+        let first_packed = packed.clone();
         let out = tape.record(
             "checkpoint",
             &[x],
             // The block without recording: its collectives run, its graph is dropped at once.
             |xs| {
-                Ok(vec![
-                    tch::with_grad(|| first.0.block_forward(&Tape::disabled(), &first.1, &xs[0]))?.detach()
-                ])
+                Ok(vec![tch::with_grad(|| {
+                    first.0.block_forward(&Tape::disabled(), &first.1, &xs[0], first_packed.as_deref())
+                })?
+                .detach()])
             },
             move |gs| {
                 let x = saved.set_requires_grad(true);
                 let inner = Tape::new();
-                let y = tch::with_grad(|| core.block_forward(&inner, &block, &x))?;
+                let y = tch::with_grad(|| core.block_forward(&inner, &block, &x, packed.as_deref()))?;
                 inner.backward_from(&[y], gs)?;
                 let g = x.grad();
                 Ok(vec![if g.defined() { g } else { x.zeros_like() }])
