@@ -637,3 +637,51 @@ fn every_strategy_trains_a_packed_gpt_batch_like_one_device() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn the_text_dataset_packs_its_paragraphs_and_pads_them() -> Result<()> {
+    use ulysses::data::{Dataset, TokenStream, Tokenizer};
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read(repo.join("datasets/sequence_parallelism.txt"))?;
+    let stream = TokenStream::from_text(&repo.join("datasets/sequence_parallelism.txt"), Tokenizer::Byte)?;
+    let corpus = stream.corpus().ok_or_else(|| anyhow::anyhow!("plain text has paragraphs"))?;
+    // The paragraphs, written out from the file: split at blank lines, each keeping the
+    // newlines that end it.
+    let paragraphs = String::from_utf8(text.clone())?.split("\n\n").filter(|p| !p.trim().is_empty()).count();
+    ensure!(
+        corpus.documents.len() == paragraphs,
+        "{} documents, {paragraphs} paragraphs",
+        corpus.documents.len()
+    );
+    ensure!(corpus.documents.iter().map(|d| d.len()).sum::<usize>() == text.len(), "tokens lost");
+    let (b, n) = (3i64, 700i64);
+    let (toks, docs) = corpus.packed(7, 2, 0, b, n)?;
+    for s in 0..b as usize {
+        let row = Vec::<i64>::try_from(toks.get(s as i64))?;
+        let offsets = docs.offsets(s);
+        // every document but the last is a whole paragraph; the last is a paragraph's start
+        for (i, w) in offsets.windows(2).enumerate() {
+            let piece = &row[w[0] as usize..w[1] as usize];
+            let whole = corpus.documents.iter().any(|d| *d == piece);
+            let start = corpus.documents.iter().any(|d| d.starts_with(piece));
+            ensure!(whole || (i == offsets.len() - 2 && start), "sample {s} document {i} is no paragraph");
+        }
+        // no label crosses a document; every other token's label is the next token
+        let labels = Vec::<i64>::try_from(shift_labels_packed(&toks, &docs)?.get(s as i64))?;
+        for t in 0..n as usize {
+            let last = offsets.contains(&(t as i64 + 1));
+            ensure!(labels[t] == if last { IGNORE } else { row[t + 1] }, "sample {s} token {t}");
+        }
+    }
+    // Padded: one paragraph, then padding that no real token sees and that has no label.
+    let (toks, docs, labels) = corpus.padded(7, 2, 0, b, n, 0)?;
+    for s in 0..b as usize {
+        let lens = docs.lengths(s);
+        let real = lens[0] as usize;
+        let row = Vec::<i64>::try_from(toks.get(s as i64))?;
+        ensure!(corpus.documents.iter().any(|d| d[..real.min(d.len())] == row[..real]), "sample {s}");
+        let labelled = labels.get(s as i64).ne(IGNORE).sum(Kind::Int64).int64_value(&[]);
+        ensure!(labelled == real as i64 - 1, "sample {s}: {labelled} labels for a document of {real}");
+    }
+    Ok(())
+}

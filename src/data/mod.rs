@@ -7,18 +7,20 @@
 //! (dataset, seed, step, data-parallel rank), so every rank of a sequence-parallel group draws the
 //! same global batch and keeps its own share, and a resumed run sees the same data.
 
+mod packing;
 mod synthetic;
 mod text;
 
+pub use packing::Corpus;
 pub use synthetic::{Synthetic, Task};
 pub use text::{TokenStream, Tokenizer};
 
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
-use crate::attention::SeqLayout;
+use crate::attention::{Documents, SeqLayout};
 use crate::model::init::splitmix64;
-use crate::model::shift_labels;
+use crate::model::{shift_labels, shift_labels_packed};
 use crate::{Error, Result};
 
 /// A source of token sequences.
@@ -35,6 +37,12 @@ pub trait Dataset: Send + Sync {
     /// # Shapes
     /// `-> [b, n]` i64.
     fn batch(&self, seed: u64, step: u64, replica: u64, b: i64, n: i64) -> Result<Tensor>;
+
+    /// Its documents, for packing ([`Corpus`]); `None` for a source without document
+    /// boundaries (a synthetic task, a token file).
+    fn corpus(&self) -> Option<Corpus<'_>> {
+        None
+    }
 }
 
 /// Where the data of an experiment comes from (the `[dataset]` table of a config).
@@ -79,10 +87,12 @@ impl DatasetConfig {
 }
 
 /// One step's data on one rank: its share of the global tokens and of the globally shifted
-/// labels.
+/// labels, and the batch's packed documents if it has several per sample.
 pub struct Shard {
     pub tokens: Tensor,
     pub labels: Tensor,
+    /// Every rank holds the whole batch's documents (a few offsets per sample).
+    pub docs: Option<Documents>,
 }
 
 /// Shifts the labels over the global batch, then keeps rank `r`'s share of both.
@@ -91,7 +101,21 @@ pub struct Shard {
 /// `global`: `[b, N]` -> tokens, labels `[b, len_r]`.
 pub fn shard(global: &Tensor, layout: &SeqLayout, r: usize) -> Result<Shard> {
     let labels = shift_labels(global)?;
-    Ok(Shard { tokens: layout.shard(global, 1, r)?, labels: layout.shard(&labels, 1, r)? })
+    Ok(Shard { tokens: layout.shard(global, 1, r)?, labels: layout.shard(&labels, 1, r)?, docs: None })
+}
+
+/// [`shard`] for a batch of packed documents: no label crosses a document
+/// ([`shift_labels_packed`]), and the shard carries the documents for attention and RoPE.
+///
+/// # Shapes
+/// `global`: `[b, N]` -> tokens, labels `[b, len_r]`.
+pub fn shard_packed(global: &Tensor, docs: &Documents, layout: &SeqLayout, r: usize) -> Result<Shard> {
+    let labels = shift_labels_packed(global, docs)?;
+    Ok(Shard {
+        tokens: layout.shard(global, 1, r)?,
+        labels: layout.shard(&labels, 1, r)?,
+        docs: Some(docs.clone()),
+    })
 }
 
 /// A small deterministic generator: a counter through SplitMix64.

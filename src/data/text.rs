@@ -1,13 +1,14 @@
 //! Real text from files: plain text with a byte or character tokenizer, and token files in
 //! nanoGPT's format (little-endian u16 or u32 ids, no header). A batch is `b` windows of `n`
-//! consecutive tokens at positions drawn from (seed, step, replica).
+//! consecutive tokens at positions drawn from (seed, step, replica). Plain text has documents
+//! too, its paragraphs (runs of text between blank lines), for packing ([`Corpus`]).
 
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
-use super::{to_tensor, Dataset, Rng, TokenDtype};
+use super::{to_tensor, Corpus, Dataset, Rng, TokenDtype};
 use crate::{Error, Result};
 
 /// How plain text becomes token ids.
@@ -24,6 +25,8 @@ pub enum Tokenizer {
 /// windows from it.
 pub struct TokenStream {
     tokens: Vec<i64>,
+    /// Where each document (paragraph) starts; `[0]` for a token file.
+    starts: Vec<usize>,
     vocab: i64,
     what: String,
 }
@@ -43,7 +46,8 @@ impl TokenStream {
         let what = format!("{} ({tokenizer:?} tokens)", path.display());
         Ok(match tokenizer {
             Tokenizer::Byte => {
-                TokenStream { tokens: bytes.into_iter().map(i64::from).collect(), vocab: 256, what }
+                let tokens: Vec<i64> = bytes.into_iter().map(i64::from).collect();
+                TokenStream { starts: paragraphs(&tokens, i64::from(b'\n')), tokens, vocab: 256, what }
             }
             Tokenizer::Char => {
                 let text = String::from_utf8_lossy(&bytes);
@@ -51,8 +55,12 @@ impl TokenStream {
                 chars.sort_unstable();
                 chars.dedup();
                 let id = |c: char| chars.binary_search(&c).map_or(0, |i| i as i64);
-                let tokens = text.chars().map(id).collect();
-                TokenStream { tokens, vocab: chars.len() as i64, what }
+                let tokens: Vec<i64> = text.chars().map(id).collect();
+                let starts = match chars.binary_search(&'\n') {
+                    Ok(nl) => paragraphs(&tokens, nl as i64),
+                    Err(_) => vec![0],
+                };
+                TokenStream { tokens, starts, vocab: chars.len() as i64, what }
             }
         })
     }
@@ -85,11 +93,31 @@ impl TokenStream {
                 path.display()
             )));
         }
-        Ok(TokenStream { tokens, vocab, what: format!("{} ({dtype:?} ids)", path.display()) })
+        Ok(TokenStream {
+            tokens,
+            starts: vec![0],
+            vocab,
+            what: format!("{} ({dtype:?} ids)", path.display()),
+        })
     }
 }
 
+/// Where paragraphs start: 0, and every token after a run of two or more newlines.
+fn paragraphs(tokens: &[i64], newline: i64) -> Vec<usize> {
+    let mut starts = vec![0];
+    for i in 2..tokens.len() {
+        if tokens[i] != newline && tokens[i - 1] == newline && tokens[i - 2] == newline {
+            starts.push(i);
+        }
+    }
+    starts
+}
+
 impl Dataset for TokenStream {
+    fn corpus(&self) -> Option<Corpus<'_>> {
+        Corpus::from_starts(&self.tokens, &self.starts).ok()
+    }
+
     fn describe(&self) -> String {
         format!("{}, {} tokens, vocabulary {}", self.what, self.tokens.len(), self.vocab)
     }

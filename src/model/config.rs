@@ -184,4 +184,12 @@ impl GptConfig {
         let pairs = mask.visible_pairs(seq) as f64;
         dense + 12.0 * (self.n_layer * self.n_embd) as f64 * pairs * sequences
     }
+
+    /// [`train_flops`](GptConfig::train_flops) of one batch of packed documents: the dense
+    /// part for every token, attention for the pairs that lie inside one document.
+    pub fn train_flops_packed(&self, docs: &crate::attention::Documents, mask: &Mask) -> f64 {
+        let tokens = docs.samples() as f64 * docs.global_len() as f64;
+        let dense = 6.0 * self.matmul_params() as f64 * tokens;
+        dense + 12.0 * (self.n_layer * self.n_embd) as f64 * docs.visible_pairs(mask) as f64
+    }
 }

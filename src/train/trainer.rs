@@ -177,7 +177,7 @@ impl Trainer {
         let mut loss = 0.0;
         for (m, b) in batches.iter().enumerate() {
             let tape = Tape::new();
-            let l = self.model.loss(&tape, &b.tokens, &b.labels)?;
+            let l = self.model.loss_packed(&tape, &b.tokens, &b.labels, b.docs.as_ref())?;
             loss += l.value / batches.len() as f64;
             let scaled =
                 Loss { local: l.local.f_mul_scalar(scale).op("trainer")?, value: l.value, tokens: l.tokens };
@@ -320,7 +320,7 @@ impl Trainer {
     pub fn eval_loss(&self, batch: &Shard) -> Result<f64> {
         let _no_grad = tch::no_grad_guard();
         let tape = Tape::new();
-        let loss = self.model.loss(&tape, &batch.tokens, &batch.labels)?;
+        let loss = self.model.loss_packed(&tape, &batch.tokens, &batch.labels, batch.docs.as_ref())?;
         tape.clear();
         Ok(loss.value)
     }
