@@ -272,6 +272,20 @@ fn ring_attention_reports_the_packed_work_each_rank_did() -> Result<()> {
         let layout = if zigzag { SeqLayout::zigzag(48, 4)? } else { SeqLayout::contiguous(48, 4)? };
         ensure!(works == docs.work_per_rank(&Mask::Causal, &layout), "zigzag {zigzag}: {works:?}");
     }
+    // Documents that each fill one rank's share: a rank computes its own 12 x 12 block per
+    // sample and skips every block of another document (what it computed, not only what it saw).
+    let docs = Documents::from_lengths(48, &[vec![12; 4], vec![12; 4]])?;
+    let spec = Spec::new(48, 2, 2);
+    let works = launch(4, |ctx| -> ulysses::Result<ulysses::attention::Work> {
+        let ring = RingAttention::new(ctx.world().clone(), Mask::Causal, 48, 2, 2, false)?;
+        let [q, k, v, _] = spec.tensors();
+        let mine = |t: &Tensor| ring.layout().shard(t, 1, ctx.rank());
+        let _ = ring.forward_lse_docs(&mine(&q)?, &mine(&k)?, &mine(&v)?, Some(&docs))?;
+        Ok(ring.last_forward_work())
+    })?;
+    for (r, w) in works.iter().enumerate() {
+        ensure!(w.computed == 2 * 144 && w.visible == 2 * 78, "rank {r}: {w:?}");
+    }
     Ok(())
 }
 

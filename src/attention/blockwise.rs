@@ -115,23 +115,24 @@ impl Blockwise<'_> {
                 if !any_visible(self.mask, self.docs, (q0, nq), (k0, nk)) {
                     continue;
                 }
-                match self.docs {
+                let (kb, vb) = (k.f_narrow(2, koff, nk)?, v.f_narrow(2, koff, nk)?);
+                let part = match self.docs {
+                    Some(d) if !d.within_one((q0, nq), (k0, nk)) => {
+                        let (part, w) = self.run_pair_docs(d, &qs, &kb, &vb, (q0, nq), (k0, nk))?;
+                        work += w;
+                        part
+                    }
                     Some(d) => {
                         work.computed += (d.samples() as i64 * nq * nk) as u64;
                         work.visible += d.visible_in_block(self.mask, (q0, nq), (k0, nk));
+                        self.run_pair(&qs, &kb, &vb, (q0, nq), (k0, nk))?
                     }
                     None => {
                         work.computed += (nq * nk) as u64;
                         work.visible += visible_pairs(self.mask, (q0, nq), (k0, nk));
+                        self.run_pair(&qs, &kb, &vb, (q0, nq), (k0, nk))?
                     }
-                }
-                let part = self.run_pair(
-                    &qs,
-                    &k.f_narrow(2, koff, nk)?,
-                    &v.f_narrow(2, koff, nk)?,
-                    (q0, nq),
-                    (k0, nk),
-                )?;
+                };
                 acc = Some(match acc {
                     None => part,
                     Some(prev) => merge(&prev, &part)?,
@@ -145,6 +146,114 @@ impl Blockwise<'_> {
             lses.push(lse);
         }
         Ok((Tensor::f_cat(&outs, 2)?, Tensor::f_cat(&lses, 2)?, work))
+    }
+
+    /// A pair of runs that spans several documents, one sample at a time: each run cut at the
+    /// sample's document boundaries, and only the pieces of one document computed (each whole
+    /// in the rule, so the fused kernel takes the wholly visible and diagonal ones); pieces of
+    /// different documents are skipped, rows that meet no key of their document here are empty.
+    /// Returns (out, lse) of the whole pair and the work done (summed over the samples).
+    ///
+    /// # Shapes
+    /// `q`: `[b, h, nq, d]`, `k`, `v`: `[b, h, nk, d]` -> `[b, h, nq, d]`, `[b, h, nq]`.
+    fn run_pair_docs(
+        &self,
+        docs: &Documents,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        (q0, nq): (i64, i64),
+        (k0, nk): (i64, i64),
+    ) -> Result<((Tensor, Tensor), Work), tch::TchError> {
+        let inner = Blockwise { mask: self.mask, docs: None, scale: self.scale, fused: self.fused };
+        let mut work = Work::default();
+        let (mut outs, mut lses) = (Vec::new(), Vec::new());
+        for s in 0..docs.samples() {
+            let (qs, ks, vs) =
+                (q.f_narrow(0, s as i64, 1)?, k.f_narrow(0, s as i64, 1)?, v.f_narrow(0, s as i64, 1)?);
+            let kpieces = docs.pieces(s, k0, nk);
+            let (mut row_outs, mut row_lses) = (Vec::new(), Vec::new());
+            for (doc, a, la) in docs.pieces(s, q0, nq) {
+                let qp = qs.f_narrow(2, a - q0, la)?;
+                let mut acc: Option<(Tensor, Tensor)> = None;
+                for &(_, c, lc) in kpieces.iter().filter(|p| p.0 == doc) {
+                    if !any_visible(self.mask, None, (a, la), (c, lc)) {
+                        continue;
+                    }
+                    work.computed += (la * lc) as u64;
+                    work.visible += visible_pairs(self.mask, (a, la), (c, lc));
+                    let part = inner.run_pair(
+                        &qp,
+                        &ks.f_narrow(2, c - k0, lc)?,
+                        &vs.f_narrow(2, c - k0, lc)?,
+                        (a, la),
+                        (c, lc),
+                    )?;
+                    // the fused kernel answers in q's dtype, the math path in the accumulation one
+                    let part = (part.0.f_to_kind(compute_kind(q.kind()))?, part.1);
+                    acc = Some(match acc {
+                        None => part,
+                        Some(prev) => merge(&prev, &part)?,
+                    });
+                }
+                let (o, l) = match acc {
+                    Some(x) => x,
+                    None => empty_rows(&qp)?,
+                };
+                row_outs.push(o);
+                row_lses.push(l);
+            }
+            outs.push(Tensor::f_cat(&row_outs, 2)?);
+            lses.push(Tensor::f_cat(&row_lses, 2)?);
+        }
+        Ok(((Tensor::f_cat(&outs, 0)?, Tensor::f_cat(&lses, 0)?), work))
+    }
+
+    /// The backward of [`run_pair_docs`](Blockwise::run_pair_docs): the same pieces, each
+    /// through [`backward_pair`](Blockwise::backward_pair), their gradients added into the
+    /// pair's (in the accumulation dtype).
+    #[allow(clippy::too_many_arguments)]
+    fn backward_pair_docs(
+        &self,
+        docs: &Documents,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        (dout, out, lse, delta): (&Tensor, &Tensor, &Tensor, &Tensor),
+        (q0, nq): (i64, i64),
+        (k0, nk): (i64, i64),
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let inner = Blockwise { mask: self.mask, docs: None, scale: self.scale, fused: self.fused };
+        let f = |e: tch::TchError| crate::Error::Torch { op: "blockwise_attention", source: e };
+        let zeros = |t: &Tensor| Tensor::f_zeros(t.size(), (compute_kind(t.kind()), t.device())).map_err(f);
+        let (dq, dk, dv) = (zeros(q)?, zeros(k)?, zeros(v)?);
+        for s in 0..docs.samples() {
+            let si = s as i64;
+            let kpieces = docs.pieces(s, k0, nk);
+            for (doc, a, la) in docs.pieces(s, q0, nq) {
+                let rows =
+                    |t: &Tensor| t.f_narrow(0, si, 1).and_then(|t| t.f_narrow(2, a - q0, la)).map_err(f);
+                for &(_, c, lc) in kpieces.iter().filter(|p| p.0 == doc) {
+                    if !any_visible(self.mask, None, (a, la), (c, lc)) {
+                        continue;
+                    }
+                    let keys =
+                        |t: &Tensor| t.f_narrow(0, si, 1).and_then(|t| t.f_narrow(2, c - k0, lc)).map_err(f);
+                    let (gq, gk, gv) = inner.backward_pair(
+                        &rows(q)?,
+                        &keys(k)?,
+                        &keys(v)?,
+                        (&rows(dout)?, &rows(out)?, &rows(lse)?, &rows(delta)?),
+                        (a, la),
+                        (c, lc),
+                    )?;
+                    let _ = rows(&dq)?.f_add_(&gq).map_err(f)?;
+                    let _ = keys(&dk)?.f_add_(&gk).map_err(f)?;
+                    let _ = keys(&dv)?.f_add_(&gv).map_err(f)?;
+                }
+            }
+        }
+        Ok((dq, dk, dv))
     }
 
     /// One pair of runs: scores, mask, a softmax that tolerates empty rows.
@@ -236,6 +345,9 @@ impl Blockwise<'_> {
         (q0, nq): (i64, i64),
         (k0, nk): (i64, i64),
     ) -> Result<(Tensor, Tensor, Tensor)> {
+        if let Some(d) = self.docs.filter(|d| !d.within_one((q0, nq), (k0, nk))) {
+            return self.backward_pair_docs(d, q, k, v, (dout, out, lse, delta), (q0, nq), (k0, nk));
+        }
         if let Some(causal) = self.fused_kernel(q, (q0, nq), (k0, nk)) {
             if q.device() != tch::Device::Cpu {
                 return super::flash::backward(dout, q, k, v, out, lse, causal, self.scale)

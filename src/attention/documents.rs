@@ -261,6 +261,20 @@ impl Documents {
         self.per_position(&segments, device, |s, p| p - self.span_of(s, p).0).op("documents")
     }
 
+    /// The run `[start, start + len)` of sample `s` cut at its documents' boundaries:
+    /// (document, first position, length) per piece, in order.
+    pub fn pieces(&self, s: usize, start: i64, len: i64) -> Vec<(usize, i64, i64)> {
+        let mut out = Vec::new();
+        let (mut p, end) = (start, start + len);
+        while p < end {
+            let d = self.doc_of(s, p);
+            let stop = self.offsets[s][d + 1].min(end);
+            out.push((d, p, stop - p));
+            p = stop;
+        }
+        out
+    }
+
     /// Whether some query of `[q0, q0 + nq)` and some key of `[k0, k0 + nk)` lie in one
     /// document, in some sample.
     pub fn runs_meet(&self, (q0, nq): (i64, i64), (k0, nk): (i64, i64)) -> bool {
