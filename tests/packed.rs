@@ -699,3 +699,80 @@ fn the_text_dataset_packs_its_paragraphs_and_pads_them() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn an_experiment_sweeps_packed_and_padded_rows_and_counts_labelled_tokens() -> Result<()> {
+    use ulysses::experiment::{read_table, run, ExperimentConfig, RunOptions};
+    let dir = std::env::temp_dir().join(format!("ulysses-packed-exp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let text = |dataset: &str| {
+        format!(
+            "name = \"packed\"\n[model]\npreset = \"tiny\"\nn_layer = 1\n[parallel]\nranks = [2]\n\
+             strategies = [\"ulysses\", \"ring_zigzag\"]\n[train]\nseq = [784]\nsteps = 2\nwarmup = 1\n\
+             batch = 2\npacking = [\"padded\", \"packed\"]\n{dataset}"
+        )
+    };
+    let text_data =
+        "[dataset]\nkind = \"text\"\npath = \"datasets/sequence_parallelism.txt\"\ntokenizer = \"byte\"\n";
+    let cfg = ExperimentConfig::parse(&text(text_data), "packed")?;
+    let opts = RunOptions {
+        resume: false,
+        base_dir: std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+        program: None,
+    };
+    let cfg = ExperimentConfig { output: Some(dir.join("out")), ..cfg };
+    run(&cfg, &opts)?;
+    let steps = read_table(&dir.join("out"), "steps")?;
+    let col = |name: &str| -> Result<Vec<f64>> {
+        Ok(steps
+            .column(name)?
+            .cast(&polars::prelude::DataType::Float64)?
+            .f64()?
+            .iter()
+            .map(|v| v.unwrap_or(f64::NAN))
+            .collect())
+    };
+    let labels: Vec<String> =
+        steps.column("strategy")?.str()?.iter().map(|s| s.unwrap_or("").to_string()).collect();
+    let (rate, ms) = (col("tokens_per_s")?, col("step_ms")?);
+    // The tokens a step counted: labelled ones, written out from the corpus for padded rows
+    // (a paragraph of L tokens teaches L - 1) and packed rows (N - documents per row).
+    let stream = ulysses::data::TokenStream::from_text(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("datasets/sequence_parallelism.txt"),
+        ulysses::data::Tokenizer::Byte,
+    )?;
+    use ulysses::data::Dataset;
+    let corpus = stream.corpus().ok_or_else(|| anyhow::anyhow!("paragraphs"))?;
+    let mut seen = std::collections::BTreeSet::new();
+    for i in 0..labels.len() {
+        let tokens = (rate[i] * ms[i] / 1e3).round() as i64;
+        seen.insert(labels[i].clone());
+        let step =
+            steps.column("step")?.cast(&polars::prelude::DataType::Int64)?.i64()?.get(i).unwrap_or(-1) as u64;
+        let want = if labels[i].ends_with("_padded") {
+            let (_, docs, _) = corpus.padded(1234, step, 0, 2, 784, 0)?;
+            (0..2).map(|s| docs.lengths(s)[0] - 1).sum::<i64>()
+        } else {
+            let (_, docs) = corpus.packed(1234, step, 0, 2, 784)?;
+            2 * 784 - (docs.flat().len() as i64 - 1)
+        };
+        ensure!(tokens == want, "{} step {step}: {tokens} tokens counted, {want} labelled", labels[i]);
+    }
+    let want: std::collections::BTreeSet<String> =
+        ["ulysses_padded", "ulysses_packed", "ring_zigzag_padded", "ring_zigzag_packed"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+    ensure!(seen == want, "{seen:?}");
+    // A dataset without documents cannot be packed: refused, naming the packing and the dataset.
+    let synthetic = "[dataset]\nkind = \"synthetic\"\ntask = \"associative_recall\"\n";
+    let cfg = ExperimentConfig {
+        output: Some(dir.join("bad")),
+        ..ExperimentConfig::parse(&text(synthetic), "packed")?
+    };
+    let err = run(&cfg, &opts).err().map(|e| format!("{e:#}")).unwrap_or_default();
+    ensure!(err.contains("packing Padded needs a dataset with documents"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}

@@ -201,6 +201,29 @@ pub struct TrainSpec {
     /// after 1000 good steps.
     #[serde(default)]
     pub loss_scale: LossScaleConfig,
+    /// How rows are filled from a dataset with documents (a text file's paragraphs), or a list
+    /// to sweep: "none" (windows of the token stream, documents ignored), "packed" (documents
+    /// end to end, attention and labels inside each) or "padded" (one document per row, the
+    /// rest padding without labels). Default none.
+    #[serde(default = "no_packing", deserialize_with = "super::plan::packings")]
+    pub packing: Vec<Packing>,
+}
+
+/// How a row of training data is filled (see [`TrainSpec::packing`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Packing {
+    /// Windows of the token stream, across documents.
+    #[default]
+    None,
+    /// Documents end to end; attention, labels and positions inside each.
+    Packed,
+    /// One document per row, then padding that has no label and that no token attends to.
+    Padded,
+}
+
+fn no_packing() -> Vec<Packing> {
+    vec![Packing::None]
 }
 
 fn stage_0() -> Vec<ZeroStage> {
@@ -255,6 +278,8 @@ pub struct Point {
     pub zero: ZeroStage,
     /// Micro-batches per step.
     pub grad_accum: usize,
+    /// How rows are filled.
+    pub packing: Packing,
 }
 
 impl Point {
@@ -266,9 +291,14 @@ impl Point {
     /// The strategy's label, with the ZeRO stage when there is one: what result tables call
     /// the point's strategy.
     pub fn label(&self) -> String {
-        match self.zero.stage() {
+        let base = match self.zero.stage() {
             0 => self.strategy.label(),
             z => format!("{}_zero{z}", self.strategy.label()),
+        };
+        match self.packing {
+            Packing::None => base,
+            Packing::Packed => format!("{base}_packed"),
+            Packing::Padded => format!("{base}_padded"),
         }
     }
 }

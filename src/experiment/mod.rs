@@ -27,7 +27,9 @@ mod sweep;
 mod validate;
 
 pub use compare::{side_by_side, SUMMARY_COLUMNS};
-pub use config::{AttentionSpec, Backend, ExperimentConfig, ModelSpec, ParallelSpec, Point, TrainSpec};
+pub use config::{
+    AttentionSpec, Backend, ExperimentConfig, ModelSpec, Packing, ParallelSpec, Point, TrainSpec,
+};
 pub use launch::{LaunchPlan, Launcher};
 pub use memory::{rss, CUDA_PEAK, HOST_RSS};
 #[cfg(feature = "mpi")]

@@ -26,6 +26,22 @@ pub(super) fn stages<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Vec
     list.into_iter().map(|s| ZeroStage::new(s).map_err(|e| D::Error::custom(e.to_string()))).collect()
 }
 
+/// `packing = "packed"` or `packing = ["padded", "packed"]`.
+pub(super) fn packings<'de, D: Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Vec<crate::experiment::config::Packing>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(crate::experiment::config::Packing),
+        Many(Vec<crate::experiment::config::Packing>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(p) => vec![p],
+        OneOrMany::Many(v) => v,
+    })
+}
+
 impl ExperimentConfig {
     /// The trainer's plan for `point`.
     pub fn train_config(&self, point: &Point) -> Result<TrainConfig> {

@@ -7,17 +7,17 @@ use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 
-use super::config::{ExperimentConfig, Point};
+use super::config::{ExperimentConfig, Packing, Point};
 use super::memory::MemoryProbe;
 use super::results::{CommRow, StepRow};
 use super::run::{checkpoints_dir, Report};
 use crate::attention::AttentionConfig;
 use crate::comm::{Mesh, MeshShape, RankCtx, ReduceOp};
-use crate::data::{shard, Dataset};
+use crate::data::{shard, shard_packed, Dataset, Shard};
 use crate::error::TorchResultExt;
-use crate::model::{Gpt, GptConfig};
+use crate::model::{Gpt, GptConfig, IGNORE};
 use crate::train::{TrainGroups, Trainer};
-use crate::Result;
+use crate::{Error, Result};
 
 /// Everything a rank needs to run a point.
 pub(super) struct RankSpec<'a> {
@@ -101,17 +101,64 @@ pub(super) fn rank_main(
     world.barrier()?;
 
     let (b, n, total) = (cfg.train.batch, point.seq, cfg.train.warmup + cfg.train.steps);
+    let corpus = match point.packing {
+        Packing::None => None,
+        packing => Some(spec.dataset.corpus().ok_or_else(|| Error::InvalidArgument {
+            op: "experiment",
+            group: "-".into(),
+            msg: format!(
+                "packing {packing:?} needs a dataset with documents (a text file's paragraphs); {} has none",
+                spec.dataset.describe()
+            ),
+        })?),
+    };
+    // Packed and padded rows: the tokens are those with a label (padding and each document's
+    // last token have none), the FLOPs those of the batch's documents (summed per step below).
     let tokens = (b * n) as f64 * (dp * k) as f64;
     let flops = gpt.train_flops(b * n * (dp * k) as i64, n, &spec.attention.mask);
     for step in trainer.steps_taken() as usize..total {
         // Micro-batch m of replica d draws the dataset's replica d k + m, so that one device
         // accumulating dp x k micro-batches sees the global batch of dp replicas.
         let replica = mesh.coord("dp")? * k;
-        let micro = |m: usize| -> Result<crate::data::Shard> {
-            let global = spec.dataset.batch(cfg.train.seed, step as u64, (replica + m) as u64, b, n)?;
-            shard(&global.f_to(device).op("experiment")?, &layout, sp_group.rank())
+        let (seed, draw) = (cfg.train.seed, |m: usize| (replica + m) as u64);
+        let micro = |m: usize| -> Result<(Shard, f64, f64)> {
+            let to = |t: &Tensor| t.f_to(device).op("experiment");
+            let rank = sp_group.rank();
+            match (point.packing, &corpus) {
+                (Packing::Packed, Some(c)) => {
+                    let (global, docs) = c.packed(seed, step as u64, draw(m), b, n)?;
+                    let shard = shard_packed(&to(&global)?, &docs, &layout, rank)?;
+                    let labelled = (b * n - docs.flat().len() as i64 + 1) as f64; // one per document lost
+                    Ok((shard, labelled, gpt.train_flops_packed(&docs, &spec.attention.mask)))
+                }
+                (Packing::Padded, Some(c)) => {
+                    let (global, docs, labels) = c.padded(seed, step as u64, draw(m), b, n, 0)?;
+                    let mut shard = shard_packed(&to(&global)?, &docs, &layout, rank)?;
+                    shard.labels = layout.shard(&to(&labels)?, 1, rank)?;
+                    let labelled =
+                        labels.f_ne(IGNORE).and_then(|l| l.f_sum(Kind::Double)).op("experiment")?;
+                    Ok((
+                        shard,
+                        labelled.double_value(&[]),
+                        gpt.train_flops_packed(&docs, &spec.attention.mask),
+                    ))
+                }
+                _ => {
+                    let global = spec.dataset.batch(seed, step as u64, draw(m), b, n)?;
+                    let flops = gpt.train_flops(b * n, n, &spec.attention.mask);
+                    Ok((shard(&to(&global)?, &layout, rank)?, (b * n) as f64, flops))
+                }
+            }
         };
-        let batches = (0..k).map(micro).collect::<Result<Vec<_>>>()?;
+        let drawn = (0..k).map(micro).collect::<Result<Vec<_>>>()?;
+        // Every replica's labelled tokens and FLOPs (they draw different rows), outside the clock.
+        let (mut tokens, mut flops) = (tokens, flops);
+        if corpus.is_some() {
+            let mine = [drawn.iter().map(|d| d.1).sum::<f64>(), drawn.iter().map(|d| d.2).sum::<f64>()];
+            let all = dp_group.all_reduce(&Tensor::from_slice(&mine), ReduceOp::Sum)?;
+            (tokens, flops) = (all.double_value(&[0]), all.double_value(&[1]));
+        }
+        let batches: Vec<Shard> = drawn.into_iter().map(|d| d.0).collect();
         // The clock reads a device with nothing queued (GPU-true step times).
         crate::device::synchronize(device)?;
         world.barrier()?;

@@ -231,6 +231,23 @@ fn summarize(point: &Point, cfg: &ExperimentConfig, gpt: &GptConfig, rows: &[Ste
     let seconds = step_ms / 1e3;
     let (b, n, dp) = (cfg.train.batch, point.seq, (point.dp * point.grad_accum) as i64);
     let flops = gpt.train_flops(b * n * dp, n, &cfg.attention()?.mask);
+    let (mut tokens_per_s, mut model_tflops) = ((b * n * dp) as f64 / seconds, flops / seconds / 1e12);
+    if point.packing != super::config::Packing::None {
+        // Packed and padded rows teach a different number of tokens each step (rank.rs): the
+        // median over steps of each step's labelled tokens and FLOPs over its slowest rank's time.
+        let per = |f: &dyn Fn(&StepRow) -> f64| {
+            median(
+                by_step
+                    .values()
+                    .map(|rs| {
+                        let slowest = rs.iter().map(|r| r.step_ms).fold(f64::MIN, f64::max);
+                        f(rs[0]) * rs[0].step_ms / slowest
+                    })
+                    .collect(),
+            )
+        };
+        (tokens_per_s, model_tflops) = (per(&|r| r.tokens_per_s), per(&|r| r.model_tflops));
+    }
     let last = measured.iter().filter(|r| r.rank == 0).max_by_key(|r| r.step);
     Ok(PointRow {
         point: point.index as u32,
@@ -242,8 +259,8 @@ fn summarize(point: &Point, cfg: &ExperimentConfig, gpt: &GptConfig, rows: &[Ste
         batch: b,
         steps: by_step.len() as u32,
         median_step_ms: step_ms,
-        tokens_per_s: (b * n * dp) as f64 / seconds,
-        model_tflops: flops / seconds / 1e12,
+        tokens_per_s,
+        model_tflops,
         peak_mib_per_rank: measured.iter().map(|r| r.peak_mib_per_rank).fold(f64::NAN, f64::max),
         peak_reserved_mib_per_rank: measured
             .iter()

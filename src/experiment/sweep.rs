@@ -73,30 +73,36 @@ impl ExperimentConfig {
         if self.parallel.reference {
             for &seq in &self.train.seq {
                 let (strategy, zero) = (StrategyConfig::Single, ZeroStage::NONE);
-                points.push(Point {
-                    index: points.len(),
-                    strategy,
-                    ranks: 1,
-                    seq,
-                    dp: 1,
-                    zero,
-                    grad_accum: dp * k,
-                });
+                for &packing in &self.train.packing {
+                    points.push(Point {
+                        index: points.len(),
+                        strategy,
+                        ranks: 1,
+                        seq,
+                        dp: 1,
+                        zero,
+                        grad_accum: dp * k,
+                        packing,
+                    });
+                }
             }
         }
         for &ranks in &self.parallel.ranks {
             for &strategy in &strategies {
                 for &zero in &self.train.zero {
                     for &seq in &self.train.seq {
-                        points.push(Point {
-                            index: points.len(),
-                            strategy,
-                            ranks,
-                            seq,
-                            dp,
-                            zero,
-                            grad_accum: k,
-                        });
+                        for &packing in &self.train.packing {
+                            points.push(Point {
+                                index: points.len(),
+                                strategy,
+                                ranks,
+                                seq,
+                                dp,
+                                zero,
+                                grad_accum: k,
+                                packing,
+                            });
+                        }
                     }
                 }
             }
