@@ -776,3 +776,37 @@ fn an_experiment_sweeps_packed_and_padded_rows_and_counts_labelled_tokens() -> R
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
+
+#[test]
+fn the_cost_model_counts_the_pairs_of_packed_documents() -> Result<()> {
+    use ulysses::cost::flops::{attention_work, model_flops};
+    use ulysses::cost::hardware::DeviceKind;
+    use ulysses::cost::Job;
+    let cfg = GptConfig { n_head: 8, n_kv_head: 8, n_embd: 128, ..GptConfig::tiny() };
+    let lengths = vec![64i64; 8].into_iter().chain([512]).collect::<Vec<_>>();
+    let docs = Documents::from_lengths(1024, std::slice::from_ref(&lengths))?;
+    let job = |strategy| Job { documents: Some(lengths.clone()), ..Job::new(cfg.clone(), strategy, 8, 1024) };
+    // The kernels on whole sequences: every pair inside a document, one call per document.
+    let a = attention_work(&job(StrategyConfig::Ulysses), 0, DeviceKind::Gpu)?;
+    ensure!(a.visible == docs.visible_pairs(&Mask::Causal) as f64 && a.calls == 9.0, "{a:?}");
+    // A ring: each rank's rows, as the documents say (contiguous leaves the last rank 3.1 x the mean).
+    for zigzag in [false, true] {
+        let layout = if zigzag { SeqLayout::zigzag(1024, 8)? } else { SeqLayout::contiguous(1024, 8)? };
+        let want = docs.work_per_rank(&Mask::Causal, &layout);
+        for (r, w) in want.iter().enumerate() {
+            let a = attention_work(&job(StrategyConfig::Ring { zigzag }), r, DeviceKind::Gpu)?;
+            ensure!(a.visible == *w as f64, "zigzag {zigzag} rank {r}: {} vs {w}", a.visible);
+        }
+    }
+    // Model FLOPs of a packed step: the documents' pairs, per sequence of the global batch.
+    let j = job(StrategyConfig::Ulysses);
+    let want = cfg.train_flops_packed(&docs, &Mask::Causal) * j.global_batch() as f64;
+    ensure!(model_flops(&j) == want, "{} vs {want}", model_flops(&j));
+    let unpacked = Job { documents: None, ..j.clone() };
+    ensure!(model_flops(&unpacked) > model_flops(&j), "packing must drop the cross-document pairs");
+    // Documents that do not fill the sequence: refused, naming the numbers.
+    let bad = Job { documents: Some(vec![100, 200]), ..j };
+    let e = attention_work(&bad, 0, DeviceKind::Gpu).err().map(|e| e.to_string()).unwrap_or_default();
+    ensure!(e.contains("must end at the sequence length 1024, not 300"), "{e}");
+    Ok(())
+}

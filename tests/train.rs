@@ -229,6 +229,7 @@ fn zero_bytes_of_the_cost_model(run: &Run, p: usize, r: usize) -> Result<[(u64, 
         backend: "local".into(),
         bucket_elems: run.plan.bucket_elems,
         reduce_dtype: run.plan.reduce_dtype,
+        documents: None,
         ..Job::new(run.model.clone(), run.strategy, p, run.n)
     };
     let mut out = [(0, 0); 3];

@@ -9,7 +9,7 @@
 //!
 //! [`GptConfig::train_flops`]: crate::model::GptConfig::train_flops
 
-use crate::attention::{HeadPlan, Kernel, Mask, SeqLayout, StrategyConfig};
+use crate::attention::{Documents, HeadPlan, Kernel, Mask, SeqLayout, StrategyConfig};
 use crate::model::GptConfig;
 use crate::train::Checkpointing;
 use crate::Result;
@@ -32,10 +32,18 @@ pub fn megatron_flops(cfg: &GptConfig, batch: i64, seq: i64, checkpointing: Chec
     24.0 * c * batch as f64 * s * l * h * h * (1.0 + s / (6.0 * h) + v / (16.0 * l * h))
 }
 
-/// Model FLOPs of one optimizer step of `job` (every rank, every micro-step).
+/// Model FLOPs of one optimizer step of `job` (every rank, every micro-step); packed documents
+/// count the pairs inside each (the Megatron-DeepSpeed convention, [`megatron_flops`], counts
+/// full `s^2` whatever the packing).
 pub fn model_flops(job: &Job) -> f64 {
     let tokens = job.global_batch() * job.seq;
-    job.model.train_flops(tokens, job.seq, &job.attention.mask)
+    match job.packed().ok().flatten() {
+        Some(docs) => {
+            let per_sequence = job.model.train_flops_packed(&docs, &job.attention.mask);
+            per_sequence * job.global_batch() as f64
+        }
+        None => job.model.train_flops(tokens, job.seq, &job.attention.mask),
+    }
 }
 
 /// How the local attention runs, which decides its time and whether it stores `s^2` scores.
@@ -121,6 +129,9 @@ pub fn attention_work(job: &Job, r: usize, device: impl Into<Kernels>) -> Result
     let (h, kv, d, p) = (job.model.n_head, job.model.n_kv_head, job.model.head_dim(), job.sp());
     let k: Kernels = device.into();
     let implementation = attention_impl(job, k);
+    if let Some(docs) = job.packed()? {
+        return packed_work(job, &docs, r, implementation);
+    }
     // Whole sequences for `heads` heads: (Ulysses, Megatron-SP, one device).
     let whole = |heads: i64| -> AttnWork {
         let visible = m.visible_pairs(n) as f64;
@@ -185,6 +196,74 @@ pub fn attention_work(job: &Job, r: usize, device: impl Into<Kernels>) -> Result
             // runs over the R ring chunks.
             let ring = p / ulysses;
             let layout = if zigzag { SeqLayout::zigzag(n, ring)? } else { SeqLayout::contiguous(n, ring)? };
+            rows_of(&layout, r / ulysses, HeadPlan::new(h, kv, ulysses)?.q_split()[r % ulysses], true)
+        }
+    })
+}
+
+/// [`attention_work`] of a sequence of packed documents (per sample): the kernels on whole
+/// sequences run each document on its own (a call per document, its pairs only, a dense kernel
+/// materialising each document's `L^2`); a ring or all-gather KV computes, of its rows, the
+/// pairs inside one document (blocks of different documents skipped). The efficiency curves
+/// take the pair-weighted mean document length as a call's size.
+fn packed_work(job: &Job, docs: &Documents, r: usize, implementation: AttnImpl) -> Result<AttnWork> {
+    let (m, n) = (&job.attention.mask, job.seq);
+    let (h, kv, d, p) = (job.model.n_head, job.model.n_kv_head, job.model.head_dim(), job.sp());
+    let lengths = docs.lengths(0);
+    let squares: f64 = lengths.iter().map(|&l| (l * l) as f64).sum();
+    let typical = squares / n as f64; // sum L^2 / sum L
+    let causal = |visible: f64| if m.is_causal() { visible } else { 0.0 };
+    let whole = |heads: i64| -> AttnWork {
+        let visible = docs.visible_pairs(m) as f64;
+        let computed = match implementation {
+            AttnImpl::Dense { .. } => squares,
+            AttnImpl::Blocked => lengths.iter().map(|&l| visible_block_pairs(m, l)).sum(),
+            AttnImpl::Flash => visible,
+        };
+        AttnWork {
+            implementation,
+            heads,
+            head_dim: d,
+            visible,
+            causal: causal(visible),
+            computed,
+            rows: typical,
+            keys: typical,
+            calls: lengths.len() as f64,
+        }
+    };
+    let rows_of = |layout: &SeqLayout, r: usize, heads: i64, ring: bool| -> AttnWork {
+        let visible = docs.work_per_rank(m, layout)[r] as f64;
+        let rows: f64 = layout.segments(r).iter().map(|&(_, len)| len as f64).sum();
+        let computed = if implementation == AttnImpl::Flash { visible } else { rows * n as f64 };
+        let calls = if ring { layout.ranks() as f64 } else { 1.0 };
+        AttnWork {
+            implementation,
+            heads,
+            head_dim: d,
+            visible,
+            causal: causal(visible),
+            computed,
+            rows: typical.min(rows),
+            keys: typical,
+            calls,
+        }
+    };
+    let contiguous_or = |zigzag: bool, ranks: usize| {
+        if zigzag {
+            SeqLayout::zigzag(n, ranks)
+        } else {
+            SeqLayout::contiguous(n, ranks)
+        }
+    };
+    Ok(match job.strategy {
+        StrategyConfig::Single => whole(h),
+        StrategyConfig::Ulysses => whole(HeadPlan::new(h, kv, p)?.q_split()[r]),
+        StrategyConfig::MegatronSp => whole(h / p as i64),
+        StrategyConfig::Ring { zigzag } => rows_of(&contiguous_or(zigzag, p)?, r, h, true),
+        StrategyConfig::AllGatherKv { zigzag } => rows_of(&contiguous_or(zigzag, p)?, r, h, false),
+        StrategyConfig::Usp { ulysses, zigzag } => {
+            let layout = contiguous_or(zigzag, p / ulysses)?;
             rows_of(&layout, r / ulysses, HeadPlan::new(h, kv, ulysses)?.q_split()[r % ulysses], true)
         }
     })

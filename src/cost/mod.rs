@@ -90,6 +90,11 @@ pub struct Job {
     pub bucket_elems: i64,
     /// The dtype gradients are reduced in (the trainer's `reduce_dtype`); `None`: f32.
     pub reduce_dtype: Option<Precision>,
+    /// Packed documents: the lengths of the documents in each sequence (summing to `seq`), as
+    /// the attention work counts them (pairs inside one document, each document a kernel call
+    /// for the kernels on whole sequences, each rank's share for a ring); `None`: one document.
+    #[serde(default)]
+    pub documents: Option<Vec<i64>>,
 }
 
 impl Job {
@@ -114,12 +119,24 @@ impl Job {
             overlap: false,
             bucket_elems: crate::comm::DEFAULT_BUCKET_ELEMS,
             reduce_dtype: None,
+            documents: None,
         }
     }
 
     /// Bytes per element of the gradient reduction: 4 (f32) unless `reduce_dtype` names another.
     pub fn reduce_bytes(&self) -> i64 {
         self.reduce_dtype.map_or(4, |p| p.kind().elt_size_in_bytes() as i64)
+    }
+
+    /// The packed documents of each sequence (`documents`), checked: lengths of at least 1
+    /// summing to `seq`, under a rule that restarts with each document.
+    pub fn packed(&self) -> Result<Option<crate::attention::Documents>> {
+        let Some(lengths) = &self.documents else {
+            return Ok(None);
+        };
+        let docs = crate::attention::Documents::from_lengths(self.seq, std::slice::from_ref(lengths))?;
+        docs.check("cost", 1, self.seq, &self.attention.mask)?;
+        Ok(Some(docs))
     }
 
     /// The sequence-parallel degree.
