@@ -810,3 +810,55 @@ fn the_cost_model_counts_the_pairs_of_packed_documents() -> Result<()> {
     ensure!(e.contains("must end at the sequence length 1024, not 300"), "{e}");
     Ok(())
 }
+
+#[test]
+fn a_ring_trains_a_packed_batch_on_its_balanced_layout_like_one_device() -> Result<()> {
+    // The batch's own layout (balanced from its documents) replaces the ring's for this batch:
+    // the data sharded by it, RoPE positions and attention from it; the same loss and gradients
+    // as one device. Strategies bound to their own layout refuse such a batch by name.
+    let cfg = GptConfig { n_head: 4, n_kv_head: 2, n_embd: 32, ..GptConfig::tiny() };
+    let lengths = vec![vec![3, 9, 1, 19], vec![2, 5, 25]];
+    let (b, n, p) = (2i64, 32i64, 4usize);
+    let toks = tokens(b, n, cfg.vocab_size);
+    let plain = Documents::from_lengths(n, &lengths)?;
+    let (want_loss, _, want) = one_device(&cfg, Kind::Float, &toks, Some(&plain))?;
+    let layout = plain.balanced_layout(&Mask::Causal, p, 2)?;
+    let docs = plain.clone().with_layout(layout.clone())?;
+    let bounds = tolerance::gpt(&cfg, n, b * n, Kind::Float);
+    for zigzag in [false, true] {
+        let per_rank = launch(p, |ctx| -> Result<(f64, Vec<Tensor>)> {
+            let ring =
+                RingAttention::new(ctx.world().clone(), Mask::Causal, n, cfg.n_head, cfg.n_kv_head, zigzag)?;
+            let model = Gpt::new(&cfg, Box::new(ring), Kind::Float, Device::Cpu)?;
+            let toks = tokens(b, n, cfg.vocab_size);
+            let shard = ulysses::data::shard_packed(&toks, &docs, &layout, ctx.rank())?;
+            let loss = model.forward_backward_packed(&shard.tokens, &shard.labels, shard.docs.as_ref())?;
+            Ok((loss.value, model.params().iter().map(|(_, p)| p.grad()).collect()))
+        })?;
+        for (r, (loss, grads)) in per_rank.iter().enumerate() {
+            let label = format!("ring zigzag={zigzag} on the balanced layout, rank {r}");
+            tolerance::check(
+                &format!("{label}: loss"),
+                (loss - want_loss).abs(),
+                bounds.loss * want_loss.abs(),
+            )?;
+            for (i, (g, w)) in grads.iter().zip(&want).enumerate() {
+                let scale = w.abs().max().double_value(&[]);
+                tolerance::check(&format!("{label}: gradient {i}"), max_diff(g, w), bounds.grad * scale)?;
+            }
+        }
+    }
+    let spec = Spec::new(32, 4, 2);
+    for strategy in [
+        StrategyConfig::Ulysses,
+        StrategyConfig::AllGatherKv { zigzag: false },
+        StrategyConfig::Usp { ulysses: 2, zigzag: false },
+    ] {
+        let e = run(strategy, Kernel::Sdpa, p, &spec, Mask::Causal, &docs)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        ensure!(e.contains("layout is for ring attention"), "{}: {e}", strategy.label());
+    }
+    Ok(())
+}

@@ -95,6 +95,9 @@ impl SequenceParallel for AllGatherKv {
         docs: Option<&Documents>,
     ) -> Result<Tensor> {
         check_local("allgather_kv", &self.layout, self.rank(), self.heads, self.kv_heads, q, k, v)?;
+        if let Some(d) = docs {
+            d.refuse_layout("allgather_kv")?;
+        }
         let visible = self.visible_for(q, docs)?;
         // K and V in one all-gather: [b, s_r, H_kv, d] x 2 -> [2, b, s_r, H_kv, d] -> [2, b, N, H_kv, d].
         // q passes through the same taped record unchanged: q, k and v come from one projection,
@@ -150,6 +153,7 @@ impl SequenceParallel for AllGatherKv {
     ) -> Result<(Tensor, Tensor)> {
         check_local("allgather_kv", &self.layout, self.rank(), self.heads, self.kv_heads, q, k, v)?;
         if let Some(d) = docs {
+            d.refuse_layout("allgather_kv")?;
             d.check("allgather_kv", q.size()[0], self.layout.global_len(), &self.mask)?;
         }
         let _no_grad = tch::no_grad_guard();

@@ -36,6 +36,9 @@ pub struct Documents {
     n: i64,
     /// Per sample, `[0, l_0, l_0 + l_1, .., n]`.
     offsets: Vec<Vec<i64>>,
+    /// This batch's own layout over the ranks, for ring attention (see
+    /// [`with_layout`](Documents::with_layout)); `None`: the strategy's.
+    layout: Option<SeqLayout>,
 }
 
 impl Documents {
@@ -80,7 +83,7 @@ impl Documents {
                 )));
             }
         }
-        Ok(Documents { n, offsets })
+        Ok(Documents { n, offsets, layout: None })
     }
 
     /// Documents from their lengths, one vector per sample; each must sum to `n`.
@@ -150,6 +153,45 @@ impl Documents {
     /// One document per sample: the plain (unpacked) batch of `b` sequences.
     pub fn whole(n: i64, b: usize) -> Result<Documents> {
         Documents::new(n, vec![vec![0, n]; b])
+    }
+
+    /// These documents with a layout of their own over the ranks (e.g.
+    /// [`balanced_layout`](Documents::balanced_layout)): ring attention then gives each rank the
+    /// layout's tokens for this batch instead of its fixed contiguous or zigzag shares, and the
+    /// data must be sharded by it ([`layout`](Documents::layout)). Every rank must hold as many
+    /// tokens as the strategy's own layout gives it; the strategies that need their own layout
+    /// (the all-to-alls of Ulysses and USP, Megatron-SP) refuse such a batch.
+    pub fn with_layout(mut self, layout: SeqLayout) -> Result<Documents> {
+        if layout.global_len() != self.n {
+            return Err(Self::error(format!(
+                "the {} layout covers {} tokens, the documents {}",
+                layout.name(),
+                layout.global_len(),
+                self.n
+            )));
+        }
+        self.layout = Some(layout);
+        Ok(self)
+    }
+
+    /// The batch's own layout, if [`with_layout`](Documents::with_layout) gave one.
+    pub fn layout(&self) -> Option<&SeqLayout> {
+        self.layout.as_ref()
+    }
+
+    /// Refuses a batch layout for a strategy that cannot take one (`op` names the strategy).
+    pub(crate) fn refuse_layout(&self, op: &'static str) -> Result<()> {
+        match &self.layout {
+            Some(l) => Err(Error::InvalidArgument {
+                op,
+                group: "-".into(),
+                msg: format!(
+                    "a batch with its own ({}) layout is for ring attention; {op} shards by its own layout",
+                    l.name()
+                ),
+            }),
+            None => Ok(()),
+        }
     }
 
     /// Whether every sample is one document (nothing packed).

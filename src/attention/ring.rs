@@ -139,12 +139,34 @@ impl RingCore {
     /// Packed documents must describe this batch: b samples of the whole sequence (the ring's
     /// segments cover it).
     fn check_docs(&self, q: &Tensor, docs: Option<&Documents>) -> Result<()> {
-        match docs {
-            Some(d) => {
-                let n: i64 = self.segments.iter().flatten().map(|&(_, len)| len).sum();
-                d.check("ring_attention", q.size()[0], n, &self.mask)
+        let Some(d) = docs else {
+            return Ok(());
+        };
+        let n: i64 = self.segments.iter().flatten().map(|&(_, len)| len).sum();
+        d.check("ring_attention", q.size()[0], n, &self.mask)?;
+        if let Some(l) = d.layout() {
+            let own: Vec<i64> = self.segments.iter().map(|s| s.iter().map(|&(_, len)| len).sum()).collect();
+            if l.ranks() != own.len() || l.lens() != own.as_slice() {
+                return Err(Error::InvalidArgument {
+                    op: "ring_attention",
+                    group: self.group.info().to_string(),
+                    msg: format!(
+                        "the batch's {} layout gives the ranks {:?} tokens; the ring holds {own:?}",
+                        l.name(),
+                        l.lens()
+                    ),
+                });
             }
-            None => Ok(()),
+        }
+        Ok(())
+    }
+
+    /// The segments each rank holds in this batch: the batch's own layout if its documents
+    /// carry one, else the ring's.
+    fn segments_for(&self, docs: Option<&Documents>) -> Vec<Vec<(i64, i64)>> {
+        match docs.and_then(Documents::layout) {
+            Some(l) => (0..l.ranks()).map(|r| l.segments(r).to_vec()).collect(),
+            None => self.segments.clone(),
         }
     }
 
@@ -196,6 +218,7 @@ impl RingCore {
     ) -> Result<(Tensor, Tensor, Work)> {
         let (p, r) = (self.group.size(), self.group.rank());
         let attn = Blockwise { mask: &self.mask, docs, scale, fused: true };
+        let segments = self.segments_for(docs);
         let qh = block_layout(q)?;
         let (mut kb, mut vb) = (k.shallow_clone(), v.shallow_clone());
         let mut acc: Option<(Tensor, Tensor)> = None;
@@ -208,13 +231,8 @@ impl RingCore {
             } else {
                 None
             };
-            let (o, lse, w) = attn.forward(
-                &qh,
-                &self.expand(&kb)?,
-                &self.expand(&vb)?,
-                &self.segments[r],
-                &self.segments[src],
-            )?;
+            let (o, lse, w) =
+                attn.forward(&qh, &self.expand(&kb)?, &self.expand(&vb)?, &segments[r], &segments[src])?;
             work += w;
             acc = Some(match acc {
                 None => (o, lse),
@@ -255,7 +273,8 @@ impl RingCore {
         let (mut kb, mut vb) = (s.k.shallow_clone(), s.v.shallow_clone());
         let zeros = || heads_first(&s.k).and_then(|t| t.f_zeros_like().op("ring_attention"));
         let (mut dk, mut dv) = (zeros()?, zeros()?); // [b, Hkv, s, d] f32, travelling with K/V
-        let qruns = runs(&self.segments[r]);
+        let segments = self.segments_for(docs);
+        let qruns = runs(&segments[r]);
         // The accumulators of the previous block, on their way to the next rank.
         let mut travelling: Option<(Started<Tensor>, Started<Tensor>)> = None;
         for step in 0..p {
@@ -268,7 +287,7 @@ impl RingCore {
             let (kh, vh) = (self.expand(&kb)?, self.expand(&vb)?);
             let (dk_full, dv_full) = (acc_zeros(&kh)?, acc_zeros(&vh)?);
             for &(qo, q0, nq) in &qruns {
-                for &(ko, k0, nk) in &runs(&self.segments[src]) {
+                for &(ko, k0, nk) in &runs(&segments[src]) {
                     if !pair_visible(&self.mask, docs, (q0, nq), (k0, nk)) {
                         continue;
                     }
@@ -445,6 +464,13 @@ impl SequenceParallel for RingAttention {
     ) -> Result<(Tensor, Tensor)> {
         check_local("ring", &self.layout, self.rank(), self.heads, self.kv_heads, q, k, v)?;
         self.core.forward_lse(q, k, v, docs)
+    }
+
+    /// Positions within documents of this rank's tokens in the batch's own layout, if its
+    /// documents carry one.
+    fn input_positions_docs(&self, docs: &Documents, device: tch::Device) -> Result<Tensor> {
+        let layout = docs.layout().unwrap_or(&self.layout);
+        docs.local_positions(&layout.positions(self.rank(), device)?)
     }
 }
 

@@ -90,7 +90,10 @@ pub(crate) fn check_docs(
     local: &dyn LocalAttention,
 ) -> Result<()> {
     match docs {
-        Some(d) => d.check(op, q.size()[0], layout.global_len(), &local.mask()),
+        Some(d) => {
+            d.refuse_layout(op)?;
+            d.check(op, q.size()[0], layout.global_len(), &local.mask())
+        }
         None => Ok(()),
     }
 }

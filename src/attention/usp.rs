@@ -109,6 +109,9 @@ impl SequenceParallel for UspAttention {
     ) -> Result<Tensor> {
         let plan_all = HeadPlan::new(self.heads.heads(), self.heads.kv_heads(), 1)?;
         check_shapes("usp", &self.layout, &plan_all, self.rank(), q, k, v)?;
+        if let Some(d) = docs {
+            d.refuse_layout("usp")?;
+        }
         // [b, s_r, H_kv, d] -> [b, s_r, sum(KV_u), d]: kv heads once per Ulysses rank that needs them
         let (k, v) = (self.heads.replicate_kv(k)?, self.heads.replicate_kv(v)?);
         // [b, s_r, H, d] -> [b, N/R, H_u, d]; [b, s_r, sum(KV_u), d] -> [b, N/R, KV_u, d]
@@ -130,6 +133,9 @@ impl SequenceParallel for UspAttention {
     ) -> Result<(Tensor, Tensor)> {
         let plan_all = HeadPlan::new(self.heads.heads(), self.heads.kv_heads(), 1)?;
         check_shapes("usp", &self.layout, &plan_all, self.rank(), q, k, v)?;
+        if let Some(d) = docs {
+            d.refuse_layout("usp")?;
+        }
         let _no_grad = tch::no_grad_guard();
         let (k, v) = (self.heads.replicate_kv(k)?, self.heads.replicate_kv(v)?);
         let u = &self.ulysses;
