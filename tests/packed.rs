@@ -7,7 +7,7 @@
 mod common;
 
 use anyhow::{ensure, Result};
-use common::parity::{allclose, tol, Grad, Spec};
+use common::parity::{allclose, strategies_for, tol, Grad, Spec};
 use common::{max_diff, reference_attention, tolerance};
 use proptest::prelude::*;
 use tch::{Device, Kind, Tensor};
@@ -18,26 +18,6 @@ use ulysses::attention::{
 use ulysses::autograd::Tape;
 use ulysses::comm::launch;
 use ulysses::model::{shift_labels, shift_labels_packed, Gpt, GptConfig, Placement, IGNORE};
-
-/// Every strategy that runs on `p` ranks.
-fn strategies_for(p: usize) -> Vec<StrategyConfig> {
-    let mut v = vec![
-        StrategyConfig::Ulysses,
-        StrategyConfig::MegatronSp,
-        StrategyConfig::Ring { zigzag: false },
-        StrategyConfig::Ring { zigzag: true },
-        StrategyConfig::AllGatherKv { zigzag: false },
-        StrategyConfig::AllGatherKv { zigzag: true },
-    ];
-    if p == 4 {
-        v.push(StrategyConfig::Usp { ulysses: 2, zigzag: false });
-        v.push(StrategyConfig::Usp { ulysses: 2, zigzag: true });
-    }
-    if p == 1 {
-        v.push(StrategyConfig::Single);
-    }
-    v
-}
 
 /// The document of every position of one sample, from its lengths (and the document's first
 /// position).
@@ -97,26 +77,7 @@ fn run(
     mask: Mask,
     docs: &Documents,
 ) -> ulysses::Result<[Tensor; 5]> {
-    let attention = AttentionConfig::new(kernel, mask);
-    let per_rank = launch(p, |ctx| -> ulysses::Result<(Vec<Tensor>, ulysses::attention::Sharding)> {
-        let r = ctx.rank();
-        let s = strategy.build(ctx.world(), attention, spec.n, spec.heads, spec.kv_heads)?;
-        let sharding = s.sharding();
-        let [q, k, v, w] = spec.tensors();
-        let mine = |t: &Tensor| -> ulysses::Result<Tensor> {
-            Ok(sharding.shard(t, r)?.copy().set_requires_grad(true))
-        };
-        let (q, k, v) = (mine(&q)?, mine(&k)?, mine(&v)?);
-        let tape = Tape::new();
-        let o = s.forward_docs(&tape, &q, &k, &v, Some(docs))?;
-        tape.backward(&(&o * sharding.shard(&w, r)?).sum(o.kind()))?;
-        let (_, lse) = s.forward_lse_docs(&q.detach(), &k.detach(), &v.detach(), Some(docs))?;
-        Ok((vec![o.detach(), q.grad(), k.grad(), v.grad(), lse], sharding))
-    })?;
-    let sharding = &per_rank[0].1;
-    let part =
-        |i: usize| sharding.unshard(&per_rank.iter().map(|(t, _)| t[i].shallow_clone()).collect::<Vec<_>>());
-    Ok([part(0)?, part(1)?, part(2)?, part(3)?, part(4)?])
+    common::parity::run_packed(strategy, kernel, p, spec, mask, Some(docs))
 }
 
 /// `run` against `reference`, every tensor within the dtype's bound (tests/common/parity.rs:

@@ -7,7 +7,7 @@
 mod common;
 
 use anyhow::{ensure, Result};
-use common::parity::{check, reference, run, Grad, Spec};
+use common::parity::{check, reference, run, strategies_for, Grad, Spec};
 use common::{det, max_diff};
 use tch::Kind;
 use ulysses::attention::{
@@ -18,28 +18,6 @@ use ulysses::comm::launch;
 use ulysses::cost::{bytes, Job};
 use ulysses::model::GptConfig;
 use ulysses::train::Precision;
-
-/// Every strategy that runs on `p` ranks (Megatron-SP and the single device included).
-fn strategies_for(p: usize) -> Vec<StrategyConfig> {
-    let mut v = vec![
-        StrategyConfig::Ulysses,
-        StrategyConfig::MegatronSp,
-        StrategyConfig::Ring { zigzag: false },
-        StrategyConfig::Ring { zigzag: true },
-        StrategyConfig::AllGatherKv { zigzag: false },
-        StrategyConfig::AllGatherKv { zigzag: true },
-    ];
-    for u in [2, 4] {
-        if p.is_multiple_of(u) && p > u {
-            v.push(StrategyConfig::Usp { ulysses: u, zigzag: false });
-            v.push(StrategyConfig::Usp { ulysses: u, zigzag: true });
-        }
-    }
-    if p == 1 {
-        v.push(StrategyConfig::Single);
-    }
-    v
-}
 
 /// Every mask kind, with windows and blocks that do not line up with the ranks' runs (rows
 /// that see no key in some pair of runs: the case that gave NaN in f32).

@@ -5,7 +5,7 @@
 
 use anyhow::{ensure, Result};
 use tch::{Device, Kind, Tensor};
-use ulysses::attention::{AttentionConfig, Kernel, Mask, StrategyConfig};
+use ulysses::attention::{AttentionConfig, Documents, Kernel, Mask, StrategyConfig};
 use ulysses::autograd::Tape;
 use ulysses::comm::launch;
 
@@ -203,6 +203,29 @@ pub fn reference(spec: &Spec, mask: Mask) -> Result<[Tensor; 5]> {
     Ok([out, dq, dk, dv, lse.transpose(1, 2)])
 }
 
+/// Every strategy that runs on `p` ranks (Megatron-SP and the single device included; USP at
+/// each Ulysses degree of 2 or 4 below P).
+pub fn strategies_for(p: usize) -> Vec<StrategyConfig> {
+    let mut v = vec![
+        StrategyConfig::Ulysses,
+        StrategyConfig::MegatronSp,
+        StrategyConfig::Ring { zigzag: false },
+        StrategyConfig::Ring { zigzag: true },
+        StrategyConfig::AllGatherKv { zigzag: false },
+        StrategyConfig::AllGatherKv { zigzag: true },
+    ];
+    for u in [2, 4] {
+        if p.is_multiple_of(u) && p > u {
+            v.push(StrategyConfig::Usp { ulysses: u, zigzag: false });
+            v.push(StrategyConfig::Usp { ulysses: u, zigzag: true });
+        }
+    }
+    if p == 1 {
+        v.push(StrategyConfig::Single);
+    }
+    v
+}
+
 /// Runs `strategy` (with `kernel` where it takes one) on `p` thread ranks over the global
 /// tensors of `spec`: forward, tape backward of `sum(out * grad_out)`, and the lse pass.
 /// Returns [out, dq, dk, dv, lse] put back together, or the strategy's refusal.
@@ -212,6 +235,18 @@ pub fn run(
     p: usize,
     spec: &Spec,
     mask: Mask,
+) -> ulysses::Result<[Tensor; 5]> {
+    run_packed(strategy, kernel, p, spec, mask, None)
+}
+
+/// [`run`] over packed documents (`None`: one per sample).
+pub fn run_packed(
+    strategy: StrategyConfig,
+    kernel: Kernel,
+    p: usize,
+    spec: &Spec,
+    mask: Mask,
+    docs: Option<&Documents>,
 ) -> ulysses::Result<[Tensor; 5]> {
     let attention = AttentionConfig::new(kernel, mask);
     let per_rank = launch(p, |ctx| -> ulysses::Result<(Vec<Tensor>, ulysses::attention::Sharding)> {
@@ -224,9 +259,9 @@ pub fn run(
         };
         let (q, k, v) = (mine(&q)?, mine(&k)?, mine(&v)?);
         let tape = Tape::new();
-        let o = s.forward(&tape, &q, &k, &v)?;
+        let o = s.forward_docs(&tape, &q, &k, &v, docs)?;
         tape.backward(&(&o * sharding.shard(&w, r)?).sum(o.kind()))?;
-        let (_, lse) = s.forward_lse(&q.detach(), &k.detach(), &v.detach())?;
+        let (_, lse) = s.forward_lse_docs(&q.detach(), &k.detach(), &v.detach(), docs)?;
         Ok((vec![o.detach(), q.grad(), k.grad(), v.grad(), lse], sharding))
     })?;
     let sharding = &per_rank[0].1;
