@@ -823,3 +823,62 @@ fn a_ring_trains_a_packed_batch_on_its_balanced_layout_like_one_device() -> Resu
     }
     Ok(())
 }
+
+#[test]
+fn an_experiment_balances_packed_rows_over_a_ring_and_computes_the_same_losses() -> Result<()> {
+    use ulysses::experiment::{read_table, run, ExperimentConfig, RunOptions};
+    let dir = std::env::temp_dir().join(format!("ulysses-packed-balance-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let text = |balance: bool, packing: &str| {
+        format!(
+            "name = \"balance\"\n[model]\npreset = \"tiny\"\nn_layer = 1\n[parallel]\nranks = [4]\n\
+             strategies = [\"ring_zigzag\", \"ulysses\"]\n[train]\nseq = [784]\nsteps = 2\nwarmup = 1\n\
+             packing = {packing}\nbalance = {balance}\n[dataset]\nkind = \"text\"\n\
+             path = \"datasets/sequence_parallelism.txt\"\ntokenizer = \"byte\"\n"
+        )
+    };
+    let opts = RunOptions {
+        resume: false,
+        base_dir: std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+        program: None,
+    };
+    let mut losses = std::collections::BTreeMap::new();
+    for balance in [false, true] {
+        let out = dir.join(format!("balance-{balance}"));
+        let cfg = ExperimentConfig {
+            output: Some(out.clone()),
+            ..ExperimentConfig::parse(&text(balance, "\"packed\""), "balance")?
+        };
+        run(&cfg, &opts)?;
+        let steps = read_table(&out, "steps")?;
+        let names: Vec<String> =
+            steps.column("strategy")?.str()?.iter().map(|s| s.unwrap_or("").to_string()).collect();
+        let loss: Vec<f64> = steps.column("loss")?.f64()?.iter().map(|v| v.unwrap_or(f64::NAN)).collect();
+        for (n, l) in names.iter().zip(loss) {
+            losses.entry(n.clone()).or_insert_with(Vec::new).push(l);
+        }
+    }
+    // Only the ring is balanced (Ulysses is by construction), and it is labelled so.
+    let names: Vec<&String> = losses.keys().collect();
+    ensure!(names == ["ring_zigzag_packed", "ring_zigzag_packed_balanced", "ulysses_packed"], "{names:?}");
+    // The same model and rows on another layout: the same losses, within the rounding of the
+    // model's sums in f32 (tests/common/tolerance.rs).
+    let cfg = GptConfig { n_layer: 1, ..GptConfig::tiny() };
+    let bound = tolerance::gpt(&cfg, 784, 784, Kind::Float).loss;
+    let (plain, balanced) = (&losses["ring_zigzag_packed"], &losses["ring_zigzag_packed_balanced"]);
+    ensure!(plain.len() == balanced.len() && !plain.is_empty(), "{plain:?} {balanced:?}");
+    for (a, b) in plain.iter().zip(balanced) {
+        tolerance::check("balanced ring loss", (a - b).abs(), bound * a.abs())?;
+    }
+    // Balance without packing is refused, naming the field.
+    let e = match ExperimentConfig::parse(&text(true, "\"none\""), "balance") {
+        Err(e) => format!("{e:#}"),
+        Ok(cfg) => {
+            let cfg = ExperimentConfig { output: Some(dir.join("bad")), ..cfg };
+            run(&cfg, &opts).err().map(|e| format!("{e:#}")).unwrap_or_default()
+        }
+    };
+    ensure!(e.contains("train.balance") && e.contains("set train.packing to packed or padded"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}

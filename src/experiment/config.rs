@@ -207,7 +207,16 @@ pub struct TrainSpec {
     /// rest padding without labels). Default none.
     #[serde(default = "no_packing", deserialize_with = "super::plan::packings")]
     pub packing: Vec<Packing>,
+    /// With packing, give ring attention each batch's own layout, balanced from its documents
+    /// (`Documents::balanced_layout`, [`BALANCE_CHUNKS`] chunks per rank) instead of its
+    /// contiguous or zigzag shares; the other strategies are balanced by construction (Ulysses,
+    /// Megatron-SP) or keep their layout. Default false.
+    #[serde(default)]
+    pub balance: bool,
 }
+
+/// Chunks per rank of a balanced layout (`[train] balance`): N must split into P x this.
+pub const BALANCE_CHUNKS: usize = 4;
 
 /// How a row of training data is filled (see [`TrainSpec::packing`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -280,6 +289,8 @@ pub struct Point {
     pub grad_accum: usize,
     /// How rows are filled.
     pub packing: Packing,
+    /// A ring on each packed batch's balanced layout (`[train] balance`).
+    pub balanced: bool,
 }
 
 impl Point {
@@ -295,10 +306,15 @@ impl Point {
             0 => self.strategy.label(),
             z => format!("{}_zero{z}", self.strategy.label()),
         };
-        match self.packing {
+        let packed = match self.packing {
             Packing::None => base,
             Packing::Packed => format!("{base}_packed"),
             Packing::Padded => format!("{base}_padded"),
+        };
+        if self.balanced {
+            format!("{packed}_balanced")
+        } else {
+            packed
         }
     }
 }

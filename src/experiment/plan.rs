@@ -85,6 +85,12 @@ impl ExperimentConfig {
         if t.grad_accum == 0 {
             return Err(field_error("train.grad_accum", "must be at least 1".into()));
         }
+        if t.balance && t.packing.iter().all(|p| *p == super::config::Packing::None) {
+            return Err(field_error(
+                "train.balance",
+                "balances packed documents over a ring's ranks; set train.packing to packed or padded".into(),
+            ));
+        }
         if t.checkpoint_every == Some(0) {
             return Err(field_error("train.checkpoint_every", "must be at least 1 (or left out)".into()));
         }

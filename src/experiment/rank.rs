@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 
-use super::config::{ExperimentConfig, Packing, Point};
+use super::config::{ExperimentConfig, Packing, Point, BALANCE_CHUNKS};
 use super::memory::MemoryProbe;
 use super::results::{CommRow, StepRow};
 use super::run::{checkpoints_dir, Report};
@@ -124,15 +124,26 @@ pub(super) fn rank_main(
         let micro = |m: usize| -> Result<(Shard, f64, f64)> {
             let to = |t: &Tensor| t.f_to(device).op("experiment");
             let rank = sp_group.rank();
+            // A ring on a packed batch's own balanced layout (`[train] balance`).
+            let balanced = |docs: crate::attention::Documents| -> Result<_> {
+                if point.balanced {
+                    let l = docs.balanced_layout(&spec.attention.mask, sp, BALANCE_CHUNKS)?;
+                    Ok((docs.with_layout(l.clone())?, l))
+                } else {
+                    Ok((docs, layout.clone()))
+                }
+            };
             match (point.packing, &corpus) {
                 (Packing::Packed, Some(c)) => {
                     let (global, docs) = c.packed(seed, step as u64, draw(m), b, n)?;
+                    let (docs, layout) = balanced(docs)?;
                     let shard = shard_packed(&to(&global)?, &docs, &layout, rank)?;
                     let labelled = (b * n - docs.flat().len() as i64 + 1) as f64; // one per document lost
                     Ok((shard, labelled, gpt.train_flops_packed(&docs, &spec.attention.mask)))
                 }
                 (Packing::Padded, Some(c)) => {
                     let (global, docs, labels) = c.padded(seed, step as u64, draw(m), b, n, 0)?;
+                    let (docs, layout) = balanced(docs)?;
                     let mut shard = shard_packed(&to(&global)?, &docs, &layout, rank)?;
                     shard.labels = layout.shard(&to(&labels)?, 1, rank)?;
                     let labelled =

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use tch::Kind;
 
-use super::config::{field_error, ExperimentConfig, Point};
+use super::config::{field_error, ExperimentConfig, Packing, Point};
 use crate::attention::{AttentionConfig, Kernel, Mask, StrategyConfig};
 use crate::model::GptConfig;
 use crate::train::{Precision, ZeroStage};
@@ -83,6 +83,7 @@ impl ExperimentConfig {
                         zero,
                         grad_accum: dp * k,
                         packing,
+                        balanced: false,
                     });
                 }
             }
@@ -101,6 +102,9 @@ impl ExperimentConfig {
                                 zero,
                                 grad_accum: k,
                                 packing,
+                                balanced: self.train.balance
+                                    && packing != Packing::None
+                                    && matches!(strategy, StrategyConfig::Ring { .. }),
                             });
                         }
                     }
