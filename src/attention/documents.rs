@@ -16,9 +16,14 @@
 //!   sequence is cut at the offsets and the kernel runs on each document on its own, since the
 //!   rules above depend only on distances (`Mask::is_shift_invariant`); the all-to-alls are
 //!   unchanged;
-//! - blockwise attention over global positions (ring, zigzag, Ulysses x ring, all-gather KV):
-//!   every score block is masked where query and key lie in different documents as well, and a
-//!   pair of runs that shares no document is skipped.
+//! - blockwise attention over global positions (ring, zigzag, Ulysses x ring): a pair of runs
+//!   that shares no document is skipped, one that spans several is cut at their boundaries and
+//!   only same-document pieces are computed; all-gather KV masks its one SDPA call with a
+//!   same-document mask.
+//!
+//! Load balance: [`Documents::work_per_rank`] counts each rank's visible pairs for a layout,
+//! [`Documents::balanced_layout`] builds one that evens them out for this batch, and
+//! [`Documents::with_layout`] hands it to ring attention.
 //!
 //! # Shapes
 //! Offsets per sample: `b` vectors of `D_s + 1` increasing i64 from 0 to N. Document ids and
