@@ -101,37 +101,47 @@ pub fn measure_step_memory(n: i64) -> Result<(f64, f64)> {
 }
 
 /// The framework's time per transformer layer per forward + backward at negligible size, one
-/// thread: the tiny GPT (h = 64) on one device over 8 tokens, with 2 and with 6 layers, each the
-/// median of `runs` steps after a warm-up step; the difference per layer, in seconds. What it
-/// measures is dispatch (libtorch's dispatcher, autograd's graph), not arithmetic: a layer at 8
-/// tokens is some 0.2 MFLOP forward and backward.
+/// thread: the tiny GPT (h = 64) on one device over 8 tokens, with 2 and with 6 layers, timed
+/// in turn (a step of each per run, after a warm-up step of each, so that a burst of load from
+/// elsewhere slows both of a pair), the median over `runs` pairs of the difference per layer, in
+/// seconds. What it measures is dispatch (libtorch's dispatcher, autograd's graph), not
+/// arithmetic: a layer at 8 tokens is some 0.2 MFLOP forward and backward.
 pub fn measure_layer_overhead(runs: usize) -> Result<f64> {
     use crate::model::GptConfig;
 
     let n = 8;
-    let median_step = |layers: i64| -> Result<f64> {
-        let (model, tokens, labels) = reference_step(GptConfig { n_layer: layers, ..GptConfig::tiny() }, n)?;
-        model.forward_backward(&tokens, &labels)?;
-        let mut times = Vec::with_capacity(runs);
-        for _ in 0..runs.max(1) {
-            model.zero_grad();
-            let t = std::time::Instant::now();
-            model.forward_backward(&tokens, &labels)?;
-            times.push(t.elapsed().as_secs_f64());
-        }
-        times.sort_by(f64::total_cmp);
-        Ok(times[times.len() / 2])
+    let build = |layers: i64| reference_step(GptConfig { n_layer: layers, ..GptConfig::tiny() }, n);
+    let (two, six) = (build(2)?, build(6)?);
+    let step = |(model, tokens, labels): &(crate::model::Gpt, Tensor, Tensor)| -> Result<f64> {
+        model.zero_grad();
+        let t = std::time::Instant::now();
+        model.forward_backward(tokens, labels)?;
+        Ok(t.elapsed().as_secs_f64())
     };
-    let (two, six) = (median_step(2)?, median_step(6)?);
-    let per_layer = (six - two) / 4.0;
-    if !(per_layer.is_finite() && per_layer > 0.0) {
+    step(&two)?;
+    step(&six)?;
+    let mut per_layer = Vec::with_capacity(runs);
+    let mut last = (0.0, 0.0);
+    for _ in 0..runs.max(1) {
+        last = (step(&two)?, step(&six)?);
+        per_layer.push((last.1 - last.0) / 4.0);
+    }
+    per_layer.sort_by(f64::total_cmp);
+    let median = per_layer[per_layer.len() / 2];
+    if !(median.is_finite() && median > 0.0) {
         return Err(Error::InvalidArgument {
             op: "calibrate",
             group: "layer overhead".into(),
-            msg: format!("6 layers took {six} s and 2 layers {two} s: no time per layer to measure"),
+            msg: format!(
+                "the median over {} pairs of steps of 6 layers less 2, per layer, is {median} s (the last \
+                 pair: 6 layers {} s, 2 layers {} s): no time per layer to measure",
+                per_layer.len(),
+                last.1,
+                last.0
+            ),
         });
     }
-    Ok(per_layer)
+    Ok(median)
 }
 
 /// Shapes the memory-bound ops are timed at: the toy models' (h = 128, 8 heads of 16, a byte
