@@ -9,7 +9,7 @@ use ulysses::cost::{
     best, every_strategy, max_seq, predict, Band, Hardware, Prediction, SearchSpace, Software,
 };
 use ulysses::experiment::{
-    hardware_for, job_for, predict_experiment, predict_points, ExperimentConfig, Mode, Predicted,
+    hardware_for, job_for, predict_experiment, predict_points, ExperimentConfig, Mode, Packing, Predicted,
     SUMMARY_COLUMNS,
 };
 use ulysses::train::{Checkpointing, Precision, ZeroStage};
@@ -191,6 +191,13 @@ pub fn run(args: &PredictArgs) -> Result<()> {
             println!("the paper: {paper}");
         }
         println!("predicted on {}: {} (breakdown.txt has every term)", hw.name, dir.display());
+        let packed = cfg.points()?.iter().filter(|p| p.packing != Packing::None).count();
+        if packed > 0 {
+            println!(
+                "left out: {packed} packed or padded point(s); their documents come from the data, which the \
+                 config does not hold (the cost model takes them as Job::documents, docs/packed.md)"
+            );
+        }
         if let Some(out) = &args.write_config {
             write(&cfg, &predict_points(&cfg, &hw)?, &source, out)?;
         }
