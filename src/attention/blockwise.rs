@@ -13,7 +13,6 @@
 
 use tch::{Kind, Tensor};
 
-use super::documents::same_document;
 use super::{compute_kind, Documents, Mask};
 use crate::error::TorchResultExt;
 use crate::Result;
@@ -263,10 +262,6 @@ impl Blockwise<'_> {
         if !self.fused || !(q.device() == tch::Device::Cpu || super::flash::usable(q)) {
             return None;
         }
-        // Packed: only where every query and key of the pair lie in one document.
-        if self.docs.is_some_and(|d| !d.within_one((q0, nq), (k0, nk))) {
-            return None;
-        }
         match *self.mask {
             Mask::None => Some(false),
             Mask::Causal if q0 == k0 && nq == nk => Some(true),
@@ -297,10 +292,13 @@ impl Blockwise<'_> {
     }
 
     /// Scaled scores of queries `q0..q0+nq` against keys `k0..k0+nk` (global positions), -inf
-    /// where the mask hides a pair or (packed) query and key lie in different documents.
+    /// where the mask hides a pair. With packed documents every pair of runs that reaches here
+    /// (and [`fused_kernel`](Blockwise::fused_kernel)) lies in one document: the others are cut
+    /// into such pieces first ([`run_pair_docs`](Blockwise::run_pair_docs)), so the rule alone
+    /// decides.
     ///
     /// # Shapes
-    /// `[b, h, nq, d]` x `[b, h, nk, d]` -> `[b, h, nq, nk]`; the document mask `[b, 1, nq, nk]`.
+    /// `[b, h, nq, d]` x `[b, h, nk, d]` -> `[b, h, nq, nk]`.
     fn masked_scores(
         &self,
         q: &Tensor,
@@ -310,26 +308,14 @@ impl Blockwise<'_> {
     ) -> Result<Tensor, tch::TchError> {
         // [b, h, nq, d] x [b, h, d, nk] -> [b, h, nq, nk]
         let scores = q.f_matmul(&k.f_transpose(-2, -1)?)?.f_mul_scalar(self.scale)?;
-        let same = match self.docs {
-            Some(d) => Some(same_document(d, &[(q0, nq)], &[(k0, nk)], q.device())?),
-            None => None,
-        };
-        let allowed = if *self.mask == Mask::None {
-            same
-        } else {
-            let opts = (Kind::Int64, q.device());
-            let i = Tensor::f_arange_start(q0, q0 + nq, opts)?.f_unsqueeze(1)?;
-            let j = Tensor::f_arange_start(k0, k0 + nk, opts)?.f_unsqueeze(0)?;
-            let rule = self.mask.allowed(&i, &j)?; // [nq, nk]
-            Some(match same {
-                Some(same) => same.f_logical_and(&rule)?, // [b, 1, nq, nk]
-                None => rule,
-            })
-        };
-        match allowed {
-            Some(allowed) => scores.f_masked_fill(&allowed.f_logical_not()?, f64::NEG_INFINITY),
-            None => Ok(scores),
+        if *self.mask == Mask::None {
+            return Ok(scores);
         }
+        let opts = (Kind::Int64, q.device());
+        let i = Tensor::f_arange_start(q0, q0 + nq, opts)?.f_unsqueeze(1)?;
+        let j = Tensor::f_arange_start(k0, k0 + nk, opts)?.f_unsqueeze(0)?;
+        let hidden = self.mask.allowed(&i, &j)?.f_logical_not()?;
+        scores.f_masked_fill(&hidden, f64::NEG_INFINITY)
     }
 
     /// The gradients of one pair of runs, given the output gradient `dout`, the final output
