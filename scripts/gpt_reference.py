@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Writes tests/data/gpt_reference.safetensors: the tiny GPT's loss and the gradient of every
-parameter, computed in float64 by PyTorch's own modules, for tests/model.rs to check the Rust
-model against without Python.
+"""Writes tests/data/gpt_reference.safetensors (and, with --model llama,
+tests/data/llama_reference.safetensors): a tiny model's loss and the gradient of every parameter,
+computed in float64 by PyTorch's own modules, for tests/model.rs to check the Rust model against
+without Python.
 
 The model is the one src/model/ defines, built here from torch.nn and torch.nn.functional
 rather than translated from the Rust code:
@@ -18,6 +19,13 @@ rather than translated from the Rust code:
 - loss: F.cross_entropy, the mean over the labelled tokens (ignore_index -100).
 RoPE is the one piece torch.nn has no module for; it is written out below from its definition.
 
+The Llama variant (--model llama) differs where Llama differs: nn.RMSNorm (weight only) for every
+norm, no biases, the output head its own nn.Linear, RoPE base 500000, and the SwiGLU MLP as Llama
+writes it, three nn.Linear (gate_proj, up_proj: h -> F; down_proj: F -> h) and
+down_proj(F.silu(gate_proj(x)) * up_proj(x)); the Rust model keeps gate and up as one [2F, h]
+matrix (gate rows first), so the file stores torch.cat([gate, up]) as `mlp.fc.weight`. F = 40 is
+no multiple of h = 16 (ffn_hidden).
+
 Every weight is drawn from a fixed seed with non-trivial values (LayerNorm weights around 1 and
 biases around 0 but not equal to them, random linear biases), so a parameter the Rust model
 ignores or treats as its default shows up. The file holds every weight under the Rust
@@ -28,11 +36,13 @@ under `config` and the settings under `reference`.
 
 Needs torch and safetensors (any recent version, CPU is enough; pip install torch safetensors
 numpy); not part of the test suite, which must run without PyTorch. The default output path is
-relative to this script, so it runs from any folder. The output is deterministic (written with
-torch 2.11.0: rerunning it gave the same bytes), so rerunning it only changes the file if
-PyTorch's float64 arithmetic changes in its last bits, and then by about 1e-16:
+relative to this script, so it runs from any folder. The tensors are deterministic (written with
+torch 2.11.0: rerunning it gave the same tensors and metadata; safetensors may write the two
+metadata entries in either order), so rerunning it only changes the numbers if PyTorch's float64
+arithmetic changes in its last bits, and then by about 1e-16:
 
     python3 scripts/gpt_reference.py
+    python3 scripts/gpt_reference.py --model llama
     python3 scripts/gpt_reference.py --output /tmp/gpt_reference.safetensors
 """
 import argparse
@@ -60,6 +70,16 @@ CONFIG = {
     "bias": True,
     "seed": 1234,
 }
+# The Llama variant: the fields that differ.
+LLAMA = dict(
+    CONFIG,
+    ffn_hidden=40,
+    mlp="swiglu",
+    norm="rmsnorm",
+    rope_theta=500000.0,
+    tie_embeddings=False,
+    bias=False,
+)
 BATCH, SEQ, SEED = 2, 16, 20240611
 IGNORE = -100
 
@@ -118,13 +138,33 @@ class Mlp(nn.Module):
         return self.proj(F.gelu(self.fc(x), approximate="tanh"))
 
 
+class SwiGlu(nn.Module):
+    """Llama's MLP, with Llama's three matrices."""
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        h, f = cfg["n_embd"], cfg["ffn_hidden"]
+        self.gate_proj = nn.Linear(h, f, bias=False)
+        self.up_proj = nn.Linear(h, f, bias=False)
+        self.down_proj = nn.Linear(f, h, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def norm(cfg: dict) -> nn.Module:
+    if cfg.get("norm", "layernorm") == "rmsnorm":
+        return nn.RMSNorm(cfg["n_embd"], eps=cfg["norm_eps"])
+    return nn.LayerNorm(cfg["n_embd"], eps=cfg["norm_eps"])
+
+
 class Block(nn.Module):
     def __init__(self, cfg: dict):
         super().__init__()
-        self.ln1 = nn.LayerNorm(cfg["n_embd"], eps=cfg["norm_eps"])
+        self.ln1 = norm(cfg)
         self.attn = Attention(cfg)
-        self.ln2 = nn.LayerNorm(cfg["n_embd"], eps=cfg["norm_eps"])
-        self.mlp = Mlp(cfg)
+        self.ln2 = norm(cfg)
+        self.mlp = SwiGlu(cfg) if cfg.get("mlp", "gelu") == "swiglu" else Mlp(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln1(x))
@@ -138,7 +178,7 @@ class Gpt(nn.Module):
         super().__init__()
         self.wte = nn.Embedding(cfg["vocab_size"], cfg["n_embd"])
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg["n_layer"]))
-        self.ln_f = nn.LayerNorm(cfg["n_embd"], eps=cfg["norm_eps"])
+        self.ln_f = norm(cfg)
         self.lm_head = None
         if not cfg["tie_embeddings"]:
             self.lm_head = nn.Linear(cfg["n_embd"], cfg["vocab_size"], bias=False)
@@ -154,6 +194,22 @@ class Gpt(nn.Module):
     def named(self) -> dict:
         """Parameters under the Rust names (nn.Embedding's `wte.weight` is the Rust `wte`)."""
         return {("wte" if name == "wte.weight" else name): p for name, p in self.named_parameters()}
+
+    def rust_named(self, grads: bool) -> dict:
+        """Parameters (or their gradients) as the Rust model holds them: SwiGLU's gate and up
+        stacked into one `mlp.fc.weight` (gate rows first), its down_proj as `mlp.proj.weight`."""
+        out = {}
+        for name, p in self.named().items():
+            t = (p.grad if grads else p).detach()
+            if ".mlp.up_proj." in name:
+                continue
+            if ".mlp.gate_proj." in name:
+                up = self.named()[name.replace("gate_proj", "up_proj")]
+                t = torch.cat([t, (up.grad if grads else up).detach()])
+                name = name.replace("gate_proj", "fc")
+            name = name.replace(".mlp.down_proj.", ".mlp.proj.")
+            out[name] = t.contiguous()
+        return out
 
 
 def draw_weights(model: Gpt, gen: torch.Generator) -> None:
@@ -174,15 +230,18 @@ def draw_weights(model: Gpt, gen: torch.Generator) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-    ap.add_argument("--output", default=os.path.join(root, "tests", "data", "gpt_reference.safetensors"))
+    ap.add_argument("--model", choices=["gpt", "llama"], default="gpt")
+    ap.add_argument("--output", help="default: tests/data/{gpt,llama}_reference.safetensors")
     args = ap.parse_args()
+    config = CONFIG if args.model == "gpt" else LLAMA
+    output = args.output or os.path.join(root, "tests", "data", f"{args.model}_reference.safetensors")
 
     torch.use_deterministic_algorithms(True)
     gen = torch.Generator().manual_seed(SEED)
-    model = Gpt(CONFIG).to(torch.float64)
+    model = Gpt(config).to(torch.float64)
     draw_weights(model, gen)
 
-    tokens = torch.randint(0, CONFIG["vocab_size"], (BATCH, SEQ), generator=gen, dtype=torch.int64)
+    tokens = torch.randint(0, config["vocab_size"], (BATCH, SEQ), generator=gen, dtype=torch.int64)
     targets = torch.full_like(tokens, IGNORE)
     targets[:, :-1] = tokens[:, 1:]
     # Two unlabelled tokens inside the sequences: the mean is over the labelled ones only.
@@ -192,12 +251,12 @@ def main() -> None:
     loss = model(tokens, targets)
     loss.backward()
 
-    named = model.named()
-    out = {name: p.detach().contiguous() for name, p in named.items()}
-    out.update({f"grad.{name}": p.grad.detach().contiguous() for name, p in named.items()})
+    named = model.rust_named(grads=False)
+    out = dict(named)
+    out.update({f"grad.{name}": g for name, g in model.rust_named(grads=True).items()})
     out.update({"tokens": tokens, "targets": targets, "loss": loss.detach().reshape([])})
     meta = {
-        "config": json.dumps(CONFIG),
+        "config": json.dumps(config),
         "reference": json.dumps(
             {
                 "batch": BATCH,
@@ -209,10 +268,10 @@ def main() -> None:
             }
         ),
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    save_file(out, args.output, metadata=meta)
-    size = os.path.getsize(args.output)
-    print(f"{args.output}: {len(named)} parameters, loss {loss.item():.17g}, {size} bytes")
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    save_file(out, output, metadata=meta)
+    size = os.path.getsize(output)
+    print(f"{output}: {len(named)} parameters, loss {loss.item():.17g}, {size} bytes")
 
 
 if __name__ == "__main__":

@@ -113,7 +113,9 @@ fn check(job: &Job) -> Result<()> {
 fn every_strategy_at_several_world_sizes() -> Result<()> {
     let mha = GptConfig { n_layer: 2, n_head: 8, n_kv_head: 8, n_embd: 64, ..GptConfig::tiny() };
     let gqa = GptConfig { n_kv_head: 2, ..mha.clone() };
-    for cfg in [&mha, &gqa] {
+    // The Llama layout: its parameters (RMSNorm weights, SwiGLU's three matrices) and bytes.
+    let llama = GptConfig { n_head: 8, ..GptConfig::llama_tiny() };
+    for cfg in [&mha, &gqa, &llama] {
         for p in [2usize, 4] {
             for s in [
                 "ulysses",

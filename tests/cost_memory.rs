@@ -18,8 +18,7 @@ use ulysses::model::{shift_labels, Gpt, GptConfig};
 use ulysses::train::{Checkpointing, Precision};
 
 /// Bytes per rank that one forward keeps (measured), and what the model says it keeps.
-fn forward_bytes(strategy: StrategyConfig, p: usize, n: i64) -> Result<(f64, f64)> {
-    let cfg = GptConfig { n_layer: 2, n_head: 4, n_kv_head: 4, n_embd: 64, ..GptConfig::tiny() };
+fn forward_bytes(cfg: &GptConfig, strategy: StrategyConfig, p: usize, n: i64) -> Result<(f64, f64)> {
     let job = Job {
         precision: Precision::F32,
         checkpointing: Checkpointing::None,
@@ -32,7 +31,7 @@ fn forward_bytes(strategy: StrategyConfig, p: usize, n: i64) -> Result<(f64, f64
         let s =
             strategy.build(mesh.group("sp")?, AttentionConfig::default(), n, cfg.n_head, cfg.n_kv_head)?;
         let layout = s.layout().clone();
-        let model = Gpt::new(&cfg, s, Kind::Float, Device::Cpu)?;
+        let model = Gpt::new(cfg, s, Kind::Float, Device::Cpu)?;
         let toks =
             (Tensor::arange(n, (Kind::Int64, Device::Cpu)) * 7 + 3).remainder(cfg.vocab_size).reshape([1, n]);
         let labels = shift_labels(&toks)?;
@@ -54,8 +53,14 @@ fn forward_bytes(strategy: StrategyConfig, p: usize, n: i64) -> Result<(f64, f64
     })?;
     let layer: f64 = layer_activations(&job, 0, DeviceKind::Cpu)?.iter().map(|t| t.bytes).sum();
     let tokens = n as f64 / p as f64;
-    // All layers, the final norm's input and output, the f32 log-softmax.
-    let modelled = 2.0 * layer + 2.0 * tokens * 64.0 * 4.0 + tokens * 256.0 * 4.0;
+    // All layers, the final norm's input and output (an RMSNorm keeps its f32 normalised rows
+    // too), the f32 log-softmax.
+    let rms = if cfg.norm == ulysses::model::NormKind::Rmsnorm { tokens * 64.0 * 4.0 } else { 0.0 };
+    let modelled = 2.0 * layer + 2.0 * tokens * 64.0 * 4.0 + rms + tokens * 256.0 * 4.0;
+    ensure!(
+        cfg.n_layer == 2 && cfg.n_embd == 64 && cfg.vocab_size == 256,
+        "the sum above is for these sizes"
+    );
     Ok((measured[0], modelled))
 }
 
@@ -63,19 +68,27 @@ fn forward_bytes(strategy: StrategyConfig, p: usize, n: i64) -> Result<(f64, f64
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn activation_terms_are_the_bytes_a_forward_keeps() -> Result<()> {
     let mut misses = Vec::new();
-    for (strategy, p) in [
-        (StrategyConfig::Ulysses, 1),
-        (StrategyConfig::Ulysses, 2),
-        (StrategyConfig::MegatronSp, 2),
-        (StrategyConfig::Ring { zigzag: true }, 2),
-        (StrategyConfig::Ulysses, 4),
-        (StrategyConfig::AllGatherKv { zigzag: true }, 2),
-        (StrategyConfig::Usp { ulysses: 2, zigzag: true }, 4),
+    let gpt = GptConfig { n_layer: 2, n_head: 4, n_kv_head: 4, n_embd: 64, ..GptConfig::tiny() };
+    // The Llama layout: RMSNorm, SwiGLU (4F kept per token), GQA.
+    let llama = GptConfig::llama_tiny();
+    for (cfg, strategy, p) in [
+        (&gpt, StrategyConfig::Ulysses, 1),
+        (&gpt, StrategyConfig::Ulysses, 2),
+        (&gpt, StrategyConfig::MegatronSp, 2),
+        (&gpt, StrategyConfig::Ring { zigzag: true }, 2),
+        (&gpt, StrategyConfig::Ulysses, 4),
+        (&gpt, StrategyConfig::AllGatherKv { zigzag: true }, 2),
+        (&gpt, StrategyConfig::Usp { ulysses: 2, zigzag: true }, 4),
+        (&llama, StrategyConfig::Ulysses, 1),
+        (&llama, StrategyConfig::Ulysses, 2),
+        (&llama, StrategyConfig::MegatronSp, 2),
+        (&llama, StrategyConfig::Ring { zigzag: true }, 2),
     ] {
-        let (measured, modelled) = forward_bytes(strategy, p, 8192)?;
+        let (measured, modelled) = forward_bytes(cfg, strategy, p, 8192)?;
         let ratio = modelled / measured;
         let line = format!(
-            "{} P={p}: the forward keeps {:.2} MiB per rank, the model says {:.2} MiB (ratio {ratio:.3})",
+            "{} {} P={p}: the forward keeps {:.2} MiB per rank, the model says {:.2} MiB (ratio {ratio:.3})",
+            if cfg.mlp == ulysses::model::MlpKind::Swiglu { "llama" } else { "gpt" },
             strategy.label(),
             measured / 1048576.0,
             modelled / 1048576.0

@@ -14,7 +14,7 @@ use ulysses::attention::{AttentionConfig, Kernel, Mask, SingleDevice, StrategyCo
 use ulysses::autograd::Tape;
 use ulysses::comm::{launch, OpKind};
 use ulysses::cost::Job;
-use ulysses::model::{shift_labels, ForwardOptions, Gpt, GptConfig, Placement};
+use ulysses::model::{shift_labels, ForwardOptions, Gpt, GptConfig, MlpKind, NormKind, Placement};
 use ulysses::train::Precision;
 
 /// Deterministic token ids `[b, n]` below `vocab`.
@@ -126,6 +126,9 @@ fn presets_have_the_published_sizes() -> Result<()> {
         ("1.3b", 1.25e9, 1.35e9),
         ("6.7b", 6.5e9, 6.9e9),
         ("30b", 29e9, 31e9),
+        // Meta's published sizes: 8.03B and 70.6B (untied 128256-token embeddings, SwiGLU, GQA).
+        ("llama3-8b", 8.02e9, 8.04e9),
+        ("llama3-70b", 70.5e9, 70.6e9),
     ] {
         let cfg = GptConfig::preset(name)?;
         cfg.validate()?;
@@ -141,6 +144,18 @@ fn presets_have_the_published_sizes() -> Result<()> {
         Device::Cpu,
     )?;
     ensure!(model.params().numel() == cfg.num_params(), "{} vs {}", model.params().numel(), cfg.num_params());
+    // And for the Llama layout (RMSNorm weights only, SwiGLU's [2F, h] and [h, F], no biases).
+    let cfg = GptConfig::llama_tiny();
+    let model = Gpt::new(
+        &cfg,
+        Box::new(SingleDevice::new(attention().build()?, 8, cfg.n_head, cfg.n_kv_head)?),
+        Kind::Float,
+        Device::Cpu,
+    )?;
+    ensure!(model.params().numel() == cfg.num_params(), "{} vs {}", model.params().numel(), cfg.num_params());
+    let fc = model.params().iter().find(|(n, _)| *n == "h.0.mlp.fc.weight").context("no h.0.mlp.fc")?.1;
+    ensure!(fc.size() == [2 * cfg.ffn(), cfg.n_embd], "SwiGLU's gate and up: {:?}", fc.size());
+    ensure!(model.params().iter().all(|(n, _)| !n.ends_with(".bias")), "the Llama has no biases");
     Ok(())
 }
 
@@ -214,6 +229,29 @@ fn every_strategy_trains_the_gpt_like_one_device() -> Result<()> {
 }
 
 #[test]
+fn every_strategy_trains_the_llama_like_one_device() -> Result<()> {
+    // RMSNorm, SwiGLU (F = 176, no multiple of h = 64), 4 query heads over 2 kv heads, untied,
+    // no biases: every strategy at P = 2 and 4 (Megatron-SP at 2, where the kv heads divide;
+    // its column split must pair each rank's gate features with the same up features).
+    let cfg = GptConfig::llama_tiny();
+    for p in [2usize, 4] {
+        for strategy in [
+            StrategyConfig::Ulysses,
+            StrategyConfig::MegatronSp,
+            StrategyConfig::Ring { zigzag: false },
+            StrategyConfig::Ring { zigzag: true },
+            StrategyConfig::AllGatherKv { zigzag: true },
+            StrategyConfig::Usp { ulysses: 2, zigzag: true },
+        ] {
+            if strategy != StrategyConfig::MegatronSp || p == 2 {
+                check_strategy(&cfg, strategy, p, 2, 24)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
 fn megatron_sp_keeps_a_pth_of_the_blocks_and_its_volume_does_not_shrink() -> Result<()> {
     // Per-rank bytes of one layer's forward and backward for a fixed N: Ulysses' fall as P
     // grows, Megatron-SP's do not (Jacobs et al. 2023, §3.2), counted, not computed.
@@ -278,10 +316,6 @@ fn megatron_sp_keeps_a_pth_of_the_blocks_and_its_volume_does_not_shrink() -> Res
     Ok(())
 }
 
-/// The reference of [`the_tiny_gpt_matches_pytorchs_own_modules_loss_and_every_gradient`],
-/// written by scripts/gpt_reference.py.
-const PYTORCH_REFERENCE: &str = "tests/data/gpt_reference.safetensors";
-
 #[test]
 fn the_tiny_gpt_matches_pytorchs_own_modules_loss_and_every_gradient() -> Result<()> {
     // scripts/gpt_reference.py built the same GPT from torch.nn modules (nn.Embedding,
@@ -290,13 +324,38 @@ fn the_tiny_gpt_matches_pytorchs_own_modules_loss_and_every_gradient() -> Result
     // tokens and targets, its loss and every parameter's gradient, all in f64, and the config in
     // the metadata. Every other test of the model compares it with itself on one device: this
     // one says the one-device model computes what its definition says.
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(PYTORCH_REFERENCE);
+    matches_pytorch("tests/data/gpt_reference.safetensors").map(|_| ())
+}
+
+#[test]
+fn the_tiny_llama_matches_pytorchs_own_modules_loss_and_every_gradient() -> Result<()> {
+    // The same with `--model llama`: nn.RMSNorm (weight only), Llama's SwiGLU as three
+    // nn.Linear (gate_proj, up_proj, down_proj; gate and up stored stacked as this model keeps
+    // them), no biases, an untied head, RoPE base 500000, GQA, F = 40 no multiple of h = 16.
+    let cfg = matches_pytorch("tests/data/llama_reference.safetensors")?;
+    ensure!(
+        cfg.mlp == MlpKind::Swiglu
+            && cfg.norm == NormKind::Rmsnorm
+            && cfg.ffn() % cfg.n_embd != 0
+            && !cfg.bias
+            && !cfg.tie_embeddings
+            && cfg.n_kv_head < cfg.n_head,
+        "the reference is not the Llama variant: {cfg:?}"
+    );
+    Ok(())
+}
+
+/// The one-device model against the PyTorch reference in `file` (written by
+/// scripts/gpt_reference.py): the loss and every gradient, on two paths. Returns the config.
+fn matches_pytorch(file: &str) -> Result<GptConfig> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
     let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)?;
     let config = header.metadata().as_ref().and_then(|m| m.get("config")).context("no config metadata")?;
     let cfg: GptConfig = serde_json::from_str(config)?;
+    let reference = file;
     let file: BTreeMap<String, Tensor> = Tensor::read_safetensors(&path)?.into_iter().collect();
-    let get = |name: &str| file.get(name).with_context(|| format!("{PYTORCH_REFERENCE} has no {name}"));
+    let get = |name: &str| file.get(name).with_context(|| format!("{reference} has no {name}"));
     let (toks, targets, want_loss) = (get("tokens")?, get("targets")?, get("loss")?.double_value(&[]));
     let (b, n) = (toks.size()[0], toks.size()[1]);
     // Ignored targets inside the sequences as well as at their ends: the mean is over the rest.
@@ -306,7 +365,8 @@ fn the_tiny_gpt_matches_pytorchs_own_modules_loss_and_every_gradient() -> Result
     // Rounding only (tests/common/tolerance.rs): both sides compute in f64, in other orders
     // (another process, other kernels, another summation order in each GEMM, LayerNorm and
     // softmax, RoPE's frequencies through exp(ln) here and a power there); each value goes
-    // through chains of sums no longer than max(mlp_ratio h, h, N, V, b N) = 64 terms, so the
+    // through chains of sums no longer than max(F or 2F, h, N, V, b N) = 64 terms (80 for the
+    // Llama: its SwiGLU projection has 2F outputs), so the
     // bounds of a model run twice in another order: (L + 2) gamma_64 of the loss, (2L + 3)
     // gamma_64 of each gradient's largest element, about 3e-14 and 5e-14. Any difference in
     // what is computed (an eps, a GELU variant, a bias, a head layout) is many orders larger.
@@ -392,5 +452,5 @@ fn the_tiny_gpt_matches_pytorchs_own_modules_loss_and_every_gradient() -> Result
             failed.join("\n")
         );
     }
-    Ok(())
+    Ok(cfg)
 }

@@ -25,11 +25,20 @@ use super::Job;
 /// with B the global batch (sequences), s the sequence, c = 4 with activation checkpointing,
 /// full or selective (the calculator sets 4 for `--checkpoint-activations` and for either
 /// `--recompute-granularity`), and 3 without. Attention is counted as full `s^2` (no causal
-/// halving).
+/// halving). For a model whose layer is not the paper's `12 h^2` (grouped-query attention, a
+/// SwiGLU MLP of F), `12 h^2` is the layer's matrix parameters, as Megatron-LM's own later
+/// count does; for the paper's GPTs the two are the same number.
 pub fn megatron_flops(cfg: &GptConfig, batch: i64, seq: i64, checkpointing: Checkpointing) -> f64 {
     let c = if checkpointing == Checkpointing::None { 3.0 } else { 4.0 };
     let (s, l, h, v) = (seq as f64, cfg.n_layer as f64, cfg.n_embd as f64, cfg.vocab_size as f64);
-    24.0 * c * batch as f64 * s * l * h * h * (1.0 + s / (6.0 * h) + v / (16.0 * l * h))
+    // Per layer, the matrices' parameters: 12 h^2 for the paper's GPTs (qkv 3h^2, output h^2,
+    // MLP 8h^2), fewer kv rows with GQA, three F x h matrices with SwiGLU.
+    let d = cfg.head_dim() as f64;
+    let qkv = (cfg.n_head + 2 * cfg.n_kv_head) as f64 * d;
+    let per_layer = h * qkv + h * h + h * cfg.mlp_in_width() as f64 + cfg.ffn() as f64 * h;
+    // 24 c B s L h^2 (1 + s/(6h) + V/(16 L h)) with 12 h^2 written as the layer's parameters:
+    // 2c per parameter and token, 4c s h per token and layer for attention, 1.5 c h V the head.
+    c * batch as f64 * s * (2.0 * l * per_layer + 4.0 * l * s * h + 1.5 * h * v)
 }
 
 /// Model FLOPs of one optimizer step of `job` (every rank, every micro-step); packed documents

@@ -13,6 +13,7 @@
 //! set) and (the end-of-step reduction's buffers).
 
 use crate::attention::{HeadPlan, StrategyConfig};
+use crate::model::{MlpKind, NormKind};
 use crate::train::Checkpointing;
 use crate::Result;
 
@@ -79,7 +80,13 @@ pub fn layer_activations(job: &Job, r: usize, device: impl Into<Kernels>) -> Res
     let (b, n, p) = (job.micro_batch as f64, job.seq as f64, job.sp() as f64);
     let (h, d) = (c.n_embd as f64, c.head_dim() as f64);
     let (hq, hkv) = (c.n_head as f64, c.n_kv_head as f64);
-    let (kvd, f) = (hkv * d, (c.mlp_ratio * c.n_embd) as f64);
+    let kvd = hkv * d;
+    // What the MLP keeps per token: GELU its input and output (2F); SwiGLU the [2F] projection
+    // (gate and up are views of it), silu(gate) and the product (4F).
+    let (mlp_kept, mlp_name) = match c.mlp {
+        MlpKind::Gelu => (2.0 * c.ffn() as f64, "MLP in and GELU outputs"),
+        MlpKind::Swiglu => (4.0 * c.ffn() as f64, "MLP in (gate and up), silu(gate), product"),
+    };
     let tok = b * super::bytes::layout(job)?.len(r) as f64; // this rank's tokens
     let big = b * n; // every token
     let a = attention_work(job, r, device)?;
@@ -105,6 +112,7 @@ pub fn layer_activations(job: &Job, r: usize, device: impl Into<Kernels>) -> Res
     };
     let mut v =
         vec![t("block input (residual stream)", tok * h, es), t("layer norm statistics", 4.0 * tok, 4.0)];
+    v.extend(rms_norm_terms(c, 2.0 * tok, es));
     let tp = job.strategy == StrategyConfig::MegatronSp;
     if tp {
         // Korthikanti's layout with t = P: the column-parallel linears keep their input's shard
@@ -118,7 +126,7 @@ pub fn layer_activations(job: &Job, r: usize, device: impl Into<Kernels>) -> Res
             scores(hq / p),
             t("reduce-scatter outputs", 2.0 * tok * h, es),
             t("residual after attention", tok * h, es),
-            t("MLP in and GELU outputs", 2.0 * big * f / p, es),
+            t(mlp_name, big * mlp_kept / p, es),
         ]);
         if hq != hkv {
             v.push(t("k, v expanded to the query heads", 2.0 * big * h / p, es));
@@ -128,7 +136,7 @@ pub fn layer_activations(job: &Job, r: usize, device: impl Into<Kernels>) -> Res
     v.extend([
         t("layer norm 1 and 2 outputs", 2.0 * tok * h, es),
         t("residual after attention", tok * h, es),
-        t("MLP in and GELU outputs", 2.0 * tok * f, es),
+        t(mlp_name, tok * mlp_kept, es),
         t("attention output (projection input)", tok * h, es),
     ]);
     // q, k, v before the strategy. A kernel that keeps its inputs (one device) keeps the RoPE'd
@@ -198,6 +206,21 @@ pub fn layer_activations(job: &Job, r: usize, device: impl Into<Kernels>) -> Res
     Ok(v)
 }
 
+/// What RMSNorms over `rows` token rows keep besides their input (measured on libtorch 2.11's
+/// composite `rms_norm` with saved-tensor hooks): the normalised rows before the weight, in f32,
+/// and for 16-bit inputs also the f32 copy of the input it computes from. LayerNorm keeps only
+/// its statistics (counted apart).
+fn rms_norm_terms(c: &crate::model::GptConfig, rows: f64, es: f64) -> Vec<Term> {
+    let h = c.n_embd as f64;
+    match c.norm {
+        NormKind::Layernorm => vec![],
+        NormKind::Rmsnorm if es < 4.0 => {
+            vec![t("RMSNorm normalised rows (f32)", rows * h, 4.0), t("RMSNorm inputs in f32", rows * h, 4.0)]
+        }
+        NormKind::Rmsnorm => vec![t("RMSNorm normalised rows (f32)", rows * h, 4.0)],
+    }
+}
+
 /// The largest net growth over the saved activations while one layer runs backward: autograd
 /// frees each op's saved tensors right after the op, so the growth is about one gradient of the
 /// widest tensor plus the residual stream's gradient (MLP: one `[t, 4h]`; Ulysses' attention:
@@ -208,7 +231,8 @@ fn backward_working_set(job: &Job, r: usize, device: impl Into<Kernels>) -> Resu
     let c = &job.model;
     let es = job.element_bytes();
     let (b, n, p) = (job.micro_batch as f64, job.seq as f64, job.sp() as f64);
-    let (h, d, f) = (c.n_embd as f64, c.head_dim() as f64, (c.mlp_ratio * c.n_embd) as f64);
+    // the widest MLP tensor: the first projection's output (SwiGLU: gate and up)
+    let (h, d, f) = (c.n_embd as f64, c.head_dim() as f64, c.mlp_in_width() as f64);
     let tok = b * super::bytes::layout(job)?.len(r) as f64;
     let a = attention_work(job, r, device)?;
     let core = b * a.rows.max(tok) * a.heads as f64 * d; // one of q, k, v as the kernel sees it
@@ -254,6 +278,7 @@ pub fn memory(job: &Job, r: usize, hw: &Hardware) -> Result<MemoryReport> {
         layer.iter().map(|x| Term { name: x.name, bytes: x.bytes * l }).collect()
     };
     activations.push(t("final layer norm input and output", 2.0 * tok * h, es));
+    activations.extend(rms_norm_terms(c, tok, es));
     activations.push(t("log-softmax output (f32)", tok * v, 4.0));
 
     // The transient at the activation peak: the loss's logits and gradients, or one block's

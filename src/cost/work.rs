@@ -9,6 +9,7 @@
 //! dropout, which the model here does not credit).
 
 use crate::attention::StrategyConfig;
+use crate::model::MlpKind;
 use crate::train::Checkpointing;
 use crate::Result;
 
@@ -74,6 +75,10 @@ pub mod passes {
     pub const ADD: f64 = 6.0;
     /// GELU (tanh) on `[t, 4h]`: 2 forward, 3 backward.
     pub const GELU: f64 = 5.0;
+    /// SwiGLU on `[t, F]` (gate and up views of the `[t, 2F]` projection): forward silu 2 and
+    /// the product 3; backward the product's 5 (gradient, both factors in; both gradients out)
+    /// and silu's 3. Timed at GELU's rate (an element-wise activation as well).
+    pub const SWIGLU: f64 = 13.0;
     /// Log-softmax and NLL over `[t, V]` in f32, forward and backward.
     pub const CROSS_ENTROPY: f64 = 8.0;
     /// One ring step on the rank's rows (f32): the log-sum-exp merge of the output, per output
@@ -118,7 +123,7 @@ pub fn rank_work(job: &Job, r: usize, device: impl Into<Kernels>) -> Result<Vec<
     let (b, l) = (job.micro_batch as f64, c.n_layer as f64);
     let (h, d, v) = (c.n_embd as f64, c.head_dim() as f64, c.vocab_size as f64);
     let (hq, hkv) = (c.n_head as f64, c.n_kv_head as f64);
-    let f = (c.mlp_ratio * c.n_embd) as f64;
+    let (f, f_in) = (c.ffn() as f64, c.mlp_in_width() as f64);
     let p = job.sp() as f64;
     let es = job.element_bytes();
     let layout_len = super::bytes::layout(job)?.len(r % job.sp()) as f64;
@@ -132,7 +137,7 @@ pub fn rank_work(job: &Job, r: usize, device: impl Into<Kernels>) -> Result<Vec<
     let mut terms = vec![
         gemm("qkv projection", tb, h, qkv_out / split, block_passes * l),
         gemm("attention output projection", tb, h / split, h, block_passes * l),
-        gemm("MLP in", tb, h, f / split, block_passes * l),
+        gemm("MLP in", tb, h, f_in / split, block_passes * l),
         gemm("MLP out", tb, f / split, h, block_passes * l),
         gemm("output head", t, h, v, 3.0),
     ];
@@ -189,7 +194,10 @@ pub fn rank_work(job: &Job, r: usize, device: impl Into<Kernels>) -> Result<Vec<
         ("layer norms", "layer_norm", 2.0 * passes::LAYER_NORM * t * h * es),
         ("RoPE on q and k", "rope", passes::ROPE * t_att * heads_loc * d * es),
         ("residual adds", "add", 2.0 * passes::ADD * t * h * es),
-        ("GELU", "gelu", passes::GELU * tb * f / split * es),
+        match c.mlp {
+            MlpKind::Gelu => ("GELU", "gelu", passes::GELU * tb * f / split * es),
+            MlpKind::Swiglu => ("SwiGLU", "gelu", passes::SWIGLU * tb * f / split * es),
+        },
     ];
     match job.strategy {
         StrategyConfig::MegatronSp => {

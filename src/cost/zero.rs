@@ -50,11 +50,11 @@ pub fn params_on_rank(job: &Job) -> ParamCount {
     let c = &job.model;
     let (h, v, bias) = (c.n_embd, c.vocab_size, i64::from(c.bias));
     let qkv = (c.n_head + 2 * c.n_kv_head) * c.head_dim();
-    let f = c.mlp_ratio * h;
-    let norms = 4 * h;
-    let matrices = h * qkv + bias * qkv + h * h + h * f + bias * f + f * h;
+    let (f, f_in) = (c.ffn(), c.mlp_in_width());
+    let norms = 2 * c.norm_params();
+    let matrices = h * qkv + bias * qkv + h * h + h * f_in + bias * f_in + f * h;
     let out_biases = 2 * bias * h; // attention and MLP output biases
-    let rest = v * h + 2 * h + if c.tie_embeddings { 0 } else { v * h };
+    let rest = v * h + c.norm_params() + if c.tie_embeddings { 0 } else { v * h };
     let (block_rep, sharded) = if job.strategy == StrategyConfig::MegatronSp {
         (norms + out_biases, c.n_layer * matrices / job.sp() as i64)
     } else {

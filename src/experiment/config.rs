@@ -48,7 +48,7 @@ pub struct ExperimentConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSpec {
-    /// tiny, 125m, 350m, 1.3b, 6.7b or 30b.
+    /// tiny, 125m, 350m, 1.3b, 6.7b, 30b (GPTs), llama-tiny, llama3-8b or llama3-70b.
     pub preset: String,
     pub vocab_size: Option<i64>,
     pub n_layer: Option<i64>,
@@ -56,6 +56,12 @@ pub struct ModelSpec {
     pub n_kv_head: Option<i64>,
     pub n_embd: Option<i64>,
     pub mlp_ratio: Option<i64>,
+    pub ffn_hidden: Option<i64>,
+    /// gelu or swiglu.
+    pub mlp: Option<crate::model::MlpKind>,
+    /// layernorm or rmsnorm.
+    pub norm: Option<crate::model::NormKind>,
+    pub rope_theta: Option<f64>,
     pub tie_embeddings: Option<bool>,
     pub bias: Option<bool>,
     pub seed: Option<u64>,

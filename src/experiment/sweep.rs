@@ -23,6 +23,10 @@ impl ExperimentConfig {
         c.n_kv_head = m.n_kv_head.unwrap_or(c.n_kv_head);
         c.n_embd = m.n_embd.unwrap_or(c.n_embd);
         c.mlp_ratio = m.mlp_ratio.unwrap_or(c.mlp_ratio);
+        c.ffn_hidden = m.ffn_hidden.or(c.ffn_hidden);
+        c.mlp = m.mlp.unwrap_or(c.mlp);
+        c.norm = m.norm.unwrap_or(c.norm);
+        c.rope_theta = m.rope_theta.unwrap_or(c.rope_theta);
         c.tie_embeddings = m.tie_embeddings.unwrap_or(c.tie_embeddings);
         c.bias = m.bias.unwrap_or(c.bias);
         c.seed = m.seed.unwrap_or(c.seed);

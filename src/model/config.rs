@@ -5,8 +5,13 @@ use serde::{Deserialize, Serialize};
 use crate::attention::Mask;
 use crate::{Error, Result};
 
-/// A decoder-only transformer: pre-norm blocks (LayerNorm, attention with RoPE, LayerNorm, GELU
-/// MLP), a final LayerNorm, and an output projection optionally tied to the token embedding.
+/// A decoder-only transformer: pre-norm blocks (norm, attention with RoPE, norm, MLP), a final
+/// norm, and an output projection optionally tied to the token embedding.
+///
+/// Two families from the same fields: GPT (LayerNorm with a bias, tanh-GELU MLP of `mlp_ratio` h,
+/// biases, tied embeddings; the paper's models) and Llama (RMSNorm, SwiGLU MLP of `ffn_hidden`,
+/// grouped-query attention, no biases, untied embeddings, RoPE base 500000 for Llama 3): see
+/// [`GptConfig::preset`]. Megatron-LM builds both the same way, from switches on one model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GptConfig {
@@ -20,11 +25,21 @@ pub struct GptConfig {
     pub n_kv_head: i64,
     /// Hidden size h = H * d. Default 64.
     pub n_embd: i64,
-    /// MLP hidden size as a multiple of h. Default 4.
+    /// MLP hidden size as a multiple of h, unless `ffn_hidden` is set. Default 4.
     pub mlp_ratio: i64,
+    /// MLP hidden size F, when it is no multiple of h (Llama 3 8B: 14336 = 3.5 h). Default none:
+    /// `mlp_ratio` h.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ffn_hidden: Option<i64>,
+    /// The MLP: `gelu` (`proj(gelu_tanh(fc x))`, GPT-2) or `swiglu` (`proj(silu(gate x) * up x)`,
+    /// Shazeer 2020; Llama). Default gelu.
+    pub mlp: MlpKind,
+    /// The norm before attention, before the MLP and at the end: `layernorm` (weight and bias)
+    /// or `rmsnorm` (weight only, Zhang and Sennrich 2019; Llama). Default layernorm.
+    pub norm: NormKind,
     /// RoPE base frequency. Default 10000.
     pub rope_theta: f64,
-    /// LayerNorm epsilon. Default 1e-5.
+    /// The norms' epsilon. Default 1e-5.
     pub norm_eps: f64,
     /// Use the token embedding as the output projection (GPT-2). Default true.
     pub tie_embeddings: bool,
@@ -33,6 +48,29 @@ pub struct GptConfig {
     /// Seed of the deterministic initialisation (the same parameters on every rank, every
     /// backend and every P). Default 1234.
     pub seed: u64,
+}
+
+/// The MLP of a block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MlpKind {
+    /// `h -> F -> h` with tanh GELU between (GPT-2, the paper's models).
+    #[default]
+    Gelu,
+    /// `h -> 2F` (gate and up, one matrix: rows `0..F` the gate, `F..2F` the up), then
+    /// `silu(gate) * up`, then `F -> h` (Llama).
+    Swiglu,
+}
+
+/// The normalisation of a block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NormKind {
+    /// `(x - mean) / sqrt(var + eps) * w + b`.
+    #[default]
+    Layernorm,
+    /// `x / sqrt(mean(x^2) + eps) * w`.
+    Rmsnorm,
 }
 
 impl Default for GptConfig {
@@ -52,6 +90,9 @@ impl GptConfig {
             n_kv_head: 4,
             n_embd: 64,
             mlp_ratio: 4,
+            ffn_hidden: None,
+            mlp: MlpKind::Gelu,
+            norm: NormKind::Layernorm,
             rope_theta: 10_000.0,
             norm_eps: 1e-5,
             tie_embeddings: true,
@@ -91,7 +132,48 @@ impl GptConfig {
         GptConfig::gpt(64, 6144, 64)
     }
 
-    /// A preset by name: "tiny", "125m", "350m", "1.3b", "6.7b", "30b".
+    /// A Llama: RMSNorm, SwiGLU, grouped-query attention, no biases, untied embeddings.
+    fn llama(n_layer: i64, n_embd: i64, n_head: i64, n_kv_head: i64, ffn: i64) -> GptConfig {
+        GptConfig {
+            vocab_size: 128_256,
+            n_layer,
+            n_head,
+            n_kv_head,
+            n_embd,
+            ffn_hidden: Some(ffn),
+            mlp: MlpKind::Swiglu,
+            norm: NormKind::Rmsnorm,
+            rope_theta: 500_000.0,
+            norm_eps: 1e-5,
+            tie_embeddings: false,
+            bias: false,
+            ..GptConfig::tiny()
+        }
+    }
+
+    /// A Llama-style model for tests and CPU runs: 2 layers, h = 64, 4 query heads over 2 kv
+    /// heads, F = 176 (about 8/3 h, as Llama sizes its MLP), byte vocabulary (about 0.13M
+    /// parameters).
+    pub fn llama_tiny() -> GptConfig {
+        GptConfig { vocab_size: 256, rope_theta: 10_000.0, ..GptConfig::llama(2, 64, 4, 2, 176) }
+    }
+
+    /// Llama 3 8B (Meta's published configuration): 32 layers, h = 4096, 32 query heads over 8
+    /// kv heads, F = 14336, vocabulary 128256, RoPE base 500000.
+    pub fn llama3_8b() -> GptConfig {
+        GptConfig::llama(32, 4096, 32, 8, 14_336)
+    }
+
+    /// Llama 3 70B: 80 layers, h = 8192, 64 query heads over 8 kv heads, F = 28672.
+    pub fn llama3_70b() -> GptConfig {
+        GptConfig::llama(80, 8192, 64, 8, 28_672)
+    }
+
+    /// The names [`preset`](GptConfig::preset) takes.
+    pub const PRESETS: [&'static str; 9] =
+        ["tiny", "125m", "350m", "1.3b", "6.7b", "30b", "llama-tiny", "llama3-8b", "llama3-70b"];
+
+    /// A preset by name: one of [`PRESETS`](GptConfig::PRESETS).
     pub fn preset(name: &str) -> Result<GptConfig> {
         Ok(match name {
             "tiny" => GptConfig::tiny(),
@@ -100,14 +182,38 @@ impl GptConfig {
             "1.3b" => GptConfig::gpt_1_3b(),
             "6.7b" => GptConfig::gpt_6_7b(),
             "30b" => GptConfig::gpt_30b(),
+            "llama-tiny" => GptConfig::llama_tiny(),
+            "llama3-8b" => GptConfig::llama3_8b(),
+            "llama3-70b" => GptConfig::llama3_70b(),
             other => {
                 return Err(Error::InvalidArgument {
                     op: "gpt_config",
                     group: "-".into(),
-                    msg: format!("no preset {other:?}; presets: tiny, 125m, 350m, 1.3b, 6.7b, 30b"),
+                    msg: format!("no preset {other:?}; presets: {}", GptConfig::PRESETS.join(", ")),
                 })
             }
         })
+    }
+
+    /// The MLP's hidden size F.
+    pub fn ffn(&self) -> i64 {
+        self.ffn_hidden.unwrap_or(self.mlp_ratio * self.n_embd)
+    }
+
+    /// Output features of the MLP's first matrix: F, or 2F for SwiGLU's gate and up.
+    pub fn mlp_in_width(&self) -> i64 {
+        match self.mlp {
+            MlpKind::Gelu => self.ffn(),
+            MlpKind::Swiglu => 2 * self.ffn(),
+        }
+    }
+
+    /// Parameters of one norm: weight and bias, or weight only.
+    pub fn norm_params(&self) -> i64 {
+        match self.norm {
+            NormKind::Layernorm => 2 * self.n_embd,
+            NormKind::Rmsnorm => self.n_embd,
+        }
     }
 
     /// Head size d = h / H.
@@ -125,6 +231,7 @@ impl GptConfig {
             ("n_kv_head", self.n_kv_head),
             ("n_embd", self.n_embd),
             ("mlp_ratio", self.mlp_ratio),
+            ("ffn_hidden", self.ffn_hidden.unwrap_or(1)),
         ];
         if let Some((name, v)) = positive.iter().find(|(_, v)| *v < 1) {
             return bad(format!("{name} = {v} must be at least 1"));
@@ -146,14 +253,14 @@ impl GptConfig {
         let (h, d, v, l) = (self.n_embd, self.head_dim(), self.vocab_size, self.n_layer);
         let bias = i64::from(self.bias);
         let qkv_out = (self.n_head + 2 * self.n_kv_head) * d;
-        let mlp = self.mlp_ratio * h;
-        let block = 2 * 2 * h // two LayerNorms
+        let (f, f_in) = (self.ffn(), self.mlp_in_width());
+        let block = 2 * self.norm_params() // two norms
             + h * qkv_out + bias * qkv_out // fused q, k, v projection
             + h * h + bias * h // attention output projection
-            + h * mlp + bias * mlp // MLP in
-            + mlp * h + bias * h; // MLP out
+            + h * f_in + bias * f_in // MLP in (SwiGLU: gate and up)
+            + f * h + bias * h; // MLP out
         let head = if self.tie_embeddings { 0 } else { v * h };
-        v * h + l * block + 2 * h + head
+        v * h + l * block + self.norm_params() + head
     }
 
     /// Parameters that take part in matrix products (the token embedding's lookup is free

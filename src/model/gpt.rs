@@ -5,9 +5,9 @@ use std::rc::Rc;
 
 use tch::{Device, Kind, Tensor};
 
-use super::layers::{LayerNorm, Linear, Params, Placement, Rope, Split};
+use super::layers::{Linear, Norm, Params, Placement, Rope, Split};
 use super::recompute::{BlockHooks, ForwardOptions, Unit};
-use super::GptConfig;
+use super::{GptConfig, MlpKind};
 use crate::attention::{Documents, SequenceParallel};
 use crate::autograd::Tape;
 use crate::error::TorchResultExt;
@@ -18,10 +18,10 @@ pub const IGNORE: i64 = -100;
 
 /// One pre-norm transformer block.
 pub(super) struct Block {
-    ln1: LayerNorm,
+    ln1: Norm,
     qkv: Linear,
     proj: Linear,
-    ln2: LayerNorm,
+    ln2: Norm,
     fc: Linear,
     fc_out: Linear,
 }
@@ -34,7 +34,7 @@ pub struct Gpt {
     pub(super) units: Vec<Unit>,
     pub(super) wte: Tensor,
     pub(super) blocks: Vec<Rc<Block>>,
-    pub(super) ln_f: LayerNorm,
+    pub(super) ln_f: Norm,
     pub(super) lm_head: Option<Linear>,
     /// What every block shares (shared with the records that recompute blocks).
     pub(super) core: Rc<Core>,
@@ -66,8 +66,8 @@ struct Splits {
 impl Splits {
     /// `tp`: (rank, size) of the tensor-parallel group, if any.
     fn new(cfg: &GptConfig, tp: Option<(i64, i64)>) -> Result<Splits> {
-        let (h, d, hq, hkv) = (cfg.n_embd, cfg.head_dim(), cfg.n_head, cfg.n_kv_head);
-        let mlp = cfg.mlp_ratio * h;
+        let (d, hq, hkv) = (cfg.head_dim(), cfg.n_head, cfg.n_kv_head);
+        let (f, swiglu) = (cfg.ffn(), cfg.mlp == MlpKind::Swiglu);
         let Some((r, p)) = tp else {
             return Ok(Splits {
                 qkv: Split::None,
@@ -77,23 +77,29 @@ impl Splits {
                 heads: (hq, hkv),
             });
         };
-        if hq % p != 0 || hkv % p != 0 || mlp % p != 0 {
+        if hq % p != 0 || hkv % p != 0 || f % p != 0 {
             return Err(Error::InvalidArgument {
                 op: "gpt",
                 group: format!("tensor parallel over {p} ranks"),
-                msg: format!("n_head {hq}, n_kv_head {hkv} and the MLP width {mlp} must be divisible by {p}"),
+                msg: format!("n_head {hq}, n_kv_head {hkv} and the MLP width {f} must be divisible by {p}"),
             });
         }
-        let (lq, lkv, lm) = (hq / p, hkv / p, mlp / p);
+        let (lq, lkv, lm) = (hq / p, hkv / p, f / p);
         let range = |start: i64, len: i64| (start..start + len).collect::<Vec<i64>>();
         // qkv rows: this rank's q heads, then its k heads, then its v heads.
         let mut qkv = range(r * lq * d, lq * d);
         qkv.extend(range(hq * d + r * lkv * d, lkv * d));
         qkv.extend(range((hq + hkv) * d + r * lkv * d, lkv * d));
+        // MLP-in rows: this rank's features (SwiGLU: its gate features, then the same up features,
+        // so that each rank's silu(gate) * up pairs the right columns).
+        let mut fc = range(r * lm, lm);
+        if swiglu {
+            fc.extend(range(f + r * lm, lm));
+        }
         Ok(Splits {
             qkv: Split::Columns(qkv),
             proj: Split::Rows(range(r * lq * d, lq * d)),
-            fc: Split::Columns(range(r * lm, lm)),
+            fc: Split::Columns(fc),
             fc_out: Split::Rows(range(r * lm, lm)),
             heads: (lq, lkv),
         })
@@ -121,17 +127,18 @@ impl Gpt {
         let mut blocks = Vec::new();
         for i in 0..l {
             let n = |part: &str| format!("h.{i}.{part}");
-            let (qkv_out, mlp) = ((cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim(), cfg.mlp_ratio * h);
+            let qkv_out = (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim();
+            let (f, f_in) = (cfg.ffn(), cfg.mlp_in_width());
             blocks.push(Rc::new(Block {
-                ln1: LayerNorm::new(&mut p, &n("ln1"), h, cfg.norm_eps)?,
+                ln1: Norm::new(&mut p, &n("ln1"), h, cfg.norm_eps, cfg.norm)?,
                 qkv: Linear::new(&mut p, &n("attn.qkv"), (h, qkv_out), cfg.bias, std, splits.qkv.clone())?,
                 proj: Linear::new(&mut p, &n("attn.proj"), (h, h), cfg.bias, resid_std, splits.proj.clone())?,
-                ln2: LayerNorm::new(&mut p, &n("ln2"), h, cfg.norm_eps)?,
-                fc: Linear::new(&mut p, &n("mlp.fc"), (h, mlp), cfg.bias, std, splits.fc.clone())?,
+                ln2: Norm::new(&mut p, &n("ln2"), h, cfg.norm_eps, cfg.norm)?,
+                fc: Linear::new(&mut p, &n("mlp.fc"), (h, f_in), cfg.bias, std, splits.fc.clone())?,
                 fc_out: Linear::new(
                     &mut p,
                     &n("mlp.proj"),
-                    (mlp, h),
+                    (f, h),
                     cfg.bias,
                     resid_std,
                     splits.fc_out.clone(),
@@ -139,7 +146,7 @@ impl Gpt {
             }));
             units.resize(p.len(), Unit::Block(i as usize));
         }
-        let ln_f = LayerNorm::new(&mut p, "ln_f", h, cfg.norm_eps)?;
+        let ln_f = Norm::new(&mut p, "ln_f", h, cfg.norm_eps, cfg.norm)?;
         let lm_head = if cfg.tie_embeddings {
             None
         } else {
@@ -181,7 +188,7 @@ impl Gpt {
     }
 
     /// Logits for this rank's tokens: the embedding, every block
-    /// ([`block_forward`](Core::block_forward)), the final LayerNorm and the output projection.
+    /// ([`block_forward`](Core::block_forward)), the final norm and the output projection.
     ///
     /// # Shapes
     /// `tokens`: `[b, s_r]` (i64, this rank's share of the sequence) -> `[b, s_r, V]`.
@@ -207,7 +214,7 @@ impl Gpt {
         self.lm_head.as_ref().map_or(&self.wte, |head| head.weight())
     }
 
-    /// The final hidden states: embedding, blocks, final LayerNorm, with the activations kept
+    /// The final hidden states: embedding, blocks, final norm, with the activations kept
     /// or recomputed as the [`ForwardOptions`] say and the hooks called at block boundaries.
     ///
     /// # Shapes
@@ -304,7 +311,7 @@ impl Core {
     /// One pre-norm block on the residual stream: `x + attn(ln1(x))`, then `x + mlp(ln2(x))`.
     ///
     /// With a tensor-parallel strategy (Megatron-SP) the block is wrapped as in Korthikanti et
-    /// al. 2022, Fig. 5: all-gather the sequence after each LayerNorm, column-parallel then
+    /// al. 2022, Fig. 5: all-gather the sequence after each norm, column-parallel then
     /// row-parallel linears, reduce-scatter the sequence before each residual add.
     ///
     /// With packed documents (`packed`), RoPE rotates by positions within each document and
@@ -349,8 +356,24 @@ impl Core {
         // [b, t, hq, d] -> [b, t, hq d]
         let o = self.strategy.forward_docs(tape, &q, &k, &v, docs)?.f_reshape([b, t, hq * d]).op("gpt")?;
         let x = x.f_add(&block.proj.forward_reduced(&o, scatter)?).op("gpt")?;
-        let m = gathered(&block.fc, block.ln2.forward(&x)?)?.f_gelu("tanh").op("gpt")?;
+        let m = mlp_activation(self.cfg.mlp, &gathered(&block.fc, block.ln2.forward(&x)?)?)?;
         x.f_add(&block.fc_out.forward_reduced(&m, scatter)?).op("gpt")
+    }
+}
+
+/// The MLP's activation on the output of its first matrix.
+///
+/// # Shapes
+/// GELU: `[.., F]` -> `[.., F]`; SwiGLU: `[.., 2F]` (gate, then up) -> `[.., F]`.
+pub(super) fn mlp_activation(kind: MlpKind, x: &Tensor) -> Result<Tensor> {
+    match kind {
+        MlpKind::Gelu => x.f_gelu("tanh").op("gpt"),
+        MlpKind::Swiglu => {
+            let f = x.size().last().copied().unwrap_or(0) / 2;
+            // [.., 2F] -> [.., F] x [.., F]
+            let (gate, up) = (x.f_narrow(-1, 0, f).op("gpt")?, x.f_narrow(-1, f, f).op("gpt")?);
+            gate.f_silu().and_then(|g| g.f_mul(&up)).op("gpt")
+        }
     }
 }
 

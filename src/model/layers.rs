@@ -1,7 +1,8 @@
-//! The model's building blocks: parameters with names, linear layers, LayerNorm, RoPE.
+//! The model's building blocks: parameters with names, linear layers, LayerNorm and RMSNorm, RoPE.
 
 use tch::{Device, Kind, Tensor};
 
+use super::config::NormKind;
 use super::init;
 use crate::autograd::Tape;
 use crate::comm::Group;
@@ -203,27 +204,35 @@ impl Linear {
     }
 }
 
-/// LayerNorm over the last dim.
-pub struct LayerNorm {
+/// The norm over the last dim: LayerNorm (weight and bias) or RMSNorm (weight only).
+pub struct Norm {
     weight: Tensor,
-    bias: Tensor,
+    bias: Option<Tensor>,
     eps: f64,
 }
 
-impl LayerNorm {
-    pub fn new(p: &mut Params, name: &str, size: i64, eps: f64) -> Result<LayerNorm> {
-        Ok(LayerNorm {
-            weight: p.constant(&format!("{name}.weight"), &[size], 1.0, Placement::Replicated)?,
-            bias: p.constant(&format!("{name}.bias"), &[size], 0.0, Placement::Replicated)?,
-            eps,
-        })
+impl Norm {
+    /// Weight ones (and, for LayerNorm, bias zeros) of `size`.
+    pub fn new(p: &mut Params, name: &str, size: i64, eps: f64, kind: NormKind) -> Result<Norm> {
+        let weight = p.constant(&format!("{name}.weight"), &[size], 1.0, Placement::Replicated)?;
+        let bias = match kind {
+            NormKind::Layernorm => {
+                Some(p.constant(&format!("{name}.bias"), &[size], 0.0, Placement::Replicated)?)
+            }
+            NormKind::Rmsnorm => None,
+        };
+        Ok(Norm { weight, bias, eps })
     }
 
     /// # Shapes
     /// `[.., h]` -> `[.., h]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.weight.size()[0];
-        x.f_layer_norm([h], Some(&self.weight), Some(&self.bias), self.eps, true).op("layer_norm")
+        match &self.bias {
+            Some(b) => x.f_layer_norm([h], Some(&self.weight), Some(b), self.eps, true).op("layer_norm"),
+            // libtorch's rms_norm: x * rsqrt(mean(x^2) + eps) * w, reduced in f32 for 16-bit x.
+            None => x.f_rms_norm([h], Some(&self.weight), self.eps).op("rms_norm"),
+        }
     }
 }
 

@@ -9,8 +9,8 @@ mod layers;
 mod loss;
 mod recompute;
 
-pub use config::GptConfig;
+pub use config::{GptConfig, MlpKind, NormKind};
 pub use gpt::{shift_labels, shift_labels_packed, Gpt, IGNORE};
-pub use layers::{LayerNorm, Linear, Param, Params, Placement, Rope, Split};
+pub use layers::{Linear, Norm, Param, Params, Placement, Rope, Split};
 pub use loss::{tiled_cross_entropy, Loss};
 pub use recompute::{BlockHooks, ForwardOptions, Unit};

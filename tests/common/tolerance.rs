@@ -58,7 +58,7 @@ pub fn check(label: &str, got: f64, bound: f64) -> Result<()> {
 /// one device (the same parameters and tokens), whatever the CPU.
 ///
 /// Every value goes through a chain of sums, none longer than `longest` terms: the hidden size
-/// and the MLP's `mlp_ratio` h (projections), N (attention over keys), V (the softmax of the
+/// and the MLP's widths F and, for SwiGLU, 2F (projections), N (attention over keys), V (the softmax of the
 /// loss) and the tokens a weight's gradient sums over. The two runs order those sums
 /// differently (another world size, other GEMM shapes, another CPU), and each stage of the chain
 /// adds at most `gamma(longest)` of relative error to what it passes on:
@@ -80,8 +80,7 @@ pub struct GptBounds {
 /// [`GptBounds`] of `cfg` on `tokens` tokens per gradient sum (micro-batch x N x micro-batches
 /// summed), in `kind`.
 pub fn gpt(cfg: &ulysses::model::GptConfig, n: i64, tokens: i64, kind: Kind) -> GptBounds {
-    let longest =
-        [cfg.n_embd * cfg.mlp_ratio, cfg.n_embd, n, cfg.vocab_size, tokens].into_iter().max().unwrap_or(1);
+    let longest = [cfg.mlp_in_width(), cfg.n_embd, n, cfg.vocab_size, tokens].into_iter().max().unwrap_or(1);
     let g = gamma(longest as usize, kind);
     GptBounds { loss: (cfg.n_layer + 2) as f64 * g, grad: (2 * cfg.n_layer + 3) as f64 * g }
 }

@@ -36,7 +36,7 @@ pub struct PredictArgs {
     /// Multiply every kernel efficiency of the hardware by this (sensitivity of the assumptions).
     #[arg(long, default_value_t = 1.0)]
     efficiency_scale: f64,
-    /// Model preset: tiny, 125m, 350m, 1.3b, 6.7b, 30b.
+    /// Model preset: tiny, 125m, 350m, 1.3b, 6.7b, 30b, llama-tiny, llama3-8b, llama3-70b.
     #[arg(long, default_value = "1.3b")]
     model: String,
     /// Strategy: ulysses, megatron_sp, ring, ring_zigzag, allgather_kv(_zigzag), usp:U, single.

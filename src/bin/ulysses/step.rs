@@ -17,7 +17,7 @@ use ulysses::model::{Gpt, GptConfig};
 
 #[derive(clap::Args)]
 pub struct StepArgs {
-    /// Model preset: tiny, 125m, 350m, 1.3b, 6.7b, 30b.
+    /// Model preset: tiny, 125m, 350m, 1.3b, 6.7b, 30b, llama-tiny, llama3-8b, llama3-70b.
     #[arg(long, default_value = "tiny")]
     preset: String,
     /// Override the preset's blocks.
