@@ -7,15 +7,19 @@
 
 use anyhow::{ensure, Result};
 use tch::{Device, Kind, Tensor};
-use ulysses::attention::{AttentionConfig, StrategyConfig};
+use ulysses::attention::{AttentionConfig, SingleDevice, StrategyConfig};
 use ulysses::autograd::Tape;
 use ulysses::comm::{launch, MeshShape};
 use ulysses::cost::calibrate::{curve, fit_alpha_beta, live_bytes, CommSample, KernelSample};
 use ulysses::cost::hardware::DeviceKind;
 use ulysses::cost::memory::layer_activations;
 use ulysses::cost::Job;
-use ulysses::model::{shift_labels, Gpt, GptConfig};
+use ulysses::model::{shift_labels, ForwardOptions, Gpt, GptConfig};
 use ulysses::train::{Checkpointing, Precision};
+
+/// Held by each test that reads the allocator, so that no two of them run at once (the test
+/// harness runs a file's tests on parallel threads, and the allocator counts them all).
+static MEASURING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Bytes per rank that one forward keeps (measured), and what the model says it keeps.
 fn forward_bytes(cfg: &GptConfig, strategy: StrategyConfig, p: usize, n: i64) -> Result<(f64, f64)> {
@@ -67,6 +71,7 @@ fn forward_bytes(cfg: &GptConfig, strategy: StrategyConfig, p: usize, n: i64) ->
 #[test]
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn activation_terms_are_the_bytes_a_forward_keeps() -> Result<()> {
+    let _alone = MEASURING.lock().unwrap_or_else(|e| e.into_inner());
     let mut misses = Vec::new();
     let gpt = GptConfig { n_layer: 2, n_head: 4, n_kv_head: 4, n_embd: 64, ..GptConfig::tiny() };
     // The Llama layout: RMSNorm, SwiGLU (4F kept per token), GQA.
@@ -101,6 +106,76 @@ fn activation_terms_are_the_bytes_a_forward_keeps() -> Result<()> {
         }
     }
     ensure!(misses.is_empty(), "outside 0.93-1.07:\n{}", misses.join("\n"));
+    Ok(())
+}
+
+#[test]
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn the_forward_no_longer_keeps_the_mlp_intermediates() -> Result<()> {
+    let _alone = MEASURING.lock().unwrap_or_else(|e| e.into_inner());
+    // The bytes one forward keeps for the backward (glibc's in-use bytes after it less before),
+    // untiled and with tiles of 256 tokens, on one device: the difference is what the untiled
+    // MLP keeps, L x T x (2F for GELU: its input and output; 4F for SwiGLU: the [2F] projection,
+    // silu(gate) and the product) x 4 bytes, less what the tiled MLP keeps: its input (the
+    // norm's output, kept either way) and its [T, h] output, which the tape holds as a taped
+    // op's output to meet its gradient. The cost model says the same (its MLP terms).
+    let n = 4096;
+    for cfg in [GptConfig::tiny(), GptConfig::llama_tiny()] {
+        let kept = |options: ForwardOptions| -> Result<f64> {
+            let strategy =
+                SingleDevice::new(AttentionConfig::default().build()?, n, cfg.n_head, cfg.n_kv_head)?;
+            let mut model = Gpt::new(&cfg, Box::new(strategy), Kind::Float, Device::Cpu)?;
+            model.set_options(options);
+            let toks = (Tensor::arange(n, (Kind::Int64, Device::Cpu)) * 7 + 3)
+                .remainder(cfg.vocab_size)
+                .reshape([1, n]);
+            let labels = shift_labels(&toks)?;
+            model.forward_backward(&toks, &labels)?; // the gradients and libraries' buffers
+            model.zero_grad();
+            let tape = Tape::new();
+            let before = live_bytes();
+            let loss = model.loss(&tape, &toks, &labels)?;
+            let after = live_bytes();
+            tape.backward(&loss.local)?;
+            Ok(after - before)
+        };
+        // Recording tapes both, so that only the MLP differs.
+        let plain = kept(ForwardOptions { loss_tile: Some(n), ..ForwardOptions::default() })?;
+        let tiled =
+            kept(ForwardOptions { loss_tile: Some(n), mlp_tile: Some(256), ..ForwardOptions::default() })?;
+        let per_token = match cfg.mlp {
+            ulysses::model::MlpKind::Gelu => 2 * cfg.ffn(),
+            ulysses::model::MlpKind::Swiglu => 4 * cfg.ffn(),
+        };
+        let expected = (cfg.n_layer * n * (per_token - cfg.n_embd) * 4) as f64;
+        let saved = plain - tiled;
+        let job = |tile: Option<i64>| Job {
+            precision: Precision::F32,
+            checkpointing: Checkpointing::None,
+            mlp_tile: tile,
+            ..Job::new(cfg.clone(), StrategyConfig::Single, 1, n)
+        };
+        let layer = |tile| -> Result<f64> {
+            Ok(layer_activations(&job(tile), 0, DeviceKind::Cpu)?.iter().map(|t| t.bytes).sum())
+        };
+        let modelled = cfg.n_layer as f64 * (layer(None)? - layer(Some(256))?);
+        ensure!(modelled == expected, "the cost model says {modelled} bytes saved, {expected} by hand");
+        println!(
+            "{:?} MLP, N = {n}: the forward keeps {:.2} MiB untiled, {:.2} MiB tiled: {:.2} MiB saved, \
+             {:.2} MiB expected",
+            cfg.mlp,
+            plain / 1048576.0,
+            tiled / 1048576.0,
+            saved / 1048576.0,
+            expected / 1048576.0
+        );
+        // Allocation granularity and small tensors (a few KiB against MiB).
+        ensure!(
+            (saved / expected - 1.0).abs() < 0.03,
+            "{:?}: saved {saved} bytes, expected {expected}",
+            cfg.mlp
+        );
+    }
     Ok(())
 }
 

@@ -376,7 +376,12 @@ fn matches_pytorch(file: &str) -> Result<GptConfig> {
         (
             "math, tiled loss and full recomputation on the tape",
             Kernel::Math,
-            ForwardOptions { recompute_blocks: true, recompute_attention: false, loss_tile: Some(5) },
+            ForwardOptions {
+                recompute_blocks: true,
+                recompute_attention: false,
+                loss_tile: Some(5),
+                mlp_tile: Some(7),
+            },
         ),
     ];
     for (label, kernel, options) in runs {

@@ -87,6 +87,13 @@ pub fn layer_activations(job: &Job, r: usize, device: impl Into<Kernels>) -> Res
         MlpKind::Gelu => (2.0 * c.ffn() as f64, "MLP in and GELU outputs"),
         MlpKind::Swiglu => (4.0 * c.ffn() as f64, "MLP in (gate and up), silu(gate), product"),
     };
+    // Tiled (not with Megatron-SP, which refuses it): only the MLP's [t, h] output, which the
+    // tape holds as a taped op's output; its input is the norm's output, kept either way.
+    let (mlp_kept, mlp_name) = if job.mlp_tile.is_some() {
+        (h, "tiled MLP output (held by the tape)")
+    } else {
+        (mlp_kept, mlp_name)
+    };
     let tok = b * super::bytes::layout(job)?.len(r) as f64; // this rank's tokens
     let big = b * n; // every token
     let a = attention_work(job, r, device)?;
@@ -236,14 +243,16 @@ fn backward_working_set(job: &Job, r: usize, device: impl Into<Kernels>) -> Resu
     let tok = b * super::bytes::layout(job)?.len(r) as f64;
     let a = attention_work(job, r, device)?;
     let core = b * a.rows.max(tok) * a.heads as f64 * d; // one of q, k, v as the kernel sees it
+                                                         // The MLP's widest gradient; tiled, one tile's recomputed intermediates and their gradient.
+    let mlp = job.mlp_tile.map_or(tok * f, |tile| (tile as f64).min(tok) * 2.0 * f);
     Ok(match job.strategy {
         StrategyConfig::MegatronSp => (b * n * f / p + b * n * h) * es,
         // The gradient of a materialised score matrix while the softmax's backward runs.
         StrategyConfig::Ring { .. } if matches!(a.implementation, AttnImpl::Dense { .. }) => {
-            (b * a.heads as f64 * a.rows * a.keys * 4.0f64.max(es)).max((tok * f + tok * h) * es)
+            (b * a.heads as f64 * a.rows * a.keys * 4.0f64.max(es)).max((mlp + tok * h) * es)
         }
-        StrategyConfig::Ring { .. } => ((tok * f + tok * h) * es).max(3.0 * tok * h * 4.0),
-        _ => ((tok * f + tok * h) * es).max(3.0 * core * es),
+        StrategyConfig::Ring { .. } => ((mlp + tok * h) * es).max(3.0 * tok * h * 4.0),
+        _ => ((mlp + tok * h) * es).max(3.0 * core * es),
     })
 }
 

@@ -95,6 +95,10 @@ pub struct Job {
     /// for the kernels on whole sequences, each rank's share for a ring); `None`: one document.
     #[serde(default)]
     pub documents: Option<Vec<i64>>,
+    /// The MLP run this many tokens at a time (the trainer's `mlp_tile`): its intermediates
+    /// kept for one tile only, its forward run once more in the backward; `None`: untiled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mlp_tile: Option<i64>,
 }
 
 impl Job {
@@ -120,6 +124,7 @@ impl Job {
             bucket_elems: crate::comm::DEFAULT_BUCKET_ELEMS,
             reduce_dtype: None,
             documents: None,
+            mlp_tile: None,
         }
     }
 

@@ -131,14 +131,16 @@ pub fn rank_work(job: &Job, r: usize, device: impl Into<Kernels>) -> Result<Vec<
     let recompute = job.checkpointing == Checkpointing::Full;
     let block_passes = if recompute { 4.0 } else { 3.0 }; // forward, 2 backward, (forward again)
     let tp = job.strategy == StrategyConfig::MegatronSp;
+    // A tiled MLP runs its forward once more, in the backward.
+    let mlp_passes = block_passes + if job.mlp_tile.is_some() { 1.0 } else { 0.0 };
     // Megatron-SP runs the blocks on the gathered sequence with 1/P of the columns.
     let (tb, split) = if tp { (b * job.seq as f64, p) } else { (t, 1.0) };
     let qkv_out = (hq + 2.0 * hkv) * d;
     let mut terms = vec![
         gemm("qkv projection", tb, h, qkv_out / split, block_passes * l),
         gemm("attention output projection", tb, h / split, h, block_passes * l),
-        gemm("MLP in", tb, h, f_in / split, block_passes * l),
-        gemm("MLP out", tb, f / split, h, block_passes * l),
+        gemm("MLP in", tb, h, f_in / split, mlp_passes * l),
+        gemm("MLP out", tb, f / split, h, mlp_passes * l),
         gemm("output head", t, h, v, 3.0),
     ];
 

@@ -199,6 +199,10 @@ pub struct TrainSpec {
     /// Compute the loss this many tokens at a time (tiled loss). Default none.
     #[serde(default)]
     pub loss_tile: Option<i64>,
+    /// Run each block's MLP this many tokens at a time, recomputing each tile in the backward
+    /// (ALST's tiled MLP; not with megatron_sp). At most the tokens a rank holds. Default none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mlp_tile: Option<i64>,
     /// The dtype gradients are reduced in across ranks ("f32", "bf16", ...). Default: f32 for
     /// bf16/f16 gradients, else their own dtype; "bf16" halves the reduction's bytes.
     #[serde(default)]

@@ -58,6 +58,7 @@ impl ExperimentConfig {
             schedule,
             loss_scale: t.loss_scale,
             loss_tile: t.loss_tile,
+            mlp_tile: t.mlp_tile,
             reduce_dtype: t.reduce_dtype,
             ..TrainConfig::default()
         };
@@ -106,6 +107,23 @@ impl ExperimentConfig {
         }
         for point in self.points()? {
             self.train_config(&point)?;
+            if let Some(tile) = t.mlp_tile {
+                let sp = point.ranks / point.dp;
+                if point.strategy == crate::attention::StrategyConfig::MegatronSp {
+                    return Err(field_error(
+                        "train.mlp_tile",
+                        format!(
+                            "point {} ({}): a tiled MLP with megatron_sp, whose MLP runs on the \
+                             all-gathered sequence between two collectives",
+                            point.index,
+                            point.label()
+                        ),
+                    ));
+                }
+                crate::model::check_mlp_tile(tile, point.seq / sp as i64).map_err(|e| {
+                    field_error("train.mlp_tile", format!("point {} ({}): {e}", point.index, point.label()))
+                })?;
+            }
         }
         Ok(())
     }

@@ -222,6 +222,7 @@ impl ExperimentConfig {
             bucket_elems: train.bucket_elems,
             reduce_dtype: train.reduce_dtype,
             documents: None,
+            mlp_tile: train.mlp_tile,
         })
     }
 }

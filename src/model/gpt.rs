@@ -7,6 +7,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::layers::{Linear, Norm, Params, Placement, Rope, Split};
 use super::recompute::{BlockHooks, ForwardOptions, Unit};
+use super::tiled_mlp::{tiled_mlp, Mlp};
 use super::{GptConfig, MlpKind};
 use crate::attention::{Documents, SequenceParallel};
 use crate::autograd::Tape;
@@ -288,7 +289,7 @@ impl Gpt {
             x = if self.options.recompute_blocks {
                 self.checkpointed_block(tape, i, &x, packed.cloned())?
             } else {
-                self.core.block_forward(tape, block, &x, packed.map(Rc::as_ref))?
+                self.core.block_forward(tape, block, &x, packed.map(Rc::as_ref), self.options.mlp_tile)?
             };
             self.hook(|h| h.after_forward(Unit::Block(i)))?;
         }
@@ -315,7 +316,8 @@ impl Core {
     /// row-parallel linears, reduce-scatter the sequence before each residual add.
     ///
     /// With packed documents (`packed`), RoPE rotates by positions within each document and
-    /// attention stays inside each.
+    /// attention stays inside each. With `mlp_tile`, the MLP runs that many tokens at a time
+    /// ([`tiled_mlp`](super::tiled_mlp)).
     ///
     /// # Shapes
     /// `x`: `[b, s_r, h]` -> `[b, s_r, h]`.
@@ -325,6 +327,7 @@ impl Core {
         block: &Block,
         x: &Tensor,
         packed: Option<&Packed>,
+        mlp_tile: Option<i64>,
     ) -> Result<Tensor> {
         let layout = self.strategy.layout();
         let (b, d) = (x.size()[0], self.cfg.head_dim());
@@ -356,8 +359,32 @@ impl Core {
         // [b, t, hq, d] -> [b, t, hq d]
         let o = self.strategy.forward_docs(tape, &q, &k, &v, docs)?.f_reshape([b, t, hq * d]).op("gpt")?;
         let x = x.f_add(&block.proj.forward_reduced(&o, scatter)?).op("gpt")?;
-        let m = mlp_activation(self.cfg.mlp, &gathered(&block.fc, block.ln2.forward(&x)?)?)?;
-        x.f_add(&block.fc_out.forward_reduced(&m, scatter)?).op("gpt")
+        // A tiled MLP is a taped op fed from the residual stream, which the residual add below
+        // feeds as well: a cut there lets the tape's backward meet both at one tensor.
+        let x = if mlp_tile.is_some() { tape.cut(&x)? } else { x };
+        let u = block.ln2.forward(&x)?;
+        let y = match (mlp_tile, tp) {
+            (None, _) => {
+                let m = mlp_activation(self.cfg.mlp, &gathered(&block.fc, u)?)?;
+                block.fc_out.forward_reduced(&m, scatter)?
+            }
+            (Some(tile), None) => {
+                let mlp = Mlp { kind: self.cfg.mlp, fc: block.fc.shallow(), out: block.fc_out.shallow() };
+                tiled_mlp(tape, mlp, &u, tile)?
+            }
+            (Some(tile), Some(g)) => {
+                return Err(Error::InvalidArgument {
+                    op: "tiled_mlp",
+                    group: g.info().to_string(),
+                    msg: format!(
+                        "an MLP tile of {tile} tokens with Megatron-SP: its MLP runs on the \
+                         all-gathered sequence between two collectives, which tiling would split \
+                         (use Ulysses, ring or USP with a tiled MLP)"
+                    ),
+                })
+            }
+        };
+        x.f_add(&y).op("gpt")
     }
 }
 

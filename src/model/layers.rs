@@ -159,6 +159,15 @@ impl Linear {
         Ok(Linear { weight, bias, row_parallel: matches!(split, Split::Rows(_)) })
     }
 
+    /// The same layer through other handles (one storage, one gradient).
+    pub fn shallow(&self) -> Linear {
+        Linear {
+            weight: self.weight.shallow_clone(),
+            bias: self.bias.as_ref().map(Tensor::shallow_clone),
+            row_parallel: self.row_parallel,
+        }
+    }
+
     /// The weight `[out, in]` (this rank's part of it).
     pub fn weight(&self) -> &Tensor {
         &self.weight

@@ -63,6 +63,10 @@ pub struct ForwardOptions {
     /// Compute the logits and the cross-entropy this many tokens at a time, so that the whole
     /// `[s, V]` logits never exist at once (ALST's tiled loss). `None`: all at once.
     pub loss_tile: Option<i64>,
+    /// Run each block's MLP this many tokens at a time, keeping only its input and recomputing
+    /// each tile in the backward, so that its `[s, F]` intermediates never exist whole (ALST's
+    /// tiled MLP). `None`: all at once.
+    pub mlp_tile: Option<i64>,
 }
 
 impl Gpt {
@@ -123,20 +127,21 @@ impl Gpt {
         let (core, block) = (Rc::clone(&self.core), Rc::clone(&self.blocks[i]));
         let (first, saved) = ((Rc::clone(&core), Rc::clone(&block)), x.detach());
         let first_packed = packed.clone();
+        let tile = self.options.mlp_tile;
         let out = tape.record(
             "checkpoint",
             &[x],
             // The block without recording: its collectives run, its graph is dropped at once.
             |xs| {
                 Ok(vec![tch::with_grad(|| {
-                    first.0.block_forward(&Tape::disabled(), &first.1, &xs[0], first_packed.as_deref())
+                    first.0.block_forward(&Tape::disabled(), &first.1, &xs[0], first_packed.as_deref(), tile)
                 })?
                 .detach()])
             },
             move |gs| {
                 let x = saved.set_requires_grad(true);
                 let inner = Tape::new();
-                let y = tch::with_grad(|| core.block_forward(&inner, &block, &x, packed.as_deref()))?;
+                let y = tch::with_grad(|| core.block_forward(&inner, &block, &x, packed.as_deref(), tile))?;
                 inner.backward_from(&[y], gs)?;
                 let g = x.grad();
                 Ok(vec![if g.defined() { g } else { x.zeros_like() }])

@@ -40,6 +40,8 @@ pub struct TrainConfig {
     pub reduce_dtype: Option<Precision>,
     /// Compute the loss this many tokens at a time (tiled loss). Default none (all at once).
     pub loss_tile: Option<i64>,
+    /// Run each block's MLP this many tokens at a time (tiled MLP). Default none.
+    pub mlp_tile: Option<i64>,
 }
 
 impl Default for TrainConfig {
@@ -56,6 +58,7 @@ impl Default for TrainConfig {
             bucket_elems: DEFAULT_BUCKET_ELEMS,
             reduce_dtype: None,
             loss_tile: None,
+            mlp_tile: None,
         }
     }
 }
@@ -87,6 +90,11 @@ impl TrainConfig {
         if let Some(t) = self.loss_tile {
             if t < 1 {
                 return Err(invalid(format!("loss_tile {t} must be at least 1")));
+            }
+        }
+        if let Some(t) = self.mlp_tile {
+            if t < 1 {
+                return Err(invalid(format!("mlp_tile {t} must be at least 1")));
             }
         }
         if let Some(a) = &self.adamw {

@@ -105,6 +105,7 @@ impl Trainer {
             recompute_blocks: cfg.checkpointing == Checkpointing::Full,
             recompute_attention: cfg.checkpointing == Checkpointing::Selective,
             loss_tile: cfg.loss_tile,
+            mlp_tile: cfg.mlp_tile,
         });
         let reduce = cfg.reduce_dtype.map(Precision::kind);
         let zero = Rc::new(Zero::new(&model, cfg.zero, &groups.zero, &groups.dp, cfg.bucket_elems, reduce)?);

@@ -67,6 +67,9 @@ pub struct StepArgs {
     /// Compute the loss this many tokens at a time.
     #[arg(long)]
     loss_tile: Option<i64>,
+    /// Run each block's MLP this many tokens at a time (tiled MLP).
+    #[arg(long)]
+    mlp_tile: Option<i64>,
     /// libtorch intra-op threads per rank.
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -106,6 +109,7 @@ pub fn run(a: &StepArgs) -> Result<()> {
         grad_accum: a.grad_accum,
         adamw: lr.map(|lr| AdamWConfig { lr, ..AdamWConfig::default() }),
         loss_tile: a.loss_tile,
+        mlp_tile: a.mlp_tile,
         ..TrainConfig::default()
     };
     plan.validate()?;
