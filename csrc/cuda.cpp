@@ -10,8 +10,12 @@
 #include <ATen/ops/_scaled_dot_product_flash_attention.h>
 #include <ATen/ops/_scaled_dot_product_flash_attention_backward.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/record_stream.h>
 #include <c10/core/Allocator.h>
+#include <c10/core/Event.h>
 #include <c10/core/Stream.h>
+#include <c10/core/StreamGuard.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
 
 #include <cstdint>
 #include <cstdlib>
@@ -124,5 +128,51 @@ char* ulysses_flash_backward(const at::Tensor* dout, const at::Tensor* q, const 
 }
 
 void ulysses_cuda_free_error(char* message) { free(message); }
+
+// Copies `src` into `dst` (the same shape and dtype; one of them on cuda:`index`, the other in
+// pinned host memory) on a side stream from libtorch's pool, after everything queued on the
+// current stream so far (so `src` is complete), without the host waiting: the activation
+// offload's copy to the host after a block's forward and back before its backward. The GPU
+// tensor is recorded on the side stream, so the caching allocator does not hand its memory to
+// another tensor before the copy is done. `*event` receives a c10::Event recorded on the side
+// stream after the copy: pass it to ulysses_event_block before the current stream uses `dst`,
+// to ulysses_event_wait before the host reads it, then to ulysses_event_free.
+char* ulysses_copy_on_side_stream(at::Tensor* dst, const at::Tensor* src, int index, void** event) {
+  return guarded([&] {
+    const c10::Device device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(index));
+    const c10::impl::VirtualGuardImpl impl(c10::DeviceType::CUDA);
+    const c10::Stream current = impl.getStream(device);
+    const c10::Stream side = impl.getStreamFromGlobalPool(device, false);
+    c10::Event ready(c10::DeviceType::CUDA);
+    ready.record(current);
+    ready.block(side);
+    {
+      c10::StreamGuard on_side(side);
+      dst->copy_(*src, /*non_blocking=*/true);
+    }
+    const at::Tensor& gpu = src->is_cuda() ? *src : *dst;
+    gpu.record_stream(side);
+    auto* done = new c10::Event(c10::DeviceType::CUDA);
+    done->record(side);
+    *event = done;
+  });
+}
+
+// Makes cuda:`index`'s current stream wait (on the GPU) for `event`.
+char* ulysses_event_block(void* event, int index) {
+  return guarded([&] {
+    const c10::impl::VirtualGuardImpl impl(c10::DeviceType::CUDA);
+    static_cast<c10::Event*>(event)->block(
+        impl.getStream(c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(index))));
+  });
+}
+
+// Waits on the host until `event` has happened.
+char* ulysses_event_wait(void* event) {
+  return guarded([&] { static_cast<c10::Event*>(event)->synchronize(); });
+}
+
+// Releases an event from ulysses_copy_on_side_stream.
+void ulysses_event_free(void* event) { delete static_cast<c10::Event*>(event); }
 
 }  // extern "C"

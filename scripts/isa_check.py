@@ -57,6 +57,7 @@ TESTS = [
     ("ulysses_layer", []),
     ("model", []),
     ("tape", []),
+    ("tiled_mlp", []),
 ]
 PROPTEST_CASES = "256"
 PERCENT = re.compile(r"([0-9.]+|inf)%")

@@ -402,3 +402,63 @@ fn training_plans_that_cannot_run_are_refused_naming_the_field_and_the_number() 
     ensure!(!dir.join("results").exists(), "results written for a refused plan");
     Ok(())
 }
+
+#[test]
+fn long_sequence_memory_settings_that_cannot_work_are_refused_before_a_step() -> Result<()> {
+    // Tiled MLP and activation offload, through a config (2 ranks, N = 64 and 128: 32 tokens a
+    // rank at least): each refused at parse time naming the field and the numbers.
+    let dir = scratch("memory-settings");
+    let file = dir.join("a-file");
+    std::fs::write(&file, "not a folder")?;
+    let cases = [
+        ("mlp_tile = 0\n", vec!["train.mlp_tile", "an MLP tile of 0 tokens", "at least 1"]),
+        ("mlp_tile = 33\n", vec!["train.mlp_tile", "an MLP tile of 33 tokens for a rank holding 32 tokens"]),
+        (
+            "offload = \"disk\"\n",
+            vec!["train", "offload moves the block inputs that full checkpointing keeps"],
+        ),
+        (
+            "offload = \"host\"\ncheckpointing = \"full\"\n",
+            vec!["train.offload", "\"host\" on device \"cpu\""],
+        ),
+        ("offload = \"nvme\"\n", vec!["train.offload", "\"nvme\": it must be none, host or disk"]),
+        (
+            &format!(
+                "offload = \"disk\"\ncheckpointing = \"full\"\noffload_dir = {:?}\n",
+                file.display().to_string()
+            ),
+            vec!["train.offload_dir", "cannot make"],
+        ),
+    ];
+    for (extra, wants) in cases {
+        let err = ExperimentConfig::parse(&toy("bad", 1, extra), "bad.toml")
+            .err()
+            .ok_or_else(|| anyhow!("accepted: {extra}"))?
+            .to_string();
+        for want in wants {
+            ensure!(err.contains(want), "{extra:?}: {err}");
+        }
+    }
+    // Megatron-SP with a tiled MLP.
+    let text = toy("bad", 1, "mlp_tile = 8\n").replace("[\"ulysses\", \"ring\"]", "[\"megatron_sp\"]");
+    let err =
+        ExperimentConfig::parse(&text, "bad.toml").err().ok_or_else(|| anyhow!("accepted"))?.to_string();
+    ensure!(err.contains("train.mlp_tile") && err.contains("megatron_sp"), "{err}");
+    // Nothing of ours left in the folder that was probed.
+    let probe = ExperimentConfig::parse(
+        &toy(
+            "ok",
+            1,
+            &format!(
+                "offload = \"disk\"\ncheckpointing = \"full\"\noffload_dir = {:?}\n",
+                dir.display().to_string()
+            ),
+        ),
+        "ok.toml",
+    )?;
+    ensure!(probe.offload()?.is_some(), "offload parsed");
+    let left: Vec<_> = std::fs::read_dir(&dir)?.flatten().map(|e| e.file_name()).collect();
+    ensure!(left == vec![std::ffi::OsString::from("a-file")], "left in the folder: {left:?}");
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}

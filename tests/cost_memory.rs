@@ -180,6 +180,62 @@ fn the_forward_no_longer_keeps_the_mlp_intermediates() -> Result<()> {
 }
 
 #[test]
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn offload_frees_the_block_inputs_that_checkpointing_keeps() -> Result<()> {
+    let _alone = MEASURING.lock().unwrap_or_else(|e| e.into_inner());
+    // Under full checkpointing a forward keeps each block's input [T, h], the final norm's
+    // input and output and the loss's f32 log-softmax; with offload to disk the L block inputs
+    // are in files instead: the allocator's in-use bytes after the forward fall by L x T x h x 4
+    // (the files' bytes, which the store counts as held), and the backward gives them back.
+    let dir = std::env::temp_dir().join(format!("ulysses-offload-mem-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let n = 8192;
+    let cfg = GptConfig { n_layer: 4, ..GptConfig::llama_tiny() };
+    let kept = |offload: bool| -> Result<(f64, u64)> {
+        let strategy = SingleDevice::new(AttentionConfig::default().build()?, n, cfg.n_head, cfg.n_kv_head)?;
+        let mut model = Gpt::new(&cfg, Box::new(strategy), Kind::Float, Device::Cpu)?;
+        model.set_options(ForwardOptions { recompute_blocks: true, ..ForwardOptions::default() });
+        if offload {
+            let target = ulysses::model::OffloadTarget::Disk(dir.clone());
+            model.set_offload(Some(ulysses::model::Offload::new(target, Device::Cpu)?));
+        }
+        let toks =
+            (Tensor::arange(n, (Kind::Int64, Device::Cpu)) * 7 + 3).remainder(cfg.vocab_size).reshape([1, n]);
+        let labels = shift_labels(&toks)?;
+        model.forward_backward(&toks, &labels)?;
+        model.zero_grad();
+        let tape = Tape::new();
+        let before = live_bytes();
+        let loss = model.loss(&tape, &toks, &labels)?;
+        let after = live_bytes();
+        let held = model.offload().map_or(0, |o| o.stats().held_bytes);
+        model.backward(&tape, &loss)?;
+        Ok((after - before, held))
+    };
+    let (plain, _) = kept(false)?;
+    let (offloaded, held) = kept(true)?;
+    let expected = (cfg.n_layer * n * cfg.n_embd * 4) as f64;
+    println!(
+        "llama {} layers, N = {n}, full checkpointing: the forward keeps {:.2} MiB, {:.2} MiB with offload \
+         ({:.2} MiB in files; {:.2} MiB expected)",
+        cfg.n_layer,
+        plain / 1048576.0,
+        offloaded / 1048576.0,
+        held as f64 / 1048576.0,
+        expected / 1048576.0
+    );
+    ensure!(held as f64 == expected, "the store held {held} bytes, {expected} expected");
+    // Allocation granularity and small tensors (KiB against MiB).
+    ensure!(
+        ((plain - offloaded) / expected - 1.0).abs() < 0.03,
+        "freed {} bytes, expected {expected}",
+        plain - offloaded
+    );
+    std::fs::remove_dir(&dir)?; // the stores removed their folders
+    Ok(())
+}
+
+#[test]
 fn calibration_fits_recover_known_numbers() -> Result<()> {
     // seconds = 20 us x steps + bytes / 5 GB/s, exactly: the fit gives both back.
     let samples: Vec<CommSample> = [1e4, 1e5, 1e6, 1e7]

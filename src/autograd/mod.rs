@@ -181,6 +181,28 @@ impl Tape {
         single("cut", out)
     }
 
+    /// Drops the values of every recorded output that is `x` (the same storage and size),
+    /// keeping its shape, dtype and gradient: a recorded output is kept only to meet its gradient,
+    /// so once every consumer of `x` has kept what it needs (activation offload: a
+    /// checkpointed block's input, moved off the device), its memory can go. Each such output
+    /// then reads as a broadcast zero of one element. Returns how many were released.
+    pub fn release_values(&self, x: &Tensor) -> Result<usize> {
+        let (ptr, numel) = (x.data_ptr(), x.numel());
+        let mut released = 0;
+        for rec in self.records.borrow().iter() {
+            for y in &rec.outputs {
+                if y.numel() == numel && numel > 0 && y.data_ptr() == ptr {
+                    let placeholder = Tensor::f_zeros([1], (y.kind(), y.device()))
+                        .and_then(|z| z.f_expand(y.size(), false))
+                        .map_err(|e| Error::Tape { op: rec.op, msg: format!("releasing a value: {e}") })?;
+                    y.shallow_clone().set_data(&placeholder);
+                    released += 1;
+                }
+            }
+        }
+        Ok(released)
+    }
+
     /// Sets whether [`recomputable`](Tape::recomputable) ops (the attention cores of the
     /// strategies) keep only their inputs and run again in the backward: selective activation
     /// recomputation (Korthikanti et al. 2022, §5). Returns the previous setting.

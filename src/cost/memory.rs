@@ -281,7 +281,13 @@ pub fn memory(job: &Job, r: usize, hw: &Hardware) -> Result<MemoryReport> {
     let layer = layer_activations(job, sp_rank, hw.kernels())?;
     let layer_bytes: f64 = layer.iter().map(|t| t.bytes).sum();
     let full = job.checkpointing == Checkpointing::Full;
-    let mut activations: Vec<Term> = if full {
+    let mut activations: Vec<Term> = if full && job.offload {
+        vec![t(
+            "block inputs on the device (offload: the one in use, the one coming)",
+            l.min(2.0) * tok * h,
+            es,
+        )]
+    } else if full {
         vec![t("block inputs (checkpoints)", l * tok * h, es)]
     } else {
         layer.iter().map(|x| Term { name: x.name, bytes: x.bytes * l }).collect()

@@ -99,6 +99,11 @@ pub struct Job {
     /// kept for one tile only, its forward run once more in the backward; `None`: untiled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mlp_tile: Option<i64>,
+    /// Full checkpointing's block inputs offloaded between the forward and the backward (the
+    /// trainer's `offload`): two of them on the device at a time (the one in use and the one
+    /// coming back). The transfers' time is not modelled (assumed hidden behind compute).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub offload: bool,
 }
 
 impl Job {
@@ -125,6 +130,7 @@ impl Job {
             reduce_dtype: None,
             documents: None,
             mlp_tile: None,
+            offload: false,
         }
     }
 

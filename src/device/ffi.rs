@@ -11,6 +11,15 @@ extern "C" {
     fn ulysses_cuda_reset_peak(index: c_int) -> *mut c_char;
     fn ulysses_cuda_synchronize(index: c_int) -> *mut c_char;
     fn ulysses_cuda_free_error(message: *mut c_char);
+    fn ulysses_copy_on_side_stream(
+        dst: *mut torch_sys::C_tensor,
+        src: *const torch_sys::C_tensor,
+        index: c_int,
+        event: *mut *mut c_void,
+    ) -> *mut c_char;
+    fn ulysses_event_block(event: *mut c_void, index: c_int) -> *mut c_char;
+    fn ulysses_event_wait(event: *mut c_void) -> *mut c_char;
+    fn ulysses_event_free(event: *mut c_void);
 }
 
 /// Turns the shim's error string (null on success) into a Result.
@@ -54,4 +63,49 @@ pub(super) fn reset_peak(index: c_int) -> Result<()> {
 pub(super) fn synchronize(index: c_int) -> Result<()> {
     // SAFETY: takes a plain integer; exceptions become the message.
     checked("synchronize", index, unsafe { ulysses_cuda_synchronize(index) })
+}
+
+/// A copy queued on a side stream of `cuda:index` (`csrc/cuda.cpp`), and the event recorded
+/// after it; the event is released on drop.
+pub struct SideCopy {
+    event: *mut c_void,
+    index: c_int,
+}
+
+/// Queues `dst.copy_(src)` (one on `cuda:index`, the other pinned host memory) on a side stream
+/// after the current stream's work so far.
+pub(super) fn copy_on_side_stream(
+    dst: &mut tch::Tensor,
+    src: &tch::Tensor,
+    index: c_int,
+) -> Result<SideCopy> {
+    let mut event = std::ptr::null_mut();
+    // SAFETY: dst and src are live tch tensors borrowed for the call (dst mutably: the shim
+    // writes into its storage); `event` is a valid place for one pointer, written on success.
+    checked("copy_on_side_stream", index, unsafe {
+        ulysses_copy_on_side_stream(dst.as_mut_ptr(), src.as_ptr(), index, &mut event)
+    })?;
+    Ok(SideCopy { event, index })
+}
+
+impl SideCopy {
+    /// The current stream waits (on the GPU) for the copy before its next kernels.
+    pub fn block(&self) -> Result<()> {
+        // SAFETY: `event` is the live c10::Event this SideCopy owns.
+        checked("event_block", self.index, unsafe { ulysses_event_block(self.event, self.index) })
+    }
+
+    /// The host waits for the copy.
+    pub fn wait(&self) -> Result<()> {
+        // SAFETY: as in `block`.
+        checked("event_wait", self.index, unsafe { ulysses_event_wait(self.event) })
+    }
+}
+
+impl Drop for SideCopy {
+    fn drop(&mut self) {
+        // SAFETY: `event` came from the shim's `new c10::Event`, is owned by this SideCopy
+        // alone, and is freed exactly once, here.
+        unsafe { ulysses_event_free(self.event) }
+    }
 }

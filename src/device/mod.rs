@@ -115,6 +115,27 @@ pub(crate) fn current_stream(index: usize) -> Result<*mut std::ffi::c_void> {
     ffi::current_stream(index as i32)
 }
 
+pub use ffi::SideCopy;
+
+/// Queues `dst.copy_(src)` on a side stream of the GPU one of them is on (the other must be
+/// pinned host memory), after everything queued on the current stream so far, without the host
+/// waiting: see [`SideCopy`] for waiting on it.
+pub fn copy_on_side_stream(dst: &mut tch::Tensor, src: &tch::Tensor) -> Result<SideCopy> {
+    let device = if src.device().is_cuda() { src.device() } else { dst.device() };
+    let Some(index) = cuda_index("copy_on_side_stream", device)? else {
+        return Err(Error::InvalidArgument {
+            op: "copy_on_side_stream",
+            group: "-".into(),
+            msg: format!(
+                "a side-stream copy needs a GPU tensor; got {:?} and {:?}",
+                src.device(),
+                dst.device()
+            ),
+        });
+    };
+    ffi::copy_on_side_stream(dst, src, index)
+}
+
 /// The CUDA caching allocator's bytes on one device (libtorch's `memory_stats`, all pools).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CudaMemory {

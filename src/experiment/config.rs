@@ -203,6 +203,16 @@ pub struct TrainSpec {
     /// (ALST's tiled MLP; not with megatron_sp). At most the tokens a rank holds. Default none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mlp_tile: Option<i64>,
+    /// Move each block's input off the device between its forward and its backward (with
+    /// `checkpointing = "full"`): "host" (pinned host memory, a GPU run) or "disk" (files under
+    /// `offload_dir`). Default none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offload: Option<String>,
+    /// The folder "disk" offload writes under (each rank in a folder of its own, removed after
+    /// the run), relative to the directory `ulysses run` starts in. Default: the system's
+    /// temporary folder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offload_dir: Option<PathBuf>,
     /// The dtype gradients are reduced in across ranks ("f32", "bf16", ...). Default: f32 for
     /// bf16/f16 gradients, else their own dtype; "bf16" halves the reduction's bytes.
     #[serde(default)]

@@ -43,6 +43,22 @@ pub(super) fn packings<'de, D: Deserializer<'de>>(
 }
 
 impl ExperimentConfig {
+    /// `[train] offload`, parsed: none, host memory, or files under `offload_dir`.
+    pub fn offload(&self) -> Result<Option<crate::model::OffloadTarget>> {
+        use crate::model::OffloadTarget;
+        let t = &self.train;
+        match t.offload.as_deref() {
+            None | Some("none") => Ok(None),
+            Some("host") => Ok(Some(OffloadTarget::Host)),
+            Some("disk") => {
+                Ok(Some(OffloadTarget::Disk(t.offload_dir.clone().unwrap_or_else(std::env::temp_dir))))
+            }
+            Some(other) => {
+                Err(field_error("train.offload", format!("{other:?}: it must be none, host or disk")))
+            }
+        }
+    }
+
     /// The trainer's plan for `point`.
     pub fn train_config(&self, point: &Point) -> Result<TrainConfig> {
         let t = &self.train;
@@ -59,6 +75,7 @@ impl ExperimentConfig {
             loss_scale: t.loss_scale,
             loss_tile: t.loss_tile,
             mlp_tile: t.mlp_tile,
+            offload: self.offload()?,
             reduce_dtype: t.reduce_dtype,
             ..TrainConfig::default()
         };
@@ -104,6 +121,29 @@ impl ExperimentConfig {
             if tile < 1 {
                 return Err(field_error("train.loss_tile", format!("{tile} must be at least 1")));
             }
+        }
+        if let Some(tile) = t.mlp_tile {
+            if tile < 1 {
+                return Err(field_error(
+                    "train.mlp_tile",
+                    format!("an MLP tile of {tile} tokens: it must be at least 1"),
+                ));
+            }
+        }
+        if let Some(crate::model::OffloadTarget::Disk(dir)) = self.offload()? {
+            // A store made and dropped: the folder is there and takes a folder of ours, now,
+            // before any point runs.
+            crate::model::Offload::new(crate::model::OffloadTarget::Disk(dir), tch::Device::Cpu)
+                .map_err(|e| field_error("train.offload_dir", e.to_string()))?;
+        }
+        if self.offload()? == Some(crate::model::OffloadTarget::Host) && self.parallel.device != "cuda" {
+            return Err(field_error(
+                "train.offload",
+                format!(
+                    "\"host\" on device {:?}: the activations are in host memory already (\"disk\" moves them to files)",
+                    self.parallel.device
+                ),
+            ));
         }
         for point in self.points()? {
             self.train_config(&point)?;

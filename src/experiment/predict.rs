@@ -223,6 +223,7 @@ impl ExperimentConfig {
             reduce_dtype: train.reduce_dtype,
             documents: None,
             mlp_tile: train.mlp_tile,
+            offload: train.offload.is_some(),
         })
     }
 }

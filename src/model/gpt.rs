@@ -41,6 +41,8 @@ pub struct Gpt {
     pub(super) core: Rc<Core>,
     pub(super) options: ForwardOptions,
     pub(super) hooks: Option<Rc<dyn BlockHooks>>,
+    /// Where full checkpointing's block inputs go between the forward and the backward.
+    pub(super) offload: Option<Rc<super::Offload>>,
 }
 
 /// What a block's forward needs besides its own parameters.
@@ -166,6 +168,7 @@ impl Gpt {
             core: Rc::new(Core { cfg: cfg.clone(), strategy, rope, heads: splits.heads }),
             options: ForwardOptions::default(),
             hooks: None,
+            offload: None,
         })
     }
 
@@ -269,6 +272,15 @@ impl Gpt {
             }
             _ => None,
         };
+        if self.offload.is_some() && !self.options.recompute_blocks {
+            return Err(Error::InvalidArgument {
+                op: "offload",
+                group: "-".into(),
+                msg: "activation offload moves the block inputs that full checkpointing keeps: \
+                      it needs full checkpointing (recompute_blocks)"
+                    .into(),
+            });
+        }
         let previous = tape.set_recompute(self.options.recompute_attention);
         let x = self.stack(tape, tokens, packed.as_ref());
         tape.set_recompute(previous);

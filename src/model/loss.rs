@@ -114,7 +114,9 @@ impl Gpt {
         labels: &Tensor,
         docs: Option<&crate::attention::Documents>,
     ) -> Result<Loss> {
-        let plain = self.options == super::ForwardOptions::default() && self.hooks.is_none();
+        let plain = self.options == super::ForwardOptions::default()
+            && self.hooks.is_none()
+            && self.offload.is_none();
         if self.strategy().group().is_none() && plain {
             let loss = self.loss_packed(&Tape::disabled(), tokens, labels, docs)?;
             loss.local.f_backward().op("gpt_backward")?;

@@ -79,6 +79,18 @@ impl Gpt {
         self.options
     }
 
+    /// Moves each block's input off the device after its forward and back, one block ahead, for
+    /// its backward (activation offload; with full checkpointing, on a recording tape). `None`:
+    /// kept on the device.
+    pub fn set_offload(&mut self, offload: Option<super::Offload>) {
+        self.offload = offload.map(Rc::new);
+    }
+
+    /// The offload store, if any.
+    pub fn offload(&self) -> Option<&super::Offload> {
+        self.offload.as_deref()
+    }
+
     /// Sets the hooks called at unit boundaries (`None`: no hooks). With hooks the model must
     /// run on a recording tape and back-propagate through [`Gpt::backward`].
     pub fn set_hooks(&mut self, hooks: Option<Rc<dyn BlockHooks>>) {
@@ -113,7 +125,10 @@ impl Gpt {
         single("cut", out)
     }
 
-    /// Block `i` as one record that keeps only its input `x` (full recomputation).
+    /// Block `i` as one record that keeps only its input `x` (full recomputation); with offload,
+    /// not even that: the input goes to the offload store once the block has run, the tape's
+    /// own references to it are released, and the backward takes it back (and starts bringing
+    /// block `i - 1`'s).
     ///
     /// # Shapes
     /// `x`: `[b, s_r, h]` -> `[b, s_r, h]`.
@@ -125,7 +140,10 @@ impl Gpt {
         packed: Option<Rc<super::gpt::Packed>>,
     ) -> Result<Tensor> {
         let (core, block) = (Rc::clone(&self.core), Rc::clone(&self.blocks[i]));
-        let (first, saved) = ((Rc::clone(&core), Rc::clone(&block)), x.detach());
+        let offload = self.offload.clone().filter(|_| tape.is_recording());
+        let first = (Rc::clone(&core), Rc::clone(&block));
+        let saved = if offload.is_some() { None } else { Some(x.detach()) };
+        let back = offload.clone();
         let first_packed = packed.clone();
         let tile = self.options.mlp_tile;
         let out = tape.record(
@@ -139,7 +157,23 @@ impl Gpt {
                 .detach()])
             },
             move |gs| {
-                let x = saved.set_requires_grad(true);
+                let x = match (saved, back) {
+                    (Some(x), _) => x,
+                    (None, Some(store)) => {
+                        let x = store.take(i)?;
+                        if let Some(before) = i.checked_sub(1) {
+                            store.prefetch(before)?;
+                        }
+                        x
+                    }
+                    (None, None) => {
+                        return Err(crate::Error::Tape {
+                            op: "checkpoint",
+                            msg: format!("block {i} kept no input and has no offload store"),
+                        })
+                    }
+                };
+                let x = x.set_requires_grad(true);
                 let inner = Tape::new();
                 let y = tch::with_grad(|| core.block_forward(&inner, &block, &x, packed.as_deref(), tile))?;
                 inner.backward_from(&[y], gs)?;
@@ -147,6 +181,10 @@ impl Gpt {
                 Ok(vec![if g.defined() { g } else { x.zeros_like() }])
             },
         )?;
+        if let Some(store) = &offload {
+            store.put(i, x)?;
+            tape.release_values(x)?;
+        }
         single("checkpoint", out)
     }
 }

@@ -42,6 +42,10 @@ pub struct TrainConfig {
     pub loss_tile: Option<i64>,
     /// Run each block's MLP this many tokens at a time (tiled MLP). Default none.
     pub mlp_tile: Option<i64>,
+    /// Move each block's input (what full checkpointing keeps) off the device between its
+    /// forward and its backward: to pinned host memory (a GPU run) or to files. Needs full
+    /// checkpointing. Default none.
+    pub offload: Option<crate::model::OffloadTarget>,
 }
 
 impl Default for TrainConfig {
@@ -59,6 +63,7 @@ impl Default for TrainConfig {
             reduce_dtype: None,
             loss_tile: None,
             mlp_tile: None,
+            offload: None,
         }
     }
 }
@@ -91,6 +96,12 @@ impl TrainConfig {
             if t < 1 {
                 return Err(invalid(format!("loss_tile {t} must be at least 1")));
             }
+        }
+        if self.offload.is_some() && self.checkpointing != Checkpointing::Full {
+            return Err(invalid(format!(
+                "offload moves the block inputs that full checkpointing keeps; checkpointing is {:?}",
+                self.checkpointing
+            )));
         }
         if let Some(t) = self.mlp_tile {
             if t < 1 {

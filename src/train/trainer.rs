@@ -107,6 +107,10 @@ impl Trainer {
             loss_tile: cfg.loss_tile,
             mlp_tile: cfg.mlp_tile,
         });
+        if let Some(target) = &cfg.offload {
+            let device = model.params().all().first().map_or(tch::Device::Cpu, |p| p.tensor.device());
+            model.set_offload(Some(crate::model::Offload::new(target.clone(), device)?));
+        }
         let reduce = cfg.reduce_dtype.map(Precision::kind);
         let zero = Rc::new(Zero::new(&model, cfg.zero, &groups.zero, &groups.dp, cfg.bucket_elems, reduce)?);
         if zero.needs_hooks() {
