@@ -97,6 +97,22 @@ impl SeqLayout {
         Ok(SeqLayout::from_segments(n, segments, if zigzag { "nested zigzag" } else { "nested contiguous" }))
     }
 
+    /// The sequence in `chunks x p` equal pieces, rank r holding pieces `c p + r` for each chunk
+    /// c, in chunk order: chunk c of every rank, gathered in rank order, is the contiguous
+    /// segment c of the sequence (chunked Ulysses, FPDT). `n` must split evenly.
+    pub fn strided(n: i64, p: usize, chunks: usize) -> Result<SeqLayout> {
+        let (pi, u) = (p as i64, chunks as i64);
+        if p == 0 || chunks == 0 || n % (pi * u) != 0 {
+            return Err(Self::error(
+                p,
+                format!("{chunks} chunk(s) over {p} ranks need N divisible by {}: N = {n}", pi * u),
+            ));
+        }
+        let piece = n / (pi * u);
+        let segments = (0..pi).map(|r| (0..u).map(|c| ((c * pi + r) * piece, piece)).collect()).collect();
+        Ok(SeqLayout::from_segments(n, segments, "strided"))
+    }
+
     /// "contiguous", "zigzag", "nested zigzag", ...
     pub fn name(&self) -> &'static str {
         self.name

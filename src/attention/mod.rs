@@ -9,6 +9,7 @@
 mod allgather_kv;
 mod blocked;
 mod blockwise;
+mod chunked;
 mod documents;
 mod flash;
 mod heads;
@@ -27,6 +28,7 @@ mod usp;
 pub use allgather_kv::AllGatherKv;
 pub use blocked::BlockedAttention;
 pub use blockwise::Work;
+pub use chunked::ChunkedUlysses;
 pub use documents::{imbalance, Documents};
 pub use heads::HeadPlan;
 pub use layout::{SeqLayout, Sharding};

@@ -1,0 +1,390 @@
+//! Chunked Ulysses (FPDT, "Fully Pipelined Distributed Transformer", Yao et al. 2024; released as
+//! DeepSpeed's Ulysses-Offload): Ulysses' all-to-alls on `u` chunks of each rank's sequence, one
+//! after the other, and attention chunk by chunk, so that the all-to-all buffers and the
+//! attention's working set are those of one chunk.
+//!
+//! The sequence is cut into `u P` equal pieces; rank r holds pieces `c P + r` (a strided
+//! layout), so that chunk c of every rank, gathered in rank order, is the contiguous segment c
+//! of the sequence. Per layer and chunk c:
+//!
+//! ```text
+//! q_c [b, N/(uP), H, d], k_c, v_c [b, N/(uP), H_kv, d]     chunk c of this rank's tokens
+//!   | all-to-all: scatter heads, gather sequence (as Ulysses, on a u-th of the tokens)
+//! q_c [b, N/u, H_r, d], k_c, v_c [b, N/u, KV_r, d]         segment c of the sequence, this rank's heads
+//!   | attention of q_c over every key segment c' it sees (c' <= c when causal), merged by
+//!   | log-sum-exp in f32 (blockwise, as ring attention merges its blocks)
+//! o_c [b, N/u, H_r, d]
+//!   | all-to-all back
+//! o_c [b, N/(uP), H, d]
+//! ```
+//!
+//! The backward visits the query chunks in reverse order and recomputes each pair's
+//! probabilities from the saved output and log-sum-exp (no `[N/u, N/u]` matrix is kept). Bytes:
+//! exactly Ulysses' (the same tensors cross the same all-to-alls, a u-th at a time) in u times the
+//! messages. FPDT also moves the older chunks' K/V to host memory and fetches them back
+//! double-buffered; here they stay on the device (not done yet).
+
+use std::cell::Cell;
+use std::rc::Rc;
+
+use tch::Tensor;
+
+use super::blockwise::{heads_first, merge, pair_visible, Blockwise};
+use super::flash::block_layout;
+use super::single::check_shapes;
+use super::{compute_kind, Documents, HeadPlan, Mask, SeqLayout, SequenceParallel, Work};
+use crate::autograd::Tape;
+use crate::comm::{AllToAll, Group};
+use crate::error::TorchResultExt;
+use crate::{Error, Result};
+
+const OP: &str = "chunked_ulysses";
+
+/// Ulysses over `u` chunks of each rank's sequence.
+pub struct ChunkedUlysses {
+    group: Group,
+    mask: Mask,
+    layout: SeqLayout,
+    heads: HeadPlan,
+    chunks: usize,
+    /// Tokens of one piece: N / (u P).
+    piece: i64,
+    q_a2a: AllToAll,
+    kv_a2a: AllToAll,
+    work: Cell<Work>,
+}
+
+impl ChunkedUlysses {
+    /// Chunked Ulysses over `group` for sequences of `n` tokens in `chunks` chunks per rank,
+    /// attention computed blockwise under `mask`. `n` must split into `chunks x P` equal pieces
+    /// (each rank's sequence a multiple of `chunks`); the heads as for Ulysses.
+    pub fn new(
+        group: Group,
+        mask: Mask,
+        n: i64,
+        heads: i64,
+        kv_heads: i64,
+        chunks: usize,
+    ) -> Result<ChunkedUlysses> {
+        let p = group.size();
+        let pi = p as i64;
+        if chunks == 0 || n % pi != 0 || (n / pi) % chunks as i64 != 0 {
+            let local = if n % pi == 0 {
+                format!("the local sequence N/P = {}", n / pi)
+            } else {
+                format!("N = {n} (not a multiple of P = {p})")
+            };
+            return Err(Error::InvalidArgument {
+                op: OP,
+                group: group.info().to_string(),
+                msg: format!("{chunks} chunk(s) per rank: {local} must split into {chunks} equal chunks"),
+            });
+        }
+        let layout = SeqLayout::strided(n, p, chunks)?;
+        let plan = HeadPlan::new(heads, kv_heads, p)?;
+        let piece = n / (pi * chunks as i64);
+        let q_a2a = AllToAll::new(2, 1, plan.q_split().to_vec(), vec![piece; p]);
+        let kv_a2a = AllToAll::new(2, 1, plan.kv_split(), vec![piece; p]);
+        Ok(ChunkedUlysses {
+            group,
+            mask,
+            layout,
+            heads: plan,
+            chunks,
+            piece,
+            q_a2a,
+            kv_a2a,
+            work: Cell::new(Work::default()),
+        })
+    }
+
+    /// Chunks per rank.
+    pub fn chunks(&self) -> usize {
+        self.chunks
+    }
+
+    /// Attention work this rank did in the last forward (per head and sample).
+    pub fn last_forward_work(&self) -> Work {
+        self.work.get()
+    }
+
+    /// Segment c of the sequence: (first position, length).
+    fn segment(&self, c: usize) -> (i64, i64) {
+        let len = self.piece * self.group.size() as i64;
+        (c as i64 * len, len)
+    }
+
+    fn check_docs(&self, q: &Tensor, docs: Option<&Documents>) -> Result<()> {
+        match docs {
+            Some(d) => {
+                d.refuse_layout(OP)?;
+                d.check(OP, q.size()[0], self.layout.global_len(), &self.mask)
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Chunk c of this rank's q, k, v through the all-to-alls: `[b, N/u, H_r, d]` each (k, v
+    /// expanded to the query heads).
+    fn gather_chunk(&self, tape: &Tape, c: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<[Tensor; 3]> {
+        let r = self.group.rank();
+        let rows = |t: &Tensor| t.f_narrow(1, c as i64 * self.piece, self.piece).op(OP);
+        // [b, N/(uP), H, d] -> [b, N/u, H_r, d]; [b, N/(uP), sum(KV_r), d] -> [b, N/u, KV_r, d]
+        let (qc, kc, vc) = (rows(q)?, rows(k)?, rows(v)?);
+        let full = tape
+            .all_to_all_many(&self.group, &[(&qc, &self.q_a2a), (&kc, &self.kv_a2a), (&vc, &self.kv_a2a)])?;
+        // [b, N/u, KV_r, d] -> [b, N/u, H_r, d]
+        Ok([full[0].shallow_clone(), self.heads.expand_kv(r, &full[1])?, self.heads.expand_kv(r, &full[2])?])
+    }
+
+    /// Attention of every query chunk over the key chunks it sees, as one taped op with a
+    /// hand-written backward.
+    ///
+    /// # Shapes
+    /// `chunks`: u x [q, k, v], each `[b, N/u, H_r, d]` -> u x `[b, N/u, H_r, d]`.
+    fn core(&self, tape: &Tape, chunks: &[[Tensor; 3]], docs: Option<&Documents>) -> Result<Vec<Tensor>> {
+        let u = self.chunks;
+        let d = chunks[0][0].size()[3];
+        let scale = 1.0 / (d as f64).sqrt();
+        let segments: Vec<(i64, i64)> = (0..u).map(|c| self.segment(c)).collect();
+        let inputs: Vec<&Tensor> = (0..3).flat_map(|i| chunks.iter().map(move |c| &c[i])).collect();
+        let saved: Rc<Cell<Option<Saved>>> = Rc::default();
+        let keep = Rc::clone(&saved);
+        let (mask, docs_f) = (self.mask, docs);
+        let (seg_f, seg_b) = (segments.clone(), segments);
+        let docs_b = docs.cloned();
+        let outs = tape.record(
+            OP,
+            &inputs,
+            |xs| {
+                let (q, k, v) = (&xs[..u], &xs[u..2 * u], &xs[2 * u..]);
+                let attn = Blockwise { mask: &mask, docs: docs_f, scale, fused: true };
+                let lay = |t: &[Tensor]| t.iter().map(block_layout).collect::<Result<Vec<_>>>();
+                let (qh, kh, vh) = (lay(q)?, lay(k)?, lay(v)?);
+                let (mut out, mut lse, mut work) = (Vec::new(), Vec::new(), Work::default());
+                for c in 0..u {
+                    let mut acc: Option<(Tensor, Tensor)> = None;
+                    for c2 in 0..u {
+                        if !pair_visible(&mask, docs_f, seg_f[c], seg_f[c2]) {
+                            continue;
+                        }
+                        let (o, l, w) = attn.forward(&qh[c], &kh[c2], &vh[c2], &[seg_f[c]], &[seg_f[c2]])?;
+                        work += w;
+                        acc = Some(match acc {
+                            None => (o, l),
+                            Some(prev) => merge(&prev, &(o, l)).op(OP)?,
+                        });
+                    }
+                    let (o, l) = match acc {
+                        Some(x) => x,
+                        None => empty(&qh[c])?,
+                    };
+                    out.push(o);
+                    lse.push(l);
+                }
+                self.work.set(work);
+                // [b, H_r, N/u, d] -> [b, N/u, H_r, d], in the inputs' dtype
+                let results = out
+                    .iter()
+                    .map(|o| o.f_transpose(1, 2).and_then(|t| t.f_to_kind(q[0].kind())).op(OP))
+                    .collect::<Result<Vec<_>>>()?;
+                let own =
+                    |t: &[Tensor]| t.iter().map(|x| x.f_contiguous().op(OP)).collect::<Result<Vec<_>>>();
+                keep.set(Some(Saved { q: own(q)?, k: own(k)?, v: own(v)?, out, lse }));
+                Ok(results)
+            },
+            move |gs| {
+                let s = saved.take().ok_or_else(|| Error::Tape {
+                    op: OP,
+                    msg: "the forward saved nothing for the backward".into(),
+                })?;
+                backward(&s, gs, mask, docs_b.as_ref(), scale, &seg_b)
+            },
+        )?;
+        Ok(outs)
+    }
+}
+
+/// What the core keeps for its backward: each chunk's q, k, v (compact), output and
+/// log-sum-exp in the accumulation dtype.
+struct Saved {
+    q: Vec<Tensor>,
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
+    out: Vec<Tensor>,
+    lse: Vec<Tensor>,
+}
+
+/// Output 0 and lse -inf for queries that see no key.
+fn empty(q: &Tensor) -> Result<(Tensor, Tensor)> {
+    let s = q.size();
+    let opts = (compute_kind(q.kind()), q.device());
+    let lse = Tensor::f_full([s[0], s[1], s[2]], f64::NEG_INFINITY, opts).op(OP)?;
+    Ok((Tensor::f_zeros(&s, opts).op(OP)?, lse))
+}
+
+/// The gradients of every chunk's q, k, v (in that order, as the record's inputs), the query
+/// chunks taken last first, each pair's probabilities recomputed from the saved output and
+/// log-sum-exp.
+fn backward(
+    s: &Saved,
+    gs: &[Tensor],
+    mask: Mask,
+    docs: Option<&Documents>,
+    scale: f64,
+    segments: &[(i64, i64)],
+) -> Result<Vec<Tensor>> {
+    let _no_grad = tch::no_grad_guard();
+    let u = segments.len();
+    let attn = Blockwise { mask: &mask, docs, scale, fused: true };
+    let lay = |t: &[Tensor]| t.iter().map(block_layout).collect::<Result<Vec<_>>>();
+    let (qh, kh, vh) = (lay(&s.q)?, lay(&s.k)?, lay(&s.v)?);
+    // Accumulators in f32 (f64 for f64), [b, H_r, N/u, d]
+    let zeros = |t: &Tensor| Tensor::f_zeros(t.size(), (compute_kind(t.kind()), t.device())).op(OP);
+    let mut dq = qh.iter().map(zeros).collect::<Result<Vec<_>>>()?;
+    let mut dk = kh.iter().map(zeros).collect::<Result<Vec<_>>>()?;
+    let mut dv = vh.iter().map(zeros).collect::<Result<Vec<_>>>()?;
+    for c in (0..u).rev() {
+        let doh = heads_first(&gs[c])?;
+        // delta = rowsum(dout * out), [b, H_r, N/u]
+        let delta = doh
+            .f_mul(&s.out[c])
+            .and_then(|t| t.f_sum_dim_intlist([-1i64].as_slice(), false, t.kind()))
+            .op(OP)?;
+        for c2 in 0..u {
+            if !pair_visible(&mask, docs, segments[c], segments[c2]) {
+                continue;
+            }
+            let (a, b, e) = attn.backward_pair(
+                &qh[c],
+                &kh[c2],
+                &vh[c2],
+                (&doh, &s.out[c], &s.lse[c], &delta),
+                segments[c],
+                segments[c2],
+            )?;
+            dq[c] = dq[c].f_add(&a).op(OP)?;
+            dk[c2] = dk[c2].f_add(&b).op(OP)?;
+            dv[c2] = dv[c2].f_add(&e).op(OP)?;
+        }
+    }
+    // [b, H_r, N/u, d] -> [b, N/u, H_r, d], in the inputs' dtypes
+    let back = |g: &Tensor, like: &Tensor| g.f_transpose(1, 2).and_then(|t| t.f_to_kind(like.kind())).op(OP);
+    let mut grads = Vec::with_capacity(3 * u);
+    for (gs, like) in [(&dq, &s.q), (&dk, &s.k), (&dv, &s.v)] {
+        for (g, l) in gs.iter().zip(like.iter()) {
+            grads.push(back(g, l)?);
+        }
+    }
+    Ok(grads)
+}
+
+impl SequenceParallel for ChunkedUlysses {
+    fn name(&self) -> &'static str {
+        "ulysses_chunked"
+    }
+
+    fn layout(&self) -> &SeqLayout {
+        &self.layout
+    }
+
+    fn rank(&self) -> usize {
+        self.group.rank()
+    }
+
+    fn group(&self) -> Option<&Group> {
+        Some(&self.group)
+    }
+
+    /// # Shapes
+    /// `q`: `[b, s_r, H, d]`, `k`, `v`: `[b, s_r, H_kv, d]` (this rank's u pieces, in chunk
+    /// order) -> `[b, s_r, H, d]`.
+    fn forward_docs(
+        &self,
+        tape: &Tape,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        docs: Option<&Documents>,
+    ) -> Result<Tensor> {
+        let r = self.group.rank();
+        check_shapes(OP, &self.layout, &self.heads, r, q, k, v)?;
+        self.check_docs(q, docs)?;
+        // [b, s_r, H_kv, d] -> [b, s_r, sum(KV_r), d]: each kv head once per rank that needs it
+        let (k, v) = (self.heads.replicate_kv(k)?, self.heads.replicate_kv(v)?);
+        // Each chunk's all-to-all is a taped op fed from a slice of the same tensor: cuts let the
+        // tape's backward meet their gradients in one place.
+        let (q, k, v) = (&tape.cut(q)?, &tape.cut(&k)?, &tape.cut(&v)?);
+        let chunks =
+            (0..self.chunks).map(|c| self.gather_chunk(tape, c, q, k, v)).collect::<Result<Vec<_>>>()?;
+        let outs = self.core(tape, &chunks, docs)?;
+        // u x [b, N/u, H_r, d] -> u x [b, N/(uP), H, d] -> [b, s_r, H, d]
+        let back = outs
+            .iter()
+            .map(|o| {
+                tape.all_to_all_v(
+                    &self.group,
+                    o,
+                    1,
+                    2,
+                    &vec![self.piece; self.group.size()],
+                    self.heads.q_split(),
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::f_cat(&back, 1).op(OP)
+    }
+
+    /// # Shapes
+    /// As `forward`; lse `[b, s_r, H]`.
+    fn forward_lse_docs(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        docs: Option<&Documents>,
+    ) -> Result<(Tensor, Tensor)> {
+        let r = self.group.rank();
+        check_shapes(OP, &self.layout, &self.heads, r, q, k, v)?;
+        self.check_docs(q, docs)?;
+        let _no_grad = tch::no_grad_guard();
+        let (k, v) = (self.heads.replicate_kv(k)?, self.heads.replicate_kv(v)?);
+        let g = &self.group;
+        let d = q.size()[3];
+        let attn = Blockwise { mask: &self.mask, docs, scale: 1.0 / (d as f64).sqrt(), fused: true };
+        let rows = |t: &Tensor, c: usize| t.f_narrow(1, c as i64 * self.piece, self.piece).op(OP);
+        let mut kvs = Vec::with_capacity(self.chunks);
+        for c in 0..self.chunks {
+            // [b, N/(uP), sum(KV_r), d] -> [b, N/u, KV_r, d] -> [b, N/u, H_r, d] -> [b, H_r, N/u, d]
+            let kc = self.heads.expand_kv(r, &g.all_to_all_spec(&rows(&k, c)?, &self.kv_a2a)?)?;
+            let vc = self.heads.expand_kv(r, &g.all_to_all_spec(&rows(&v, c)?, &self.kv_a2a)?)?;
+            kvs.push((block_layout(&kc)?, block_layout(&vc)?));
+        }
+        let (mut outs, mut lses) = (Vec::new(), Vec::new());
+        let pieces = vec![self.piece; g.size()];
+        for c in 0..self.chunks {
+            let qh = block_layout(&g.all_to_all_spec(&rows(q, c)?, &self.q_a2a)?)?;
+            let mut acc: Option<(Tensor, Tensor)> = None;
+            for (c2, (kh, vh)) in kvs.iter().enumerate() {
+                let (sq, sk) = (self.segment(c), self.segment(c2));
+                if !pair_visible(&self.mask, docs, sq, sk) {
+                    continue;
+                }
+                let (o, l, _) = attn.forward(&qh, kh, vh, &[sq], &[sk])?;
+                acc = Some(match acc {
+                    None => (o, l),
+                    Some(prev) => merge(&prev, &(o, l)).op(OP)?,
+                });
+            }
+            let (o, l) = match acc {
+                Some(x) => x,
+                None => empty(&qh)?,
+            };
+            // [b, H_r, N/u, d] -> [b, N/u, H_r, d] -> [b, N/(uP), H, d]; lse [b, H_r, N/u] -> [b, N/(uP), H]
+            let o = o.f_transpose(1, 2).and_then(|t| t.f_to_kind(q.kind())).op(OP)?;
+            outs.push(g.all_to_all_v(&o, 1, 2, &pieces, self.heads.q_split())?);
+            lses.push(g.all_to_all_v(&l.f_transpose(1, 2).op(OP)?, 1, 2, &pieces, self.heads.q_split())?);
+        }
+        Ok((Tensor::f_cat(&outs, 1).op(OP)?, Tensor::f_cat(&lses, 1).op(OP)?))
+    }
+}
