@@ -126,6 +126,7 @@ fn every_strategy_at_several_world_sizes() -> Result<()> {
                 "allgather_kv_zigzag",
                 "usp_zigzag:2",
                 "usp:2",
+                "ulysses_chunked:2",
             ] {
                 let strategy: StrategyConfig = s.parse().map_err(anyhow::Error::msg)?;
                 if strategy == StrategyConfig::MegatronSp && cfg.n_kv_head % p as i64 != 0 {

@@ -84,6 +84,7 @@ fn activation_terms_are_the_bytes_a_forward_keeps() -> Result<()> {
         (&gpt, StrategyConfig::Ulysses, 4),
         (&gpt, StrategyConfig::AllGatherKv { zigzag: true }, 2),
         (&gpt, StrategyConfig::Usp { ulysses: 2, zigzag: true }, 4),
+        (&gpt, StrategyConfig::UlyssesChunked { chunks: 4 }, 2),
         (&llama, StrategyConfig::Ulysses, 1),
         (&llama, StrategyConfig::Ulysses, 2),
         (&llama, StrategyConfig::MegatronSp, 2),

@@ -218,6 +218,7 @@ fn every_strategy_trains_the_gpt_like_one_device() -> Result<()> {
             StrategyConfig::Ring { zigzag: true },
             StrategyConfig::AllGatherKv { zigzag: true },
             StrategyConfig::Usp { ulysses: 2, zigzag: true },
+            StrategyConfig::UlyssesChunked { chunks: 2 },
         ] {
             check_strategy(&mha, strategy, p, 2, 32)?;
             if strategy != StrategyConfig::MegatronSp || p == 2 {
@@ -237,6 +238,7 @@ fn every_strategy_trains_the_llama_like_one_device() -> Result<()> {
     for p in [2usize, 4] {
         for strategy in [
             StrategyConfig::Ulysses,
+            StrategyConfig::UlyssesChunked { chunks: 3 },
             StrategyConfig::MegatronSp,
             StrategyConfig::Ring { zigzag: false },
             StrategyConfig::Ring { zigzag: true },

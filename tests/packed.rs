@@ -141,8 +141,9 @@ fn every_strategy_on_packed_documents_matches_one_device_in_f64() -> Result<()> 
     }
     // Which strategies take N = 48, 4 heads over 2 kv heads: ring and zigzag need 48 to split
     // in P or 2P chunks (P = 3: yes, 48 = 6 x 8), Megatron-SP needs P to divide the kv heads
-    // (P = 1, 2). Counted here so that a refusal that should not happen fails.
-    let expected_strategies = 7 + 6 + 5 + 7; // P = 1, 2, 3, 4
+    // (P = 1, 2), chunked Ulysses in 2 chunks takes every P here (48/P even). Counted here so
+    // that a refusal that should not happen fails.
+    let expected_strategies = 8 + 7 + 6 + 8; // P = 1, 2, 3, 4
     ensure!(ran == expected_strategies * cases().len() * masks().len(), "{ran} cases ran");
     Ok(())
 }

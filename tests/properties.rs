@@ -59,6 +59,7 @@ fn strategies(p: usize) -> impl Strategy<Value = StrategyConfig> {
         2 => any::<bool>().prop_map(|zigzag| StrategyConfig::Ring { zigzag }),
         2 => any::<bool>().prop_map(|zigzag| StrategyConfig::AllGatherKv { zigzag }),
         2 => (1..=p, any::<bool>()).prop_map(|(ulysses, zigzag)| StrategyConfig::Usp { ulysses, zigzag }),
+        2 => (1usize..=3).prop_map(|chunks| StrategyConfig::UlyssesChunked { chunks }),
     ]
 }
 
@@ -184,6 +185,19 @@ fn faults(c: &Case) -> Vec<Fault> {
                 if n % ring == 0 && (n / ring) % u != 0 {
                     out.push(fault("evenly", &[u]));
                 }
+            }
+        }
+        // Ulysses on u equal chunks of each rank's sequence: a head per rank, P divides N and u
+        // divides N/P.
+        StrategyConfig::UlyssesChunked { chunks } => {
+            let u = chunks as i64;
+            if h < p {
+                out.push(fault("head", &[h, p]));
+            }
+            if n % p != 0 {
+                out.push(fault("chunk", &[n, p]));
+            } else if (n / p) % u != 0 {
+                out.push(fault("chunk", &[n / p, u]));
             }
         }
     }

@@ -364,7 +364,7 @@ impl Blockwise<'_> {
 }
 
 /// How many (query, key) pairs of two runs the mask allows, in O(queries x blocks).
-fn visible_pairs(mask: &Mask, (q0, nq): (i64, i64), (k0, nk): (i64, i64)) -> u64 {
+pub(crate) fn visible_pairs(mask: &Mask, (q0, nq): (i64, i64), (k0, nk): (i64, i64)) -> u64 {
     let k1 = k0 + nk - 1;
     // Keys in [lo, hi] that lie in the run.
     let span = |lo: i64, hi: i64| (hi.min(k1) - lo.max(k0) + 1).max(0) as u64;

@@ -21,8 +21,11 @@
 //! The backward visits the query chunks in reverse order and recomputes each pair's
 //! probabilities from the saved output and log-sum-exp (no `[N/u, N/u]` matrix is kept). Bytes:
 //! exactly Ulysses' (the same tensors cross the same all-to-alls, a u-th at a time) in u times the
-//! messages. FPDT also moves the older chunks' K/V to host memory and fetches them back
-//! double-buffered; here they stay on the device (not done yet).
+//! messages. The chunks' all-to-alls are issued chunk by chunk but recorded on the tape as one op
+//! (their inputs are slices of the same projection), and every chunk's q, k, v stays on the
+//! device until the backward: FPDT's memory saving comes from moving the older chunks' K/V to
+//! host memory and fetching them back double-buffered, which is not done here yet, so this
+//! strategy keeps what Ulysses keeps (plus each chunk's f32 output and log-sum-exp).
 
 use std::cell::Cell;
 use std::rc::Rc;
@@ -68,18 +71,12 @@ impl ChunkedUlysses {
     ) -> Result<ChunkedUlysses> {
         let p = group.size();
         let pi = p as i64;
-        if chunks == 0 || n % pi != 0 || (n / pi) % chunks as i64 != 0 {
-            let local = if n % pi == 0 {
-                format!("the local sequence N/P = {}", n / pi)
-            } else {
-                format!("N = {n} (not a multiple of P = {p})")
-            };
-            return Err(Error::InvalidArgument {
-                op: OP,
-                group: group.info().to_string(),
-                msg: format!("{chunks} chunk(s) per rank: {local} must split into {chunks} equal chunks"),
-            });
-        }
+        Self::check(n, p, chunks).map_err(|e| match e {
+            Error::InvalidArgument { op, msg, .. } => {
+                Error::InvalidArgument { op, group: group.info().to_string(), msg }
+            }
+            other => other,
+        })?;
         let layout = SeqLayout::strided(n, p, chunks)?;
         let plan = HeadPlan::new(heads, kv_heads, p)?;
         let piece = n / (pi * chunks as i64);
@@ -96,6 +93,25 @@ impl ChunkedUlysses {
             kv_a2a,
             work: Cell::new(Work::default()),
         })
+    }
+
+    /// Whether `n` tokens split into `chunks` equal chunks on each of `p` ranks: the error if
+    /// not.
+    pub fn check(n: i64, p: usize, chunks: usize) -> Result<()> {
+        let pi = p as i64;
+        if p == 0 || chunks == 0 || n % pi != 0 || (n / pi) % chunks as i64 != 0 {
+            let local = if p > 0 && n % pi == 0 {
+                format!("the local sequence N/P = {}", n / pi)
+            } else {
+                format!("N = {n} (not a multiple of P = {p})")
+            };
+            return Err(Error::InvalidArgument {
+                op: OP,
+                group: format!("{p} ranks"),
+                msg: format!("{chunks} chunk(s) per rank: {local} must split into {chunks} equal chunks"),
+            });
+        }
+        Ok(())
     }
 
     /// Chunks per rank.
@@ -122,19 +138,6 @@ impl ChunkedUlysses {
             }
             None => Ok(()),
         }
-    }
-
-    /// Chunk c of this rank's q, k, v through the all-to-alls: `[b, N/u, H_r, d]` each (k, v
-    /// expanded to the query heads).
-    fn gather_chunk(&self, tape: &Tape, c: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<[Tensor; 3]> {
-        let r = self.group.rank();
-        let rows = |t: &Tensor| t.f_narrow(1, c as i64 * self.piece, self.piece).op(OP);
-        // [b, N/(uP), H, d] -> [b, N/u, H_r, d]; [b, N/(uP), sum(KV_r), d] -> [b, N/u, KV_r, d]
-        let (qc, kc, vc) = (rows(q)?, rows(k)?, rows(v)?);
-        let full = tape
-            .all_to_all_many(&self.group, &[(&qc, &self.q_a2a), (&kc, &self.kv_a2a), (&vc, &self.kv_a2a)])?;
-        // [b, N/u, KV_r, d] -> [b, N/u, H_r, d]
-        Ok([full[0].shallow_clone(), self.heads.expand_kv(r, &full[1])?, self.heads.expand_kv(r, &full[2])?])
     }
 
     /// Attention of every query chunk over the key chunks it sees, as one taped op with a
@@ -312,26 +315,35 @@ impl SequenceParallel for ChunkedUlysses {
         self.check_docs(q, docs)?;
         // [b, s_r, H_kv, d] -> [b, s_r, sum(KV_r), d]: each kv head once per rank that needs it
         let (k, v) = (self.heads.replicate_kv(k)?, self.heads.replicate_kv(v)?);
-        // Each chunk's all-to-all is a taped op fed from a slice of the same tensor: cuts let the
-        // tape's backward meet their gradients in one place.
-        let (q, k, v) = (&tape.cut(q)?, &tape.cut(&k)?, &tape.cut(&v)?);
-        let chunks =
-            (0..self.chunks).map(|c| self.gather_chunk(tape, c, q, k, v)).collect::<Result<Vec<_>>>()?;
-        let outs = self.core(tape, &chunks, docs)?;
-        // u x [b, N/u, H_r, d] -> u x [b, N/(uP), H, d] -> [b, s_r, H, d]
-        let back = outs
-            .iter()
-            .map(|o| {
-                tape.all_to_all_v(
-                    &self.group,
-                    o,
-                    1,
-                    2,
-                    &vec![self.piece; self.group.size()],
-                    self.heads.q_split(),
-                )
+        // Chunk c of this rank's tokens: [b, N/(uP), H, d], [b, N/(uP), sum(KV_r), d]
+        let rows = |t: &Tensor, c: usize| t.f_narrow(1, c as i64 * self.piece, self.piece).op(OP);
+        let mut slices = Vec::with_capacity(3 * self.chunks);
+        for c in 0..self.chunks {
+            slices.extend([
+                (rows(q, c)?, &self.q_a2a),
+                (rows(&k, c)?, &self.kv_a2a),
+                (rows(&v, c)?, &self.kv_a2a),
+            ]);
+        }
+        // One record for every chunk's three all-to-alls (a u-th of the tokens each, chunk by
+        // chunk): the slices come from the same tensors, often views of one projection, and a
+        // piece of graph must not feed two records.
+        // [b, N/(uP), H, d] -> [b, N/u, H_r, d]; [b, N/(uP), sum(KV_r), d] -> [b, N/u, KV_r, d]
+        let full =
+            tape.all_to_all_many(&self.group, &slices.iter().map(|(t, a)| (t, *a)).collect::<Vec<_>>())?;
+        let chunks = full
+            .chunks(3)
+            .map(|x| {
+                // [b, N/u, KV_r, d] -> [b, N/u, H_r, d]
+                Ok([x[0].shallow_clone(), self.heads.expand_kv(r, &x[1])?, self.heads.expand_kv(r, &x[2])?])
             })
             .collect::<Result<Vec<_>>>()?;
+        let outs = self.core(tape, &chunks, docs)?;
+        // u x [b, N/u, H_r, d] -> u x [b, N/(uP), H, d] -> [b, s_r, H, d]
+        let back_a2a =
+            AllToAll::new(1, 2, vec![self.piece; self.group.size()], self.heads.q_split().to_vec());
+        let back =
+            tape.all_to_all_many(&self.group, &outs.iter().map(|o| (o, &back_a2a)).collect::<Vec<_>>())?;
         Tensor::f_cat(&back, 1).op(OP)
     }
 

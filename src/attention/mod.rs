@@ -28,6 +28,12 @@ mod usp;
 pub use allgather_kv::AllGatherKv;
 pub use blocked::BlockedAttention;
 pub use blockwise::Work;
+
+/// Pairs of two runs of positions the mask allows (what a blockwise kernel must compute of
+/// them).
+pub fn visible_in_block(mask: &Mask, q: (i64, i64), k: (i64, i64)) -> u64 {
+    blockwise::visible_pairs(mask, q, k)
+}
 pub use chunked::ChunkedUlysses;
 pub use documents::{imbalance, Documents};
 pub use heads::HeadPlan;

@@ -3,8 +3,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::{
-    AllGatherKv, AttentionConfig, HeadPlan, MegatronSp, RingAttention, SeqLayout, SequenceParallel,
-    SingleDevice, UlyssesAttention, UspAttention,
+    AllGatherKv, AttentionConfig, ChunkedUlysses, HeadPlan, MegatronSp, RingAttention, SeqLayout,
+    SequenceParallel, SingleDevice, UlyssesAttention, UspAttention,
 };
 use crate::comm::Group;
 use crate::{Error, Result};
@@ -25,6 +25,8 @@ pub enum StrategyConfig {
     AllGatherKv { zigzag: bool },
     /// Ulysses inside groups of `ulysses` ranks, ring across them.
     Usp { ulysses: usize, zigzag: bool },
+    /// Ulysses on `chunks` chunks of each rank's sequence, one after the other (FPDT).
+    UlyssesChunked { chunks: usize },
 }
 
 impl StrategyConfig {
@@ -38,6 +40,7 @@ impl StrategyConfig {
             StrategyConfig::Ring { zigzag } => format!("ring{}", zz(*zigzag)),
             StrategyConfig::AllGatherKv { zigzag } => format!("allgather_kv{}", zz(*zigzag)),
             StrategyConfig::Usp { ulysses, zigzag } => format!("usp_u{ulysses}{}", zz(*zigzag)),
+            StrategyConfig::UlyssesChunked { chunks } => format!("ulysses_chunked_u{chunks}"),
         }
     }
 
@@ -79,6 +82,9 @@ impl StrategyConfig {
             }
             StrategyConfig::Usp { ulysses, zigzag } => {
                 Box::new(UspAttention::new(sp, mask, n, heads, kv_heads, ulysses, zigzag)?)
+            }
+            StrategyConfig::UlyssesChunked { chunks } => {
+                Box::new(ChunkedUlysses::new(sp.clone(), mask, n, heads, kv_heads, chunks)?)
             }
         })
     }
@@ -128,6 +134,10 @@ impl StrategyConfig {
                 }
                 SeqLayout::nested(n, ring, ulysses, zigzag).map(drop)
             }
+            StrategyConfig::UlyssesChunked { chunks } => {
+                HeadPlan::new(heads, kv_heads, p)?;
+                ChunkedUlysses::check(n, p, chunks)
+            }
         }
     }
 }
@@ -136,7 +146,8 @@ impl std::str::FromStr for StrategyConfig {
     type Err = String;
 
     /// `single`, `ulysses`, `megatron_sp`, `ring`, `ring_zigzag`, `allgather_kv`,
-    /// `allgather_kv_zigzag`, `usp:U` or `usp_zigzag:U` (U = Ulysses degree).
+    /// `allgather_kv_zigzag`, `usp:U` or `usp_zigzag:U` (U = Ulysses degree), `ulysses_chunked:U`
+    /// (U = chunks per rank).
     fn from_str(s: &str) -> Result<StrategyConfig, String> {
         let (name, arg) = s.split_once(':').unwrap_or((s, ""));
         let degree =
@@ -151,10 +162,15 @@ impl std::str::FromStr for StrategyConfig {
             "allgather_kv_zigzag" => StrategyConfig::AllGatherKv { zigzag: true },
             "usp" => StrategyConfig::Usp { ulysses: degree()?, zigzag: false },
             "usp_zigzag" => StrategyConfig::Usp { ulysses: degree()?, zigzag: true },
+            "ulysses_chunked" => StrategyConfig::UlyssesChunked {
+                chunks: arg.parse::<usize>().map_err(|_| {
+                    format!("{s:?}: ulysses_chunked needs a chunk count per rank, as ulysses_chunked:4")
+                })?,
+            },
             other => {
                 return Err(format!(
                     "unknown strategy {other:?}: use single, ulysses, megatron_sp, ring, ring_zigzag, \
-                     allgather_kv, allgather_kv_zigzag, usp:U or usp_zigzag:U"
+                     allgather_kv, allgather_kv_zigzag, usp:U, usp_zigzag:U or ulysses_chunked:U"
                 ))
             }
         })

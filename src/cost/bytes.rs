@@ -134,6 +134,7 @@ pub fn layout(job: &Job) -> Result<SeqLayout> {
             SeqLayout::zigzag(n, p)
         }
         StrategyConfig::Usp { ulysses, zigzag } => SeqLayout::nested(n, p / ulysses, ulysses, zigzag),
+        StrategyConfig::UlyssesChunked { chunks } => SeqLayout::strided(n, p, chunks),
         _ => SeqLayout::contiguous(n, p),
     }
 }

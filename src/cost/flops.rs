@@ -207,6 +207,34 @@ pub fn attention_work(job: &Job, r: usize, device: impl Into<Kernels>) -> Result
             let layout = if zigzag { SeqLayout::zigzag(n, ring)? } else { SeqLayout::contiguous(n, ring)? };
             rows_of(&layout, r / ulysses, HeadPlan::new(h, kv, ulysses)?.q_split()[r % ulysses], true)
         }
+        StrategyConfig::UlyssesChunked { chunks } => {
+            // Every token for the rank's heads, as Ulysses, attended chunk pair by chunk pair:
+            // the pairs with a visible entry, each a call on [N/u] x [N/u] (the diagonal ones
+            // causal); a dense path computes every entry of those pairs.
+            let len = n / chunks as i64;
+            let seg = |c: usize| (c as i64 * len, len);
+            let pairs: Vec<u64> = (0..chunks)
+                .flat_map(|c| (0..chunks).map(move |c2| (c, c2)))
+                .map(|(c, c2)| crate::attention::visible_in_block(m, seg(c), seg(c2)))
+                .filter(|&v| v > 0)
+                .collect();
+            let visible: f64 = pairs.iter().map(|&v| v as f64).sum();
+            let calls = pairs.len() as f64;
+            let computed =
+                if implementation == AttnImpl::Flash { visible } else { calls * (len * len) as f64 };
+            let causal = if m.is_causal() { (chunks as i64 * len * (len + 1) / 2) as f64 } else { 0.0 };
+            AttnWork {
+                implementation,
+                heads: HeadPlan::new(h, kv, p)?.q_split()[r],
+                head_dim: d,
+                visible,
+                causal,
+                computed,
+                rows: len as f64,
+                keys: len as f64,
+                calls,
+            }
+        }
     })
 }
 
@@ -275,6 +303,8 @@ fn packed_work(job: &Job, docs: &Documents, r: usize, implementation: AttnImpl) 
             let layout = contiguous_or(zigzag, p / ulysses)?;
             rows_of(&layout, r / ulysses, HeadPlan::new(h, kv, ulysses)?.q_split()[r % ulysses], true)
         }
+        // Counted as Ulysses' kernels on each document (the chunk pairs cut them further).
+        StrategyConfig::UlyssesChunked { .. } => whole(HeadPlan::new(h, kv, p)?.q_split()[r]),
     })
 }
 

@@ -172,6 +172,25 @@ pub fn layer_activations(job: &Job, r: usize, device: impl Into<Kernels>) -> Res
                 v.push(t("k, v expanded to the query heads", 2.0 * big * heads * d, es));
             }
         }
+        StrategyConfig::UlyssesChunked { .. } => {
+            // Ulysses' all-to-all outputs, kept by the tape for every chunk, and what the chunked
+            // core keeps: each chunk's output and log-sum-exp in the accumulation dtype (the
+            // output handed on is the same tensor in f32, a copy in 16-bit), the expanded k, v
+            // (GQA); and the chunks back from the all-to-all, kept by the tape apart from their
+            // concatenation.
+            let plan = HeadPlan::new(c.n_head, c.n_kv_head, job.sp())?;
+            let kv_r = plan.kv_split()[r] as f64;
+            v.push(t("q, k, v after the all-to-all", big * (heads + 2.0 * kv_r) * d, es));
+            v.push(t("chunk outputs (f32)", big * heads * d, 4.0f64.max(es)));
+            if es < 4.0 {
+                v.push(t("chunk outputs in the activation dtype", big * heads * d, es));
+            }
+            v.push(t("chunk log-sum-exp", big * heads, 4.0));
+            v.push(t("chunks back from the all-to-all", tok * h, es));
+            if hq != hkv {
+                v.push(t("k, v expanded to the query heads", 2.0 * big * heads * d, es));
+            }
+        }
         StrategyConfig::Ring { .. } | StrategyConfig::Usp { .. } => {
             // Ring tokens: the rank's share (ring) or its ring chunk after the all-to-all (USP).
             let ring_tok = b * n / a.calls;

@@ -23,6 +23,17 @@ pub fn layer_comm(job: &Job, r: usize) -> Result<Vec<CommCall>> {
         StrategyConfig::Ulysses => {
             ulysses_a2a(GroupRole::Sp, b * d, &HeadPlan::new(c.n_head, c.n_kv_head, p)?, lens, r, es)
         }
+        // Ulysses' all-to-alls on each chunk: a u-th of the tokens, u times.
+        StrategyConfig::UlyssesChunked { chunks } => {
+            let pieces = vec![job.seq / (p * chunks) as i64; p];
+            let plan = HeadPlan::new(c.n_head, c.n_kv_head, p)?;
+            let u = chunks as u64;
+            let mut calls = ulysses_a2a(GroupRole::Sp, b * d, &plan, &pieces, r, es);
+            for x in &mut calls {
+                (x.calls, x.sent, x.received) = (x.calls * u, x.sent * u, x.received * u);
+            }
+            calls
+        }
         StrategyConfig::MegatronSp => {
             // Around attention and MLP: all-gather [b, s_r, h] -> [b, N, h], reduce-scatter back;
             // the backward swaps them and re-gathers the two column-parallel linears' inputs.
@@ -165,7 +176,7 @@ pub fn closed_form(
     let (n, h, kv, pf, es) = (n as f64, h as f64, kv_d as f64, p as f64, es as f64);
     Some(match strategy {
         // q, k, v and out each cross one all-to-all: (2Nh + 2N H_kv d)(P-1)/P^2; twice with the backward.
-        StrategyConfig::Ulysses => {
+        StrategyConfig::Ulysses | StrategyConfig::UlyssesChunked { .. } => {
             let f = (2.0 * n * h + 2.0 * n * kv) * (pf - 1.0) / (pf * pf) * es;
             (f, f)
         }

@@ -207,7 +207,7 @@ pub fn rank_work(job: &Job, r: usize, device: impl Into<Kernels>) -> Result<Vec<
             per_layer.push(("attention output copy", "copy", 4.0 * tb * h / split * es));
         }
         StrategyConfig::Single => per_layer.push(("attention output copy", "copy", 4.0 * t * h * es)),
-        StrategyConfig::Ring { .. } | StrategyConfig::Usp { .. } => {
+        StrategyConfig::Ring { .. } | StrategyConfig::Usp { .. } | StrategyConfig::UlyssesChunked { .. } => {
             // Per ring step: the log-sum-exp merge of the output (f32), K/V brought heads-first,
             // and in the backward the dK/dV accumulators (f32) and the dQ sum. The rank's ring
             // tokens: its share (ring), or its whole ring chunk after the all-to-all (USP).

@@ -90,7 +90,7 @@ pub struct ParallelSpec {
     #[serde(default = "one")]
     pub dp: usize,
     /// Strategies to sweep: single, ulysses, megatron_sp, ring, ring_zigzag, allgather_kv,
-    /// allgather_kv_zigzag, usp:U, usp_zigzag:U.
+    /// allgather_kv_zigzag, usp:U, usp_zigzag:U, ulysses_chunked:U.
     pub strategies: Vec<String>,
     /// local, mpi or nccl. Default local.
     #[serde(default)]

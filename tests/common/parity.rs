@@ -204,10 +204,11 @@ pub fn reference(spec: &Spec, mask: Mask) -> Result<[Tensor; 5]> {
 }
 
 /// Every strategy that runs on `p` ranks (Megatron-SP and the single device included; USP at
-/// each Ulysses degree of 2 or 4 below P).
+/// each Ulysses degree of 2 or 4 below P; chunked Ulysses in 2 chunks).
 pub fn strategies_for(p: usize) -> Vec<StrategyConfig> {
     let mut v = vec![
         StrategyConfig::Ulysses,
+        StrategyConfig::UlyssesChunked { chunks: 2 },
         StrategyConfig::MegatronSp,
         StrategyConfig::Ring { zigzag: false },
         StrategyConfig::Ring { zigzag: true },

@@ -7,7 +7,8 @@ use ulysses::attention::{AttentionConfig, Kernel, Mask, StrategyConfig};
 #[derive(clap::Args)]
 pub struct AttentionArgs {
     /// single (one device, plain autograd), ulysses, megatron_sp, ring, ring_zigzag,
-    /// allgather_kv, allgather_kv_zigzag, usp:U or usp_zigzag:U (U = Ulysses degree).
+    /// allgather_kv, allgather_kv_zigzag, usp:U or usp_zigzag:U (U = Ulysses degree),
+    /// ulysses_chunked:U (U = chunks per rank: FPDT).
     #[arg(long, default_value = "ulysses")]
     pub strategy: StrategyConfig,
     /// Attention kernel of ulysses, megatron_sp and single: math, sdpa or blocked (the others
