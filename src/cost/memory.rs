@@ -313,12 +313,17 @@ pub fn memory(job: &Job, r: usize, hw: &Hardware) -> Result<MemoryReport> {
     };
     activations.push(t("final layer norm input and output", 2.0 * tok * h, es));
     activations.extend(rms_norm_terms(c, tok, es));
-    activations.push(t("log-softmax output (f32)", tok * v, 4.0));
+    if job.loss_tile.is_none() {
+        activations.push(t("log-softmax output (f32)", tok * v, 4.0));
+    }
 
     // The transient at the activation peak: the loss's logits and gradients, or one block's
     // recomputed activations plus its backward's working set.
-    let cast = if es < 4.0 { tok * v * 4.0 } else { 0.0 };
-    let loss = (tok * v * es + cast).max(2.0 * tok * v * 4.0 + if es < 4.0 { tok * v * es } else { 0.0 });
+    // The loss's tokens at once: all of them, or one tile (the tiled loss's forward and its
+    // hand-written backward each hold one tile's logits and their f32 copy or gradient).
+    let lt = job.loss_tile.map_or(tok, |tile| (tile as f64).min(tok));
+    let cast = if es < 4.0 { lt * v * 4.0 } else { 0.0 };
+    let loss = (lt * v * es + cast).max(2.0 * lt * v * 4.0 + if es < 4.0 { lt * v * es } else { 0.0 });
     let block = if full { layer_bytes } else { 0.0 } + backward_working_set(job, sp_rank, hw.kernels())?;
     let mut transient = vec![if loss >= block {
         Term { name: "logits and loss gradients", bytes: loss }

@@ -104,6 +104,10 @@ pub struct Job {
     /// coming back). The transfers' time is not modelled (assumed hidden behind compute).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub offload: bool,
+    /// The loss computed this many tokens at a time (the trainer's `loss_tile`): no `[t, V]`
+    /// log-softmax kept, the logits of one tile at a time; `None`: whole.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_tile: Option<i64>,
 }
 
 impl Job {
@@ -131,6 +135,7 @@ impl Job {
             documents: None,
             mlp_tile: None,
             offload: false,
+            loss_tile: None,
         }
     }
 

@@ -224,6 +224,7 @@ impl ExperimentConfig {
             documents: None,
             mlp_tile: train.mlp_tile,
             offload: train.offload.is_some(),
+            loss_tile: train.loss_tile,
         })
     }
 }

@@ -85,6 +85,15 @@ pub struct PredictArgs {
     /// Search the longest sequence that fits (with a config: as its `[predict] max_seq = true`).
     #[arg(long)]
     max_seq: bool,
+    /// Compute the loss this many tokens at a time (tiled loss).
+    #[arg(long)]
+    loss_tile: Option<i64>,
+    /// Run each block's MLP this many tokens at a time (tiled MLP).
+    #[arg(long)]
+    mlp_tile: Option<i64>,
+    /// Offload each block's input (with --checkpointing full): host or disk.
+    #[arg(long, value_parser = ["host", "disk"])]
+    offload: Option<String>,
     /// With --search or --max-seq: try every strategy too, not only --strategy.
     #[arg(long)]
     any_strategy: bool,
@@ -136,7 +145,7 @@ fn flags_config(args: &PredictArgs, hardware: &str) -> Result<ExperimentConfig> 
          device = {device:?}\n\
          [attention]\nkernel = {kernel:?}\nmask = {mask:?}\n\
          [train]\ndtype = {dtype:?}\nbatch = {batch}\nseq = [{seq}]\nsteps = 10\nwarmup = 2\n\
-         zero = {zero}\ncheckpointing = {ckpt:?}\ngrad_accum = {accum}\n\
+         zero = {zero}\ncheckpointing = {ckpt:?}\ngrad_accum = {accum}\n{memory}\
          [train.adamw]\n\
          [predict]\nhardware = {hardware:?}\noptimizer = true\noverlap = {overlap}\n",
         name = format!("predicted_{}_{}", args.model, strategy.label()),
@@ -154,6 +163,14 @@ fn flags_config(args: &PredictArgs, hardware: &str) -> Result<ExperimentConfig> 
         ckpt = args.checkpointing.name(),
         accum = args.grad_accum,
         overlap = args.overlap,
+        memory = [
+            args.loss_tile.map(|t| format!("loss_tile = {t}\n")),
+            args.mlp_tile.map(|t| format!("mlp_tile = {t}\n")),
+            args.offload.as_ref().map(|o| format!("offload = {o:?}\n")),
+        ]
+        .into_iter()
+        .flatten()
+        .collect::<String>(),
     );
     Ok(ExperimentConfig::parse(&text, "the flags")?)
 }
