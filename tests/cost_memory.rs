@@ -112,7 +112,7 @@ fn activation_terms_are_the_bytes_a_forward_keeps() -> Result<()> {
 
 #[test]
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn the_forward_no_longer_keeps_the_mlp_intermediates() -> Result<()> {
+fn the_tiled_mlp_and_loss_free_what_the_cost_model_says() -> Result<()> {
     let _alone = MEASURING.lock().unwrap_or_else(|e| e.into_inner());
     // The bytes one forward keeps for the backward (glibc's in-use bytes after it less before),
     // untiled and with tiles of 256 tokens, on one device: the difference is what the untiled
@@ -161,6 +161,34 @@ fn the_forward_no_longer_keeps_the_mlp_intermediates() -> Result<()> {
         };
         let modelled = cfg.n_layer as f64 * (layer(None)? - layer(Some(256))?);
         ensure!(modelled == expected, "the cost model says {modelled} bytes saved, {expected} by hand");
+        if cfg.mlp == ulysses::model::MlpKind::Gelu {
+            // The tiled loss, the same way: no [T, V] f32 log-softmax kept (the cost model's term).
+            let whole = kept(ForwardOptions::default())?;
+            let freed = whole - plain;
+            let want = (n * cfg.vocab_size * 4) as f64;
+            println!(
+                "tiled loss, N = {n}: the forward keeps {:.2} MiB whole, {:.2} MiB tiled: {:.2} MiB saved, \
+                 {:.2} MiB expected",
+                whole / 1048576.0,
+                plain / 1048576.0,
+                freed / 1048576.0,
+                want / 1048576.0
+            );
+            ensure!((freed / want - 1.0).abs() < 0.03, "the tiled loss freed {freed} bytes, expected {want}");
+            let terms = |tile: Option<i64>| -> Result<f64> {
+                let j = Job { loss_tile: tile, ..job(None) };
+                Ok(ulysses::cost::memory::memory(&j, 0, &ulysses::cost::Hardware::load("cpu-2core")?)?
+                    .activations
+                    .iter()
+                    .map(|t| t.bytes)
+                    .sum())
+            };
+            let modelled = terms(None)? - terms(Some(n))?;
+            ensure!(
+                modelled == want,
+                "the cost model says the tiled loss frees {modelled} bytes, {want} by hand"
+            );
+        }
         println!(
             "{:?} MLP, N = {n}: the forward keeps {:.2} MiB untiled, {:.2} MiB tiled: {:.2} MiB saved, \
              {:.2} MiB expected",
