@@ -12,13 +12,30 @@ use ulysses::attention::{
 };
 use ulysses::autograd::Tape;
 use ulysses::comm::{launch, OpKind};
+use ulysses::device::{Offload, OffloadTarget};
 
 /// [out, dq, dk, dv, lse] put back together over `p` ranks, and rank 0's all-to-all calls and
 /// bytes sent.
 fn run(p: usize, chunks: usize, spec: &Spec, mask: Mask) -> ulysses::Result<([Tensor; 5], (u64, u64))> {
+    run_with(p, chunks, spec, mask, None)
+}
+
+/// [`run`], each chunk's K/V offloaded to files under `offload` between the forward and the
+/// backward when given.
+fn run_with(
+    p: usize,
+    chunks: usize,
+    spec: &Spec,
+    mask: Mask,
+    offload: Option<&std::path::Path>,
+) -> ulysses::Result<([Tensor; 5], (u64, u64))> {
     let per_rank = launch(p, |ctx| -> ulysses::Result<(Vec<Tensor>, (u64, u64))> {
         let r = ctx.rank();
-        let s = ChunkedUlysses::new(ctx.world().clone(), mask, spec.n, spec.heads, spec.kv_heads, chunks)?;
+        let mut s =
+            ChunkedUlysses::new(ctx.world().clone(), mask, spec.n, spec.heads, spec.kv_heads, chunks)?;
+        if let Some(dir) = offload {
+            s = s.with_offload(Offload::new(OffloadTarget::Disk(dir.to_path_buf()), tch::Device::Cpu)?);
+        }
         let sharding = s.sharding();
         let [q, k, v, w] = spec.tensors();
         let mine = |t: &Tensor| -> ulysses::Result<Tensor> {
@@ -30,6 +47,13 @@ fn run(p: usize, chunks: usize, spec: &Spec, mask: Mask) -> ulysses::Result<([Te
         let o = s.forward(&tape, &q, &k, &v)?;
         tape.backward(&(&o * sharding.shard(&w, r)?).sum(o.kind()))?;
         let a2a = ctx.world().rank_stats().op(OpKind::AllToAll);
+        if let Some(store) = s.offload() {
+            // every chunk went out after the forward and came back in the backward
+            let st = store.stats();
+            if st.put != chunks as u64 || st.taken != chunks as u64 || st.held_bytes != 0 {
+                return Err(ulysses::Error::Tape { op: "test", msg: format!("offload stats {st:?}") });
+            }
+        }
         let (_, lse) = s.forward_lse(&q.detach(), &k.detach(), &v.detach())?;
         Ok((vec![o.detach(), q.grad(), k.grad(), v.grad(), lse], (a2a.calls, a2a.bytes_sent)))
     })?;
@@ -131,5 +155,26 @@ fn chunk_counts_that_do_not_split_the_local_sequence_are_refused() -> Result<()>
     );
     ensure!(e[1].contains("N = 42 (not a multiple of P = 4)"), "{}", e[1]);
     ensure!(e[2].contains("0 chunk(s)"), "{}", e[2]);
+    Ok(())
+}
+
+#[test]
+fn offloaded_chunks_give_the_same_attention_bit_for_bit() -> Result<()> {
+    // Each chunk's K/V through a file and back: the same numbers, and every chunk was moved.
+    let dir = std::env::temp_dir().join(format!("ulysses-chunked-offload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    for (p, chunks, heads, kv_heads) in [(2usize, 3usize, 4, 2), (4, 2, 4, 1)] {
+        let spec = Spec::new((chunks * p * 3) as i64, heads, kv_heads);
+        for mask in [Mask::Causal, Mask::None] {
+            let (kept, _) = run(p, chunks, &spec, mask)?;
+            let (moved, _) = run_with(p, chunks, &spec, mask, Some(&dir))?;
+            for (i, name) in ["out", "dq", "dk", "dv", "lse"].iter().enumerate() {
+                ensure!(kept[i].equal(&moved[i]), "u={chunks} P={p} {mask:?} {name}: offload changed it");
+            }
+        }
+    }
+    let left: Vec<_> = std::fs::read_dir(&dir)?.collect();
+    ensure!(left.is_empty(), "left behind: {left:?}");
+    std::fs::remove_dir(&dir)?;
     Ok(())
 }

@@ -7,7 +7,7 @@
 
 use anyhow::{ensure, Result};
 use tch::{Device, Kind, Tensor};
-use ulysses::attention::{AttentionConfig, SingleDevice, StrategyConfig};
+use ulysses::attention::{AttentionConfig, SequenceParallel, SingleDevice, StrategyConfig};
 use ulysses::autograd::Tape;
 use ulysses::comm::{launch, MeshShape};
 use ulysses::cost::calibrate::{curve, fit_alpha_beta, live_bytes, CommSample, KernelSample};
@@ -261,6 +261,73 @@ fn offload_frees_the_block_inputs_that_checkpointing_keeps() -> Result<()> {
         plain - offloaded
     );
     std::fs::remove_dir(&dir)?; // the stores removed their folders
+    Ok(())
+}
+
+#[test]
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn chunked_ulysses_offload_frees_every_chunks_k_and_v() -> Result<()> {
+    let _alone = MEASURING.lock().unwrap_or_else(|e| e.into_inner());
+    // FPDT's offload of the chunks' K/V: after the forward of 2 layers on 2 ranks (u = 4, MHA,
+    // N = 8192), each layer's K and V after the all-to-all, [b, N, H/P, d] each, are in files;
+    // the allocator's in-use bytes fall by 2 L N (H/P) d x 4 per rank.
+    let dir = std::env::temp_dir().join(format!("ulysses-chunk-offload-mem-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let (p, n, chunks) = (2usize, 8192i64, 4usize);
+    let cfg = GptConfig { n_layer: 2, n_head: 4, n_kv_head: 4, n_embd: 64, ..GptConfig::tiny() };
+    let kept = |offload: bool| -> Result<f64> {
+        let per_rank = launch(p, |ctx| -> Result<f64> {
+            let mut s = ulysses::attention::ChunkedUlysses::new(
+                ctx.world().clone(),
+                ulysses::attention::Mask::Causal,
+                n,
+                cfg.n_head,
+                cfg.n_kv_head,
+                chunks,
+            )?;
+            if offload {
+                let target = ulysses::device::OffloadTarget::Disk(dir.clone());
+                s = s.with_offload(ulysses::device::Offload::new(target, Device::Cpu)?);
+            }
+            let layout = s.layout().clone();
+            let model = Gpt::new(&cfg, Box::new(s), Kind::Float, Device::Cpu)?;
+            let toks = (Tensor::arange(n, (Kind::Int64, Device::Cpu)) * 7 + 3)
+                .remainder(cfg.vocab_size)
+                .reshape([1, n]);
+            let labels = shift_labels(&toks)?;
+            let (t, l) = (layout.shard(&toks, 1, ctx.rank())?, layout.shard(&labels, 1, ctx.rank())?);
+            model.forward_backward(&t, &l)?;
+            model.zero_grad();
+            let w = ctx.world();
+            w.barrier()?;
+            let before = live_bytes();
+            w.barrier()?;
+            let tape = Tape::new();
+            let loss = model.loss(&tape, &t, &l)?;
+            w.barrier()?;
+            let after = live_bytes();
+            w.barrier()?;
+            tape.backward(&loss.local)?;
+            Ok((after - before) / p as f64)
+        })?;
+        Ok(per_rank[0])
+    };
+    let (plain, offloaded) = (kept(false)?, kept(true)?);
+    let expected = (cfg.n_layer * 2 * n * (cfg.n_head / p as i64) * cfg.head_dim() * 4) as f64;
+    println!(
+        "chunked Ulysses u={chunks} P={p} N={n}: the forward keeps {:.2} MiB per rank, {:.2} MiB with the \
+         chunks' K/V offloaded ({:.2} MiB freed, {:.2} MiB expected)",
+        plain / 1048576.0,
+        offloaded / 1048576.0,
+        (plain - offloaded) / 1048576.0,
+        expected / 1048576.0
+    );
+    ensure!(
+        ((plain - offloaded) / expected - 1.0).abs() < 0.03,
+        "freed {} bytes, expected {expected}",
+        plain - offloaded
+    );
+    std::fs::remove_dir(&dir)?;
     Ok(())
 }
 

@@ -22,10 +22,14 @@
 //! probabilities from the saved output and log-sum-exp (no `[N/u, N/u]` matrix is kept). Bytes:
 //! exactly Ulysses' (the same tensors cross the same all-to-alls, a u-th at a time) in u times the
 //! messages. The chunks' all-to-alls are issued chunk by chunk but recorded on the tape as one op
-//! (their inputs are slices of the same projection), and every chunk's q, k, v stays on the
-//! device until the backward: FPDT's memory saving comes from moving the older chunks' K/V to
-//! host memory and fetching them back double-buffered, which is not done here yet, so this
-//! strategy keeps what Ulysses keeps (plus each chunk's f32 output and log-sum-exp).
+//! (their inputs are slices of the same projection).
+//!
+//! With an offload store ([`ChunkedUlysses::with_offload`]; FPDT keeps the chunks' K/V in host
+//! memory) each chunk's K/V leaves the device once the layer's forward is done and comes back
+//! in the backward, which takes the key chunks last first, each once, the one before it on its
+//! way meanwhile (double-buffered), and the query chunks that see it. What is not FPDT's yet: the
+//! forward runs every chunk's all-to-alls before its attention, so it holds all chunks' K/V at
+//! once (FPDT streams them, fetching the older ones back per query chunk).
 
 use std::cell::Cell;
 use std::rc::Rc;
@@ -38,6 +42,7 @@ use super::single::check_shapes;
 use super::{compute_kind, Documents, HeadPlan, Mask, SeqLayout, SequenceParallel, Work};
 use crate::autograd::Tape;
 use crate::comm::{AllToAll, Group};
+use crate::device::Offload;
 use crate::error::TorchResultExt;
 use crate::{Error, Result};
 
@@ -55,6 +60,11 @@ pub struct ChunkedUlysses {
     q_a2a: AllToAll,
     kv_a2a: AllToAll,
     work: Cell<Work>,
+    /// Where each chunk's K/V waits between the forward and the backward (FPDT's offload);
+    /// `None`: on the device.
+    offload: Option<Rc<Offload>>,
+    /// Forwards recorded so far: each one's chunks are stored under keys of its own.
+    calls: Cell<usize>,
 }
 
 impl ChunkedUlysses {
@@ -92,6 +102,8 @@ impl ChunkedUlysses {
             q_a2a,
             kv_a2a,
             work: Cell::new(Work::default()),
+            offload: None,
+            calls: Cell::new(0),
         })
     }
 
@@ -112,6 +124,20 @@ impl ChunkedUlysses {
             });
         }
         Ok(())
+    }
+
+    /// Moves each chunk's K/V (as the core keeps them for its backward: expanded to the query
+    /// heads, in the accumulation dtype's layout) into `store` once the forward is done, and back
+    /// one chunk at a time, the next one coming while this one is used, in the backward (FPDT's
+    /// offload; on a recording tape).
+    pub fn with_offload(mut self, store: Offload) -> ChunkedUlysses {
+        self.offload = Some(Rc::new(store));
+        self
+    }
+
+    /// The offload store, if any.
+    pub fn offload(&self) -> Option<&Offload> {
+        self.offload.as_deref()
     }
 
     /// Chunks per rank.
@@ -156,6 +182,10 @@ impl ChunkedUlysses {
         let (mask, docs_f) = (self.mask, docs);
         let (seg_f, seg_b) = (segments.clone(), segments);
         let docs_b = docs.cloned();
+        // With offload (and a backward to come), this call's chunks go under keys of its own.
+        let store = self.offload.clone().filter(|_| tape.is_recording());
+        let base = self.calls.replace(self.calls.get() + 1) * u;
+        let store_f = store.clone();
         let outs = tape.record(
             OP,
             &inputs,
@@ -193,7 +223,18 @@ impl ChunkedUlysses {
                     .collect::<Result<Vec<_>>>()?;
                 let own =
                     |t: &[Tensor]| t.iter().map(|x| x.f_contiguous().op(OP)).collect::<Result<Vec<_>>>();
-                keep.set(Some(Saved { q: own(q)?, k: own(k)?, v: own(v)?, out, lse }));
+                let kv = match &store_f {
+                    None => Kv::Here(own(k)?, own(v)?),
+                    Some(s) => {
+                        for c in 0..u {
+                            // [b, N/u, H_r, d] x 2 -> [2, b, N/u, H_r, d]: one transfer a chunk
+                            s.put(base + c, &Tensor::f_stack(&[&k[c], &v[c]], 0).op(OP)?)?;
+                        }
+                        let kinds = (k[0].kind(), v[0].kind());
+                        Kv::Away { store: Rc::clone(s), base, kinds }
+                    }
+                };
+                keep.set(Some(Saved { q: own(q)?, kv, out, lse }));
                 Ok(results)
             },
             move |gs| {
@@ -208,14 +249,44 @@ impl ChunkedUlysses {
     }
 }
 
-/// What the core keeps for its backward: each chunk's q, k, v (compact), output and
+/// What the core keeps for its backward: each chunk's q (compact), K/V, output and
 /// log-sum-exp in the accumulation dtype.
 struct Saved {
     q: Vec<Tensor>,
-    k: Vec<Tensor>,
-    v: Vec<Tensor>,
+    kv: Kv,
     out: Vec<Tensor>,
     lse: Vec<Tensor>,
+}
+
+/// Each chunk's K and V: on the device, or in an offload store (chunk c under `base + c`,
+/// stacked `[2, b, N/u, H_r, d]`), with the dtypes the gradients come back in.
+enum Kv {
+    Here(Vec<Tensor>, Vec<Tensor>),
+    Away { store: Rc<Offload>, base: usize, kinds: (tch::Kind, tch::Kind) },
+}
+
+impl Kv {
+    /// Chunk c's (k, v), brought back from the store if it is there, and the chunk before it
+    /// started on its way (the backward takes the chunks last first).
+    fn chunk(&self, c: usize) -> Result<(Tensor, Tensor)> {
+        match self {
+            Kv::Here(k, v) => Ok((k[c].shallow_clone(), v[c].shallow_clone())),
+            Kv::Away { store, base, .. } => {
+                let kv = store.take(base + c)?;
+                if let Some(before) = c.checked_sub(1) {
+                    store.prefetch(base + before)?;
+                }
+                Ok((kv.f_get(0).op(OP)?, kv.f_get(1).op(OP)?))
+            }
+        }
+    }
+
+    fn kinds(&self) -> (tch::Kind, tch::Kind) {
+        match self {
+            Kv::Here(k, v) => (k[0].kind(), v[0].kind()),
+            Kv::Away { kinds, .. } => *kinds,
+        }
+    }
 }
 
 /// Output 0 and lse -inf for queries that see no key.
@@ -240,44 +311,58 @@ fn backward(
     let _no_grad = tch::no_grad_guard();
     let u = segments.len();
     let attn = Blockwise { mask: &mask, docs, scale, fused: true };
-    let lay = |t: &[Tensor]| t.iter().map(block_layout).collect::<Result<Vec<_>>>();
-    let (qh, kh, vh) = (lay(&s.q)?, lay(&s.k)?, lay(&s.v)?);
+    let qh = s.q.iter().map(block_layout).collect::<Result<Vec<_>>>()?;
+    // dout heads first and delta = rowsum(dout * out), [b, H_r, N/u, d] and [b, H_r, N/u]
+    let doh = gs.iter().map(heads_first).collect::<Result<Vec<_>>>()?;
+    let delta = doh
+        .iter()
+        .zip(&s.out)
+        .map(|(g, o)| {
+            g.f_mul(o).and_then(|t| t.f_sum_dim_intlist([-1i64].as_slice(), false, t.kind())).op(OP)
+        })
+        .collect::<Result<Vec<_>>>()?;
     // Accumulators in f32 (f64 for f64), [b, H_r, N/u, d]
     let zeros = |t: &Tensor| Tensor::f_zeros(t.size(), (compute_kind(t.kind()), t.device())).op(OP);
     let mut dq = qh.iter().map(zeros).collect::<Result<Vec<_>>>()?;
-    let mut dk = kh.iter().map(zeros).collect::<Result<Vec<_>>>()?;
-    let mut dv = vh.iter().map(zeros).collect::<Result<Vec<_>>>()?;
-    for c in (0..u).rev() {
-        let doh = heads_first(&gs[c])?;
-        // delta = rowsum(dout * out), [b, H_r, N/u]
-        let delta = doh
-            .f_mul(&s.out[c])
-            .and_then(|t| t.f_sum_dim_intlist([-1i64].as_slice(), false, t.kind()))
-            .op(OP)?;
-        for c2 in 0..u {
+    let (mut dk, mut dv) = (Vec::with_capacity(u), Vec::with_capacity(u));
+    // Key chunks last first, each brought to the device once; the query chunks that see it.
+    for c2 in (0..u).rev() {
+        let (k, v) = s.kv.chunk(c2)?;
+        let (kh, vh) = (block_layout(&k)?, block_layout(&v)?);
+        let (mut dkc, mut dvc) = (zeros(&kh)?, zeros(&vh)?);
+        for c in 0..u {
             if !pair_visible(&mask, docs, segments[c], segments[c2]) {
                 continue;
             }
             let (a, b, e) = attn.backward_pair(
                 &qh[c],
-                &kh[c2],
-                &vh[c2],
-                (&doh, &s.out[c], &s.lse[c], &delta),
+                &kh,
+                &vh,
+                (&doh[c], &s.out[c], &s.lse[c], &delta[c]),
                 segments[c],
                 segments[c2],
             )?;
             dq[c] = dq[c].f_add(&a).op(OP)?;
-            dk[c2] = dk[c2].f_add(&b).op(OP)?;
-            dv[c2] = dv[c2].f_add(&e).op(OP)?;
+            dkc = dkc.f_add(&b).op(OP)?;
+            dvc = dvc.f_add(&e).op(OP)?;
         }
+        dk.push(dkc);
+        dv.push(dvc);
     }
+    dk.reverse();
+    dv.reverse();
     // [b, H_r, N/u, d] -> [b, N/u, H_r, d], in the inputs' dtypes
-    let back = |g: &Tensor, like: &Tensor| g.f_transpose(1, 2).and_then(|t| t.f_to_kind(like.kind())).op(OP);
+    let back = |g: &Tensor, kind: tch::Kind| g.f_transpose(1, 2).and_then(|t| t.f_to_kind(kind)).op(OP);
+    let (kk, vk) = s.kv.kinds();
     let mut grads = Vec::with_capacity(3 * u);
-    for (gs, like) in [(&dq, &s.q), (&dk, &s.k), (&dv, &s.v)] {
-        for (g, l) in gs.iter().zip(like.iter()) {
-            grads.push(back(g, l)?);
-        }
+    for g in &dq {
+        grads.push(back(g, s.q[0].kind())?);
+    }
+    for g in &dk {
+        grads.push(back(g, kk)?);
+    }
+    for g in &dv {
+        grads.push(back(g, vk)?);
     }
     Ok(grads)
 }
@@ -339,6 +424,15 @@ impl SequenceParallel for ChunkedUlysses {
             })
             .collect::<Result<Vec<_>>>()?;
         let outs = self.core(tape, &chunks, docs)?;
+        if self.offload.is_some() && tape.is_recording() {
+            // The chunks' K/V are in the store now: the tape keeps the all-to-alls' outputs only
+            // to meet their gradients, so their values can go.
+            for x in full.chunks(3) {
+                tape.release_values(&x[1])?;
+                tape.release_values(&x[2])?;
+            }
+        }
+        drop(chunks);
         // u x [b, N/u, H_r, d] -> u x [b, N/(uP), H, d] -> [b, s_r, H, d]
         let back_a2a =
             AllToAll::new(1, 2, vec![self.piece; self.group.size()], self.heads.q_split().to_vec());

@@ -14,6 +14,7 @@ mod ffi;
 mod libtorch;
 #[cfg(feature = "nccl")]
 mod nccl;
+mod offload;
 
 use std::sync::OnceLock;
 
@@ -116,6 +117,7 @@ pub(crate) fn current_stream(index: usize) -> Result<*mut std::ffi::c_void> {
 }
 
 pub use ffi::SideCopy;
+pub use offload::{Offload, OffloadStats, OffloadTarget};
 
 /// Queues `dst.copy_(src)` on a side stream of the GPU one of them is on (the other must be
 /// pinned host memory), after everything queued on the current stream so far, without the host

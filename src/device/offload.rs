@@ -25,7 +25,7 @@ use std::thread::JoinHandle;
 
 use tch::{Device, Kind, Tensor};
 
-use crate::device::SideCopy;
+use super::SideCopy;
 use crate::error::TorchResultExt;
 use crate::{Error, Result};
 
@@ -158,7 +158,7 @@ impl Offload {
                 let mut pinned = Tensor::f_empty(x.size(), (x.kind(), Device::Cpu))
                     .and_then(|t| t.f_pin_memory(self.device))
                     .op(OP)?;
-                let copy = crate::device::copy_on_side_stream(&mut pinned, &x.detach())?;
+                let copy = super::copy_on_side_stream(&mut pinned, &x.detach())?;
                 Stored::Host { pinned, copy }
             }
             Some(folder) => {
@@ -197,7 +197,7 @@ impl Offload {
                 // The copy out must be done before the copy back reads the pinned buffer.
                 copy.wait()?;
                 let mut tensor = Tensor::f_empty(pinned.size(), (pinned.kind(), self.device)).op(OP)?;
-                let copy = crate::device::copy_on_side_stream(&mut tensor, &pinned)?;
+                let copy = super::copy_on_side_stream(&mut tensor, &pinned)?;
                 let bytes = (pinned.numel() * pinned.kind().elt_size_in_bytes()) as u64;
                 Coming::Device { tensor, copy, bytes }
             }
