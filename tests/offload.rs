@@ -1,4 +1,4 @@
-//! Activation offload (src/model/offload.rs): full checkpointing's block inputs moved to disk
+//! Activation offload (src/device/offload.rs): full checkpointing's block inputs moved to disk
 //! after each block's forward and brought back for its backward give the same loss and
 //! gradients bit for bit, leave nothing behind, and refuse what cannot work. The memory it
 //! frees, read from the allocator, is checked in tests/cost_memory.rs.
