@@ -26,3 +26,33 @@ impl AttentionArgs {
         AttentionConfig::new(self.kernel, self.mask)
     }
 }
+
+/// The long-sequence memory options of `ulysses step` and `ulysses predict`.
+#[derive(clap::Args)]
+pub struct MemoryArgs {
+    /// Compute the loss this many tokens at a time (tiled loss).
+    #[arg(long)]
+    pub loss_tile: Option<i64>,
+    /// Run each block's MLP this many tokens at a time (tiled MLP).
+    #[arg(long)]
+    pub mlp_tile: Option<i64>,
+    /// Move each block's input off the device between its forward and backward (with
+    /// --checkpointing full): host (pinned host memory, a GPU) or disk (files).
+    #[arg(long, value_parser = ["host", "disk"])]
+    pub offload: Option<String>,
+    /// Folder for --offload disk. Default: the system's temporary folder.
+    #[arg(long)]
+    pub offload_dir: Option<std::path::PathBuf>,
+}
+
+impl MemoryArgs {
+    /// `--offload` as the trainer takes it.
+    pub fn offload_target(&self) -> Option<ulysses::model::OffloadTarget> {
+        use ulysses::model::OffloadTarget;
+        match self.offload.as_deref() {
+            Some("host") => Some(OffloadTarget::Host),
+            Some(_) => Some(OffloadTarget::Disk(self.offload_dir.clone().unwrap_or_else(std::env::temp_dir))),
+            None => None,
+        }
+    }
+}

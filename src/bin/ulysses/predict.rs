@@ -85,15 +85,8 @@ pub struct PredictArgs {
     /// Search the longest sequence that fits (with a config: as its `[predict] max_seq = true`).
     #[arg(long)]
     max_seq: bool,
-    /// Compute the loss this many tokens at a time (tiled loss).
-    #[arg(long)]
-    loss_tile: Option<i64>,
-    /// Run each block's MLP this many tokens at a time (tiled MLP).
-    #[arg(long)]
-    mlp_tile: Option<i64>,
-    /// Offload each block's input (with --checkpointing full): host or disk.
-    #[arg(long, value_parser = ["host", "disk"])]
-    offload: Option<String>,
+    #[command(flatten)]
+    memory: crate::args::MemoryArgs,
     /// With --search or --max-seq: try every strategy too, not only --strategy.
     #[arg(long)]
     any_strategy: bool,
@@ -164,9 +157,13 @@ fn flags_config(args: &PredictArgs, hardware: &str) -> Result<ExperimentConfig> 
         accum = args.grad_accum,
         overlap = args.overlap,
         memory = [
-            args.loss_tile.map(|t| format!("loss_tile = {t}\n")),
-            args.mlp_tile.map(|t| format!("mlp_tile = {t}\n")),
-            args.offload.as_ref().map(|o| format!("offload = {o:?}\n")),
+            args.memory.loss_tile.map(|t| format!("loss_tile = {t}\n")),
+            args.memory.mlp_tile.map(|t| format!("mlp_tile = {t}\n")),
+            args.memory.offload.as_ref().map(|o| format!("offload = {o:?}\n")),
+            args.memory
+                .offload_dir
+                .as_ref()
+                .map(|d| format!("offload_dir = {:?}\n", d.display().to_string())),
         ]
         .into_iter()
         .flatten()

@@ -10,10 +10,10 @@ use ulysses::comm::{Mesh, MeshShape};
 use ulysses::data::shard;
 use ulysses::train::{AdamWConfig, Checkpointing, Precision, TrainConfig, TrainGroups, Trainer, ZeroStage};
 
-use crate::args::AttentionArgs;
+use crate::args::{AttentionArgs, MemoryArgs};
 use crate::ranks::{on_ranks, BackendArg};
 use ulysses::experiment::rss::{reset_peak, status_mib};
-use ulysses::model::{Gpt, GptConfig, OffloadTarget};
+use ulysses::model::{Gpt, GptConfig};
 
 #[derive(clap::Args)]
 pub struct StepArgs {
@@ -64,19 +64,8 @@ pub struct StepArgs {
     /// Micro-batches per step.
     #[arg(long, default_value_t = 1)]
     grad_accum: usize,
-    /// Compute the loss this many tokens at a time.
-    #[arg(long)]
-    loss_tile: Option<i64>,
-    /// Run each block's MLP this many tokens at a time (tiled MLP).
-    #[arg(long)]
-    mlp_tile: Option<i64>,
-    /// Move each block's input off the device between its forward and backward (with
-    /// --checkpointing full): host (pinned host memory, a GPU) or disk (files).
-    #[arg(long, value_parser = ["host", "disk"])]
-    offload: Option<String>,
-    /// Folder for --offload disk. Default: the system's temporary folder.
-    #[arg(long)]
-    offload_dir: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    memory: MemoryArgs,
     /// libtorch intra-op threads per rank.
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -115,13 +104,9 @@ pub fn run(a: &StepArgs) -> Result<()> {
         checkpointing: a.checkpointing,
         grad_accum: a.grad_accum,
         adamw: lr.map(|lr| AdamWConfig { lr, ..AdamWConfig::default() }),
-        loss_tile: a.loss_tile,
-        mlp_tile: a.mlp_tile,
-        offload: match a.offload.as_deref() {
-            Some("host") => Some(OffloadTarget::Host),
-            Some(_) => Some(OffloadTarget::Disk(a.offload_dir.clone().unwrap_or_else(std::env::temp_dir))),
-            None => None,
-        },
+        loss_tile: a.memory.loss_tile,
+        mlp_tile: a.memory.mlp_tile,
+        offload: a.memory.offload_target(),
         ..TrainConfig::default()
     };
     plan.validate()?;
