@@ -195,23 +195,9 @@ impl ChunkedUlysses {
                 let lay = |t: &[Tensor]| t.iter().map(block_layout).collect::<Result<Vec<_>>>();
                 let (qh, kh, vh) = (lay(q)?, lay(k)?, lay(v)?);
                 let (mut out, mut lse, mut work) = (Vec::new(), Vec::new(), Work::default());
-                for c in 0..u {
-                    let mut acc: Option<(Tensor, Tensor)> = None;
-                    for c2 in 0..u {
-                        if !pair_visible(&mask, docs_f, seg_f[c], seg_f[c2]) {
-                            continue;
-                        }
-                        let (o, l, w) = attn.forward(&qh[c], &kh[c2], &vh[c2], &[seg_f[c]], &[seg_f[c2]])?;
-                        work += w;
-                        acc = Some(match acc {
-                            None => (o, l),
-                            Some(prev) => merge(&prev, &(o, l)).op(OP)?,
-                        });
-                    }
-                    let (o, l) = match acc {
-                        Some(x) => x,
-                        None => empty(&qh[c])?,
-                    };
+                for (c, qc) in qh.iter().enumerate() {
+                    let (o, l, w) = attend_chunk(&attn, qc, &kh, &vh, c, &seg_f)?;
+                    work += w;
                     out.push(o);
                     lse.push(l);
                 }
@@ -287,6 +273,36 @@ impl Kv {
             Kv::Away { kinds, .. } => *kinds,
         }
     }
+}
+
+/// Query chunk c (`qh`, `[b, H_r, N/u, d]`) over every key chunk it sees (segments in global
+/// positions), merged by log-sum-exp: (out, lse `[b, H_r, N/u]`) in the accumulation dtype, and
+/// the work done. Rows that see no key get 0 and -inf.
+fn attend_chunk(
+    attn: &Blockwise,
+    qh: &Tensor,
+    kh: &[Tensor],
+    vh: &[Tensor],
+    c: usize,
+    segments: &[(i64, i64)],
+) -> Result<(Tensor, Tensor, Work)> {
+    let (mut acc, mut work): (Option<(Tensor, Tensor)>, Work) = (None, Work::default());
+    for (c2, (k, v)) in kh.iter().zip(vh).enumerate() {
+        if !pair_visible(attn.mask, attn.docs, segments[c], segments[c2]) {
+            continue;
+        }
+        let (o, l, w) = attn.forward(qh, k, v, &[segments[c]], &[segments[c2]])?;
+        work += w;
+        acc = Some(match acc {
+            None => (o, l),
+            Some(prev) => merge(&prev, &(o, l)).op(OP)?,
+        });
+    }
+    let (o, l) = match acc {
+        Some(x) => x,
+        None => empty(qh)?,
+    };
+    Ok((o, l, work))
 }
 
 /// Output 0 and lse -inf for queries that see no key.
@@ -459,33 +475,20 @@ impl SequenceParallel for ChunkedUlysses {
         let d = q.size()[3];
         let attn = Blockwise { mask: &self.mask, docs, scale: 1.0 / (d as f64).sqrt(), fused: true };
         let rows = |t: &Tensor, c: usize| t.f_narrow(1, c as i64 * self.piece, self.piece).op(OP);
-        let mut kvs = Vec::with_capacity(self.chunks);
+        let (mut kh, mut vh) = (Vec::with_capacity(self.chunks), Vec::with_capacity(self.chunks));
         for c in 0..self.chunks {
             // [b, N/(uP), sum(KV_r), d] -> [b, N/u, KV_r, d] -> [b, N/u, H_r, d] -> [b, H_r, N/u, d]
             let kc = self.heads.expand_kv(r, &g.all_to_all_spec(&rows(&k, c)?, &self.kv_a2a)?)?;
             let vc = self.heads.expand_kv(r, &g.all_to_all_spec(&rows(&v, c)?, &self.kv_a2a)?)?;
-            kvs.push((block_layout(&kc)?, block_layout(&vc)?));
+            kh.push(block_layout(&kc)?);
+            vh.push(block_layout(&vc)?);
         }
+        let segments: Vec<(i64, i64)> = (0..self.chunks).map(|c| self.segment(c)).collect();
         let (mut outs, mut lses) = (Vec::new(), Vec::new());
         let pieces = vec![self.piece; g.size()];
         for c in 0..self.chunks {
             let qh = block_layout(&g.all_to_all_spec(&rows(q, c)?, &self.q_a2a)?)?;
-            let mut acc: Option<(Tensor, Tensor)> = None;
-            for (c2, (kh, vh)) in kvs.iter().enumerate() {
-                let (sq, sk) = (self.segment(c), self.segment(c2));
-                if !pair_visible(&self.mask, docs, sq, sk) {
-                    continue;
-                }
-                let (o, l, _) = attn.forward(&qh, kh, vh, &[sq], &[sk])?;
-                acc = Some(match acc {
-                    None => (o, l),
-                    Some(prev) => merge(&prev, &(o, l)).op(OP)?,
-                });
-            }
-            let (o, l) = match acc {
-                Some(x) => x,
-                None => empty(&qh)?,
-            };
+            let (o, l, _) = attend_chunk(&attn, &qh, &kh, &vh, c, &segments)?;
             // [b, H_r, N/u, d] -> [b, N/u, H_r, d] -> [b, N/(uP), H, d]; lse [b, H_r, N/u] -> [b, N/(uP), H]
             let o = o.f_transpose(1, 2).and_then(|t| t.f_to_kind(q.kind())).op(OP)?;
             outs.push(g.all_to_all_v(&o, 1, 2, &pieces, self.heads.q_split())?);

@@ -60,8 +60,8 @@ enum Stored {
 
 /// A tensor on its way back.
 enum Coming {
-    /// Being copied to the device on a side stream.
-    Device { tensor: Tensor, copy: SideCopy, bytes: u64 },
+    /// Being copied to the device on a side stream (from `pinned`, kept until it has arrived).
+    Device { tensor: Tensor, copy: SideCopy, bytes: u64, pinned: Tensor },
     /// A thread reading its file.
     Reading {
         path: PathBuf,
@@ -199,7 +199,7 @@ impl Offload {
                 let mut tensor = Tensor::f_empty(pinned.size(), (pinned.kind(), self.device)).op(OP)?;
                 let copy = super::copy_on_side_stream(&mut tensor, &pinned)?;
                 let bytes = (pinned.numel() * pinned.kind().elt_size_in_bytes()) as u64;
-                Coming::Device { tensor, copy, bytes }
+                Coming::Device { tensor, copy, bytes, pinned }
             }
             Stored::File { path, size, kind, bytes } => {
                 let reading = path.clone();
@@ -232,8 +232,11 @@ impl Offload {
 
     fn arrive(&self, key: usize, coming: Coming) -> Result<Tensor> {
         let (tensor, bytes) = match coming {
-            Coming::Device { tensor, copy, bytes } => {
+            Coming::Device { tensor, copy, bytes, pinned } => {
                 copy.block()?;
+                // The side stream may still read `pinned`; libtorch's pinned-memory cache holds
+                // the block until the copy's event, but the buffer is kept to here all the same.
+                drop(pinned);
                 (tensor, bytes)
             }
             Coming::Reading { path, size, kind, bytes, thread } => {
