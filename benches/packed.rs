@@ -15,12 +15,13 @@ use std::time::Instant;
 use anyhow::Result;
 use tch::{Device, Kind, Tensor};
 use ulysses::attention::{imbalance, AttentionConfig, Documents, Kernel, Mask, SeqLayout, StrategyConfig};
-use ulysses::comm::launch;
+use ulysses::comm::{launch, OpKind};
+use ulysses::cost::bytes::closed_form;
 use ulysses::data::{shard_packed, Dataset, TokenStream, Tokenizer};
 use ulysses::model::{Gpt, GptConfig};
 
-/// (median step seconds, labelled tokens per step, first loss) of `strategy` on `p` ranks over
-/// the batches `make(step)` gives.
+/// (median step seconds, labelled tokens per step, first loss, ring bytes a step of the rank
+/// that sends most) of `strategy` on `p` ranks over the batches `make(step)` gives.
 fn measure(
     cfg: &GptConfig,
     strategy: StrategyConfig,
@@ -28,8 +29,8 @@ fn measure(
     n: i64,
     steps: usize,
     make: &(dyn Fn(u64) -> Result<(Tensor, Documents, Option<Tensor>)> + Sync),
-) -> Result<(f64, f64, f64)> {
-    let per_rank = launch(p, |ctx| -> Result<(Vec<f64>, f64, f64)> {
+) -> Result<(f64, f64, f64, f64)> {
+    let per_rank = launch(p, |ctx| -> Result<(Vec<f64>, f64, f64, f64)> {
         let attention = AttentionConfig::new(Kernel::Sdpa, Mask::Causal);
         let s = strategy.build(ctx.world(), attention, n, cfg.n_head, cfg.n_kv_head)?;
         let layout = s.layout().clone();
@@ -47,17 +48,28 @@ fn measure(
             ctx.world().barrier()?;
             if step == 0 {
                 first = loss.value; // the first step also warms the kernels: not timed
+                ctx.world().reset_rank_stats();
             } else {
                 times.push(t0.elapsed().as_secs_f64());
                 labelled = loss.tokens as f64;
             }
         }
-        Ok((times, first, labelled))
+        // The ring's K/V blocks and accumulators: every shift this rank sent in the timed steps.
+        let shifted: u64 = ctx
+            .world()
+            .rank_stats_by_group()
+            .iter()
+            .flat_map(|(_, stats)| {
+                stats.iter().filter(|(op, _)| *op == OpKind::Shift).map(|(_, c)| c.bytes_sent)
+            })
+            .sum();
+        Ok((times, first, labelled, shifted as f64 / steps as f64))
     })?;
-    let (times, first, labelled) = &per_rank[0];
+    let (times, first, labelled, _) = &per_rank[0];
+    let ring_bytes = per_rank.iter().map(|r| r.3).fold(0.0, f64::max);
     let mut sorted = times.clone();
     sorted.sort_by(f64::total_cmp);
-    Ok((sorted[sorted.len() / 2], *labelled, *first))
+    Ok((sorted[sorted.len() / 2], *labelled, *first, ring_bytes))
 }
 
 fn main() -> Result<()> {
@@ -89,8 +101,16 @@ fn main() -> Result<()> {
         cfg.n_head
     );
     println!(
-        "{:<14} {:<7} {:>9} {:>12} {:>10} {:>8} {:>14} {:>9}",
-        "strategy", "layout", "step ms", "labelled/s", "vs padded", "loss", "work max/mean", "balanced"
+        "{:<14} {:<7} {:>9} {:>12} {:>10} {:>8} {:>14} {:>9} {:>13}",
+        "strategy",
+        "layout",
+        "step ms",
+        "labelled/s",
+        "vs padded",
+        "loss",
+        "work max/mean",
+        "balanced",
+        "ring sent"
     );
     for strategy in [
         StrategyConfig::Ulysses,
@@ -105,8 +125,18 @@ fn main() -> Result<()> {
             let (t, d, l) = corpus.padded(1, step, 0, b_padded, n_padded, i64::from(b' '))?;
             Ok((t, d, Some(l)))
         };
-        let (pad_s, pad_tokens, pad_loss) = measure(&cfg, strategy, p, n_padded, steps, &padded)?;
-        let (pack_s, pack_tokens, pack_loss) = measure(&cfg, strategy, p, n_packed, steps, &packed)?;
+        let (pad_s, pad_tokens, pad_loss, pad_ring) = measure(&cfg, strategy, p, n_padded, steps, &padded)?;
+        let (pack_s, pack_tokens, pack_loss, pack_ring) =
+            measure(&cfg, strategy, p, n_packed, steps, &packed)?;
+        // What the classic ring sends a step (every block the whole way round): the closed form
+        // per layer and sample, forward and backward.
+        let classic = |n: i64, b: i64| -> f64 {
+            let es = 4; // f32
+            match closed_form(strategy, n, cfg.n_embd, cfg.n_kv_head * cfg.head_dim(), p, es) {
+                Some((f, bw)) if strategy != StrategyConfig::Ulysses => (f + bw) * (cfg.n_layer * b) as f64,
+                _ => f64::NAN,
+            }
+        };
         // The attention work per rank of the layout, for the batches of step 1.
         let work = |docs: &Documents, n: i64| -> Result<(f64, f64)> {
             let layout = match strategy {
@@ -121,12 +151,17 @@ fn main() -> Result<()> {
         };
         let (pack_work, pad_work) = (work(&packed(1)?.1, n_packed)?, work(&padded(1)?.1, n_padded)?);
         let (pad_rate, pack_rate) = (pad_tokens / pad_s, pack_tokens / pack_s);
-        for (layout, s, rate, loss, w) in [
-            ("padded", pad_s, pad_rate, pad_loss, pad_work),
-            ("packed", pack_s, pack_rate, pack_loss, pack_work),
+        for (layout, s, rate, loss, w, ring, classic) in [
+            ("padded", pad_s, pad_rate, pad_loss, pad_work, pad_ring, classic(n_padded, b_padded)),
+            ("packed", pack_s, pack_rate, pack_loss, pack_work, pack_ring, classic(n_packed, 1)),
         ] {
+            let sent = if classic.is_nan() {
+                "-".to_string()
+            } else {
+                format!("{:.2} MiB {:.2}", ring / 1048576.0, ring / classic)
+            };
             println!(
-                "{:<14} {layout:<7} {:>9.1} {rate:>12.0} {:>9.2}x {loss:>8.4} {:>14.3} {:>9.3}",
+                "{:<14} {layout:<7} {:>9.1} {rate:>12.0} {:>9.2}x {loss:>8.4} {:>14.3} {:>9.3} {sent:>13}",
                 strategy.label(),
                 s * 1e3,
                 rate / pad_rate,
@@ -138,6 +173,12 @@ fn main() -> Result<()> {
     println!("(labelled/s: tokens with a label per second of forward and backward, the slowest rank; work:");
     println!(" visible pairs of the rank with the most over the mean in the strategy's layout, and in the");
     println!(" balanced layout of 4 chunks per rank; Ulysses attends every rank's heads over the whole");
-    println!(" sequence, so its attention work is even whatever the layout says)");
+    println!(" sequence, so its attention work is even whatever the layout says; ring sent: K/V blocks and");
+    println!(
+        " dK/dV accumulators a step, counted, of the rank that sends most, and over what the classic ring"
+    );
+    println!(
+        " sends, every block the whole way round: a packed block goes only as far as a rank attends to it)"
+    );
     Ok(())
 }

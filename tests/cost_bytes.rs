@@ -9,12 +9,12 @@ use std::collections::BTreeMap;
 
 use anyhow::{ensure, Result};
 use tch::{Device, Kind, Tensor};
-use ulysses::attention::{AttentionConfig, Kernel, Mask, StrategyConfig};
+use ulysses::attention::{AttentionConfig, Documents, Kernel, Mask, StrategyConfig};
 use ulysses::comm::{launch, MeshShape};
-use ulysses::cost::bytes::step_comm;
+use ulysses::cost::bytes::{layer_comm, step_comm, Phase};
 use ulysses::cost::memory::params_on_rank;
 use ulysses::cost::Job;
-use ulysses::model::{shift_labels, Gpt, GptConfig, Placement};
+use ulysses::model::{shift_labels, shift_labels_packed, Gpt, GptConfig, Placement};
 use ulysses::train::{Checkpointing, Precision, ZeroStage};
 
 type Counts = BTreeMap<(String, String), (u64, u64, u64)>; // (group, op) -> (calls, sent, received)
@@ -53,7 +53,15 @@ fn counted(job: &Job) -> Result<Vec<(Counts, (i64, i64))>> {
     Ok(launch(job.ranks, |ctx| -> Result<(Counts, (i64, i64))> {
         let toks =
             (Tensor::arange(b * n, (Kind::Int64, Device::Cpu)) * 7 + 3).remainder(vocab).reshape([b, n]);
-        let labels = shift_labels(&toks)?;
+        // Packed: every sample the job's documents.
+        let docs = match &job.documents {
+            Some(lengths) => Some(Documents::from_lengths(n, &vec![lengths.clone(); b as usize])?),
+            None => None,
+        };
+        let labels = match &docs {
+            Some(d) => shift_labels_packed(&toks, d)?,
+            None => shift_labels(&toks)?,
+        };
         // The groups as the experiment runner makes them (named "sp" and "dp").
         let mesh = ctx.mesh(MeshShape::dp_sp(job.dp, job.sp())?)?;
         let s = job.strategy.build(mesh.group("sp")?, job.attention, n, cfg.n_head, cfg.n_kv_head)?;
@@ -61,7 +69,7 @@ fn counted(job: &Job) -> Result<Vec<(Counts, (i64, i64))>> {
         let model = Gpt::new(cfg, s, kind, Device::Cpu)?;
         let (t, l) = (layout.shard(&toks, 1, ctx.rank())?, layout.shard(&labels, 1, ctx.rank())?);
         ctx.world().reset_rank_stats();
-        model.forward_backward(&t, &l)?;
+        model.forward_backward_packed(&t, &l, docs.as_ref())?;
         let mut counts = Counts::new();
         for (group, stats) in ctx.world().rank_stats_by_group() {
             for (op, c) in stats.iter() {
@@ -167,5 +175,46 @@ fn bf16_activations_and_the_world_of_one() -> Result<()> {
         check(&job(&cfg, s, 1, 1, 32, Precision::F32))?;
     }
     check(&job(&cfg, StrategyConfig::Ring { zigzag: false }, 8, 1, 64, Precision::F32))?;
+    Ok(())
+}
+
+#[test]
+fn a_packed_ring_sends_only_what_a_rank_attends_to() -> Result<()> {
+    let cfg = GptConfig { n_layer: 1, n_head: 4, n_kv_head: 2, n_embd: 32, ..GptConfig::tiny() };
+    let packed = |s: &str, lengths: &[i64]| -> Result<Job> {
+        let strategy: StrategyConfig = s.parse().map_err(anyhow::Error::msg)?;
+        Ok(Job { documents: Some(lengths.to_vec()), ..job(&cfg, strategy, 4, 2, 64, Precision::F32) })
+    };
+    // Counted against predicted, every rank, for the strategies with a ring and two without.
+    for s in ["ring", "ring_zigzag", "usp:2", "usp_zigzag:2", "ulysses", "allgather_kv"] {
+        for lengths in [&[40, 24][..], &[16; 4], &[7, 1, 30, 2, 24], &[64]] {
+            check(&packed(s, lengths)?)?;
+        }
+    }
+    // Written out: N = 64 on 4 ranks of 16 tokens, documents of 40 and 24. Block 0 is attended
+    // by ranks 1 and 2 (document 0 spans 0-39), block 1 by rank 2, block 2 by rank 3 (document 1
+    // spans 40-63), block 3 by no later rank (causal). So the forward passes on 1, 2, 1, 0 blocks
+    // (K and V) per rank and receives 0, 1, 2, 1, where the classic ring passes 3 each.
+    let block = 2 * 16 * 2 * 8 * 4; // b x s_r x H_kv x d x 4 bytes (f32)
+    let forward = |job: &Job, r: usize| -> Result<(u64, u64)> {
+        let calls = layer_comm(job, r)?;
+        let shifts = calls.iter().filter(|c| c.phase == Phase::Forward && c.what == "K/V ring passes");
+        Ok(shifts.fold((0, 0), |a, c| (a.0 + c.sent, a.1 + c.received)))
+    };
+    let job = packed("ring", &[40, 24])?;
+    for (r, (sends, receives)) in [(1u64, 0u64), (2, 1), (1, 2), (0, 1)].into_iter().enumerate() {
+        let got = forward(&job, r)?;
+        ensure!(got == (2 * sends * block, 2 * receives * block), "rank {r}: {got:?}");
+    }
+    // Documents that each stay in one rank's share: nothing travels at all.
+    let job = packed("ring", &[16; 4])?;
+    for r in 0..4 {
+        ensure!(layer_comm(&job, r)?.iter().all(|c| c.what != "K/V ring passes"), "rank {r} sends");
+    }
+    // One document: the classic ring, 3 blocks each way per rank.
+    let job = packed("ring", &[64])?;
+    for r in 0..4 {
+        ensure!(forward(&job, r)? == (6 * block, 6 * block), "rank {r}: {:?}", forward(&job, r)?);
+    }
     Ok(())
 }

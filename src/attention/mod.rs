@@ -41,7 +41,7 @@ pub use layout::{SeqLayout, Sharding};
 pub use mask::{BlockSparse, Mask};
 pub use math::MathAttention;
 pub use megatron_sp::MegatronSp;
-pub use ring::RingAttention;
+pub use ring::{RingAttention, RingPlan};
 pub use sdpa::SdpaAttention;
 pub use single::SingleDevice;
 pub use strategy::StrategyConfig;

@@ -22,6 +22,11 @@
 //! Communication per layer and rank (b samples, H_kv kv heads, es bytes per element, f32 for the
 //! accumulators): forward, K and V shift P-1 times: 2 b N H_kv d (P-1)/P elements; backward, K
 //! and V shift P-1 times again and dK, dV shift P times: 2 b (N/P) H_kv d ((P-1) es + P x 4) bytes.
+//!
+//! Packed batches ([`Documents`]) send less where the layout allows ([`RingPlan`]): a block
+//! travels only as far as the last rank that attends to some key of it (none at all when every
+//! document stays inside one rank's share), and its dK/dV accumulator goes from that rank
+//! straight home. An unpacked batch's blocks go the whole way round, the classic ring.
 
 use std::cell::Cell;
 use std::rc::Rc;
@@ -32,9 +37,85 @@ use super::blockwise::{heads_first, merge, pair_visible, runs, Blockwise, Work};
 use super::flash::block_layout;
 use super::{compute_kind, Documents, Mask, SeqLayout, SequenceParallel};
 use crate::autograd::Tape;
-use crate::comm::{Group, Started};
+use crate::comm::{Group, OpKind, Started};
 use crate::error::TorchResultExt;
 use crate::{Error, Result};
+
+/// How far each block travels round the ring in one batch, and so who sends and receives what
+/// at each step (the same table on every rank, from the layout, the mask and the documents).
+///
+/// Block j (rank j's K/V) is at rank `(j + t) mod P` at step t; `reach[j]` is the last step at
+/// which that rank attends to some key of it (0: no other rank does). The block is passed on
+/// at step t only if `t + 1 <= reach[j]`, and in the backward its accumulator goes on to the next
+/// rank until step `reach[j]`, then straight home to rank j (the next rank when `reach[j] = P - 1`,
+/// as in the classic ring).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RingPlan {
+    reach: Vec<usize>,
+}
+
+impl RingPlan {
+    /// Every block the whole way round: the classic ring, an unpacked batch.
+    pub fn full(p: usize) -> RingPlan {
+        RingPlan { reach: vec![p.saturating_sub(1); p] }
+    }
+
+    /// The plan of a batch whose ring ranks hold `segments` (first position, length): for
+    /// packed documents, each block as far as a rank attends to it; otherwise [`full`](RingPlan::full).
+    pub fn new(mask: &Mask, docs: Option<&Documents>, segments: &[Vec<(i64, i64)>]) -> RingPlan {
+        let p = segments.len();
+        let Some(docs) = docs.filter(|d| !d.is_whole()) else {
+            return RingPlan::full(p);
+        };
+        let attends = |r: usize, j: usize| {
+            segments[r].iter().any(|&q| segments[j].iter().any(|&k| pair_visible(mask, Some(docs), q, k)))
+        };
+        let reach = (0..p).map(|j| (1..p).rev().find(|&t| attends((j + t) % p, j)).unwrap_or(0)).collect();
+        RingPlan { reach }
+    }
+
+    /// For each block, the last step a rank attends to it (0: only its owner).
+    pub fn reach(&self) -> &[usize] {
+        &self.reach
+    }
+
+    fn p(&self) -> usize {
+        self.reach.len()
+    }
+
+    /// The block rank `r` holds at step `t`, if it holds one.
+    pub fn held(&self, r: usize, t: usize) -> Option<usize> {
+        let src = (r + self.p() - t % self.p()) % self.p();
+        (t == 0 || t <= self.reach[src]).then_some(src)
+    }
+
+    /// Whether rank `r` passes its block of step `t` on to `r + 1`.
+    pub fn passes_on(&self, r: usize, t: usize) -> bool {
+        self.held(r, t).is_some_and(|src| t < self.reach[src])
+    }
+
+    /// Whether rank `r` receives a block from `r - 1` for step `t + 1`.
+    pub fn receives(&self, r: usize, t: usize) -> bool {
+        t + 1 < self.p() && self.held(r, t + 1).is_some()
+    }
+
+    /// Where rank `r` sends the accumulator of its block of step `t` after adding to it: the
+    /// next rank, or home when this was the block's last stop (`None`: nowhere, it holds no
+    /// block, or the block is its own and no one else attends to it).
+    pub fn accumulator_to(&self, r: usize, t: usize) -> Option<usize> {
+        let src = self.held(r, t)?;
+        match t.cmp(&self.reach[src]) {
+            std::cmp::Ordering::Less => Some((r + 1) % self.p()),
+            std::cmp::Ordering::Equal if t > 0 => Some(src),
+            _ => None,
+        }
+    }
+
+    /// The rank whose step-`t` accumulator comes home to rank `r`: its block's last stop.
+    pub fn home_from(&self, r: usize, t: usize) -> Option<usize> {
+        (t > 0 && self.reach[r] == t).then_some((r + t) % self.p())
+    }
+}
 
 /// The ring part of ring attention, shared with the Ulysses x ring hybrid.
 pub(crate) struct RingCore {
@@ -219,31 +300,43 @@ impl RingCore {
         let (p, r) = (self.group.size(), self.group.rank());
         let attn = Blockwise { mask: &self.mask, docs, scale, fused: true };
         let segments = self.segments_for(docs);
+        let plan = RingPlan::new(&self.mask, docs, &segments);
         let qh = block_layout(q)?;
         let (mut kb, mut vb) = (k.shallow_clone(), v.shallow_clone());
         let mut acc: Option<(Tensor, Tensor)> = None;
         let mut work = Work::default();
         for step in 0..p {
-            let src = (r + p - step) % p; // whose K/V this rank holds now
-                                          // The next block travels while this one is attended to.
-            let next = if step + 1 < p {
-                Some((self.group.shift_start(&kb, 1)?, self.group.shift_start(&vb, 1)?))
-            } else {
-                None
-            };
-            let (o, lse, w) =
-                attn.forward(&qh, &self.expand(&kb)?, &self.expand(&vb)?, &segments[r], &segments[src])?;
-            work += w;
-            acc = Some(match acc {
-                None => (o, lse),
-                Some(prev) => merge(&prev, &(o, lse)).op("ring_attention")?,
-            });
-            if let Some((k_next, v_next)) = next {
-                (kb, vb) = (k_next.wait()?, v_next.wait()?);
+            // The next block travels while this one is attended to.
+            let next = self.pass(&plan, step, &kb, &vb)?;
+            // Rank `src`'s block is here unless no rank from here on attends to it.
+            if let Some(src) = plan.held(r, step) {
+                let (o, lse, w) =
+                    attn.forward(&qh, &self.expand(&kb)?, &self.expand(&vb)?, &segments[r], &segments[src])?;
+                work += w;
+                acc = Some(match acc {
+                    None => (o, lse),
+                    Some(prev) => merge(&prev, &(o, lse)).op("ring_attention")?,
+                });
+            }
+            if let Some((k_next, v_next)) = arrived(next)? {
+                (kb, vb) = (k_next, v_next);
             }
         }
         let (out, lse) = acc.ok_or_else(|| Error::Tape { op: "ring_attention", msg: "empty ring".into() })?;
         Ok((out, lse, work))
+    }
+
+    /// Starts passing this rank's block of step `t` on to `r + 1` and receiving the block of
+    /// step `t + 1` from `r - 1`, each only where the plan says (K and V as two calls, the
+    /// classic ring's two shifts).
+    fn pass(&self, plan: &RingPlan, t: usize, k: &Tensor, v: &Tensor) -> Result<[Started<Vec<Tensor>>; 2]> {
+        let (p, r) = (self.group.size(), self.group.rank());
+        let one = |x: &Tensor| {
+            let sends = if plan.passes_on(r, t) { vec![((r + 1) % p, x.shallow_clone())] } else { vec![] };
+            let recvs = if plan.receives(r, t) { vec![((r + p - 1) % p, x)] } else { vec![] };
+            self.group.peers_start(OpKind::Shift, sends, recvs)
+        };
+        Ok([one(k)?, one(v)?])
     }
 
     /// The backward ring: K/V go round again with their dK/dV accumulators.
@@ -271,64 +364,118 @@ impl RingCore {
         let dq = acc_zeros(&qh)?;
         let kv_heads = s.k.size()[2];
         let (mut kb, mut vb) = (s.k.shallow_clone(), s.v.shallow_clone());
-        let zeros = || heads_first(&s.k).and_then(|t| t.f_zeros_like().op("ring_attention"));
-        let (mut dk, mut dv) = (zeros()?, zeros()?); // [b, Hkv, s, d] f32, travelling with K/V
+        // [b, Hkv, s, d] f32: the shape of every dK/dV accumulator, travelling with its block.
+        let acc_like = heads_first(&s.k).and_then(|t| t.f_zeros_like().op("ring_attention"))?;
         let segments = self.segments_for(docs);
+        let plan = RingPlan::new(&self.mask, docs, &segments);
         let qruns = runs(&segments[r]);
-        // The accumulators of the previous block, on their way to the next rank.
-        let mut travelling: Option<(Started<Tensor>, Started<Tensor>)> = None;
+        // The accumulators sent at the previous step (on to the next rank, or home), and what
+        // they bring here: the accumulator of the block this rank holds next, and this rank's
+        // own once its block's last stop is done with it.
+        let mut travelling: Option<[Started<Vec<Tensor>>; 2]> = None;
+        let (mut incoming, mut own): (Option<Pair>, Option<Pair>) = (None, None);
+        let mut expected = (false, false); // (incoming, own) in the travelling batch
         for step in 0..p {
-            let src = (r + p - step) % p;
-            let next = if step + 1 < p {
-                Some((self.group.shift_start(&kb, 1)?, self.group.shift_start(&vb, 1)?))
-            } else {
-                None
-            };
-            let (kh, vh) = (self.expand(&kb)?, self.expand(&vb)?);
-            let (dk_full, dv_full) = (acc_zeros(&kh)?, acc_zeros(&vh)?);
-            for &(qo, q0, nq) in &qruns {
-                for &(ko, k0, nk) in &runs(&segments[src]) {
-                    if !pair_visible(&self.mask, docs, (q0, nq), (k0, nk)) {
-                        continue;
+            let next = self.pass(&plan, step, &kb, &vb)?;
+            let held = plan.held(r, step);
+            let mut contribution = None;
+            if let Some(src) = held {
+                let (kh, vh) = (self.expand(&kb)?, self.expand(&vb)?);
+                let (dk_full, dv_full) = (acc_zeros(&kh)?, acc_zeros(&vh)?);
+                for &(qo, q0, nq) in &qruns {
+                    for &(ko, k0, nk) in &runs(&segments[src]) {
+                        if !pair_visible(&self.mask, docs, (q0, nq), (k0, nk)) {
+                            continue;
+                        }
+                        let narrow = |t: &Tensor, o: i64, n: i64| t.f_narrow(2, o, n).map_err(f);
+                        let (dqp, dkp, dvp) = attn.backward_pair(
+                            &narrow(&qh, qo, nq)?,
+                            &narrow(&kh, ko, nk)?,
+                            &narrow(&vh, ko, nk)?,
+                            (
+                                &narrow(&doh, qo, nq)?,
+                                &narrow(&s.out, qo, nq)?,
+                                &s.lse.f_narrow(2, qo, nq).map_err(f)?,
+                                &delta.f_narrow(2, qo, nq).map_err(f)?,
+                            ),
+                            (q0, nq),
+                            (k0, nk),
+                        )?;
+                        let _ = narrow(&dq, qo, nq)?.f_add_(&dqp).map_err(f)?;
+                        let _ = narrow(&dk_full, ko, nk)?.f_add_(&dkp).map_err(f)?;
+                        let _ = narrow(&dv_full, ko, nk)?.f_add_(&dvp).map_err(f)?;
                     }
-                    let narrow = |t: &Tensor, o: i64, n: i64| t.f_narrow(2, o, n).map_err(f);
-                    let (dqp, dkp, dvp) = attn.backward_pair(
-                        &narrow(&qh, qo, nq)?,
-                        &narrow(&kh, ko, nk)?,
-                        &narrow(&vh, ko, nk)?,
-                        (
-                            &narrow(&doh, qo, nq)?,
-                            &narrow(&s.out, qo, nq)?,
-                            &s.lse.f_narrow(2, qo, nq).map_err(f)?,
-                            &delta.f_narrow(2, qo, nq).map_err(f)?,
-                        ),
-                        (q0, nq),
-                        (k0, nk),
-                    )?;
-                    let _ = narrow(&dq, qo, nq)?.f_add_(&dqp).map_err(f)?;
-                    let _ = narrow(&dk_full, ko, nk)?.f_add_(&dkp).map_err(f)?;
-                    let _ = narrow(&dv_full, ko, nk)?.f_add_(&dvp).map_err(f)?;
+                }
+                contribution =
+                    Some((self.reduce_heads(&dk_full, kv_heads)?, self.reduce_heads(&dv_full, kv_heads)?));
+            }
+            if let Some(batch) = travelling.take() {
+                let (i, o) = accumulators_arrived(batch, expected)?;
+                incoming = i;
+                own = own.or(o);
+            }
+            // This block's accumulator: what came with it plus this rank's part, then on to
+            // the next rank, home, or (its own block, which no one else attends to) kept.
+            let mut sends = Vec::new();
+            if let Some((dk_c, dv_c)) = contribution {
+                let (dk_in, dv_in) = match incoming.take() {
+                    Some(acc) => acc,
+                    None => (acc_zeros(&acc_like)?, acc_zeros(&acc_like)?),
+                };
+                let (dk, dv) = (dk_in.f_add(&dk_c).map_err(f)?, dv_in.f_add(&dv_c).map_err(f)?);
+                match plan.accumulator_to(r, step) {
+                    Some(dst) => sends.push((dst, dk, dv)),
+                    None => own = Some((dk, dv)),
                 }
             }
-            if let Some((dk_in, dv_in)) = travelling.take() {
-                (dk, dv) = (dk_in.wait()?, dv_in.wait()?);
+            let mut from = Vec::new();
+            expected = (plan.receives(r, step), plan.home_from(r, step).is_some());
+            if expected.0 {
+                from.push((r + p - 1) % p);
             }
-            dk = dk.f_add(&self.reduce_heads(&dk_full, kv_heads)?).map_err(f)?;
-            dv = dv.f_add(&self.reduce_heads(&dv_full, kv_heads)?).map_err(f)?;
-            // The accumulators follow their block; after P shifts they are home.
-            travelling = Some((self.group.shift_start(&dk, 1)?, self.group.shift_start(&dv, 1)?));
-            if let Some((k_next, v_next)) = next {
-                (kb, vb) = (k_next.wait()?, v_next.wait()?);
+            from.extend(plan.home_from(r, step));
+            let start = |pick: fn(&(usize, Tensor, Tensor)) -> &Tensor| {
+                let sends = sends.iter().map(|x| (x.0, pick(x).shallow_clone())).collect();
+                self.group.peers_start(OpKind::Shift, sends, from.iter().map(|&j| (j, &acc_like)).collect())
+            };
+            travelling = Some([start(|x| &x.1)?, start(|x| &x.2)?]);
+            if let Some((k_next, v_next)) = arrived(next)? {
+                (kb, vb) = (k_next, v_next);
             }
         }
-        if let Some((dk_in, dv_in)) = travelling {
-            (dk, dv) = (dk_in.wait()?, dv_in.wait()?);
+        if let Some(batch) = travelling {
+            own = own.or(accumulators_arrived(batch, expected)?.1);
         }
+        let (dk, dv) = own.ok_or_else(|| Error::Tape {
+            op: "ring_attention",
+            msg: format!("rank {r}'s dK/dV accumulator did not come home (reach {:?})", plan.reach()),
+        })?;
         // [b, H, s, d] -> [b, s, H, d], in the inputs' dtypes
         let back =
             |t: &Tensor, like: &Tensor| t.f_transpose(1, 2).and_then(|t| t.f_to_kind(like.kind())).map_err(f);
         Ok(vec![back(&dq, &s.q)?, back(&dk, &s.k)?, back(&dv, &s.v)?])
     }
+}
+
+/// A K and V block, or their dK and dV accumulators.
+type Pair = (Tensor, Tensor);
+
+/// The K and V blocks a [`pass`](RingCore::pass) received, once complete (`None`: none came).
+fn arrived([k, v]: [Started<Vec<Tensor>>; 2]) -> Result<Option<Pair>> {
+    let (mut k, mut v) = (k.wait()?, v.wait()?);
+    Ok(k.pop().zip(v.pop()))
+}
+
+/// The dK and dV accumulators of one step's batch, once complete: (the one coming with the next
+/// block, this rank's own coming home), as `expected` says which were received, in that order.
+fn accumulators_arrived(
+    [dk, dv]: [Started<Vec<Tensor>>; 2],
+    expected: (bool, bool),
+) -> Result<(Option<Pair>, Option<Pair>)> {
+    let (mut dk, mut dv) = (dk.wait()?.into_iter(), dv.wait()?.into_iter());
+    let mut take = |wanted: bool| if wanted { dk.next().zip(dv.next()) } else { None };
+    let incoming = take(expected.0);
+    Ok((incoming, take(expected.1)))
 }
 
 /// What the forward keeps for the backward: its inputs (this rank's block only, compact), the

@@ -14,7 +14,7 @@
 
 use tch::Tensor;
 
-use super::backend::Pending;
+use super::backend::{Done, Pending};
 use super::collectives::{chunks, none, AllToAll};
 use super::group::Group;
 use super::OpKind;
@@ -96,6 +96,51 @@ impl Group {
         sends[dst] = Some(x.shallow_clone());
         recvs[src] = Some(out.shallow_clone());
         let pending = self.transfer_start(op, sends, recvs)?;
+        Ok(Started { group: self.clone(), op, pending, value: out, counted: true })
+    }
+
+    /// Point-to-point transfers of one step, started, counted as one call of `op` when any
+    /// happens: `sends` are (destination rank, tensor), `recvs` (source rank, a tensor of the
+    /// shape and dtype expected); the result holds what arrived, in the order of `recvs`. A
+    /// rank with nothing to send or receive calls nothing. Ring attention on a packed batch
+    /// uses it to pass a block only as far as a rank attends to it, and to send a gradient
+    /// accumulator straight home. Every pair of ranks must post its transfers in the same order.
+    ///
+    /// # Shapes
+    /// Each received tensor has the shape of its `like`.
+    pub fn peers_start(
+        &self,
+        op: OpKind,
+        sends: Vec<(usize, Tensor)>,
+        recvs: Vec<(usize, &Tensor)>,
+    ) -> Result<Started<Vec<Tensor>>> {
+        let p = self.size();
+        let (mut send_slots, mut recv_slots) = (none(p), none(p));
+        let mut out = Vec::with_capacity(recvs.len());
+        for (dst, x) in sends {
+            self.check_peer(op, "dst", dst)?;
+            if send_slots[dst].replace(x).is_some() {
+                return Err(self.invalid(op, format!("two sends to rank {dst} in one step")));
+            }
+        }
+        for (src, like) in recvs {
+            self.check_peer(op, "src", src)?;
+            let t = like.f_empty_like().op(op.name())?;
+            if recv_slots[src].replace(t.shallow_clone()).is_some() {
+                return Err(self.invalid(op, format!("two receives from rank {src} in one step")));
+            }
+            out.push(t);
+        }
+        if send_slots.iter().chain(&recv_slots).all(Option::is_none) {
+            return Ok(Started {
+                group: self.clone(),
+                op,
+                pending: Box::new(Done),
+                value: out,
+                counted: false,
+            });
+        }
+        let pending = self.transfer_start(op, send_slots, recv_slots)?;
         Ok(Started { group: self.clone(), op, pending, value: out, counted: true })
     }
 

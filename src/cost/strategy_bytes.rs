@@ -2,7 +2,7 @@
 //! count them (docs/design.md §2.2): Ulysses' four all-to-alls, Megatron-SP's all-gathers and
 //! reduce-scatters of the sequence, ring attention's K/V passes, all-gather KV, USP's two.
 
-use crate::attention::{HeadPlan, StrategyConfig};
+use crate::attention::{HeadPlan, RingPlan, StrategyConfig};
 use crate::comm::OpKind;
 use crate::Result;
 
@@ -89,7 +89,11 @@ pub fn layer_comm(job: &Job, r: usize) -> Result<Vec<CommCall>> {
                 ),
             ]
         }
-        StrategyConfig::Ring { .. } => ring_shifts(GroupRole::Sp, b * lens[r] * c.n_kv_head * d, p, es),
+        StrategyConfig::Ring { .. } => {
+            let segments: Vec<Vec<(i64, i64)>> = (0..p).map(|j| layout.segments(j).to_vec()).collect();
+            let plan = RingPlan::new(&job.attention.mask, job.packed()?.as_ref(), &segments);
+            ring_shifts(GroupRole::Sp, b * lens[r] * c.n_kv_head * d, &plan, r, es)
+        }
         StrategyConfig::AllGatherKv { .. } => {
             // K and V stacked, gathered over the sequence; dK, dV reduce-scattered back.
             let (s, rc) = all_gather(2 * b * c.n_kv_head * d, lens, r);
@@ -106,7 +110,12 @@ pub fn layer_comm(job: &Job, r: usize) -> Result<Vec<CommCall>> {
             let chunk: Vec<i64> = (0..ulysses).map(|j| lens[ri * ulysses + j]).collect();
             let mut v = ulysses_a2a(GroupRole::Ulysses, b * d, &plan, &chunk, u, es);
             let chunk_len: i64 = chunk.iter().sum();
-            v.extend(ring_shifts(GroupRole::Ring, b * chunk_len * plan.kv_split()[u] * d, ring, es));
+            // The ring's ranks hold their Ulysses groups' chunks: segments as USP builds them.
+            let segments: Vec<Vec<(i64, i64)>> = (0..ring)
+                .map(|i| (0..ulysses).flat_map(|j| layout.segments(i * ulysses + j).to_vec()).collect())
+                .collect();
+            let hops = RingPlan::new(&job.attention.mask, job.packed()?.as_ref(), &segments);
+            v.extend(ring_shifts(GroupRole::Ring, b * chunk_len * plan.kv_split()[u] * d, &hops, ri, es));
             v
         }
     })
@@ -132,26 +141,47 @@ fn ulysses_a2a(g: GroupRole, rest: i64, plan: &HeadPlan, lens: &[i64], r: usize,
     ]
 }
 
-/// Ring attention's passes of blocks of `kv` elements (K or V) on a ring of `p`: forward K and
-/// V shift P-1 times; backward K and V shift P-1 times again and the f32 dK, dV accumulators
-/// P times (they arrive home).
-fn ring_shifts(g: GroupRole, kv: i64, p: usize, es: i64) -> Vec<CommCall> {
+/// Ring attention's passes of blocks of `kv` elements (K or V) on ring rank `r`, as `plan` lets
+/// them travel: forward, K and V passed on and received where the plan says (P-1 times each on
+/// the classic ring); backward the same again, and the f32 dK, dV accumulators sent on or home
+/// and received (P times each on the classic ring). A step with no transfer is no call.
+fn ring_shifts(g: GroupRole, kv: i64, plan: &RingPlan, r: usize, es: i64) -> Vec<CommCall> {
+    let p = plan.reach().len();
     let (s, _) = shift(kv, p);
-    let pi = p as i64;
-    let fwd = 2 * (pi - 1) * s * es;
-    let bwd = 2 * (pi - 1) * s * es + 2 * pi * s * 4;
+    // (calls, sent, received) of the K/V passes, then of the accumulators.
+    let (mut kv_moves, mut acc_moves) = ((0u64, 0i64, 0i64), (0u64, 0i64, 0i64));
+    for t in 0..p {
+        let (out, into) = (i64::from(plan.passes_on(r, t)), i64::from(plan.receives(r, t)));
+        kv_moves = (kv_moves.0 + 2 * u64::from(out + into > 0), kv_moves.1 + out, kv_moves.2 + into);
+        let out = i64::from(plan.accumulator_to(r, t).is_some());
+        let into = into + i64::from(plan.home_from(r, t).is_some());
+        acc_moves = (acc_moves.0 + 2 * u64::from(out + into > 0), acc_moves.1 + out, acc_moves.2 + into);
+    }
+    let block = 2 * s * es; // K and V
+    let acc = 2 * s * 4; // dK and dV in f32
     vec![
-        call("K/V ring passes", g, OpKind::Shift, Phase::Forward, 2 * (p as u64 - 1), fwd, fwd),
+        call(
+            "K/V ring passes",
+            g,
+            OpKind::Shift,
+            Phase::Forward,
+            kv_moves.0,
+            kv_moves.1 * block,
+            kv_moves.2 * block,
+        ),
         call(
             "K/V ring passes",
             g,
             OpKind::Shift,
             Phase::Backward,
-            2 * (p as u64 - 1) + 2 * p as u64,
-            bwd,
-            bwd,
+            kv_moves.0 + acc_moves.0,
+            kv_moves.1 * block + acc_moves.1 * acc,
+            kv_moves.2 * block + acc_moves.2 * acc,
         ),
     ]
+    .into_iter()
+    .filter(|c| c.calls > 0)
+    .collect()
 }
 
 /// Bytes rank `r` (SP rank) sends in one layer's (forward, backward) for one micro-batch.

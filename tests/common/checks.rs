@@ -6,7 +6,7 @@
 
 use anyhow::{ensure, Result};
 use tch::{Device, Kind, Tensor};
-use ulysses::attention::{AttentionConfig, Kernel, Mask, StrategyConfig};
+use ulysses::attention::{AttentionConfig, Documents, Kernel, Mask, StrategyConfig};
 use ulysses::autograd::Tape;
 use ulysses::comm::{AllToAll, Collective, Group, OpKind, ReduceOp};
 use ulysses::model::{shift_labels, Gpt, GptConfig, Placement};
@@ -191,8 +191,24 @@ pub fn strategies(g: &Group) -> Result<()> {
     );
     // The reference on this rank: causal attention, kv head of query head h is h / G.
     let want = super::reference_attention(&super::causal(n), &q, &k, &v, &w);
+    // Packed: documents of 5, 19 and 24 tokens in each sample, causal inside each. On 2 ranks
+    // no document crosses a share (a ring sends nothing); on 3 and 4 some do, so ring blocks
+    // travel part of the way and their accumulators go home from where they stopped.
+    let lengths = [5i64, 19, 24];
+    let docs = Documents::from_lengths(n, &[lengths.to_vec(), lengths.to_vec()])?;
+    let doc_of = Tensor::from_slice(
+        &lengths.iter().enumerate().flat_map(|(i, &l)| vec![i as i64; l as usize]).collect::<Vec<_>>(),
+    );
+    let same_doc = doc_of.unsqueeze(1).eq_tensor(&doc_of.unsqueeze(0));
+    let want_packed = super::reference_attention(&super::causal(n).logical_and(&same_doc), &q, &k, &v, &w);
 
-    for strategy in list {
+    let packed_list: Vec<StrategyConfig> = list
+        .iter()
+        .copied()
+        .filter(|s| matches!(s, StrategyConfig::Ring { .. } | StrategyConfig::Usp { .. }))
+        .collect();
+    let runs = list.into_iter().map(|s| (s, false)).chain(packed_list.into_iter().map(|s| (s, true)));
+    for (strategy, packed) in runs {
         let s = strategy.build(g, AttentionConfig::new(Kernel::Math, Mask::Causal), n, heads, kv_heads)?;
         let layout = s.layout().clone();
         let mine = |t: &Tensor| -> Result<Tensor> {
@@ -200,7 +216,8 @@ pub fn strategies(g: &Group) -> Result<()> {
         };
         let (qs, ks, vs) = (mine(&q)?, mine(&k)?, mine(&v)?);
         let tape = Tape::new();
-        let o = s.forward(&tape, &qs, &ks, &vs)?;
+        let o = s.forward_docs(&tape, &qs, &ks, &vs, packed.then_some(&docs))?;
+        let want = if packed { &want_packed } else { &want };
         tape.backward(&(&o * layout.shard(&w, 1, g.rank())?).sum(Kind::Double))?;
         // k and v gradients are sums over every rank's queries: each rank holds its tokens' part.
         for (name, got, full) in [
@@ -211,7 +228,7 @@ pub fn strategies(g: &Group) -> Result<()> {
         ] {
             let slice = layout.shard(full, 1, g.rank())?;
             let diff = max_diff(&got, &slice);
-            ensure!(diff < 1e-10, "{} P={p} {name}: max diff {diff:.3e}", strategy.label());
+            ensure!(diff < 1e-10, "{} P={p} packed {packed} {name}: max diff {diff:.3e}", strategy.label());
         }
     }
     Ok(())
