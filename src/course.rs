@@ -194,3 +194,191 @@ where
         BYTES_CASES.len()
     ))
 }
+
+/// (P, N, the documents' lengths) of the ring-reach check: one sample, causal, contiguous
+/// shares. Each case has at least two documents (a batch of one document per sample is run as
+/// the classic ring, every block the whole way round).
+const REACH_CASES: [(usize, i64, &[i64]); 6] = [
+    (2, 48, &[30, 18]),
+    (3, 48, &[5, 19, 24]),
+    (4, 48, &[40, 8]),
+    (4, 48, &[12, 12, 12, 12]),
+    (4, 48, &[5, 19, 24]),
+    (6, 48, &[3, 20, 1, 24]),
+];
+
+/// Exercise of notebook 03: `f(lengths, n, p)` must give, for a packed causal sequence of
+/// documents of `lengths` tokens on a ring of `p` ranks with contiguous shares of `n / p`, each
+/// block's *reach*: how many ring steps rank j's K/V block travels, which is how far the
+/// furthest rank that attends to one of its keys lies ahead of j (0: no other rank attends to
+/// it). The reference is what the library sends: [`RingAttention`](crate::attention::RingAttention)
+/// runs its forward on P thread ranks over the packed sequence, and every rank's K/V bytes
+/// passed on and received are compared with what your reach implies.
+pub fn check_ring_reach<F>(f: F) -> Result<String>
+where
+    F: Fn(&[i64], i64, usize) -> Vec<usize>,
+{
+    use crate::attention::{Documents, Mask, RingAttention};
+    const OP: &str = "check_ring_reach";
+    let (heads, d) = (2i64, 4i64);
+    for (p, n, lengths) in REACH_CASES {
+        let reach = f(lengths, n, p);
+        let case = format!("documents {lengths:?}, N={n}, P={p}");
+        if reach.len() != p || reach.iter().any(|&t| t >= p) {
+            return Err(mismatch(
+                OP,
+                format!("{case}: your reach {reach:?} should hold P = {p} numbers from 0 to {}", p - 1),
+            ));
+        }
+        let docs = Documents::from_lengths(n, &[lengths.to_vec()])?;
+        let counted = launch(p, |ctx| -> Result<(u64, u64)> {
+            let g = ctx.world();
+            let ring = RingAttention::new(g.clone(), Mask::Causal, n, heads, heads, false)?;
+            let s = ring.layout().len(ctx.rank());
+            let x = |shift: f64| {
+                (Tensor::arange(s * heads * d, (Kind::Float, Device::Cpu)) * 0.1 + shift + ctx.rank() as f64)
+                    .sin()
+                    .reshape([1, s, heads, d])
+            };
+            let _ = ring.forward_lse_docs(&x(0.0), &x(1.0), &x(2.0), Some(&docs))?;
+            let shifts = g.stats().op(OpKind::Shift);
+            Ok((shifts.bytes_sent, shifts.bytes_received))
+        })?;
+        // K and V, [1, N/P, H, d] in f32, per block passed on.
+        let block = 2 * (n / p as i64 * heads * d * 4) as u64;
+        for (r, (sent, received)) in counted.into_iter().enumerate() {
+            // At step t rank r holds block (r - t) mod P and passes it on if it has further to go.
+            let src = |t: usize| (r + p - t) % p;
+            let passes: u64 = (0..p).filter(|&t| t < reach[src(t)]).count() as u64;
+            let receives: u64 = (0..p - 1).filter(|&t| t < reach[src(t + 1)]).count() as u64;
+            if (passes * block, receives * block) != (sent, received) {
+                return Err(mismatch(
+                    OP,
+                    format!(
+                        "{case}: your reach {reach:?} has rank {r} pass on {passes} and receive {receives} \
+                         blocks; it passed on {} and received {} ({} B a block, K and V)",
+                        sent / block,
+                        received / block,
+                        block
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(format!(
+        "correct: every rank's K/V bytes in {} packed rings (P = 2 to 6, documents crossing shares or not)",
+        REACH_CASES.len()
+    ))
+}
+
+/// Exercise of notebook 04: `f(matmul_params, layers, h, n, b, causal)` must give the model
+/// FLOPs of one training step (forward and backward) of a GPT with `matmul_params` parameters
+/// in its matrix products, `layers` layers of width `h`, over `b` sequences of `n` tokens with
+/// a causal mask or none. The reference is the library's count,
+/// [`GptConfig::train_flops`](crate::model::GptConfig::train_flops), on five models from 2
+/// layers to 32. Both sum a few products exactly representable below 2^53, so they must agree
+/// to a relative 1e-12 (rounding of the last additions only).
+pub fn check_step_flops<F>(f: F) -> Result<String>
+where
+    F: Fn(u64, u64, u64, u64, u64, bool) -> f64,
+{
+    use crate::attention::Mask;
+    use crate::model::GptConfig;
+    const OP: &str = "check_step_flops";
+    let models = [
+        ("tiny", GptConfig::tiny()),
+        ("llama-tiny", GptConfig::llama_tiny()),
+        ("125M", GptConfig::gpt_125m()),
+        ("1.3B", GptConfig::gpt_1_3b()),
+        ("6.7B", GptConfig::gpt_6_7b()),
+    ];
+    let mut cases = 0;
+    for (name, cfg) in &models {
+        for (n, b) in [(1024i64, 4i64), (2048, 1), (131072, 2)] {
+            for causal in [true, false] {
+                let mask = if causal { Mask::Causal } else { Mask::None };
+                let want = cfg.train_flops(b * n, n, &mask);
+                let yours = f(
+                    cfg.matmul_params() as u64,
+                    cfg.n_layer as u64,
+                    cfg.n_embd as u64,
+                    n as u64,
+                    b as u64,
+                    causal,
+                );
+                // NaN fails too.
+                let close = (yours - want).abs() <= 1e-12 * want;
+                if !close {
+                    return Err(mismatch(
+                        OP,
+                        format!(
+                            "the {name} GPT ({} matmul parameters, {} layers, h = {}), {b} x {n} tokens, \
+                             {}: your count is {yours:.6e}, the library's {want:.6e} ({:+.3}%)",
+                            cfg.matmul_params(),
+                            cfg.n_layer,
+                            cfg.n_embd,
+                            if causal { "causal" } else { "no mask" },
+                            100.0 * (yours / want - 1.0)
+                        ),
+                    ));
+                }
+                cases += 1;
+            }
+        }
+    }
+    Ok(format!("correct: {cases} cases, 5 models, 1K to 128K tokens, causal and unmasked"))
+}
+
+/// Exercise of notebook 05: `f(psi, w, stage, mixed)` must give the model-state bytes one rank
+/// holds (parameters, gradients, Adam's states) for `psi` parameters trained on `w` ranks
+/// under ZeRO stage `stage` (0 to 3), in f32 (`mixed` false) or bf16 mixed precision with f32
+/// master weights. The reference is the cost model's
+/// [`model_states`](crate::cost::zero::model_states) (checked against the allocator in the
+/// library's tests) for GPTs whose parameters the library counts. That count pads each
+/// partition to a multiple of W (stage 3: each of the L + 1 units), so a formula with `psi / w`
+/// may differ by up to 16 bytes x units x (W - 1) / W: the bound allowed.
+pub fn check_zero_states<F>(f: F) -> Result<String>
+where
+    F: Fn(u64, u64, u8, bool) -> f64,
+{
+    use crate::attention::StrategyConfig;
+    use crate::cost::zero::{model_states, params_on_rank};
+    use crate::cost::Job;
+    use crate::model::GptConfig;
+    use crate::train::{Precision, ZeroStage};
+    const OP: &str = "check_zero_states";
+    let mut cases = 0;
+    for cfg in [GptConfig::tiny(), GptConfig::gpt_125m(), GptConfig::gpt_1_3b()] {
+        for w in [1usize, 2, 4, 8] {
+            for stage in 0..=3u8 {
+                for mixed in [false, true] {
+                    let precision = if mixed { Precision::Bf16 } else { Precision::F32 };
+                    let zero = ZeroStage::new(stage)?;
+                    let job =
+                        Job { precision, zero, ..Job::new(cfg.clone(), StrategyConfig::Ulysses, w, 1024) };
+                    let params = params_on_rank(&job);
+                    let (p, g, o) = model_states(&job, &params);
+                    let want = p + g + o;
+                    let psi = params.replicated as u64;
+                    let units = if stage >= 3 { params.blocks.len() as f64 } else { 1.0 };
+                    let bound = 16.0 * units * (w as f64 - 1.0) / w as f64;
+                    let yours = f(psi, w as u64, stage, mixed);
+                    let close = (yours - want).abs() <= bound; // NaN fails too
+                    if !close {
+                        return Err(mismatch(
+                            OP,
+                            format!(
+                                "{psi} parameters on W = {w}, ZeRO-{stage}, {}: your formula gives {yours:.0} B, \
+                                 the library holds {want:.0} B ({p:.0} parameters + {g:.0} gradients + {o:.0} \
+                                 optimizer; padding allows {bound:.0} B)",
+                                if mixed { "bf16 mixed precision" } else { "f32" }
+                            ),
+                        ));
+                    }
+                    cases += 1;
+                }
+            }
+        }
+    }
+    Ok(format!("correct: {cases} cases, 3 models, W = 1 to 8, stages 0 to 3, f32 and mixed precision"))
+}

@@ -4,7 +4,10 @@
 
 use tch::Tensor;
 use ulysses::comm::Group;
-use ulysses::course::{attempt, check_ulysses_bytes, check_ulysses_reshard, Outcome};
+use ulysses::course::{
+    attempt, check_ring_reach, check_step_flops, check_ulysses_bytes, check_ulysses_reshard,
+    check_zero_states, Outcome,
+};
 use ulysses::Result;
 
 // --- 01: the forward re-sharding -------------------------------------------------------------
@@ -99,4 +102,135 @@ fn bytes_check_rejects_wrong_formulas() {
     assert!(e.to_string().contains("P=2, N=32, H=8, H_kv=2"), "{e}");
     let o = attempt(|| check_ulysses_bytes(|_, _, _, _, _| todo!("your formula here")));
     assert!(matches!(o, Outcome::NotAttempted(_)), "{o}");
+}
+
+// --- 03: how far a packed ring's blocks travel ----------------------------------------------
+
+/// The reference solution (notebooks/solutions/03_05_solutions.ipynb): a document that starts in
+/// share `first` and ends in share `last` makes every block it touches travel to `last` (causal:
+/// no rank before it attends to it).
+fn reach(lengths: &[i64], n: i64, p: usize) -> Vec<usize> {
+    let share = n / p as i64;
+    let mut reach = vec![0; p];
+    let mut start = 0;
+    for &len in lengths {
+        let (first, last) = ((start / share) as usize, ((start + len - 1) / share) as usize);
+        for (j, r) in reach.iter_mut().enumerate().take(last + 1).skip(first) {
+            *r = (*r).max(last - j);
+        }
+        start += len;
+    }
+    reach
+}
+
+#[test]
+fn reach_check_accepts_the_solution() -> Result<()> {
+    let verdict = check_ring_reach(reach)?;
+    assert!(verdict.starts_with("correct"), "{verdict}");
+    Ok(())
+}
+
+#[test]
+fn reach_check_rejects_wrong_answers() {
+    // The classic ring: every block the whole way round.
+    let e = check_ring_reach(|_, _, p| vec![p - 1; p]).expect_err("classic ring").to_string();
+    assert!(
+        e.contains("documents [30, 18], N=48, P=2: your reach [1, 1] has rank 0 pass on 1 and receive 1 blocks; it passed on 1 and received 0"),
+        "{e}"
+    );
+    // Each block as far as its document's last share lies from the document's first: too far
+    // for the blocks after the first (here the last block of [30, 18], which no rank after it
+    // reads).
+    let too_far = |lengths: &[i64], n: i64, p: usize| {
+        let share = n / p as i64;
+        let mut reach = vec![0; p];
+        let mut start = 0;
+        for &len in lengths {
+            let (first, last) = ((start / share) as usize, ((start + len - 1) / share) as usize);
+            for r in reach.iter_mut().take(last + 1).skip(first) {
+                *r = (*r).max(last - first);
+            }
+            start += len;
+        }
+        reach
+    };
+    let e = check_ring_reach(too_far).expect_err("too far").to_string();
+    assert!(e.contains("documents [30, 18], N=48, P=2: your reach [1, 1]"), "{e}");
+    // A wrong length is named.
+    let e = check_ring_reach(|_, _, _| vec![0]).expect_err("length").to_string();
+    assert!(e.contains("should hold P = 2 numbers from 0 to 1"), "{e}");
+}
+
+// --- 04: the FLOPs of a step -----------------------------------------------------------------
+
+/// The reference solution: 6 FLOPs per matmul parameter and token (2 forward, 4 backward), and
+/// 12 L h per (query, key) pair the mask leaves (QK^T and the weighted sum of V, 2 FLOPs a
+/// multiply-add, times 3 with the backward): N (N + 1) / 2 pairs causal, N^2 unmasked.
+fn step_flops(params: u64, layers: u64, h: u64, n: u64, b: u64, causal: bool) -> f64 {
+    let pairs = if causal { n * (n + 1) / 2 } else { n * n } as f64;
+    6.0 * params as f64 * (b * n) as f64 + 12.0 * (layers * h) as f64 * pairs * b as f64
+}
+
+#[test]
+fn flops_check_accepts_the_solution() -> Result<()> {
+    let verdict = check_step_flops(step_flops)?;
+    assert!(verdict.starts_with("correct"), "{verdict}");
+    Ok(())
+}
+
+#[test]
+fn flops_check_rejects_wrong_counts() {
+    // The forward only.
+    let e =
+        check_step_flops(|p, l, h, n, b, c| step_flops(p, l, h, n, b, c) / 3.0).expect_err("forward only");
+    assert!(e.to_string().contains("the tiny GPT") && e.to_string().contains("(-66.667%)"), "{e}");
+    // Causal pairs as N^2 / 2: the diagonal forgotten.
+    let half = |p: u64, l: u64, h: u64, n: u64, b: u64, c: bool| {
+        let pairs = if c { (n * n / 2) as f64 } else { (n * n) as f64 };
+        6.0 * p as f64 * (b * n) as f64 + 12.0 * (l * h) as f64 * pairs * b as f64
+    };
+    let e = check_step_flops(half).expect_err("no diagonal").to_string();
+    assert!(e.contains("4 x 1024 tokens, causal"), "{e}");
+}
+
+// --- 05: what a rank holds under ZeRO --------------------------------------------------------
+
+/// The reference solution: bytes per parameter (parameters, gradients, optimizer states) of
+/// 4 + 4 + 8 in f32 and 2 + 2 + 12 in bf16 mixed precision (f32 master weights and Adam's two
+/// moments); stage 1 partitions the optimizer states over W, stage 2 the gradients too, stage 3
+/// the parameters too.
+fn zero_states(psi: u64, w: u64, stage: u8, mixed: bool) -> f64 {
+    let (p, g, o) = if mixed { (2.0, 2.0, 12.0) } else { (4.0, 4.0, 8.0) };
+    let (psi, w) = (psi as f64, w as f64);
+    let share = |partitioned: bool| if partitioned { psi / w } else { psi };
+    p * share(stage >= 3) + g * share(stage >= 2) + o * share(stage >= 1)
+}
+
+#[test]
+fn zero_check_accepts_the_solution() -> Result<()> {
+    let verdict = check_zero_states(zero_states)?;
+    assert!(verdict.starts_with("correct"), "{verdict}");
+    Ok(())
+}
+
+#[test]
+fn zero_check_rejects_wrong_formulas() {
+    // Stage 2 partitioning the parameters as well (that is stage 3).
+    let e = check_zero_states(|psi, w, stage, mixed| {
+        zero_states(psi, w, if stage == 2 { 3 } else { stage }, mixed)
+    })
+    .expect_err("stage 2 as 3")
+    .to_string();
+    assert!(e.contains("W = 2, ZeRO-2, f32"), "{e}");
+    // Mixed precision without the f32 master weights (2 + 2 + 8).
+    let no_master = |psi: u64, w: u64, stage: u8, mixed: bool| {
+        let full = zero_states(psi, w, stage, mixed);
+        if mixed {
+            full - 4.0 * psi as f64 / if stage >= 1 { w as f64 } else { 1.0 }
+        } else {
+            full
+        }
+    };
+    let e = check_zero_states(no_master).expect_err("no master weights").to_string();
+    assert!(e.contains("W = 1, ZeRO-0, bf16 mixed precision"), "{e}");
 }
