@@ -185,6 +185,9 @@ for i, cell in enumerate(cells):
         if o.get("output_type") == "error" or o.get("name") == "stderr":
             text = "".join(o.get("text", "")) or o.get("evalue", "")
             bad.append(f"code cell {i + 1}: {text.strip()[:500]}")
+        # A chart must be stored as an image (image/svg+xml), which exports keep, not as HTML.
+        if "<svg" in "".join(o.get("data", {}).get("text/html", "")):
+            bad.append(f"code cell {i + 1}: a chart stored as HTML, not image/svg+xml")
 last = "".join("".join(o.get("text", "")) for o in cells[-1].get("outputs", []))
 if name != "00_warmup" and "all claims hold" not in last:
     bad.append("the last code cell did not print 'all claims hold'")

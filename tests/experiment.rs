@@ -384,6 +384,75 @@ fn notebook_displays_render_tables_and_charts() -> Result<()> {
     Ok(())
 }
 
+/// What the notebooks' charts add to their lines: reference lines named and drawn within the
+/// axis (the axis grows to include them), whiskers, the points where a line stops circled with
+/// the reason in the legend, texts beside points, two lines of one strategy in different
+/// markers, and whiskers over one set of bars.
+#[test]
+fn charts_draw_references_ranges_stops_and_labels() -> Result<()> {
+    use ulysses::experiment::{BarChart, Bars};
+    if !font_ready() {
+        return Err(anyhow::anyhow!("fonts-dejavu-core is not installed: scripts/setup.sh installs it"));
+    }
+    let texts = |svg: &str| -> Vec<String> {
+        svg.split("<text")
+            .skip(1)
+            .filter_map(|t| t.split('>').nth(1))
+            .map(|t| t.split('<').next().unwrap_or("").trim().to_string())
+            .collect()
+    };
+    let line = |name: &str, pts: &[(f64, f64)]| Series { name: name.into(), points: pts.to_vec() };
+    let plain = Chart::new(
+        "tflops",
+        Axis::log("N", Unit::Tokens),
+        Axis::linear("TFLOP/s", Unit::Number).from_zero(),
+        vec![
+            line("usp, 8 GPUs", &[(1024.0, 100.0), (4096.0, 120.0)]),
+            line("usp, 16 GPUs", &[(1024.0, 90.0), (4096.0, 110.0)]),
+        ],
+    );
+    let base = plain.svg((600, 360))?.0;
+    let chart = plain
+        .clone()
+        .with_references(vec![("the paper: 175".into(), 175.0), ("peak: 312".into(), 312.0)])
+        .with_ranges(vec![("usp, 8 GPUs".into(), 1024.0, 95.0, 105.0)])
+        .with_stops(vec![(4096.0, 110.0)], "nothing longer fits")
+        .with_labels(vec![(1024.0, 100.0, "U".into())]);
+    let svg = chart.svg((600, 360))?.0;
+    let t = texts(&svg);
+    for want in ["the paper: 175", "peak: 312", "nothing longer fits", "U"] {
+        ensure!(t.iter().filter(|x| x.as_str() == want).count() >= 1, "no text {want:?} in {t:?}");
+    }
+    // The peak lies above every point: the axis must reach it (a tick at 300 or above).
+    let ticks: Vec<f64> = t.iter().filter_map(|x| x.parse::<f64>().ok()).collect();
+    ensure!(ticks.iter().any(|&v| v >= 300.0), "the y axis stops below the reference: {ticks:?}");
+    // One ring for the stop (and its legend swatch), more paths for dashes and whiskers.
+    let circles = |s: &str| s.matches("<circle").count();
+    ensure!(circles(&svg) >= circles(&base) + 2, "{} circles against {}", circles(&svg), circles(&base));
+    ensure!(svg.matches("<polyline").count() > base.matches("<polyline").count() + 20, "no dashes drawn");
+    // Two lines of one strategy (USP draws crosses): the second in circles, not crosses again.
+    ensure!(circles(&base) >= 2, "one marker for both lines: {} circles", circles(&base));
+    let bars = BarChart::grouped(
+        "time",
+        "point",
+        vec!["a".into(), "b".into()],
+        Axis::linear("ms", Unit::Millis),
+        vec![
+            Bars { name: "measured".into(), values: vec![10.0, 20.0] },
+            Bars { name: "predicted".into(), values: vec![12.0, 30.0] },
+        ],
+    );
+    let plain_bars = bars.svg((500, 300))?.0;
+    let with =
+        bars.with_ranges("measured", vec![(7.5, 12.5), (15.0, 25.0)], "measured ±25%").svg((500, 300))?.0;
+    ensure!(texts(&with).iter().any(|x| x == "measured ±25%"), "no whisker legend");
+    ensure!(
+        with.matches("<polyline").count() >= plain_bars.matches("<polyline").count() + 6,
+        "no whiskers drawn"
+    );
+    Ok(())
+}
+
 /// Rank 0's loss curve of each point.
 type Curves = std::collections::BTreeMap<u64, Vec<f64>>;
 

@@ -36,7 +36,7 @@ pub use memory::{rss, CUDA_PEAK, HOST_RSS};
 pub use mpi_rank::run_point_rank;
 pub use plot::{
     font_ready, series_style, strategy_of, strategy_style, Axis, BarChart, Bars, Chart, Collective, Figure,
-    Marker, Scale, Series, Style, Svg, Unit,
+    Marker, Scale, Series, Style, Svg, Unit, Whiskers,
 };
 pub use predict::{hardware_for, job_for, predict_experiment, predict_points, Mode, PredictSpec, Predicted};
 pub use progress::Progress;

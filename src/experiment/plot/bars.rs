@@ -28,6 +28,18 @@ pub struct BarChart {
     pub y: Axis,
     pub bars: Vec<Bars>,
     pub stacked: bool,
+    /// Whiskers over the bars of one set (grouped charts). See [`BarChart::with_ranges`].
+    pub ranges: Option<Whiskers>,
+}
+
+/// Whiskers over the bars of one set: a (low, high) per category.
+#[derive(Debug, Clone)]
+pub struct Whiskers {
+    /// The name of the set of bars they stand on.
+    pub bars: String,
+    pub ranges: Vec<(f64, f64)>,
+    /// What they mean, for the legend.
+    pub note: String,
 }
 
 super::inherent_figure!(BarChart);
@@ -40,7 +52,15 @@ impl BarChart {
         y: Axis,
         bars: Vec<Bars>,
     ) -> BarChart {
-        BarChart { title: title.into(), x_label: x_label.into(), categories, y, bars, stacked: false }
+        BarChart {
+            title: title.into(),
+            x_label: x_label.into(),
+            categories,
+            y,
+            bars,
+            stacked: false,
+            ranges: None,
+        }
     }
 
     pub fn stacked(
@@ -50,10 +70,25 @@ impl BarChart {
         y: Axis,
         bars: Vec<Bars>,
     ) -> BarChart {
-        BarChart { title: title.into(), x_label: x_label.into(), categories, y, bars, stacked: true }
+        BarChart {
+            title: title.into(),
+            x_label: x_label.into(),
+            categories,
+            y,
+            bars,
+            stacked: true,
+            ranges: None,
+        }
     }
 
-    /// The top of each category's bars: the largest bar, or the stack's total.
+    /// This chart with whiskers over the bars named `bars`, one (low, high) per category (a
+    /// spread, or a band of tolerance around a measurement), `note` naming them in the legend.
+    pub fn with_ranges(mut self, bars: &str, ranges: Vec<(f64, f64)>, note: &str) -> BarChart {
+        self.ranges = Some(Whiskers { bars: bars.into(), ranges, note: note.into() });
+        self
+    }
+
+    /// The top of each category's bars: the largest bar (or whisker), or the stack's total.
     fn tops(&self) -> Vec<f64> {
         (0..self.categories.len())
             .map(|c| {
@@ -62,10 +97,11 @@ impl BarChart {
                     .iter()
                     .map(|b| b.values.get(c).copied().unwrap_or(0.0))
                     .filter(|v| v.is_finite());
+                let whisker = self.ranges.as_ref().and_then(|w| w.ranges.get(c)).map_or(0.0, |r| r.1);
                 if self.stacked {
                     vals.filter(|v| *v > 0.0).sum()
                 } else {
-                    vals.fold(0.0, f64::max)
+                    vals.fold(0.0, f64::max).max(if whisker.is_finite() { whisker } else { 0.0 })
                 }
             })
             .collect()
@@ -82,7 +118,10 @@ impl Figure for BarChart {
         DB::ErrorType: 'static,
     {
         let e = |e: DrawingAreaErrorKind<DB::ErrorType>| plot_error(&self.title, e);
-        let names: Vec<&str> = self.bars.iter().map(|b| b.name.as_str()).collect();
+        let mut names: Vec<&str> = self.bars.iter().map(|b| b.name.as_str()).collect();
+        if let Some(w) = &self.ranges {
+            names.push(&w.note);
+        }
         let (plot, legend) = titled_with_legend(root, &self.title, &names)?;
         let tops = self.tops();
         // Headroom for the value printed above each bar.
@@ -146,10 +185,31 @@ impl Figure for BarChart {
                 if self.stacked {
                     *stack += v;
                 } else {
+                    // A whisker over this bar, if its set has one; the value above both.
+                    let whisker = self
+                        .ranges
+                        .as_ref()
+                        .filter(|w| w.bars == b.name)
+                        .and_then(|w| w.ranges.get(c).copied())
+                        .filter(|r| r.0.is_finite() && r.1.is_finite());
+                    let mut above = y1;
+                    if let Some((lo, hi)) = whisker {
+                        let (xm, cap) = ((x0 + x1) / 2.0, (x1 - x0) / 4.0);
+                        let line = BLACK.stroke_width(2);
+                        let segments = [
+                            vec![(xm, lo), (xm, hi)],
+                            vec![(xm - cap, lo), (xm + cap, lo)],
+                            vec![(xm - cap, hi), (xm + cap, hi)],
+                        ];
+                        chart
+                            .draw_series(segments.into_iter().map(|p| PathElement::new(p, line)))
+                            .map_err(e)?;
+                        above = above.max(hi);
+                    }
                     let label = self.y.unit.format(v);
                     let style = text(LABEL_PX - 2, HPos::Center, VPos::Bottom);
                     chart
-                        .draw_series(std::iter::once(Text::new(label, ((x0 + x1) / 2.0, y1), style)))
+                        .draw_series(std::iter::once(Text::new(label, ((x0 + x1) / 2.0, above), style)))
                         .map_err(e)?;
                 }
             }
@@ -166,8 +226,11 @@ impl Figure for BarChart {
                     .map_err(e)?;
             }
         }
-        let entries: Vec<(String, Swatch)> =
+        let mut entries: Vec<(String, Swatch)> =
             self.bars.iter().zip(&colors).map(|(b, c)| (b.name.clone(), Swatch::Block(*c))).collect();
+        if let Some(w) = &self.ranges {
+            entries.push((w.note.clone(), Swatch::Whisker));
+        }
         draw_legend(&legend, &entries, 10)?;
         root.present().map_err(e)
     }

@@ -26,9 +26,9 @@ use plotters::style::text_anchor::{HPos, Pos, VPos};
 use crate::{Error, Result};
 
 pub use axis::{Axis, Scale};
-pub use bars::{BarChart, Bars};
+pub use bars::{BarChart, Bars, Whiskers};
 pub use grid::Collective;
-pub use style::{series_style, shade, strategy_of, strategy_style, Marker, Style};
+pub use style::{nth_marker, series_style, shade, strategy_of, strategy_style, Marker, Style};
 pub use unit::Unit;
 
 /// One line of a chart.
@@ -51,7 +51,24 @@ pub struct Chart {
     /// A curve with no series of its name is drawn as a line without markers. See
     /// [`Chart::with_formulas`].
     pub formulas: Vec<Series>,
+    /// Horizontal reference lines across the plot (a published figure, a device's peak): name
+    /// and value, each dashed in a colour of its own, named at its right end and in the legend.
+    /// See [`Chart::with_references`].
+    pub references: Vec<(String, f64)>,
+    /// Vertical whiskers over points of a series (its spread over repeated measurements):
+    /// (series name, x, low, high), in the series' colour. See [`Chart::with_ranges`].
+    pub ranges: Vec<(String, f64, f64, f64)>,
+    /// Points where a line stops because nothing beyond it fits or runs, each circled in black
+    /// and explained once in the legend by `stops_note`. See [`Chart::with_stops`].
+    pub stops: Vec<(f64, f64)>,
+    pub stops_note: String,
+    /// Short texts beside points, (x, y, text): what a point is (the winning strategy there).
+    /// See [`Chart::with_labels`].
+    pub labels: Vec<(f64, f64, String)>,
 }
+
+/// The colours of reference lines, in order: none of them is a strategy's.
+const REFERENCE_COLORS: [RGBColor; 3] = [RGBColor(90, 90, 90), RGBColor(150, 40, 40), RGBColor(40, 90, 150)];
 
 /// DejaVu Sans (Debian's fonts-dejavu-core, installed by scripts/setup.sh), registered once
 /// for plotters' text; `false` if it is not on this machine.
@@ -154,6 +171,10 @@ pub(crate) enum Swatch {
     /// A line without a marker.
     Stroke(RGBColor),
     Block(RGBColor),
+    /// A black ring (where a line stops).
+    Ring,
+    /// A black whisker (a range drawn over bars or points).
+    Whisker,
 }
 
 /// The legend's width for these names: the longest name plus the swatch.
@@ -218,6 +239,15 @@ where
             Swatch::Block(c) => {
                 area.draw(&Rectangle::new([(10, y - 7), (30, y + 7)], c.filled())).map_err(e)?;
             }
+            Swatch::Ring => {
+                area.draw(&Circle::new((20, y), 8, BLACK.stroke_width(2))).map_err(e)?;
+            }
+            Swatch::Whisker => {
+                let s = BLACK.stroke_width(2);
+                area.draw(&PathElement::new(vec![(20, y - 8), (20, y + 8)], s)).map_err(e)?;
+                area.draw(&PathElement::new(vec![(15, y - 8), (25, y - 8)], s)).map_err(e)?;
+                area.draw(&PathElement::new(vec![(15, y + 8), (25, y + 8)], s)).map_err(e)?;
+            }
         }
         area.draw(&Text::new(name.clone(), (40, y - 8), font.clone())).map_err(e)?;
     }
@@ -252,7 +282,46 @@ pub(crate) fn draw_marker<DB: DrawingBackend>(
 
 impl Chart {
     pub fn new(title: &str, x: Axis, y: Axis, series: Vec<Series>) -> Chart {
-        Chart { title: title.into(), x, y, series, formulas: Vec::new() }
+        Chart {
+            title: title.into(),
+            x,
+            y,
+            series,
+            formulas: Vec::new(),
+            references: Vec::new(),
+            ranges: Vec::new(),
+            stops: Vec::new(),
+            stops_note: String::new(),
+            labels: Vec::new(),
+        }
+    }
+
+    /// This chart with horizontal reference lines, (name, value): a published figure or a
+    /// device's peak beside the predicted or measured lines.
+    pub fn with_references(mut self, references: Vec<(String, f64)>) -> Chart {
+        self.references = references;
+        self
+    }
+
+    /// This chart with whiskers, (series name, x, low, high): the spread of the measurements
+    /// behind a series' points (fastest to slowest, or a quantile range).
+    pub fn with_ranges(mut self, ranges: Vec<(String, f64, f64, f64)>) -> Chart {
+        self.ranges = ranges;
+        self
+    }
+
+    /// This chart with the points where lines stop circled, and `note` saying why (nothing
+    /// longer fits in memory, say).
+    pub fn with_stops(mut self, stops: Vec<(f64, f64)>, note: &str) -> Chart {
+        self.stops = stops;
+        self.stops_note = note.into();
+        self
+    }
+
+    /// This chart with a short text beside each of these points, (x, y, text).
+    pub fn with_labels(mut self, labels: Vec<(f64, f64, String)>) -> Chart {
+        self.labels = labels;
+        self
     }
 
     /// This chart with `formulas`: curves drawn as lines, each beside the points of the series
@@ -274,6 +343,7 @@ impl Chart {
                     let k = seen.entry(key).or_insert(0);
                     let mut style = series_style(&s.name, 0);
                     style.color = shade(style.color, *k);
+                    style.marker = nth_marker(style.marker, *k);
                     *k += 1;
                     style
                 }
@@ -296,12 +366,19 @@ impl Figure for Chart {
         DB::ErrorType: 'static,
     {
         let e = |e: DrawingAreaErrorKind<DB::ErrorType>| plot_error(&self.title, e);
-        let names: Vec<&str> = self.series.iter().chain(&self.formulas).map(|s| s.name.as_str()).collect();
+        let mut names: Vec<&str> =
+            self.series.iter().chain(&self.formulas).map(|s| s.name.as_str()).collect();
+        names.extend(self.references.iter().map(|r| r.0.as_str()));
+        if !self.stops.is_empty() {
+            names.push(&self.stops_note);
+        }
         let (plot, legend) = titled_with_legend(root, &self.title, &names)?;
         let keep = |a: &Axis, v: f64| v.is_finite() && (a.scale == Scale::Linear || v > 0.0);
         let all = || self.series.iter().chain(&self.formulas).flat_map(|s| s.points.iter());
         let xs: Vec<f64> = all().map(|p| p.0).collect();
-        let ys: Vec<f64> = all().map(|p| p.1).collect();
+        let mut ys: Vec<f64> = all().map(|p| p.1).collect();
+        ys.extend(self.references.iter().map(|r| r.1));
+        ys.extend(self.ranges.iter().flat_map(|r| [r.2, r.3]));
         let xl = self.x.layout(&xs, false);
         let yl = self.y.layout(&ys, self.y.zero);
         let mut chart = ChartBuilder::on(&plot)
@@ -358,6 +435,65 @@ impl Figure for Chart {
             chart.draw_series(LineSeries::new(drawn(f), color.stroke_width(2))).map_err(e)?;
             entries.push((f.name.clone(), Swatch::Stroke(color)));
         }
+        // Whiskers, in their series' colour, with caps of a few pixels.
+        let area = chart.plotting_area();
+        let (ox, oy) = area.get_base_pixel();
+        let strip = area.strip_coord_spec();
+        for (name, x, lo, hi) in &self.ranges {
+            let color = self
+                .series
+                .iter()
+                .zip(&styles)
+                .find(|(s, _)| &s.name == name)
+                .map_or(BLACK, |(_, st)| st.color);
+            if !(keep(&self.x, *x) && keep(&self.y, *lo) && keep(&self.y, *hi)) {
+                continue;
+            }
+            let top = area.map_coordinate(&(xl.t(*x), yl.t(*hi)));
+            let bottom = area.map_coordinate(&(xl.t(*x), yl.t(*lo)));
+            let (tx, ty, by) = (top.0 - ox, top.1 - oy, bottom.1 - oy);
+            let line = color.stroke_width(2);
+            strip.draw(&PathElement::new(vec![(tx, ty), (tx, by)], line)).map_err(e)?;
+            strip.draw(&PathElement::new(vec![(tx - 5, ty), (tx + 5, ty)], line)).map_err(e)?;
+            strip.draw(&PathElement::new(vec![(tx - 5, by), (tx + 5, by)], line)).map_err(e)?;
+        }
+        // Where lines stop: a black ring around the last point.
+        for p in self.stops.iter().filter(|p| keep(&self.x, p.0) && keep(&self.y, p.1)) {
+            let px = area.map_coordinate(&(xl.t(p.0), yl.t(p.1)));
+            strip.draw(&Circle::new((px.0 - ox, px.1 - oy), 9, BLACK.stroke_width(2))).map_err(e)?;
+        }
+        if !self.stops.is_empty() {
+            entries.push((self.stops_note.clone(), Swatch::Ring));
+        }
+        // Texts beside points.
+        for (x, y, label) in self.labels.iter().filter(|l| keep(&self.x, l.0) && keep(&self.y, l.1)) {
+            let px = area.map_coordinate(&(xl.t(*x), yl.t(*y)));
+            let style = text(LABEL_PX - 3, HPos::Left, VPos::Bottom).color(&RGBColor(60, 60, 60));
+            strip.draw(&Text::new(label.clone(), (px.0 - ox + 6, px.1 - oy - 4), style)).map_err(e)?;
+        }
+        // Reference lines: dashed across the data's x range, named at the right end.
+        let ts: Vec<f64> = xs.iter().filter(|&&x| keep(&self.x, x)).map(|&x| xl.t(x)).collect();
+        let (t0, t1) = (
+            ts.iter().copied().fold(f64::INFINITY, f64::min),
+            ts.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+        );
+        for (i, (name, v)) in self.references.iter().enumerate() {
+            let spans = t0 < t1; // false without points, or with one x
+            if !keep(&self.y, *v) || !spans {
+                continue;
+            }
+            let color = REFERENCE_COLORS[i % REFERENCE_COLORS.len()];
+            let y = yl.t(*v);
+            let step = (t1 - t0) / 48.0;
+            let dashes = (0..48).step_by(2).map(|j| {
+                let a = t0 + j as f64 * step;
+                PathElement::new(vec![(a, y), (a + step, y)], color.stroke_width(2))
+            });
+            chart.draw_series(dashes).map_err(e)?;
+            let style = text(LABEL_PX - 2, HPos::Right, VPos::Bottom).color(&color);
+            chart.draw_series(std::iter::once(Text::new(name.clone(), (t1, y), style))).map_err(e)?;
+            entries.push((name.clone(), Swatch::Stroke(color)));
+        }
         draw_legend(&legend, &entries, 10)?;
         root.present().map_err(e)
     }
@@ -369,7 +505,9 @@ impl Figure for Chart {
 pub struct Svg(pub String);
 
 impl Svg {
+    /// Shows the picture as `image/svg+xml`, so that a notebook stores it as an image (kept by
+    /// nbconvert's PDF and HTML exports), not as HTML around it.
     pub fn evcxr_display(&self) {
-        println!("EVCXR_BEGIN_CONTENT text/html\n<div>{}</div>\nEVCXR_END_CONTENT", self.0);
+        println!("EVCXR_BEGIN_CONTENT image/svg+xml\n{}\nEVCXR_END_CONTENT", self.0);
     }
 }

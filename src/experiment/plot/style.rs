@@ -84,11 +84,21 @@ pub fn strategy_style(name: &str) -> Option<Style> {
 /// The style of series `index` named `name`: its strategy's, else the palette's `index`-th
 /// colour with a marker of its own.
 pub fn series_style(name: &str, index: usize) -> Style {
-    strategy_style(name).unwrap_or_else(|| {
-        const MARKERS: [Marker; 5] =
-            [Marker::Circle, Marker::Square, Marker::Triangle, Marker::Diamond, Marker::Cross];
-        Style { color: PALETTE[index % PALETTE.len()], marker: MARKERS[index % MARKERS.len()] }
+    strategy_style(name).unwrap_or_else(|| Style {
+        color: PALETTE[index % PALETTE.len()],
+        marker: MARKERS[index % MARKERS.len()],
     })
+}
+
+/// The markers, in the order lines take them.
+const MARKERS: [Marker; 5] =
+    [Marker::Circle, Marker::Square, Marker::Triangle, Marker::Diamond, Marker::Cross];
+
+/// The marker of a strategy's k-th line in a chart: its own for the first, then the next ones in
+/// turn, so that lines of one strategy (one per GPU count, say) differ in shape as well as shade.
+pub fn nth_marker(base: Marker, k: usize) -> Marker {
+    let start = MARKERS.iter().position(|&m| m == base).unwrap_or(0);
+    MARKERS[(start + k) % MARKERS.len()]
 }
 
 /// `color` darker (k odd) or lighter (k even), further with k: the k-th other line of one
