@@ -149,6 +149,9 @@ enum Command {
         /// Timed runs per size (after two untimed).
         #[arg(long, default_value_t = 21)]
         runs: usize,
+        /// cpu, or cuda: one GPU per MPI process, NCCL (needs --backend mpi and the nccl feature).
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: bench_a2a::DeviceArg,
     },
     /// Start P processes with mpirun (the flags this machine needs: root, oversubscription),
     /// each running this ulysses (or --program) with the arguments after `--`, and stream
@@ -271,7 +274,9 @@ fn main() -> Result<()> {
         Command::Calibrate(args) => calibrate::run(&args),
         Command::CalibrateComm => calibrate::comm_rank(),
         Command::Launch { ranks, program, args } => mpi_launch(ranks, program, &args),
-        Command::BenchA2a { ranks, backend, mib, runs } => bench_a2a::run(backend, ranks, &mib, runs),
+        Command::BenchA2a { ranks, backend, mib, runs, device } => {
+            bench_a2a::run(backend, device, ranks, &mib, runs)
+        }
         Command::RunPoint { dir, point, base, from } => run_point(&dir, point, &base, from.as_deref()),
     }
 }
