@@ -382,3 +382,85 @@ where
     }
     Ok(format!("correct: {cases} cases, 3 models, W = 1 to 8, stages 0 to 3, f32 and mixed precision"))
 }
+
+/// (P, bytes per element, FLOP/s, bytes/s) of the hiding-length check: attention at half the
+/// bf16 peak of an A100 and an H100, the all-to-all at 80% of NVLink (A100 300 GB/s, H100 450
+/// GB/s) and of a 400 Gb/s InfiniBand port (50 GB/s); f32 once.
+const HIDING_CASES: [(u64, u64, f64, f64); 6] = [
+    (2, 2, 156e12, 240e9),
+    (8, 2, 156e12, 240e9),
+    (8, 4, 156e12, 240e9),
+    (4, 2, 494.5e12, 360e9),
+    (8, 2, 494.5e12, 360e9),
+    (64, 2, 494.5e12, 40e9),
+];
+
+/// Exercise of notebook 06: `f(p, es, flops, bandwidth)` must give the sequence length N at
+/// which one Ulysses attention layer's forward attention (causal, on the rank's H/P heads, at
+/// `flops` FLOP/s) takes as long as its forward all-to-alls (q, k, v and the output, MHA, `es`
+/// bytes an element, at `bandwidth` bytes/s per rank): beyond it the all-to-alls can hide behind
+/// attention. The reference finds that length by bisection on the library's own counts: the
+/// all-to-alls' bytes per rank from [`closed_form`](crate::cost::bytes::closed_form) (which the
+/// tests check against the counters) and attention's forward FLOPs from
+/// [`GptConfig::train_flops`](crate::model::GptConfig::train_flops) (a third of its attention
+/// term), for h = 4096. The answer must be within 1%: the closed form without the diagonal's
+/// `+1` (N² / 2 pairs for N (N + 1) / 2) differs by 1 / N, under 0.1% for these lengths.
+pub fn check_hiding_length<F>(f: F) -> Result<String>
+where
+    F: Fn(u64, u64, f64, f64) -> f64,
+{
+    use crate::attention::{Mask, StrategyConfig};
+    use crate::cost::bytes::closed_form;
+    use crate::model::GptConfig;
+    const OP: &str = "check_hiding_length";
+    let cfg = GptConfig { n_layer: 1, n_head: 64, n_kv_head: 64, n_embd: 4096, ..GptConfig::tiny() };
+    let h = cfg.n_embd;
+    for (p, es, flops, bandwidth) in HIDING_CASES {
+        // Attention's forward time on one rank, and the all-to-alls', at length n.
+        let attention = |n: i64| {
+            let total = cfg.train_flops(n, n, &Mask::Causal) - 6.0 * cfg.matmul_params() as f64 * n as f64;
+            total / 3.0 / p as f64 / flops
+        };
+        let a2a = |n: i64| {
+            closed_form(StrategyConfig::Ulysses, n, h, h, p as usize, es as i64)
+                .map_or(f64::NAN, |(fwd, _)| fwd)
+                / bandwidth
+        };
+        // The smallest n (a multiple of P) where attention takes at least as long: attention
+        // grows as n^2, the all-to-alls as n, so the sign changes once.
+        let (mut lo, mut hi) = (1i64, 1i64 << 22); // up to 4M x P tokens, far past every case
+        if attention(hi * p as i64) < a2a(hi * p as i64) {
+            return Err(mismatch(
+                OP,
+                format!("P = {p}: attention never catches up below {} tokens", hi * p as i64),
+            ));
+        }
+        while hi - lo > 1 {
+            let mid = (lo + hi) / 2;
+            if attention(mid * p as i64) >= a2a(mid * p as i64) {
+                hi = mid;
+            } else {
+                lo = mid;
+            }
+        }
+        let want = (hi * p as i64) as f64;
+        let yours = f(p, es, flops, bandwidth);
+        let close = ((yours - want) / want).abs() <= 0.01; // NaN fails too
+        if !close {
+            return Err(mismatch(
+                OP,
+                format!(
+                    "P = {p}, {es}-byte elements, {:.0} TFLOP/s, {:.0} GB/s: your length is {yours:.0}, \
+                     attention catches up with the all-to-alls at N = {want:.0} ({:+.1}%)",
+                    flops / 1e12,
+                    bandwidth / 1e9,
+                    100.0 * (yours / want - 1.0)
+                ),
+            ));
+        }
+    }
+    Ok(format!(
+        "correct: {} cases, NVLink and InfiniBand, P = 2 to 64, from a few thousand tokens to tens of thousands",
+        HIDING_CASES.len()
+    ))
+}

@@ -5,8 +5,8 @@
 use tch::Tensor;
 use ulysses::comm::Group;
 use ulysses::course::{
-    attempt, check_ring_reach, check_step_flops, check_ulysses_bytes, check_ulysses_reshard,
-    check_zero_states, Outcome,
+    attempt, check_hiding_length, check_ring_reach, check_step_flops, check_ulysses_bytes,
+    check_ulysses_reshard, check_zero_states, Outcome,
 };
 use ulysses::Result;
 
@@ -233,4 +233,34 @@ fn zero_check_rejects_wrong_formulas() {
     };
     let e = check_zero_states(no_master).expect_err("no master weights").to_string();
     assert!(e.contains("W = 1, ZeRO-0, bf16 mixed precision"), "{e}");
+}
+
+// --- 06: where the all-to-alls hide behind attention ------------------------------------------
+
+/// The reference solution: forward all-to-alls send 4 N h (P-1)/P^2 elements per rank (q, k, v
+/// and the output, each keeping 1/P); causal attention on H/P heads costs 4 h / P FLOPs per
+/// visible pair, N^2 / 2 pairs; equal when N = 2 (P-1) es F / (P B).
+fn hiding_length(p: u64, es: u64, flops: f64, bandwidth: f64) -> f64 {
+    2.0 * (p - 1) as f64 * es as f64 * flops / (p as f64 * bandwidth)
+}
+
+#[test]
+fn hiding_check_accepts_the_solution() -> Result<()> {
+    let verdict = check_hiding_length(hiding_length)?;
+    assert!(verdict.starts_with("correct"), "{verdict}");
+    Ok(())
+}
+
+#[test]
+fn hiding_check_rejects_wrong_lengths() {
+    // The (P-1)/P share that leaves each rank forgotten: twice too long at P = 2.
+    let e = check_hiding_length(|_p, es, f, b| 2.0 * es as f64 * f / b).expect_err("no (P-1)/P").to_string();
+    assert!(e.contains("P = 2, 2-byte elements, 156 TFLOP/s, 240 GB/s") && e.contains("+100.0%"), "{e}");
+    // Unmasked attention (N^2 pairs): half the length.
+    let e = check_hiding_length(|p, es, f, b| hiding_length(p, es, f, b) / 2.0)
+        .expect_err("unmasked")
+        .to_string();
+    assert!(e.contains("-50.0%"), "{e}");
+    let o = attempt(|| check_hiding_length(|_, _, _, _| todo!("your length here")));
+    assert!(matches!(o, Outcome::NotAttempted(_)), "{o}");
 }
