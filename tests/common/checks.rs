@@ -191,24 +191,31 @@ pub fn strategies(g: &Group) -> Result<()> {
     );
     // The reference on this rank: causal attention, kv head of query head h is h / G.
     let want = super::reference_attention(&super::causal(n), &q, &k, &v, &w);
-    // Packed: documents of 5, 19 and 24 tokens in each sample, causal inside each. On 2 ranks
-    // no document crosses a share (a ring sends nothing); on 3 and 4 some do, so ring blocks
-    // travel part of the way and their accumulators go home from where they stopped.
-    let lengths = [5i64, 19, 24];
-    let docs = Documents::from_lengths(n, &[lengths.to_vec(), lengths.to_vec()])?;
-    let doc_of = Tensor::from_slice(
-        &lengths.iter().enumerate().flat_map(|(i, &l)| vec![i as i64; l as usize]).collect::<Vec<_>>(),
-    );
-    let same_doc = doc_of.unsqueeze(1).eq_tensor(&doc_of.unsqueeze(0));
-    let want_packed = super::reference_attention(&super::causal(n).logical_and(&same_doc), &q, &k, &v, &w);
+    // Packed, two batches of the same documents in each sample: 5, 19 and 24 tokens (on 2 ranks no
+    // document crosses a share and a ring sends nothing; on 3 and 4 blocks travel part of the way
+    // and their accumulators go home from there), and 30 and 18 (on 4 ranks block 0 travels two
+    // steps, so its accumulator comes home from two ranks away).
+    let doc_sets = [vec![5i64, 19, 24], vec![30i64, 18]];
+    let mut packings = Vec::new();
+    for lengths in &doc_sets {
+        let docs = Documents::from_lengths(n, &[lengths.clone(), lengths.clone()])?;
+        let doc_of = Tensor::from_slice(
+            &lengths.iter().enumerate().flat_map(|(i, &l)| vec![i as i64; l as usize]).collect::<Vec<_>>(),
+        );
+        let same_doc = doc_of.unsqueeze(1).eq_tensor(&doc_of.unsqueeze(0));
+        let want = super::reference_attention(&super::causal(n).logical_and(&same_doc), &q, &k, &v, &w);
+        packings.push((docs, want));
+    }
 
     let packed_list: Vec<StrategyConfig> = list
         .iter()
         .copied()
         .filter(|s| matches!(s, StrategyConfig::Ring { .. } | StrategyConfig::Usp { .. }))
         .collect();
-    let runs = list.into_iter().map(|s| (s, false)).chain(packed_list.into_iter().map(|s| (s, true)));
-    for (strategy, packed) in runs {
+    let runs = list.into_iter().map(|s| (s, None)).chain(
+        packed_list.iter().flat_map(|&s| (0..packings.len()).map(move |i| (s, Some(i)))).collect::<Vec<_>>(),
+    );
+    for (strategy, packing) in runs {
         let s = strategy.build(g, AttentionConfig::new(Kernel::Math, Mask::Causal), n, heads, kv_heads)?;
         let layout = s.layout().clone();
         let mine = |t: &Tensor| -> Result<Tensor> {
@@ -216,8 +223,8 @@ pub fn strategies(g: &Group) -> Result<()> {
         };
         let (qs, ks, vs) = (mine(&q)?, mine(&k)?, mine(&v)?);
         let tape = Tape::new();
-        let o = s.forward_docs(&tape, &qs, &ks, &vs, packed.then_some(&docs))?;
-        let want = if packed { &want_packed } else { &want };
+        let o = s.forward_docs(&tape, &qs, &ks, &vs, packing.map(|i| &packings[i].0))?;
+        let want = packing.map_or(&want, |i| &packings[i].1);
         tape.backward(&(&o * layout.shard(&w, 1, g.rank())?).sum(Kind::Double))?;
         // k and v gradients are sums over every rank's queries: each rank holds its tokens' part.
         for (name, got, full) in [
@@ -228,7 +235,12 @@ pub fn strategies(g: &Group) -> Result<()> {
         ] {
             let slice = layout.shard(full, 1, g.rank())?;
             let diff = max_diff(&got, &slice);
-            ensure!(diff < 1e-10, "{} P={p} packed {packed} {name}: max diff {diff:.3e}", strategy.label());
+            ensure!(
+                diff < 1e-10,
+                "{} P={p} documents {:?} {name}: max diff {diff:.3e}",
+                strategy.label(),
+                packing.map(|i| &doc_sets[i])
+            );
         }
     }
     Ok(())
