@@ -188,6 +188,8 @@ for i, cell in enumerate(cells):
         # A chart must be stored as an image (image/svg+xml), which exports keep, not as HTML.
         if "<svg" in "".join(o.get("data", {}).get("text/html", "")):
             bad.append(f"code cell {i + 1}: a chart stored as HTML, not image/svg+xml")
+        if "Svg(" in "".join(o.get("data", {}).get("text/plain", "")):
+            bad.append(f"code cell {i + 1}: a chart shown as its Debug text (end the cell with .evcxr_display())")
 last = "".join("".join(o.get("text", "")) for o in cells[-1].get("outputs", []))
 if name != "00_warmup" and "all claims hold" not in last:
     bad.append("the last code cell did not print 'all claims hold'")
