@@ -148,6 +148,16 @@ impl SeqLayout {
         &self.segments[r]
     }
 
+    /// The segments of groups of `group` consecutive ranks, each group's in rank order: what the
+    /// ranks of a ring hold when each ring rank stands for a group (USP's Ulysses groups; 1: the
+    /// ranks themselves).
+    pub fn grouped_segments(&self, group: usize) -> Vec<Vec<(i64, i64)>> {
+        let group = group.max(1);
+        (0..self.ranks() / group)
+            .map(|i| (0..group).flat_map(|j| self.segments(i * group + j).iter().copied()).collect())
+            .collect()
+    }
+
     /// Whether every rank holds one run and the runs follow rank order (what an all-to-all over
     /// the whole group needs to gather the sequence in order).
     pub fn is_contiguous(&self) -> bool {

@@ -165,6 +165,9 @@ impl RingCore {
     ) -> Result<Tensor> {
         self.check_docs(q, docs)?;
         let scale = 1.0 / (q.size()[3] as f64).sqrt();
+        // Who holds what and where each block travels: worked out once for both passes.
+        let route = Rc::new(self.route(docs));
+        let route_for_backward = Rc::clone(&route);
         // The forward leaves what the backward needs here.
         let saved: Rc<Cell<Option<Saved>>> = Rc::default();
         let saved_for_backward = Rc::clone(&saved);
@@ -172,7 +175,7 @@ impl RingCore {
             "ring_attention",
             &[q, k, v],
             |xs| {
-                let (out, lse, work) = self.ring_forward(&xs[0], &xs[1], &xs[2], scale, docs)?;
+                let (out, lse, work) = self.ring_forward(&xs[0], &xs[1], &xs[2], scale, docs, &route)?;
                 self.work.set(work);
                 let result =
                     out.f_transpose(1, 2).and_then(|o| o.f_to_kind(xs[0].kind())).op("ring_attention")?;
@@ -190,7 +193,7 @@ impl RingCore {
                         op: "ring_attention",
                         msg: "the forward saved nothing for the backward".into(),
                     })?;
-                    ring.ring_backward(&s, &gs[0], scale, docs.as_ref())
+                    ring.ring_backward(&s, &gs[0], scale, docs.as_ref(), &route_for_backward)
                 }
             },
         )?;
@@ -210,7 +213,8 @@ impl RingCore {
     ) -> Result<(Tensor, Tensor)> {
         self.check_docs(q, docs)?;
         let _no_grad = tch::no_grad_guard();
-        let (out, lse, work) = self.ring_forward(q, k, v, 1.0 / (q.size()[3] as f64).sqrt(), docs)?;
+        let scale = 1.0 / (q.size()[3] as f64).sqrt();
+        let (out, lse, work) = self.ring_forward(q, k, v, scale, docs, &self.route(docs))?;
         self.work.set(work);
         // [b, Hq, s, d] -> [b, s, Hq, d]; [b, Hq, s] -> [b, s, Hq]
         let out = out.f_transpose(1, 2).and_then(|o| o.f_to_kind(q.kind())).op("ring_attention")?;
@@ -246,9 +250,16 @@ impl RingCore {
     /// carry one, else the ring's.
     fn segments_for(&self, docs: Option<&Documents>) -> Vec<Vec<(i64, i64)>> {
         match docs.and_then(Documents::layout) {
-            Some(l) => (0..l.ranks()).map(|r| l.segments(r).to_vec()).collect(),
+            Some(l) => l.grouped_segments(1),
             None => self.segments.clone(),
         }
+    }
+
+    /// The segments each rank holds in this batch and how far each block travels.
+    fn route(&self, docs: Option<&Documents>) -> Route {
+        let segments = self.segments_for(docs);
+        let plan = RingPlan::new(&self.mask, docs, &segments);
+        Route { segments, plan }
     }
 
     /// A copy without the work counter, for the backward closure.
@@ -296,18 +307,17 @@ impl RingCore {
         v: &Tensor,
         scale: f64,
         docs: Option<&Documents>,
+        Route { segments, plan }: &Route,
     ) -> Result<(Tensor, Tensor, Work)> {
         let (p, r) = (self.group.size(), self.group.rank());
         let attn = Blockwise { mask: &self.mask, docs, scale, fused: true };
-        let segments = self.segments_for(docs);
-        let plan = RingPlan::new(&self.mask, docs, &segments);
         let qh = block_layout(q)?;
         let (mut kb, mut vb) = (k.shallow_clone(), v.shallow_clone());
         let mut acc: Option<(Tensor, Tensor)> = None;
         let mut work = Work::default();
         for step in 0..p {
             // The next block travels while this one is attended to.
-            let next = self.pass(&plan, step, &kb, &vb)?;
+            let next = self.pass(plan, step, &kb, &vb)?;
             // Rank `src`'s block is here unless no rank from here on attends to it.
             if let Some(src) = plan.held(r, step) {
                 let (o, lse, w) =
@@ -346,6 +356,7 @@ impl RingCore {
         dout: &Tensor,
         scale: f64,
         docs: Option<&Documents>,
+        Route { segments, plan }: &Route,
     ) -> Result<Vec<Tensor>> {
         let _no_grad = tch::no_grad_guard();
         let (p, r) = (self.group.size(), self.group.rank());
@@ -366,8 +377,6 @@ impl RingCore {
         let (mut kb, mut vb) = (s.k.shallow_clone(), s.v.shallow_clone());
         // [b, Hkv, s, d] f32: the shape of every dK/dV accumulator, travelling with its block.
         let acc_like = heads_first(&s.k).and_then(|t| t.f_zeros_like().op("ring_attention"))?;
-        let segments = self.segments_for(docs);
-        let plan = RingPlan::new(&self.mask, docs, &segments);
         let qruns = runs(&segments[r]);
         // The accumulators sent at the previous step (on to the next rank, or home), and what
         // they bring here: the accumulator of the block this rank holds next, and this rank's
@@ -376,7 +385,7 @@ impl RingCore {
         let (mut incoming, mut own): (Option<Pair>, Option<Pair>) = (None, None);
         let mut expected = (false, false); // (incoming, own) in the travelling batch
         for step in 0..p {
-            let next = self.pass(&plan, step, &kb, &vb)?;
+            let next = self.pass(plan, step, &kb, &vb)?;
             let held = plan.held(r, step);
             let mut contribution = None;
             if let Some(src) = held {
@@ -478,6 +487,12 @@ fn accumulators_arrived(
     Ok((incoming, take(expected.1)))
 }
 
+/// One batch's segments per ring rank and the plan of who sends what ([`RingPlan`]).
+struct Route {
+    segments: Vec<Vec<(i64, i64)>>,
+    plan: RingPlan,
+}
+
 /// What the forward keeps for the backward: its inputs (this rank's block only, compact), the
 /// output and the log-sum-exp in f32.
 struct Saved {
@@ -539,7 +554,7 @@ impl RingAttention {
                 ),
             });
         }
-        let segments = (0..p).map(|r| layout.segments(r).to_vec()).collect();
+        let segments = layout.grouped_segments(1);
         let g = heads / kv_heads;
         let kv_map = (g > 1).then(|| (0..heads).map(|h| h / g).collect());
         Ok(RingAttention { core: RingCore::new(group, mask, segments, kv_map)?, layout, heads, kv_heads })

@@ -56,8 +56,7 @@ impl UspAttention {
         let plan = HeadPlan::new(heads, kv_heads, ulysses)?;
         let (ring_idx, u_idx) = (mesh.coord("ring")?, mesh.coord("ulysses")?);
         // The ring chunk of ring rank i is what its Ulysses group gathers: its ranks in order.
-        let chunk = |i: usize| (0..ulysses).flat_map(|j| layout.segments(i * ulysses + j).to_vec()).collect();
-        let segments = (0..ring_degree).map(chunk).collect();
+        let segments = layout.grouped_segments(ulysses);
         let chunk_split: Vec<i64> = (0..ulysses).map(|j| layout.len(ring_idx * ulysses + j)).collect();
         let q_a2a = AllToAll::new(2, 1, plan.q_split().to_vec(), chunk_split.clone());
         let kv_a2a = AllToAll::new(2, 1, plan.kv_split(), chunk_split.clone());

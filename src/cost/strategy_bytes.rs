@@ -90,8 +90,8 @@ pub fn layer_comm(job: &Job, r: usize) -> Result<Vec<CommCall>> {
             ]
         }
         StrategyConfig::Ring { .. } => {
-            let segments: Vec<Vec<(i64, i64)>> = (0..p).map(|j| layout.segments(j).to_vec()).collect();
-            let plan = RingPlan::new(&job.attention.mask, job.packed()?.as_ref(), &segments);
+            let plan =
+                RingPlan::new(&job.attention.mask, job.packed()?.as_ref(), &layout.grouped_segments(1));
             ring_shifts(GroupRole::Sp, b * lens[r] * c.n_kv_head * d, &plan, r, es)
         }
         StrategyConfig::AllGatherKv { .. } => {
@@ -104,16 +104,14 @@ pub fn layer_comm(job: &Job, r: usize) -> Result<Vec<CommCall>> {
             ]
         }
         StrategyConfig::Usp { ulysses, .. } => {
-            let (ring, (u, ri)) = (p / ulysses, (r % ulysses, r / ulysses));
+            let (u, ri) = (r % ulysses, r / ulysses);
             let plan = HeadPlan::new(c.n_head, c.n_kv_head, ulysses)?;
             // The Ulysses group of ring rank ri gathers its ring chunk: its ranks' shares.
             let chunk: Vec<i64> = (0..ulysses).map(|j| lens[ri * ulysses + j]).collect();
             let mut v = ulysses_a2a(GroupRole::Ulysses, b * d, &plan, &chunk, u, es);
             let chunk_len: i64 = chunk.iter().sum();
-            // The ring's ranks hold their Ulysses groups' chunks: segments as USP builds them.
-            let segments: Vec<Vec<(i64, i64)>> = (0..ring)
-                .map(|i| (0..ulysses).flat_map(|j| layout.segments(i * ulysses + j).to_vec()).collect())
-                .collect();
+            // The ring's ranks hold their Ulysses groups' chunks, as USP builds them.
+            let segments = layout.grouped_segments(ulysses);
             let hops = RingPlan::new(&job.attention.mask, job.packed()?.as_ref(), &segments);
             v.extend(ring_shifts(GroupRole::Ring, b * chunk_len * plan.kv_split()[u] * d, &hops, ri, es));
             v
