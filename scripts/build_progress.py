@@ -37,10 +37,11 @@ estimate is a guide, the elapsed time is exact.
 
 --record LOG writes what the estimate reads (cargo's lines, the load and CPU samples) with their
 times; --replay feeds such a log through the same code on the log's clock and prints the error
-at every second; --self-test replays every log in scripts/build-times/, prints where an estimate
-from FROM_S on is off by more than BOUND (see FLOOR_S for the last seconds) and fails if one
-does worse than KEEP holds it to. TABLE comes from
-`cargo build --timings` through --from-timings. scripts/build-times/README.md has the details.
+at every second; --self-test replays every log in scripts/build-times/ against the table of the
+code it built (TABLE_OF), prints where an estimate from FROM_S on is off by more than BOUND (see
+FLOOR_S for the last seconds) and fails if one of ACCEPT is, or another does worse than KEEP
+holds it to. TABLE comes from `cargo build --timings` through --from-timings.
+scripts/build-times/README.md has the details.
 
 On a terminal: one status line redrawn in place. Elsewhere (CI, pipes): a line every 10 s.
 Nothing is printed when everything was already built. The exit status is cargo's.
@@ -184,7 +185,8 @@ def from_timings(html_path, note, scale_to=None, unit_graph=None, load_log=None)
                 loads.on_load(*(float(x) for x in line.split()[:2]), when)
             elif stream == "c":
                 cpu = json.loads(line)
-                loads.on_cpu({tuple(r[:3]): r[3] for r in cpu["run"]}, [(tuple(r[:3]), r[3]) for r in cpu["end"]], when)
+                loads.on_cpu({tuple(r[:3]): r[3] for r in cpu["run"]}, [(tuple(r[:3]), r[3]) for r in cpu["end"]], when,
+                             cpu.get("total"))
                 for package, version, target, seconds in cpu["end"]:
                     ended.setdefault((package, version, same_target(target)), []).append((when, seconds))
         idle = lambda start, seconds: loads.idle_seconds(start, start + seconds)
@@ -440,7 +442,7 @@ class LoadSampler:
             # the kernel adds them to its cutime/cstime, however short they were) and the
             # running ones'. Units shorter than a sample, which the per-unit readings below
             # never see, are in it.
-            self.total = self.cpu(self.root)
+            self.total = self.cpu(self.root)  # 0 once cargo has exited (Build.on_cpu skips it)
             now = set(self.children(self.root))
             for pid in list(self.units):
                 if pid not in now:
@@ -721,11 +723,15 @@ class Build:
                 u = self.ended_unit(package, version, target)
                 if u is not None and u.cpu >= RATIO_MIN_CPU_S:
                     self.ratios.append((now, u.cpu, seconds))
+            if total is not None and self.cpu_used and total < self.cpu_used[1]:
+                total = None  # cargo has exited (its tree reads 0): no reading, not a negative rate
+            if total is None and self.cpu_used and self.cpu_used[2]:
+                return  # nor the sum of the units' readings, which the totals before it were not
             used = total if total is not None else self.cpu_ended + sum(running.values())
             if self.cpu_used and self.loads and self.loads[-1][0] == now and self.threads >= 0.5:
                 rate = (used - self.cpu_used[1]) / max(1e-9, now - self.cpu_used[0])
                 self.add_share(now, max(0.05, min(1.0, rate / min(self.threads, self.cores))), replace=True)
-            self.cpu_used = (now, used)
+            self.cpu_used = (now, used, total is not None)
 
     def ended_unit(self, package, version, target):
         """The unit of the table that a process which ended was (of its package and target, the
@@ -1009,11 +1015,19 @@ class Build:
 FLOOR_S = 20.0
 BOUND = 0.30
 FROM_S = 30.0
-# What the self-test holds each recorded build to (see self_test), what the estimate achieves on it
-# now: (no worse than this at worst, at least this share of the estimates within ±BOUND).
-KEEP = {"cli-fresh-quiet.log.gz": (0.33, 0.98), "evcxr-fresh-quiet.log.gz": (0.30, 1.00),
+# The issue's acceptance criterion, which the self-test asserts: every estimate from FROM_S on
+# within ±BOUND, replayed over fresh builds of the CLI and of evcxr recorded on a quiet machine
+# against the table of the code they built; the two held-out ones were recorded after the
+# estimate last changed and were not used to develop it.
+ACCEPT = ("cli-fresh-heldout.log.gz", "evcxr-fresh-heldout.log.gz", "evcxr-fresh-quiet.log.gz")
+# What the self-test holds the other recorded builds to, what the estimate achieves on them now:
+# (no worse than this at worst, at least this share of the estimates within ±BOUND).
+# cli-fresh-quiet built code whose src/ had grown by 3,800 lines (+4,519 -730) since the commit
+# that its table came with (no table of its own code was measured); the others ran on a machine
+# busy with other users' builds.
+KEEP = {"cli-fresh-quiet.log.gz": (0.33, 0.98),
         "cli-fresh.log": (0.46, 0.99), "cli-warm.log": (0.48, 0.96), "evcxr-fresh.log": (0.76, 0.61)}
-KEEP_DEFAULT = (0.75, 0.75)  # a recording not listed there
+KEEP_DEFAULT = (0.75, 0.75)  # a recording not listed in either
 
 
 def read_log(path):
@@ -1076,9 +1090,19 @@ def error(estimate, true_left):
     return (estimate - true_left) / max(true_left, FLOOR_S)
 
 
+# The table of the code each recording built, where it is not the current one of its build (a
+# replay against a table of other code tests the table, not the estimate): cli.tsv was measured
+# again on 2026-12-07, when this crate's library had grown; the CLI builds recorded before then
+# keep the table of their day.
+TABLE_OF = {"cli-fresh.log": "cli-2026-12-06.tsv", "cli-warm.log": "cli-2026-12-06.tsv",
+            "cli-fresh-quiet.log.gz": "cli-2026-12-06.tsv"}
+
+
 def table_for(log):
-    """scripts/build-times/cli-fresh.log -> scripts/build-times/cli.tsv (the name up to its first -)."""
-    return os.path.join(os.path.dirname(log), os.path.basename(log).split("-", 1)[0].split(".", 1)[0] + ".tsv")
+    """The table to replay a recording against: TABLE_OF's, else the one named by the log's name up
+    to its first - (scripts/build-times/cli-fresh-heldout.log.gz -> scripts/build-times/cli.tsv)."""
+    name = os.path.basename(log)
+    return os.path.join(os.path.dirname(log), TABLE_OF.get(name) or name.split("-", 1)[0].split(".", 1)[0] + ".tsv")
 
 
 def replay_report(log, times=None, out=sys.stdout, every=10):
@@ -1181,7 +1205,9 @@ def self_test():
     assert unit_of({**lib, "target": {"kind": ["custom-build"], "name": "build-script-build"}}) == ("tch", "build-script")
     assert unit_of({"reason": "build-script-executed", "package_id": "x#tch@0.24.0"}) == ("tch", "build-script-run")
     assert unit_of({**lib, "target": {"kind": ["bin"], "name": "ulysses"}}) == ("tch", "bin ulysses")
-    for name in ("cli.tsv", "evcxr.tsv"):
+    tables = sorted(n for n in os.listdir(os.path.join(here, "build-times")) if n.endswith(".tsv"))
+    assert {"cli.tsv", "evcxr.tsv"} <= set(tables) and set(TABLE_OF.values()) <= set(tables), tables
+    for name in tables:
         units, total, jobs = read_table(os.path.join(here, "build-times", name))
         assert units and total and jobs, name
         # The replayed schedule of the whole table is the measured build within 15 % (cargo's own
@@ -1228,7 +1254,7 @@ def self_test():
     # Recorded builds replayed through the estimate (see replay_report).
     logs = sorted(os.path.join(here, "build-times", n) for n in os.listdir(os.path.join(here, "build-times"))
                   if n.endswith((".log", ".log.gz")))
-    assert any("cli-fresh" in n for n in logs) and any("evcxr-fresh" in n for n in logs), logs
+    assert set(ACCEPT) <= {os.path.basename(n) for n in logs}, logs
     for log in logs:
         assert read_log(log)[3] == 0, f"{log}: the recorded build failed"
     results = {log: replay_report(log, every=60) for log in logs}
@@ -1236,12 +1262,18 @@ def self_test():
               for log, (worst, within) in results.items() if worst > BOUND]
     if missed:
         print(f"build_progress.py: estimates off by more than ±{BOUND:.0%} from {FROM_S:.0f} s on: {'; '.join(missed)}")
-    # What the estimate achieved on these recordings, which it must keep: the machine they were
-    # recorded on ran other users' builds that took half of the cores or gave them back within a
-    # minute, which no estimate can see coming (the replay prints where).
+    # The acceptance criterion (ACCEPT), and what the estimate achieved on the other recordings,
+    # which it must keep: the machine most were recorded on ran other users' builds that took half
+    # of the cores or gave them back within a minute, which no estimate can see coming (the replay
+    # prints where).
+    short = [f"{os.path.basename(log)}: {worst:.1%} at worst, {within:.1%} within ±{BOUND:.0%}"
+             for log, (worst, within) in results.items() if os.path.basename(log) in ACCEPT
+             and (worst > BOUND or within < 1.0)]
+    assert not short, f"the acceptance criterion is not met: {', '.join(short)}"
     keep = lambda log: KEEP.get(os.path.basename(log), KEEP_DEFAULT)
     bad = [f"{os.path.basename(log)}: {worst:.0%} at worst, {within:.0%} within ±{BOUND:.0%}"
-           for log, (worst, within) in results.items() if worst > keep(log)[0] or within < keep(log)[1]]
+           for log, (worst, within) in results.items() if os.path.basename(log) not in ACCEPT
+           and (worst > keep(log)[0] or within < keep(log)[1])]
     assert not bad, f"the estimate got worse than it was: {', '.join(bad)}"
     print("build_progress.py: self-test passed")
     return 0
@@ -1265,7 +1297,8 @@ def main():
     ap.add_argument("cargo", nargs=argparse.REMAINDER, help="-- cargo build ...")
     ap.add_argument("--self-test", action="store_true", help="check the parsing and the estimate, then exit")
     ap.add_argument("--replay", metavar="LOG", help="replay a recording (--record) through the estimate "
-                    "and print its error at every second (--times: the table; default: the log's name's)")
+                    "and print its error at every second (--times: the table; default: TABLE_OF's, else the "
+                    "log's name's)")
     args = ap.parse_args()
     if args.replay:
         worst, _ = replay_report(args.replay, args.times, every=1)
