@@ -1105,6 +1105,15 @@ def table_for(log):
     return os.path.join(os.path.dirname(log), TABLE_OF.get(name) or name.split("-", 1)[0].split(".", 1)[0] + ".tsv")
 
 
+def share(part, whole):
+    """`part` of `whole` as a percentage: whole numbers, with a decimal where rounding would show
+    a share that is not all (or none) as 100% (or 0%)."""
+    x = 100 * part / max(1, whole)
+    if part not in (0, whole) and (round(x) in (0, 100)):
+        return f"{x:.1f}%"
+    return f"{x:.0f}%"
+
+
 def replay_report(log, times=None, out=sys.stdout, every=10):
     """Prints the replay of `log` (every `every` s, and the worst row) and returns the largest
     |error| from FROM_S on."""
@@ -1131,7 +1140,7 @@ def replay_report(log, times=None, out=sys.stdout, every=10):
     worst_err = abs(worst[3]) if worst else 0.0
     within = sum(1 for r in judged if abs(r[3]) <= BOUND)
     out.write(f"   within ±{BOUND:.0%} from {FROM_S:.0f} s on: {within} of {len(judged)} estimates "
-              f"({within / max(1, len(judged)):.0%})\n")
+              f"({share(within, len(judged))})\n")
     out.write(f"   max |error| from {FROM_S:.0f} s on: {worst_err:.0%} (at {clock(worst[0]) if worst else '-'}, "
               f"{clock(worst[1]) if worst else '-'} left, estimated {clock(worst[2]) if worst else '-'})\n")
     return worst_err, within / max(1, len(judged))
@@ -1258,7 +1267,7 @@ def self_test():
     for log in logs:
         assert read_log(log)[3] == 0, f"{log}: the recorded build failed"
     results = {log: replay_report(log, every=60) for log in logs}
-    missed = [f"{os.path.basename(log)} {worst:.0%} at worst, {1 - within:.0%} of its estimates"
+    missed = [f"{os.path.basename(log)} {worst:.0%} at worst, {100 * (1 - within):.1f}% of its estimates"
               for log, (worst, within) in results.items() if worst > BOUND]
     if missed:
         print(f"build_progress.py: estimates off by more than ±{BOUND:.0%} from {FROM_S:.0f} s on: {'; '.join(missed)}")
