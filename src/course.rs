@@ -464,3 +464,219 @@ where
         HIDING_CASES.len()
     ))
 }
+
+/// (P, N, H) of the Megatron-SP bytes check: a GPT with two layers of width 48 (H heads of
+/// 48/H), P dividing N and H.
+const MEGATRON_CASES: [(usize, i64, i64); 4] = [(2, 16, 4), (3, 24, 6), (4, 32, 4), (4, 48, 8)];
+
+/// Exercise of notebook 07: `f(n, h, p)` must give the bytes one rank sends, per layer, in the
+/// all-gathers and reduce-scatters of Megatron-style sequence parallelism, (forward, backward),
+/// for one sequence of `n` tokens of width `h` in f32 on `p` ranks. The reference is what the
+/// library counts: a two-layer GPT with Megatron-SP runs a forward and a backward on P thread
+/// ranks, and every rank's all-gather and reduce-scatter bytes (the collectives that move
+/// activations; the all-reduce of the replicated norms' gradients is left out) are compared,
+/// per layer, in each phase.
+pub fn check_megatron_sp_bytes<F>(f: F) -> Result<String>
+where
+    F: Fn(u64, u64, u64) -> (u64, u64),
+{
+    use crate::attention::StrategyConfig;
+    use crate::model::{shift_labels, Gpt, GptConfig};
+    const OP: &str = "check_megatron_sp_bytes";
+    let layers = 2i64;
+    for (p, n, heads) in MEGATRON_CASES {
+        let cfg =
+            GptConfig { n_layer: layers, n_head: heads, n_kv_head: heads, n_embd: 48, ..GptConfig::tiny() };
+        let yours = f(n as u64, cfg.n_embd as u64, p as u64);
+        let counted = launch(p, |ctx| -> Result<(u64, u64)> {
+            let g = ctx.world();
+            let strategy =
+                StrategyConfig::MegatronSp.build(g, AttentionConfig::default(), n, heads, heads)?;
+            let layout = strategy.layout().clone();
+            let model = Gpt::new(&cfg, strategy, Kind::Float, Device::Cpu)?;
+            let toks = (Tensor::arange(n, (Kind::Int64, Device::Cpu)) * 7 + 3)
+                .remainder(cfg.vocab_size)
+                .reshape([1, n]);
+            let labels = shift_labels(&toks)?;
+            let (t, l) = (layout.shard(&toks, 1, ctx.rank())?, layout.shard(&labels, 1, ctx.rank())?);
+            let moved = |g: &Group| {
+                let s = g.stats();
+                s.op(OpKind::AllGather).bytes_sent + s.op(OpKind::ReduceScatter).bytes_sent
+            };
+            g.reset_rank_stats();
+            let tape = Tape::new();
+            let loss = model.loss(&tape, &t, &l)?;
+            let forward = moved(g);
+            model.backward(&tape, &loss)?;
+            Ok((forward, moved(g) - forward))
+        })?;
+        for (r, (forward, backward)) in counted.into_iter().enumerate() {
+            let want = (forward / layers as u64, backward / layers as u64);
+            if yours != want {
+                return Err(mismatch(
+                    OP,
+                    format!(
+                        "P = {p}, N = {n}, h = {}: your bytes per layer are {} B forward and {} B backward; \
+                         rank {r} sent {} B and {} B",
+                        cfg.n_embd, yours.0, yours.1, want.0, want.1
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(format!("correct: every rank of {} two-layer GPTs, P = 2 to 4", MEGATRON_CASES.len()))
+}
+
+/// (model, P, N, bf16) of the checkpoint check: Llama-3-8B, the 1.3B GPT and a one-layer model.
+const CHECKPOINT_CASES: [(&str, usize, i64, bool); 6] = [
+    ("llama3-8b", 8, 1 << 20, true),
+    ("llama3-8b", 32, 1 << 22, true),
+    ("gpt-1.3b", 4, 65536, true),
+    ("gpt-1.3b", 1, 8192, false),
+    ("one-layer", 2, 4096, false),
+    ("one-layer", 4, 16384, true),
+];
+
+/// Exercise of notebook 08: `f(layers, n, p, h, es, offload)` must give the bytes of the block
+/// inputs one rank holds on its device under full activation checkpointing (what full
+/// checkpointing keeps of each block between the forward and the backward), for one sequence of
+/// `n` tokens split over `p` sequence-parallel ranks, `es` bytes an element; with `offload`,
+/// the inputs wait in host memory and the device holds the one in use and the one coming. The
+/// reference is the cost model's term for them ([`memory`](crate::cost::memory::memory)), which
+/// tests/cost_memory.rs checks against the allocator; both are a product of small integers, so
+/// they must agree exactly.
+pub fn check_checkpoint_bytes<F>(f: F) -> Result<String>
+where
+    F: Fn(u64, u64, u64, u64, u64, bool) -> f64,
+{
+    use crate::attention::StrategyConfig;
+    use crate::cost::{memory::memory, Hardware, Job};
+    use crate::model::GptConfig;
+    use crate::train::{Checkpointing, Precision};
+    const OP: &str = "check_checkpoint_bytes";
+    let hw = Hardware::load("dgx-h100")?;
+    for (name, p, n, bf16) in CHECKPOINT_CASES {
+        let model = match name {
+            "llama3-8b" => GptConfig::llama3_8b(),
+            "gpt-1.3b" => GptConfig::gpt_1_3b(),
+            _ => GptConfig { n_layer: 1, ..GptConfig::gpt_1_3b() },
+        };
+        for offload in [false, true] {
+            let job = Job {
+                precision: if bf16 { Precision::Bf16 } else { Precision::F32 },
+                checkpointing: Checkpointing::Full,
+                offload,
+                ..Job::new(model.clone(), StrategyConfig::Ulysses, p, n)
+            };
+            let want: f64 = memory(&job, 0, &hw)?
+                .activations
+                .iter()
+                .filter(|t| t.name.starts_with("block inputs"))
+                .map(|t| t.bytes)
+                .sum();
+            let es = job.element_bytes() as u64;
+            let yours = f(model.n_layer as u64, n as u64, p as u64, model.n_embd as u64, es, offload);
+            if yours != want {
+                return Err(mismatch(
+                    OP,
+                    format!(
+                        "{name} (L = {}, h = {}), N = {n} on P = {p}, {es}-byte elements, offload {offload}: \
+                         your bytes are {yours:.0} ({:.3} GiB), the cost model's {want:.0} ({:.3} GiB)",
+                        model.n_layer,
+                        model.n_embd,
+                        yours / (1u64 << 30) as f64,
+                        want / (1u64 << 30) as f64
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(format!(
+        "correct: {} jobs with and without offload, one to 32 layers, P = 1 to 32, f32 and bf16",
+        CHECKPOINT_CASES.len()
+    ))
+}
+
+/// A link as the all-to-all exercise sees it: the bandwidth one rank's bytes get on it (the
+/// link's per-device bandwidth times the efficiency an all-to-all reaches), and the latency of
+/// one algorithm step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LinkSpeed {
+    pub bytes_per_s: f64,
+    pub latency_s: f64,
+}
+
+impl LinkSpeed {
+    /// `link` of `hw` as an all-to-all sees it, at the hardware's band.
+    pub fn all_to_all(hw: &crate::cost::Hardware, link: &crate::cost::hardware::Link) -> Result<LinkSpeed> {
+        Ok(LinkSpeed {
+            bytes_per_s: link.bandwidth_gbs * 1e9 * hw.link_efficiency(link, OpKind::AllToAll)?,
+            latency_s: hw.link_latency_s(link),
+        })
+    }
+}
+
+/// (preset, P, stride) of the all-to-all check: groups inside a node, contiguous groups over
+/// several nodes, and groups whose stride spreads them (a data-parallel group strides the
+/// sequence-parallel degree).
+const A2A_CASES: [(&str, u64, u64); 10] = [
+    ("dgx-a100-40gb", 4, 1),
+    ("dgx-a100-40gb", 8, 1),
+    ("dgx-a100-40gb", 16, 1),
+    ("dgx-a100-40gb", 32, 1),
+    ("dgx-a100-40gb", 4, 2),
+    ("dgx-a100-40gb", 4, 4),
+    ("dgx-a100-40gb", 8, 8),
+    ("dgx-h100", 2, 1),
+    ("dgx-h100", 64, 1),
+    ("dgx-h100", 16, 4),
+];
+
+/// Exercise of notebook 09: `f(sent, p, stride, devices_per_node, intra, inter)` must give the
+/// seconds of one all-to-all in which each of `p` ranks sends `sent` bytes (its (P-1)/P share of
+/// the tensor) to the others, for a group whose members are `stride` ranks apart, ranks filling
+/// nodes of `devices_per_node` in order. Inside a node the bytes go over `intra`; a group that
+/// spans nodes sends each peer's share over the link that reaches it, both links at once, with
+/// P-1 latency steps of the slower (inter-node) link. The reference is the cost model's
+/// [`price`](crate::cost::network::price) on the NCCL networks of the DGX presets; both do the
+/// same few operations in f64, so they must agree to a relative 1e-9.
+pub fn check_a2a_time<F>(f: F) -> Result<String>
+where
+    F: Fn(f64, u64, u64, u64, LinkSpeed, LinkSpeed) -> f64,
+{
+    use crate::cost::network::{price, Placement};
+    use crate::cost::Hardware;
+    const OP: &str = "check_a2a_time";
+    let tensor = 64.0 * (1u64 << 20) as f64; // 64 MiB a rank before the all-to-all
+    for (preset, p, stride) in A2A_CASES {
+        let hw = Hardware::load(preset)?;
+        let net = hw.network("nccl")?;
+        let inter_link =
+            net.inter.as_ref().ok_or_else(|| mismatch(OP, format!("{preset} has no inter-node link")))?;
+        let (intra, inter) =
+            (LinkSpeed::all_to_all(&hw, &net.intra)?, LinkSpeed::all_to_all(&hw, inter_link)?);
+        let dpn = hw.node.devices_per_node as u64;
+        let sent = tensor * (p - 1) as f64 / p as f64;
+        let at = Placement::new(p as usize, stride as usize, dpn as usize);
+        let (want, _) = price(&hw, "nccl", OpKind::AllToAll, at, 1, sent)?;
+        let yours = f(sent, p, stride, dpn, intra, inter);
+        let close = ((yours - want) / want).abs() <= 1e-9; // NaN fails too
+        if !close {
+            return Err(mismatch(
+                OP,
+                format!(
+                    "{preset} ({dpn} GPUs a node), P = {p}, stride {stride} ({} of the group on a node): \
+                     your time is {:.3} ms, the cost model's {:.3} ms ({:+.1}%)",
+                    at.per_node,
+                    yours * 1e3,
+                    want * 1e3,
+                    100.0 * (yours / want - 1.0)
+                ),
+            ));
+        }
+    }
+    Ok(format!(
+        "correct: {} groups on A100 and H100 nodes, inside a node, over up to 8 nodes, and strided",
+        A2A_CASES.len()
+    ))
+}

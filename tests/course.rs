@@ -5,8 +5,9 @@
 use tch::Tensor;
 use ulysses::comm::Group;
 use ulysses::course::{
-    attempt, check_hiding_length, check_ring_reach, check_step_flops, check_ulysses_bytes,
-    check_ulysses_reshard, check_zero_states, Outcome,
+    attempt, check_a2a_time, check_checkpoint_bytes, check_hiding_length, check_megatron_sp_bytes,
+    check_ring_reach, check_step_flops, check_ulysses_bytes, check_ulysses_reshard, check_zero_states,
+    LinkSpeed, Outcome,
 };
 use ulysses::Result;
 
@@ -262,5 +263,156 @@ fn hiding_check_rejects_wrong_lengths() {
         .to_string();
     assert!(e.contains("-50.0%"), "{e}");
     let o = attempt(|| check_hiding_length(|_, _, _, _| todo!("your length here")));
+    assert!(matches!(o, Outcome::NotAttempted(_)), "{o}");
+}
+
+// --- 07: Megatron-SP's bytes --------------------------------------------------------------------
+
+/// The reference solution: the forward all-gathers before attention and the MLP and
+/// reduce-scatters after them, each moving (P-1)/P of an `[N, h]` tensor per rank; the backward
+/// runs their adjoints (4) and gathers the attention's and the MLP's inputs again for the weight
+/// gradients (2).
+fn megatron_sp_bytes(n: u64, h: u64, p: u64) -> (u64, u64) {
+    let one = n * h * (p - 1) / p * 4;
+    (4 * one, 6 * one)
+}
+
+#[test]
+fn megatron_check_accepts_the_solution() -> Result<()> {
+    let verdict = check_megatron_sp_bytes(megatron_sp_bytes)?;
+    assert!(verdict.starts_with("correct"), "{verdict}");
+    Ok(())
+}
+
+#[test]
+fn megatron_check_rejects_wrong_formulas() {
+    // The backward as the forward's adjoints only, without the re-gathered inputs.
+    let e = check_megatron_sp_bytes(|n, h, p| {
+        let (f, _) = megatron_sp_bytes(n, h, p);
+        (f, f)
+    })
+    .expect_err("no re-gather")
+    .to_string();
+    assert!(e.contains("P = 2, N = 16, h = 48") && e.contains("6144 B backward"), "{e}");
+    // The whole tensor sent, not the (P-1)/P that leaves the rank.
+    let e = check_megatron_sp_bytes(|n, h, _p| (4 * n * h * 4, 6 * n * h * 4))
+        .expect_err("no (P-1)/P")
+        .to_string();
+    assert!(e.contains("P = 2, N = 16"), "{e}");
+    let o = attempt(|| check_megatron_sp_bytes(|_, _, _| todo!("your bytes here")));
+    assert!(matches!(o, Outcome::NotAttempted(_)), "{o}");
+}
+
+// --- 08: what full checkpointing keeps ----------------------------------------------------------
+
+/// The reference solution: one `[N/P, h]` input per block, or with offload at most two on the
+/// device (the one in use, the one coming).
+fn checkpoint_bytes(layers: u64, n: u64, p: u64, h: u64, es: u64, offload: bool) -> f64 {
+    let blocks = if offload { layers.min(2) } else { layers };
+    (blocks * (n / p) * h * es) as f64
+}
+
+#[test]
+fn checkpoint_check_accepts_the_solution() -> Result<()> {
+    let verdict = check_checkpoint_bytes(checkpoint_bytes)?;
+    assert!(verdict.starts_with("correct"), "{verdict}");
+    Ok(())
+}
+
+#[test]
+fn checkpoint_check_rejects_wrong_formulas() {
+    // Offload as if nothing stayed on the device.
+    let e = check_checkpoint_bytes(
+        |l, n, p, h, es, off| if off { 0.0 } else { checkpoint_bytes(l, n, p, h, es, off) },
+    )
+    .expect_err("offload keeps nothing")
+    .to_string();
+    assert!(
+        e.contains("llama3-8b (L = 32, h = 4096), N = 1048576 on P = 8") && e.contains("offload true"),
+        "{e}"
+    );
+    // The whole sequence on every rank.
+    let e = check_checkpoint_bytes(|l, n, _p, h, es, off| checkpoint_bytes(l, n, 1, h, es, off))
+        .expect_err("no /P")
+        .to_string();
+    assert!(e.contains("P = 8") && e.contains("offload false"), "{e}");
+    // Two blocks on the device even when the model has one.
+    let e = check_checkpoint_bytes(|l, n, p, h, es, off| {
+        if off {
+            (2 * (n / p) * h * es) as f64
+        } else {
+            checkpoint_bytes(l, n, p, h, es, off)
+        }
+    })
+    .expect_err("two of one block")
+    .to_string();
+    assert!(e.contains("one-layer (L = 1"), "{e}");
+}
+
+// --- 09: an all-to-all over nodes -------------------------------------------------------------
+
+/// Members of a group of `p` ranks, `stride` apart, on one node of `dpn` devices.
+fn on_one_node(p: u64, stride: u64, dpn: u64) -> u64 {
+    if p * stride <= dpn {
+        p
+    } else if stride < dpn {
+        (dpn / stride).clamp(1, p)
+    } else {
+        1
+    }
+}
+
+/// The reference solution (notebooks/solutions/07_09_solutions.ipynb, as the others of 07-09): inside a node, P-1
+/// latency steps and the bytes at the intra-node speed; over nodes, each peer's share on the link
+/// that reaches it, both at once (the slower sets the time), with the inter-node latency.
+fn a2a_time(sent: f64, p: u64, stride: u64, dpn: u64, intra: LinkSpeed, inter: LinkSpeed) -> f64 {
+    let g = on_one_node(p, stride, dpn);
+    let steps = (p - 1) as f64;
+    if g == p {
+        return steps * intra.latency_s + sent / intra.bytes_per_s;
+    }
+    let inside = sent * (g - 1) as f64 / steps;
+    let outside = sent * (p - g) as f64 / steps;
+    steps * inter.latency_s + (inside / intra.bytes_per_s).max(outside / inter.bytes_per_s)
+}
+
+#[test]
+fn a2a_check_accepts_the_solution() -> Result<()> {
+    let verdict = check_a2a_time(a2a_time)?;
+    assert!(verdict.starts_with("correct"), "{verdict}");
+    Ok(())
+}
+
+#[test]
+fn a2a_check_rejects_wrong_times() {
+    // Every byte over the inter-node link once the group leaves the node.
+    let all_inter = |sent: f64, p: u64, stride: u64, dpn: u64, intra: LinkSpeed, inter: LinkSpeed| {
+        if on_one_node(p, stride, dpn) == p {
+            a2a_time(sent, p, stride, dpn, intra, inter)
+        } else {
+            (p - 1) as f64 * inter.latency_s + sent / inter.bytes_per_s
+        }
+    };
+    let e = check_a2a_time(all_inter).expect_err("all inter-node").to_string();
+    assert!(e.contains("P = 16, stride 1 (8 of the group on a node)"), "{e}");
+    // The stride ignored: a strided group placed as if contiguous.
+    let e = check_a2a_time(|sent, p, _stride, dpn, intra, inter| a2a_time(sent, p, 1, dpn, intra, inter))
+        .expect_err("stride ignored")
+        .to_string();
+    assert!(e.contains("P = 4, stride 4 (2 of the group on a node)"), "{e}");
+    // The two links one after the other instead of at once.
+    let summed = |sent: f64, p: u64, stride: u64, dpn: u64, intra: LinkSpeed, inter: LinkSpeed| {
+        let g = on_one_node(p, stride, dpn);
+        if g == p {
+            return a2a_time(sent, p, stride, dpn, intra, inter);
+        }
+        let steps = (p - 1) as f64;
+        steps * inter.latency_s
+            + sent * (g - 1) as f64 / steps / intra.bytes_per_s
+            + sent * (p - g) as f64 / steps / inter.bytes_per_s
+    };
+    let e = check_a2a_time(summed).expect_err("links summed").to_string();
+    assert!(e.contains("P = 16, stride 1"), "{e}");
+    let o = attempt(|| check_a2a_time(|_, _, _, _, _, _| todo!("your time here")));
     assert!(matches!(o, Outcome::NotAttempted(_)), "{o}");
 }
