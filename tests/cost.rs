@@ -175,6 +175,36 @@ fn bad_hardware_files_name_the_field_and_the_number() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn a_measured_file_says_when_it_describes_another_machine() -> Result<()> {
+    use ulysses::cost::hardware::{host_cores, host_cpu};
+    // A datasheet preset has no provenance: nothing to say.
+    ensure!(Hardware::load("dgx-a100-40gb")?.measured_elsewhere().is_none(), "a datasheet preset");
+    // cpu-2core as measured, with its provenance set to this machine, then to another CPU, then
+    // to other core counts.
+    let mut hw = Hardware::load("cpu-2core")?;
+    let prov = hw.provenance.get_or_insert_with(Default::default);
+    prov.insert("cpu".into(), host_cpu());
+    prov.insert("cores".into(), host_cores().to_string());
+    ensure!(hw.measured_elsewhere().is_none(), "this machine: {:?}", hw.measured_elsewhere());
+    let mut other = hw.clone();
+    other.provenance.get_or_insert_with(Default::default).insert("cpu".into(), "Some Other CPU 9000".into());
+    let note = other.measured_elsewhere().unwrap_or_default();
+    ensure!(
+        note.contains("Some Other CPU 9000")
+            && note.contains(&host_cpu())
+            && note.contains("ulysses calibrate"),
+        "{note}"
+    );
+    let mut more = hw.clone();
+    more.provenance
+        .get_or_insert_with(Default::default)
+        .insert("cores".into(), (host_cores() + 6).to_string());
+    let note = more.measured_elsewhere().unwrap_or_default();
+    ensure!(note.contains(&format!("{} cores", host_cores() + 6)), "{note}");
+    Ok(())
+}
+
 fn paper_job(model: GptConfig, strategy: StrategyConfig, ranks: usize, seq: i64) -> Job {
     Job { zero: ZeroStage::new(3).unwrap_or_default(), ..Job::new(model, strategy, ranks, seq) }
 }

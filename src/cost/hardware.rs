@@ -356,6 +356,25 @@ impl Hardware {
         link.latency_us * 1e-6 * self.applied.band.pick(self.bands.latency)
     }
 
+    /// For a file `ulysses calibrate` measured: what differs between the machine it was measured
+    /// on and this one (the CPU model or the number of cores), as a sentence; its times then
+    /// describe that machine, not this one. `None` for datasheet presets (no provenance), for a
+    /// provenance without those fields, and for a match.
+    pub fn measured_elsewhere(&self) -> Option<String> {
+        let prov = self.provenance.as_ref()?;
+        let (cpu, cores) = (prov.get("cpu")?, prov.get("cores")?);
+        let (here_cpu, here_cores) = (host_cpu(), host_cores().to_string());
+        if *cpu == here_cpu && *cores == here_cores {
+            return None;
+        }
+        let date = prov.get("date_utc").map_or(String::new(), |d| format!(" on {d}"));
+        Some(format!(
+            "hardware {:?} was measured{date} on {cores} cores of {cpu:?}; this machine has {here_cores} of \
+             {here_cpu:?}: its predictions describe that machine (`ulysses calibrate` measures this one)",
+            self.name
+        ))
+    }
+
     /// The file as TOML.
     pub fn to_toml(&self) -> Result<String> {
         toml::to_string(self).map_err(|e| bad(&self.name, e.to_string()))
@@ -453,4 +472,19 @@ pub(super) fn preset_or_file(
         return std::fs::read_to_string(path).map(Some).map_err(|e| format!("cannot read: {e}"));
     }
     Ok(None)
+}
+
+/// This machine's CPU model, as `ulysses calibrate` records it: the first `model name` of
+/// /proc/cpuinfo ("unknown CPU" where there is none).
+pub fn host_cpu() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    info.lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map_or("unknown CPU".into(), |(_, m)| m.trim().to_string())
+}
+
+/// The cores this process may run on, as `ulysses calibrate` records them (0 if unknown).
+pub fn host_cores() -> usize {
+    std::thread::available_parallelism().map_or(0, |c| c.get())
 }

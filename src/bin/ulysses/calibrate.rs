@@ -126,7 +126,7 @@ pub fn run(args: &CalibrateArgs) -> Result<()> {
         ),
         device: DeviceSpec {
             kind: DeviceKind::Cpu,
-            model: format!("{} core", cpu_model()),
+            model: format!("{} core", ulysses::cost::hardware::host_cpu()),
             peak_tflops: [("f32".to_string(), peak / 1e12)].into_iter().collect(),
             memory_gib: meminfo_kib("MemTotal:").unwrap_or(0.0) * 1024.0 / gib,
             reserved_gib: meminfo_self_rss_gib(),
@@ -229,14 +229,6 @@ pub fn comm_rank() -> Result<()> {
     bail!("this ulysses was built without the `mpi` feature: cargo build --release --features mpi")
 }
 
-fn cpu_model() -> String {
-    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    info.lines()
-        .find(|l| l.starts_with("model name"))
-        .and_then(|l| l.split_once(':'))
-        .map_or("unknown CPU".into(), |(_, m)| m.trim().to_string())
-}
-
 fn meminfo_kib(field: &str) -> Option<f64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
     text.lines().find(|l| l.starts_with(field))?.split_whitespace().nth(1)?.parse().ok()
@@ -268,8 +260,8 @@ fn provenance(started: Instant) -> std::collections::BTreeMap<String, String> {
         ("date_utc", utc_date(secs)),
         ("command", std::env::args().collect::<Vec<_>>().join(" ")),
         ("host", host),
-        ("cpu", cpu_model()),
-        ("cores", std::thread::available_parallelism().map_or(0, |c| c.get()).to_string()),
+        ("cpu", ulysses::cost::hardware::host_cpu()),
+        ("cores", ulysses::cost::hardware::host_cores().to_string()),
         ("memory_gib", format!("{:.1}", meminfo_kib("MemTotal:").unwrap_or(0.0) / (1024.0 * 1024.0))),
         ("os", format!("{} {}", std::env::consts::OS, std::env::consts::ARCH)),
         ("ulysses", format!("{} (git {git})", env!("CARGO_PKG_VERSION"))),

@@ -194,6 +194,9 @@ pub fn run(args: &PredictArgs) -> Result<()> {
         let source = cfg.hardware_source(args.hardware.as_deref());
         let hw =
             hardware_for(&cfg, args.hardware.as_deref())?.with_efficiency_scale(args.efficiency_scale)?;
+        if let Some(note) = hw.measured_elsewhere() {
+            eprintln!("note: {note}");
+        }
         let (dir, table) = predict_experiment(&cfg, &hw, &std::env::current_dir()?)?;
         let mut columns: Vec<&str> = SUMMARY_COLUMNS.to_vec();
         columns.extend(["megatron_tflops_per_gpu_low", "megatron_tflops_per_gpu_high", "software"]);
@@ -221,6 +224,9 @@ pub fn run(args: &PredictArgs) -> Result<()> {
     let mut hw = Hardware::load(&source)?.with_efficiency_scale(args.efficiency_scale)?;
     if let Some(sw) = &args.software {
         hw = hw.with_software(&Software::load(sw)?, Band::Central)?;
+    }
+    if let Some(note) = hw.measured_elsewhere() {
+        eprintln!("note: {note}");
     }
     let cfg = flags_config(args, &source)?;
     let point = cfg.points()?.remove(0);
