@@ -1,6 +1,7 @@
 //! The cost model against the project's own measured runs: the quickstart and the toy E1, E2
 //! and E4, each on thread ranks (local backend) and on MPI processes, predicted from this
-//! machine's hardware file (`hardware/cpu-2core.toml`, written by `ulysses calibrate`).
+//! machine's hardware file (the preset `ulysses calibrate` wrote on this CPU: `cpu_preset_for_host`;
+//! `-- --hardware FILE` for another).
 //! For every point: measured / predicted step time (median over steps of the slowest rank)
 //! and peak memory per rank (RSS above the built model, as the runs measure it), and whether
 //! they land within the goals (time ±25%, memory ±15%). Accuracy is reported here, not
@@ -30,7 +31,7 @@ fn main() -> Result<()> {
         .iter()
         .position(|a| a == "--hardware")
         .and_then(|i| args.get(i + 1).cloned())
-        .unwrap_or_else(|| repo.join("hardware/cpu-2core.toml").display().to_string());
+        .unwrap_or_else(|| ulysses::cost::hardware::cpu_preset_for_host().to_string());
     let hw = Hardware::load(&hw_path)?;
     let backends: Vec<Backend> = match (args.iter().any(|a| a == "local"), args.iter().any(|a| a == "mpi")) {
         (true, false) => vec![Backend::Local],

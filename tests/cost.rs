@@ -202,6 +202,20 @@ fn a_measured_file_says_when_it_describes_another_machine() -> Result<()> {
         .insert("cores".into(), (host_cores() + 6).to_string());
     let note = more.measured_elsewhere().unwrap_or_default();
     ensure!(note.contains(&format!("{} cores", host_cores() + 6)), "{note}");
+    // The CPU preset predictions default to: one measured on this CPU, or cpu-2core (which then
+    // says it was measured elsewhere); the EPYC file was measured on an AMD EPYC.
+    let chosen = ulysses::cost::hardware::cpu_preset_for_host();
+    let hw = Hardware::load(chosen)?;
+    ensure!(
+        hw.measured_elsewhere().is_none() || chosen == "cpu-2core",
+        "{chosen}: {:?}",
+        hw.measured_elsewhere()
+    );
+    let epyc = Hardware::load("cpu-2core-epyc")?;
+    ensure!(
+        epyc.provenance.as_ref().and_then(|p| p.get("cpu")).map(String::as_str) == Some("AMD EPYC"),
+        "{epyc:?}"
+    );
     Ok(())
 }
 

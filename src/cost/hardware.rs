@@ -20,13 +20,27 @@ use crate::{Error, Result};
 use super::software::{Band, Software, DEFAULT_GPU};
 
 /// The presets shipped in `hardware/` (compiled in, so they work from any directory).
-const PRESETS: [(&str, &str); 5] = [
+const PRESETS: [(&str, &str); 6] = [
     ("dgx-a100-40gb", include_str!("../../hardware/dgx-a100-40gb.toml")),
     ("dgx-a100-80gb", include_str!("../../hardware/dgx-a100-80gb.toml")),
     ("dgx-h100", include_str!("../../hardware/dgx-h100.toml")),
     ("h200", include_str!("../../hardware/h200.toml")),
     ("cpu-2core", include_str!("../../hardware/cpu-2core.toml")),
+    ("cpu-2core-epyc", include_str!("../../hardware/cpu-2core-epyc.toml")),
 ];
+
+/// The CPU preset predictions on this machine default to: the measured preset whose provenance
+/// names this machine's CPU model and core count, else "cpu-2core" (whose
+/// [`Hardware::measured_elsewhere`] then says that it describes another machine).
+pub fn cpu_preset_for_host() -> &'static str {
+    PRESETS
+        .iter()
+        .filter_map(|(name, _)| Hardware::load(name).ok().map(|hw| (*name, hw)))
+        .find(|(_, hw)| {
+            hw.device.kind == DeviceKind::Cpu && hw.provenance.is_some() && hw.measured_elsewhere().is_none()
+        })
+        .map_or("cpu-2core", |(name, _)| name)
+}
 
 /// A machine: devices, nodes, kernel efficiencies, networks.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
