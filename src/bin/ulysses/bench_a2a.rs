@@ -20,11 +20,28 @@ pub enum DeviceArg {
     Cuda,
 }
 
-/// Times `runs` all-to-alls of `[1, rows, 32, 128]` f32 per rank (Ulysses' direction) for each
-/// size, into a preallocated output, from barrier to barrier (on CUDA, with the device
-/// synchronised before each barrier); prints `a2a mib=.. median_ms=..`, the slowest rank's
-/// median.
-pub fn run(backend: BackendArg, device: DeviceArg, ranks: usize, mibs: &[i64], runs: usize) -> Result<()> {
+/// How the tensor is laid out, and so whether each peer's chunk is contiguous.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LayoutArg {
+    /// `[1, rows, 32, 128]`, heads scattered and rows gathered: Ulysses' forward re-sharding,
+    /// whose chunks are strided (packed into a contiguous buffer before they travel).
+    Ulysses,
+    /// `[P, n]`, row j to rank j, gathered along the columns: contiguous chunks (what `ulysses
+    /// calibrate` times for the link's bandwidth).
+    Rows,
+}
+
+/// Times `runs` all-to-alls of `mib` MiB of f32 per rank in `layout` for each size, into a
+/// preallocated output, from barrier to barrier (on CUDA, with the device synchronised before
+/// each barrier); prints `a2a mib=.. median_ms=..`, the slowest rank's median.
+pub fn run(
+    backend: BackendArg,
+    device: DeviceArg,
+    layout: LayoutArg,
+    ranks: usize,
+    mibs: &[i64],
+    runs: usize,
+) -> Result<()> {
     if device == DeviceArg::Cuda && backend != BackendArg::Mpi {
         anyhow::bail!(
             "--device cuda runs one MPI process per GPU: add --backend mpi (under ulysses launch or srun)"
@@ -41,16 +58,30 @@ pub fn run(backend: BackendArg, device: DeviceArg, ranks: usize, mibs: &[i64], r
         };
         let mut medians = Vec::new();
         for &mib in mibs {
-            let rows = mib * 1024 * 1024 / 4 / (heads * d);
-            let x = Tensor::randn([1, rows, heads, d], (Kind::Float, dev));
-            let out = Tensor::empty([1, rows * p, heads / p, d], (Kind::Float, dev));
-            let (split, gather) = (vec![heads / p; p as usize], vec![rows; p as usize]);
+            let elems = mib * 1024 * 1024 / 4;
+            // (input, output, scatter dim, gather dim, scatter split, gather split)
+            let (x, out, sd, gd, split, gather) = match layout {
+                LayoutArg::Ulysses => {
+                    let rows = elems / (heads * d);
+                    // [1, rows, H, d] -> [1, rows P, H/P, d]
+                    let x = Tensor::randn([1, rows, heads, d], (Kind::Float, dev));
+                    let out = Tensor::empty([1, rows * p, heads / p, d], (Kind::Float, dev));
+                    (x, out, 2, 1, vec![heads / p; p as usize], vec![rows; p as usize])
+                }
+                LayoutArg::Rows => {
+                    let n = elems / p;
+                    // [P, n] -> [1, P n]: row j to rank j, the rows received side by side
+                    let x = Tensor::randn([p, n], (Kind::Float, dev));
+                    let out = Tensor::empty([1, p * n], (Kind::Float, dev));
+                    (x, out, 0, 1, vec![1; p as usize], vec![n; p as usize])
+                }
+            };
             let mut times = Vec::new();
             for i in 0..runs + 2 {
                 sync();
                 ctx.world().barrier()?;
                 let t0 = Instant::now();
-                g.all_to_all_v_into(&x, &out, 2, 1, &split, &gather)?;
+                g.all_to_all_v_into(&x, &out, sd, gd, &split, &gather)?;
                 sync();
                 ctx.world().barrier()?;
                 if i >= 2 {
@@ -66,7 +97,7 @@ pub fn run(backend: BackendArg, device: DeviceArg, ranks: usize, mibs: &[i64], r
         for (i, mib) in mibs.iter().enumerate() {
             let slowest = per_rank.iter().map(|r| r[i]).fold(0.0, f64::max);
             println!(
-                "a2a backend={backend:?} device={device:?} ranks={} mib={mib} runs={runs} median_ms={slowest:.4}",
+                "a2a backend={backend:?} device={device:?} layout={layout:?} ranks={} mib={mib} runs={runs} median_ms={slowest:.4}",
                 per_rank.len()
             );
         }

@@ -152,6 +152,11 @@ enum Command {
         /// cpu, or cuda: one GPU per MPI process, NCCL (needs --backend mpi and the nccl feature).
         #[arg(long, value_enum, default_value = "cpu")]
         device: bench_a2a::DeviceArg,
+        /// ulysses: `[1, rows, 32, 128]`, the heads scattered (each peer's chunk strided, packed
+        /// before it is sent); rows: `[P, n]`, row j to rank j (contiguous chunks, as `ulysses
+        /// calibrate` times the link).
+        #[arg(long, value_enum, default_value = "ulysses")]
+        layout: bench_a2a::LayoutArg,
     },
     /// Start P processes with mpirun (the flags this machine needs: root, oversubscription),
     /// each running this ulysses (or --program) with the arguments after `--`, and stream
@@ -274,8 +279,8 @@ fn main() -> Result<()> {
         Command::Calibrate(args) => calibrate::run(&args),
         Command::CalibrateComm => calibrate::comm_rank(),
         Command::Launch { ranks, program, args } => mpi_launch(ranks, program, &args),
-        Command::BenchA2a { ranks, backend, mib, runs, device } => {
-            bench_a2a::run(backend, device, ranks, &mib, runs)
+        Command::BenchA2a { ranks, backend, mib, runs, device, layout } => {
+            bench_a2a::run(backend, device, layout, ranks, &mib, runs)
         }
         Command::RunPoint { dir, point, base, from } => run_point(&dir, point, &base, from.as_deref()),
     }
