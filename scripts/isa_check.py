@@ -83,13 +83,13 @@ def kernels_took(exe, isa, env, cwd):
     if proc.returncode != 0:
         problems.append(f"tests/kernels.rs failed:\n{out}")
     mkl = [line for line in out.splitlines() if line.startswith("MKL_VERBOSE oneMKL")]
-    notes = []
-    if mkl and "Extensions" not in mkl[0] and cpu_vendor() != "GenuineIntel":
+    notes, vendor = [], cpu_vendor()
+    if mkl and "Extensions" not in mkl[0] and vendor != "GenuineIntel":
         # On a CPU not made by Intel (an AMD EPYC here) MKL runs its generic code path and its
         # verbose line names no instruction set ("Intel(R) Architecture processors"), with or
         # without the setting: it cannot be read back, so it is said, not failed. ATen and
         # oneDNN still have to say theirs.
-        notes.append(f"MKL names no instruction set on this {cpu_vendor()} CPU, so its setting cannot be "
+        notes.append(f"MKL names no instruction set on this {vendor} CPU, so its setting cannot be "
                      f"read back here (on Intel CPUs it must say {want_mkl!r})")
     elif not mkl or want_mkl not in mkl[0]:
         problems.append(f"MKL does not say {want_mkl!r}: {mkl[:1]}")

@@ -33,11 +33,14 @@ const PRESETS: [(&str, &str); 6] = [
 /// names this machine's CPU model and core count, else "cpu-2core" (whose
 /// [`Hardware::measured_elsewhere`] then says that it describes another machine).
 pub fn cpu_preset_for_host() -> &'static str {
+    let (cpu, cores) = (host_cpu(), host_cores());
     PRESETS
         .iter()
         .filter_map(|(name, _)| Hardware::load(name).ok().map(|hw| (*name, hw)))
         .find(|(_, hw)| {
-            hw.device.kind == DeviceKind::Cpu && hw.provenance.is_some() && hw.measured_elsewhere().is_none()
+            hw.device.kind == DeviceKind::Cpu
+                && hw.provenance.is_some()
+                && hw.differs_from(&cpu, cores).is_none()
         })
         .map_or("cpu-2core", |(name, _)| name)
 }
@@ -375,10 +378,14 @@ impl Hardware {
     /// describe that machine, not this one. `None` for datasheet presets (no provenance), for a
     /// provenance without those fields, and for a match.
     pub fn measured_elsewhere(&self) -> Option<String> {
+        self.differs_from(&host_cpu(), host_cores())
+    }
+
+    /// [`Hardware::measured_elsewhere`] for a machine with `here_cpu` and `here_cores`.
+    fn differs_from(&self, here_cpu: &str, here_cores: usize) -> Option<String> {
         let prov = self.provenance.as_ref()?;
         let (cpu, cores) = (prov.get("cpu")?, prov.get("cores")?);
-        let (here_cpu, here_cores) = (host_cpu(), host_cores().to_string());
-        if *cpu == here_cpu && *cores == here_cores {
+        if cpu == here_cpu && *cores == here_cores.to_string() {
             return None;
         }
         let date = prov.get("date_utc").map_or(String::new(), |d| format!(" on {d}"));

@@ -27,9 +27,9 @@ pub struct PredictSpec {
     /// Hardware preset or file. `ulysses predict` defaults to "dgx-a100-40gb" for `backend =
     /// "nccl"` and otherwise to the CPU preset calibrated on this machine's CPU
     /// ([`cpu_preset_for_host`](crate::cost::hardware::cpu_preset_for_host): "cpu-2core" on the
-    /// Intel Xeon, "cpu-2core-epyc" on the AMD EPYC, "cpu-2core" elsewhere, which then says so); `ulysses run` and `ulysses
-    /// submit` check memory only when hardware is named, here or by `ulysses run --hardware`
-    /// (`ExperimentConfig::check_memory`). Default none.
+    /// Intel Xeon, "cpu-2core-epyc" on the AMD EPYC, "cpu-2core" elsewhere, which then says so);
+    /// `ulysses run` and `ulysses submit` check memory only when hardware is named, here or by
+    /// `ulysses run --hardware` (`ExperimentConfig::check_memory`). Default none.
     pub hardware: Option<String>,
     /// ZeRO stage over all ranks (0-3), in place of the run's. Default: the point's
     /// `[train] zero`.
@@ -111,12 +111,12 @@ impl ExperimentConfig {
     /// `[predict] hardware`, else the default for its backend (a preset name or a file).
     pub fn hardware_source(&self, over: Option<&str>) -> String {
         let named = self.predict.as_ref().and_then(|p| p.hardware.as_deref());
-        let default = if self.parallel.backend == Backend::Nccl {
-            "dgx-a100-40gb"
-        } else {
-            crate::cost::hardware::cpu_preset_for_host()
+        // The CPU default reads the presets and /proc/cpuinfo: only when nothing is named.
+        let default = || match self.parallel.backend {
+            Backend::Nccl => "dgx-a100-40gb",
+            _ => crate::cost::hardware::cpu_preset_for_host(),
         };
-        over.or(named).unwrap_or(default).to_string()
+        over.or(named).unwrap_or_else(default).to_string()
     }
 }
 

@@ -3,7 +3,7 @@
 //! `--device cuda` (MPI processes, the `nccl` feature) each rank binds its GPU and the
 //! all-to-alls run on NCCL over CUDA tensors, as a GPU node's training does.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Result;
 use tch::{Device, Kind, Tensor};
@@ -117,13 +117,12 @@ fn group_for(ctx: &RankCtx, device: DeviceArg) -> Result<(Group, Device)> {
 #[cfg(feature = "nccl")]
 fn nccl(ctx: &RankCtx) -> Result<(Group, Device)> {
     let gpu = ulysses::comm::bind_gpu(ctx.world(), &ulysses::comm::LauncherEnv::from_process())?;
-    let group = ulysses::comm::nccl_group(ctx.world(), gpu.device, Duration::from_secs(120))?;
+    let group = ulysses::comm::nccl_group(ctx.world(), gpu.device, std::time::Duration::from_secs(120))?;
     Ok((group, gpu.device))
 }
 
 #[cfg(not(feature = "nccl"))]
 fn nccl(_ctx: &RankCtx) -> Result<(Group, Device)> {
-    let _ = Duration::ZERO;
     anyhow::bail!(
         "this ulysses was built without the `nccl` feature: cargo build --release --features mpi,nccl"
     )
