@@ -38,6 +38,8 @@ mod mpirun;
 mod nccl;
 mod overlap;
 mod placement;
+#[cfg(feature = "mpi")]
+mod staging;
 mod stats;
 mod whole;
 

@@ -10,8 +10,9 @@
 //! envelope the two ranks have not compared before, and every 64th, exchange headers (with the
 //! history in between: `comm::envelopes`); the others go straight to their payload, whose size
 //! the receiver checks. The payload is sent from and
-//! received into the tensors' memory directly when they are contiguous (a strided destination
-//! is received into a contiguous buffer and copied), in messages of at most
+//! received into the tensors' memory directly when they are contiguous (a strided source is
+//! packed into, and a strided destination received into, a staging buffer the endpoint keeps
+//! per peer: `comm::staging`), in messages of at most
 //! [`MpiLaunch::max_message_bytes`] (1 GiB by default: MPI counts are 32-bit, so one message
 //! cannot carry 2 GiB; MPI keeps messages between two ranks with one tag in order, so the
 //! chunks arrive in order). Waiting polls the requests against the launch's timeout; a request
@@ -62,6 +63,8 @@ pub(super) struct MpiEndpoint {
     pub(super) ledger: EnvelopeLedger,
     /// Whether whole collectives run as MPI's own (`comm::mpi_native`).
     pub(super) native: bool,
+    /// Contiguous buffers for strided chunks, kept between blocking exchanges (`comm::staging`).
+    staging: super::staging::Staging,
 }
 
 // SAFETY: an MpiEndpoint holds an MPI communicator handle, a plain value that may be moved or
@@ -121,8 +124,9 @@ fn bytes_mut(t: &Tensor) -> &mut [u8] {
     if len == 0 {
         return &mut [];
     }
-    // SAFETY: callers pass contiguous CPU tensors that they own exclusively for the call (fresh
-    // buffers or output views no one else reads), so this is the only reference to these bytes.
+    // SAFETY: callers pass contiguous CPU tensors that they own exclusively for the call (output
+    // views no one else reads, or the endpoint's staging buffers, which only the one blocking
+    // exchange running on the owner thread uses), so this is the only reference to these bytes.
     unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut u8, len) }
 }
 
@@ -219,15 +223,23 @@ impl Backend for MpiEndpoint {
             }
             Ok(())
         };
-        // What goes out: contiguous copies only where a tensor is strided.
+        // What goes out: a strided tensor packed into this peer's staging buffer (row-major).
         let mut out = Vec::new();
         for (j, t) in sends.into_iter().enumerate() {
             if let Some(t) = t {
                 cpu(&t)?;
-                out.push((j, header(&Envelope::of(op, &t)), t.f_contiguous().op(op.name())?));
+                let packed = if t.is_contiguous() {
+                    t.shallow_clone()
+                } else {
+                    let mut buf = self.staging.buffer(op.name(), Direction::Out, j, &t)?;
+                    buf.f_copy_(&t).op(op.name())?;
+                    buf
+                };
+                out.push((j, header(&Envelope::of(op, &t)), packed));
             }
         }
-        // What comes in: a contiguous buffer per peer (the destination itself when contiguous).
+        // What comes in: the destination itself when contiguous, else this peer's staging
+        // buffer (row-major, as the sender's bytes are), copied into place at the end.
         let mut inc = Vec::new();
         for (j, t) in recvs.into_iter().enumerate() {
             if let Some(dst) = t {
@@ -236,8 +248,7 @@ impl Backend for MpiEndpoint {
                 let buf = if dst.is_contiguous() {
                     dst.shallow_clone()
                 } else {
-                    // Row-major, as the sender's contiguous bytes are (empty_like would keep strides).
-                    Tensor::f_empty(dst.size(), (dst.kind(), dst.device())).op(op.name())?
+                    self.staging.buffer(op.name(), Direction::In, j, &dst)?
                 };
                 inc.push(Incoming { peer: j, header: expected, buf, dst });
             }
@@ -374,6 +385,7 @@ impl Backend for MpiEndpoint {
                 checks: self.checks,
                 ledger: EnvelopeLedger::new(self.checks),
                 native: self.native,
+                staging: Default::default(),
             }) as Arc<dyn Backend>
         }))
     }
@@ -468,6 +480,7 @@ impl MpiLaunch {
             checks: self.envelope_checks,
             ledger: EnvelopeLedger::new(self.envelope_checks),
             native: self.native_collectives,
+            staging: Default::default(),
         };
         let world = Group::new(info, rank, Arc::new(endpoint))?;
         let outcome =
