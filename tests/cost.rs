@@ -692,3 +692,71 @@ fn a_sparse_kernel_without_padding_computes_the_visible_blocks_a_brute_force_cou
     }
     Ok(())
 }
+
+#[test]
+fn process_ranks_pay_the_pack_copies_their_staging_and_a_fresh_processs_code_pages() -> Result<()> {
+    use ulysses::cost::work::passes;
+    use ulysses::cost::Phase;
+    // The EPYC file measured both new inputs (`ulysses calibrate`); the arithmetic below holds
+    // for any file that has them.
+    let hw = Hardware::load("cpu-2core-epyc")?;
+    ensure!(hw.device.code_pages_gib > 0.0, "cpu-2core-epyc.toml has no code_pages_gib");
+    let (bw, eff) = (hw.device.memory_bandwidth_gbs * 1e9, hw.memory_bound_efficiency("a2a_pack"));
+    let cfg = GptConfig::tiny();
+    // Two ranks on the file's two cores, unmasked: equal work, no oversubscription stretch.
+    let job = |strategy: StrategyConfig, backend: &str, b: i64| Job {
+        precision: Precision::F32,
+        attention: AttentionConfig::new(Kernel::Sdpa, Mask::None),
+        backend: backend.into(),
+        micro_batch: b,
+        ..Job::new(cfg.clone(), strategy, 2, 2048)
+    };
+    let pack = |p: &ulysses::cost::Prediction| -> f64 {
+        p.compute.iter().filter(|c| c.0 == "all-to-all pack and unpack copies").map(|c| c.2).sum()
+    };
+    let term = |m: &ulysses::cost::MemoryReport, name: &str| -> f64 {
+        m.all_terms().iter().filter(|t| t.name == name).map(|t| t.bytes).sum()
+    };
+    for b in [1, 2] {
+        let p = predict(&job(StrategyConfig::Ulysses, "mpi", b), &hw)?;
+        // The bytes that cross in all-to-alls, copied once (b = 1: only the head side is
+        // strided) or twice (b > 1: the sequence side too), read and written.
+        let crossing: f64 = p
+            .comm
+            .iter()
+            .filter(|c| c.op == OpKind::AllToAll && c.phase != Phase::Step)
+            .map(|c| c.bytes)
+            .sum();
+        ensure!(crossing > 0.0, "Ulysses sends no all-to-all bytes?");
+        let want = passes::PACK * b as f64 * crossing / (bw * eff);
+        ensure!((pack(&p) - want).abs() <= 1e-12 * want, "b = {b}: pack {} s vs {want} s", pack(&p));
+        // Staging: q's H/P heads of the rank's tokens for the other peer, out and in.
+        let (h, tok) = (cfg.n_embd as f64, (b * 2048 / 2) as f64);
+        let staging = 2.0 * 1.0 * tok * (h / 2.0) * 4.0;
+        let got = term(&p.memory, "MPI staging buffers (strided all-to-all chunks)");
+        ensure!(got == staging, "b = {b}: staging {got} B vs {staging} B");
+        let code = term(&p.memory, "library code a fresh process pages in");
+        ensure!(code == hw.device.code_pages_gib * (1u64 << 30) as f64, "code pages {code} B");
+        // Thread ranks copy each chunk straight into place and share a process that has run.
+        let local = predict(&job(StrategyConfig::Ulysses, "local", b), &hw)?;
+        ensure!(pack(&local) == 0.0, "thread ranks pay {} s of packing", pack(&local));
+        ensure!(
+            term(&local.memory, "library code a fresh process pages in") == 0.0
+                && term(&local.memory, "MPI staging buffers (strided all-to-all chunks)") == 0.0,
+            "thread ranks have no process of their own"
+        );
+        // The resident peak is what it was on threads plus the code pages once (not times the
+        // allocator's slack) and the staging times the slack.
+        let extra = p.memory.resident_bytes - local.memory.resident_bytes;
+        let want = code + staging * hw.device.allocator_slack;
+        ensure!((extra - want).abs() <= 1e-9 * want, "b = {b}: {extra} B more than threads, {want} expected");
+    }
+    // Megatron-SP sends contiguous slabs: nothing packed, no staging.
+    let p = predict(&job(StrategyConfig::MegatronSp, "mpi", 1), &hw)?;
+    ensure!(pack(&p) == 0.0 && term(&p.memory, "MPI staging buffers (strided all-to-all chunks)") == 0.0);
+    // A GPU's allocator does not see code pages.
+    let a100 = Hardware::load("dgx-a100-40gb")?;
+    let p = predict(&Job::new(GptConfig::preset("1.3b")?, StrategyConfig::Ulysses, 8, 8192), &a100)?;
+    ensure!(p.memory.process.is_empty(), "a GPU rank counts {:?}", p.memory.process);
+    Ok(())
+}

@@ -9,7 +9,7 @@
 //! transfer (CMA) then reads pages just faulted in. Measured with `ulysses bench-a2a --layout`
 //! on 2 MPI processes (2-core AMD EPYC VM): with a fresh buffer per call the Ulysses layout took
 //! 2.0-4.0x the time of contiguous rows of the same bytes; with glibc told to keep its memory
-//! (`MALLOC_TRIM_THRESHOLD_`, `MALLOC_MMAP_THRESHOLD_`) 1.1-1.25x. Keeping one buffer per peer
+//! (`MALLOC_TRIM_THRESHOLD_`, `MALLOC_MMAP_THRESHOLD_`) 1.1-1.7x. Keeping one buffer per peer
 //! and direction here does the same for these copies only.
 //!
 //! A buffer grows to the largest chunk its slot has carried and is reused as a view of the

@@ -100,6 +100,28 @@ pub fn measure_step_memory(n: i64) -> Result<(f64, f64)> {
     Ok((workspace, slack.max(1.0)))
 }
 
+/// The library code a fresh process pages in over its first training step, in bytes: the growth
+/// of the process's file-backed resident pages (`RssFile`: libtorch's, MKL's and oneDNN's kernels
+/// are mapped from their shared objects and become resident as they first run) across the first
+/// step of the reference GPT (the tiny preset, one device, `n` tokens, f32), measured after the
+/// model is built, as a run measures its step's memory. A host's RSS counts these pages, once
+/// per process; only a process that has not stepped before pays them. Call it first thing in a
+/// process of its own (`ulysses calibrate` starts one).
+pub fn measure_first_step_pages(n: i64) -> Result<f64> {
+    use crate::model::GptConfig;
+
+    let (model, tokens, labels) = reference_step(GptConfig::tiny(), n)?;
+    let unreadable = || Error::InvalidArgument {
+        op: "calibrate",
+        group: "memory".into(),
+        msg: "cannot read RssFile from /proc/self/status; needs Linux 4.5 or later".into(),
+    };
+    let before = status_bytes("RssFile:").ok_or_else(unreadable)?;
+    model.forward_backward(&tokens, &labels)?;
+    let after = status_bytes("RssFile:").ok_or_else(unreadable)?;
+    Ok((after - before).max(0.0))
+}
+
 /// The framework's time per transformer layer per forward + backward at negligible size, one
 /// thread: the tiny GPT (h = 64) on one device over 8 tokens, with 2 and with 6 layers, timed
 /// in turn (a step of each per run, after a warm-up step of each, so that a burst of load from
@@ -231,5 +253,16 @@ pub fn measure_memory_bound_ops(
         f().op("calibrate")
     })?;
     put("ring", (t * heads * d) as f64, passes::RING_OUT + passes::RING_KV, s);
+    // An all-to-all's pack on a backend that sends contiguous buffers (MPI): `[1, t, heads, d]`
+    // split along the heads into 2 chunks, each made contiguous in a fresh tensor, as
+    // `comm::backend::batch_lists` does with Ulysses' strided chunks.
+    let x = Tensor::f_randn([1, t, heads, d], o).op("calibrate")?;
+    let s = time_median(runs, &no_sync, || {
+        for c in x.f_chunk(2, 2).op("calibrate")? {
+            drop(c.f_contiguous().op("calibrate")?);
+        }
+        Ok::<(), Error>(())
+    })?;
+    put("a2a_pack", (t * heads * d) as f64, passes::PACK, s);
     Ok(out)
 }

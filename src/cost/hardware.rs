@@ -139,6 +139,12 @@ pub struct Device {
     /// Memory the kernel libraries allocate on a rank's first step and keep (cuBLAS workspace;
     /// MKL's GEMM buffers on a CPU), GiB per rank.
     pub workspace_gib: f64,
+    /// Library code a fresh process pages in over its first step, GiB per process (CPU: a host's
+    /// RSS counts the kernels' pages mapped from libtorch's shared objects once they run; 0 for
+    /// a GPU, whose allocator does not see them). Measured by `ulysses calibrate`; counted for
+    /// ranks that are processes of their own (MPI), not for thread ranks of a running process.
+    #[serde(default)]
+    pub code_pages_gib: f64,
     /// Resident memory per byte of live tensors at the peak: the allocator's slack (glibc's
     /// arenas on a CPU; 1 where a caching allocator's slack is counted in `reserved_gib`).
     pub allocator_slack: f64,
@@ -176,7 +182,7 @@ pub struct Efficiency {
     /// casts, the optimizer) reach.
     pub memory_bound: f64,
     /// The same per kind of op where it differs (a CPU's LayerNorm and GELU are bound by their
-    /// arithmetic, not by memory): keys layer_norm, rope, add, gelu, cross_entropy, ring, copy.
+    /// arithmetic, not by memory): keys layer_norm, rope, add, gelu, cross_entropy, ring, copy, a2a_pack (an all-to-all's strided chunks packed for a process backend).
     /// Kinds left out use `memory_bound`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub memory_bound_ops: BTreeMap<String, f64>,

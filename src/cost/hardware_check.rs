@@ -21,6 +21,9 @@ impl Hardware {
         if !(d.workspace_gib.is_finite() && d.workspace_gib >= 0.0) {
             return Err(format!("device.workspace_gib = {} must be zero or positive", d.workspace_gib));
         }
+        if !(d.code_pages_gib.is_finite() && d.code_pages_gib >= 0.0) {
+            return Err(format!("device.code_pages_gib = {} must be zero or positive", d.code_pages_gib));
+        }
         if !(d.allocator_slack.is_finite() && d.allocator_slack >= 1.0) {
             return Err(format!("device.allocator_slack = {} must be at least 1", d.allocator_slack));
         }
@@ -43,10 +46,11 @@ impl Hardware {
         let e = &self.efficiency;
         fraction("efficiency.memory_bound", e.memory_bound)?;
         for (op, v) in &e.memory_bound_ops {
-            if !["layer_norm", "rope", "add", "gelu", "cross_entropy", "ring", "copy"].contains(&op.as_str())
+            if !["layer_norm", "rope", "add", "gelu", "cross_entropy", "ring", "copy", "a2a_pack"]
+                .contains(&op.as_str())
             {
                 return Err(format!(
-                    "efficiency.memory_bound_ops.{op}: unknown op; use layer_norm, rope, add, gelu, cross_entropy, ring, copy"
+                    "efficiency.memory_bound_ops.{op}: unknown op; use layer_norm, rope, add, gelu, cross_entropy, ring, copy, a2a_pack"
                 ));
             }
             fraction(&format!("efficiency.memory_bound_ops.{op}"), *v)?;

@@ -40,10 +40,15 @@ pub struct MemoryReport {
     /// working set, ZeRO-3's gathered block, or the end-of-step reduction; and the kernel
     /// libraries' workspace.
     pub transient: Vec<Term>,
+    /// Resident memory of the rank's process that is no tensor, counted once (not times the
+    /// allocator's slack): the library code a fresh process pages in over its first step, for CPU
+    /// ranks that are processes of their own. Empty on a GPU and for thread ranks.
+    pub process: Vec<Term>,
     /// Bytes of live tensors at the peak (as a device allocator's peak counts them).
     pub peak_bytes: f64,
-    /// Resident memory at the peak: the parameters, and everything allocated after them times
-    /// the allocator's slack. What must fit, and what a host's peak RSS measures.
+    /// Resident memory at the peak: the parameters, everything allocated after them times the
+    /// allocator's slack, and the process's own pages. What must fit, and what a host's peak RSS
+    /// measures.
     pub resident_bytes: f64,
     /// What one rank may use: the device's memory less what the framework reserves (shared by
     /// the node's ranks on a CPU).
@@ -64,7 +69,7 @@ impl MemoryReport {
 
     /// Every term, for tables.
     pub fn all_terms(&self) -> Vec<&Term> {
-        self.states.iter().chain(&self.activations).chain(&self.transient).collect()
+        self.states.iter().chain(&self.activations).chain(&self.transient).chain(&self.process).collect()
     }
 }
 
@@ -275,6 +280,25 @@ fn backward_working_set(job: &Job, r: usize, device: impl Into<Kernels>) -> Resu
     })
 }
 
+/// The MPI backend's staging buffers (`comm::staging`), kept from the first step on: one per
+/// peer and direction, as large as the largest strided chunk that peer's slot carried. In a
+/// Ulysses all-to-all of the rank's `tok` tokens (a chunk's, for chunked Ulysses) over a group of
+/// `g`, the largest is q's (and the output's) `H/g` heads: packed going out, received coming
+/// back, for each of the `g - 1` peers. Other strategies send contiguous slabs.
+fn staging_bytes(job: &Job, tok: f64) -> f64 {
+    let c = &job.model;
+    let (hq, d, es) = (c.n_head as f64, c.head_dim() as f64, job.element_bytes());
+    let (g, tokens) = match job.strategy {
+        StrategyConfig::Ulysses => (job.sp(), tok),
+        StrategyConfig::UlyssesChunked { chunks } => (job.sp(), tok / chunks as f64),
+        StrategyConfig::Usp { ulysses, .. } => (ulysses, tok),
+        _ => return 0.0,
+    };
+    let g = g as f64;
+    // 2 directions x (g - 1) peers x [tokens, H/g, d]
+    2.0 * (g - 1.0) * tokens * (hq / g).ceil() * d * es
+}
+
 /// The memory report of global rank `r`.
 pub fn memory(job: &Job, r: usize, hw: &Hardware) -> Result<MemoryReport> {
     let c = &job.model;
@@ -365,10 +389,25 @@ pub fn memory(job: &Job, r: usize, hw: &Hardware) -> Result<MemoryReport> {
         transient = vec![Term { name: "gradient reduction buffers", bytes: reduction }];
     }
     let gib = (1u64 << 30) as f64;
+    if hw.device.kind == super::hardware::DeviceKind::Cpu && job.backend == "mpi" {
+        transient.push(Term {
+            name: "MPI staging buffers (strided all-to-all chunks)",
+            bytes: staging_bytes(job, tok),
+        });
+    }
     transient.push(Term { name: "kernel library workspace", bytes: hw.device.workspace_gib * gib });
     let peak_bytes =
         MemoryReport::sum(&states) + MemoryReport::sum(&activations) + MemoryReport::sum(&transient);
-    let resident_bytes = pb + (peak_bytes - pb) * hw.device.allocator_slack;
+    // A rank in a process of its own (MPI) starts in a fresh process, whose first step pages in
+    // the kernels' code; thread ranks share a process that has stepped before (a run's points
+    // run one after another in it).
+    let own_process = hw.device.kind == super::hardware::DeviceKind::Cpu && job.backend != "local";
+    let process = if own_process && hw.device.code_pages_gib > 0.0 {
+        vec![Term { name: "library code a fresh process pages in", bytes: hw.device.code_pages_gib * gib }]
+    } else {
+        Vec::new()
+    };
+    let resident_bytes = pb + (peak_bytes - pb) * hw.device.allocator_slack + MemoryReport::sum(&process);
     let mut capacity_bytes = (hw.device.memory_gib - hw.reserved_gib()) * gib;
     if hw.node.shared_memory {
         capacity_bytes /= job.ranks.min(hw.node.devices_per_node) as f64;
@@ -377,6 +416,7 @@ pub fn memory(job: &Job, r: usize, hw: &Hardware) -> Result<MemoryReport> {
         states,
         activations,
         transient,
+        process,
         peak_bytes,
         resident_bytes,
         capacity_bytes,

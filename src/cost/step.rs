@@ -99,6 +99,40 @@ impl Prediction {
     }
 }
 
+/// How much slower a collective runs when a CPU node's ranks (of `threads` threads each) are
+/// more than its cores: a shared-memory transport's copies run on the cores the ranks take
+/// turns on. 1 on a GPU, whose links move the bytes.
+pub fn comm_slowdown(hw: &Hardware, ranks: usize, threads: usize) -> f64 {
+    let on_node = ranks.min(hw.node.devices_per_node) as f64;
+    match hw.device.kind {
+        DeviceKind::Cpu => (on_node * threads as f64 / hw.node.compute_slots as f64).max(1.0),
+        DeviceKind::Gpu => 1.0,
+    }
+}
+
+/// One all-to-all on `p` ranks of one node, one thread each, as [`predict`] prices it: the
+/// link's seconds for the `sent` bytes a rank sends (stretched when the ranks outnumber a CPU's
+/// cores), and the pack and unpack copies a process backend makes of chunks strided along the
+/// heads (Ulysses' layout; `strided = false` for contiguous rows, and none on threads).
+pub fn one_all_to_all(
+    hw: &Hardware,
+    backend: &str,
+    p: usize,
+    sent: f64,
+    strided: bool,
+) -> Result<(f64, f64)> {
+    let at = Placement::new(p, 1, hw.node.devices_per_node);
+    let slowdown = comm_slowdown(hw, p, 1);
+    let (link, _) = price(hw, backend, OpKind::AllToAll, at, 1, sent)?;
+    let pack = if strided && backend != "local" {
+        let bw = hw.device.memory_bandwidth_gbs * 1e9 * hw.memory_bound_efficiency("a2a_pack");
+        super::work::passes::PACK * sent / bw * slowdown
+    } else {
+        0.0
+    };
+    Ok((link * slowdown, pack))
+}
+
 /// Predicts `job` on `hw`.
 pub fn predict(job: &Job, hw: &Hardware) -> Result<Prediction> {
     job.validate()?;
@@ -108,7 +142,7 @@ pub fn predict(job: &Job, hw: &Hardware) -> Result<Prediction> {
     let slots = hw.node.compute_slots as f64;
     let threads = job.threads_per_rank as f64;
     let cpu = hw.device.kind == DeviceKind::Cpu;
-    let comm_slowdown = if cpu { (on_node * threads / slots).max(1.0) } else { 1.0 };
+    let comm_slowdown = comm_slowdown(hw, job.ranks, job.threads_per_rank);
     let accum = job.grad_accum as f64;
 
     // Each candidate rank's compute at one thread's full speed.

@@ -87,6 +87,9 @@ pub mod passes {
     /// ... and per element of the K/V block: brought heads-first, dK/dV partials summed into
     /// their accumulators.
     pub const RING_KV: f64 = 28.0;
+    /// An all-to-all's strided chunks packed into (or unpacked from) the contiguous buffers a
+    /// process backend sends (MPI, NCCL): each byte read and written once.
+    pub const PACK: f64 = 2.0;
 }
 
 fn gemm(name: &'static str, m: f64, k: f64, n: f64, passes: f64) -> ComputeTerm {
@@ -230,6 +233,24 @@ pub fn rank_work(job: &Job, r: usize, device: impl Into<Kernels>) -> Result<Vec<
     }
     for (name, op, bytes) in per_layer {
         terms.push(traffic(name, op, bytes * l));
+    }
+    // A process backend (MPI, NCCL) sends and receives contiguous buffers: an all-to-all's
+    // chunks strided along the heads (Ulysses' q, k, v going out, its output and the gradients
+    // coming back) are packed before they travel or unpacked after, a copy of the bytes that
+    // cross; with b > 1 the sequence side's chunks are strided too, a second copy. Thread ranks
+    // copy each chunk straight into place, which the local link's price already holds.
+    if job.backend != "local" {
+        let crossing: u64 = super::bytes::step_comm(job, r)?
+            .iter()
+            .filter(|c| c.op == crate::comm::OpKind::AllToAll && c.phase != super::bytes::Phase::Step)
+            .map(|c| c.sent)
+            .sum();
+        let copies = if job.micro_batch > 1 { 2.0 } else { 1.0 };
+        terms.push(traffic(
+            "all-to-all pack and unpack copies",
+            "a2a_pack",
+            passes::PACK * copies * crossing as f64,
+        ));
     }
     // The framework's dispatch, per layer: a forward and a backward, and the forward again
     // under full checkpointing (a third of the ops again).

@@ -93,6 +93,9 @@ pub fn run(args: &CalibrateArgs) -> Result<()> {
     })
     .join()
     .map_err(|_| anyhow::anyhow!("the memory measurement panicked"))??;
+    say("the library code a fresh process pages in over its first step (a process of its own)", started);
+    let code_pages = first_step_pages()?;
+    eprintln!("  {:.1} MiB", code_pages / (1 << 20) as f64);
     say("the framework's time per layer (tiny GPT, 8 tokens, 2 and 6 layers)", started);
     let layer_overhead = std::thread::spawn(|| {
         tch::set_num_threads(1);
@@ -131,6 +134,7 @@ pub fn run(args: &CalibrateArgs) -> Result<()> {
             memory_gib: meminfo_kib("MemTotal:").unwrap_or(0.0) * 1024.0 / gib,
             reserved_gib: meminfo_self_rss_gib(),
             workspace_gib: workspace / gib,
+            code_pages_gib: code_pages / gib,
             allocator_slack: slack,
             memory_bandwidth_gbs: bandwidth / 1e9,
         },
@@ -155,7 +159,8 @@ pub fn run(args: &CalibrateArgs) -> Result<()> {
                   # measured on the machine named in [provenance], one libtorch thread per rank. The f32\n\
                   # \"peak\" is the best GEMM measured, not a datasheet figure; efficiencies are against it.\n\
                   # workspace_gib and allocator_slack come from a reference step (tiny GPT, one device,\n\
-                  # N=4096): what the first step allocates and keeps, and peak RSS / peak live bytes.\n";
+                  # N=4096): what the first step allocates and keeps, and peak RSS / peak live bytes;\n\
+                  # code_pages_gib from its first step in a fresh process (file-backed pages it maps in).\n";
     if let Some(dir) = args.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
@@ -181,6 +186,37 @@ fn show(backend: &str, samples: &[CommSample]) {
 
 fn say(what: &str, started: Instant) {
     eprintln!("[calibrate {:>5.1} s] {what}", started.elapsed().as_secs_f64());
+}
+
+const PAGES_MARK: &str = "CALIBRATE_PAGES ";
+
+/// The library code a fresh process pages in over its first step: a child process of this
+/// binary (`calibrate-pages`) measures it, since this one has run every kernel by now.
+fn first_step_pages() -> Result<f64> {
+    let out = std::process::Command::new(std::env::current_exe()?)
+        .arg("calibrate-pages")
+        .output()
+        .context("cannot start this program again to measure a fresh process")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let bytes =
+        text.lines().find_map(|l| l.strip_prefix(PAGES_MARK)).and_then(|v| v.trim().parse::<f64>().ok());
+    match bytes {
+        Some(b) if out.status.success() => Ok(b),
+        _ => bail!(
+            "the fresh process's measurement failed ({}): {}{}",
+            out.status,
+            text,
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
+}
+
+/// This process as calibrate's fresh one: the reference step's first-step pages, printed.
+pub fn pages_process() -> Result<()> {
+    tch::set_num_threads(1);
+    let bytes = ulysses::cost::calibrate::measure_first_step_pages(4096)?;
+    println!("{PAGES_MARK}{bytes}");
+    Ok(())
 }
 
 /// The MPI backend's samples: 2 processes of this binary (`calibrate-comm`), rank 0 printing.

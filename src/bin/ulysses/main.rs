@@ -112,6 +112,9 @@ enum Command {
     /// One rank of calibrate's MPI measurement (what `ulysses calibrate` starts under mpirun).
     #[command(hide = true)]
     CalibrateComm,
+    /// Calibrate's fresh process for the library code a first step pages in (prints its bytes).
+    #[command(hide = true)]
+    CalibratePages,
     /// Summarise a run's output folder: a table per point, summary.csv and plots (SVG, PNG);
     /// measured against predicted when predictions sit beside it.
     Report {
@@ -278,6 +281,7 @@ fn main() -> Result<()> {
         Command::Predict(args) => predict::run(&args),
         Command::Calibrate(args) => calibrate::run(&args),
         Command::CalibrateComm => calibrate::comm_rank(),
+        Command::CalibratePages => calibrate::pages_process(),
         Command::Launch { ranks, program, args } => mpi_launch(ranks, program, &args),
         Command::BenchA2a { ranks, backend, mib, runs, device, layout } => {
             bench_a2a::run(backend, device, layout, ranks, &mib, runs)
