@@ -355,3 +355,85 @@ fn calibration_fits_recover_known_numbers() -> Result<()> {
     ensure!((c[0][1] - 0.3).abs() < 1e-12 && c[2][1] == 1.0, "{c:?}");
     Ok(())
 }
+
+/// `ulysses step`'s live peak per rank (the allocator's bytes above the built model, sampled)
+/// for a 4-layer Llama with a 2048-token vocabulary on 2 thread ranks at N = 4096, f32.
+fn step_live_peak(flags: &[&str]) -> Result<f64> {
+    let mut args = vec![
+        "step",
+        "--preset",
+        "llama-tiny",
+        "--n-layer",
+        "4",
+        "--vocab",
+        "2048",
+        "--ranks",
+        "2",
+        "--seq",
+        "4096",
+        "--steps",
+        "1",
+    ];
+    args.extend(flags);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ulysses")).args(&args).output()?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let summary = text.lines().find(|l| l.starts_with("summary:"));
+    let value = summary
+        .and_then(|s| s.split_whitespace().find_map(|kv| kv.strip_prefix("live_peak_mib_per_rank=")))
+        .and_then(|v| v.parse::<f64>().ok());
+    value.ok_or_else(|| {
+        anyhow::anyhow!(
+            "ulysses {} gave no live peak: {text}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+#[test]
+fn a_steps_live_peak_falls_as_the_model_says_when_checkpointing_and_the_tiled_loss_come_on() -> Result<()> {
+    // Its own processes: the allocator counts each `ulysses step` alone.
+    let mut cfg = GptConfig::llama_tiny();
+    cfg.n_layer = 4;
+    cfg.vocab_size = 2048;
+    let predicted = |ckpt: Checkpointing, loss_tile: Option<i64>| -> Result<f64> {
+        let job = Job {
+            precision: Precision::F32,
+            checkpointing: ckpt,
+            optimizer: false,
+            backend: "local".into(),
+            loss_tile,
+            ..Job::new(cfg.clone(), StrategyConfig::Ulysses, 2, 4096)
+        };
+        let hw = ulysses::cost::Hardware::load(ulysses::cost::hardware::cpu_preset_for_host())?;
+        let p = ulysses::cost::predict(&job, &hw)?;
+        Ok((p.memory.peak_bytes - p.memory.states[0].bytes) / (1u64 << 20) as f64)
+    };
+    let rungs = [
+        (vec![], predicted(Checkpointing::None, None)?),
+        (vec!["--checkpointing", "full"], predicted(Checkpointing::Full, None)?),
+        (vec!["--checkpointing", "full", "--loss-tile", "256"], predicted(Checkpointing::Full, Some(256))?),
+    ];
+    let mut measured = Vec::new();
+    for (flags, _) in &rungs {
+        measured.push(step_live_peak(flags)?);
+    }
+    let predicted: Vec<f64> = rungs.iter().map(|r| r.1).collect();
+    eprintln!("live peak per rank, MiB: measured {measured:.1?}, predicted {predicted:.1?}");
+    // Each technique frees memory, and at least half of what the model says it frees: the
+    // model's terms match the allocator to a few percent (the tests above); the sampler reads
+    // the allocator every 200 us and so can miss a peak's brief top, which bounds what a
+    // drop can lose, not what it gains. (On the AMD EPYC VM: 101.3, 56.9, 21.9 MiB measured,
+    // 99.2, 54.9, 21.7 predicted.)
+    for i in 1..rungs.len() {
+        let (drop, want) = (measured[i - 1] - measured[i], rungs[i - 1].1 - rungs[i].1);
+        ensure!(
+            want > 0.0 && drop >= 0.5 * want,
+            "rung {i} ({:?}): the live peak fell by {drop:.2} MiB ({:.2} -> {:.2}), the model says {want:.2}",
+            rungs[i].0,
+            measured[i - 1],
+            measured[i]
+        );
+    }
+    Ok(())
+}

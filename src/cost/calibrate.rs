@@ -10,7 +10,7 @@ use tch::{Device, Kind, Tensor};
 
 pub use super::calibrate_host::{
     live_bytes, measure_first_step_pages, measure_layer_overhead, measure_memory_bound_ops,
-    measure_step_memory, OpShapes,
+    measure_step_memory, LivePeak, OpShapes,
 };
 use crate::comm::{Group, OpKind, ReduceOp};
 use crate::error::TorchResultExt;

@@ -49,27 +49,64 @@ fn reference_step(cfg: crate::model::GptConfig, n: i64) -> Result<(crate::model:
     Ok((model, tokens, labels))
 }
 
+/// The peak of [`live_bytes`] while it runs: a thread samples the allocator's counters every
+/// `interval` (a kernel's brief scratch between two samples is missed; tensors that live for a
+/// layer are not). The host's counterpart of a device allocator's peak of allocated bytes.
+pub struct LivePeak {
+    peak: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    sampler: Option<std::thread::JoinHandle<()>>,
+}
+
+impl LivePeak {
+    /// Starts sampling.
+    pub fn start(interval: std::time::Duration) -> LivePeak {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use std::sync::Arc;
+        let (peak, stop) = (Arc::new(AtomicU64::new(live_bytes() as u64)), Arc::new(AtomicBool::new(false)));
+        let sampler = {
+            let (peak, stop) = (Arc::clone(&peak), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    peak.fetch_max(live_bytes() as u64, Ordering::Relaxed);
+                    std::thread::sleep(interval);
+                }
+            })
+        };
+        LivePeak { peak, stop, sampler: Some(sampler) }
+    }
+
+    /// Forgets the peak so far: the next reading counts from the bytes live now.
+    pub fn reset(&self) {
+        self.peak.store(live_bytes() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The peak so far, in bytes (one last sample included).
+    pub fn read(&self) -> f64 {
+        use std::sync::atomic::Ordering;
+        self.peak.fetch_max(live_bytes() as u64, Ordering::Relaxed);
+        self.peak.load(Ordering::Relaxed) as f64
+    }
+}
+
+impl Drop for LivePeak {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.sampler.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// The host allocator on a reference training step, one thread: a 2-layer GPT (h = 64, the tiny
 /// preset) on one device, `n` tokens, f32. Returns (workspace bytes the first step allocates
 /// and keeps beyond the gradients, resident peak / live peak of a later step). The live peak
 /// is sampled every 20 us by a second thread.
 pub fn measure_step_memory(n: i64) -> Result<(f64, f64)> {
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-    use std::sync::Arc;
-
     use crate::model::GptConfig;
 
     let (model, tokens, labels) = reference_step(GptConfig::tiny(), n)?;
-    let (peak, stop) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)));
-    let sampler = {
-        let (peak, stop) = (Arc::clone(&peak), Arc::clone(&stop));
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                peak.fetch_max(live_bytes() as u64, Ordering::Relaxed);
-                std::thread::sleep(std::time::Duration::from_micros(20));
-            }
-        })
-    };
+    let peak = LivePeak::start(std::time::Duration::from_micros(20));
     let before = live_bytes();
     model.forward_backward(&tokens, &labels)?;
     let grads = (model.params().numel() * 4) as f64;
@@ -83,12 +120,11 @@ pub fn measure_step_memory(n: i64) -> Result<(f64, f64)> {
     }
     let reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
     let (live0, rss0) = (live_bytes(), status_bytes("VmRSS:").unwrap_or(f64::NAN));
-    peak.store(0, Ordering::Relaxed);
+    peak.reset();
     model.forward_backward(&tokens, &labels)?;
     let rss_peak = status_bytes("VmHWM:").unwrap_or(f64::NAN);
-    stop.store(true, Ordering::Relaxed);
-    let _ = sampler.join();
-    let live_peak = peak.load(Ordering::Relaxed) as f64 - live0;
+    let live_peak = peak.read() - live0;
+    drop(peak);
     let slack = (rss_peak - rss0) / live_peak;
     if !(reset && slack.is_finite() && live_peak > 0.0) {
         return Err(Error::InvalidArgument {

@@ -12,6 +12,7 @@ use ulysses::train::{AdamWConfig, Checkpointing, Precision, TrainConfig, TrainGr
 
 use crate::args::{AttentionArgs, MemoryArgs};
 use crate::ranks::{on_ranks, BackendArg};
+use ulysses::cost::calibrate::LivePeak;
 use ulysses::experiment::rss::{reset_peak, status_mib};
 use ulysses::model::{Gpt, GptConfig};
 
@@ -161,6 +162,11 @@ pub fn run(a: &StepArgs) -> Result<()> {
         }
         world.barrier()?;
         let base = status_mib("VmRSS:").unwrap_or(f64::NAN);
+        // The allocator's live bytes too (the host's counterpart of a GPU allocator's peak): one
+        // sampler per process, from here to the end of the steps.
+        let live = (a.backend == BackendArg::Mpi || ctx.rank() == 0).then(|| {
+            (LivePeak::start(std::time::Duration::from_micros(200)), ulysses::cost::calibrate::live_bytes())
+        });
         world.barrier()?;
         step()?; // warm-up
         world.reset_rank_stats();
@@ -181,7 +187,8 @@ pub fn run(a: &StepArgs) -> Result<()> {
         let params = trainer.model().params().numel() as f64;
         // The most bytes offload held off the device at once (0 without offload).
         let held = trainer.model().offload().map_or(0, |o| o.stats().peak_held_bytes) as f64;
-        let mut out = vec![loss, base, peak, sent as f64, params, start, after, held];
+        let live_peak = live.map_or(f64::NAN, |(sampler, base)| (sampler.read() - base) / (1 << 20) as f64);
+        let mut out = vec![loss, base, peak, sent as f64, params, start, after, held, live_peak];
         out.extend(times);
         Ok(out)
     })?;
@@ -192,7 +199,7 @@ pub fn run(a: &StepArgs) -> Result<()> {
     let max = |i: usize| per_rank.iter().map(|v| v[i]).fold(f64::MIN, f64::max);
     let (max_sent, params) = (max(3) as u64, max(4));
     // The step time is the slowest rank's.
-    let steps: Vec<f64> = (0..a.steps).map(|s| max(8 + s)).collect();
+    let steps: Vec<f64> = (0..a.steps).map(|s| max(9 + s)).collect();
     for (i, t) in steps.iter().enumerate() {
         println!("step {i}: {t:.1} ms");
     }
@@ -210,11 +217,13 @@ pub fn run(a: &StepArgs) -> Result<()> {
     let total_peak = per(&|v| v[2] - v[5]);
     let states = per(&|v| v[1] - v[5]);
     let after = per(&|v| v[6] - v[5]);
+    // Live bytes (glibc's counters, sampled every 200 us) above those once the models were built.
+    let live_peak = per(&|v| v[8]);
     println!(
         "summary: strategy={} ranks={ranks} seq={n} batch={b} overlap={} median_step_ms={med:.3} tokens_per_s={tokens_per_s:.1} \
          loss={loss:.5} base_rss_mib={base:.1} peak_rss_mib={peak:.1} step_peak_mib_per_rank={step_peak:.1} \
          built_mib_per_rank={states:.1} peak_above_start_mib_per_rank={total_peak:.1} \
-         after_steps_mib_per_rank={after:.1} \
+         after_steps_mib_per_rank={after:.1} live_peak_mib_per_rank={live_peak:.1} \
          params_mib_per_rank={param_mib:.1} offloaded_mib_per_rank={:.1} bytes_sent_per_rank={max_sent}",
         a.attention.strategy.label(),
         !a.no_overlap,
