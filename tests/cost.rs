@@ -165,6 +165,15 @@ fn bad_hardware_files_name_the_field_and_the_number() -> Result<()> {
             "bands.reserved_gib = [0.5, 3] must hold device.reserved_gib = 2",
         ),
         (good.replace("bf16 = 312.0", "bf16 = nan"), "device.peak_tflops.bf16 = NaN must be a positive"),
+        (good.replace("link_gbs = 32.0", "link_gbs = 0.0"), "host.link_gbs = 0 must be positive"),
+        (
+            good.replace("link_efficiency = 0.75", "link_efficiency = 1.5"),
+            "host.link_efficiency = 1.5 must lie in (0, 1]",
+        ),
+        (
+            good.replace("host_link = [0.8, 1.2]", "host_link = [1.2, 0.8]"),
+            "bands.host_link = [1.2, 0.8] must be",
+        ),
     ];
     for (text, want) in cases {
         let err = Hardware::parse(&text, "test.toml").err().map(|e| e.to_string()).unwrap_or_default();
@@ -758,5 +767,84 @@ fn process_ranks_pay_the_pack_copies_their_staging_and_a_fresh_processs_code_pag
     let a100 = Hardware::load("dgx-a100-40gb")?;
     let p = predict(&Job::new(GptConfig::preset("1.3b")?, StrategyConfig::Ulysses, 8, 8192), &a100)?;
     ensure!(p.memory.process.is_empty(), "a GPU rank counts {:?}", p.memory.process);
+    Ok(())
+}
+
+#[test]
+fn offload_copies_hide_behind_the_blocks_beside_them_and_must_fit_the_hosts_memory() -> Result<()> {
+    let gib = (1u64 << 30) as f64;
+    let h100 = Hardware::load("dgx-h100")?;
+    let host = h100.host.clone().ok_or_else(|| anyhow::anyhow!("dgx-h100.toml gives no [host]"))?;
+    // The link at each band: the file's rate times its efficiency, the band's multiplier on it.
+    let at = |band: Band| h100.at_band(band).host_link_bytes_per_s().unwrap_or(f64::NAN);
+    ensure!(at(Band::Central) == host.link_gbs * 1e9 * host.link_efficiency);
+    ensure!(at(Band::Low) == host.link_gbs * 1e9 * (host.link_efficiency * h100.bands.host_link[0]));
+    ensure!(
+        at(Band::High) == host.link_gbs * 1e9 * (host.link_efficiency * h100.bands.host_link[1]).min(1.0)
+    );
+    // Llama-3-8B on 8 GPUs with its block inputs offloaded.
+    let cfg = GptConfig::preset("llama3-8b")?;
+    let job = Job { offload: true, ..Job::new(cfg.clone(), StrategyConfig::Ulysses, 8, 131_072) };
+    let block = (131_072 / 8) as f64 * cfg.n_embd as f64 * 2.0; // [s/P, h] in bf16
+    let l = cfg.n_layer as f64;
+    for band in Band::ALL {
+        let hw = h100.at_band(band);
+        let p = predict(&job, &hw)?;
+        let o = p.offload.clone().ok_or_else(|| anyhow::anyhow!("no offload time on dgx-h100"))?;
+        ensure!(o.bytes == l * block, "{band:?}: {} B each way, {} expected", o.bytes, l * block);
+        let t = block / at(band);
+        ensure!(
+            (o.seconds - 2.0 * l * t).abs() <= 1e-12 * o.seconds,
+            "{band:?}: {} s on the link",
+            o.seconds
+        );
+        // Pessimistic: nothing hidden; optimistic: everything (central: by hand below).
+        match band {
+            Band::Low => {
+                ensure!(o.exposed == o.seconds, "low band: {} of {} s exposed", o.exposed, o.seconds)
+            }
+            Band::High => ensure!(o.exposed == 0.0, "high band: {} s exposed", o.exposed),
+            Band::Central => ensure!(o.exposed >= 0.0 && o.exposed <= o.seconds, "exposed {}", o.exposed),
+        }
+        // The step counts it.
+        let parts = p.compute_s() + p.comm_exposed_s() + o.exposed;
+        ensure!(
+            (p.step_s - parts).abs() <= 1e-9 * p.step_s,
+            "{band:?}: step {} s, parts {parts} s",
+            p.step_s
+        );
+        ensure!(p.memory.host_bytes == l * block, "{band:?}: {} B in host memory", p.memory.host_bytes);
+    }
+    // The central exposure by hand: each copy hidden up to the compute of the block beside it
+    // (a quarter of a block's compute beside the copy out, its recomputation and backward beside
+    // the copy back), the micro-step's compute (less the once-per-step terms) spread evenly
+    // over the blocks.
+    let p = predict(&Job { optimizer: false, ..job.clone() }, &h100)?;
+    let o = p.offload.clone().ok_or_else(|| anyhow::anyhow!("no offload time"))?;
+    let t = block / at(Band::Central);
+    let c = p.compute_s()
+        - p.compute.iter().filter(|c| c.0 == "gradient reduction copies").map(|c| c.2).sum::<f64>();
+    let want = l * ((t - c / (4.0 * l)).max(0.0) + (t - 3.0 * c / (4.0 * l)).max(0.0));
+    ensure!(
+        (o.exposed - want).abs() <= 1e-9 * o.seconds,
+        "central exposed {} s, {want} s by hand",
+        o.exposed
+    );
+    // Without offload, or on a file without a host: nothing timed, nothing in host memory.
+    ensure!(predict(&Job { offload: false, ..job.clone() }, &h100)?.offload.is_none());
+    let mut no_host = h100.clone();
+    no_host.host = None;
+    let p = predict(&job, &no_host)?;
+    ensure!(p.offload.is_none() && p.memory.host_capacity_bytes.is_none());
+    // Llama-3-70B at 4M tokens on one node: 80 block inputs of [4M/8, 8192] bf16 a GPU are more
+    // than its eighth of the node's host memory.
+    let big = GptConfig::preset("llama3-70b")?;
+    let job = Job { offload: true, ..Job::new(big.clone(), StrategyConfig::Ulysses, 8, 4 << 20) };
+    let m = memory(&job, 0, &h100)?;
+    let share = host.memory_gib * gib / 8.0;
+    ensure!(m.host_capacity_bytes == Some(share), "{:?}", m.host_capacity_bytes);
+    ensure!(m.host_bytes > share && !m.fits, "{} B offloaded of {share}: fits = {}", m.host_bytes, m.fits);
+    no_host.host = None;
+    ensure!(memory(&job, 0, &no_host)?.host_bytes > share, "the bytes do not depend on the file");
     Ok(())
 }

@@ -67,6 +67,15 @@ impl fmt::Display for Prediction {
                 c.exposed
             )?;
         }
+        if let Some(o) = &self.offload {
+            writeln!(
+                f,
+                "  offload to host memory: {:.1} MiB each way, {:.4} s on the host link (exposed {:.4})",
+                o.bytes / (1u64 << 20) as f64,
+                o.seconds,
+                o.exposed
+            )?;
+        }
         let m = &self.memory;
         writeln!(
             f,
@@ -78,6 +87,12 @@ impl fmt::Display for Prediction {
         )?;
         for t in m.all_terms().into_iter().filter(|t| t.bytes > 0.0) {
             writeln!(f, "    {:<52} {:>9.3} GiB", t.name, t.bytes / GIB)?;
+        }
+        if m.host_bytes > 0.0 {
+            let cap = m.host_capacity_bytes.map_or("no host memory given".to_string(), |c| {
+                format!("of {:.1} GiB a GPU's share of the node's host memory", c / GIB)
+            });
+            writeln!(f, "  offloaded to host memory: {:.3} GiB, {cap}", m.host_bytes / GIB)?;
         }
         Ok(())
     }

@@ -58,6 +58,10 @@ pub struct Hardware {
     pub efficiency: Efficiency,
     /// Networks by backend name: "nccl" for GPUs, "local" (threads) and "mpi" on CPUs.
     pub network: BTreeMap<String, Network>,
+    /// The host a device offloads to (pinned host memory over its PCIe link); absent where no
+    /// figure is given (then offload's transfers are not timed and its capacity not checked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<Host>,
     /// The range of each assumed input: multipliers at the pessimistic and optimistic ends.
     #[serde(default, skip_serializing_if = "Bands::is_unit")]
     pub bands: Bands,
@@ -76,6 +80,18 @@ pub struct Applied {
     /// The software's attention curves for this device (empty: the file's own).
     pub attention: Vec<AttentionCurve>,
     pub band: Band,
+}
+
+/// The host side of a device: its link to host memory and the host memory of a node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Host {
+    /// The device's link to host memory, GB/s (1e9 bytes) in each direction.
+    pub link_gbs: f64,
+    /// The fraction of `link_gbs` copies between pinned host memory and the device reach.
+    pub link_efficiency: f64,
+    /// Host memory of one node (GiB), which the node's devices' offloaded tensors share.
+    pub memory_gib: f64,
 }
 
 /// Ranges of the assumed inputs of a hardware file: `[pessimistic, optimistic]` multipliers of
@@ -97,11 +113,21 @@ pub struct Bands {
     /// `device.reserved_gib` at the pessimistic (larger) and optimistic ends, GiB.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reserved_gib: Option<[f64; 2]>,
+    /// The host link's efficiency.
+    #[serde(default = "unit")]
+    pub host_link: [f64; 2],
 }
 
 impl Default for Bands {
     fn default() -> Bands {
-        Bands { matmul: unit(), memory_bound: unit(), network: unit(), latency: unit(), reserved_gib: None }
+        Bands {
+            matmul: unit(),
+            memory_bound: unit(),
+            network: unit(),
+            latency: unit(),
+            reserved_gib: None,
+            host_link: unit(),
+        }
     }
 }
 
@@ -358,6 +384,14 @@ impl Hardware {
     /// The band the lookups take.
     pub fn band(&self) -> Band {
         self.applied.band
+    }
+
+    /// Bytes per second one device moves to or from host memory at this band (`None`: the file
+    /// gives no host link).
+    pub fn host_link_bytes_per_s(&self) -> Option<f64> {
+        let h = self.host.as_ref()?;
+        let eff = (h.link_efficiency * self.applied.band.pick(self.bands.host_link)).min(1.0);
+        Some(h.link_gbs * 1e9 * eff)
     }
 
     /// Memory held before the model exists at this band (GiB).

@@ -69,9 +69,12 @@ impl Hardware {
             curve(&format!("efficiency.attention (head_dim {})", c.head_dim), &c.points)?;
         }
         let b = &self.bands;
-        for (field, [lo, hi]) in
-            [("matmul", b.matmul), ("memory_bound", b.memory_bound), ("network", b.network)]
-        {
+        for (field, [lo, hi]) in [
+            ("matmul", b.matmul),
+            ("memory_bound", b.memory_bound),
+            ("network", b.network),
+            ("host_link", b.host_link),
+        ] {
             if !(lo.is_finite() && hi.is_finite() && lo > 0.0 && lo <= 1.0 && hi >= 1.0) {
                 return Err(format!(
                     "bands.{field} = [{lo}, {hi}] must be [pessimistic <= 1, optimistic >= 1], both positive"
@@ -91,6 +94,15 @@ impl Hardware {
                      (pessimistic first) and stay below memory_gib = {}",
                     d.reserved_gib, d.memory_gib
                 ));
+            }
+        }
+        if let Some(h) = &self.host {
+            if !(h.link_gbs.is_finite() && h.link_gbs > 0.0) {
+                return Err(format!("host.link_gbs = {} must be positive", h.link_gbs));
+            }
+            fraction("host.link_efficiency", h.link_efficiency)?;
+            if !(h.memory_gib.is_finite() && h.memory_gib > 0.0) {
+                return Err(format!("host.memory_gib = {} must be positive", h.memory_gib));
             }
         }
         if self.network.is_empty() {

@@ -53,6 +53,11 @@ pub struct MemoryReport {
     /// What one rank may use: the device's memory less what the framework reserves (shared by
     /// the node's ranks on a CPU).
     pub capacity_bytes: f64,
+    /// What the rank keeps in host memory at the peak (offload's block inputs), and what one
+    /// device may keep there (the node's host memory over its devices; `None` where the
+    /// hardware file gives no host). Fitting needs both.
+    pub host_bytes: f64,
+    pub host_capacity_bytes: Option<f64>,
     pub fits: bool,
 }
 
@@ -412,6 +417,14 @@ pub fn memory(job: &Job, r: usize, hw: &Hardware) -> Result<MemoryReport> {
     if hw.node.shared_memory {
         capacity_bytes /= job.ranks.min(hw.node.devices_per_node) as f64;
     }
+    // Offload keeps every block's input in host memory after the forward: the node's devices
+    // share its host memory.
+    let host_bytes = if full && job.offload { l * tok * h * es } else { 0.0 };
+    let host_capacity_bytes = hw
+        .host
+        .as_ref()
+        .map(|host| host.memory_gib * gib / job.ranks.clamp(1, hw.node.devices_per_node.max(1)) as f64);
+    let host_fits = host_capacity_bytes.is_none_or(|cap| host_bytes <= cap);
     Ok(MemoryReport {
         states,
         activations,
@@ -420,6 +433,8 @@ pub fn memory(job: &Job, r: usize, hw: &Hardware) -> Result<MemoryReport> {
         peak_bytes,
         resident_bytes,
         capacity_bytes,
-        fits: resident_bytes <= capacity_bytes,
+        host_bytes,
+        host_capacity_bytes,
+        fits: resident_bytes <= capacity_bytes && host_fits,
     })
 }

@@ -101,7 +101,8 @@ pub struct Job {
     pub mlp_tile: Option<i64>,
     /// Full checkpointing's block inputs offloaded between the forward and the backward (the
     /// trainer's `offload`): two of them on the device at a time (the one in use and the one
-    /// coming back). The transfers' time is not modelled (assumed hidden behind compute).
+    /// coming back), the others in host memory; their copies timed on the hardware's host link
+    /// where it gives one (`step::OffloadTime`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub offload: bool,
     /// The loss computed this many tokens at a time (the trainer's `loss_tile`): no `[t, V]`

@@ -49,6 +49,49 @@ struct RankStep {
     compute: Vec<(&'static str, OpClass, f64)>,
     comm: Vec<CommTime>,
     sent: f64,
+    offload: Option<OffloadTime>,
+}
+
+/// Offload's copies between the device and host memory in one optimizer step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OffloadTime {
+    /// Bytes each way (block inputs out after their forward, back before their backward).
+    pub bytes: f64,
+    /// The copies' seconds, both ways, on the host link.
+    pub seconds: f64,
+    /// Seconds not hidden behind the blocks they run beside.
+    pub exposed: f64,
+}
+
+/// Offload's copies for rank `r`'s micro-steps: each block's input (`[b, s_r, h]`) goes to the
+/// host on a side stream while the next block runs forward, and comes back while the block
+/// after it in the backward recomputes and runs backward (one block ahead). A copy is hidden
+/// up to the compute of the block beside it: under full checkpointing a block's forward is a
+/// quarter of its compute, its recomputation and backward the other three quarters (the
+/// micro-step's compute spread evenly over the blocks). Low band: nothing hidden; high band:
+/// everything. `None` without offload or without a host link in the hardware file (the CPU
+/// files: offload there goes to disk through a thread, not timed).
+fn offload_time(job: &Job, r: usize, hw: &Hardware, micro_compute_s: f64) -> Result<Option<OffloadTime>> {
+    let bw = match hw.host_link_bytes_per_s() {
+        Some(bw) if job.offload && job.checkpointing == crate::train::Checkpointing::Full => bw,
+        _ => return Ok(None),
+    };
+    let c = &job.model;
+    let (l, accum) = (c.n_layer as f64, job.grad_accum as f64);
+    let tok = job.micro_batch as f64 * super::bytes::layout(job)?.len(r % job.sp()) as f64;
+    let block = tok * c.n_embd as f64 * job.element_bytes();
+    let t = block / bw;
+    let (fwd, back) = (micro_compute_s / (4.0 * l), 3.0 * micro_compute_s / (4.0 * l));
+    let exposed = match hw.band() {
+        Band::Low => 2.0 * t,
+        Band::High => 0.0,
+        Band::Central => (t - fwd).max(0.0) + (t - back).max(0.0),
+    };
+    Ok(Some(OffloadTime {
+        bytes: l * block * accum,
+        seconds: 2.0 * l * t * accum,
+        exposed: l * exposed * accum,
+    }))
 }
 
 /// What the model predicts for one job.
@@ -79,6 +122,8 @@ pub struct Prediction {
     pub memory: MemoryReport,
     /// Largest bytes sent by one rank in one step.
     pub bytes_sent_per_rank: f64,
+    /// Offload's copies to and from host memory, where the hardware gives a host link.
+    pub offload: Option<OffloadTime>,
 }
 
 impl Prediction {
@@ -225,13 +270,16 @@ pub fn predict(job: &Job, hw: &Hardware) -> Result<Prediction> {
                 budget -= hidden;
             }
         }
-        let step = compute_s + comm.iter().map(|c| c.exposed).sum::<f64>();
+        let offload = offload_time(job, r, hw, (compute_s - step_terms * stretch) / accum)?;
+        let step = compute_s
+            + comm.iter().map(|c| c.exposed).sum::<f64>()
+            + offload.as_ref().map_or(0.0, |o| o.exposed);
         if best.as_ref().is_none_or(|b| step > b.step) {
-            best = Some(RankStep { step, rank: r, compute, comm, sent });
+            best = Some(RankStep { step, rank: r, compute, comm, sent, offload });
         }
     }
-    let RankStep { step: step_s, rank: slowest_rank, compute, comm, sent: bytes_sent_per_rank } = best
-        .ok_or_else(|| crate::Error::InvalidArgument {
+    let RankStep { step: step_s, rank: slowest_rank, compute, comm, sent: bytes_sent_per_rank, offload } =
+        best.ok_or_else(|| crate::Error::InvalidArgument {
             op: "cost",
             group: job.describe(),
             msg: "no ranks".into(),
@@ -270,6 +318,7 @@ pub fn predict(job: &Job, hw: &Hardware) -> Result<Prediction> {
         megatron_mfu: per_gpu(meg) / peak,
         memory,
         bytes_sent_per_rank,
+        offload,
     })
 }
 

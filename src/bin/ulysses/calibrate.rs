@@ -150,6 +150,7 @@ pub fn run(args: &CalibrateArgs) -> Result<()> {
             layer_overhead_us: layer_overhead * 1e6,
         },
         network,
+        host: None,
         bands: Default::default(),
         provenance: Some(provenance(started)),
         applied: Default::default(),
