@@ -429,6 +429,10 @@ fn long_sequence_memory_settings_that_cannot_work_are_refused_before_a_step() ->
             ),
             vec!["train.offload_dir", "cannot make"],
         ),
+        // Chunked Ulysses' K/V offload: a target it knows, and a point that runs chunked Ulysses.
+        ("offload_kv = \"nvme\"\n", vec!["train.offload_kv", "\"nvme\": it must be none, host or disk"]),
+        ("offload_kv = \"disk\"\n", vec!["train.offload_kv", "no point runs ulysses_chunked:U"]),
+        ("offload_kv = \"host\"\n", vec!["train.offload_kv", "\"host\" on device \"cpu\""]),
     ];
     for (extra, wants) in cases {
         let err = ExperimentConfig::parse(&toy("bad", 1, extra), "bad.toml")

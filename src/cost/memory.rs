@@ -188,8 +188,10 @@ pub fn layer_activations(job: &Job, r: usize, device: impl Into<Kernels>) -> Res
             // output handed on is the same tensor in f32, a copy in 16-bit), the expanded k, v
             // (GQA); and the chunks back from the all-to-all, kept by the tape apart from their
             // concatenation.
+            // With K/V offload the tape lets go of the all-to-all's k and v once the store has
+            // them (and of their expansion): only q stays.
             let plan = HeadPlan::new(c.n_head, c.n_kv_head, job.sp())?;
-            let kv_r = plan.kv_split()[r] as f64;
+            let kv_r = if job.kv_offload { 0.0 } else { plan.kv_split()[r] as f64 };
             v.push(t("q, k, v after the all-to-all", big * (heads + 2.0 * kv_r) * d, es));
             v.push(t("chunk outputs (f32)", big * heads * d, 4.0f64.max(es)));
             if es < 4.0 {
@@ -197,7 +199,7 @@ pub fn layer_activations(job: &Job, r: usize, device: impl Into<Kernels>) -> Res
             }
             v.push(t("chunk log-sum-exp", big * heads, 4.0));
             v.push(t("chunks back from the all-to-all", tok * h, es));
-            if hq != hkv {
+            if hq != hkv && !job.kv_offload {
                 v.push(t("k, v expanded to the query heads", 2.0 * big * heads * d, es));
             }
         }
@@ -274,15 +276,35 @@ fn backward_working_set(job: &Job, r: usize, device: impl Into<Kernels>) -> Resu
     let core = b * a.rows.max(tok) * a.heads as f64 * d; // one of q, k, v as the kernel sees it
                                                          // The MLP's widest gradient; tiled, one tile's recomputed intermediates and their gradient.
     let mlp = job.mlp_tile.map_or(tok * f, |tile| (tile as f64).min(tok) * 2.0 * f);
-    Ok(match job.strategy {
-        StrategyConfig::MegatronSp => (b * n * f / p + b * n * h) * es,
-        // The gradient of a materialised score matrix while the softmax's backward runs.
-        StrategyConfig::Ring { .. } if matches!(a.implementation, AttnImpl::Dense { .. }) => {
-            (b * a.heads as f64 * a.rows * a.keys * 4.0f64.max(es)).max((mlp + tok * h) * es)
+    // Chunked Ulysses with its K/V offloaded brings two chunks' K/V back at a time (the one in
+    // use, the one coming), expanded to the query heads.
+    let kv_back = match job.strategy {
+        StrategyConfig::UlyssesChunked { chunks } if job.kv_offload => {
+            2.0 * 2.0 * b * n / chunks as f64 * a.heads as f64 * d * es
         }
-        StrategyConfig::Ring { .. } => ((mlp + tok * h) * es).max(3.0 * tok * h * 4.0),
-        _ => ((mlp + tok * h) * es).max(3.0 * core * es),
-    })
+        _ => 0.0,
+    };
+    Ok(kv_back
+        + match job.strategy {
+            StrategyConfig::MegatronSp => (b * n * f / p + b * n * h) * es,
+            // The gradient of a materialised score matrix while the softmax's backward runs.
+            StrategyConfig::Ring { .. } if matches!(a.implementation, AttnImpl::Dense { .. }) => {
+                (b * a.heads as f64 * a.rows * a.keys * 4.0f64.max(es)).max((mlp + tok * h) * es)
+            }
+            StrategyConfig::Ring { .. } => ((mlp + tok * h) * es).max(3.0 * tok * h * 4.0),
+            _ => ((mlp + tok * h) * es).max(3.0 * core * es),
+        })
+}
+
+/// What chunked Ulysses' K/V offload keeps in host memory per layer: every chunk's K and V,
+/// expanded to the rank's query heads (`[b, N/u, H_r, d]` each), in the activation dtype.
+pub fn kv_offload_bytes_per_layer(job: &Job, r: usize) -> Result<f64> {
+    if !(job.kv_offload && matches!(job.strategy, StrategyConfig::UlyssesChunked { .. })) {
+        return Ok(0.0);
+    }
+    let c = &job.model;
+    let heads = HeadPlan::new(c.n_head, c.n_kv_head, job.sp())?.q_split()[r % job.sp()] as f64;
+    Ok(2.0 * job.micro_batch as f64 * job.seq as f64 * heads * c.head_dim() as f64 * job.element_bytes())
 }
 
 /// The MPI backend's staging buffers (`comm::staging`), kept from the first step on: one per
@@ -419,7 +441,11 @@ pub fn memory(job: &Job, r: usize, hw: &Hardware) -> Result<MemoryReport> {
     }
     // Offload keeps every block's input in host memory after the forward: the node's devices
     // share its host memory.
-    let host_bytes = if full && job.offload { l * tok * h * es } else { 0.0 };
+    // Chunked Ulysses' K/V: every layer's after the forward, or under full checkpointing one
+    // layer's (it goes out in the block's recomputation and comes back in its backward).
+    let kv_layers = if full { 1.0 } else { l };
+    let host_bytes = if full && job.offload { l * tok * h * es } else { 0.0 }
+        + kv_layers * kv_offload_bytes_per_layer(job, sp_rank)?;
     let host_capacity_bytes = hw
         .host
         .as_ref()

@@ -109,6 +109,11 @@ pub struct Job {
     /// log-softmax kept, the logits of one tile at a time; `None`: whole.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loss_tile: Option<i64>,
+    /// Chunked Ulysses' K/V kept off the device between a layer's forward and its backward
+    /// (FPDT's offload): every chunk's K/V goes out after the layer's forward, and two chunks'
+    /// come back at a time in its backward. Chunked Ulysses only.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub kv_offload: bool,
 }
 
 impl Job {
@@ -137,6 +142,7 @@ impl Job {
             mlp_tile: None,
             offload: false,
             loss_tile: None,
+            kv_offload: false,
         }
     }
 
@@ -187,6 +193,12 @@ impl Job {
         }
         if self.threads_per_rank == 0 || self.bucket_elems < 1 {
             return bad("threads_per_rank and bucket_elems must be at least 1".into());
+        }
+        if self.kv_offload && !matches!(self.strategy, StrategyConfig::UlyssesChunked { .. }) {
+            return bad(format!(
+                "K/V offload is chunked Ulysses' (ulysses_chunked:U); {} keeps no chunks' K/V",
+                self.strategy.label()
+            ));
         }
         self.attention.build()?;
         let (h, kv) = (self.model.n_head, self.model.n_kv_head);

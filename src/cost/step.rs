@@ -68,20 +68,28 @@ pub struct OffloadTime {
 /// after it in the backward recomputes and runs backward (one block ahead). A copy is hidden
 /// up to the compute of the block beside it: under full checkpointing a block's forward is a
 /// quarter of its compute, its recomputation and backward the other three quarters (the
-/// micro-step's compute spread evenly over the blocks). Low band: nothing hidden; high band:
-/// everything. `None` without offload or without a host link in the hardware file (the CPU
-/// files: offload there goes to disk through a thread, not timed).
+/// micro-step's compute spread evenly over the blocks). Chunked Ulysses' K/V offload adds its
+/// chunks' K/V to each block's copies. Low band: nothing hidden; high band: everything. `None`
+/// without offload or without a host link in the hardware file (the CPU files: offload there
+/// goes to disk through a thread, not timed).
 fn offload_time(job: &Job, r: usize, hw: &Hardware, micro_compute_s: f64) -> Result<Option<OffloadTime>> {
-    let bw = match hw.host_link_bytes_per_s() {
-        Some(bw) if job.offload && job.checkpointing == crate::train::Checkpointing::Full => bw,
-        _ => return Ok(None),
-    };
     let c = &job.model;
     let (l, accum) = (c.n_layer as f64, job.grad_accum as f64);
     let tok = job.micro_batch as f64 * super::bytes::layout(job)?.len(r % job.sp()) as f64;
-    let block = tok * c.n_embd as f64 * job.element_bytes();
+    let full = job.checkpointing == crate::train::Checkpointing::Full;
+    // Per block: its input (block offload), and chunked Ulysses' K/V (out after the layer's
+    // attention, back chunk by chunk in its backward: timed the same way).
+    let input = if job.offload && full { tok * c.n_embd as f64 * job.element_bytes() } else { 0.0 };
+    let block = input + super::memory::kv_offload_bytes_per_layer(job, r)?;
+    let bw = match hw.host_link_bytes_per_s() {
+        Some(bw) if block > 0.0 => bw,
+        _ => return Ok(None),
+    };
     let t = block / bw;
-    let (fwd, back) = (micro_compute_s / (4.0 * l), 3.0 * micro_compute_s / (4.0 * l));
+    // A block's forward: a quarter of its compute under full checkpointing (forward,
+    // recomputation, a backward of two), a third without.
+    let share = if full { 0.25 } else { 1.0 / 3.0 };
+    let (fwd, back) = (share * micro_compute_s / l, (1.0 - share) * micro_compute_s / l);
     let exposed = match hw.band() {
         Band::Low => 2.0 * t,
         Band::High => 0.0,

@@ -213,6 +213,11 @@ pub struct TrainSpec {
     /// temporary folder.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub offload_dir: Option<PathBuf>,
+    /// Keep chunked Ulysses' K/V off the device between each layer's forward and backward
+    /// (FPDT): "host" (pinned host memory, a GPU run) or "disk" (files under `offload_dir`), for
+    /// the points whose strategy is `ulysses_chunked:U` (at least one must be). Default none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offload_kv: Option<String>,
     /// The dtype gradients are reduced in across ranks ("f32", "bf16", ...). Default: f32 for
     /// bf16/f16 gradients, else their own dtype; "bf16" halves the reduction's bytes.
     #[serde(default)]

@@ -59,6 +59,33 @@ impl ExperimentConfig {
         }
     }
 
+    /// `[train] offload_kv`, parsed as `offload` is (the same `offload_dir`).
+    pub fn offload_kv(&self) -> Result<Option<crate::model::OffloadTarget>> {
+        use crate::model::OffloadTarget;
+        let t = &self.train;
+        match t.offload_kv.as_deref() {
+            None | Some("none") => Ok(None),
+            Some("host") => Ok(Some(OffloadTarget::Host)),
+            Some("disk") => {
+                Ok(Some(OffloadTarget::Disk(t.offload_dir.clone().unwrap_or_else(std::env::temp_dir))))
+            }
+            Some(other) => {
+                Err(field_error("train.offload_kv", format!("{other:?}: it must be none, host or disk")))
+            }
+        }
+    }
+
+    /// The store chunked Ulysses keeps `point`'s K/V in, for a model on `device`: one per rank,
+    /// for the points whose strategy is chunked Ulysses, when `[train] offload_kv` asks.
+    pub fn kv_store(&self, point: &Point, device: tch::Device) -> Result<Option<crate::model::Offload>> {
+        match (self.offload_kv()?, point.strategy) {
+            (Some(target), crate::attention::StrategyConfig::UlyssesChunked { .. }) => {
+                Ok(Some(crate::model::Offload::new(target, device)?))
+            }
+            _ => Ok(None),
+        }
+    }
+
     /// The trainer's plan for `point`.
     pub fn train_config(&self, point: &Point) -> Result<TrainConfig> {
         let t = &self.train;
@@ -135,6 +162,29 @@ impl ExperimentConfig {
             // before any point runs.
             crate::model::Offload::new(crate::model::OffloadTarget::Disk(dir), tch::Device::Cpu)
                 .map_err(|e| field_error("train.offload_dir", e.to_string()))?;
+        }
+        if let Some(target) = self.offload_kv()? {
+            if target == crate::model::OffloadTarget::Host && self.parallel.device != "cuda" {
+                return Err(field_error(
+                    "train.offload_kv",
+                    format!(
+                        "\"host\" on device {:?}: the K/V are in host memory already (\"disk\" moves them to files)",
+                        self.parallel.device
+                    ),
+                ));
+            }
+            let chunked =
+                |p: &Point| matches!(p.strategy, crate::attention::StrategyConfig::UlyssesChunked { .. });
+            if !self.points()?.iter().any(chunked) {
+                return Err(field_error(
+                    "train.offload_kv",
+                    "keeps chunked Ulysses' K/V off the device, and no point runs ulysses_chunked:U".into(),
+                ));
+            }
+            if let crate::model::OffloadTarget::Disk(dir) = target {
+                crate::model::Offload::new(crate::model::OffloadTarget::Disk(dir), tch::Device::Cpu)
+                    .map_err(|e| field_error("train.offload_dir", e.to_string()))?;
+            }
         }
         if self.offload()? == Some(crate::model::OffloadTarget::Host) && self.parallel.device != "cuda" {
             return Err(field_error(

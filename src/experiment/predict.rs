@@ -231,6 +231,8 @@ impl ExperimentConfig {
             mlp_tile: train.mlp_tile,
             offload: train.offload.is_some(),
             loss_tile: train.loss_tile,
+            kv_offload: self.offload_kv()?.is_some()
+                && matches!(point.strategy, crate::attention::StrategyConfig::UlyssesChunked { .. }),
         })
     }
 }

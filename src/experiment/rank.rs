@@ -81,7 +81,15 @@ pub(super) fn rank_main(
     let mesh = Mesh::new(&world, MeshShape::dp_sp(dp, sp)?)?;
     let (sp_group, dp_group) = (mesh.group("sp")?, mesh.group("dp")?);
     let device = spec.device;
-    let strategy = point.strategy.build(sp_group, spec.attention, point.seq, gpt.n_head, gpt.n_kv_head)?;
+    let kv_store = cfg.kv_store(point, device)?;
+    let strategy = point.strategy.build_with_kv_store(
+        sp_group,
+        spec.attention,
+        point.seq,
+        gpt.n_head,
+        gpt.n_kv_head,
+        kv_store,
+    )?;
     let layout = strategy.layout().clone();
     let model = Gpt::new(gpt, strategy, spec.kind, device)?;
     let mut trainer = Trainer::new(model, TrainGroups::new(&mesh)?, cfg.train_config(point)?)?;

@@ -40,7 +40,11 @@ pub struct MemoryArgs {
     /// --checkpointing full): host (pinned host memory, a GPU) or disk (files).
     #[arg(long, value_parser = ["host", "disk"])]
     pub offload: Option<String>,
-    /// Folder for --offload disk. Default: the system's temporary folder.
+    /// Keep chunked Ulysses' K/V off the device between each layer's forward and backward
+    /// (FPDT; with --strategy ulysses_chunked:U): host (pinned host memory, a GPU) or disk.
+    #[arg(long, value_parser = ["host", "disk"])]
+    pub offload_kv: Option<String>,
+    /// Folder for --offload disk and --offload-kv disk. Default: the system's temporary folder.
     #[arg(long)]
     pub offload_dir: Option<std::path::PathBuf>,
 }
@@ -48,8 +52,17 @@ pub struct MemoryArgs {
 impl MemoryArgs {
     /// `--offload` as the trainer takes it.
     pub fn offload_target(&self) -> Option<ulysses::model::OffloadTarget> {
+        self.target(self.offload.as_deref())
+    }
+
+    /// `--offload-kv`, where chunked Ulysses keeps its K/V.
+    pub fn kv_offload_target(&self) -> Option<ulysses::model::OffloadTarget> {
+        self.target(self.offload_kv.as_deref())
+    }
+
+    fn target(&self, flag: Option<&str>) -> Option<ulysses::model::OffloadTarget> {
         use ulysses::model::OffloadTarget;
-        match self.offload.as_deref() {
+        match flag {
             Some("host") => Some(OffloadTarget::Host),
             Some(_) => Some(OffloadTarget::Disk(self.offload_dir.clone().unwrap_or_else(std::env::temp_dir))),
             None => None,

@@ -160,6 +160,7 @@ fn flags_config(args: &PredictArgs, hardware: &str) -> Result<ExperimentConfig> 
             args.memory.loss_tile.map(|t| format!("loss_tile = {t}\n")),
             args.memory.mlp_tile.map(|t| format!("mlp_tile = {t}\n")),
             args.memory.offload.as_ref().map(|o| format!("offload = {o:?}\n")),
+            args.memory.offload_kv.as_ref().map(|o| format!("offload_kv = {o:?}\n")),
             args.memory
                 .offload_dir
                 .as_ref()

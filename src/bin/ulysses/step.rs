@@ -137,8 +137,18 @@ pub fn run(a: &StepArgs) -> Result<()> {
         let start = status_mib("VmRSS:").unwrap_or(f64::NAN);
         world.barrier()?;
         let mesh = Mesh::new(world, MeshShape::dp_sp(a.dp, a.ranks / a.dp)?)?;
-        let strategy =
-            a.attention.strategy.build(mesh.group("sp")?, attention, n, cfg.n_head, cfg.n_kv_head)?;
+        let kv_store = match a.memory.kv_offload_target() {
+            Some(target) => Some(ulysses::model::Offload::new(target, Device::Cpu)?),
+            None => None,
+        };
+        let strategy = a.attention.strategy.build_with_kv_store(
+            mesh.group("sp")?,
+            attention,
+            n,
+            cfg.n_head,
+            cfg.n_kv_head,
+            kv_store,
+        )?;
         let layout = strategy.layout().clone();
         let model = Gpt::new(&cfg, strategy, kind, Device::Cpu)?;
         let mut trainer = Trainer::new(model, TrainGroups::new(&mesh)?, plan.clone())?;
