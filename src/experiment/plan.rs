@@ -45,33 +45,27 @@ pub(super) fn packings<'de, D: Deserializer<'de>>(
 impl ExperimentConfig {
     /// `[train] offload`, parsed: none, host memory, or files under `offload_dir`.
     pub fn offload(&self) -> Result<Option<crate::model::OffloadTarget>> {
-        use crate::model::OffloadTarget;
-        let t = &self.train;
-        match t.offload.as_deref() {
-            None | Some("none") => Ok(None),
-            Some("host") => Ok(Some(OffloadTarget::Host)),
-            Some("disk") => {
-                Ok(Some(OffloadTarget::Disk(t.offload_dir.clone().unwrap_or_else(std::env::temp_dir))))
-            }
-            Some(other) => {
-                Err(field_error("train.offload", format!("{other:?}: it must be none, host or disk")))
-            }
-        }
+        self.offload_target("train.offload", self.train.offload.as_deref())
     }
 
     /// `[train] offload_kv`, parsed as `offload` is (the same `offload_dir`).
     pub fn offload_kv(&self) -> Result<Option<crate::model::OffloadTarget>> {
+        self.offload_target("train.offload_kv", self.train.offload_kv.as_deref())
+    }
+
+    fn offload_target(
+        &self,
+        field: &'static str,
+        value: Option<&str>,
+    ) -> Result<Option<crate::model::OffloadTarget>> {
         use crate::model::OffloadTarget;
-        let t = &self.train;
-        match t.offload_kv.as_deref() {
+        match value {
             None | Some("none") => Ok(None),
             Some("host") => Ok(Some(OffloadTarget::Host)),
-            Some("disk") => {
-                Ok(Some(OffloadTarget::Disk(t.offload_dir.clone().unwrap_or_else(std::env::temp_dir))))
-            }
-            Some(other) => {
-                Err(field_error("train.offload_kv", format!("{other:?}: it must be none, host or disk")))
-            }
+            Some("disk") => Ok(Some(OffloadTarget::Disk(
+                self.train.offload_dir.clone().unwrap_or_else(std::env::temp_dir),
+            ))),
+            Some(other) => Err(field_error(field, format!("{other:?}: it must be none, host or disk"))),
         }
     }
 
