@@ -56,6 +56,31 @@ impl StrategyConfig {
         heads: i64,
         kv_heads: i64,
     ) -> Result<Box<dyn SequenceParallel>> {
+        self.build_with_kv_store(sp, attention, n, heads, kv_heads, None)
+    }
+
+    /// [`build`](StrategyConfig::build), with chunked Ulysses' K/V kept in `kv_store` between
+    /// each layer's forward and backward (FPDT's offload; [`ChunkedUlysses::with_offload`]).
+    /// A store for any other strategy is refused: none keeps chunks' K/V.
+    pub fn build_with_kv_store(
+        &self,
+        sp: &Group,
+        attention: AttentionConfig,
+        n: i64,
+        heads: i64,
+        kv_heads: i64,
+        kv_store: Option<crate::device::Offload>,
+    ) -> Result<Box<dyn SequenceParallel>> {
+        if kv_store.is_some() && !matches!(self, StrategyConfig::UlyssesChunked { .. }) {
+            return Err(Error::InvalidArgument {
+                op: "strategy",
+                group: sp.info().to_string(),
+                msg: format!(
+                    "K/V offload is chunked Ulysses' (FPDT: ulysses_chunked:U); {} keeps no chunks' K/V",
+                    self.label()
+                ),
+            });
+        }
         let mask = attention.mask;
         Ok(match *self {
             StrategyConfig::Single => {
@@ -84,38 +109,13 @@ impl StrategyConfig {
                 Box::new(UspAttention::new(sp, mask, n, heads, kv_heads, ulysses, zigzag)?)
             }
             StrategyConfig::UlyssesChunked { chunks } => {
-                Box::new(ChunkedUlysses::new(sp.clone(), mask, n, heads, kv_heads, chunks)?)
+                let chunked = ChunkedUlysses::new(sp.clone(), mask, n, heads, kv_heads, chunks)?;
+                Box::new(match kv_store {
+                    Some(store) => chunked.with_offload(store),
+                    None => chunked,
+                })
             }
         })
-    }
-
-    /// [`build`](StrategyConfig::build), with chunked Ulysses' K/V kept in `kv_store` between
-    /// each layer's forward and backward (FPDT's offload; [`ChunkedUlysses::with_offload`]).
-    /// A store for any other strategy is refused: none keeps chunks' K/V.
-    pub fn build_with_kv_store(
-        &self,
-        sp: &Group,
-        attention: AttentionConfig,
-        n: i64,
-        heads: i64,
-        kv_heads: i64,
-        kv_store: Option<crate::device::Offload>,
-    ) -> Result<Box<dyn SequenceParallel>> {
-        match (*self, kv_store) {
-            (_, None) => self.build(sp, attention, n, heads, kv_heads),
-            (StrategyConfig::UlyssesChunked { chunks }, Some(store)) => Ok(Box::new(
-                ChunkedUlysses::new(sp.clone(), attention.mask, n, heads, kv_heads, chunks)?
-                    .with_offload(store),
-            )),
-            (other, Some(_)) => Err(Error::InvalidArgument {
-                op: "strategy",
-                group: sp.info().to_string(),
-                msg: format!(
-                    "K/V offload is chunked Ulysses' (FPDT: ulysses_chunked:U); {} keeps no chunks' K/V",
-                    other.label()
-                ),
-            }),
-        }
     }
 }
 

@@ -142,6 +142,19 @@ pub fn layout(job: &Job) -> Result<SeqLayout> {
 /// Rank `r`'s collectives in one micro-step of `job` (forward, backward, recompute) and, with
 /// [`Phase::Step`], once per optimizer step. `r` is the global rank.
 pub fn step_comm(job: &Job, r: usize) -> Result<Vec<CommCall>> {
+    let mut out = layers_comm(job, r)?;
+    if job.strategy != StrategyConfig::Single {
+        // The loss: [labelled tokens, loss sum] in f64, summed over the SP group.
+        let (s, rc) = all_reduce(2, job.sp(), r % job.sp());
+        out.push(call("loss all-reduce", GroupRole::Sp, OpKind::AllReduce, Phase::Forward, 1, s * 8, rc * 8));
+    }
+    out.extend(super::zero::gradient_comm(job, r, &params_on_rank(job))?);
+    Ok(out)
+}
+
+/// The strategy's collectives over all layers in one micro-step (forward, backward, and the
+/// forward again under full checkpointing): [`step_comm`] without the loss and the gradients.
+pub fn layers_comm(job: &Job, r: usize) -> Result<Vec<CommCall>> {
     let mut out = Vec::new();
     let l = job.model.n_layer as u64;
     let layer = layer_comm(job, r % job.sp())?;
@@ -156,12 +169,6 @@ pub fn step_comm(job: &Job, r: usize) -> Result<Vec<CommCall>> {
         }
         out.push(all);
     }
-    if job.strategy != StrategyConfig::Single {
-        // The loss: [labelled tokens, loss sum] in f64, summed over the SP group.
-        let (s, rc) = all_reduce(2, job.sp(), r % job.sp());
-        out.push(call("loss all-reduce", GroupRole::Sp, OpKind::AllReduce, Phase::Forward, 1, s * 8, rc * 8));
-    }
-    out.extend(super::zero::gradient_comm(job, r, &params_on_rank(job))?);
     Ok(out)
 }
 

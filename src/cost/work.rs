@@ -240,9 +240,9 @@ pub fn rank_work(job: &Job, r: usize, device: impl Into<Kernels>) -> Result<Vec<
     // cross; with b > 1 the sequence side's chunks are strided too, a second copy. Thread ranks
     // copy each chunk straight into place, which the local link's price already holds.
     if job.backend != "local" {
-        let crossing: u64 = super::bytes::step_comm(job, r)?
+        let crossing: u64 = super::bytes::layers_comm(job, r)?
             .iter()
-            .filter(|c| c.op == crate::comm::OpKind::AllToAll && c.phase != super::bytes::Phase::Step)
+            .filter(|c| c.op == crate::comm::OpKind::AllToAll)
             .map(|c| c.sent)
             .sum();
         let copies = if job.micro_batch > 1 { 2.0 } else { 1.0 };

@@ -151,42 +151,37 @@ impl ExperimentConfig {
                 ));
             }
         }
-        if let Some(crate::model::OffloadTarget::Disk(dir)) = self.offload()? {
-            // A store made and dropped: the folder is there and takes a folder of ours, now,
-            // before any point runs.
-            crate::model::Offload::new(crate::model::OffloadTarget::Disk(dir), tch::Device::Cpu)
+        use crate::model::OffloadTarget;
+        let targets = [
+            ("train.offload", "the activations", self.offload()?),
+            ("train.offload_kv", "the K/V", self.offload_kv()?),
+        ];
+        // The folder both write under (`offload_dir`): a store made and dropped, so that it is
+        // there and takes a folder of ours, now, before any point runs.
+        if let Some(dir) = targets.iter().find_map(|(_, _, t)| match t {
+            Some(OffloadTarget::Disk(dir)) => Some(dir.clone()),
+            _ => None,
+        }) {
+            crate::model::Offload::new(OffloadTarget::Disk(dir), tch::Device::Cpu)
                 .map_err(|e| field_error("train.offload_dir", e.to_string()))?;
         }
-        if let Some(target) = self.offload_kv()? {
-            if target == crate::model::OffloadTarget::Host && self.parallel.device != "cuda" {
+        for (field, what, target) in &targets {
+            if *target == Some(OffloadTarget::Host) && self.parallel.device != "cuda" {
                 return Err(field_error(
-                    "train.offload_kv",
+                    field,
                     format!(
-                        "\"host\" on device {:?}: the K/V are in host memory already (\"disk\" moves them to files)",
+                        "\"host\" on device {:?}: {what} are in host memory already (\"disk\" moves them to files)",
                         self.parallel.device
                     ),
                 ));
             }
-            let chunked =
-                |p: &Point| matches!(p.strategy, crate::attention::StrategyConfig::UlyssesChunked { .. });
-            if !self.points()?.iter().any(chunked) {
-                return Err(field_error(
-                    "train.offload_kv",
-                    "keeps chunked Ulysses' K/V off the device, and no point runs ulysses_chunked:U".into(),
-                ));
-            }
-            if let crate::model::OffloadTarget::Disk(dir) = target {
-                crate::model::Offload::new(crate::model::OffloadTarget::Disk(dir), tch::Device::Cpu)
-                    .map_err(|e| field_error("train.offload_dir", e.to_string()))?;
-            }
         }
-        if self.offload()? == Some(crate::model::OffloadTarget::Host) && self.parallel.device != "cuda" {
+        let chunked =
+            |p: &Point| matches!(p.strategy, crate::attention::StrategyConfig::UlyssesChunked { .. });
+        if targets[1].2.is_some() && !self.points()?.iter().any(chunked) {
             return Err(field_error(
-                "train.offload",
-                format!(
-                    "\"host\" on device {:?}: the activations are in host memory already (\"disk\" moves them to files)",
-                    self.parallel.device
-                ),
+                "train.offload_kv",
+                "keeps chunked Ulysses' K/V off the device, and no point runs ulysses_chunked:U".into(),
             ));
         }
         for point in self.points()? {
