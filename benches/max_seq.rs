@@ -16,7 +16,8 @@
 //! budget; and predicts the live peak and the step time at the measured longest N.
 //!
 //! Run: `cargo bench --bench max_seq` (`-- --budget-mib M` for another budget, `-- --quick` for
-//! the first two rungs only). Writes `results/max_seq/summary.csv`.
+//! the first two rungs only, `-- --only TEXT` for the rungs whose name contains TEXT). Writes
+//! `results/max_seq/summary.csv`.
 
 mod common;
 
@@ -44,10 +45,12 @@ struct Rung {
     loss_tile: bool,
     mlp_tile: bool,
     offload: bool,
+    /// Chunked Ulysses' own offload (FPDT: each chunk's q, K/V, output and log-sum-exp).
+    offload_kv: bool,
 }
 
 fn ladder() -> Vec<Rung> {
-    let rung = |name, strategy, checkpointing, loss_tile, mlp_tile, offload| {
+    let rung = |name, strategy, checkpointing, loss_tile, mlp_tile, offload, offload_kv| {
         let mut flags = vec!["--strategy", strategy];
         if checkpointing == Checkpointing::Full {
             flags.extend(["--checkpointing", "full"]);
@@ -61,16 +64,20 @@ fn ladder() -> Vec<Rung> {
         if offload {
             flags.extend(["--offload", "disk"]);
         }
-        Rung { name, flags, strategy, checkpointing, loss_tile, mlp_tile, offload }
+        if offload_kv {
+            flags.extend(["--offload-kv", "disk"]);
+        }
+        Rung { name, flags, strategy, checkpointing, loss_tile, mlp_tile, offload, offload_kv }
     };
     let (none, full) = (Checkpointing::None, Checkpointing::Full);
     vec![
-        rung("Ulysses", "ulysses", none, false, false, false),
-        rung("+ full checkpointing", "ulysses", full, false, false, false),
-        rung("+ tiled loss", "ulysses", full, true, false, false),
-        rung("+ tiled MLP", "ulysses", full, true, true, false),
-        rung("+ offload (disk)", "ulysses", full, true, true, true),
-        rung("chunked Ulysses u = 4 (FPDT), all of the above", "ulysses_chunked:4", full, true, true, true),
+        rung("Ulysses", "ulysses", none, false, false, false, false),
+        rung("+ full checkpointing", "ulysses", full, false, false, false, false),
+        rung("+ tiled loss", "ulysses", full, true, false, false, false),
+        rung("+ tiled MLP", "ulysses", full, true, true, false, false),
+        rung("+ offload (disk)", "ulysses", full, true, true, true, false),
+        rung("chunked Ulysses u = 4, all of the above", "ulysses_chunked:4", full, true, true, true, false),
+        rung("+ its chunks offloaded (FPDT, disk)", "ulysses_chunked:4", full, true, true, true, true),
     ]
 }
 
@@ -122,6 +129,7 @@ fn job(rung: &Rung, n: i64) -> Result<Job> {
         loss_tile: rung.loss_tile.then_some(TILE),
         mlp_tile: rung.mlp_tile.then_some(TILE),
         offload: rung.offload,
+        kv_offload: rung.offload_kv,
         ..Job::new(model()?, rung.strategy.parse::<StrategyConfig>().map_err(anyhow::Error::msg)?, RANKS, n)
     })
 }
@@ -164,6 +172,8 @@ fn main() -> Result<()> {
         .and_then(|i| args.get(i + 1))
         .map_or(Ok(64.0), |v| v.parse())?;
     let quick = args.iter().any(|a| a == "--quick");
+    // `--only TEXT`: the rungs whose name contains TEXT.
+    let only = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).cloned();
     let hw_name = ulysses::cost::hardware::cpu_preset_for_host();
     let hw = Hardware::load(hw_name)?;
     println!(
@@ -181,7 +191,8 @@ fn main() -> Result<()> {
     println!("| technique | longest N measured | live MiB/rank there | RSS MiB/rank there | step s there | longest N predicted | predicted live MiB/rank at the measured N | predicted step s there |");
     println!("|---|---|---|---|---|---|---|---|");
     let rungs = ladder();
-    for rung in rungs.iter().take(if quick { 2 } else { rungs.len() }) {
+    let chosen = rungs.iter().take(if quick { 2 } else { rungs.len() });
+    for rung in chosen.filter(|r| only.as_ref().is_none_or(|o| r.name.contains(o.as_str()))) {
         let mut seen = Vec::new();
         let measured = longest(|n| {
             let m = measure(rung, n)?;

@@ -48,10 +48,29 @@ fn run_with(
         tape.backward(&(&o * sharding.shard(&w, r)?).sum(o.kind()))?;
         let a2a = ctx.world().rank_stats().op(OpKind::AllToAll);
         if let Some(store) = s.offload() {
-            // every chunk went out after the forward and came back in the backward
-            let st = store.stats();
-            if st.put != chunks as u64 || st.taken != chunks as u64 || st.held_bytes != 0 {
-                return Err(ulysses::Error::Tape { op: "test", msg: format!("offload stats {st:?}") });
+            // Each chunk's q, K/V, output and log-sum-exp went out in the forward and came back
+            // once in the backward; a key chunk is read back (and kept) for every other use: in
+            // the forward by each query chunk attended after it arrived, in the backward by each
+            // query chunk before its last.
+            let (st, u) = (store.stats(), chunks as u64);
+            // The count the cost model takes, and by hand for the causal and the full mask.
+            let (fwd, back) = ChunkedUlysses::offload_reads(&mask, spec.n, p, chunks)?;
+            let reads = match mask {
+                Mask::Causal => u * (u - 1) / 2 + u * (u - 1) / 2,
+                Mask::None => u * (u - 1) + (u - 1) * u,
+                _ => (fwd + back) as u64,
+            };
+            if (fwd + back) as u64 != reads {
+                return Err(ulysses::Error::Tape {
+                    op: "test",
+                    msg: format!("offload_reads {fwd} + {back}"),
+                });
+            }
+            if st.put != 4 * u || st.taken != 4 * u || st.held_bytes != 0 || st.read != reads {
+                return Err(ulysses::Error::Tape {
+                    op: "test",
+                    msg: format!("offload stats {st:?}, expected {} put and taken, {reads} read", 4 * u),
+                });
             }
         }
         let (_, lse) = s.forward_lse(&q.detach(), &k.detach(), &v.detach())?;
@@ -160,12 +179,13 @@ fn chunk_counts_that_do_not_split_the_local_sequence_are_refused() -> Result<()>
 
 #[test]
 fn offloaded_chunks_give_the_same_attention_bit_for_bit() -> Result<()> {
-    // Each chunk's K/V through a file and back: the same numbers, and every chunk was moved.
+    // Each chunk's q, K/V, output and log-sum-exp through a file and back, the key chunks read
+    // again as often as the schedule says: the same numbers, and every chunk was moved.
     let dir = std::env::temp_dir().join(format!("ulysses-chunked-offload-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     for (p, chunks, heads, kv_heads) in [(2usize, 3usize, 4, 2), (4, 2, 4, 1)] {
         let spec = Spec::new((chunks * p * 3) as i64, heads, kv_heads);
-        for mask in [Mask::Causal, Mask::None] {
+        for mask in masks() {
             let (kept, _) = run(p, chunks, &spec, mask)?;
             let (moved, _) = run_with(p, chunks, &spec, mask, Some(&dir))?;
             for (i, name) in ["out", "dq", "dk", "dv", "lse"].iter().enumerate() {

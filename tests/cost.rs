@@ -846,15 +846,19 @@ fn offload_copies_hide_behind_the_blocks_beside_them_and_must_fit_the_hosts_memo
     ensure!(m.host_bytes > share && !m.fits, "{} B offloaded of {share}: fits = {}", m.host_bytes, m.fits);
     no_host.host = None;
     ensure!(memory(&job, 0, &no_host)?.host_bytes > share, "the bytes do not depend on the file");
-    // Chunked Ulysses' K/V (FPDT): without checkpointing every layer's K and V, expanded to the
-    // rank's 4 query heads of 128, go to the host and back; under full checkpointing one layer's
-    // at a time. Other strategies keep no chunks' K/V: refused.
+    // Chunked Ulysses' offload (FPDT): without checkpointing every layer's chunks go to the host
+    // and back: q (the rank's 4 query heads of 128) and K/V (its one kv head of Llama-3-8B's 8) in
+    // bf16, the output and log-sum-exp in f32; the key chunks read again come back besides
+    // (causal, u = 4: 6 forward and 6 backward reads of a quarter of the K/V). Under full
+    // checkpointing one layer's at a time. Other strategies keep no chunks: refused.
     let kv = |ckpt: Checkpointing| Job {
         kv_offload: true,
         checkpointing: ckpt,
         ..Job::new(cfg.clone(), StrategyConfig::UlyssesChunked { chunks: 4 }, 8, 131_072)
     };
-    let per_layer = 2.0 * 131_072.0 * 4.0 * 128.0 * 2.0;
+    let n = 131_072.0;
+    let per_layer = n * (4.0 + 2.0 * 1.0) * 128.0 * 2.0 + n * 4.0 * 128.0 * 4.0 + n * 4.0 * 4.0;
+    let reads = 12.0 * 2.0 * (n / 4.0) * 1.0 * 128.0 * 2.0;
     let p = predict(&kv(Checkpointing::None), &h100)?;
     let o = p.offload.clone().ok_or_else(|| anyhow::anyhow!("no K/V offload time"))?;
     ensure!(
@@ -863,6 +867,7 @@ fn offload_copies_hide_behind_the_blocks_beside_them_and_must_fit_the_hosts_memo
         o.bytes,
         p.memory.host_bytes
     );
+    ensure!(o.bytes_back == l * (per_layer + reads), "{} B back", o.bytes_back);
     ensure!(memory(&kv(Checkpointing::Full), 0, &h100)?.host_bytes == per_layer);
     let plain = Job { kv_offload: false, ..kv(Checkpointing::None) };
     ensure!(p.memory.peak_bytes < predict(&plain, &h100)?.memory.peak_bytes, "K/V offload frees nothing?");

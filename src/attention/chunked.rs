@@ -1,35 +1,42 @@
 //! Chunked Ulysses (FPDT, "Fully Pipelined Distributed Transformer", Yao et al. 2024; released as
 //! DeepSpeed's Ulysses-Offload): Ulysses' all-to-alls on `u` chunks of each rank's sequence, one
-//! after the other, and attention chunk by chunk, so that the all-to-all buffers and the
-//! attention's working set are those of one chunk.
+//! after the other, each chunk attended as soon as the keys it sees have arrived, so that the
+//! all-to-all buffers and the attention's working set are those of one chunk.
 //!
 //! The sequence is cut into `u P` equal pieces; rank r holds pieces `c P + r` (a strided
 //! layout), so that chunk c of every rank, gathered in rank order, is the contiguous segment c
-//! of the sequence. Per layer and chunk c:
+//! of the sequence. Per layer, one taped op with a hand-written backward runs, for c = 0..u:
 //!
 //! ```text
 //! q_c [b, N/(uP), H, d], k_c, v_c [b, N/(uP), H_kv, d]     chunk c of this rank's tokens
-//!   | all-to-all: scatter heads, gather sequence (as Ulysses, on a u-th of the tokens)
+//!   | all-to-all: scatter heads, gather sequence (as Ulysses, on a u-th of the tokens);
+//!   | chunk c+1's all-to-alls are started before chunk c is attended
 //! q_c [b, N/u, H_r, d], k_c, v_c [b, N/u, KV_r, d]         segment c of the sequence, this rank's heads
-//!   | attention of q_c over every key segment c' it sees (c' <= c when causal), merged by
-//!   | log-sum-exp in f32 (blockwise, as ring attention merges its blocks)
+//!   | attention of every query chunk whose keys are all here now (causal: chunk c) over the key
+//!   | segments it sees, merged by log-sum-exp in f32 (blockwise, as ring attention merges its
+//!   | blocks); older key chunks come back from the offload store one by one, the next one on its
+//!   | way meanwhile
 //! o_c [b, N/u, H_r, d]
 //!   | all-to-all back
 //! o_c [b, N/(uP), H, d]
 //! ```
 //!
-//! The backward visits the query chunks in reverse order and recomputes each pair's
-//! probabilities from the saved output and log-sum-exp (no `[N/u, N/u]` matrix is kept). Bytes:
-//! exactly Ulysses' (the same tensors cross the same all-to-alls, a u-th at a time) in u times the
-//! messages. The chunks' all-to-alls are issued chunk by chunk but recorded on the tape as one op
-//! (their inputs are slices of the same projection).
+//! The backward takes the query chunks in order: chunk c's output gradient crosses its
+//! all-to-all, every key chunk it sees comes back (the next on its way), each pair's
+//! probabilities are recomputed from the saved output and log-sum-exp (no `[N/u, N/u]` matrix is
+//! kept), and dq_c crosses back as soon as it is whole; dk and dv accumulate per key chunk over
+//! the rank's own kv heads (f32) and cross back once their last query chunk is done. Bytes:
+//! exactly Ulysses' (the same tensors cross the same all-to-alls, a u-th at a time) in u times
+//! the messages.
 //!
-//! With an offload store ([`ChunkedUlysses::with_offload`]; FPDT keeps the chunks' K/V in host
-//! memory) each chunk's K/V leaves the device once the layer's forward is done and comes back
-//! in the backward, which takes the key chunks last first, each once, the one before it on its
-//! way meanwhile (double-buffered), and the query chunks that see it. What is not FPDT's yet: the
-//! forward runs every chunk's all-to-alls before its attention, so it holds all chunks' K/V at
-//! once (FPDT streams them, fetching the older ones back per query chunk).
+//! With an offload store ([`ChunkedUlysses::with_offload`]; FPDT keeps the chunks in host
+//! memory) what the backward needs of each chunk (q, K/V, output and log-sum-exp) leaves the
+//! device as soon as the chunk is done: the forward holds at once the chunk in hand and one key
+//! chunk coming back, and between forward and backward the op holds nothing but its output.
+//! Unlike DeepSpeed's FPDT, the backward keeps dk and dv of every key chunk on the device (f32, the
+//! rank's kv heads only) and reads each query chunk back once, instead of keeping dq in host
+//! memory and reading the query side back per pair; and any mask is taken (a query chunk that
+//! sees later keys waits for them), where FPDT is causal only.
 
 use std::cell::Cell;
 use std::rc::Rc;
@@ -60,8 +67,8 @@ pub struct ChunkedUlysses {
     q_a2a: AllToAll,
     kv_a2a: AllToAll,
     work: Cell<Work>,
-    /// Where each chunk's K/V waits between the forward and the backward (FPDT's offload);
-    /// `None`: on the device.
+    /// Where each chunk's q, K/V, output and log-sum-exp wait between the forward and the
+    /// backward (FPDT's offload); `None`: on the device.
     offload: Option<Rc<Offload>>,
     /// Forwards recorded so far: each one's chunks are stored under keys of its own.
     calls: Cell<usize>,
@@ -126,9 +133,9 @@ impl ChunkedUlysses {
         Ok(())
     }
 
-    /// Moves each chunk's K/V (as the core keeps them for its backward: expanded to the query
-    /// heads, in the accumulation dtype's layout) into `store` once the forward is done, and back
-    /// one chunk at a time, the next one coming while this one is used, in the backward (FPDT's
+    /// Moves what the backward needs of each chunk (its q, K/V, output and log-sum-exp) into
+    /// `store` as soon as the chunk is done, reads older key chunks back as later query chunks
+    /// attend to them, and brings everything back, one chunk ahead, in the backward (FPDT's
     /// offload; on a recording tape).
     pub fn with_offload(mut self, store: Offload) -> ChunkedUlysses {
         self.offload = Some(Rc::new(store));
@@ -150,12 +157,6 @@ impl ChunkedUlysses {
         self.work.get()
     }
 
-    /// Segment c of the sequence: (first position, length).
-    fn segment(&self, c: usize) -> (i64, i64) {
-        let len = self.piece * self.group.size() as i64;
-        (c as i64 * len, len)
-    }
-
     fn check_docs(&self, q: &Tensor, docs: Option<&Documents>) -> Result<()> {
         match docs {
             Some(d) => {
@@ -166,143 +167,394 @@ impl ChunkedUlysses {
         }
     }
 
-    /// Attention of every query chunk over the key chunks it sees, as one taped op with a
-    /// hand-written backward.
-    ///
-    /// # Shapes
-    /// `chunks`: u x [q, k, v], each `[b, N/u, H_r, d]` -> u x `[b, N/u, H_r, d]`.
-    fn core(&self, tape: &Tape, chunks: &[[Tensor; 3]], docs: Option<&Documents>) -> Result<Vec<Tensor>> {
-        let u = self.chunks;
-        let d = chunks[0][0].size()[3];
-        let scale = 1.0 / (d as f64).sqrt();
-        let segments: Vec<(i64, i64)> = (0..u).map(|c| self.segment(c)).collect();
-        let inputs: Vec<&Tensor> = (0..3).flat_map(|i| chunks.iter().map(move |c| &c[i])).collect();
-        let saved: Rc<Cell<Option<Saved>>> = Rc::default();
-        let keep = Rc::clone(&saved);
-        let (mask, docs_f) = (self.mask, docs);
-        let (seg_f, seg_b) = (segments.clone(), segments);
-        let docs_b = docs.cloned();
-        // With offload (and a backward to come), this call's chunks go under keys of its own.
-        let store = self.offload.clone().filter(|_| tape.is_recording());
-        let base = self.calls.replace(self.calls.get() + 1) * u;
-        let store_f = store.clone();
-        let outs = tape.record(
-            OP,
-            &inputs,
-            |xs| {
-                let (q, k, v) = (&xs[..u], &xs[u..2 * u], &xs[2 * u..]);
-                let attn = Blockwise { mask: &mask, docs: docs_f, scale, fused: true };
-                let lay = |t: &[Tensor]| t.iter().map(block_layout).collect::<Result<Vec<_>>>();
-                let (qh, kh, vh) = (lay(q)?, lay(k)?, lay(v)?);
-                let (mut out, mut lse, mut work) = (Vec::new(), Vec::new(), Work::default());
-                for (c, qc) in qh.iter().enumerate() {
-                    let (o, l, w) = attend_chunk(&attn, qc, &kh, &vh, c, &seg_f)?;
-                    work += w;
-                    out.push(o);
-                    lse.push(l);
-                }
-                self.work.set(work);
-                // [b, H_r, N/u, d] -> [b, N/u, H_r, d], in the inputs' dtype
-                let results = out
-                    .iter()
-                    .map(|o| o.f_transpose(1, 2).and_then(|t| t.f_to_kind(q[0].kind())).op(OP))
-                    .collect::<Result<Vec<_>>>()?;
-                let own =
-                    |t: &[Tensor]| t.iter().map(|x| x.f_contiguous().op(OP)).collect::<Result<Vec<_>>>();
-                let kv = match &store_f {
-                    None => Kv::Here(own(k)?, own(v)?),
-                    Some(s) => {
-                        for c in 0..u {
-                            // [b, N/u, H_r, d] x 2 -> [2, b, N/u, H_r, d]: one transfer a chunk
-                            s.put(base + c, &Tensor::f_stack(&[&k[c], &v[c]], 0).op(OP)?)?;
-                        }
-                        let kinds = (k[0].kind(), v[0].kind());
-                        Kv::Away { store: Rc::clone(s), base, kinds }
-                    }
-                };
-                keep.set(Some(Saved { q: own(q)?, kv, out, lse }));
-                Ok(results)
-            },
-            move |gs| {
-                let s = saved.take().ok_or_else(|| Error::Tape {
-                    op: OP,
-                    msg: "the forward saved nothing for the backward".into(),
-                })?;
-                backward(&s, gs, mask, docs_b.as_ref(), scale, &seg_b)
-            },
-        )?;
-        Ok(outs)
+    /// The key chunks an offload store reads back (and keeps) per layer with sequences of `n`
+    /// tokens over `p` ranks in `chunks` chunks each, under `mask`: (forward, backward). Causal:
+    /// `u (u - 1) / 2` each; a mask under which every chunk sees every other: `u (u - 1)` each.
+    pub fn offload_reads(mask: &Mask, n: i64, p: usize, chunks: usize) -> Result<(usize, usize)> {
+        Self::check(n, p, chunks)?;
+        Ok(Schedule::new(mask, None, n / (p * chunks) as i64 * p as i64, chunks).reads())
+    }
+
+    /// What one forward and its backward share: the collectives, the schedule and the store.
+    fn plan(&self, d: i64, docs: Option<&Documents>, store: Option<Rc<Offload>>) -> Plan {
+        let (u, p) = (self.chunks, self.group.size());
+        let r = self.group.rank();
+        let base = self.calls.replace(self.calls.get() + 1) * u * Item::COUNT;
+        Plan {
+            group: self.group.clone(),
+            mask: self.mask,
+            docs: docs.cloned(),
+            scale: 1.0 / (d as f64).sqrt(),
+            piece: self.piece,
+            sched: Schedule::new(&self.mask, docs, self.piece * p as i64, u),
+            q_a2a: self.q_a2a.clone(),
+            kv_a2a: self.kv_a2a.clone(),
+            back_a2a: AllToAll::new(1, 2, vec![self.piece; p], self.heads.q_split().to_vec()),
+            expand: self.heads.expand_map(r),
+            kv_r: self.heads.kv_split()[r],
+            store: Store { store, base },
+        }
     }
 }
 
-/// What the core keeps for its backward: each chunk's q (compact), K/V, output and
-/// log-sum-exp in the accumulation dtype.
-struct Saved {
-    q: Vec<Tensor>,
-    kv: Kv,
-    out: Vec<Tensor>,
-    lse: Vec<Tensor>,
+/// Everything a chunk leaves for the backward, by kind (the store's keys).
+#[derive(Clone, Copy)]
+enum Item {
+    Q = 0,
+    Kv = 1,
+    Out = 2,
+    Lse = 3,
 }
 
-/// Each chunk's K and V: on the device, or in an offload store (chunk c under `base + c`,
-/// stacked `[2, b, N/u, H_r, d]`), with the dtypes the gradients come back in.
-enum Kv {
-    Here(Vec<Tensor>, Vec<Tensor>),
-    Away { store: Rc<Offload>, base: usize, kinds: (tch::Kind, tch::Kind) },
+impl Item {
+    const COUNT: usize = 4;
 }
 
-impl Kv {
-    /// Chunk c's (k, v), brought back from the store if it is there, and the chunk before it
-    /// started on its way (the backward takes the chunks last first).
-    fn chunk(&self, c: usize) -> Result<(Tensor, Tensor)> {
-        match self {
-            Kv::Here(k, v) => Ok((k[c].shallow_clone(), v[c].shallow_clone())),
-            Kv::Away { store, base, .. } => {
-                let kv = store.take(base + c)?;
-                if let Some(before) = c.checked_sub(1) {
-                    store.prefetch(base + before)?;
-                }
-                Ok((kv.f_get(0).op(OP)?, kv.f_get(1).op(OP)?))
+/// A forward's view of the offload store: chunk c's item i under `base + COUNT c + i`.
+struct Store {
+    store: Option<Rc<Offload>>,
+    base: usize,
+}
+
+/// A tensor kept for the backward: on the device, or in the store.
+enum Held {
+    Here(Tensor),
+    Away,
+}
+
+impl Store {
+    fn key(&self, c: usize, item: Item) -> usize {
+        self.base + Item::COUNT * c + item as usize
+    }
+
+    /// Keeps `x` for the backward: into the store if there is one.
+    fn hold(&self, c: usize, item: Item, x: Tensor) -> Result<Held> {
+        match &self.store {
+            None => Ok(Held::Here(x)),
+            Some(s) => {
+                s.put(self.key(c, item), &x)?;
+                Ok(Held::Away)
             }
         }
     }
 
-    fn kinds(&self) -> (tch::Kind, tch::Kind) {
-        match self {
-            Kv::Here(k, v) => (k[0].kind(), v[0].kind()),
-            Kv::Away { kinds, .. } => *kinds,
+    /// A kept tensor for a use that is not its last (the store keeps it).
+    fn read(&self, h: &Held, c: usize, item: Item) -> Result<Tensor> {
+        match (h, &self.store) {
+            (Held::Here(x), _) => Ok(x.shallow_clone()),
+            (Held::Away, Some(s)) => s.read(self.key(c, item)),
+            (Held::Away, None) => Err(lost()),
+        }
+    }
+
+    /// A kept tensor for its last use.
+    fn take(&self, h: Held, c: usize, item: Item) -> Result<Tensor> {
+        match (h, &self.store) {
+            (Held::Here(x), _) => Ok(x),
+            (Held::Away, Some(s)) => s.take(self.key(c, item)),
+            (Held::Away, None) => Err(lost()),
+        }
+    }
+
+    /// Starts bringing chunk c's item back for a read (`last` false) or its last use.
+    fn prefetch(&self, c: usize, item: Item, last: bool) -> Result<()> {
+        match &self.store {
+            None => Ok(()),
+            Some(s) if last => s.prefetch(self.key(c, item)),
+            Some(s) => s.prefetch_read(self.key(c, item)),
         }
     }
 }
 
-/// Query chunk c (`qh`, `[b, H_r, N/u, d]`) over every key chunk it sees (segments in global
-/// positions), merged by log-sum-exp: (out, lse `[b, H_r, N/u]`) in the accumulation dtype, and
-/// the work done. Rows that see no key get 0 and -inf.
-fn attend_chunk(
-    attn: &Blockwise,
-    qh: &Tensor,
-    kh: &[Tensor],
-    vh: &[Tensor],
-    c: usize,
-    segments: &[(i64, i64)],
-) -> Result<(Tensor, Tensor, Work)> {
-    let (mut acc, mut work): (Option<(Tensor, Tensor)>, Work) = (None, Work::default());
-    for (c2, (k, v)) in kh.iter().zip(vh).enumerate() {
-        if !pair_visible(attn.mask, attn.docs, segments[c], segments[c2]) {
-            continue;
-        }
-        let (o, l, w) = attn.forward(qh, k, v, &[segments[c]], &[segments[c2]])?;
-        work += w;
-        acc = Some(match acc {
-            None => (o, l),
-            Some(prev) => merge(&prev, &(o, l)).op(OP)?,
-        });
+fn lost() -> Error {
+    Error::Tape { op: OP, msg: "a kept chunk is neither on the device nor in a store".into() }
+}
+
+/// Which key chunks each query chunk sees, and when.
+struct Schedule {
+    /// Segment c of the sequence: (first position, length).
+    segments: Vec<(i64, i64)>,
+    /// The key chunks each query chunk sees, in order.
+    sees: Vec<Vec<usize>>,
+    /// The chunk after whose arrival each query chunk is attended: the last key chunk it sees,
+    /// or itself if later.
+    ready: Vec<usize>,
+    /// The last query chunk that sees each key chunk (`None`: none does).
+    last_user: Vec<Option<usize>>,
+}
+
+impl Schedule {
+    /// `u` chunks of `len` tokens each (segment c: positions `c len ..`).
+    fn new(mask: &Mask, docs: Option<&Documents>, len: i64, u: usize) -> Schedule {
+        let segments: Vec<(i64, i64)> = (0..u).map(|c| (c as i64 * len, len)).collect();
+        let sees: Vec<Vec<usize>> = (0..u)
+            .map(|c| (0..u).filter(|&c2| pair_visible(mask, docs, segments[c], segments[c2])).collect())
+            .collect();
+        let ready = (0..u).map(|c| sees[c].last().copied().unwrap_or(c).max(c)).collect();
+        let last_user = (0..u).map(|c2| (0..u).rev().find(|&c| sees[c].contains(&c2))).collect();
+        Schedule { segments, sees, ready, last_user }
     }
-    let (o, l) = match acc {
-        Some(x) => x,
-        None => empty(qh)?,
-    };
-    Ok((o, l, work))
+
+    /// Key chunks read back from a store (kept there): (forward, backward).
+    fn reads(&self) -> (usize, usize) {
+        let forward = (0..self.sees.len())
+            .map(|c| self.sees[c].iter().filter(|&&c2| c2 != self.ready[c]).count())
+            .sum();
+        let backward = (0..self.sees.len())
+            .map(|c| self.sees[c].iter().filter(|&&c2| self.last_user[c2] != Some(c)).count())
+            .sum();
+        (forward, backward)
+    }
+}
+
+/// One forward and its backward: collectives, schedule, store.
+struct Plan {
+    group: Group,
+    mask: Mask,
+    docs: Option<Documents>,
+    scale: f64,
+    piece: i64,
+    sched: Schedule,
+    q_a2a: AllToAll,
+    kv_a2a: AllToAll,
+    back_a2a: AllToAll,
+    /// Rank r's kv head for each of its query heads (GQA); `None` for plain multi-head.
+    expand: Option<Vec<i64>>,
+    /// Rank r's kv heads.
+    kv_r: i64,
+    store: Store,
+}
+
+/// What the forward keeps for the backward, per chunk: q `[b, N/u, H_r, d]` (input dtype), K/V
+/// stacked `[2, b, N/u, KV_r, d]`, out `[b, H_r, N/u, d]` and lse `[b, H_r, N/u]` (accumulation
+/// dtype).
+struct Saved {
+    q: Vec<Held>,
+    kv: Vec<Held>,
+    out: Vec<Held>,
+    lse: Vec<Held>,
+    kinds: [tch::Kind; 3],
+}
+
+impl Plan {
+    fn attn(&self) -> Blockwise<'_> {
+        Blockwise { mask: &self.mask, docs: self.docs.as_ref(), scale: self.scale, fused: true }
+    }
+
+    /// Chunk c of a rank-local tensor.
+    ///
+    /// # Shapes
+    /// `[b, s_r, heads, d]` -> `[b, N/(uP), heads, d]`.
+    fn rows(&self, t: &Tensor, c: usize) -> Result<Tensor> {
+        t.f_narrow(1, c as i64 * self.piece, self.piece).op(OP)
+    }
+
+    /// A key chunk `[2, b, N/u, KV_r, d]` as the kernel takes it: (k, v) `[b, H_r, N/u, d]`.
+    fn kernel_kv(&self, kv: &Tensor) -> Result<(Tensor, Tensor)> {
+        let expand = |t: Tensor| -> Result<Tensor> {
+            // [b, N/u, KV_r, d] -> [b, N/u, H_r, d]
+            let t = match &self.expand {
+                None => t,
+                Some(map) => t.f_index_select(2, &Tensor::from_slice(map).f_to(t.device()).op(OP)?).op(OP)?,
+            };
+            block_layout(&t)
+        };
+        Ok((expand(kv.f_get(0).op(OP)?)?, expand(kv.f_get(1).op(OP)?)?))
+    }
+
+    /// The forward: every chunk through its all-to-alls and attention, chunk c+1's all-to-alls
+    /// in flight while chunk c attends. Returns the output, what the backward needs and the
+    /// attention work done.
+    ///
+    /// # Shapes
+    /// `q`: `[b, s_r, H, d]`, `k`, `v`: `[b, s_r, sum(KV_r), d]` (replicated kv heads) ->
+    /// `[b, s_r, H, d]`.
+    fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Saved, Work)> {
+        let (sched, g) = (&self.sched, &self.group);
+        let u = sched.sees.len();
+        let start = |c: usize| -> Result<[_; 3]> {
+            // [b, N/(uP), H, d] -> [b, N/u, H_r, d]; [b, N/(uP), sum(KV_r), d] -> [b, N/u, KV_r, d]
+            Ok([
+                g.all_to_all_spec_start(&self.rows(q, c)?, &self.q_a2a)?,
+                g.all_to_all_spec_start(&self.rows(k, c)?, &self.kv_a2a)?,
+                g.all_to_all_spec_start(&self.rows(v, c)?, &self.kv_a2a)?,
+            ])
+        };
+        let attn = self.attn();
+        let st = &self.store;
+        // Per chunk: q waiting for its keys, the output sent back; what is kept for the backward.
+        let (mut waiting, mut outs): (Vec<Option<Tensor>>, Vec<Option<Tensor>>) = (nones(u), nones(u));
+        let (mut q_held, mut kv, mut out_held, mut lse_held): Kept = (nones(u), nones(u), nones(u), nones(u));
+        let mut work = Work::default();
+        let mut next = Some(start(0)?);
+        for a in 0..u {
+            let [sq, sk, sv] = next.take().ok_or_else(lost)?;
+            let (qa, ka, va) = (sq.wait()?, sk.wait()?, sv.wait()?);
+            if a + 1 < u {
+                next = Some(start(a + 1)?);
+            }
+            waiting[a] = Some(qa);
+            // [b, N/u, KV_r, d] x 2 -> [2, b, N/u, KV_r, d]: one transfer a chunk
+            let kv_a = Tensor::f_stack(&[ka, va], 0).op(OP)?;
+            for c in (0..u).filter(|&c| sched.ready[c] == a) {
+                let qc = waiting[c].take().ok_or_else(lost)?;
+                let qh = block_layout(&qc)?; // [b, H_r, N/u, d]
+                let mut acc: Option<(Tensor, Tensor)> = None;
+                let seen = &sched.sees[c];
+                for (i, &c2) in seen.iter().enumerate() {
+                    let kv_c2 = match &kv[c2] {
+                        _ if c2 == a => kv_a.shallow_clone(),
+                        Some(h) => st.read(h, c2, Item::Kv)?,
+                        None => return Err(lost()),
+                    };
+                    if let Some(&after) = seen.get(i + 1).filter(|&&n| n != a) {
+                        st.prefetch(after, Item::Kv, false)?;
+                    }
+                    let (kh, vh) = self.kernel_kv(&kv_c2)?;
+                    let (o, l, w) =
+                        attn.forward(&qh, &kh, &vh, &[sched.segments[c]], &[sched.segments[c2]])?;
+                    work += w;
+                    acc = Some(match acc {
+                        None => (o, l),
+                        Some(prev) => merge(&prev, &(o, l)).op(OP)?,
+                    });
+                }
+                let (o, l) = match acc {
+                    Some(x) => x,
+                    None => empty(&qh)?,
+                };
+                // [b, H_r, N/u, d] -> [b, N/u, H_r, d] (input dtype) -> [b, N/(uP), H, d]
+                let o_in = o.f_transpose(1, 2).and_then(|t| t.f_to_kind(q.kind())).op(OP)?;
+                outs[c] = Some(g.all_to_all_spec(&o_in, &self.back_a2a)?);
+                q_held[c] = Some(st.hold(c, Item::Q, qc)?);
+                out_held[c] = Some(st.hold(c, Item::Out, o)?);
+                lse_held[c] = Some(st.hold(c, Item::Lse, l)?);
+            }
+            // Chunk a's K/V: later query chunks read it back, the backward takes it.
+            kv[a] = Some(st.hold(a, Item::Kv, kv_a)?);
+        }
+        let saved = Saved {
+            q: every(q_held)?,
+            kv: every(kv)?,
+            out: every(out_held)?,
+            lse: every(lse_held)?,
+            kinds: [q.kind(), k.kind(), v.kind()],
+        };
+        let outs = every(outs)?;
+        // u x [b, N/(uP), H, d] -> [b, s_r, H, d]
+        Ok((Tensor::f_cat(&outs, 1).op(OP)?, saved, work))
+    }
+
+    /// Rank r's share of a key chunk's gradient, summed over the query heads of each kv head,
+    /// in f32 (f64 for f64).
+    ///
+    /// # Shapes
+    /// `[b, H_r, N/u, d]` -> `[b, KV_r, N/u, d]`.
+    fn compact(&self, t: &Tensor) -> Result<Tensor> {
+        let t = t.f_to_kind(compute_kind(t.kind())).op(OP)?;
+        let Some(map) = &self.expand else { return Ok(t) };
+        let mut size = t.size();
+        size[1] = self.kv_r;
+        let index = Tensor::from_slice(map).f_to(t.device()).op(OP)?;
+        Tensor::f_zeros(&size, (t.kind(), t.device())).and_then(|z| z.f_index_add(1, &index, &t)).op(OP)
+    }
+
+    /// The gradients of q, k and v (rank-local, as the forward took them) from the output's:
+    /// query chunks in order, each key chunk it sees brought back (the next on its way), dq of
+    /// a chunk sent back once whole, dk and dv once their last query chunk is done.
+    ///
+    /// # Shapes
+    /// `dout`: `[b, s_r, H, d]` -> `[b, s_r, H, d]`, `[b, s_r, sum(KV_r), d]` x 2.
+    fn backward(&self, s: Saved, dout: &Tensor) -> Result<Vec<Tensor>> {
+        let _no_grad = tch::no_grad_guard();
+        let (sched, g, st, attn) = (&self.sched, &self.group, &self.store, self.attn());
+        let (u, last_user) = (sched.sees.len(), &sched.last_user);
+        let [qk, kk, vk] = s.kinds;
+        let mut kv: Vec<Option<Held>> = s.kv.into_iter().map(Some).collect();
+        // dk, dv of each key chunk being summed, f32 [b, KV_r, N/u, d]; and sent back
+        let (mut dkv, mut dkv_back): (Vec<Option<(Tensor, Tensor)>>, _) = (nones(u), nones(u));
+        // [b, KV_r, N/u, d] -> [b, N/u, KV_r, d] -> [b, N/(uP), sum(KV_r), d]
+        let kv_inverse = self.kv_a2a.inverse();
+        let kv_back = |t: &Tensor, kind: tch::Kind| -> Result<Tensor> {
+            let t = t.f_transpose(1, 2).and_then(|t| t.f_to_kind(kind)).op(OP)?;
+            g.all_to_all_spec(&t, &kv_inverse)
+        };
+        let mut dq_back = Vec::with_capacity(u);
+        let items = s.q.into_iter().zip(s.out).zip(s.lse).enumerate();
+        for (c, ((q_h, out_h), lse_h)) in items {
+            let qh = block_layout(&st.take(q_h, c, Item::Q)?)?; // [b, H_r, N/u, d]
+            let (out, lse) = (st.take(out_h, c, Item::Out)?, st.take(lse_h, c, Item::Lse)?);
+            // [b, N/(uP), H, d] -> [b, N/u, H_r, d] -> [b, H_r, N/u, d] (accumulation dtype)
+            let doh = heads_first(&g.all_to_all_spec(&self.rows(dout, c)?, &self.q_a2a)?)?;
+            // delta = rowsum(dout * out), [b, H_r, N/u]
+            let delta = doh
+                .f_mul(&out)
+                .and_then(|t| t.f_sum_dim_intlist([-1i64].as_slice(), false, t.kind()))
+                .op(OP)?;
+            let mut dq = Tensor::f_zeros(qh.size(), (compute_kind(qh.kind()), qh.device())).op(OP)?;
+            let seen = &sched.sees[c];
+            for (i, &c2) in seen.iter().enumerate() {
+                let h = kv[c2].take().ok_or_else(lost)?;
+                let kv_c2 = if last_user[c2] == Some(c) {
+                    st.take(h, c2, Item::Kv)?
+                } else {
+                    let t = st.read(&h, c2, Item::Kv)?;
+                    kv[c2] = Some(h);
+                    t
+                };
+                if let Some(&after) = seen.get(i + 1) {
+                    st.prefetch(after, Item::Kv, last_user[after] == Some(c))?;
+                }
+                let (kh, vh) = self.kernel_kv(&kv_c2)?;
+                let (a, b, e) = attn.backward_pair(
+                    &qh,
+                    &kh,
+                    &vh,
+                    (&doh, &out, &lse, &delta),
+                    sched.segments[c],
+                    sched.segments[c2],
+                )?;
+                dq = dq.f_add(&a).op(OP)?;
+                let (b, e) = (self.compact(&b)?, self.compact(&e)?);
+                dkv[c2] = Some(match dkv[c2].take() {
+                    None => (b, e),
+                    Some((x, y)) => (x.f_add(&b).op(OP)?, y.f_add(&e).op(OP)?),
+                });
+            }
+            // dq of chunk c is whole: [b, H_r, N/u, d] -> [b, N/u, H_r, d] -> [b, N/(uP), H, d]
+            let dq = dq.f_transpose(1, 2).and_then(|t| t.f_to_kind(qk)).op(OP)?;
+            dq_back.push(g.all_to_all_spec(&dq, &self.back_a2a)?);
+            // Key chunks whose last query chunk this was: dk, dv whole.
+            for c2 in (0..u).filter(|&c2| last_user[c2] == Some(c)) {
+                let (x, y) = dkv[c2].take().ok_or_else(lost)?;
+                dkv_back[c2] = Some((kv_back(&x, kk)?, kv_back(&y, vk)?));
+            }
+        }
+        // Key chunks no query sees: zero gradients (every rank sends them alike), and their K/V
+        // out of the store.
+        for c2 in (0..u).filter(|&c2| last_user[c2].is_none()) {
+            let kv_c2 = st.take(kv[c2].take().ok_or_else(lost)?, c2, Item::Kv)?;
+            // [b, N/u, KV_r, d] -> [b, KV_r, N/u, d]
+            let z = kv_c2.f_get(0).and_then(|t| t.f_transpose(1, 2)).and_then(|t| t.f_zeros_like()).op(OP)?;
+            dkv_back[c2] = Some((kv_back(&z, kk)?, kv_back(&z, vk)?));
+        }
+        let (dk, dv): (Vec<Tensor>, Vec<Tensor>) = every(dkv_back)?.into_iter().unzip();
+        // u x [b, N/(uP), heads, d] -> [b, s_r, heads, d]
+        let cat = |t: &[Tensor]| Tensor::f_cat(t, 1).op(OP);
+        Ok(vec![cat(&dq_back)?, cat(&dk)?, cat(&dv)?])
+    }
+}
+
+/// q, K/V, output and log-sum-exp of each chunk, as they become kept.
+type Kept = (Vec<Option<Held>>, Vec<Option<Held>>, Vec<Option<Held>>, Vec<Option<Held>>);
+
+fn nones<T>(u: usize) -> Vec<Option<T>> {
+    (0..u).map(|_| None).collect()
+}
+
+/// Every chunk's, or the error if one is missing.
+fn every<T>(v: Vec<Option<T>>) -> Result<Vec<T>> {
+    v.into_iter().map(|x| x.ok_or_else(lost)).collect()
 }
 
 /// Output 0 and lse -inf for queries that see no key.
@@ -311,76 +563,6 @@ fn empty(q: &Tensor) -> Result<(Tensor, Tensor)> {
     let opts = (compute_kind(q.kind()), q.device());
     let lse = Tensor::f_full([s[0], s[1], s[2]], f64::NEG_INFINITY, opts).op(OP)?;
     Ok((Tensor::f_zeros(&s, opts).op(OP)?, lse))
-}
-
-/// The gradients of every chunk's q, k, v (in that order, as the record's inputs), the query
-/// chunks taken last first, each pair's probabilities recomputed from the saved output and
-/// log-sum-exp.
-fn backward(
-    s: &Saved,
-    gs: &[Tensor],
-    mask: Mask,
-    docs: Option<&Documents>,
-    scale: f64,
-    segments: &[(i64, i64)],
-) -> Result<Vec<Tensor>> {
-    let _no_grad = tch::no_grad_guard();
-    let u = segments.len();
-    let attn = Blockwise { mask: &mask, docs, scale, fused: true };
-    let qh = s.q.iter().map(block_layout).collect::<Result<Vec<_>>>()?;
-    // dout heads first and delta = rowsum(dout * out), [b, H_r, N/u, d] and [b, H_r, N/u]
-    let doh = gs.iter().map(heads_first).collect::<Result<Vec<_>>>()?;
-    let delta = doh
-        .iter()
-        .zip(&s.out)
-        .map(|(g, o)| {
-            g.f_mul(o).and_then(|t| t.f_sum_dim_intlist([-1i64].as_slice(), false, t.kind())).op(OP)
-        })
-        .collect::<Result<Vec<_>>>()?;
-    // Accumulators in f32 (f64 for f64), [b, H_r, N/u, d]
-    let zeros = |t: &Tensor| Tensor::f_zeros(t.size(), (compute_kind(t.kind()), t.device())).op(OP);
-    let mut dq = qh.iter().map(zeros).collect::<Result<Vec<_>>>()?;
-    let (mut dk, mut dv) = (Vec::with_capacity(u), Vec::with_capacity(u));
-    // Key chunks last first, each brought to the device once; the query chunks that see it.
-    for c2 in (0..u).rev() {
-        let (k, v) = s.kv.chunk(c2)?;
-        let (kh, vh) = (block_layout(&k)?, block_layout(&v)?);
-        let (mut dkc, mut dvc) = (zeros(&kh)?, zeros(&vh)?);
-        for c in 0..u {
-            if !pair_visible(&mask, docs, segments[c], segments[c2]) {
-                continue;
-            }
-            let (a, b, e) = attn.backward_pair(
-                &qh[c],
-                &kh,
-                &vh,
-                (&doh[c], &s.out[c], &s.lse[c], &delta[c]),
-                segments[c],
-                segments[c2],
-            )?;
-            dq[c] = dq[c].f_add(&a).op(OP)?;
-            dkc = dkc.f_add(&b).op(OP)?;
-            dvc = dvc.f_add(&e).op(OP)?;
-        }
-        dk.push(dkc);
-        dv.push(dvc);
-    }
-    dk.reverse();
-    dv.reverse();
-    // [b, H_r, N/u, d] -> [b, N/u, H_r, d], in the inputs' dtypes
-    let back = |g: &Tensor, kind: tch::Kind| g.f_transpose(1, 2).and_then(|t| t.f_to_kind(kind)).op(OP);
-    let (kk, vk) = s.kv.kinds();
-    let mut grads = Vec::with_capacity(3 * u);
-    for g in &dq {
-        grads.push(back(g, s.q[0].kind())?);
-    }
-    for g in &dk {
-        grads.push(back(g, kk)?);
-    }
-    for g in &dv {
-        grads.push(back(g, vk)?);
-    }
-    Ok(grads)
 }
 
 impl SequenceParallel for ChunkedUlysses {
@@ -411,50 +593,35 @@ impl SequenceParallel for ChunkedUlysses {
         v: &Tensor,
         docs: Option<&Documents>,
     ) -> Result<Tensor> {
-        let r = self.group.rank();
-        check_shapes(OP, &self.layout, &self.heads, r, q, k, v)?;
+        check_shapes(OP, &self.layout, &self.heads, self.group.rank(), q, k, v)?;
         self.check_docs(q, docs)?;
         // [b, s_r, H_kv, d] -> [b, s_r, sum(KV_r), d]: each kv head once per rank that needs it
         let (k, v) = (self.heads.replicate_kv(k)?, self.heads.replicate_kv(v)?);
-        // Chunk c of this rank's tokens: [b, N/(uP), H, d], [b, N/(uP), sum(KV_r), d]
-        let rows = |t: &Tensor, c: usize| t.f_narrow(1, c as i64 * self.piece, self.piece).op(OP);
-        let mut slices = Vec::with_capacity(3 * self.chunks);
-        for c in 0..self.chunks {
-            slices.extend([
-                (rows(q, c)?, &self.q_a2a),
-                (rows(&k, c)?, &self.kv_a2a),
-                (rows(&v, c)?, &self.kv_a2a),
-            ]);
-        }
-        // One record for every chunk's three all-to-alls (a u-th of the tokens each, chunk by
-        // chunk): the slices come from the same tensors, often views of one projection, and a
-        // piece of graph must not feed two records.
-        // [b, N/(uP), H, d] -> [b, N/u, H_r, d]; [b, N/(uP), sum(KV_r), d] -> [b, N/u, KV_r, d]
-        let full =
-            tape.all_to_all_many(&self.group, &slices.iter().map(|(t, a)| (t, *a)).collect::<Vec<_>>())?;
-        let chunks = full
-            .chunks(3)
-            .map(|x| {
-                // [b, N/u, KV_r, d] -> [b, N/u, H_r, d]
-                Ok([x[0].shallow_clone(), self.heads.expand_kv(r, &x[1])?, self.heads.expand_kv(r, &x[2])?])
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let outs = self.core(tape, &chunks, docs)?;
-        if self.offload.is_some() && tape.is_recording() {
-            // The chunks' K/V are in the store now: the tape keeps the all-to-alls' outputs only
-            // to meet their gradients, so their values can go.
-            for x in full.chunks(3) {
-                tape.release_values(&x[1])?;
-                tape.release_values(&x[2])?;
-            }
-        }
-        drop(chunks);
-        // u x [b, N/u, H_r, d] -> u x [b, N/(uP), H, d] -> [b, s_r, H, d]
-        let back_a2a =
-            AllToAll::new(1, 2, vec![self.piece; self.group.size()], self.heads.q_split().to_vec());
-        let back =
-            tape.all_to_all_many(&self.group, &outs.iter().map(|o| (o, &back_a2a)).collect::<Vec<_>>())?;
-        Tensor::f_cat(&back, 1).op(OP)
+        // With offload (and a backward to come), this call's chunks go under keys of its own.
+        let store = self.offload.clone().filter(|_| tape.is_recording());
+        let plan = Rc::new(self.plan(q.size()[3], docs, store));
+        let saved: Rc<Cell<Option<Saved>>> = Rc::default();
+        let (keep, plan_b) = (Rc::clone(&saved), Rc::clone(&plan));
+        // One record for the chunks' all-to-alls and attention: the backward runs the adjoint
+        // all-to-alls chunk by chunk as it goes.
+        let out = tape.record(
+            OP,
+            &[q, &k, &v],
+            |xs| {
+                let (out, s, work) = plan.forward(&xs[0], &xs[1], &xs[2])?;
+                self.work.set(work);
+                keep.set(Some(s));
+                Ok(vec![out])
+            },
+            move |gs| {
+                let s = saved.take().ok_or_else(|| Error::Tape {
+                    op: OP,
+                    msg: "the forward saved nothing for the backward".into(),
+                })?;
+                plan_b.backward(s, &gs[0])
+            },
+        )?;
+        out.into_iter().next().ok_or_else(lost)
     }
 
     /// # Shapes
@@ -466,34 +633,24 @@ impl SequenceParallel for ChunkedUlysses {
         v: &Tensor,
         docs: Option<&Documents>,
     ) -> Result<(Tensor, Tensor)> {
-        let r = self.group.rank();
-        check_shapes(OP, &self.layout, &self.heads, r, q, k, v)?;
+        check_shapes(OP, &self.layout, &self.heads, self.group.rank(), q, k, v)?;
         self.check_docs(q, docs)?;
         let _no_grad = tch::no_grad_guard();
         let (k, v) = (self.heads.replicate_kv(k)?, self.heads.replicate_kv(v)?);
-        let g = &self.group;
-        let d = q.size()[3];
-        let attn = Blockwise { mask: &self.mask, docs, scale: 1.0 / (d as f64).sqrt(), fused: true };
-        let rows = |t: &Tensor, c: usize| t.f_narrow(1, c as i64 * self.piece, self.piece).op(OP);
-        let (mut kh, mut vh) = (Vec::with_capacity(self.chunks), Vec::with_capacity(self.chunks));
-        for c in 0..self.chunks {
-            // [b, N/(uP), sum(KV_r), d] -> [b, N/u, KV_r, d] -> [b, N/u, H_r, d] -> [b, H_r, N/u, d]
-            let kc = self.heads.expand_kv(r, &g.all_to_all_spec(&rows(&k, c)?, &self.kv_a2a)?)?;
-            let vc = self.heads.expand_kv(r, &g.all_to_all_spec(&rows(&v, c)?, &self.kv_a2a)?)?;
-            kh.push(block_layout(&kc)?);
-            vh.push(block_layout(&vc)?);
-        }
-        let segments: Vec<(i64, i64)> = (0..self.chunks).map(|c| self.segment(c)).collect();
-        let (mut outs, mut lses) = (Vec::new(), Vec::new());
-        let pieces = vec![self.piece; g.size()];
-        for c in 0..self.chunks {
-            let qh = block_layout(&g.all_to_all_spec(&rows(q, c)?, &self.q_a2a)?)?;
-            let (o, l, _) = attend_chunk(&attn, &qh, &kh, &vh, c, &segments)?;
-            // [b, H_r, N/u, d] -> [b, N/u, H_r, d] -> [b, N/(uP), H, d]; lse [b, H_r, N/u] -> [b, N/(uP), H]
-            let o = o.f_transpose(1, 2).and_then(|t| t.f_to_kind(q.kind())).op(OP)?;
-            outs.push(g.all_to_all_v(&o, 1, 2, &pieces, self.heads.q_split())?);
-            lses.push(g.all_to_all_v(&l.f_transpose(1, 2).op(OP)?, 1, 2, &pieces, self.heads.q_split())?);
-        }
-        Ok((Tensor::f_cat(&outs, 1).op(OP)?, Tensor::f_cat(&lses, 1).op(OP)?))
+        let plan = self.plan(q.size()[3], docs, None);
+        let (out, saved, work) = plan.forward(q, &k, &v)?;
+        self.work.set(work);
+        let lses = saved
+            .lse
+            .into_iter()
+            .enumerate()
+            .map(|(c, h)| {
+                // [b, H_r, N/u] -> [b, N/u, H_r] -> [b, N/(uP), H]
+                let l = plan.store.take(h, c, Item::Lse)?.f_transpose(1, 2).op(OP)?;
+                plan.group.all_to_all_spec(&l, &plan.back_a2a)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        // u x [b, N/(uP), H] -> [b, s_r, H]
+        Ok((out, Tensor::f_cat(&lses, 1).op(OP)?))
     }
 }

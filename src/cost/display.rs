@@ -70,8 +70,9 @@ impl fmt::Display for Prediction {
         if let Some(o) = &self.offload {
             writeln!(
                 f,
-                "  offload to host memory: {:.1} MiB each way, {:.4} s on the host link (exposed {:.4})",
+                "  offload to host memory: {:.1} MiB out, {:.1} MiB back, {:.4} s on the host link (exposed {:.4})",
                 o.bytes / (1u64 << 20) as f64,
+                o.bytes_back / (1u64 << 20) as f64,
                 o.seconds,
                 o.exposed
             )?;

@@ -183,24 +183,16 @@ pub fn layer_activations(job: &Job, r: usize, device: impl Into<Kernels>) -> Res
             }
         }
         StrategyConfig::UlyssesChunked { .. } => {
-            // Ulysses' all-to-all outputs, kept by the tape for every chunk, and what the chunked
-            // core keeps: each chunk's output and log-sum-exp in the accumulation dtype (the
-            // output handed on is the same tensor in f32, a copy in 16-bit), the expanded k, v
-            // (GQA); and the chunks back from the all-to-all, kept by the tape apart from their
-            // concatenation.
-            // With K/V offload the tape lets go of the all-to-all's k and v once the store has
-            // them (and of their expansion): only q stays.
-            let plan = HeadPlan::new(c.n_head, c.n_kv_head, job.sp())?;
-            let kv_r = if job.kv_offload { 0.0 } else { plan.kv_split()[r] as f64 };
-            v.push(t("q, k, v after the all-to-all", big * (heads + 2.0 * kv_r) * d, es));
-            v.push(t("chunk outputs (f32)", big * heads * d, 4.0f64.max(es)));
-            if es < 4.0 {
-                v.push(t("chunk outputs in the activation dtype", big * heads * d, es));
-            }
-            v.push(t("chunk log-sum-exp", big * heads, 4.0));
-            v.push(t("chunks back from the all-to-all", tok * h, es));
-            if hq != hkv && !job.kv_offload {
-                v.push(t("k, v expanded to the query heads", 2.0 * big * heads * d, es));
+            // What the chunked op keeps of every chunk for its backward: q and K/V as their
+            // all-to-all delivered them (the rank's own kv heads, not expanded), the output and
+            // log-sum-exp in the accumulation dtype. Its output, the chunks sent back, is the
+            // projection's input (counted above). With K/V offload all of it waits in host
+            // memory instead.
+            if !job.kv_offload {
+                let kv_r = HeadPlan::new(c.n_head, c.n_kv_head, job.sp())?.kv_split()[r] as f64;
+                v.push(t("q, k, v after the all-to-all", big * (heads + 2.0 * kv_r) * d, es));
+                v.push(t("chunk outputs (f32)", big * heads * d, 4.0f64.max(es)));
+                v.push(t("chunk log-sum-exp", big * heads, 4.0));
             }
         }
         StrategyConfig::Ring { .. } | StrategyConfig::Usp { .. } => {
@@ -276,35 +268,66 @@ fn backward_working_set(job: &Job, r: usize, device: impl Into<Kernels>) -> Resu
     let core = b * a.rows.max(tok) * a.heads as f64 * d; // one of q, k, v as the kernel sees it
                                                          // The MLP's widest gradient; tiled, one tile's recomputed intermediates and their gradient.
     let mlp = job.mlp_tile.map_or(tok * f, |tile| (tile as f64).min(tok) * 2.0 * f);
-    // Chunked Ulysses with its K/V offloaded brings two chunks' K/V back at a time (the one in
-    // use, the one coming), expanded to the query heads.
-    let kv_back = match job.strategy {
-        StrategyConfig::UlyssesChunked { chunks } if job.kv_offload => {
-            2.0 * 2.0 * b * n / chunks as f64 * a.heads as f64 * d * es
+    // Chunked Ulysses' backward takes one query chunk at a time: its output gradient, dq and
+    // delta (f32), the key chunk in hand expanded to the query heads (and, offloaded, the chunk's
+    // q, output and log-sum-exp taken back and two key chunks' compact K/V: the one in hand, the
+    // one coming); dk and dv of every key chunk sum (f32, the rank's kv heads) until their last
+    // query chunk; the gradients sent back fill the rank's [s_r] rows.
+    Ok(match job.strategy {
+        StrategyConfig::UlyssesChunked { chunks } => {
+            let heads = a.heads as f64;
+            let kv_r = HeadPlan::new(c.n_head, c.n_kv_head, job.sp())?.kv_split()[r] as f64;
+            let chunk = b * n / chunks as f64;
+            let query = chunk * heads * (2.0 * d * 4.0 + 4.0) + 2.0 * chunk * heads * d * es;
+            let away = if job.kv_offload {
+                chunk * heads * (d * (es + 4.0) + 4.0) + 2.0 * 2.0 * chunk * kv_r * d * es
+            } else {
+                0.0
+            };
+            let sums = 2.0 * b * n * kv_r * d * 4.0;
+            let sent = tok * (h + 2.0 * c.n_kv_head as f64 * d) * es;
+            ((mlp + tok * h) * es).max(query + away + sums + sent)
         }
-        _ => 0.0,
-    };
-    Ok(kv_back
-        + match job.strategy {
-            StrategyConfig::MegatronSp => (b * n * f / p + b * n * h) * es,
-            // The gradient of a materialised score matrix while the softmax's backward runs.
-            StrategyConfig::Ring { .. } if matches!(a.implementation, AttnImpl::Dense { .. }) => {
-                (b * a.heads as f64 * a.rows * a.keys * 4.0f64.max(es)).max((mlp + tok * h) * es)
-            }
-            StrategyConfig::Ring { .. } => ((mlp + tok * h) * es).max(3.0 * tok * h * 4.0),
-            _ => ((mlp + tok * h) * es).max(3.0 * core * es),
-        })
+        StrategyConfig::MegatronSp => (b * n * f / p + b * n * h) * es,
+        // The gradient of a materialised score matrix while the softmax's backward runs.
+        StrategyConfig::Ring { .. } if matches!(a.implementation, AttnImpl::Dense { .. }) => {
+            (b * a.heads as f64 * a.rows * a.keys * 4.0f64.max(es)).max((mlp + tok * h) * es)
+        }
+        StrategyConfig::Ring { .. } => ((mlp + tok * h) * es).max(3.0 * tok * h * 4.0),
+        _ => ((mlp + tok * h) * es).max(3.0 * core * es),
+    })
 }
 
-/// What chunked Ulysses' K/V offload keeps in host memory per layer: every chunk's K and V,
-/// expanded to the rank's query heads (`[b, N/u, H_r, d]` each), in the activation dtype.
+/// What chunked Ulysses' offload keeps in host memory per layer: every chunk's q and K/V (the
+/// rank's own kv heads) in the activation dtype, its output and log-sum-exp in the accumulation
+/// dtype.
 pub fn kv_offload_bytes_per_layer(job: &Job, r: usize) -> Result<f64> {
     if !(job.kv_offload && matches!(job.strategy, StrategyConfig::UlyssesChunked { .. })) {
         return Ok(0.0);
     }
     let c = &job.model;
-    let heads = HeadPlan::new(c.n_head, c.n_kv_head, job.sp())?.q_split()[r % job.sp()] as f64;
-    Ok(2.0 * job.micro_batch as f64 * job.seq as f64 * heads * c.head_dim() as f64 * job.element_bytes())
+    let plan = HeadPlan::new(c.n_head, c.n_kv_head, job.sp())?;
+    let (heads, kv_r) = (plan.q_split()[r % job.sp()] as f64, plan.kv_split()[r % job.sp()] as f64);
+    let (big, d, es) = (job.micro_batch as f64 * job.seq as f64, c.head_dim() as f64, job.element_bytes());
+    Ok(big * ((heads + 2.0 * kv_r) * d * es + heads * d * 4.0f64.max(es) + heads * 4.0))
+}
+
+/// The key chunks chunked Ulysses' offload reads back (the store keeping them) per layer: in the
+/// forward each query chunk reads the key chunks it sees that arrived before it, in the backward
+/// each query chunk reads those it is not the last to see (`ChunkedUlysses::offload_reads`).
+/// Bytes of the rank's compact K/V: (forward, backward).
+pub fn kv_offload_read_bytes_per_layer(job: &Job, r: usize) -> Result<(f64, f64)> {
+    let StrategyConfig::UlyssesChunked { chunks } = job.strategy else { return Ok((0.0, 0.0)) };
+    if !job.kv_offload {
+        return Ok((0.0, 0.0));
+    }
+    let c = &job.model;
+    let kv_r = HeadPlan::new(c.n_head, c.n_kv_head, job.sp())?.kv_split()[r % job.sp()] as f64;
+    let (b, d, es) = (job.micro_batch as f64, c.head_dim() as f64, job.element_bytes());
+    let chunk_kv = 2.0 * b * job.seq as f64 / chunks as f64 * kv_r * d * es;
+    let (fwd, back) =
+        crate::attention::ChunkedUlysses::offload_reads(&job.attention.mask, job.seq, job.sp(), chunks)?;
+    Ok((fwd as f64 * chunk_kv, back as f64 * chunk_kv))
 }
 
 /// The MPI backend's staging buffers (`comm::staging`), kept from the first step on: one per

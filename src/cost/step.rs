@@ -55,8 +55,10 @@ struct RankStep {
 /// Offload's copies between the device and host memory in one optimizer step.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OffloadTime {
-    /// Bytes each way (block inputs out after their forward, back before their backward).
+    /// Bytes to the host (block inputs after their forward; chunked Ulysses' chunks).
     pub bytes: f64,
+    /// Bytes back from the host (the same, and the key chunks chunked Ulysses reads again).
+    pub bytes_back: f64,
     /// The copies' seconds, both ways, on the host link.
     pub seconds: f64,
     /// Seconds not hidden behind the blocks they run beside.
@@ -65,39 +67,47 @@ pub struct OffloadTime {
 
 /// Offload's copies for rank `r`'s micro-steps: each block's input (`[b, s_r, h]`) goes to the
 /// host on a side stream while the next block runs forward, and comes back while the block
-/// after it in the backward recomputes and runs backward (one block ahead). A copy is hidden
-/// up to the compute of the block beside it: under full checkpointing a block's forward is a
-/// quarter of its compute, its recomputation and backward the other three quarters (the
-/// micro-step's compute spread evenly over the blocks). Chunked Ulysses' K/V offload adds its
-/// chunks' K/V to each block's copies. Low band: nothing hidden; high band: everything. `None`
-/// without offload or without a host link in the hardware file (the CPU files: offload there
-/// goes to disk through a thread, not timed).
+/// after it in the backward recomputes and runs backward (one block ahead). Chunked Ulysses'
+/// offload moves each layer's chunks (q, K/V, output, log-sum-exp) out in the layer's forward and
+/// back in its backward, and reads key chunks back in both (under full checkpointing all of it
+/// beside the recomputation and backward, the forward that keeps them). A copy is hidden up to
+/// the compute of the block beside it: under full checkpointing a block's forward is a quarter
+/// of its compute, its recomputation and backward the other three quarters (the micro-step's
+/// compute spread evenly over the blocks). Low band: nothing hidden; high band: everything.
+/// `None` without offload or without a host link in the hardware file (the CPU files: offload
+/// there goes to disk through a thread, not timed).
 fn offload_time(job: &Job, r: usize, hw: &Hardware, micro_compute_s: f64) -> Result<Option<OffloadTime>> {
     let c = &job.model;
     let (l, accum) = (c.n_layer as f64, job.grad_accum as f64);
     let tok = job.micro_batch as f64 * super::bytes::layout(job)?.len(r % job.sp()) as f64;
     let full = job.checkpointing == crate::train::Checkpointing::Full;
-    // Per block: its input (block offload), and chunked Ulysses' K/V (out after the layer's
-    // attention, back chunk by chunk in its backward: timed the same way).
     let input = if job.offload && full { tok * c.n_embd as f64 * job.element_bytes() } else { 0.0 };
-    let block = input + super::memory::kv_offload_bytes_per_layer(job, r)?;
+    let chunks = super::memory::kv_offload_bytes_per_layer(job, r)?;
+    let (reads_f, reads_b) = super::memory::kv_offload_read_bytes_per_layer(job, r)?;
+    // Per block: bytes on the link beside its forward, and beside its (recomputation and) backward.
+    let (beside_fwd, beside_back) = if full {
+        (input, input + 2.0 * chunks + reads_f + reads_b)
+    } else {
+        (input + chunks + reads_f, input + chunks + reads_b)
+    };
     let bw = match hw.host_link_bytes_per_s() {
-        Some(bw) if block > 0.0 => bw,
+        Some(bw) if beside_fwd + beside_back > 0.0 => bw,
         _ => return Ok(None),
     };
-    let t = block / bw;
+    let (t_fwd, t_back) = (beside_fwd / bw, beside_back / bw);
     // A block's forward: a quarter of its compute under full checkpointing (forward,
     // recomputation, a backward of two), a third without.
     let share = if full { 0.25 } else { 1.0 / 3.0 };
     let (fwd, back) = (share * micro_compute_s / l, (1.0 - share) * micro_compute_s / l);
     let exposed = match hw.band() {
-        Band::Low => 2.0 * t,
+        Band::Low => t_fwd + t_back,
         Band::High => 0.0,
-        Band::Central => (t - fwd).max(0.0) + (t - back).max(0.0),
+        Band::Central => (t_fwd - fwd).max(0.0) + (t_back - back).max(0.0),
     };
     Ok(Some(OffloadTime {
-        bytes: l * block * accum,
-        seconds: 2.0 * l * t * accum,
+        bytes: l * (input + chunks) * accum,
+        bytes_back: l * (input + chunks + reads_f + reads_b) * accum,
+        seconds: l * (t_fwd + t_back) * accum,
         exposed: l * exposed * accum,
     }))
 }

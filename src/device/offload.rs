@@ -12,6 +12,10 @@
 //!   in a folder of the store's own, made under the folder given and removed with the store;
 //!   the file of the block before is read by a thread while this block's backward runs.
 //!
+//! A tensor used more than once (chunked Ulysses' older key/value chunks, which every later
+//! query chunk attends to) is [`read`](Offload::read) back, the store keeping it, and
+//! [`take`](Offload::take)n at its last use.
+//!
 //! The model drops its own references to an offloaded input (the tape keeps recorded outputs
 //! only to meet their gradients: [`Tape::release_values`](crate::autograd::Tape)), so the
 //! device memory of the block inputs really goes: resident memory falls by `L b s_r h` elements
@@ -47,6 +51,8 @@ pub struct OffloadStats {
     /// Tensors moved out (`put`) and brought back (`take`).
     pub put: u64,
     pub taken: u64,
+    /// Tensors brought back and kept in the store too (`read`).
+    pub read: u64,
     /// Bytes held off the device now, and the most at once.
     pub held_bytes: u64,
     pub peak_held_bytes: u64,
@@ -79,7 +85,8 @@ pub struct Offload {
     /// The store's own folder (disk), removed on drop.
     folder: Option<PathBuf>,
     stored: RefCell<BTreeMap<usize, Stored>>,
-    coming: RefCell<Option<(usize, Coming)>>,
+    /// The tensor on its way back: its key, whether the store keeps it (a read), the transfer.
+    coming: RefCell<Option<(usize, bool, Coming)>>,
     stats: Cell<OffloadStats>,
 }
 
@@ -186,43 +193,66 @@ impl Offload {
     }
 
     /// Starts bringing `key` back (a side-stream copy, or a thread reading its file) if it is
-    /// stored and not already on its way.
+    /// stored and not already on its way; the store forgets it ([`take`](Offload::take) it).
     pub fn prefetch(&self, key: usize) -> Result<()> {
-        if self.coming.borrow().as_ref().is_some_and(|(k, _)| *k == key) {
+        self.start(key, false)
+    }
+
+    /// [`prefetch`](Offload::prefetch) for a [`read`](Offload::read): the store keeps `key`.
+    pub fn prefetch_read(&self, key: usize) -> Result<()> {
+        self.start(key, true)
+    }
+
+    fn start(&self, key: usize, keep: bool) -> Result<()> {
+        if self.coming.borrow().as_ref().is_some_and(|(k, kp, _)| *k == key && *kp == keep) {
             return Ok(());
         }
-        let Some(stored) = self.stored.borrow_mut().remove(&key) else { return Ok(()) };
-        let coming = match stored {
+        let coming = if keep {
+            let stored = self.stored.borrow();
+            let Some(s) = stored.get(&key) else { return Ok(()) };
+            self.bring(s)?
+        } else {
+            let Some(s) = self.stored.borrow_mut().remove(&key) else { return Ok(()) };
+            self.bring(&s)?
+        };
+        // A different transfer still coming is finished first: a take goes back into the store,
+        // so nothing is lost; a read is dropped (the store has it).
+        let previous = self.coming.borrow_mut().replace((key, keep, coming));
+        if let Some((k, kp, c)) = previous {
+            let t = self.arrive(k, kp, c)?;
+            if !kp {
+                self.put(k, &t)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts the transfer of a stored tensor back to the device.
+    fn bring(&self, stored: &Stored) -> Result<Coming> {
+        Ok(match stored {
             Stored::Host { pinned, copy } => {
                 // The copy out must be done before the copy back reads the pinned buffer.
                 copy.wait()?;
                 let mut tensor = Tensor::f_empty(pinned.size(), (pinned.kind(), self.device)).op(OP)?;
-                let copy = super::copy_on_side_stream(&mut tensor, &pinned)?;
+                let copy = super::copy_on_side_stream(&mut tensor, pinned)?;
                 let bytes = (pinned.numel() * pinned.kind().elt_size_in_bytes()) as u64;
-                Coming::Device { tensor, copy, bytes, pinned }
+                Coming::Device { tensor, copy, bytes, pinned: pinned.shallow_clone() }
             }
             Stored::File { path, size, kind, bytes } => {
                 let reading = path.clone();
                 let thread = std::thread::spawn(move || std::fs::read(reading));
-                Coming::Reading { path, size, kind, bytes, thread }
+                Coming::Reading { path: path.clone(), size: size.clone(), kind: *kind, bytes: *bytes, thread }
             }
-        };
-        // A different key still coming is finished first, so nothing is lost.
-        let previous = self.coming.borrow_mut().replace((key, coming));
-        if let Some((k, c)) = previous {
-            let t = self.arrive(k, c)?;
-            self.put(k, &t)?;
-        }
-        Ok(())
+        })
     }
 
     /// Brings `key` back to the device (waiting for a prefetch of it, or loading it now); the
     /// store forgets it.
     pub fn take(&self, key: usize) -> Result<Tensor> {
-        self.prefetch(key)?;
+        self.start(key, false)?;
         let coming = self.coming.borrow_mut().take();
         match coming {
-            Some((k, c)) if k == key => self.arrive(k, c),
+            Some((k, false, c)) if k == key => self.arrive(k, false, c),
             other => {
                 *self.coming.borrow_mut() = other;
                 Err(invalid(format!("block {key} was never offloaded (or was taken already)")))
@@ -230,7 +260,28 @@ impl Offload {
         }
     }
 
-    fn arrive(&self, key: usize, coming: Coming) -> Result<Tensor> {
+    /// A copy of `key` on the device (waiting for a [`prefetch_read`](Offload::prefetch_read) of
+    /// it, or loading it now); the store keeps it.
+    pub fn read(&self, key: usize) -> Result<Tensor> {
+        self.start(key, true)?;
+        let coming = self.coming.borrow_mut().take();
+        match coming {
+            Some((k, keep, c)) if k == key => {
+                let t = self.arrive(k, keep, c)?;
+                if !keep {
+                    // it was on its way out of the store: it goes back
+                    self.put(k, &t)?;
+                }
+                Ok(t)
+            }
+            other => {
+                *self.coming.borrow_mut() = other;
+                Err(invalid(format!("block {key} was never offloaded (or was taken already)")))
+            }
+        }
+    }
+
+    fn arrive(&self, key: usize, keep: bool, coming: Coming) -> Result<Tensor> {
         let (tensor, bytes) = match coming {
             Coming::Device { tensor, copy, bytes, pinned } => {
                 copy.block()?;
@@ -246,7 +297,9 @@ impl Offload {
                     .map_err(|e| {
                         invalid(format!("offload: reading {} (block {key}): {e}", path.display()))
                     })?;
-                let _ = std::fs::remove_file(&path);
+                if !keep {
+                    let _ = std::fs::remove_file(&path);
+                }
                 if data.len() as u64 != bytes {
                     return Err(invalid(format!(
                         "offload: {} holds {} bytes, {bytes} were written (block {key})",
@@ -259,8 +312,12 @@ impl Offload {
             }
         };
         self.count(|s| {
-            s.taken += 1;
-            s.held_bytes = s.held_bytes.saturating_sub(bytes);
+            if keep {
+                s.read += 1;
+            } else {
+                s.taken += 1;
+                s.held_bytes = s.held_bytes.saturating_sub(bytes);
+            }
         });
         Ok(tensor)
     }
@@ -288,7 +345,7 @@ impl Offload {
         for k in keys {
             self.forget(k);
         }
-        if let Some((_, coming)) = self.coming.borrow_mut().take() {
+        if let Some((_, _, coming)) = self.coming.borrow_mut().take() {
             match coming {
                 Coming::Device { copy, .. } => {
                     let _ = copy.wait();
