@@ -878,3 +878,63 @@ fn offload_copies_hide_behind_the_blocks_beside_them_and_must_fit_the_hosts_memo
     ensure!(err.contains("K/V offload is chunked Ulysses'"), "{err}");
     Ok(())
 }
+
+#[test]
+fn zero_offload_moves_the_optimizer_to_the_host_and_prices_its_update_there() -> Result<()> {
+    // Llama-3-8B on 4 A100-40GB, Ulysses, ZeRO-3: with the optimizer offloaded the device keeps
+    // its parameter shard only; the host holds the states (12 B a parameter of the partition)
+    // and an f32 gradient partition (4 B); the update streams 30 B a parameter at the rank's
+    // quarter of the node's 409.6 GB/s at 0.5; the gradients (f32 reduction) go out and the
+    // bf16 parameters come back over the 32 GB/s link at 0.75.
+    let hw = Hardware::load("dgx-a100-40gb")?;
+    let cfg = GptConfig::preset("llama3-8b")?;
+    let base = Job { zero: ZeroStage::new(3)?, ..Job::new(cfg, StrategyConfig::Ulysses, 4, 32768) };
+    let off = Job { optimizer_offload: true, ..base.clone() };
+    let (m0, m1) = (memory(&base, 0, &hw)?, memory(&off, 0, &hw)?);
+    ensure!(m1.states[0].bytes == m0.states[0].bytes, "parameters moved: {:?}", m1.states);
+    ensure!(m1.states[1].bytes == 0.0 && m1.states[2].bytes == 0.0, "left on the device: {:?}", m1.states);
+    let partition = m0.states[2].bytes / 12.0;
+    ensure!(partition > 1.9e9, "a quarter of 8B parameters: {partition}");
+    ensure!(
+        (m1.host_bytes - 16.0 * partition).abs() <= 1e-6 * m1.host_bytes,
+        "host {} B, expected {} B",
+        m1.host_bytes,
+        16.0 * partition
+    );
+    ensure!(m1.peak_bytes < m0.peak_bytes - 13.0 * partition, "{} -> {}", m0.peak_bytes, m1.peak_bytes);
+    let (p0, p1) = (predict(&base, &hw)?, predict(&off, &hw)?);
+    let o = p1.optimizer_offload.clone().ok_or_else(|| anyhow::anyhow!("no optimizer offload priced"))?;
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * b.abs().max(1e-12);
+    ensure!(close(o.params, partition), "{} parameters, {partition}", o.params);
+    ensure!(close(o.update_s, partition * 30.0 / (409.6e9 * 0.5 / 4.0)), "update {} s", o.update_s);
+    let link = 32e9 * 0.75;
+    ensure!(close(o.copies_s, partition * 4.0 / link + partition * 2.0 / link), "copies {} s", o.copies_s);
+    // The device's update term is gone and the exposed host side is added, nothing else moves.
+    let device_update: f64 = p0.compute.iter().filter(|c| c.0 == "optimizer update").map(|c| c.2).sum();
+    ensure!(device_update > 0.0 && p1.compute.iter().all(|c| c.0 != "optimizer update"));
+    ensure!(
+        close(p1.step_s - o.exposed, p0.step_s - device_update),
+        "{} - {} vs {} - {device_update}",
+        p1.step_s,
+        o.exposed,
+        p0.step_s
+    );
+    // At least the update and the way back are exposed; the bands order the exposure.
+    ensure!(o.exposed >= o.update_s + partition * 2.0 / link * (1.0 - 1e-12));
+    let at = |band| -> Result<f64> {
+        Ok(predict(&off, &hw.at_band(band))?.optimizer_offload.map_or(f64::NAN, |o| o.exposed))
+    };
+    let (lo, hi) = (at(Band::Low)?, at(Band::High)?);
+    ensure!(lo > o.exposed && o.exposed > hi, "exposed: low {lo}, central {}, high {hi}", o.exposed);
+    // Refused: stage 0 (nothing partitioned to move), and a file that gives no host bandwidth.
+    let e = predict(&Job { zero: ZeroStage::NONE, ..off.clone() }, &hw).err().map(|e| e.to_string());
+    ensure!(e.as_deref().is_some_and(|e| e.contains("ZeRO stage 1 or more")), "{e:?}");
+    let mut no_bw = hw.clone();
+    if let Some(h) = no_bw.host.as_mut() {
+        h.memory_gbs = None;
+        h.adam_efficiency = None;
+    }
+    let e = predict(&off, &no_bw).err().map(|e| e.to_string());
+    ensure!(e.as_deref().is_some_and(|e| e.contains("memory_gbs")), "{e:?}");
+    Ok(())
+}

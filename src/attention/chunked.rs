@@ -176,7 +176,7 @@ impl ChunkedUlysses {
     }
 
     /// What one forward and its backward share: the collectives, the schedule and the store.
-    fn plan(&self, d: i64, docs: Option<&Documents>, store: Option<Rc<Offload>>) -> Plan {
+    fn plan(&self, d: i64, docs: Option<&Documents>, store: Option<Rc<Offload>>, keep: Keep) -> Plan {
         let (u, p) = (self.chunks, self.group.size());
         let r = self.group.rank();
         let base = self.calls.replace(self.calls.get() + 1) * u * Item::COUNT;
@@ -192,7 +192,7 @@ impl ChunkedUlysses {
             back_a2a: AllToAll::new(1, 2, vec![self.piece; p], self.heads.q_split().to_vec()),
             expand: self.heads.expand_map(r),
             kv_r: self.heads.kv_split()[r],
-            store: Store { store, base },
+            store: Store { store, base, keep },
         }
     }
 }
@@ -210,16 +210,30 @@ impl Item {
     const COUNT: usize = 4;
 }
 
-/// A forward's view of the offload store: chunk c's item i under `base + COUNT c + i`.
+/// What a forward keeps of its chunks once its own attention is done with them.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Keep {
+    /// Everything the backward needs (a recording tape).
+    Backward,
+    /// The log-sum-exp only (`forward_lse`).
+    Lse,
+    /// Nothing (no backward to come: a disabled tape, the first pass of full checkpointing).
+    Nothing,
+}
+
+/// A forward's view of the offload store (chunk c's item i under `base + COUNT c + i`) and of
+/// what it keeps.
 struct Store {
     store: Option<Rc<Offload>>,
     base: usize,
+    keep: Keep,
 }
 
-/// A tensor kept for the backward: on the device, or in the store.
+/// A tensor kept for the backward: on the device, in the store, or not kept.
 enum Held {
     Here(Tensor),
     Away,
+    Gone,
 }
 
 impl Store {
@@ -227,8 +241,14 @@ impl Store {
         self.base + Item::COUNT * c + item as usize
     }
 
-    /// Keeps `x` for the backward: into the store if there is one.
+    /// Keeps `x` for the backward (into the store if there is one), or lets it go if nothing
+    /// will ask for it. K/V is kept for the forward's own later query chunks either way.
     fn hold(&self, c: usize, item: Item, x: Tensor) -> Result<Held> {
+        let wanted =
+            matches!((self.keep, item), (Keep::Backward, _) | (_, Item::Kv) | (Keep::Lse, Item::Lse));
+        if !wanted {
+            return Ok(Held::Gone);
+        }
         match &self.store {
             None => Ok(Held::Here(x)),
             Some(s) => {
@@ -243,7 +263,7 @@ impl Store {
         match (h, &self.store) {
             (Held::Here(x), _) => Ok(x.shallow_clone()),
             (Held::Away, Some(s)) => s.read(self.key(c, item)),
-            (Held::Away, None) => Err(lost()),
+            (Held::Away, None) | (Held::Gone, _) => Err(lost()),
         }
     }
 
@@ -252,7 +272,7 @@ impl Store {
         match (h, &self.store) {
             (Held::Here(x), _) => Ok(x),
             (Held::Away, Some(s)) => s.take(self.key(c, item)),
-            (Held::Away, None) => Err(lost()),
+            (Held::Away, None) | (Held::Gone, _) => Err(lost()),
         }
     }
 
@@ -293,6 +313,16 @@ impl Schedule {
         let ready = (0..u).map(|c| sees[c].last().copied().unwrap_or(c).max(c)).collect();
         let last_user = (0..u).map(|c2| (0..u).rev().find(|&c| sees[c].contains(&c2))).collect();
         Schedule { segments, sees, ready, last_user }
+    }
+
+    /// The arrival step after which the forward no longer needs key chunk c2: the last at which
+    /// a query chunk that sees it is attended (its own arrival if none does).
+    fn last_forward_use(&self, c2: usize) -> usize {
+        (0..self.sees.len())
+            .filter(|&c| self.sees[c].contains(&c2))
+            .map(|c| self.ready[c])
+            .max()
+            .unwrap_or(c2)
     }
 
     /// Key chunks read back from a store (kept there): (forward, backward).
@@ -432,6 +462,14 @@ impl Plan {
             }
             // Chunk a's K/V: later query chunks read it back, the backward takes it.
             kv[a] = Some(st.hold(a, Item::Kv, kv_a)?);
+            if st.keep != Keep::Backward {
+                // Without a backward, a key chunk goes once the last query chunk that sees it is done.
+                for (c2, slot) in kv.iter_mut().enumerate() {
+                    if slot.is_some() && sched.last_forward_use(c2) <= a {
+                        *slot = Some(Held::Gone);
+                    }
+                }
+            }
         }
         let saved = Saved {
             q: every(q_held)?,
@@ -599,7 +637,8 @@ impl SequenceParallel for ChunkedUlysses {
         let (k, v) = (self.heads.replicate_kv(k)?, self.heads.replicate_kv(v)?);
         // With offload (and a backward to come), this call's chunks go under keys of its own.
         let store = self.offload.clone().filter(|_| tape.is_recording());
-        let plan = Rc::new(self.plan(q.size()[3], docs, store));
+        let keep = if tape.is_recording() { Keep::Backward } else { Keep::Nothing };
+        let plan = Rc::new(self.plan(q.size()[3], docs, store, keep));
         let saved: Rc<Cell<Option<Saved>>> = Rc::default();
         let (keep, plan_b) = (Rc::clone(&saved), Rc::clone(&plan));
         // One record for the chunks' all-to-alls and attention: the backward runs the adjoint
@@ -637,7 +676,7 @@ impl SequenceParallel for ChunkedUlysses {
         self.check_docs(q, docs)?;
         let _no_grad = tch::no_grad_guard();
         let (k, v) = (self.heads.replicate_kv(k)?, self.heads.replicate_kv(v)?);
-        let plan = self.plan(q.size()[3], docs, None);
+        let plan = self.plan(q.size()[3], docs, None, Keep::Lse);
         let (out, saved, work) = plan.forward(q, &k, &v)?;
         self.work.set(work);
         let lses = saved

@@ -77,6 +77,16 @@ impl fmt::Display for Prediction {
                 o.exposed
             )?;
         }
+        if let Some(o) = &self.optimizer_offload {
+            writeln!(
+                f,
+                "  optimizer on the host (ZeRO-Offload): {:.3} G parameters, update {:.4} s, copies {:.4} s (exposed {:.4})",
+                o.params / 1e9,
+                o.update_s,
+                o.copies_s,
+                o.exposed
+            )?;
+        }
         let m = &self.memory;
         writeln!(
             f,

@@ -92,6 +92,14 @@ pub struct Host {
     pub link_efficiency: f64,
     /// Host memory of one node (GiB), which the node's devices' offloaded tensors share.
     pub memory_gib: f64,
+    /// The host memory's bandwidth of one node, GB/s, all sockets together: what an optimizer
+    /// step on the host's CPUs (ZeRO-Offload) streams its states through. Absent: optimizer
+    /// offload is not priced on this machine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_gbs: Option<f64>,
+    /// The fraction of `memory_gbs` the CPU optimizer's update reaches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adam_efficiency: Option<f64>,
 }
 
 /// Ranges of the assumed inputs of a hardware file: `[pessimistic, optimistic]` multipliers of
@@ -116,6 +124,9 @@ pub struct Bands {
     /// The host link's efficiency.
     #[serde(default = "unit")]
     pub host_link: [f64; 2],
+    /// The CPU optimizer's share of the host memory's bandwidth.
+    #[serde(default = "unit")]
+    pub host_adam: [f64; 2],
 }
 
 impl Default for Bands {
@@ -127,6 +138,7 @@ impl Default for Bands {
             latency: unit(),
             reserved_gib: None,
             host_link: unit(),
+            host_adam: unit(),
         }
     }
 }
@@ -392,6 +404,17 @@ impl Hardware {
         let h = self.host.as_ref()?;
         let eff = (h.link_efficiency * self.applied.band.pick(self.bands.host_link)).min(1.0);
         Some(h.link_gbs * 1e9 * eff)
+    }
+
+    /// Bytes per second an optimizer update on the host's CPUs streams for one of `ranks` ranks
+    /// sharing a node's host memory, at this band (`None`: the file gives no host memory
+    /// bandwidth).
+    pub fn host_adam_bytes_per_s(&self, ranks: usize) -> Option<f64> {
+        let h = self.host.as_ref()?;
+        let (bw, eff) = (h.memory_gbs?, h.adam_efficiency?);
+        let eff = (eff * self.applied.band.pick(self.bands.host_adam)).min(1.0);
+        let sharing = ranks.clamp(1, self.node.devices_per_node.max(1)) as f64;
+        Some(bw * 1e9 * eff / sharing)
     }
 
     /// Memory held before the model exists at this band (GiB).

@@ -104,6 +104,17 @@ impl Hardware {
             if !(h.memory_gib.is_finite() && h.memory_gib > 0.0) {
                 return Err(format!("host.memory_gib = {} must be positive", h.memory_gib));
             }
+            if let Some(bw) = h.memory_gbs {
+                positive("host.memory_gbs", bw)?;
+            }
+            if let Some(eff) = h.adam_efficiency {
+                fraction("host.adam_efficiency", eff)?;
+            }
+            if h.memory_gbs.is_some() != h.adam_efficiency.is_some() {
+                return Err(
+                    "host.memory_gbs and host.adam_efficiency go together: give both or neither".into()
+                );
+            }
         }
         if self.network.is_empty() {
             return Err("give at least one [network.<backend>] (nccl, local or mpi)".into());

@@ -357,7 +357,7 @@ pub fn memory(job: &Job, r: usize, hw: &Hardware) -> Result<MemoryReport> {
     let tok = job.micro_batch as f64 * super::bytes::layout(job)?.len(sp_rank) as f64;
     let (h, v, l) = (c.n_embd as f64, c.vocab_size as f64, c.n_layer as f64);
     let params = params_on_rank(job);
-    let (pb, gb, mut ob) = super::zero::model_states(job, &params);
+    let (pb, mut gb, mut ob) = super::zero::model_states(job, &params);
     // A baseline whose optimizer shards its tensor-parallel slices' states over the data-parallel
     // ranks too (Megatron-LM's distributed optimizer), where this toolkit keeps them whole.
     let distributed = hw.baseline().is_some_and(|b| b.distributed_optimizer);
@@ -365,6 +365,21 @@ pub fn memory(job: &Job, r: usize, hw: &Hardware) -> Result<MemoryReport> {
         let (_, _, per_param) = super::zero::state_bytes(job.precision, job.optimizer);
         ob -= per_param * params.sharded * (1.0 - 1.0 / job.dp as f64);
     }
+    // ZeRO-Offload: the optimizer's states and an f32 copy of the gradient partition wait in host
+    // memory; from stage 2 the device keeps no gradient partition (each reduced bucket goes to
+    // the host as it completes, its buffers counted with the reduction's).
+    let offloaded_optimizer = if job.optimizer_offload {
+        let (_, _, per_param) = super::zero::state_bytes(job.precision, job.optimizer);
+        let partition = if per_param > 0.0 { ob / per_param } else { 0.0 };
+        let host = ob + 4.0 * partition;
+        if job.zero.partitions_gradients() {
+            gb = 0.0;
+        }
+        ob = 0.0;
+        host
+    } else {
+        0.0
+    };
     let states = vec![
         Term { name: "parameters", bytes: pb },
         Term { name: "gradients", bytes: gb },
@@ -468,7 +483,8 @@ pub fn memory(job: &Job, r: usize, hw: &Hardware) -> Result<MemoryReport> {
     // layer's (it goes out in the block's recomputation and comes back in its backward).
     let kv_layers = if full { 1.0 } else { l };
     let host_bytes = if full && job.offload { l * tok * h * es } else { 0.0 }
-        + kv_layers * kv_offload_bytes_per_layer(job, sp_rank)?;
+        + kv_layers * kv_offload_bytes_per_layer(job, sp_rank)?
+        + offloaded_optimizer;
     let host_capacity_bytes = hw
         .host
         .as_ref()

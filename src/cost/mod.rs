@@ -114,6 +114,13 @@ pub struct Job {
     /// come back at a time in its backward. Chunked Ulysses only.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub kv_offload: bool,
+    /// ZeRO-Offload (Ren et al. 2021, DeepSpeed's `offload_optimizer`): the optimizer's states
+    /// and the f32 gradient partition in host memory, the update on the host's CPUs, each
+    /// step's gradients out and parameters back over the host link. Predicted only: the
+    /// trainer keeps its optimizer on the device. Needs ZeRO stage 1 or more and a hardware
+    /// file whose `[host]` gives the host memory's bandwidth.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub optimizer_offload: bool,
 }
 
 impl Job {
@@ -143,6 +150,7 @@ impl Job {
             offload: false,
             loss_tile: None,
             kv_offload: false,
+            optimizer_offload: false,
         }
     }
 
@@ -198,6 +206,14 @@ impl Job {
             return bad(format!(
                 "K/V offload is chunked Ulysses' (ulysses_chunked:U); {} keeps no chunks' K/V",
                 self.strategy.label()
+            ));
+        }
+        if self.optimizer_offload && (!self.optimizer || self.zero.stage() == 0) {
+            return bad(format!(
+                "optimizer offload (ZeRO-Offload) moves a partitioned optimizer to the host: it needs \
+                 an optimizer (optimizer = {}) and ZeRO stage 1 or more (stage {})",
+                self.optimizer,
+                self.zero.stage()
             ));
         }
         self.attention.build()?;

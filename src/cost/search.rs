@@ -45,7 +45,11 @@ impl SearchSpace {
         } else {
             self.sp.clone()
         };
-        let zeros = if self.zero.is_empty() { vec![base.zero] } else { self.zero.clone() };
+        let mut zeros = if self.zero.is_empty() { vec![base.zero] } else { self.zero.clone() };
+        if base.optimizer_offload {
+            // ZeRO-Offload moves a partitioned optimizer: stages 1-3 only.
+            zeros.retain(|z| z.partitions_optimizer());
+        }
         let ckpts =
             if self.checkpointing.is_empty() { vec![base.checkpointing] } else { self.checkpointing.clone() };
         let mut out = Vec::new();

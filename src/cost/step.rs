@@ -50,6 +50,7 @@ struct RankStep {
     comm: Vec<CommTime>,
     sent: f64,
     offload: Option<OffloadTime>,
+    optimizer_offload: Option<OptimizerOffload>,
 }
 
 /// Offload's copies between the device and host memory in one optimizer step.
@@ -112,6 +113,71 @@ fn offload_time(job: &Job, r: usize, hw: &Hardware, micro_compute_s: f64) -> Res
     }))
 }
 
+/// ZeRO-Offload's host side in one optimizer step (`Job::optimizer_offload`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OptimizerOffload {
+    /// Parameters this rank's update on the host covers (its optimizer partition).
+    pub params: f64,
+    /// Seconds of the update on the host's CPUs, at the rank's share of the node's host
+    /// memory bandwidth.
+    pub update_s: f64,
+    /// Seconds on the host link: the gradient partition out, the updated parameters back.
+    pub copies_s: f64,
+    /// Seconds not hidden: the update and the parameters' way back (they follow the last
+    /// gradient), and the gradients' copies beyond the backward they run beside.
+    pub exposed: f64,
+}
+
+/// ZeRO-Offload for rank `r`'s step, DeepSpeed's way: each reduced gradient bucket is copied to
+/// the host as it completes, beside the backward (every micro-step from stage 2, which keeps no
+/// gradient partition on the device; once a step below); after the last one the host's CPUs run
+/// Adam over the rank's partition (reading the f32 gradient, parameter and two moments, writing
+/// the three back and the 16-bit parameter to send: 30 bytes a parameter, 28 in f32 training),
+/// and the parameters go back to the device. The gradients' copies hide behind the backward up to
+/// its compute (low band: not at all; high band: entirely); the update and the way back are
+/// exposed (no delayed update, DeepSpeed's default). The error names what the hardware file
+/// lacks to price it.
+fn optimizer_offload_time(
+    job: &Job,
+    hw: &Hardware,
+    micro_compute_s: f64,
+) -> Result<Option<OptimizerOffload>> {
+    if !job.optimizer_offload {
+        return Ok(None);
+    }
+    let missing = |what: &str| crate::Error::InvalidArgument {
+        op: "cost",
+        group: job.describe(),
+        msg: format!("optimizer offload needs {what} in {}'s [host]", hw.name),
+    };
+    let adam =
+        hw.host_adam_bytes_per_s(job.ranks).ok_or_else(|| missing("memory_gbs and adam_efficiency"))?;
+    let link = hw.host_link_bytes_per_s().ok_or_else(|| missing("link_gbs"))?;
+    // The rank's optimizer partition, as the memory counts it (padded to the ranks).
+    let (_, _, states) = super::zero::model_states(job, &super::zero::params_on_rank(job));
+    let (_, _, per_param) = super::zero::state_bytes(job.precision, job.optimizer);
+    let params = states / per_param;
+    let es = job.element_bytes();
+    let per_param = if es < 4.0 { 30.0 } else { 28.0 };
+    let update_s = params * per_param / adam;
+    let copies = if job.zero.partitions_gradients() { job.grad_accum as f64 } else { 1.0 };
+    let grads_s = copies * params * job.reduce_bytes() as f64 / link;
+    let back_s = params * es / link;
+    let full = job.checkpointing == crate::train::Checkpointing::Full;
+    let backward = copies * (1.0 - if full { 0.25 } else { 1.0 / 3.0 }) * micro_compute_s;
+    let hidden = match hw.band() {
+        Band::Low => 0.0,
+        Band::High => grads_s,
+        Band::Central => grads_s.min(backward),
+    };
+    Ok(Some(OptimizerOffload {
+        params,
+        update_s,
+        copies_s: grads_s + back_s,
+        exposed: update_s + back_s + grads_s - hidden,
+    }))
+}
+
 /// What the model predicts for one job.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Prediction {
@@ -142,6 +208,8 @@ pub struct Prediction {
     pub bytes_sent_per_rank: f64,
     /// Offload's copies to and from host memory, where the hardware gives a host link.
     pub offload: Option<OffloadTime>,
+    /// ZeRO-Offload's update on the host and its copies (`Job::optimizer_offload`).
+    pub optimizer_offload: Option<OptimizerOffload>,
 }
 
 impl Prediction {
@@ -288,20 +356,30 @@ pub fn predict(job: &Job, hw: &Hardware) -> Result<Prediction> {
                 budget -= hidden;
             }
         }
-        let offload = offload_time(job, r, hw, (compute_s - step_terms * stretch) / accum)?;
+        let micro_s = (compute_s - step_terms * stretch) / accum;
+        let offload = offload_time(job, r, hw, micro_s)?;
+        let optimizer_offload = optimizer_offload_time(job, hw, micro_s)?;
         let step = compute_s
             + comm.iter().map(|c| c.exposed).sum::<f64>()
-            + offload.as_ref().map_or(0.0, |o| o.exposed);
+            + offload.as_ref().map_or(0.0, |o| o.exposed)
+            + optimizer_offload.as_ref().map_or(0.0, |o| o.exposed);
         if best.as_ref().is_none_or(|b| step > b.step) {
-            best = Some(RankStep { step, rank: r, compute, comm, sent, offload });
+            best = Some(RankStep { step, rank: r, compute, comm, sent, offload, optimizer_offload });
         }
     }
-    let RankStep { step: step_s, rank: slowest_rank, compute, comm, sent: bytes_sent_per_rank, offload } =
-        best.ok_or_else(|| crate::Error::InvalidArgument {
-            op: "cost",
-            group: job.describe(),
-            msg: "no ranks".into(),
-        })?;
+    let RankStep {
+        step: step_s,
+        rank: slowest_rank,
+        compute,
+        comm,
+        sent: bytes_sent_per_rank,
+        offload,
+        optimizer_offload,
+    } = best.ok_or_else(|| crate::Error::InvalidArgument {
+        op: "cost",
+        group: job.describe(),
+        msg: "no ranks".into(),
+    })?;
     let mut worst: Option<MemoryReport> = None;
     for r in candidate_ranks(job) {
         let m = memory(job, r, hw)?;
@@ -337,6 +415,7 @@ pub fn predict(job: &Job, hw: &Hardware) -> Result<Prediction> {
         memory,
         bytes_sent_per_rank,
         offload,
+        optimizer_offload,
     })
 }
 

@@ -285,7 +285,8 @@ pub fn rank_work(job: &Job, r: usize, device: impl Into<Kernels>) -> Result<Vec<
     let mut reduce = traffic("gradient reduction copies", "copy", 6.0 * local.replicated * 4.0);
     reduce.per_step = true;
     terms.push(reduce);
-    if job.optimizer {
+    // With ZeRO-Offload the update runs on the host (`step::OptimizerOffload`).
+    if job.optimizer && !job.optimizer_offload {
         let updated = if job.zero.partitions_optimizer() {
             local.replicated / job.ranks as f64 + local.sharded
         } else {

@@ -60,6 +60,12 @@ pub struct PredictSpec {
     /// Whether steps update the weights with Adam (optimizer states in memory, the update in
     /// time). Default: whether `[train.adamw]` is set.
     pub optimizer: Option<bool>,
+    /// ZeRO-Offload: the optimizer's states in host memory and its update on the host's CPUs
+    /// (`Job::optimizer_offload`; predicted only, the trainer does not offload its optimizer).
+    /// Needs ZeRO stage 1 or more and a hardware file with the host memory's bandwidth. Default
+    /// false.
+    #[serde(default)]
+    pub offload_optimizer: bool,
     /// The software the points run (a preset of `software/` or a file), in place of the
     /// hardware's default (`flash-attention-2` on a GPU preset, `measured` for a calibrated
     /// file). The paper configs name what the paper's release scripts ran.
@@ -233,6 +239,8 @@ impl ExperimentConfig {
             loss_tile: train.loss_tile,
             kv_offload: self.offload_kv()?.is_some()
                 && matches!(point.strategy, crate::attention::StrategyConfig::UlyssesChunked { .. }),
+            // A run keeps its optimizer on the device; `[predict] offload_optimizer` prices it away.
+            optimizer_offload: false,
         })
     }
 }
@@ -249,6 +257,7 @@ pub fn job_for(cfg: &ExperimentConfig, point: &Point) -> Result<Job> {
     job.checkpointing = spec.checkpointing.unwrap_or(job.checkpointing);
     job.grad_accum = spec.grad_accum.unwrap_or(job.grad_accum);
     job.optimizer = spec.optimizer.unwrap_or(job.optimizer);
+    job.optimizer_offload = spec.offload_optimizer;
     job.overlap = spec.overlap;
     if let Some(b) = baseline_for(&spec, point.strategy)?.and_then(|b| b.baseline) {
         job.attention.kernel = b.kernel;

@@ -28,13 +28,39 @@ pub struct CalibrateArgs {
     /// Leave the MPI backend out (a build without the `mpi` feature cannot measure it).
     #[arg(long)]
     no_mpi: bool,
+    /// Measure even when other work keeps the machine busy (the file then describes a busy
+    /// machine; without it, more than a quarter of the CPU time going to other work in the
+    /// second before is an error).
+    #[arg(long)]
+    allow_busy: bool,
 }
+
+/// The share of the machine's CPU time other work may take in the second before calibrating.
+const BUSY_LIMIT: f64 = 0.25;
+/// How far the local link measured again at the end may move before the file is said to
+/// describe a machine that changed while it was measured.
+const REPEAT_TOLERANCE: f64 = 0.15;
 
 /// Bytes per rank the collectives are timed at.
 const COMM_SIZES: [i64; 5] = [16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20];
 const MARK: &str = "CALIBRATE_SAMPLE ";
 
 pub fn run(args: &CalibrateArgs) -> Result<()> {
+    // Other work on the machine slows every measurement (three runs right after other work moved
+    // the links by up to 45% on a 2-core VM): look before measuring.
+    let busy = other_work(Duration::from_secs(1));
+    match busy {
+        Some(share) if share > BUSY_LIMIT && !args.allow_busy => bail!(
+            "the machine is busy: {:.0}% of its CPU time went to other work (or to other virtual \
+             machines) in the last second, more than {:.0}%; calibrate on a quiet machine, or pass \
+             --allow-busy to measure it as it is",
+            100.0 * share,
+            100.0 * BUSY_LIMIT
+        ),
+        Some(share) => eprintln!("other work in the second before: {:.0}% of the CPU time", 100.0 * share),
+        None => eprintln!("note: /proc/stat unreadable: the machine's load is not checked"),
+    }
+    let ticks_before = cpu_ticks();
     let started = Instant::now();
     tch::set_num_threads(1);
     let cpu = Device::Cpu;
@@ -113,12 +139,40 @@ pub fn run(args: &CalibrateArgs) -> Result<()> {
         .context("no rank reported")?;
     show("local", &local);
     let mut network = std::collections::BTreeMap::new();
-    network.insert("local".to_string(), Network { intra: link_from_samples(&local)?, inter: None });
+    let local_link = link_from_samples(&local)?;
+    network.insert("local".to_string(), Network { intra: local_link.clone(), inter: None });
     if !args.no_mpi {
         say("MPI backend collectives (2 processes)", started);
         let mpi = mpi_samples()?;
         show("mpi", &mpi);
         network.insert("mpi".to_string(), Network { intra: link_from_samples(&mpi)?, inter: None });
+    }
+    // The local link once more: a machine whose speed changed while it was measured (other work
+    // started, a neighbour on the host) shows it here.
+    say("local backend collectives again (the machine's steadiness)", started);
+    let again = LocalLaunch::new(2)
+        .timeout(Duration::from_secs(120))
+        .run(|ctx| measure_comm(ctx.world(), &COMM_SIZES, 11))?
+        .into_iter()
+        .next()
+        .context("no rank reported")?;
+    let repeat = link_from_samples(&again)?.bandwidth_gbs / local_link.bandwidth_gbs;
+    let steal = steal_share(ticks_before, cpu_ticks());
+    let mut steadiness = vec![
+        ("local_link_again".to_string(), format!("{repeat:.2}x")),
+        ("other_work_before_percent".to_string(), busy.map_or("?".into(), |b| format!("{:.0}", 100.0 * b))),
+        ("steal_percent".to_string(), steal.map_or("?".into(), |s| format!("{:.1}", 100.0 * s))),
+    ];
+    if (repeat - 1.0).abs() > REPEAT_TOLERANCE {
+        eprintln!(
+            "warning: the local link measured {:.2}x its first value at the end of the run (more than \
+             {:.0}% apart): the machine's speed changed while it was measured; calibrate again on a \
+             quiet machine",
+            repeat,
+            100.0 * REPEAT_TOLERANCE
+        );
+        steadiness
+            .push(("steady".to_string(), "no: the local link moved between the start and the end".into()));
     }
     let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
     let gib = (1u64 << 30) as f64;
@@ -152,7 +206,7 @@ pub fn run(args: &CalibrateArgs) -> Result<()> {
         network,
         host: None,
         bands: Default::default(),
-        provenance: Some(provenance(started)),
+        provenance: Some(provenance(started).into_iter().chain(steadiness).collect()),
         applied: Default::default(),
     };
     let text = Hardware::parse(&hw.to_toml()?, "calibration")?.to_toml()?;
@@ -283,6 +337,41 @@ fn meminfo_self_rss_gib() -> f64 {
     kib / (1024.0 * 1024.0)
 }
 
+/// The machine's CPU time counters (/proc/stat's first line, in ticks): (busy, stolen by the
+/// hypervisor, total); `None` where there is no /proc.
+fn cpu_ticks() -> Option<(u64, u64, u64)> {
+    ticks_of(&std::fs::read_to_string("/proc/stat").ok()?)
+}
+
+/// [`cpu_ticks`] of a /proc/stat text.
+fn ticks_of(stat: &str) -> Option<(u64, u64, u64)> {
+    let line = stat.lines().next().filter(|l| l.starts_with("cpu "))?;
+    let v: Vec<u64> = line.split_whitespace().skip(1).map(|x| x.parse().ok()).collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal
+    let [user, nice, system, idle, iowait, irq, softirq, steal] = v.get(..8)?.try_into().ok()?;
+    let busy = user + nice + system + irq + softirq;
+    Some((busy, steal, busy + idle + iowait + steal))
+}
+
+/// The share of the machine's CPU time that went to other work (busy, or stolen by other
+/// virtual machines) over `window`, this process sleeping meanwhile.
+fn other_work(window: Duration) -> Option<f64> {
+    let before = cpu_ticks()?;
+    std::thread::sleep(window);
+    let after = cpu_ticks()?;
+    let total = after.2.saturating_sub(before.2);
+    let other = after.0.saturating_sub(before.0) + after.1.saturating_sub(before.1);
+    (total > 0).then(|| other as f64 / total as f64)
+}
+
+/// The share of the machine's CPU time the hypervisor gave to other virtual machines between two
+/// readings.
+fn steal_share(before: Option<(u64, u64, u64)>, after: Option<(u64, u64, u64)>) -> Option<f64> {
+    let (b, a) = (before?, after?);
+    let total = a.2.saturating_sub(b.2);
+    (total > 0).then(|| a.1.saturating_sub(b.1) as f64 / total as f64)
+}
+
 /// Date, command, host facts, versions: how the file was made.
 fn provenance(started: Instant) -> std::collections::BTreeMap<String, String> {
     let secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
@@ -331,4 +420,23 @@ fn utc_date(secs: u64) -> String {
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
     format!("{y:04}-{m:02}-{d:02} {:02}:{:02}", rem / 3600, rem % 3600 / 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_ticks_split_busy_stolen_and_total_time() {
+        // user nice system idle iowait irq softirq steal guest guest_nice
+        let stat = "cpu  100 5 50 1000 20 3 2 7 0 0\ncpu0 50 2 25 500 10 1 1 3 0 0\n";
+        assert_eq!(ticks_of(stat), Some((160, 7, 1187)));
+        assert_eq!(ticks_of("cpu  1 2 3\n"), None, "too few fields");
+        assert_eq!(ticks_of("intr 1 2 3 4 5 6 7 8\n"), None, "not the cpu line");
+        assert_eq!(steal_share(Some((0, 10, 100)), Some((50, 30, 300))), Some(0.1));
+        // This machine's counters (Linux, as every machine this toolkit runs on) read, and other
+        // work's share is a fraction.
+        let share = other_work(Duration::from_millis(200)).expect("/proc/stat readable");
+        assert!((0.0..=1.0).contains(&share), "{share}");
+    }
 }

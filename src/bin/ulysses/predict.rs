@@ -78,6 +78,11 @@ pub struct PredictArgs {
     /// Overlap ZeRO and gradient communication and ring passes with compute.
     #[arg(long)]
     overlap: bool,
+    /// ZeRO-Offload: the optimizer's states in host memory, its update on the host's CPUs
+    /// (needs --zero 1 or more and a hardware file with the host memory's bandwidth; predicted
+    /// only: `ulysses run` does not offload its optimizer).
+    #[arg(long)]
+    offload_optimizer: bool,
     /// Search the fastest SP degree, micro-batch, ZeRO stage and checkpointing that fits (with a
     /// config: as its `[predict] search = true`).
     #[arg(long)]
@@ -140,7 +145,8 @@ fn flags_config(args: &PredictArgs, hardware: &str) -> Result<ExperimentConfig> 
          [train]\ndtype = {dtype:?}\nbatch = {batch}\nseq = [{seq}]\nsteps = 10\nwarmup = 2\n\
          zero = {zero}\ncheckpointing = {ckpt:?}\ngrad_accum = {accum}\n{memory}\
          [train.adamw]\n\
-         [predict]\nhardware = {hardware:?}\noptimizer = true\noverlap = {overlap}\n",
+         [predict]\nhardware = {hardware:?}\noptimizer = true\noverlap = {overlap}\n\
+         offload_optimizer = {offload_optimizer}\n",
         name = format!("predicted_{}_{}", args.model, strategy.label()),
         model = args.model,
         ranks = args.ranks,
@@ -156,6 +162,7 @@ fn flags_config(args: &PredictArgs, hardware: &str) -> Result<ExperimentConfig> 
         ckpt = args.checkpointing.name(),
         accum = args.grad_accum,
         overlap = args.overlap,
+        offload_optimizer = args.offload_optimizer,
         memory = [
             args.memory.loss_tile.map(|t| format!("loss_tile = {t}\n")),
             args.memory.mlp_tile.map(|t| format!("mlp_tile = {t}\n")),
