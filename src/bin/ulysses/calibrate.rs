@@ -131,12 +131,7 @@ pub fn run(args: &CalibrateArgs) -> Result<()> {
     .map_err(|_| anyhow::anyhow!("the layer overhead measurement panicked"))??;
     eprintln!("  {:.0} us per layer (forward + backward)", layer_overhead * 1e6);
     say("local backend collectives (2 thread ranks)", started);
-    let local = LocalLaunch::new(2)
-        .timeout(Duration::from_secs(120))
-        .run(|ctx| measure_comm(ctx.world(), &COMM_SIZES, 11))?
-        .into_iter()
-        .next()
-        .context("no rank reported")?;
+    let local = local_samples()?;
     show("local", &local);
     let mut network = std::collections::BTreeMap::new();
     let local_link = link_from_samples(&local)?;
@@ -150,13 +145,7 @@ pub fn run(args: &CalibrateArgs) -> Result<()> {
     // The local link once more: a machine whose speed changed while it was measured (other work
     // started, a neighbour on the host) shows it here.
     say("local backend collectives again (the machine's steadiness)", started);
-    let again = LocalLaunch::new(2)
-        .timeout(Duration::from_secs(120))
-        .run(|ctx| measure_comm(ctx.world(), &COMM_SIZES, 11))?
-        .into_iter()
-        .next()
-        .context("no rank reported")?;
-    let repeat = link_from_samples(&again)?.bandwidth_gbs / local_link.bandwidth_gbs;
+    let repeat = link_from_samples(&local_samples()?)?.bandwidth_gbs / local_link.bandwidth_gbs;
     let steal = steal_share(ticks_before, cpu_ticks());
     let mut steadiness = vec![
         ("local_link_again".to_string(), format!("{repeat:.2}x")),
@@ -223,6 +212,16 @@ pub fn run(args: &CalibrateArgs) -> Result<()> {
     println!("{text}");
     println!("wrote {} in {:.0} s", args.out.display(), started.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// The local backend's collectives on 2 thread ranks, as rank 0 timed them.
+fn local_samples() -> Result<Vec<CommSample>> {
+    LocalLaunch::new(2)
+        .timeout(Duration::from_secs(120))
+        .run(|ctx| measure_comm(ctx.world(), &COMM_SIZES, 11))?
+        .into_iter()
+        .next()
+        .context("no rank reported")
 }
 
 /// The samples behind a link, for the record.
