@@ -470,3 +470,66 @@ fn a_steps_live_peak_falls_as_the_model_says_with_checkpointing_the_tiled_loss_a
     }
     Ok(())
 }
+
+#[test]
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn chunked_ulysses_keeps_its_chunks_only_for_a_backward_to_come() -> Result<()> {
+    let _alone = MEASURING.lock().unwrap_or_else(|e| e.into_inner());
+    // Chunked Ulysses (u = 4, MHA, 2 ranks, N = 8192, f32, d = 16): after a forward on a disabled
+    // tape (full checkpointing's first pass, evaluation) the allocator holds the output alone,
+    // [N/P, H, d] a rank; on a recording tape also every chunk's q, K and V after the all-to-all
+    // and f32 output, [N, H/P, d] each, and log-sum-exp [H/P, N]. Both to 3% (the allocator's
+    // counters against tensors of a MiB and more; the terms are exact byte counts).
+    let (p, n, chunks, heads, d) = (2usize, 8192i64, 4usize, 4i64, 16i64);
+    let kept = |recording: bool| -> Result<f64> {
+        let per_rank = launch(p, |ctx| -> Result<f64> {
+            let s = ulysses::attention::ChunkedUlysses::new(
+                ctx.world().clone(),
+                ulysses::attention::Mask::Causal,
+                n,
+                heads,
+                heads,
+                chunks,
+            )?;
+            let local = n / p as i64;
+            let x = |seed: f64| Tensor::full([1, local, heads, d], seed, (Kind::Float, Device::Cpu));
+            let (q, k, v) = (x(0.1).set_requires_grad(true), x(0.2).set_requires_grad(true), x(0.3));
+            let w = ctx.world();
+            // A first forward: what the group and the kernels allocate once and keep.
+            drop(s.forward(&Tape::disabled(), &q, &k, &v)?);
+            w.barrier()?;
+            let before = live_bytes();
+            w.barrier()?;
+            let tape = if recording { Tape::new() } else { Tape::disabled() };
+            let out = s.forward(&tape, &q, &k, &v)?;
+            w.barrier()?;
+            let after = live_bytes();
+            w.barrier()?;
+            drop((out, tape));
+            Ok((after - before) / p as f64)
+        })?;
+        Ok(per_rank[0])
+    };
+    let (nothing, backward) = (kept(false)?, kept(true)?);
+    let hr = heads / p as i64;
+    let output = (n / p as i64 * heads * d * 4) as f64;
+    let chunks_kept = (n * hr * (4 * d + 1) * 4) as f64;
+    println!(
+        "chunked Ulysses u={chunks} P={p} N={n}: a forward keeps {:.2} MiB per rank on a disabled tape \
+         (the output: {:.2}), {:.2} MiB recording ({:.2} expected)",
+        nothing / 1048576.0,
+        output / 1048576.0,
+        backward / 1048576.0,
+        (output + chunks_kept) / 1048576.0
+    );
+    ensure!(
+        (nothing / output - 1.0).abs() < 0.03,
+        "disabled tape: {nothing} bytes kept, the output is {output}"
+    );
+    ensure!(
+        (backward / (output + chunks_kept) - 1.0).abs() < 0.03,
+        "recording: {backward} bytes kept, expected {}",
+        output + chunks_kept
+    );
+    Ok(())
+}
