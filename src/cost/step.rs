@@ -96,9 +96,7 @@ fn offload_time(job: &Job, r: usize, hw: &Hardware, micro_compute_s: f64) -> Res
         _ => return Ok(None),
     };
     let (t_fwd, t_back) = (beside_fwd / bw, beside_back / bw);
-    // A block's forward: a quarter of its compute under full checkpointing (forward,
-    // recomputation, a backward of two), a third without.
-    let share = if full { 0.25 } else { 1.0 / 3.0 };
+    let share = forward_share(job);
     let (fwd, back) = (share * micro_compute_s / l, (1.0 - share) * micro_compute_s / l);
     let exposed = match hw.band() {
         Band::Low => t_fwd + t_back,
@@ -111,6 +109,16 @@ fn offload_time(job: &Job, r: usize, hw: &Hardware, micro_compute_s: f64) -> Res
         seconds: l * (t_fwd + t_back) * accum,
         exposed: l * exposed * accum,
     }))
+}
+
+/// The forward's share of a micro-step's compute: a quarter under full checkpointing (forward,
+/// recomputation, a backward of two), a third without.
+fn forward_share(job: &Job) -> f64 {
+    if job.checkpointing == crate::train::Checkpointing::Full {
+        0.25
+    } else {
+        1.0 / 3.0
+    }
 }
 
 /// ZeRO-Offload's host side in one optimizer step (`Job::optimizer_offload`).
@@ -163,8 +171,7 @@ fn optimizer_offload_time(
     let copies = if job.zero.partitions_gradients() { job.grad_accum as f64 } else { 1.0 };
     let grads_s = copies * params * job.reduce_bytes() as f64 / link;
     let back_s = params * es / link;
-    let full = job.checkpointing == crate::train::Checkpointing::Full;
-    let backward = copies * (1.0 - if full { 0.25 } else { 1.0 / 3.0 }) * micro_compute_s;
+    let backward = copies * (1.0 - forward_share(job)) * micro_compute_s;
     let hidden = match hw.band() {
         Band::Low => 0.0,
         Band::High => grads_s,

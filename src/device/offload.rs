@@ -249,27 +249,24 @@ impl Offload {
     /// Brings `key` back to the device (waiting for a prefetch of it, or loading it now); the
     /// store forgets it.
     pub fn take(&self, key: usize) -> Result<Tensor> {
-        self.start(key, false)?;
-        let coming = self.coming.borrow_mut().take();
-        match coming {
-            Some((k, false, c)) if k == key => self.arrive(k, false, c),
-            other => {
-                *self.coming.borrow_mut() = other;
-                Err(invalid(format!("block {key} was never offloaded (or was taken already)")))
-            }
-        }
+        self.fetch(key, false)
     }
 
     /// A copy of `key` on the device (waiting for a [`prefetch_read`](Offload::prefetch_read) of
     /// it, or loading it now); the store keeps it.
     pub fn read(&self, key: usize) -> Result<Tensor> {
-        self.start(key, true)?;
+        self.fetch(key, true)
+    }
+
+    /// [`take`](Offload::take) (`keep` false) or [`read`](Offload::read) (`keep` true).
+    fn fetch(&self, key: usize, keep: bool) -> Result<Tensor> {
+        self.start(key, keep)?;
         let coming = self.coming.borrow_mut().take();
         match coming {
-            Some((k, keep, c)) if k == key => {
-                let t = self.arrive(k, keep, c)?;
-                if !keep {
-                    // it was on its way out of the store: it goes back
+            // A read may meet a take of the same key already on its way: that one goes back.
+            Some((k, kp, c)) if k == key && (kp == keep || keep) => {
+                let t = self.arrive(k, kp, c)?;
+                if keep && !kp {
                     self.put(k, &t)?;
                 }
                 Ok(t)
