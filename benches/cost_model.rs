@@ -8,7 +8,8 @@
 //! asserted in CI: a shared machine's noise would make it flaky.
 //!
 //! Run: `cargo bench --features mpi --bench cost_model` (`-- local` or `-- mpi` for one
-//! backend, `-- --hardware FILE` for another file). Writes `results/cost_validation/`.
+//! backend, `-- --hardware FILE` for another file: given several times, each file gets its own
+//! table from the same measured runs). Writes `results/cost_validation/`.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -24,15 +25,72 @@ fn load_average() -> String {
         .map_or("?".into(), |l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
 }
 
+/// One measured point beside its prediction.
+struct Row {
+    config: &'static str,
+    backend: &'static str,
+    strategy: String,
+    ranks: String,
+    seq: String,
+    measured_ms: f64,
+    predicted_ms: f64,
+    measured_mib: f64,
+    predicted_mib: f64,
+}
+
+/// Every point of a run folder beside the prediction from `hw` (written into the folder).
+fn rows_of(
+    cfg: &ExperimentConfig,
+    dir: &Path,
+    hw: &Hardware,
+    config: &'static str,
+    backend: &'static str,
+) -> Result<Vec<Row>> {
+    predict_experiment(cfg, hw, Path::new("/"))?;
+    let mut rows = Vec::new();
+    for (folder, table) in side_by_side(dir)? {
+        if folder != format!("predicted-{}", hw.name) {
+            continue;
+        }
+        let s = |c: &str| -> Result<Vec<String>> {
+            let col = table.column(c)?.cast(&ulysses::polars::prelude::DataType::String)?;
+            Ok(col.str()?.iter().map(|v| v.unwrap_or("").to_string()).collect())
+        };
+        let f = |c: &str| -> Result<Vec<f64>> {
+            let col = table.column(c)?.cast(&ulysses::polars::prelude::DataType::Float64)?;
+            Ok(col.f64()?.iter().map(|v| v.unwrap_or(f64::NAN)).collect())
+        };
+        let (st, ra, sq) = (s("strategy")?, s("ranks")?, s("seq")?);
+        let (mt, pt, mm, pm) =
+            (f("measured_ms")?, f("predicted_ms")?, f("measured_mib")?, f("predicted_mib")?);
+        for i in 0..st.len() {
+            rows.push(Row {
+                config,
+                backend,
+                strategy: st[i].clone(),
+                ranks: ra[i].clone(),
+                seq: sq[i].clone(),
+                measured_ms: mt[i],
+                predicted_ms: pt[i],
+                measured_mib: mm[i],
+                predicted_mib: pm[i],
+            });
+        }
+    }
+    Ok(rows)
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let hw_path = args
-        .iter()
-        .position(|a| a == "--hardware")
-        .and_then(|i| args.get(i + 1).cloned())
-        .unwrap_or_else(|| ulysses::cost::hardware::cpu_preset_for_host().to_string());
-    let hw = Hardware::load(&hw_path)?;
+    // Every `--hardware FILE` given (each gets its own table, from the same measured runs), or
+    // the preset measured on this CPU.
+    let mut hw_paths: Vec<String> =
+        args.windows(2).filter(|w| w[0] == "--hardware").map(|w| w[1].clone()).collect();
+    if hw_paths.is_empty() {
+        hw_paths.push(ulysses::cost::hardware::cpu_preset_for_host().to_string());
+    }
+    let hws = hw_paths.iter().map(|p| Hardware::load(p)).collect::<ulysses::Result<Vec<_>>>()?;
     let backends: Vec<Backend> = match (args.iter().any(|a| a == "local"), args.iter().any(|a| a == "mpi")) {
         (true, false) => vec![Backend::Local],
         (false, true) => vec![Backend::Mpi],
@@ -40,16 +98,9 @@ fn main() -> Result<()> {
     };
     let out = repo.join("results/cost_validation");
     std::fs::create_dir_all(&out)?;
-    println!(
-        "== cost model vs measured, {} ({}), load average before: {} ==",
-        hw.name,
-        hw_path,
-        load_average()
-    );
-    let mut csv = String::from(
-        "config,backend,strategy,ranks,seq,measured_ms,predicted_ms,time_ratio,measured_mib,predicted_mib,memory_ratio\n",
-    );
-    let mut rows = Vec::new();
+    let names: Vec<String> = hws.iter().zip(&hw_paths).map(|(h, p)| format!("{} ({p})", h.name)).collect();
+    println!("== cost model vs measured, {}, load average before: {} ==", names.join(", "), load_average());
+    let mut runs = Vec::new();
     for backend in &backends {
         for name in CONFIGS {
             let mut cfg = ExperimentConfig::load(&repo.join(format!("experiments/{name}.toml")))?;
@@ -67,64 +118,37 @@ fn main() -> Result<()> {
                 program: Some(PathBuf::from(env!("CARGO_BIN_EXE_ulysses"))),
             };
             run(&cfg, &opts).with_context(|| format!("running {}", cfg.name))?;
-            predict_experiment(&cfg, &hw, Path::new("/"))?;
-            for (_, table) in side_by_side(&dir)? {
-                let s = |c: &str| -> Result<Vec<String>> {
-                    let col = table.column(c)?.cast(&ulysses::polars::prelude::DataType::String)?;
-                    Ok(col.str()?.iter().map(|v| v.unwrap_or("").to_string()).collect())
-                };
-                let f = |c: &str| -> Result<Vec<f64>> {
-                    let col = table.column(c)?.cast(&ulysses::polars::prelude::DataType::Float64)?;
-                    Ok(col.f64()?.iter().map(|v| v.unwrap_or(f64::NAN)).collect())
-                };
-                let (st, ra, sq) = (s("strategy")?, s("ranks")?, s("seq")?);
-                let (mt, pt, mm, pm) =
-                    (f("measured_ms")?, f("predicted_ms")?, f("measured_mib")?, f("predicted_mib")?);
-                for i in 0..st.len() {
-                    writeln!(
-                        csv,
-                        "{name},{tag},{},{},{},{:.2},{:.2},{:.3},{:.2},{:.2},{:.3}",
-                        st[i],
-                        ra[i],
-                        sq[i],
-                        mt[i],
-                        pt[i],
-                        pt[i] / mt[i],
-                        mm[i],
-                        pm[i],
-                        pm[i] / mm[i]
-                    )?;
-                    rows.push((
-                        name,
-                        tag,
-                        st[i].clone(),
-                        ra[i].clone(),
-                        sq[i].clone(),
-                        mt[i],
-                        pt[i],
-                        mm[i],
-                        pm[i],
-                    ));
-                }
-            }
+            runs.push((cfg, dir, name, tag));
         }
     }
-    println!("| config | backend | strategy | P | N | step ms measured | predicted | pred/meas | MiB/rank measured | predicted | pred/meas |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
-    let (mut time_ok, mut mem_ok) = (0, 0);
-    for (c, b, s, p, n, mt, pt, mm, pm) in &rows {
-        let (tr, mr) = (pt / mt, pm / mm);
-        time_ok += usize::from((0.75..=1.25).contains(&tr));
-        mem_ok += usize::from((0.85..=1.15).contains(&mr));
+    let load_after = load_average();
+    let mut csv = String::from(
+        "hardware,config,backend,strategy,ranks,seq,measured_ms,predicted_ms,time_ratio,measured_mib,predicted_mib,memory_ratio\n",
+    );
+    for (hw, path) in hws.iter().zip(&hw_paths) {
+        let mut rows = Vec::new();
+        for (cfg, dir, name, tag) in &runs {
+            rows.extend(rows_of(cfg, dir, hw, name, tag)?);
+        }
+        println!("\npredicted from {} ({path}):\n", hw.name);
+        println!("| config | backend | strategy | P | N | step ms measured | predicted | pred/meas | MiB/rank measured | predicted | pred/meas |");
+        println!("|---|---|---|---|---|---|---|---|---|---|---|");
+        let (mut time_ok, mut mem_ok) = (0, 0);
+        for r in &rows {
+            let (tr, mr) = (r.predicted_ms / r.measured_ms, r.predicted_mib / r.measured_mib);
+            time_ok += usize::from((0.75..=1.25).contains(&tr));
+            mem_ok += usize::from((0.85..=1.15).contains(&mr));
+            let key = [r.config, r.backend, &r.strategy, &r.ranks, &r.seq];
+            let (mt, pt, mm, pm) = (r.measured_ms, r.predicted_ms, r.measured_mib, r.predicted_mib);
+            println!("| {} | {mt:.1} | {pt:.1} | {tr:.2} | {mm:.1} | {pm:.1} | {mr:.2} |", key.join(" | "));
+            writeln!(csv, "{},{},{mt:.2},{pt:.2},{tr:.3},{mm:.2},{pm:.2},{mr:.3}", hw.name, key.join(","))?;
+        }
         println!(
-            "| {c} | {b} | {s} | {p} | {n} | {mt:.1} | {pt:.1} | {tr:.2} | {mm:.1} | {pm:.1} | {mr:.2} |"
+            "{}: step time within ±25%: {time_ok}/{n} points; memory within ±15%: {mem_ok}/{n} points (load average after the runs: {load_after})",
+            hw.name,
+            n = rows.len()
         );
     }
-    println!(
-        "step time within ±25%: {time_ok}/{n} points; memory within ±15%: {mem_ok}/{n} points (load average after: {})",
-        load_average(),
-        n = rows.len()
-    );
     std::fs::write(out.join("summary.csv"), csv)?;
     println!("-> {}", out.join("summary.csv").display());
     Ok(())

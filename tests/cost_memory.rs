@@ -10,7 +10,9 @@ use tch::{Device, Kind, Tensor};
 use ulysses::attention::{AttentionConfig, SequenceParallel, SingleDevice, StrategyConfig};
 use ulysses::autograd::Tape;
 use ulysses::comm::{launch, MeshShape};
-use ulysses::cost::calibrate::{curve, fit_alpha_beta, live_bytes, CommSample, KernelSample};
+use ulysses::cost::calibrate::{
+    curve, fit_alpha_beta, live_bytes, median_of_rounds, CommSample, KernelSample,
+};
 use ulysses::cost::hardware::DeviceKind;
 use ulysses::cost::memory::layer_activations;
 use ulysses::cost::Job;
@@ -349,6 +351,25 @@ fn calibration_fits_recover_known_numbers() -> Result<()> {
     // Flat samples are refused with a message, not fitted to a negative bandwidth.
     let flat: Vec<CommSample> = samples.iter().map(|s| CommSample { seconds: 1e-3, ..s.clone() }).collect();
     ensure!(fit_alpha_beta(&flat, 3.0).is_err(), "a flat fit was accepted");
+    // The fit weighs relative errors: one sample 50% slow moves the bandwidth by what it moves
+    // the line through the others, not by the largest size's leverage. With the largest size's
+    // time 1.5x, an unweighted fit's slope comes from that point (bandwidth 0.65x); the
+    // relative fit keeps the bandwidth within 25% of the truth (0.82x here, worked out
+    // from the weighted normal equations), and exact samples are still recovered exactly above.
+    let mut slow = samples.clone();
+    slow[3].seconds *= 1.5;
+    let (_, b) = fit_alpha_beta(&slow, 3.0)?;
+    ensure!((b / 5e9 - 1.0).abs() < 0.25, "one slow sample moved the bandwidth to {:.2}x", b / 5e9);
+    // Rounds: per op and size, the median of the rounds' times.
+    let round = |k: f64| {
+        samples.iter().map(|s| CommSample { seconds: s.seconds * k, ..s.clone() }).collect::<Vec<_>>()
+    };
+    let merged = median_of_rounds(&[round(1.0), round(3.0), round(1.2)]);
+    ensure!(merged.len() == samples.len(), "{merged:?}");
+    ensure!(
+        merged.iter().zip(&samples).all(|(m, s)| (m.seconds / s.seconds - 1.2).abs() < 1e-12),
+        "{merged:?}"
+    );
     // Curves: one point per factor-of-two bin, sizes increasing, efficiencies capped at 1.
     let k = |size: f64, eff: f64| KernelSample { size, flops: size, seconds: size / (eff * 100.0) };
     let c = curve(&[k(1000.0, 0.2), k(1100.0, 0.4), k(4000.0, 0.5), k(1e6, 2.0)], 100.0);

@@ -179,17 +179,44 @@ pub fn measure_comm(group: &Group, sizes: &[i64], runs: usize) -> Result<Vec<Com
     Ok(out)
 }
 
-/// Least-squares fit of `seconds = a + bytes / bandwidth` over one op's samples: (latency per
-/// algorithm step in seconds, bandwidth in bytes/s). Errors if the time does not grow with
-/// the bytes (too few or too noisy samples).
+/// Several rounds of [`measure_comm`] as one set of samples: per op and size, the median of
+/// the rounds' medians. Rounds run one after another over every size, so that a slow spell of
+/// the machine (a neighbour's burst, a descheduled rank) lands in one round of each size rather
+/// than in every call of one size.
+pub fn median_of_rounds(rounds: &[Vec<CommSample>]) -> Vec<CommSample> {
+    let Some(first) = rounds.first() else { return Vec::new() };
+    first
+        .iter()
+        .map(|s| {
+            let mut t: Vec<f64> = rounds
+                .iter()
+                .filter_map(|r| r.iter().find(|o| o.op == s.op && o.bytes_sent == s.bytes_sent))
+                .map(|o| o.seconds)
+                .collect();
+            t.sort_by(f64::total_cmp);
+            let m = t.len() / 2;
+            let seconds = if t.len() % 2 == 1 { t[m] } else { 0.5 * (t[m - 1] + t[m]) };
+            CommSample { seconds, ..s.clone() }
+        })
+        .collect()
+}
+
+/// Least-squares fit of `seconds = a + bytes / bandwidth` over one op's samples, each weighted
+/// by 1 / seconds² so that the fit minimises relative errors: every size counts alike, rather
+/// than the largest deciding the slope alone (the model prices collectives across the whole
+/// range, and a millisecond's noise on the largest size would otherwise move the bandwidth by
+/// tens of percent). Returns (latency per algorithm step in seconds, bandwidth in bytes/s).
+/// Errors if the time does not grow with the bytes (too few or too noisy samples).
 pub fn fit_alpha_beta(samples: &[CommSample], steps: f64) -> Result<(f64, f64)> {
-    let n = samples.len() as f64;
-    let (sx, sy) = samples.iter().fold((0.0, 0.0), |a, s| (a.0 + s.bytes_sent, a.1 + s.seconds));
-    let (mx, my) = (sx / n, sy / n);
+    let w = |s: &CommSample| 1.0 / s.seconds.max(1e-12).powi(2);
+    let sw: f64 = samples.iter().map(w).sum();
+    let (sx, sy) =
+        samples.iter().fold((0.0, 0.0), |a, s| (a.0 + w(s) * s.bytes_sent, a.1 + w(s) * s.seconds));
+    let (mx, my) = (sx / sw, sy / sw);
     let (mut sxy, mut sxx) = (0.0, 0.0);
     for s in samples {
-        sxy += (s.bytes_sent - mx) * (s.seconds - my);
-        sxx += (s.bytes_sent - mx).powi(2);
+        sxy += w(s) * (s.bytes_sent - mx) * (s.seconds - my);
+        sxx += w(s) * (s.bytes_sent - mx).powi(2);
     }
     let slope = sxy / sxx;
     if samples.len() < 2 || !(slope.is_finite() && slope > 0.0) {

@@ -99,29 +99,32 @@ impl Drop for LivePeak {
 }
 
 /// The host allocator on a reference training step, one thread: a 2-layer GPT (h = 64, the tiny
-/// preset) on one device, `n` tokens, f32. Returns (workspace bytes the first step allocates
-/// and keeps beyond the gradients, resident peak / live peak of a later step). The live peak
-/// is sampled every 20 us by a second thread.
-pub fn measure_step_memory(n: i64) -> Result<(f64, f64)> {
+/// preset) on one device, `n` tokens, f32, measured as a run measures a point's memory
+/// ([`crate::experiment`]'s host RSS): the heap trimmed and the resident peak reset once the
+/// model is built, then a first step and `steps - 1` later ones. Returns (workspace bytes the
+/// first step allocates and keeps beyond the gradients, resident peak / live peak over the
+/// steps, both above the built model). The live peak is sampled every 20 us by a second thread.
+pub fn measure_step_memory(n: i64, steps: usize) -> Result<(f64, f64)> {
     use crate::model::GptConfig;
 
     let (model, tokens, labels) = reference_step(GptConfig::tiny(), n)?;
-    let peak = LivePeak::start(std::time::Duration::from_micros(20));
-    let before = live_bytes();
-    model.forward_backward(&tokens, &labels)?;
-    let grads = (model.params().numel() * 4) as f64;
-    let workspace = (live_bytes() - before - grads).max(0.0);
-    // A later step: resident and live peaks above its start.
-    model.zero_grad();
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim takes no pointer and only walks glibc's own arenas.
     unsafe {
         libc::malloc_trim(0);
     }
     let reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
+    let peak = LivePeak::start(std::time::Duration::from_micros(20));
     let (live0, rss0) = (live_bytes(), status_bytes("VmRSS:").unwrap_or(f64::NAN));
-    peak.reset();
-    model.forward_backward(&tokens, &labels)?;
+    let mut workspace = 0.0;
+    for step in 0..steps.max(1) {
+        model.zero_grad();
+        model.forward_backward(&tokens, &labels)?;
+        if step == 0 {
+            let grads = (model.params().numel() * 4) as f64;
+            workspace = (live_bytes() - live0 - grads).max(0.0);
+        }
+    }
     let rss_peak = status_bytes("VmHWM:").unwrap_or(f64::NAN);
     let live_peak = peak.read() - live0;
     drop(peak);

@@ -12,7 +12,8 @@ use anyhow::{bail, Context, Result};
 use tch::{Device, Kind};
 use ulysses::comm::LocalLaunch;
 use ulysses::cost::calibrate::{
-    curve, link_from_samples, measure_attention, measure_bandwidth, measure_comm, measure_matmul, CommSample,
+    curve, link_from_samples, measure_attention, measure_bandwidth, measure_comm, measure_matmul,
+    median_of_rounds, CommSample,
 };
 use ulysses::cost::hardware::{AttentionCurve, Device as DeviceSpec, DeviceKind, Efficiency, Network, Node};
 use ulysses::cost::Hardware;
@@ -43,6 +44,8 @@ const REPEAT_TOLERANCE: f64 = 0.15;
 
 /// Bytes per rank the collectives are timed at.
 const COMM_SIZES: [i64; 5] = [16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20];
+/// Rounds over every size (see `median_of_rounds`).
+const COMM_ROUNDS: usize = 3;
 const MARK: &str = "CALIBRATE_SAMPLE ";
 
 pub fn run(args: &CalibrateArgs) -> Result<()> {
@@ -110,12 +113,12 @@ pub fn run(args: &CalibrateArgs) -> Result<()> {
     say("norms, RoPE, adds, GELU, cross-entropy, ring merges (4096 tokens, h = 128)", started);
     let shapes = ulysses::cost::calibrate::OpShapes { tokens: 4096, h: 128, heads: 8, vocab: 256 };
     let memory_bound_ops = ulysses::cost::calibrate::measure_memory_bound_ops(shapes, bandwidth, 5)?;
-    say("the allocator on a reference step (tiny GPT, one device, N=4096)", started);
+    say("the allocator over four reference steps (tiny GPT, one device, N=4096)", started);
     // On a fresh thread, as a rank is: the kernel libraries' per-thread buffers appear in its
     // first step.
     let (workspace, slack) = std::thread::spawn(|| {
         tch::set_num_threads(1);
-        ulysses::cost::calibrate::measure_step_memory(4096)
+        ulysses::cost::calibrate::measure_step_memory(4096, 4)
     })
     .join()
     .map_err(|_| anyhow::anyhow!("the memory measurement panicked"))??;
@@ -203,7 +206,8 @@ pub fn run(args: &CalibrateArgs) -> Result<()> {
                   # measured on the machine named in [provenance], one libtorch thread per rank. The f32\n\
                   # \"peak\" is the best GEMM measured, not a datasheet figure; efficiencies are against it.\n\
                   # workspace_gib and allocator_slack come from a reference step (tiny GPT, one device,\n\
-                  # N=4096): what the first step allocates and keeps, and peak RSS / peak live bytes;\n\
+                  # N=4096): what the first step allocates and keeps, and peak RSS / peak live bytes over\n\
+                  # four steps above the built model, as a run measures a point's memory;\n\
                   # code_pages_gib from its first step in a fresh process (file-backed pages it maps in).\n";
     if let Some(dir) = args.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
@@ -218,10 +222,19 @@ pub fn run(args: &CalibrateArgs) -> Result<()> {
 fn local_samples() -> Result<Vec<CommSample>> {
     LocalLaunch::new(2)
         .timeout(Duration::from_secs(120))
-        .run(|ctx| measure_comm(ctx.world(), &COMM_SIZES, 11))?
+        .run(|ctx| comm_rounds(ctx.world()))?
         .into_iter()
         .next()
         .context("no rank reported")
+}
+
+/// Every collective at every size, `COMM_ROUNDS` times over, as one set of samples (the median
+/// of the rounds' medians of 11 calls).
+fn comm_rounds(group: &ulysses::comm::Group) -> ulysses::Result<Vec<CommSample>> {
+    let rounds = (0..COMM_ROUNDS)
+        .map(|_| measure_comm(group, &COMM_SIZES, 11))
+        .collect::<ulysses::Result<Vec<_>>>()?;
+    Ok(median_of_rounds(&rounds))
 }
 
 /// The samples behind a link, for the record.
@@ -304,7 +317,7 @@ fn mpi_samples() -> Result<Vec<CommSample>> {
 pub fn comm_rank() -> Result<()> {
     let samples = ulysses::comm::MpiLaunch::new().timeout(Duration::from_secs(120)).threads_per_rank(1).run(
         |ctx| -> Result<Option<Vec<CommSample>>> {
-            let s = measure_comm(ctx.world(), &COMM_SIZES, 11)?;
+            let s = comm_rounds(ctx.world())?;
             Ok((ctx.rank() == 0).then_some(s))
         },
     )?;
