@@ -88,6 +88,9 @@ pub struct Tape {
     /// Whether [`recomputable`](Tape::recomputable) ops keep only their inputs (selective
     /// activation recomputation).
     recompute: Cell<bool>,
+    /// Whether a caller may back-propagate through the autograd graphs of the ops run on this
+    /// tape (false only for [`forward_only`](Tape::forward_only)).
+    graphs: bool,
 }
 
 impl Default for Tape {
@@ -99,7 +102,12 @@ impl Default for Tape {
 impl Tape {
     /// A tape that records (for training steps).
     pub fn new() -> Tape {
-        Tape { records: RefCell::new(Vec::new()), recording: Cell::new(true), recompute: Cell::new(false) }
+        Tape {
+            records: RefCell::new(Vec::new()),
+            recording: Cell::new(true),
+            recompute: Cell::new(false),
+            graphs: true,
+        }
     }
 
     /// A tape that records nothing, for evaluation and for single-device code trained with an
@@ -108,7 +116,33 @@ impl Tape {
     /// one is an error naming the op, not a gradient silently missing upstream of it);
     /// [`backward`](Tape::backward) is an error.
     pub fn disabled() -> Tape {
-        Tape { records: RefCell::new(Vec::new()), recording: Cell::new(false), recompute: Cell::new(false) }
+        Tape {
+            records: RefCell::new(Vec::new()),
+            recording: Cell::new(false),
+            recompute: Cell::new(false),
+            graphs: true,
+        }
+    }
+
+    /// A tape for a forward whose results no backward will use, neither through a tape nor
+    /// through autograd: the first pass of a checkpointed block, run in grad mode so that it
+    /// picks the kernels its recomputation will, and detached at its end. It records nothing, as
+    /// [`disabled`](Tape::disabled), and ops that can may drop their autograd graphs as they go
+    /// (the tiled MLP drops each tile's), which a disabled tape's ops must keep for a
+    /// `loss.backward()`.
+    pub fn forward_only() -> Tape {
+        Tape {
+            records: RefCell::new(Vec::new()),
+            recording: Cell::new(false),
+            recompute: Cell::new(false),
+            graphs: false,
+        }
+    }
+
+    /// Whether the autograd graphs of ops run on this tape may be back-propagated through (and
+    /// must be kept): false only for [`forward_only`](Tape::forward_only).
+    pub fn keeps_graphs(&self) -> bool {
+        self.graphs
     }
 
     /// Whether ops are recorded.

@@ -149,10 +149,17 @@ impl Gpt {
         let out = tape.record(
             "checkpoint",
             &[x],
-            // The block without recording: its collectives run, its graph is dropped at once.
+            // The block without recording: its collectives run, its graph is dropped at once
+            // (a tiled MLP's tile by tile: no backward goes through this pass).
             |xs| {
                 Ok(vec![tch::with_grad(|| {
-                    first.0.block_forward(&Tape::disabled(), &first.1, &xs[0], first_packed.as_deref(), tile)
+                    first.0.block_forward(
+                        &Tape::forward_only(),
+                        &first.1,
+                        &xs[0],
+                        first_packed.as_deref(),
+                        tile,
+                    )
                 })?
                 .detach()])
             },

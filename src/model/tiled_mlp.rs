@@ -45,7 +45,8 @@ impl Mlp {
 }
 
 /// The MLP of `u`, `tile` tokens at a time, as one taped op that keeps only `u`; on a tape that
-/// does not record, the tiles go through autograd (the same values, none of the saving).
+/// does not record, the tiles go through autograd (the same values, none of the saving), and on
+/// a [forward-only](Tape::forward_only) one each tile's graph is dropped once it is done.
 ///
 /// # Shapes
 /// `u`: `[b, s, h]` (the second norm's output) -> `[b, s, h]`.
@@ -67,9 +68,15 @@ pub(super) fn tiled_mlp(tape: &Tape, mlp: Mlp, u: &Tensor, tile: i64) -> Result<
     let tiles: Vec<(i64, i64)> =
         (0..b * s).step_by(tile as usize).map(|a| (a, tile.min(b * s - a))).collect();
     if !tape.is_recording() {
+        // A forward-only tape (a checkpointed block's first pass): each tile's graph dropped as
+        // soon as it is done, or every tile's intermediates would live until the block's end.
+        let graphs = tape.keeps_graphs();
         let parts = tiles
             .iter()
-            .map(|&(a, n)| mlp.forward(&flat.f_narrow(0, a, n).op(OP)?))
+            .map(|&(a, n)| {
+                let y = mlp.forward(&flat.f_narrow(0, a, n).op(OP)?)?;
+                Ok(if graphs { y } else { y.detach() })
+            })
             .collect::<Result<Vec<_>>>()?;
         return Tensor::f_cat(&parts, 0).and_then(|y| y.f_reshape([b, s, h])).op(OP);
     }
