@@ -135,6 +135,22 @@ impl Trainer {
         Ok(Trainer { model, cfg, zero, groups, states, step: 0, updates: 0, scaler })
     }
 
+    /// Calls `observer` at every unit boundary of the steps to come, after ZeRO's hooks if it
+    /// has any (a [`MemoryTimeline`](super::MemoryTimeline)'s [`PhaseMarker`](super::PhaseMarker),
+    /// or any other [`BlockHooks`]). It sees the forward and backward of each block and of the
+    /// outer unit; it changes no numbers and sends nothing.
+    pub fn observe(&mut self, observer: Rc<dyn BlockHooks>) {
+        let hooks: Rc<dyn BlockHooks> = if self.zero.needs_hooks() {
+            Rc::new(super::timeline::Chained {
+                first: Rc::clone(&self.zero) as Rc<dyn BlockHooks>,
+                then: observer,
+            })
+        } else {
+            observer
+        };
+        self.model.set_hooks(Some(hooks));
+    }
+
     pub fn model(&self) -> &Gpt {
         &self.model
     }

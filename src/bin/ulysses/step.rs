@@ -8,7 +8,10 @@ use anyhow::{ensure, Result};
 use tch::{Device, Kind, Tensor};
 use ulysses::comm::{Mesh, MeshShape};
 use ulysses::data::shard;
-use ulysses::train::{AdamWConfig, Checkpointing, Precision, TrainConfig, TrainGroups, Trainer, ZeroStage};
+use ulysses::train::{
+    AdamWConfig, Checkpointing, MemoryTimeline, Precision, Timeline, TrainConfig, TrainGroups, Trainer,
+    ZeroStage,
+};
 
 use crate::args::{AttentionArgs, MemoryArgs};
 use crate::ranks::{on_ranks, BackendArg};
@@ -77,6 +80,12 @@ pub struct StepArgs {
     /// overlap), for comparison.
     #[arg(long)]
     no_overlap: bool,
+    /// Write a memory timeline of the steps (warm-up included) to this CSV file: the allocator's
+    /// live bytes above the built model every 200 us, each sample labelled with rank 0's phase
+    /// (the forward or backward of a block, of the head and loss, the reductions and update),
+    /// and print where the peak lies.
+    #[arg(long)]
+    memory_timeline: Option<std::path::PathBuf>,
 }
 
 /// The median of `v`.
@@ -163,6 +172,12 @@ pub fn run(a: &StepArgs) -> Result<()> {
                 Ok(shard(&tokens, &layout, sp_rank)?)
             })
             .collect::<Result<Vec<_>>>()?;
+        // The timeline samples the process (every rank, as threads) with rank 0's phases.
+        let timeline = (a.memory_timeline.is_some() && ctx.rank() == 0).then(|| {
+            let t = MemoryTimeline::start(std::time::Duration::from_micros(200));
+            trainer.observe(std::rc::Rc::new(t.marker()));
+            t
+        });
         let mut step = || -> Result<f64> { Ok(trainer.step(&batches)?.loss) };
         // The process's memory once every rank has built its model: parameters, optimizer
         // state and data; the peak counts from here (building holds transient copies).
@@ -197,6 +212,9 @@ pub fn run(a: &StepArgs) -> Result<()> {
         let params = trainer.model().params().numel() as f64;
         // The most bytes offload held off the device at once (0 without offload).
         let held = trainer.model().offload().map_or(0, |o| o.stats().peak_held_bytes) as f64;
+        if let (Some(t), Some(path), Some((_, base))) = (timeline, &a.memory_timeline, &live) {
+            report_timeline(&t.finish(), *base, path)?;
+        }
         let live_peak = live.map_or(f64::NAN, |(sampler, base)| (sampler.read() - base) / (1 << 20) as f64);
         let mut out = vec![loss, base, peak, sent as f64, params, start, after, held, live_peak];
         out.extend(times);
@@ -239,5 +257,31 @@ pub fn run(a: &StepArgs) -> Result<()> {
         !a.no_overlap,
         max(7) / (1 << 20) as f64,
     );
+    Ok(())
+}
+
+/// Writes the timeline's CSV and prints its peak and the phases with the most live bytes (MiB
+/// above `base`, the live bytes once the models were built).
+fn report_timeline(t: &Timeline, base: f64, path: &std::path::Path) -> Result<()> {
+    use anyhow::Context;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(path, t.to_csv(base)).with_context(|| format!("cannot write {}", path.display()))?;
+    let mib = |b: f64| (b - base) / (1 << 20) as f64;
+    if let Some((s, phase)) = t.peak() {
+        println!(
+            "memory timeline: {} samples -> {}; peak {:.1} MiB live above the built model (the process) at {:.0} ms, in {phase}",
+            t.samples.len(),
+            path.display(),
+            mib(s.live_bytes),
+            s.t_ms
+        );
+    }
+    let mut phases = t.by_phase();
+    phases.sort_by(|x, y| y.1.total_cmp(&x.1));
+    for (name, most, n) in phases.iter().take(6) {
+        println!("  {:>8.1} MiB at most in {name} ({n} samples)", mib(*most));
+    }
     Ok(())
 }
