@@ -100,14 +100,18 @@ impl Default for Tape {
 }
 
 impl Tape {
-    /// A tape that records (for training steps).
-    pub fn new() -> Tape {
+    fn with(recording: bool, graphs: bool) -> Tape {
         Tape {
             records: RefCell::new(Vec::new()),
-            recording: Cell::new(true),
+            recording: Cell::new(recording),
             recompute: Cell::new(false),
-            graphs: true,
+            graphs,
         }
+    }
+
+    /// A tape that records (for training steps).
+    pub fn new() -> Tape {
+        Tape::with(true, true)
     }
 
     /// A tape that records nothing, for evaluation and for single-device code trained with an
@@ -116,12 +120,7 @@ impl Tape {
     /// one is an error naming the op, not a gradient silently missing upstream of it);
     /// [`backward`](Tape::backward) is an error.
     pub fn disabled() -> Tape {
-        Tape {
-            records: RefCell::new(Vec::new()),
-            recording: Cell::new(false),
-            recompute: Cell::new(false),
-            graphs: true,
-        }
+        Tape::with(false, true)
     }
 
     /// A tape for a forward whose results no backward will use, neither through a tape nor
@@ -131,12 +130,7 @@ impl Tape {
     /// (the tiled MLP drops each tile's), which a disabled tape's ops must keep for a
     /// `loss.backward()`.
     pub fn forward_only() -> Tape {
-        Tape {
-            records: RefCell::new(Vec::new()),
-            recording: Cell::new(false),
-            recompute: Cell::new(false),
-            graphs: false,
-        }
+        Tape::with(false, false)
     }
 
     /// Whether the autograd graphs of ops run on this tape may be back-propagated through (and

@@ -227,34 +227,6 @@ impl BlockHooks for PhaseMarker {
     }
 }
 
-/// Two sets of hooks called one after the other (ZeRO's, then an observer's).
-pub(super) struct Chained {
-    pub first: std::rc::Rc<dyn BlockHooks>,
-    pub then: std::rc::Rc<dyn BlockHooks>,
-}
-
-impl BlockHooks for Chained {
-    fn before_forward(&self, unit: Unit) -> Result<()> {
-        self.first.before_forward(unit)?;
-        self.then.before_forward(unit)
-    }
-
-    fn after_forward(&self, unit: Unit) -> Result<()> {
-        self.first.after_forward(unit)?;
-        self.then.after_forward(unit)
-    }
-
-    fn before_backward(&self, unit: Unit) -> Result<()> {
-        self.first.before_backward(unit)?;
-        self.then.before_backward(unit)
-    }
-
-    fn after_backward(&self, unit: Unit) -> Result<()> {
-        self.first.after_backward(unit)?;
-        self.then.after_backward(unit)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

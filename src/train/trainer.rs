@@ -20,7 +20,7 @@ use crate::autograd::Tape;
 use crate::comm::{Group, Mesh, ReduceOp};
 use crate::data::Shard;
 use crate::error::TorchResultExt;
-use crate::model::{BlockHooks, ForwardOptions, Gpt, Loss};
+use crate::model::{BlockHooks, ForwardOptions, Gpt, Loss, Unit};
 use crate::{Error, Result};
 
 /// Elements the optimizer and the norm computation handle at a time: their temporaries (a few
@@ -141,10 +141,7 @@ impl Trainer {
     /// outer unit; it changes no numbers and sends nothing.
     pub fn observe(&mut self, observer: Rc<dyn BlockHooks>) {
         let hooks: Rc<dyn BlockHooks> = if self.zero.needs_hooks() {
-            Rc::new(super::timeline::Chained {
-                first: Rc::clone(&self.zero) as Rc<dyn BlockHooks>,
-                then: observer,
-            })
+            Rc::new(Chained { first: Rc::clone(&self.zero) as Rc<dyn BlockHooks>, then: observer })
         } else {
             observer
         };
@@ -353,5 +350,33 @@ impl Trainer {
     /// The dtype of master weights and moments.
     pub fn state_kind(&self) -> tch::Kind {
         state_kind(self.cfg.precision)
+    }
+}
+
+/// Two sets of hooks called one after the other (ZeRO's, then an observer's).
+struct Chained {
+    first: Rc<dyn BlockHooks>,
+    then: Rc<dyn BlockHooks>,
+}
+
+impl BlockHooks for Chained {
+    fn before_forward(&self, unit: Unit) -> Result<()> {
+        self.first.before_forward(unit)?;
+        self.then.before_forward(unit)
+    }
+
+    fn after_forward(&self, unit: Unit) -> Result<()> {
+        self.first.after_forward(unit)?;
+        self.then.after_forward(unit)
+    }
+
+    fn before_backward(&self, unit: Unit) -> Result<()> {
+        self.first.before_backward(unit)?;
+        self.then.before_backward(unit)
+    }
+
+    fn after_backward(&self, unit: Unit) -> Result<()> {
+        self.first.after_backward(unit)?;
+        self.then.after_backward(unit)
     }
 }

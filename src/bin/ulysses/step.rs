@@ -188,9 +188,10 @@ pub fn run(a: &StepArgs) -> Result<()> {
         world.barrier()?;
         let base = status_mib("VmRSS:").unwrap_or(f64::NAN);
         // The allocator's live bytes too (the host's counterpart of a GPU allocator's peak): one
-        // sampler per process, from here to the end of the steps.
+        // sampler per process, from here to the end of the steps (the timeline's, where it runs).
         let live = (a.backend == BackendArg::Mpi || ctx.rank() == 0).then(|| {
-            (LivePeak::start(std::time::Duration::from_micros(200)), ulysses::cost::calibrate::live_bytes())
+            let sampler = timeline.is_none().then(|| LivePeak::start(std::time::Duration::from_micros(200)));
+            (sampler, ulysses::cost::calibrate::live_bytes())
         });
         world.barrier()?;
         step()?; // warm-up
@@ -212,10 +213,18 @@ pub fn run(a: &StepArgs) -> Result<()> {
         let params = trainer.model().params().numel() as f64;
         // The most bytes offload held off the device at once (0 without offload).
         let held = trainer.model().offload().map_or(0, |o| o.stats().peak_held_bytes) as f64;
-        if let (Some(t), Some(path), Some((_, base))) = (timeline, &a.memory_timeline, &live) {
-            report_timeline(&t.finish(), *base, path)?;
-        }
-        let live_peak = live.map_or(f64::NAN, |(sampler, base)| (sampler.read() - base) / (1 << 20) as f64);
+        let live_peak_bytes = match (timeline, &live) {
+            (Some(t), Some((_, base))) => {
+                let t = t.finish();
+                if let Some(path) = &a.memory_timeline {
+                    report_timeline(&t, *base, path)?;
+                }
+                t.peak().map_or(f64::NAN, |(s, _)| s.live_bytes)
+            }
+            (_, Some((Some(sampler), _))) => sampler.read(),
+            _ => f64::NAN,
+        };
+        let live_peak = live.map_or(f64::NAN, |(_, base)| (live_peak_bytes - base) / (1 << 20) as f64);
         let mut out = vec![loss, base, peak, sent as f64, params, start, after, held, live_peak];
         out.extend(times);
         Ok(out)
