@@ -497,6 +497,66 @@ fn bands_bound_the_central_prediction() -> Result<()> {
     Ok(())
 }
 
+/// Seconds of `p`'s fused attention kernels.
+fn attention_s(p: &ulysses::cost::Prediction) -> f64 {
+    p.compute.iter().filter(|c| c.1 == ulysses::cost::work::OpClass::Attention).map(|c| c.2).sum()
+}
+
+#[test]
+fn few_heads_after_the_split_leave_the_sms_idle_that_the_grid_leaves() -> Result<()> {
+    // 7B: 32 heads of 128. The paper's software (Triton FlashAttention: a CTA per 128 rows
+    // forward, per 128 keys backward, one per SM) on an A100 (108 SMs), against the same machine
+    // without SMs named (no grid factor): the ratio of the attention kernels' time is the grid's
+    // factor alone, every other input equal.
+    let sw = Software::load("megatron-deepspeed-2023")?;
+    let a100 = Hardware::load("dgx-a100-40gb")?.with_software(&sw, Band::Central)?;
+    ensure!(a100.device.sm_count == 108);
+    let mut no_grid = a100.clone();
+    no_grid.device.sm_count = 0;
+    let cfg = GptConfig::preset("6.7b")?;
+    for (ranks, seq, lo, hi, why) in [
+        // One head per GPU at 8K, b = 1: forward 64 CTAs of 1..64 key blocks on 108 SMs, all
+        // started at once and done when the longest is, 2080 / (108 x 64) = 0.30 busy; the
+        // backward the same; the reference grid (16K tokens: 2 x 16 lanes) keeps them ~all busy.
+        (32, 8192, 0.28, 0.33, "one head at 8K"),
+        // Sixteen heads per GPU: 16 x 64 = 1024 CTAs, the reference's kind of grid.
+        (2, 8192, 0.95, 1.05, "sixteen heads at 8K"),
+        // One head at 256K: 2048 CTAs a lane, many waves: the long sequence fills the GPU.
+        (32, 262_144, 0.95, 1.05, "one head at 256K"),
+    ] {
+        let job = Job { micro_batch: 1, ..Job::new(cfg.clone(), StrategyConfig::Ulysses, ranks, seq) };
+        let factor = attention_s(&predict(&job, &no_grid)?) / attention_s(&predict(&job, &a100)?);
+        ensure!(
+            factor >= lo && factor <= hi,
+            "{why}: attention runs at {factor} of the reference grid's speed"
+        );
+        // The optimistic end takes no loss; the pessimistic end the simulated one.
+        let high = attention_s(&predict(&job, &no_grid.at_band(Band::High))?)
+            / attention_s(&predict(&job, &a100.at_band(Band::High))?);
+        ensure!((high - factor.max(1.0)).abs() < 1e-9, "{why}: high band factor {high} vs central {factor}");
+        let low = attention_s(&predict(&job, &no_grid.at_band(Band::Low))?)
+            / attention_s(&predict(&job, &a100.at_band(Band::Low))?);
+        ensure!((low - factor).abs() < 1e-9, "{why}: low band factor {low} vs central {factor}");
+    }
+    // A baseline on the math kernel names no grid; a CPU names no SMs, so the measured
+    // profile's grid (for a GPU's calibration) changes nothing there.
+    ensure!(Software::load("megatron-lm-2023")?.attention_grid.is_none());
+    let measured = Software::load("measured")?;
+    ensure!(measured.attention_grid.is_some());
+    let gridless = Software { attention_grid: None, ..measured.clone() };
+    let cpu = Hardware::load("cpu-2core")?;
+    let job = Job {
+        micro_batch: 1,
+        precision: Precision::F32,
+        backend: "local".into(),
+        ..Job::new(GptConfig::tiny(), StrategyConfig::Ulysses, 4, 2048)
+    };
+    let with = attention_s(&predict(&job, &cpu.with_software(&measured, Band::Central)?)?);
+    let without = attention_s(&predict(&job, &cpu.with_software(&gridless, Band::Central)?)?);
+    ensure!(with == without && with > 0.0, "{with} s with the grid, {without} s without");
+    Ok(())
+}
+
 /// Seconds of the ZeRO-3 collectives of `p` in one pass, and what of them is exposed.
 fn zero3_pass(p: &ulysses::cost::Prediction, forward: bool) -> (f64, f64) {
     let in_pass = |c: &&ulysses::cost::step::CommTime| {
@@ -625,10 +685,33 @@ fn the_frameworks_time_per_layer_is_counted_once_per_layer_pass() -> Result<()> 
             ensure!((got - want).abs() <= 1e-12 * want, "{}: {got} s vs {want} s", job.describe());
         }
     }
-    // A GPU launches ahead of its kernels: no such term on the datasheet presets.
+    // A GPU launches ahead of its kernels: no such term on the datasheet presets (not measured)...
     let a100 = Hardware::load("dgx-a100-40gb")?;
     let p = predict(&Job::new(GptConfig::preset("1.3b")?, StrategyConfig::Ulysses, 8, 8192), &a100)?;
     ensure!(p.compute.iter().filter(|c| c.0 == "framework dispatch (per layer)").all(|c| c.2 == 0.0));
+    // ... and where measured, the host's launches overlap the kernels: the step shows only what
+    // the launches take beyond the kernels, nothing where the kernels take longer.
+    let mut launched = a100.clone();
+    launched.efficiency.layer_overhead_us = 2000.0;
+    for (cfg, seq, exposed) in [(GptConfig::tiny(), 256, true), (GptConfig::preset("1.3b")?, 8192, false)] {
+        let job = Job::new(cfg, StrategyConfig::Single, 1, seq);
+        let p = predict(&job, &launched)?;
+        let dispatch: f64 =
+            p.compute.iter().filter(|c| c.0 == "framework dispatch (per layer)").map(|c| c.2).sum();
+        let kernels: f64 =
+            p.compute.iter().filter(|c| c.0 != "framework dispatch (per layer)").map(|c| c.2).sum();
+        let host = job.model.n_layer as f64 * 4.0 / 3.0 * 2000e-6;
+        ensure!(
+            (dispatch - (host - kernels).max(0.0)).abs() <= 1e-12 * host,
+            "{}: dispatch {dispatch} s shown, launches {host} s, kernels {kernels} s",
+            job.describe()
+        );
+        ensure!(
+            (dispatch > 0.0) == exposed,
+            "{}: dispatch {dispatch} s, kernels {kernels} s",
+            job.describe()
+        );
+    }
     // Measured on this machine: 2 and 6 layers at 8 tokens differ by a positive time per layer
     // (6 layers are three times the dispatch of 2; the pairs are timed in turn, so load from
     // elsewhere slows both). Its size is calibration's to say (`ulysses calibrate`), not this

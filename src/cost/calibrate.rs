@@ -9,8 +9,8 @@ use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
 pub use super::calibrate_host::{
-    live_bytes, measure_first_step_pages, measure_layer_overhead, measure_memory_bound_ops,
-    measure_step_memory, LivePeak, OpShapes,
+    live_bytes, measure_first_step_pages, measure_layer_overhead, measure_layer_overhead_on,
+    measure_memory_bound_ops, measure_step_memory, LivePeak, OpShapes,
 };
 use crate::comm::{Group, OpKind, ReduceOp};
 use crate::error::TorchResultExt;

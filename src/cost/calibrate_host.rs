@@ -31,6 +31,16 @@ fn status_bytes(field: &str) -> Option<f64> {
 /// A reference training step's parts: the GPT of `cfg` on one device in f32, `n` tokens of one
 /// sequence, and their labels.
 fn reference_step(cfg: crate::model::GptConfig, n: i64) -> Result<(crate::model::Gpt, Tensor, Tensor)> {
+    reference_step_on(cfg, n, Device::Cpu, Kind::Float)
+}
+
+/// [`reference_step`] on `device` in `kind`.
+fn reference_step_on(
+    cfg: crate::model::GptConfig,
+    n: i64,
+    device: Device,
+    kind: Kind,
+) -> Result<(crate::model::Gpt, Tensor, Tensor)> {
     use crate::attention::{AttentionConfig, SingleDevice};
     use crate::model::{shift_labels, Gpt};
 
@@ -38,10 +48,10 @@ fn reference_step(cfg: crate::model::GptConfig, n: i64) -> Result<(crate::model:
     let model = Gpt::new(
         &cfg,
         Box::new(SingleDevice::new(attention.build()?, n, cfg.n_head, cfg.n_kv_head)?),
-        Kind::Float,
-        Device::Cpu,
+        kind,
+        device,
     )?;
-    let tokens = Tensor::f_arange(n, (Kind::Int64, Device::Cpu))
+    let tokens = Tensor::f_arange(n, (Kind::Int64, device))
         .and_then(|t| t.f_remainder(cfg.vocab_size))
         .and_then(|t| t.f_reshape([1, n]))
         .op("calibrate")?;
@@ -168,15 +178,25 @@ pub fn measure_first_step_pages(n: i64) -> Result<f64> {
 /// seconds. What it measures is dispatch (libtorch's dispatcher, autograd's graph), not
 /// arithmetic: a layer at 8 tokens is some 0.2 MFLOP forward and backward.
 pub fn measure_layer_overhead(runs: usize) -> Result<f64> {
+    measure_layer_overhead_on(Device::Cpu, Kind::Float, &|| {}, runs)
+}
+
+/// [`measure_layer_overhead`] on `device` in `kind`, `sync` after each step (a CUDA device:
+/// the step's kernels at 8 tokens take microseconds, so what the host needs to launch them is
+/// what the time per layer measures).
+pub fn measure_layer_overhead_on(device: Device, kind: Kind, sync: &dyn Fn(), runs: usize) -> Result<f64> {
     use crate::model::GptConfig;
 
     let n = 8;
-    let build = |layers: i64| reference_step(GptConfig { n_layer: layers, ..GptConfig::tiny() }, n);
+    let build =
+        |layers: i64| reference_step_on(GptConfig { n_layer: layers, ..GptConfig::tiny() }, n, device, kind);
     let (two, six) = (build(2)?, build(6)?);
     let step = |(model, tokens, labels): &(crate::model::Gpt, Tensor, Tensor)| -> Result<f64> {
         model.zero_grad();
+        sync();
         let t = std::time::Instant::now();
         model.forward_backward(tokens, labels)?;
+        sync();
         Ok(t.elapsed().as_secs_f64())
     };
     step(&two)?;

@@ -188,6 +188,14 @@ pub struct Device {
     pub allocator_slack: f64,
     /// Memory bandwidth (GB/s, 1e9 bytes).
     pub memory_bandwidth_gbs: f64,
+    /// Streaming multiprocessors (a GPU): how many of a fused attention kernel's thread blocks
+    /// run at once ([`super::occupancy`]); 0 for a CPU (no such factor).
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub sm_count: u32,
+}
+
+fn is_zero_u32(v: &u32) -> bool {
+    *v == 0
 }
 
 /// A node: devices sharing a fast intra-node link.
@@ -227,7 +235,8 @@ pub struct Efficiency {
     /// The framework's own time per transformer layer per forward + backward, whatever the
     /// size: dispatching the layer's hundred-odd ops (libtorch's dispatcher and autograd on a
     /// CPU), in microseconds. Measured by `ulysses calibrate` on a reference step at negligible
-    /// size; 0 where not measured (a GPU launches asynchronously, ahead of its kernels).
+    /// size; on a GPU by `ulysses-gpu --calibrate` (the host's time to launch a layer's
+    /// kernels, which overlaps them: it counts where it exceeds them); 0 where not measured.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub layer_overhead_us: f64,
 }
@@ -490,6 +499,23 @@ impl Hardware {
     pub fn attention_efficiency(&self, head_dim: i64, seq: f64, causal: bool) -> f64 {
         let scale = self.applied.software.as_ref().map_or(1.0, |s| self.applied.band.pick(s.attention_band));
         (self.attention_curve_value(head_dim, seq, causal) * scale).min(1.0)
+    }
+
+    /// The time factor of an attention kernel call's grid on this device's SMs against the grid
+    /// its efficiency was measured on ([`super::occupancy::occupancy`]): the simulated schedule
+    /// at the central and pessimistic ends; at the optimistic end no loss (an SM left with fewer
+    /// thread blocks than its share may run them faster, up to the published rate). 1 without
+    /// SMs, without a call, or where the software names no kernel grid.
+    pub fn attention_occupancy(&self, call: Option<super::occupancy::Call>, head_dim: i64) -> f64 {
+        let grid = self.applied.software.as_ref().and_then(|s| s.attention_grid.as_ref());
+        let (Some(call), Some(grid)) = (call, grid) else {
+            return 1.0;
+        };
+        let f = super::occupancy::occupancy(grid, call, head_dim, self.device.sm_count);
+        match self.applied.band {
+            Band::High => f.max(1.0),
+            Band::Central | Band::Low => f,
+        }
     }
 
     fn attention_curve_value(&self, head_dim: i64, seq: f64, causal: bool) -> f64 {

@@ -17,6 +17,7 @@
 //!   conventions, MFU, memory by component, fits or not;
 //! - [`search`]: the best setting that fits (the paper ran each system "at its best"), and the
 //!   longest sequence that fits;
+//! - [`occupancy`]: how full a fused attention kernel's grid keeps a GPU's SMs;
 //! - [`hardware`]: machines as data, checked field by field;
 //! - [`calibrate`]: measuring this machine's kernels and links into a hardware file.
 //!
@@ -31,6 +32,7 @@ pub mod hardware;
 mod hardware_check;
 pub mod memory;
 pub mod network;
+pub mod occupancy;
 pub mod search;
 pub mod software;
 pub mod step;

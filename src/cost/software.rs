@@ -11,6 +11,8 @@
 //!   curves keeps the hardware file's (measured by `ulysses calibrate`);
 //! - the band of those curves: multipliers giving the pessimistic and optimistic ends of the
 //!   range the source states;
+//! - the attention kernel's grid (its thread blocks, and the grid its curves were measured on):
+//!   how full a call with few heads keeps a GPU's SMs ([`super::occupancy`]);
 //! - how the framework overlaps ZeRO-3's parameter gathers with compute (DeepSpeed's prefetch);
 //! - for a baseline system (Megatron-LM as of 2023): what it runs differently from this
 //!   toolkit's strategy of the same name (its attention kernel, where its tensor parallelism
@@ -29,6 +31,7 @@ use crate::train::{Checkpointing, ZeroStage};
 use crate::{Error, Result};
 
 use super::hardware::{preset_or_file, AttentionCurve};
+use super::occupancy::KernelGrid;
 
 /// The presets shipped in `software/` (compiled in, so they work from any directory).
 const PRESETS: [(&str, &str); 6] = [
@@ -94,6 +97,11 @@ pub struct Software {
     /// source's range. Default [1, 1] (a measured curve).
     #[serde(default = "unit")]
     pub attention_band: [f64; 2],
+    /// The fused attention kernel's grid, and the grid its curves were measured on: how full a
+    /// call with few heads keeps a GPU ([`super::occupancy`]); absent: no such factor (a
+    /// CPU's kernels, a baseline on the math kernel).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_grid: Option<KernelGrid>,
     /// ZeRO-3 parameter prefetch as the framework runs it; absent: this toolkit's trainer
     /// (gathers on the critical path unless the job asks for overlap).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -218,6 +226,9 @@ impl Software {
             if c.points.is_empty() {
                 return Err(format!("{field} needs at least one point"));
             }
+        }
+        if let Some(g) = &self.attention_grid {
+            g.validate()?;
         }
         if let Some(z) = &self.zero3 {
             if !(z.prefetch_bucket_elems.is_finite() && z.prefetch_bucket_elems >= 0.0) {

@@ -294,7 +294,9 @@ pub fn predict(job: &Job, hw: &Hardware) -> Result<Prediction> {
                 OpClass::Matmul => term.flops / (peak * hw.matmul_efficiency(term.size)),
                 OpClass::Attention => {
                     term.flops
-                        / (peak * hw.attention_efficiency(term.head_dim, term.size, term.op == "causal"))
+                        / (peak
+                            * hw.attention_efficiency(term.head_dim, term.size, term.op == "causal")
+                            * hw.attention_occupancy(term.call, term.head_dim))
                 }
                 OpClass::MemoryBound => term.bytes / (bw * hw.memory_bound_efficiency(term.op)),
                 OpClass::Overhead => term.size * hw.efficiency.layer_overhead_us * 1e-6,
@@ -303,6 +305,14 @@ pub fn predict(job: &Job, hw: &Hardware) -> Result<Prediction> {
                 step_terms += s;
             }
             compute.push((term.name, term.class, if term.per_step { s } else { s * accum }));
+        }
+        // A GPU runs its kernels while the host launches the next ones (asynchronously): the
+        // framework's dispatch shows only where it takes longer than the kernels it launches.
+        if !cpu {
+            let kernels: f64 = compute.iter().filter(|c| c.1 != OpClass::Overhead).map(|c| c.2).sum();
+            for c in compute.iter_mut().filter(|c| c.1 == OpClass::Overhead) {
+                c.2 = (c.2 - kernels).max(0.0);
+            }
         }
         per_rank.push((compute, step_terms));
     }

@@ -15,6 +15,7 @@ use crate::Result;
 
 use super::flops::{attention_work, AttnImpl, Kernels};
 use super::memory::params_on_rank;
+use super::occupancy::Call;
 use super::Job;
 
 /// What limits a term's speed.
@@ -59,6 +60,8 @@ pub struct ComputeTerm {
     pub op: &'static str,
     /// Once per optimizer step rather than per micro-step (the update, the reduction).
     pub per_step: bool,
+    /// The shape of one kernel call (fused attention), for how full its grid keeps a GPU.
+    pub call: Option<Call>,
 }
 
 /// Passes over the elements of one op, forward and backward, as this toolkit runs it (a pass
@@ -103,6 +106,7 @@ fn gemm(name: &'static str, m: f64, k: f64, n: f64, passes: f64) -> ComputeTerm 
         head_dim: 0,
         op: "matmul",
         per_step: false,
+        call: None,
     }
 }
 
@@ -116,6 +120,7 @@ fn traffic(name: &'static str, op: &'static str, bytes: f64) -> ComputeTerm {
         head_dim: 0,
         op,
         per_step: false,
+        call: None,
     }
 }
 
@@ -162,6 +167,9 @@ pub fn rank_work(job: &Job, r: usize, device: impl Into<Kernels>) -> Result<Vec<
                 ("attention (unmasked blocks)", a.visible - a.causal, false),
             ] {
                 if pairs > 0.0 {
+                    // A causal call is a diagonal block (rows and keys the same span).
+                    let rows = if causal { a.keys.min(a.rows) } else { a.rows };
+                    let keys = if causal { rows } else { a.keys };
                     terms.push(ComputeTerm {
                         name,
                         class: OpClass::Attention,
@@ -171,6 +179,7 @@ pub fn rank_work(job: &Job, r: usize, device: impl Into<Kernels>) -> Result<Vec<
                         head_dim: a.head_dim,
                         op: if causal { "causal" } else { "unmasked" },
                         per_step: false,
+                        call: Some(Call { rows, keys, lanes: heads, causal, forwards: att_passes - 2.0 }),
                     });
                 }
             }
@@ -188,6 +197,7 @@ pub fn rank_work(job: &Job, r: usize, device: impl Into<Kernels>) -> Result<Vec<
                 head_dim: 0,
                 op: "matmul",
                 per_step: false,
+                call: None,
             });
             terms.push(traffic("attention softmax and mask", "copy", 12.0 * a.computed * heads * 4.0 * l));
         }
@@ -263,6 +273,7 @@ pub fn rank_work(job: &Job, r: usize, device: impl Into<Kernels>) -> Result<Vec<
         head_dim: 0,
         op: "dispatch",
         per_step: false,
+        call: None,
     });
     // Once per micro-step: loss over the vocabulary (f32 log-softmax, its backward, the cast),
     // the embedding and its gradient, gradient accumulation into .grad.

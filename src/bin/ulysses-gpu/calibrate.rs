@@ -1,6 +1,6 @@
 //! `ulysses-gpu --calibrate FILE`: this GPU measured for the cost model (bf16 GEMMs of the 1.3B
 //! model's shapes and squares, flash attention forward + backward at head sizes 64 and 128 from
-//! 1K to 32K tokens, HBM bandwidth) into a hardware file: the h200 preset's datasheet peaks and
+//! 1K to 32K tokens, HBM bandwidth, the host's time to launch a layer) into a hardware file: the h200 preset's datasheet peaks and
 //! links, the measured efficiencies, its provenance. And the cost model's step time and peak
 //! memory for the layer stacks [`crate::perf::gpt_stack`] measures, to print beside the
 //! measurement.
@@ -10,7 +10,9 @@ use std::path::Path;
 use anyhow::Result;
 use tch::Kind;
 use ulysses::attention::{AttentionConfig, Kernel, Mask, StrategyConfig};
-use ulysses::cost::calibrate::{curve, measure_attention, measure_bandwidth, measure_matmul};
+use ulysses::cost::calibrate::{
+    curve, measure_attention, measure_bandwidth, measure_layer_overhead_on, measure_matmul,
+};
 use ulysses::cost::hardware::AttentionCurve;
 use ulysses::cost::{predict, Hardware, Job};
 use ulysses::model::GptConfig;
@@ -47,6 +49,8 @@ pub fn calibrate(out: &Path) -> Result<Hardware> {
     }
     let bw = measure_bandwidth(GPU, Kind::BFloat16, 1 << 30, 10, &synced)?;
     hw.efficiency.memory_bound = (bw / (hw.device.memory_bandwidth_gbs * 1e9)).min(1.0);
+    // The host's time to launch a layer's kernels (the tiny GPT at 8 tokens: microsecond kernels).
+    hw.efficiency.layer_overhead_us = measure_layer_overhead_on(GPU, Kind::BFloat16, &synced, 31)? * 1e6;
     hw.name = "h200-measured".into();
     hw.description =
         "One H200 measured by ulysses-gpu --calibrate (datasheet peaks and links from h200.toml)".into();
@@ -56,7 +60,11 @@ pub fn calibrate(out: &Path) -> Result<Hardware> {
             ("unix_time", secs.to_string()),
             ("command", std::env::args().collect::<Vec<_>>().join(" ")),
             ("cuda_devices", devices.to_string()),
-            ("measured", "matmul, attention and memory_bound efficiencies; the rest is h200.toml".into()),
+            (
+                "measured",
+                "matmul, attention and memory_bound efficiencies, layer_overhead_us; the rest is h200.toml"
+                    .into(),
+            ),
             ("libtorch", "2.11.0".into()),
         ]
         .into_iter()

@@ -183,6 +183,8 @@ pub fn run(args: &CalibrateArgs) -> Result<()> {
             code_pages_gib: code_pages / gib,
             allocator_slack: slack,
             memory_bandwidth_gbs: bandwidth / 1e9,
+            // A CPU: no streaming multiprocessors for a kernel's grid to leave idle.
+            sm_count: 0,
         },
         // All ranks of a CPU job share this machine: many rank slots, `cores` compute at once.
         node: Node { devices_per_node: 1024, compute_slots: cores, shared_memory: true },
