@@ -9,7 +9,10 @@
 //!
 //! Run: `cargo bench --features mpi --bench cost_model` (`-- local` or `-- mpi` for one
 //! backend, `-- --hardware FILE` for another file: given several times, each file gets its own
-//! table from the same measured runs). Writes `results/cost_validation/`.
+//! table from the same measured runs). It first calibrates this machine as it is now
+//! (`ulysses calibrate`, into `results/cost_validation/calibrated-now.toml`) and predicts from
+//! that file too, in a table of its own (`-- --no-calibrate-now` leaves it out). Writes
+//! `results/cost_validation/`.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -90,14 +93,29 @@ fn main() -> Result<()> {
     if hw_paths.is_empty() {
         hw_paths.push(ulysses::cost::hardware::cpu_preset_for_host().to_string());
     }
+    let out = repo.join("results/cost_validation");
+    std::fs::create_dir_all(&out)?;
+    // This machine as it is now: a calibration right before the runs, its own table beside the
+    // committed file's (this VM's speed drifts by tens of percent within a day; the file made
+    // now says how much of a miss is drift). Its inputs are measured before any run it predicts.
+    if !args.iter().any(|a| a == "--no-calibrate-now") {
+        let now = out.join("calibrated-now.toml");
+        let status = std::process::Command::new(env!("CARGO_BIN_EXE_ulysses"))
+            .args(["calibrate", "--name", "calibrated-now", "--out"])
+            .arg(&now)
+            .status()?;
+        if status.success() {
+            hw_paths.push(now.display().to_string());
+        } else {
+            println!("(the calibration right before the runs failed ({status}); its table is left out)");
+        }
+    }
     let hws = hw_paths.iter().map(|p| Hardware::load(p)).collect::<ulysses::Result<Vec<_>>>()?;
     let backends: Vec<Backend> = match (args.iter().any(|a| a == "local"), args.iter().any(|a| a == "mpi")) {
         (true, false) => vec![Backend::Local],
         (false, true) => vec![Backend::Mpi],
         _ => vec![Backend::Local, Backend::Mpi],
     };
-    let out = repo.join("results/cost_validation");
-    std::fs::create_dir_all(&out)?;
     let names: Vec<String> = hws.iter().zip(&hw_paths).map(|(h, p)| format!("{} ({p})", h.name)).collect();
     println!("== cost model vs measured, {}, load average before: {} ==", names.join(", "), load_average());
     let mut runs = Vec::new();

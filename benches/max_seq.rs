@@ -16,8 +16,9 @@
 //! budget; and predicts the live peak and the step time at the measured longest N.
 //!
 //! Run: `cargo bench --bench max_seq` (`-- --budget-mib M` for another budget, `-- --quick` for
-//! the first two rungs only, `-- --only TEXT` for the rungs whose name contains TEXT). Writes
-//! `results/max_seq/summary.csv`.
+//! the first two rungs only, `-- --only TEXT` for the rungs whose name contains TEXT,
+//! `-- --predicted-at N` for the model's side alone: each rung's longest N predicted and its
+//! predicted live bytes at N, no runs). Writes `results/max_seq/summary.csv`.
 
 mod common;
 
@@ -182,6 +183,21 @@ fn main() -> Result<()> {
     if let Some(note) = hw.measured_elsewhere() {
         println!("({note})");
     }
+    let rungs = ladder();
+    let picked = |r: &&Rung| only.as_ref().is_none_or(|o| r.name.contains(o.as_str()));
+    let show = |n: Option<i64>| n.map_or("below 2048".to_string(), |n| n.to_string());
+    // `--predicted-at N`: no runs; each rung's longest N predicted and its predicted live bytes
+    // at N (the model's side of a measured table, in a second).
+    let at = args.iter().position(|a| a == "--predicted-at").and_then(|i| args.get(i + 1));
+    if let Some(n) = at.map(|v| v.parse::<i64>()).transpose()? {
+        println!("| technique | longest N predicted | predicted live MiB/rank at N = {n} |");
+        println!("|---|---|---|");
+        for rung in rungs.iter().filter(picked) {
+            let model_max = longest(|m| Ok(predicted(rung, m, &hw)?.0 <= budget))?;
+            println!("| {} | {} | {:.1} |", rung.name, show(model_max), predicted(rung, n, &hw)?.0);
+        }
+        return Ok(());
+    }
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let out_dir = repo.join("results/max_seq");
     std::fs::create_dir_all(&out_dir)?;
@@ -190,9 +206,8 @@ fn main() -> Result<()> {
     );
     println!("| technique | longest N measured | live MiB/rank there | RSS MiB/rank there | step s there | longest N predicted | predicted live MiB/rank at the measured N | predicted step s there |");
     println!("|---|---|---|---|---|---|---|---|");
-    let rungs = ladder();
     let chosen = rungs.iter().take(if quick { 2 } else { rungs.len() });
-    for rung in chosen.filter(|r| only.as_ref().is_none_or(|o| r.name.contains(o.as_str()))) {
+    for rung in chosen.filter(picked) {
         let mut seen = Vec::new();
         let measured = longest(|n| {
             let m = measure(rung, n)?;
@@ -201,7 +216,6 @@ fn main() -> Result<()> {
             Ok(m.0 <= budget)
         })?;
         let model_max = longest(|n| Ok(predicted(rung, n, &hw)?.0 <= budget))?;
-        let show = |n: Option<i64>| n.map_or("below 2048".to_string(), |n| n.to_string());
         match measured.and_then(|n| seen.iter().find(|s| s.0 == n).map(|s| (n, s.1))) {
             Some((n, (live, rss, ms))) => {
                 let (p_live, p_ms) = predicted(rung, n, &hw)?;

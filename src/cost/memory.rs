@@ -272,7 +272,12 @@ fn backward_working_set(job: &Job, r: usize, device: impl Into<Kernels>) -> Resu
     // delta (f32), the key chunk in hand expanded to the query heads (and, offloaded, the chunk's
     // q, output and log-sum-exp taken back and two key chunks' compact K/V: the one in hand, the
     // one coming); dk and dv of every key chunk sum (f32, the rank's kv heads) until their last
-    // query chunk; the gradients sent back fill the rank's [s_r] rows.
+    // query chunk; the gradients sent back fill the rank's [s_r] rows. By its end the query
+    // chunks done have given up their q, output and log-sum-exp (each taken at its turn), which
+    // the layer's activations count whole: there all but one chunk's of them come off, while the
+    // gradients sent back are whole; the K/V stay to the last query chunk that sees them (the
+    // last one, under a causal mask). The peak is the larger of its start (the sums counted
+    // whole: an upper bound) and its end.
     Ok(match job.strategy {
         StrategyConfig::UlyssesChunked { chunks } => {
             let heads = a.heads as f64;
@@ -286,7 +291,14 @@ fn backward_working_set(job: &Job, r: usize, device: impl Into<Kernels>) -> Resu
             };
             let sums = 2.0 * b * n * kv_r * d * 4.0;
             let sent = tok * (h + 2.0 * c.n_kv_head as f64 * d) * es;
-            ((mlp + tok * h) * es).max(query + away + sums + sent)
+            // [b, N, H_r] q (es), output (f32) and log-sum-exp: counted whole in the activations
+            // unless offloaded (then `away` holds the one chunk back on the device).
+            let done = if job.kv_offload {
+                0.0
+            } else {
+                (chunks as f64 - 1.0) / chunks as f64 * b * n * heads * (d * es + d * 4.0f64.max(es) + 4.0)
+            };
+            ((mlp + tok * h) * es).max(query + away + sums + (sent - done).max(0.0))
         }
         StrategyConfig::MegatronSp => (b * n * f / p + b * n * h) * es,
         // The gradient of a materialised score matrix while the softmax's backward runs.
