@@ -436,6 +436,14 @@ fn calibration_fits_recover_known_numbers() -> Result<()> {
     Ok(())
 }
 
+/// The model's live peak per rank above the parameters for `job` on this CPU's preset, MiB: what
+/// [`step_live_peak`] measures.
+fn predicted_live_mib(job: &Job) -> Result<f64> {
+    let hw = ulysses::cost::Hardware::load(ulysses::cost::hardware::cpu_preset_for_host())?;
+    let p = ulysses::cost::predict(job, &hw)?;
+    Ok((p.memory.peak_bytes - p.memory.states[0].bytes) / (1u64 << 20) as f64)
+}
+
 /// `ulysses step`'s live peak per rank (the allocator's bytes above the built model, sampled)
 /// for a 4-layer Llama with a 2048-token vocabulary on 2 thread ranks at N = 4096, f32.
 fn step_live_peak(flags: &[&str]) -> Result<f64> {
@@ -492,9 +500,7 @@ fn a_steps_live_peak_falls_as_the_model_says_with_checkpointing_the_tiled_loss_a
             loss_tile,
             ..Job::new(cfg.clone(), StrategyConfig::Ulysses, 2, 4096)
         };
-        let hw = ulysses::cost::Hardware::load(ulysses::cost::hardware::cpu_preset_for_host())?;
-        let p = ulysses::cost::predict(&job, &hw)?;
-        Ok((p.memory.peak_bytes - p.memory.states[0].bytes) / (1u64 << 20) as f64)
+        predicted_live_mib(&job)
     };
     let rungs = [
         (vec![], predicted(Checkpointing::None, None)?),
@@ -519,9 +525,7 @@ fn a_steps_live_peak_falls_as_the_model_says_with_checkpointing_the_tiled_loss_a
             kv_offload,
             ..Job::new(cfg.clone(), StrategyConfig::UlyssesChunked { chunks: 2 }, 2, 4096)
         };
-        let hw = ulysses::cost::Hardware::load(ulysses::cost::hardware::cpu_preset_for_host())?;
-        let p = ulysses::cost::predict(&job, &hw)?;
-        Ok((p.memory.peak_bytes - p.memory.states[0].bytes) / (1u64 << 20) as f64)
+        predicted_live_mib(&job)
     };
     let dir = std::env::temp_dir();
     let dir = dir.to_str().ok_or_else(|| anyhow::anyhow!("a temporary folder that is not UTF-8"))?;
@@ -570,21 +574,16 @@ fn fpdt_under_full_checkpointing_meets_the_memory_goal_with_and_without_its_offl
     let mut cfg = GptConfig::llama_tiny();
     cfg.n_layer = 4;
     cfg.vocab_size = 2048;
-    let predicted = |kv_offload: bool| -> Result<f64> {
-        let job = Job {
-            precision: Precision::F32,
-            checkpointing: Checkpointing::Full,
-            optimizer: false,
-            backend: "local".into(),
-            loss_tile: Some(256),
-            mlp_tile: Some(256),
-            kv_offload,
-            ..Job::new(cfg.clone(), StrategyConfig::UlyssesChunked { chunks: 4 }, 2, 8192)
-        };
-        let hw = ulysses::cost::Hardware::load(ulysses::cost::hardware::cpu_preset_for_host())?;
-        let p = ulysses::cost::predict(&job, &hw)?;
-        Ok((p.memory.peak_bytes - p.memory.states[0].bytes) / (1u64 << 20) as f64)
+    let fpdt = Job {
+        precision: Precision::F32,
+        checkpointing: Checkpointing::Full,
+        optimizer: false,
+        backend: "local".into(),
+        loss_tile: Some(256),
+        mlp_tile: Some(256),
+        ..Job::new(cfg, StrategyConfig::UlyssesChunked { chunks: 4 }, 2, 8192)
     };
+    let predicted = |kv_offload: bool| predicted_live_mib(&Job { kv_offload, ..fpdt.clone() });
     let dir = std::env::temp_dir();
     let dir = dir.to_str().ok_or_else(|| anyhow::anyhow!("a temporary folder that is not UTF-8"))?;
     let flags = [
