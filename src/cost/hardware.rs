@@ -190,12 +190,8 @@ pub struct Device {
     pub memory_bandwidth_gbs: f64,
     /// Streaming multiprocessors (a GPU): how many of a fused attention kernel's thread blocks
     /// run at once ([`super::occupancy`]); 0 for a CPU (no such factor).
-    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub sm_count: u32,
-}
-
-fn is_zero_u32(v: &u32) -> bool {
-    *v == 0
 }
 
 /// A node: devices sharing a fast intra-node link.
@@ -241,8 +237,9 @@ pub struct Efficiency {
     pub layer_overhead_us: f64,
 }
 
-fn is_zero(v: &f64) -> bool {
-    *v == 0.0
+/// A field left out of a written file when zero (its default).
+fn is_zero<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
 /// The attention curve of one head size, for causal kernel calls (a diagonal block) or for

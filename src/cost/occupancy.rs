@@ -117,17 +117,18 @@ fn pass_efficiency(call: Call, block: u32, forward: bool, slots: u64) -> f64 {
     schedule_efficiency(blocks, other, call.causal, forward, call.lanes as u64, slots)
 }
 
-/// The work of CTA `i` of `blocks` (tiles), as [`occupancy`]'s module doc counts it.
-fn cta_work(i: u64, blocks: u64, other: u64, causal: bool, forward: bool) -> u64 {
-    match (causal, forward) {
-        (false, _) => other,
-        (true, true) => (i + 1).min(other),
-        (true, false) => blocks.saturating_sub(i).min(other),
+/// The tiles of causal CTA `i` of `blocks`, as [`occupancy`]'s module doc counts them (an
+/// unmasked CTA computes `other`).
+fn causal_cta_work(i: u64, blocks: u64, other: u64, forward: bool) -> u64 {
+    if forward {
+        (i + 1).min(other)
+    } else {
+        blocks.saturating_sub(i).min(other)
     }
 }
 
-/// A simulated schedule: blocks, the other side's blocks, causal, forward, lanes, slots.
-type ScheduleKey = (u64, u64, bool, bool, u64, u64);
+/// A simulated causal schedule: blocks, the other side's blocks, forward, lanes, slots.
+type ScheduleKey = (u64, u64, bool, u64, u64);
 
 thread_local! {
     /// Schedules already simulated (a search asks for the same few grids many times).
@@ -153,11 +154,11 @@ pub fn schedule_efficiency(
         let waves = ctas.div_ceil(slots);
         return ctas as f64 / (waves * slots) as f64;
     }
-    let key = (blocks, other, causal, forward, lanes, slots);
+    let key = (blocks, other, forward, lanes, slots);
     if let Some(e) = MEMO.with(|m| m.borrow().get(&key).copied()) {
         return e;
     }
-    let work = |i: u64| cta_work(i, blocks, other, causal, forward);
+    let work = |i: u64| causal_cta_work(i, blocks, other, forward);
     let total: u64 = (0..blocks).map(work).sum::<u64>() * lanes;
     let end = if ctas > SIMULATED_CTAS {
         let longest = (0..blocks).map(work).max().unwrap_or(0);
